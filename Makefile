@@ -1,0 +1,28 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each makes its own virtualenv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= torch,jax,test,viz,models
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/gradcam-ref demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+	$(MAKE) lint
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gradcam_ref backends tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""The NumPy oracle: a small CNN with a hand-written forward and backward pass.
+
+No autograd: every derivative below is written out, so that the numbers can be followed by hand
+and checked against any framework. The network, for any spatial rank r >= 1::
+
+    x (N, C, *S) -> [conv_i -> ReLU] for i = 0..L-1 -> head -> y (N, classes)
+
+Layers are named ``"conv{i}"`` (the convolution's output, before its ReLU) and ``"relu{i}"``
+(after it); the default layer is the last ReLU, the input of the head. Heads:
+
+- ``"gap"``: :math:`y = W \\cdot \\mathrm{GAP}(A) + b` (CAM's architecture);
+- ``"gap-mlp"``: :math:`y = W_2\\, \\mathrm{ReLU}(W_1 \\mathrm{GAP}(A) + b_1) + b_2`;
+- ``"flatten"``: :math:`y = W \\cdot \\mathrm{vec}(A) + b` (gradients vary over space).
+
+Convolutions are "valid" (no padding), stride 1, cross-correlations as in every framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from gradcam_ref._checks import shape_of
+from gradcam_ref._explain import Capture
+from gradcam_ref._targets import resolve_targets
+
+NAME = "numpy"
+HEADS = ("gap", "gap-mlp", "flatten")
+
+
+@dataclasses.dataclass
+class Oracle:
+    """The oracle network's parameters (float64).
+
+    Attributes:
+      convs: ``[(weight (K_out, K_in, *kernel), bias (K_out,)), ...]``, applied in order.
+      head: one of ``HEADS``.
+      head_params: ``[(weight, bias), ...]``: one pair for ``"gap"`` (``(classes, K)``) and
+        ``"flatten"`` (``(classes, K * prod(spatial))``), two for ``"gap-mlp"``.
+    """
+
+    convs: list[tuple[np.ndarray, np.ndarray]]
+    head: str
+    head_params: list[tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def random(
+        cls,
+        rng: np.random.Generator,
+        *,
+        in_channels: int,
+        widths: Sequence[int],
+        kernel_sizes: Sequence[int],
+        num_classes: int,
+        spatial_rank: int = 2,
+        head: str = "gap",
+        input_size: int | None = None,
+        hidden: int = 8,
+    ) -> Oracle:
+        """A network with standard-normal weights scaled by 1/sqrt(fan-in).
+
+        ``input_size`` (the side of the input) is needed only by the ``"flatten"`` head.
+        """
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        convs, k_in = [], in_channels
+        for k_out, size in zip(widths, kernel_sizes, strict=True):
+            fan_in = k_in * size**spatial_rank
+            weight = rng.standard_normal((k_out, k_in) + (size,) * spatial_rank) / math.sqrt(fan_in)
+            convs.append((weight, 0.1 * rng.standard_normal(k_out)))
+            k_in = k_out
+
+        def dense(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray]:
+            return rng.standard_normal((n_out, n_in)) / math.sqrt(n_in), 0.1 * rng.standard_normal(n_out)
+
+        if head == "gap":
+            params = [dense(num_classes, k_in)]
+        elif head == "gap-mlp":
+            params = [dense(hidden, k_in), dense(num_classes, hidden)]
+        else:
+            if input_size is None:
+                raise ValueError("the 'flatten' head needs input_size")
+            side = input_size - sum(size - 1 for size in kernel_sizes)
+            params = [dense(num_classes, k_in * side**spatial_rank)]
+        return cls(convs, head, params)
+
+    @property
+    def layers(self) -> list[str]:
+        """The layer names, in forward order."""
+        return [f"{kind}{i}" for i in range(len(self.convs)) for kind in ("conv", "relu")]
+
+    def forward(self, x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Return ``(intermediates, scores)``: every layer's output by name, and y ``(N, classes)``."""
+        outputs = {}
+        for i, (weight, bias) in enumerate(self.convs):
+            x = conv(x, weight, bias)
+            outputs[f"conv{i}"] = x
+            x = np.maximum(x, 0.0)
+            outputs[f"relu{i}"] = x
+        return outputs, self._head(x)
+
+    def _head(self, a: np.ndarray) -> np.ndarray:
+        if self.head == "flatten":
+            (w, b), = self.head_params
+            return a.reshape(a.shape[0], -1) @ w.T + b
+        pooled = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=-1)  # GAP: (N, K)
+        if self.head == "gap":
+            (w, b), = self.head_params
+            return pooled @ w.T + b
+        (w1, b1), (w2, b2) = self.head_params
+        return np.maximum(pooled @ w1.T + b1, 0.0) @ w2.T + b2
+
+    def head_gradient(self, a: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """:math:`\\sum_c \\text{seed}_{nc}\\, \\partial y_{nc} / \\partial A_n`, shape of ``a``.
+
+        ``seed`` ``(N, classes)`` is the backward pass's starting vector (one-hot for one class).
+        """
+        n, k, *spatial = a.shape
+        z = math.prod(spatial)
+        if self.head == "flatten":
+            (w, _), = self.head_params
+            return (seed @ w).reshape(a.shape)  # y = W vec(A): dy/dA = W's row, reshaped
+        if self.head == "gap":
+            (w, _), = self.head_params
+            d_pooled = seed @ w  # (N, K)
+        else:
+            (w1, b1), (w2, _) = self.head_params
+            hidden = a.reshape(n, k, -1).mean(axis=-1) @ w1.T + b1
+            d_pooled = ((seed @ w2) * (hidden > 0)) @ w1  # back through ReLU and W1
+        # GAP: pooled_k = (1/Z) sum_ij A_kij, so d pooled_k / d A_kij = 1/Z everywhere.
+        return np.broadcast_to((d_pooled / z).reshape(n, k, *([1] * len(spatial))), a.shape).copy()
+
+    def backward(self, x: np.ndarray, layer: str, seed: np.ndarray) -> np.ndarray:
+        """:math:`\\sum_c \\text{seed}_{nc}\\, \\partial y_{nc} / \\partial (\\text{layer})`, by hand."""
+        outputs, _ = self.forward(x)
+        last = len(self.convs) - 1
+        grad = self.head_gradient(outputs[f"relu{last}"], seed)  # d y / d relu_last
+        for i in range(last, -1, -1):
+            if layer == f"relu{i}":
+                return grad
+            grad = grad * (outputs[f"conv{i}"] > 0)  # ReLU: passes where its input was > 0
+            if layer == f"conv{i}":
+                return grad
+            grad = conv_input_gradient(grad, self.convs[i][0])
+        raise ValueError(f"layer must be one of {self.layers}, got {layer!r}")
+
+
+def conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Valid, stride-1 cross-correlation of any spatial rank.
+
+    :math:`\\text{out}_{n,o,p} = b_o + \\sum_{i,q} w_{o,i,q}\\, x_{n,i,p+q}`, with x
+    ``(N, K_in, *S)``, weight ``(K_out, K_in, *kernel)``, out ``(N, K_out, *(S - kernel + 1))``.
+    """
+    rank = weight.ndim - 2
+    spatial = tuple(range(2, 2 + rank))
+    windows = np.lib.stride_tricks.sliding_window_view(x, weight.shape[2:], axis=spatial)
+    # windows: (N, K_in, *S_out, *kernel); contract K_in and the kernel axes.
+    out = np.tensordot(windows, weight, axes=([1, *range(2 + rank, 2 + 2 * rank)], [1, *spatial]))
+    return np.moveaxis(out, -1, 1) + bias.reshape((-1,) + (1,) * rank)
+
+
+def conv_input_gradient(grad_out: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Backward of :func:`conv` w.r.t. its input: a full correlation with the flipped kernel.
+
+    :math:`\\partial L / \\partial x_{n,i,p} = \\sum_{o,q} g_{n,o,p-q}\\, w_{o,i,q}`: pad g by
+    kernel - 1 on both sides of each spatial axis and correlate with w flipped in space.
+    """
+    rank = weight.ndim - 2
+    spatial = tuple(range(2, 2 + rank))
+    pad = [(0, 0), (0, 0)] + [(s - 1, s - 1) for s in weight.shape[2:]]
+    flipped = np.flip(weight, axis=spatial)  # (K_out, K_in, *kernel)
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(grad_out, pad), weight.shape[2:], axis=spatial)
+    out = np.tensordot(windows, flipped, axes=([1, *range(2 + rank, 2 + 2 * rank)], [0, *spatial]))
+    return np.moveaxis(out, -1, 1)
+
+
+def capture(model: Oracle, inputs: Any, target: Any = None, *, layer: str | None = None) -> Capture:
+    """Activations, hand-derived gradients and scores of the oracle at ``layer``.
+
+    Targets are class indices (None, an int, N ints or an ``(N, T)`` array); the oracle has no
+    autograd, so callable targets are refused.
+    """
+    if callable(target):
+        raise TypeError("the numpy backend has no autograd: target must be class indices, not a callable")
+    x = np.asarray(inputs, dtype=np.float64)
+    rank = model.convs[0][0].ndim - 2
+    if x.ndim != rank + 2:
+        raise ValueError(
+            f"inputs must have shape (N, C, *spatial) with {rank} spatial axes, got shape {shape_of(x)}"
+        )
+    layer = model.layers[-1] if layer is None else layer
+    if layer not in model.layers:
+        raise ValueError(f"layer must be one of {model.layers}, got {layer!r}")
+    outputs, scores = model.forward(x)
+    targets = resolve_targets(target, scores)
+    columns = targets if targets.ndim == 2 else targets[:, None]
+    eye = np.eye(scores.shape[1])
+    grads = np.stack([model.backward(x, layer, eye[columns[:, t]]) for t in range(columns.shape[1])], axis=1)
+    gradients = grads if targets.ndim == 2 else grads[:, 0]
+    return Capture(outputs[layer], gradients, scores, targets)

@@ -1,0 +1,144 @@
+"""Argument checks shared by the core functions: one place for every error message.
+
+The core accepts NumPy, torch and JAX arrays (anything array-api-compat knows). NumPy input
+(and plain Python sequences) is computed in float64; other libraries keep their floating dtype,
+device and autograd graph. Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+Array = Any
+"""Any array the core accepts: ``numpy.ndarray``, ``torch.Tensor``, ``jax.Array``."""
+
+
+def shape_of(x: Array) -> tuple[int, ...]:
+    """The shape as a plain tuple of ints (``torch.Size`` prints differently)."""
+    return tuple(int(d) for d in x.shape)
+
+
+def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
+    """Return ``(xp, arrays)``: the arrays' shared namespace and the arrays as floats.
+
+    Each keyword is an argument of the caller, so that errors can name it. NumPy arrays and
+    Python sequences become float64 NumPy arrays (no copy when they already are). Arrays of other
+    libraries keep their floating dtype; integer ones are promoted to that library's default
+    floating dtype. Boolean, complex, string and object arrays are refused.
+    """
+    arrays = {}
+    for name, value in named.items():
+        if not array_api_compat.is_array_api_obj(value):
+            try:
+                value = np.asarray(value)
+            except (TypeError, ValueError) as error:
+                raise TypeError(
+                    f"{name} must be an array, got {type(value).__name__}: {error}"
+                ) from None
+        arrays[name] = value
+    try:
+        xp = array_api_compat.array_namespace(*arrays.values())
+    except TypeError:
+        kinds = ", ".join(f"{name}: {type(v).__module__}.{type(v).__name__}" for name, v in arrays.items())
+        raise TypeError(f"arrays must all come from one library, got {kinds}") from None
+
+    converted = []
+    for name, value in arrays.items():
+        dtype = value.dtype
+        if array_api_compat.is_numpy_array(value):
+            if dtype.kind not in "fiu":
+                raise TypeError(f"{name} must have a real numeric dtype, got {dtype}")
+            converted.append(np.asarray(value, dtype=np.float64))
+        elif xp.isdtype(dtype, "real floating"):
+            converted.append(value)
+        elif xp.isdtype(dtype, "integral"):
+            converted.append(xp.astype(value, _default_float(xp, value)))
+        else:
+            raise TypeError(f"{name} must have a real numeric dtype, got {dtype}")
+    common = xp.result_type(*(x.dtype for x in converted))
+    return xp, [x if x.dtype == common else xp.astype(x, common) for x in converted]
+
+
+def _default_float(xp: Any, x: Array) -> Any:
+    info = xp.__array_namespace_info__()
+    return info.default_dtypes(device=array_api_compat.device(x))["real floating"]
+
+
+def check_feature_maps(name: str, x: Array, layout: str = "(N, K, *spatial)") -> None:
+    """Refuse arrays without a batch axis, a channel axis and at least one spatial axis."""
+    shape = shape_of(x)
+    if len(shape) < 3:
+        raise ValueError(
+            f"{name} must have shape {layout} with at least one spatial axis, "
+            f"got shape {shape} (rank {len(shape)})"
+        )
+    if 0 in shape:
+        raise ValueError(
+            f"{name} must not be empty (N, K and every spatial size >= 1), got shape {shape}"
+        )
+
+
+def check_gradients_match(activations: Array, gradients: Array) -> bool:
+    """Check ``gradients`` against ``activations``; return True for the multi-target layout.
+
+    ``gradients`` is either ``(N, K, *spatial)`` like ``activations`` (one target per example)
+    or ``(N, T, K, *spatial)`` (T targets per example, sharing one set of activations).
+    """
+    a, g = shape_of(activations), shape_of(gradients)
+    if g == a:
+        return False
+    if len(g) == len(a) + 1 and g[:1] + g[2:] == a and g[1] >= 1:
+        return True
+    multi = (a[0], "T") + a[1:]
+    raise ValueError(
+        f"gradients must have the shape of activations {a} "
+        f"or the multi-target shape (N, T, K, *spatial) = {multi}, got shape {g}"
+    )
+
+
+def to_numpy(x: Array) -> np.ndarray:
+    """A NumPy view or copy of any supported array (torch tensors are detached, moved to host)."""
+    if array_api_compat.is_numpy_array(x):
+        return x
+    if array_api_compat.is_torch_array(x):  # duck-typed: the core never imports torch
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def all_finite(x: Array) -> bool | None:
+    """True/False when the values can be read now; None for traced (lazy) arrays, e.g. under jit."""
+    xp = array_api_compat.array_namespace(x)
+    try:
+        return bool(xp.all(xp.isfinite(x)))
+    except TypeError:  # a tracer (jax.jit, jax.grad) cannot be read: nothing to check yet
+        return None
+
+
+def check_finite(result: Array, what: str, **inputs: Array) -> None:
+    """Raise if ``result`` holds NaN or Inf, naming the input that caused it.
+
+    Checking the (small) result instead of the (large) inputs keeps the check off the hot path:
+    a NaN or Inf anywhere in the inputs reaches the result, since every input value is
+    multiplied into it. Only when that happens are the inputs searched, to name the culprit.
+    """
+    if all_finite(result) is not False:
+        return
+    for name, value in inputs.items():
+        if all_finite(value) is False:
+            xp = array_api_compat.array_namespace(value)
+            bad = int(xp.sum(xp.astype(~xp.isfinite(value), xp.int64)))
+            raise ValueError(
+                f"{name} contains NaN or Inf ({bad} of {_size(value)} values); "
+                f"{what} needs finite {', '.join(inputs)}"
+            )
+    raise ValueError(
+        f"{what} overflowed: the inputs {', '.join(inputs)} are finite but the result is not; "
+        "compute in a wider dtype (e.g. float64)"
+    )
+
+
+def _size(x: Array) -> int:
+    return int(np.prod(shape_of(x), dtype=np.int64))

@@ -1,0 +1,113 @@
+"""``explain``: a backend captures A, dy/dA and y at a layer; the core turns them into maps."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from gradcam_ref._checks import Array, to_numpy
+from gradcam_ref._gradcam import grad_cam_parts, relu_map
+from gradcam_ref._targets import Target
+
+
+class Capture(NamedTuple):
+    """What a backend returns: everything Grad-CAM needs from a model, and nothing computed.
+
+    Attributes:
+      activations: :math:`A`, the layer's output (or input), ``(N, K, *spatial)``.
+      gradients: :math:`\\partial y^c / \\partial A`, ``(N, K, *spatial)``, or
+        ``(N, T, K, *spatial)`` for ``(N, T)`` targets.
+      scores: the model's output, usually ``(N, C)`` pre-softmax scores.
+      targets: the class indices explained, int ``(N,)`` or ``(N, T)``; None for a callable target.
+    """
+
+    activations: Array
+    gradients: Array
+    scores: Array
+    targets: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """A Grad-CAM explanation and every intermediate, as arrays of the model's library.
+
+    Attributes:
+      maps: :math:`L^c = \\mathrm{ReLU}(\\sum_k \\alpha_k^c A^k)` at the layer's resolution,
+        ``(N, *spatial)``, or ``(N, T, *spatial)`` for ``(N, T)`` targets.
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      gradients: :math:`\\partial y^c / \\partial A`, the shape of ``activations`` or
+        ``(N, T, K, *spatial)``.
+      weights: :math:`\\alpha^c` (Eq. 1), ``(N, K)`` or ``(N, T, K)``.
+      scores: the model's output for ``inputs``, e.g. ``(N, C)`` logits.
+      targets: the explained classes, int64 NumPy ``(N,)`` or ``(N, T)``; None when the
+        target was a callable.
+
+    The signed map (before the ReLU) is ``gradcam_ref.cam(activations, weights)``.
+    """
+
+    maps: Array
+    activations: Array
+    gradients: Array
+    weights: Array
+    scores: Array
+    targets: np.ndarray | None
+
+    @classmethod
+    def from_capture(cls, capture: Capture) -> Explanation:
+        """Apply Eq. 1 and Eq. 2 to what a backend captured."""
+        weights, signed = grad_cam_parts(capture.activations, capture.gradients)
+        return cls(
+            maps=relu_map(signed),
+            activations=capture.activations,
+            gradients=capture.gradients,
+            weights=weights,
+            scores=capture.scores,
+            targets=capture.targets,
+        )
+
+    def numpy(self) -> Explanation:
+        """A copy with every array as a float64 NumPy array on the host (targets stay int)."""
+        convert = lambda x: None if x is None else np.array(to_numpy(x), dtype=np.float64)  # noqa: E731
+        return dataclasses.replace(
+            self,
+            **{f.name: convert(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name != "targets"},
+        )
+
+
+def explain(
+    model: Any,
+    inputs: Any,
+    target: Target = None,
+    *,
+    layer: Any = None,
+    backend: str | None = None,
+    **options: Any,
+) -> Explanation:
+    """Grad-CAM of ``model`` on ``inputs`` at ``layer``, for ``target``.
+
+    The backend (``"numpy"``, ``"torch"`` or ``"jax"``) is picked from the types of ``model``
+    and ``inputs`` without importing any framework the caller has not imported; ``backend``
+    forces one. The backend runs the model and captures the layer's activations :math:`A`, the
+    gradients :math:`\\partial y^c / \\partial A` and the scores; the core then computes
+    :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see :func:`gradcam_ref.grad_cam`.
+
+    Args:
+      model: a model of a backend's kind: a ``backends.numpy_backend.Oracle``, a torch
+        ``nn.Module``, a ``(features, head)`` pair, ...
+      inputs: a batch ``(N, ...)`` in the model's library.
+      target: ``None`` (the predicted class), an int, N ints, an int array ``(N, T)`` (T maps
+        per example) or a callable ``scores -> (N,)`` for any differentiable output.
+      layer: where to take :math:`A` (a name or module; the backend's default when None).
+      backend: the backend's name, to override detection.
+      **options: passed to the backend's ``capture``.
+
+    Returns:
+      An :class:`Explanation` holding ``maps`` and every intermediate.
+    """
+    from gradcam_ref import backends
+
+    chosen = backends.select(model, inputs, backend)
+    return Explanation.from_capture(chosen.capture(model, inputs, target, layer=layer, **options))

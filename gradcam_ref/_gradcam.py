@@ -1,0 +1,240 @@
+r"""Grad-CAM's equations (Selvaraju et al.), CAM (Zhou et al.) and Grad-CAM++ on arrays.
+
+Notation (the paper's): a layer gives K feature maps :math:`A^k` over Z spatial positions;
+:math:`y^c` is the score of target c *before* the softmax. Arrays are channels-first,
+``activations`` ``(N, K, *spatial)`` with any number of spatial axes; ``gradients`` holds
+:math:`\partial y^c / \partial A` with the same shape, or ``(N, T, K, *spatial)`` for T targets
+per example (the activations are shared, the maps come out as ``(N, T, *spatial)``).
+
+References:
+  Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+  Localization", ICCV 2017 / IJCV 2020, https://arxiv.org/abs/1610.02391
+  Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016,
+  https://arxiv.org/abs/1512.04150
+  Chattopadhay et al., "Grad-CAM++: Improved Visual Explanations for Deep Convolutional
+  Networks", WACV 2018, https://arxiv.org/abs/1710.11063
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+
+from gradcam_ref._checks import (
+    Array,
+    as_float_arrays,
+    check_feature_maps,
+    check_finite,
+    check_gradients_match,
+    shape_of,
+)
+
+
+def neuron_importance(gradients: Array) -> Array:
+    r"""Neuron importance weights, Eq. 1 of Grad-CAM: the spatial mean of the gradients.
+
+    .. math::
+
+        \alpha_k^c = \frac{1}{Z} \sum_i \sum_j \frac{\partial y^c}{\partial A^k_{ij}}
+
+    with Z the number of spatial positions (``u * v`` for images; the product of all spatial
+    sizes for any spatial rank).
+
+    Args:
+      gradients: :math:`\partial y^c / \partial A^k`, shape ``(N, K, *spatial)``.
+
+    Returns:
+      :math:`\alpha^c`, shape ``(N, K)``: one weight per example and feature map.
+
+    Example:
+      >>> import numpy as np
+      >>> g = np.array([[[[1.0, 2.0], [3.0, 6.0]]]])  # N=1, K=1, 2x2: Z = 4
+      >>> neuron_importance(g)
+      array([[3.]])
+    """
+    xp, (g,) = as_float_arrays(gradients=gradients)
+    check_feature_maps("gradients", g)
+    alpha = _spatial_mean(xp, g, lead=2)
+    check_finite(alpha, "neuron_importance", gradients=g)
+    return alpha
+
+
+def cam(activations: Array, class_weights: Array) -> Array:
+    r"""Class Activation Map of Zhou et al.: the feature maps weighted by the classifier.
+
+    .. math::
+
+        M^c = \sum_k w_k^c A^k
+
+    No ReLU and no scaling. For conv -> global average pool -> linear networks, with
+    ``class_weights`` the linear layer's row of class c, Grad-CAM's
+    :math:`\alpha_k^c = w_k^c / Z` and so ``grad_cam == ReLU(cam) / Z``.
+
+    Args:
+      activations: :math:`A`, shape ``(N, K, *spatial)``.
+      class_weights: :math:`w^c`, shape ``(K,)`` (one class for all examples), ``(N, K)``
+        (one class per example) or ``(N, T, K)`` (T classes per example).
+
+    Returns:
+      :math:`M^c`, shape ``(N, *spatial)``, or ``(N, T, *spatial)`` for ``(N, T, K)`` weights.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 0.0]], [[0.0, 2.0]]]])  # N=1, K=2, 1x2
+      >>> cam(a, np.array([3.0, -1.0]))
+      array([[[ 3., -2.]]])
+    """
+    xp, (a, w) = as_float_arrays(activations=activations, class_weights=class_weights)
+    check_feature_maps("activations", a)
+    n, k = shape_of(a)[:2]
+    expected = {1: (k,), 2: (n, k)}.get(w.ndim, (n, shape_of(w)[1] if w.ndim == 3 else "T", k))
+    if shape_of(w) != expected or 0 in shape_of(w):
+        raise ValueError(
+            f"class_weights must have shape (K,) = ({k},), (N, K) = ({n}, {k}) "
+            f"or (N, T, K) = ({n}, T, {k}) to match activations {shape_of(a)}, "
+            f"got shape {shape_of(w)}"
+        )
+    maps = _weighted_sum(xp, a, w)
+    check_finite(maps, "cam", activations=a, class_weights=w)
+    return maps
+
+
+def grad_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Array:
+    r"""Grad-CAM localisation map, Eq. 1 and Eq. 2 of Selvaraju et al.
+
+    .. math::
+
+        \alpha_k^c = \frac{1}{Z} \sum_i \sum_j \frac{\partial y^c}{\partial A^k_{ij}}
+        \qquad
+        L^c_{\text{Grad-CAM}} = \mathrm{ReLU}\Big(\sum_k \alpha_k^c A^k\Big)
+
+    The ReLU keeps the positions whose features raise :math:`y^c`; ``relu=False`` returns the
+    signed map, whose negative part is what the ReLU removes. A *counterfactual* map (the
+    regions that speak against c, Sec. 5.3 of the paper) is the Grad-CAM of the negated score:
+    pass ``-gradients`` (or, in :func:`gradcam_ref.explain`, a target callable returning
+    ``-scores[:, c]``).
+
+    Args:
+      activations: :math:`A`, shape ``(N, K, *spatial)``.
+      gradients: :math:`\partial y^c / \partial A`, shape ``(N, K, *spatial)``, or
+        ``(N, T, K, *spatial)`` for T targets per example.
+      relu: apply the final ReLU of Eq. 2.
+
+    Returns:
+      :math:`L^c`, shape ``(N, *spatial)`` (or ``(N, T, *spatial)``), at the layer's
+      resolution; :func:`upsample` brings it to the image's.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # N=1, K=2, 1x2
+      >>> g = np.array([[[[1.0, 1.0]], [[-1.0, -3.0]]]])  # alpha = [1, -2]
+      >>> grad_cam(a, g, relu=False)
+      array([[[-5.,  2.]]])
+      >>> grad_cam(a, g)
+      array([[[0., 2.]]])
+    """
+    _, maps = grad_cam_parts(activations, gradients)
+    return relu_map(maps) if relu else maps
+
+
+def grad_cam_parts(activations: Array, gradients: Array) -> tuple[Array, Array]:
+    """``(alpha, signed_map)``: the two halves of :func:`grad_cam`, computed once each.
+
+    ``alpha`` is ``(N, K)`` or ``(N, T, K)``; the map (before the ReLU) ``(N, *spatial)`` or
+    ``(N, T, *spatial)``. Used by :func:`grad_cam` and :func:`gradcam_ref.explain`.
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    check_feature_maps("activations", a)
+    multi = check_gradients_match(a, g)
+    alpha = _spatial_mean(xp, g, lead=3 if multi else 2)
+    check_finite(alpha, "grad_cam", gradients=g)
+    maps = _weighted_sum(xp, a, alpha)
+    check_finite(maps, "grad_cam", activations=a, gradients=g)
+    return alpha, maps
+
+
+def relu_map(maps: Array) -> Array:
+    """The ReLU of Eq. 2, ``max(maps, 0)``, keeping the array's library and autograd graph."""
+    return _relu(array_api_compat.array_namespace(maps), maps)
+
+
+def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = True) -> Array:
+    r"""Grad-CAM++ map in the closed form of Chattopadhay et al. (Eq. 19 of the paper).
+
+    .. math::
+
+        a_{ij}^{kc} = \frac{g_{ij}^2}{2 g_{ij}^2 + \sum_{ab} A^k_{ab}\, g_{ij}^3}, \quad
+        w_k^c = \sum_{ij} a_{ij}^{kc}\, \mathrm{ReLU}(g_{ij}), \quad
+        L^c = \mathrm{ReLU}\Big(\sum_k w_k^c A^k\Big)
+
+    with :math:`g = \partial S^c / \partial A^k` the gradient of the logit :math:`S^c`
+    (``gradients``) and :math:`a_{ij}^{kc} = 0` where the denominator is 0.
+
+    The closed form assumes the explained score is the exponential of the logit,
+    :math:`Y^c = \exp(S^c)`: only then are the second and third derivatives of :math:`Y^c`
+    the powers :math:`\exp(S^c) g^2` and :math:`\exp(S^c) g^3`, whose common factor
+    cancels in :math:`a`. The paper's :math:`\mathrm{ReLU}(\partial Y^c/\partial A)` is
+    :math:`\exp(S^c)\,\mathrm{ReLU}(g)`; like pytorch-grad-cam and torchcam we drop the
+    positive per-map constant :math:`\exp(S^c)`, which no normalisation can see. There is no
+    1/Z here: the weights are sums, not means.
+
+    Args:
+      activations: :math:`A`, shape ``(N, K, *spatial)``.
+      gradients: :math:`g = \partial S^c / \partial A`, shape ``(N, K, *spatial)`` or
+        ``(N, T, K, *spatial)``.
+      relu: apply the final ReLU.
+
+    Returns:
+      The map, shape ``(N, *spatial)`` (or ``(N, T, *spatial)``).
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 1.0]]]])  # N=1, K=1, 1x2: sum A = 2
+      >>> g = np.array([[[[1.0, 0.0]]]])  # a = [1 / (2 + 2), 0], w = 1/4
+      >>> grad_cam_plus_plus(a, g)
+      array([[[0.25, 0.25]]])
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    check_feature_maps("activations", a)
+    multi = check_gradients_match(a, g)
+    spatial = tuple(range(2, a.ndim))
+    sum_a = xp.sum(a, axis=spatial, keepdims=True)  # (N, K, 1, ...)
+    if multi:
+        sum_a = xp.expand_dims(sum_a, axis=1)  # (N, 1, K, 1, ...)
+    g2 = g * g
+    denominator = 2 * g2 + sum_a * (g2 * g)
+    nonzero = denominator != 0
+    a_ij = xp.where(
+        nonzero, g2 / xp.where(nonzero, denominator, xp.ones_like(denominator)), xp.zeros_like(g2)
+    )
+    weights = xp.sum(a_ij * _relu(xp, g), axis=tuple(range(g.ndim - len(spatial), g.ndim)))
+    check_finite(weights, "grad_cam_plus_plus", activations=a, gradients=g)
+    maps = _weighted_sum(xp, a, weights)
+    check_finite(maps, "grad_cam_plus_plus", activations=a, gradients=g)
+    return _relu(xp, maps) if relu else maps
+
+
+def _spatial_mean(xp, x: Array, lead: int) -> Array:
+    """Mean over every axis after the first ``lead`` ones, as one contiguous reduction."""
+    shape = shape_of(x)
+    flat = xp.reshape(x, shape[:lead] + (math.prod(shape[lead:]),))
+    return xp.mean(flat, axis=-1)
+
+
+def _weighted_sum(xp, a: Array, w: Array) -> Array:
+    """``sum_k w[..., k] * a[:, k]`` as one batched matmul: no (N, K, *spatial) temporary.
+
+    ``a`` is ``(N, K, *spatial)``; ``w`` is ``(K,)``, ``(N, K)`` or ``(N, T, K)``.
+    """
+    n, k, *spatial = shape_of(a)
+    a3 = xp.reshape(a, (n, k, math.prod(spatial)))  # (N, K, Z)
+    if w.ndim == 1:
+        w = xp.broadcast_to(w, (n, k))
+    if w.ndim == 2:
+        return xp.reshape(xp.matmul(xp.expand_dims(w, axis=1), a3), (n, *spatial))
+    return xp.reshape(xp.matmul(w, a3), (n, shape_of(w)[1], *spatial))  # (N, T, K) @ (N, K, Z)
+
+
+def _relu(xp, x: Array) -> Array:
+    return xp.where(x > 0, x, xp.zeros_like(x))

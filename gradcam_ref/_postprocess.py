@@ -1,0 +1,140 @@
+"""From a layer-resolution map to a picture: upsampling and normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import array_api_compat
+import numpy as np
+
+from gradcam_ref._checks import Array, as_float_arrays, check_finite, shape_of
+
+NORMALIZE_METHODS = ("minmax", "max")
+
+
+def upsample(maps: Array, size: int | Sequence[int]) -> Array:
+    r"""Resize maps by linear interpolation along each spatial axis, with half-pixel centres.
+
+    Output position i of an axis of length ``n_out`` reads the input at
+
+    .. math::
+
+        s_i = \max\Big(0,\ (i + \tfrac12)\,\frac{n_{in}}{n_{out}} - \tfrac12\Big), \qquad
+        \text{out}_i = (1 - (s_i - \lfloor s_i \rfloor))\, x_{\lfloor s_i \rfloor}
+                     + (s_i - \lfloor s_i \rfloor)\, x_{\min(\lfloor s_i \rfloor + 1,\, n_{in} - 1)}
+
+    and the axes are done one after the other, the last first. These are the numbers of torch
+    ``F.interpolate(mode="linear"/"bilinear"/"trilinear", align_corners=False)`` and of OpenCV's
+    ``INTER_LINEAR``; upsampling ``[0, 1]`` by 2 gives ``[0, .25, .75, 1]``. No antialiasing
+    when shrinking (as torch's default). The result stays inside the input's range.
+
+    Args:
+      maps: shape ``(N, *spatial)``, e.g. the output of :func:`grad_cam`; more leading axes
+        (``(N, T, *spatial)``) are batch axes when ``size`` is a sequence.
+      size: the new spatial shape. A sequence resizes the trailing ``len(size)`` axes; an int
+        resizes every axis after the first to that length.
+
+    Returns:
+      The resized maps, shape ``maps.shape[:-len(size)] + tuple(size)``.
+
+    Example:
+      >>> import numpy as np
+      >>> upsample(np.array([[0.0, 1.0]]), (4,))
+      array([[0.  , 0.25, 0.75, 1.  ]])
+    """
+    xp, (x,) = as_float_arrays(maps=maps)
+    shape = shape_of(x)
+    if isinstance(size, (int, np.integer)):
+        size = (int(size),) * (len(shape) - 1)
+    size = tuple(size)
+    if not size or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
+        raise ValueError(f"size must be a positive int or a sequence of positive ints, got {size}")
+    if len(shape) < len(size) + 1:
+        raise ValueError(
+            f"maps must have a batch axis before the {len(size)} spatial axes of size {size}, "
+            f"got shape {shape}"
+        )
+    if 0 in shape:
+        raise ValueError(f"maps must not be empty, got shape {shape}")
+    for axis in range(x.ndim - 1, x.ndim - len(size) - 1, -1):
+        x = _resize_axis(xp, x, axis, int(size[axis - x.ndim]))
+    check_finite(x, "upsample", maps=maps)
+    return x
+
+
+def _resize_axis(xp, x: Array, axis: int, n_out: int) -> Array:
+    n_in = shape_of(x)[axis]
+    if n_in == n_out:
+        return x
+    source = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    source = np.maximum(source, 0.0)
+    lo = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w_hi = source - lo
+    broadcast = (n_out,) + (1,) * (x.ndim - axis - 1)
+    device = array_api_compat.device(x)
+    w_hi_x = xp.reshape(xp.asarray(w_hi, dtype=x.dtype, device=device), broadcast)
+    w_lo_x = xp.reshape(xp.asarray(1.0 - w_hi, dtype=x.dtype, device=device), broadcast)
+    take = lambda idx: xp.take(x, xp.asarray(idx, device=device), axis=axis)  # noqa: E731
+    return w_lo_x * take(lo) + w_hi_x * take(hi)
+
+
+def normalize(
+    maps: Array, method: str = "minmax", *, axis: int | Sequence[int] | None = None
+) -> Array:
+    r"""Scale each map for display; a flat map becomes zeros, never NaN.
+
+    ``"minmax"``: :math:`(x - \min x) / (\max x - \min x)`, into ``[0, 1]``.
+    ``"max"``: :math:`x / \max |x|`, which keeps zero at zero (``[0, 1]`` for ReLU maps,
+    ``[-1, 1]`` for signed ones).
+
+    The minimum and maximum are taken per map, over ``axis``. A map whose span (or maximum) is
+    0 comes out as zeros. The min-max form is evaluated on halved values, so that a span wider
+    than the dtype's largest number cannot overflow.
+
+    Args:
+      maps: shape ``(N, *spatial)``; NaN or Inf raise.
+      method: ``"minmax"`` or ``"max"``.
+      axis: the axes one map spans; default every axis but the first, so ``(N, *spatial)``
+        gives N maps. For ``(N, T, *spatial)`` pass the spatial axes, e.g. ``(-2, -1)``.
+
+    Returns:
+      The normalised maps, same shape.
+
+    Example:
+      >>> import numpy as np
+      >>> normalize(np.array([[1.0, 3.0], [2.0, 2.0]]))
+      array([[0., 1.],
+             [0., 0.]])
+    """
+    if method not in NORMALIZE_METHODS:
+        raise ValueError(f"method must be one of {NORMALIZE_METHODS}, got {method!r}")
+    xp, (x,) = as_float_arrays(maps=maps)
+    if x.ndim < 2 or 0 in shape_of(x):
+        raise ValueError(f"maps must have shape (N, *spatial) and no empty axis, got {shape_of(x)}")
+    axes = tuple(range(1, x.ndim)) if axis is None else _as_axes(axis, x.ndim)
+    if method == "max":
+        scale = xp.max(xp.abs(x), axis=axes, keepdims=True)
+        check_finite(scale, "normalize", maps=x)
+        return _safe_divide(xp, x, scale)
+    half = x / 2
+    low = xp.min(half, axis=axes, keepdims=True)
+    span = xp.max(half, axis=axes, keepdims=True) - low  # NaN or Inf in maps reach the span
+    check_finite(span, "normalize", maps=x)
+    return _safe_divide(xp, half - low, span)
+
+
+def _safe_divide(xp, numerator: Array, denominator: Array) -> Array:
+    positive = denominator > 0
+    safe = xp.where(positive, denominator, xp.ones_like(denominator))
+    return xp.where(positive, numerator / safe, xp.zeros_like(numerator))
+
+
+def _as_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if not axes or any(not -ndim <= a < ndim for a in axes) or 0 in [a % ndim for a in axes]:
+        raise ValueError(
+            f"axis must name spatial axes of maps (not the batch axis 0) in [-{ndim}, {ndim}), "
+            f"got {axis}"
+        )
+    return tuple(sorted(a % ndim for a in axes))

@@ -1,0 +1,76 @@
+"""What ``target`` means, for every backend: one parser, one set of error messages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from gradcam_ref._checks import Array, shape_of, to_numpy
+
+Target = Any
+"""``None`` | int | sequence of N ints | int array ``(N, T)`` | callable ``scores -> (N,)``."""
+
+
+def resolve_targets(target: Target, scores: Array) -> np.ndarray | Callable[[Array], Array]:
+    """Turn ``target`` into class indices for the ``(N, C)`` ``scores``, or keep a callable.
+
+    - ``None``: the predicted class of each example, ``argmax(scores, axis=1)``, shape ``(N,)``;
+    - an int c: class c for every example, shape ``(N,)``;
+    - a sequence or 1-D array of N ints: one class per example, shape ``(N,)``;
+    - an int array ``(N, T)``: T classes per example, shape ``(N, T)`` (T maps per example);
+    - a callable: returned unchanged; the backend differentiates ``target(scores)``, which must
+      return shape ``(N,)`` (one differentiable score per example).
+
+    Returns:
+      An int64 NumPy array ``(N,)`` or ``(N, T)`` (host memory: N*T small ints), or the callable.
+    """
+    if callable(target):
+        return target
+    check_scores(scores)
+    n, c = shape_of(scores)
+    if target is None:
+        xp = array_api_compat.array_namespace(scores)
+        return to_numpy(xp.argmax(scores, axis=1)).astype(np.int64)
+    if isinstance(target, (bool, np.bool_)):
+        raise TypeError(f"target must be None, an int, N ints, an (N, T) int array or a callable, got {target!r}")
+    if isinstance(target, (int, np.integer)):
+        indices = np.full((n,), int(target), dtype=np.int64)
+    else:
+        indices = _as_index_array(target)
+        if indices.ndim == 0:
+            indices = np.full((n,), int(indices), dtype=np.int64)
+        elif indices.ndim > 2 or indices.shape[0] != n or 0 in indices.shape:
+            raise ValueError(
+                f"target must be an int, a sequence of N = {n} ints or an (N, T) = ({n}, T) "
+                f"int array, got shape {indices.shape}"
+            )
+    bad = (indices < 0) | (indices >= c)
+    if bad.any():
+        raise ValueError(
+            f"target out of range: the scores have C = {c} classes, so targets must lie in "
+            f"[0, {c - 1}], got {indices[bad][:5].tolist()}"
+        )
+    return indices
+
+
+def check_scores(scores: Array) -> None:
+    """The model's output must be ``(N, C)`` scores for class-index targets."""
+    shape = shape_of(scores)
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(
+            f"the model's output (scores) must have shape (N, C) for class-index targets, "
+            f"got shape {shape}; pass a callable target that reduces it to (N,)"
+        )
+
+
+def _as_index_array(target: Target) -> np.ndarray:
+    try:
+        indices = to_numpy(target) if array_api_compat.is_array_api_obj(target) else np.asarray(target)
+    except (TypeError, ValueError):
+        raise TypeError(f"target must be ints, got {target!r}") from None
+    if indices.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integers (class indices), got dtype {indices.dtype}")
+    return indices.astype(np.int64)
