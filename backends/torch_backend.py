@@ -379,12 +379,6 @@ def _warn_zero_gradients(gradients: torch.Tensor, rank: int, where: str) -> None
 
 def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[nn.Module, str]:
     """The module ``layer`` names (or is) in ``model``, and its dotted name."""
-    names = [name for name, _ in model.named_modules()]
-    if layer is None:
-        raise ValueError(
-            f"layer is required: a dotted name of a submodule of {type(model).__name__} "
-            f"(e.g. {names[-3:]}) or the module itself"
-        )
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules(remove_duplicate=False):
             if module is layer:
@@ -392,14 +386,22 @@ def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[nn.
         raise ValueError(
             f"layer is a {type(layer).__name__} that is not a submodule of {type(model).__name__}"
         )
-    if not isinstance(layer, str):
+    if isinstance(layer, str):
+        try:
+            return model.get_submodule(layer), layer
+        except AttributeError:
+            pass
+    elif layer is not None:
         raise TypeError(f"layer must be a dotted name (str) or an nn.Module, got {type(layer).__name__}")
-    try:
-        return model.get_submodule(layer), layer
-    except AttributeError:
-        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
-        hint = f"did you mean {close}?" if close else f"its submodules include {names[1:6]} ... {names[-3:]}"
-        raise ValueError(f"layer {layer!r} is not a submodule of {type(model).__name__}; {hint}") from None
+    names = [name for name, _ in model.named_modules()][1:]  # [0] is "", the model itself
+    if layer is None:
+        raise ValueError(
+            f"layer is required: a dotted name of a submodule of {type(model).__name__} "
+            f"(e.g. {names[-3:]}) or the module itself"
+        )
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
+    hint = f"did you mean {close}?" if close else f"its submodules include {names[:5]} ... {names[-3:]}"
+    raise ValueError(f"layer {layer!r} is not a submodule of {type(model).__name__}; {hint}")
 
 
 def _split_form(
