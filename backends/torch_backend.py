@@ -8,13 +8,14 @@ How a call runs (and what it costs):
 
 1. The model runs under ``torch.no_grad()``: the part before the layer builds no autograd graph
    and keeps nothing for a backward pass, as in inference.
-2. A forward hook on ``layer`` (a forward *pre*-hook with ``at="input"``) takes the layer's
-   output :math:`A`, detaches it into a leaf tensor that requires grad, switches grad mode on for
-   the rest of the forward pass and hands the model a *copy* of :math:`A` (an autograd clone of
-   the leaf). The copy is what lets in-place ops after the layer work (``ReLU(inplace=True)``
-   on a view of a leaf is an error in PyTorch, pytorch #61519 is the hooks' version of the same
-   trouble), and it keeps the captured :math:`A` at the values the layer produced. It costs one
-   extra tensor the size of :math:`A`.
+2. A forward hook on ``layer`` (a forward *pre*-hook with ``at="input"``, so that an in-place
+   layer such as ``ReLU(inplace=True)`` has not yet overwritten its input, pytorch #95617) takes
+   :math:`A`, detaches it into a leaf tensor that requires grad, switches grad mode on for the
+   rest of the forward pass and hands the model an autograd *copy* of the leaf. The copy is what
+   lets in-place ops after the layer run (an in-place op on a leaf, or on a view of one, is an
+   error in PyTorch) and it keeps the captured :math:`A` at the values the layer produced; it
+   costs one extra tensor the size of :math:`A`. No backward hook is used, so the in-place
+   trouble of module backward hooks (pytorch #61519) cannot arise.
 3. ``torch.autograd.grad(score, inputs=[A])`` runs the backward from the score down to the
    layer and no further: no layer before it is differentiated, no parameter gets a ``.grad``
    (``.backward()`` is never called). Grad mode, the hooks and everything else are restored in
@@ -50,6 +51,10 @@ Layer:
   cell) is ambiguous: that is an error saying how many times it ran, unless ``call`` picks one:
   ``call=i`` is the i-th call (from 0), ``call=-1`` the last; a negative ``call`` first runs one
   extra inference forward pass (no graph) to count the calls. A layer that never runs is an error.
+- The captured :math:`A` shares memory with the layer's own output tensor (the model goes on
+  with the copy). Should the model later change that tensor in place through another reference,
+  :math:`A` would no longer be what the layer produced: this is detected (PyTorch's version
+  counter) and is an error.
 - Split form ``model=(features, head)``: :math:`A` = ``features(inputs)`` and the scores are
   ``head(A)`` (the paper's :math:`y^c = f(A^1, \ldots, A^K)`); ``layer`` is then None.
 - ``reshape``: for token activations ``(N, T, D)`` (vision transformers). A tuple of grid sizes

@@ -542,6 +542,41 @@ def test_efficientnet_lite0_shared_swish_is_a_gap_net():
     torch.testing.assert_close(pooled.maps, got.maps, rtol=0, atol=0)
 
 
+def test_torchvision_resnet18_is_a_gap_net_with_shared_inplace_relus():
+    import torchvision
+
+    torch.manual_seed(26)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = model_state(model)
+    got = gradcam_ref.explain(model, x, [[0, 9], [4, 4]], layer="layer4")
+    assert got.activations.shape == (2, 512, 2, 2)
+    w = model.fc.weight.detach()[torch.as_tensor(got.targets)]  # (N, T, K)
+    expected = torch.relu(torch.einsum("ntk,nk...->nt...", w, got.activations)) / 4
+    torch.testing.assert_close(got.maps, expected, rtol=1e-12, atol=1e-14)
+    # The block's ReLU(inplace=True) runs twice per block; its last call gives the block's output.
+    with pytest.raises(ValueError, match="layer 'layer4.1.relu' ran 2 times"):
+        gradcam_ref.explain(model, x, layer="layer4.1.relu")
+    last = gradcam_ref.explain(model, x, [[0, 9], [4, 4]], layer=model.layer4[1].relu, call=-1)
+    torch.testing.assert_close(last.maps, got.maps, rtol=0, atol=0)
+    assert_same_state(before, model_state(model))
+
+
+def test_torchvision_densenet121_inplace_relu_after_the_layer():
+    """pytorch #61519's model: DenseNet applies F.relu(inplace=True) to the output of features."""
+    import torchvision
+
+    torch.manual_seed(27)
+    model = torchvision.models.densenet121(weights=None, num_classes=10).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = gradcam_ref.explain(model, x, [3, 7], layer="features")
+    a = got.activations  # (N, 1024, 2, 2), before the in-place ReLU
+    assert (a < 0).any()
+    # y = W mean(relu(A)) + b, so dy/dA = W[c] / Z where A > 0 and 0 elsewhere.
+    w = model.classifier.weight.detach()[torch.as_tensor(got.targets)]  # (N, K)
+    torch.testing.assert_close(got.gradients, w[:, :, None, None] / 4 * (a > 0), rtol=1e-12, atol=1e-15)
+
+
 # --- captum as an independent reference ----------------------------------------------------------
 
 
