@@ -60,7 +60,8 @@ Layer:
 - ``reshape``: for token activations ``(N, T, D)`` (vision transformers). A tuple of grid sizes
   ``(h, w)`` drops the first ``T - h*w`` tokens (class and register tokens) and lays the rest
   out row-major as ``(N, D, h, w)``; a callable is applied to the activations and (per example
-  and target) to the gradients alike, so it must only rearrange values.
+  and target) to the gradients alike, so it must only rearrange values (e.g.
+  ``lambda t: t.permute(0, 3, 1, 2)`` for channels-last ``(N, H, W, C)`` feature maps).
 
 Warnings: a model (or part) in training mode (dropout and batch-norm make the maps random), and
 examples whose gradients are exactly zero everywhere (their maps are zero: the score does not
@@ -148,6 +149,8 @@ def capture(
         index = call
         if call is not None and call < 0:
             runs = _count_calls(model, module, at, inputs)
+            if runs == 0:
+                raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
             if runs + call < 0:
                 raise ValueError(f"call={call} but layer {name!r} ran {runs} time(s) in the forward pass")
             index = runs + call

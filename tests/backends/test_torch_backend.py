@@ -486,6 +486,34 @@ def test_no_graph_before_the_layer():
     assert max(math.prod(s) for s in saved) <= 2 * 6 * 6 * 6
 
 
+def test_working_memory_is_that_of_the_part_after_the_layer():
+    """EfficientNet-Lite0 at its last conv: only the head keeps activations for the backward."""
+    from gradcam_ref.backends.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0.load_torch()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    parameters = {p.data_ptr() for p in model.parameters()}
+
+    def saved_bytes(run) -> int:
+        """Bytes of the distinct non-parameter tensors autograd keeps for the backward pass."""
+        saved = {}
+
+        def pack(t):
+            if t.data_ptr() not in parameters:
+                saved[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(saved.values())
+
+    ours = saved_bytes(lambda: gradcam_ref.explain(model, x, [1, 2], layer="_conv_head"))
+    a_bytes = 2 * 1280 * 7 * 7 * 4
+    full = saved_bytes(lambda: model(x))  # any method that runs the whole model with autograd
+    assert 0 < ours <= 4 * a_bytes
+    assert full > 50 * ours
+
+
 # --- shared modules, real models -----------------------------------------------------------------
 
 
