@@ -1,6 +1,24 @@
 """``make bench``: every benchmark in one run, as ratios against a baseline of the same run.
 
-    python -m benchmarks.run [--quick] [--json FILE]
+    python -m benchmarks.run [--quick] [--json FILE] [--threads N] [--suites time,memory,core,jax]
+
+Suites (all by default):
+
+- ``time``: one explanation against a no-grad forward pass of the same model, batch and input
+  (ResNet-18, ResNet-50, EfficientNet-Lite0; batch 1 and 8; 1 target, then 10 targets for one
+  image), our torch backend and every installed peer, plus the peers' setup cost;
+- ``memory``: peak working memory of each method, each in its own process;
+- ``core``: the Grad-CAM math alone against a streaming pass over the same arrays;
+- ``jax``: jitted explain against the jitted forward of the same model (when the JAX backend
+  and JAX are installed).
+
+``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
+Every figure is a median of per-round ratios; absolute times are for orientation only.
+
+THREADS: one by default. On a machine whose cores are shared with other work, two OpenMP threads
+spend most of their time waiting for each other at barriers (a ResNet-18 forward pass measured
+0.1-1.9 s with 2 threads against 0.043-0.068 s with 1, same minute, same machine), which drowns
+every ratio in scheduler noise. ``--threads 2`` (or more) for a quiet machine.
 """
 
 from __future__ import annotations
@@ -9,37 +27,178 @@ import argparse
 import json
 import os
 import platform
+import sys
+import time
+import warnings
+from typing import Any
 
-from benchmarks import bench_core
+from benchmarks import report
+
+SUITES = ("time", "memory", "core", "jax")
+
+# name -> settings of each mode
+PLANS: dict[str, dict[str, Any]] = {
+    "full": {
+        "models": ("resnet18", "resnet50", "efficientnet_lite0"), "batches": (1, 8), "multi_targets": 10,
+        "budget_s": 25.0, "multi_budget_s": 40.0, "max_rounds": 30, "min_rounds": 7, "costly_min_rounds": 3,
+        "setup_rounds": 10, "memory_batches": (8,), "memory_multi_models": ("resnet50",),
+        "core_rounds": 40, "jax_rounds": 20,
+    },
+    "quick": {
+        "models": ("resnet18",), "batches": (1, 8), "multi_targets": 10,
+        "budget_s": 4.0, "multi_budget_s": 5.0, "max_rounds": 15, "min_rounds": 5, "costly_min_rounds": 2,
+        "setup_rounds": 3, "memory_batches": (8,), "memory_multi_models": (),
+        "core_rounds": 10, "jax_rounds": 5,
+    },
+}
 
 
-def machine() -> dict:
+def set_threads(threads: int) -> None:
+    """Fix the threads of OpenMP (torch), OpenBLAS and MKL (NumPy) before they are imported.
+
+    Also inherited by the memory suite's processes.
+    """
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def machine(threads: int) -> dict:
     import numpy as np
 
-    info = {"python": platform.python_version(), "machine": platform.machine(),
-            "processor": platform.processor(), "cpus": os.cpu_count(), "numpy": np.__version__}
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+        "cpu": _cpu_model(), "cpus": os.cpu_count(), "numpy": np.__version__, "threads": threads,
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
     try:
         import torch
 
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     except ImportError:
         pass
+    for name in ("torchvision", "captum", "pytorch_grad_cam", "torchcam", "jax"):
+        try:
+            from importlib.metadata import version
+
+            dist = {"pytorch_grad_cam": "grad-cam"}.get(name, name)
+            info[name] = version(dist)
+        except Exception:  # not installed
+            pass
     return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES, log: Any = None) -> dict:
+    """Run the chosen suites; return ``{"machine", "plan", "rows", "elapsed_s", "notes"}``."""
+    plan = PLANS["quick" if quick else "full"]
+    start = time.perf_counter()
+    rows: list[dict] = []
+    notes: list[str] = []
+    torch_ok = _has("torch")
+    if torch_ok:
+        import torch
+
+        torch.set_num_threads(threads)
+    info = machine(threads)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(suite: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[suite] = now - clock
+        clock = now
+
+    if "time" in suites and torch_ok:
+        from benchmarks import bench_torch
+
+        rows += bench_torch.run(plan["models"], plan["batches"], plan["multi_targets"], 1,
+                                budget_s=plan["budget_s"], multi_budget_s=plan["multi_budget_s"],
+                                max_rounds=plan["max_rounds"], min_rounds=plan["min_rounds"],
+                                costly_min_rounds=plan["costly_min_rounds"], setup_rounds=plan["setup_rounds"],
+                                log=log)
+        lap("time")
+    if "memory" in suites and torch_ok:
+        from benchmarks import memory
+
+        configs = memory.configs_for(plan["models"], plan["memory_batches"], plan["multi_targets"], 1,
+                                     plan["memory_multi_models"])
+        rows += memory.measure_all(configs, threads=threads, log=log)
+        lap("memory")
+    if "core" in suites:
+        from benchmarks import bench_core
+
+        new = bench_core.run(quick=quick, rounds=plan["core_rounds"])
+        rows += new
+        if log:
+            log(new)
+        lap("core")
+    if "jax" in suites:
+        try:
+            from benchmarks import bench_jax
+        except ImportError as error:
+            notes.append(f"jax suite not run: {error}")
+        else:
+            if bench_jax.available():
+                new = bench_jax.run(quick=quick, rounds=plan["jax_rounds"])
+                rows += new
+                if log:
+                    log(new)
+                lap("jax")
+            else:
+                notes.append(f"jax suite not run: {bench_jax.why_unavailable()}")
+    if not torch_ok:
+        notes.append("torch is not installed: time and memory suites not run")
+    return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,
+            "elapsed_s": time.perf_counter() - start, "suite_seconds": seconds, "notes": notes}
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (under 2 minutes)")
-    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON to FILE")
+    parser.add_argument("--quick", action="store_true", help="fewer models and rounds (under 2 minutes)")
+    parser.add_argument("--json", metavar="FILE", help="write the machine, the plan and the rows as JSON to FILE")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads of torch and BLAS in every process (1: see THREADS below)")
+    parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
     args = parser.parse_args(argv)
-    rows = bench_core.run(quick=args.quick)
-    print(f"machine: {machine()}")
-    print(f"{'suite':6} {'library':7} {'dtype':8} {'method':40} {'ratio':>7} {'median s':>10}")
-    for r in rows:
-        print(f"{r['suite']:6} {r['library']:7} {r['dtype']:8} {r['method']:40} {r['ratio']:7.2f} {r['seconds']:10.2e}")
+    suites = tuple(s for s in args.suites.split(",") if s)
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
+    set_threads(args.threads)
+    warnings.filterwarnings("ignore")  # peers' deprecation chatter would bury the figures
+
+    def log(rows: list[dict]) -> None:
+        for line in report.progress_lines(rows):
+            print(line, file=sys.stderr, flush=True)
+
+    result = run(quick=args.quick, threads=args.threads, suites=suites, log=log)
+    print(f"machine: {result['machine']}")
+    print(report.markdown(result))
+    laps = ", ".join(f"{k} {v:.0f} s" for k, v in result["suite_seconds"].items())
+    print(f"elapsed: {result['elapsed_s']:.0f} s ({laps})")
+    for note in result["notes"]:
+        print(f"note: {note}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+            json.dump(result, f, indent=1, default=float)
+            f.write("\n")
     return 0
 
 

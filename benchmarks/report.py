@@ -1,0 +1,136 @@
+"""Tables of a benchmark run: progress lines while it runs, Markdown tables at the end.
+
+    python -m benchmarks.report [benchmarks/results.json]
+
+prints the Markdown tables of a saved run (what ``docs/benchmarks.md`` shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable
+
+MODEL_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet_lite0": "EfficientNet-Lite0",
+               "tiny": "tiny"}
+
+
+def _ratio(r: dict) -> str:
+    value = r.get("ratio", math.nan)
+    if value != value:  # NaN
+        return "n/a"
+    spread = f" ({r['q1']:.2f}-{r['q3']:.2f})" if "q1" in r else ""
+    return f"{value:.2f}x{spread}"
+
+
+def progress_lines(rows: Iterable[dict]) -> list[str]:
+    """One short line per row, printed as the run goes."""
+    lines = []
+    for r in rows:
+        where = f"{r.get('model', r.get('library', ''))} b{r.get('batch', '')} t{r.get('targets', '')}"
+        if r["suite"] == "core":
+            where = f"{r['library']} {r['dtype']} {r['shape']}"
+        extra = f" {r['working_mib']:.1f} MiB" if r["suite"] == "memory" else f" {r.get('seconds', 0):.2e} s"
+        ratio = f" {r['ratio']:.2f}x" if "ratio" in r else ""
+        lines.append(f"[{r['suite']}] {where} {r['method']}:{ratio}{extra}")
+    return lines
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def time_table(rows: list[dict], targets: int) -> str:
+    """Methods down, (model, batch) across: time ratios to the no-grad forward."""
+    chosen = [r for r in rows if r["suite"] == "time" and r["targets"] == targets]
+    configs = list(dict.fromkeys((r["model"], r["batch"]) for r in chosen))
+    methods = list(dict.fromkeys(r["method"] for r in chosen))
+    cell = {(r["model"], r["batch"], r["method"]): r for r in chosen}
+    header = ["method"] + [f"{MODEL_NAMES.get(m, m)} b{b}" for m, b in configs]
+    body = []
+    for method in methods:
+        body.append([method] + [_ratio(cell[(m, b, method)]) if (m, b, method) in cell else "-" for m, b in configs])
+    seconds = ["forward, median s"] + [
+        f"{cell[(m, b, 'forward')]['seconds']:.3f}" if (m, b, "forward") in cell else "-" for m, b in configs]
+    rounds = ["rounds (cheap / costly)"] + [
+        "/".join(sorted({str(r["rounds"]) for r in chosen if (r["model"], r["batch"]) == c}, key=int, reverse=True))
+        for c in configs]
+    return _table(header, body + [seconds, rounds])
+
+
+def memory_table(rows: list[dict]) -> str:
+    chosen = [r for r in rows if r["suite"] == "memory"]
+    configs = list(dict.fromkeys((r["model"], r["batch"], r["targets"]) for r in chosen))
+    methods = list(dict.fromkeys(r["method"] for r in chosen))
+    cell = {(r["model"], r["batch"], r["targets"], r["method"]): r for r in chosen}
+    header = ["method"] + [f"{MODEL_NAMES.get(m, m)} b{b}, {t} target{'s' if t > 1 else ''}"
+                           for m, b, t in configs]
+    body = []
+    for method in methods:
+        row = [method]
+        for m, b, t in configs:
+            r = cell.get((m, b, t, method)) or (cell.get((m, b, 1, method)) if method == "forward" else None)
+            row.append(f"{r['ratio']:.2f}x ({r['working_mib']:.0f} MiB)" if r else "-")
+        body.append(row)
+    return _table(header, body)
+
+
+def core_table(rows: list[dict]) -> str:
+    chosen = [r for r in rows if r["suite"] == "core"]
+    body = [[r["library"], r["dtype"], r["shape"], r["method"], f"{r['ratio']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f})",
+             f"{r['seconds'] * 1e3:.3f}"] for r in chosen]
+    return _table(["library", "dtype", "shape", "method", "ratio to streaming pass", "median ms"], body)
+
+
+def setup_table(rows: list[dict]) -> str:
+    chosen = [r for r in rows if r["suite"] == "setup"]
+    body = [[MODEL_NAMES.get(r["model"], r["model"]), r["method"], f"{r['ratio']:.3f}x",
+             f"{r['seconds'] * 1e3:.2f}"] for r in chosen]
+    return _table(["model", "setup (build explainer, hook, unhook)", "ratio to batch-1 forward", "median ms"], body)
+
+
+def jax_table(rows: list[dict]) -> str:
+    chosen = [r for r in rows if r["suite"] == "jax"]
+    body = [[r["model"], str(r["batch"]), str(r["targets"]), r["method"], _ratio(r),
+             f"{r['seconds'] * 1e3:.2f}", f"{r.get('compile_s', math.nan):.2f}"] for r in chosen]
+    return _table(["model", "batch", "targets", "method", "ratio to jitted forward", "median ms", "compile s"], body)
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    parts = []
+    suites = {r["suite"] for r in rows}
+    if "time" in suites:
+        parts += ["### Time, 1 target per image (ratio to a no-grad forward; quartiles in brackets)",
+                  time_table(rows, 1)]
+        multi = sorted({r["targets"] for r in rows if r["suite"] == "time" and r["targets"] > 1})
+        for t in multi:
+            parts += [f"### Time, {t} targets for one image (ratio to a no-grad forward of that image)",
+                      time_table(rows, t)]
+    if "setup" in suites:
+        parts += ["### Peers' setup cost", setup_table(rows)]
+    if "memory" in suites:
+        parts += ["### Peak working memory (ratio to the no-grad forward's; MiB above the loaded model)",
+                  memory_table(rows)]
+    if "core" in suites:
+        parts += ["### Core math against a streaming pass over the same arrays", core_table(rows)]
+    if "jax" in suites:
+        parts += ["### JAX: jitted explain against the jitted forward", jax_table(rows)]
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", nargs="?", default="benchmarks/results.json")
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        result = json.load(f)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
