@@ -8,7 +8,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradcam_ref._checks import Array, to_numpy
-from gradcam_ref._gradcam import grad_cam_parts, relu_map
+from gradcam_ref._conventions import postprocess
+from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
 from gradcam_ref._targets import Target
 
 
@@ -65,6 +66,21 @@ class Explanation:
             weights=weights,
             scores=capture.scores,
             targets=capture.targets,
+        )
+
+    def heatmap(self, size: int | tuple[int, ...] | None = None, convention: str = "paper") -> Array:
+        """The map post-processed as ``convention`` defines it, at ``size`` (e.g. the input's).
+
+        ``"paper"`` (default): ReLU, half-pixel bilinear upsampling to ``size``, then per-map
+        min-max into [0, 1]. ``"pytorch-grad-cam"``, ``"captum"``, ``"torchcam"`` and
+        ``"tf-keras-vis"`` reproduce what those libraries return for the same model, layer,
+        input and target; ``size=None`` keeps the layer's resolution. The steps and why each
+        library differs: :mod:`gradcam_ref._conventions`, or ``gradcam-ref verify --explain LIB``.
+        Shape ``(N, *size)`` (or ``(N, T, *size)``), in the library of ``maps``.
+        """
+        return postprocess(
+            cam(self.activations, self.weights), convention, size=size,
+            spatial_rank=len(self.activations.shape) - 2,
         )
 
     def numpy(self) -> Explanation:
