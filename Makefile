@@ -24,5 +24,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gradcam_ref backends tests
 	$(VENV)/bin/mypy
 
+# The teaching site in site/: figures from docs/make_figures.py, then mkdocs build --strict.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) docs/make_figures.py docs/figures
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache
