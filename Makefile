@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,jax,test,viz,models
+EXTRAS ?= torch,jax,test,viz,models,peers
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(MAKE) lint
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gradcam_ref backends tests
+	$(VENV)/bin/ruff check gradcam_ref backends tests benchmarks
 	$(VENV)/bin/mypy
 
 # The teaching site in site/: figures from docs/make_figures.py, then mkdocs build --strict.
@@ -29,6 +29,12 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(PY) docs/make_figures.py docs/figures
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --json benchmarks/results.json
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

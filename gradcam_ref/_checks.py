@@ -16,6 +16,10 @@ Array = Any
 """Any array the core accepts: ``numpy.ndarray``, ``torch.Tensor``, ``jax.Array``."""
 
 
+quiet_numpy = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+"""Decorator: NumPy's own overflow/invalid warnings are replaced by :func:`check_finite`'s errors."""
+
+
 def shape_of(x: Array) -> tuple[int, ...]:
     """The shape as a plain tuple of ints (``torch.Size`` prints differently)."""
     return tuple(int(d) for d in x.shape)

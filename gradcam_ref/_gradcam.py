@@ -27,10 +27,12 @@ from gradcam_ref._checks import (
     check_feature_maps,
     check_finite,
     check_gradients_match,
+    quiet_numpy,
     shape_of,
 )
 
 
+@quiet_numpy
 def neuron_importance(gradients: Array) -> Array:
     r"""Neuron importance weights, Eq. 1 of Grad-CAM: the spatial mean of the gradients.
 
@@ -60,6 +62,7 @@ def neuron_importance(gradients: Array) -> Array:
     return alpha
 
 
+@quiet_numpy
 def cam(activations: Array, class_weights: Array) -> Array:
     r"""Class Activation Map of Zhou et al.: the feature maps weighted by the classifier.
 
@@ -138,6 +141,7 @@ def grad_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Arra
     return relu_map(maps) if relu else maps
 
 
+@quiet_numpy
 def grad_cam_parts(activations: Array, gradients: Array) -> tuple[Array, Array]:
     """``(alpha, signed_map)``: the two halves of :func:`grad_cam`, computed once each.
 
@@ -159,6 +163,7 @@ def relu_map(maps: Array) -> Array:
     return _relu(array_api_compat.array_namespace(maps), maps)
 
 
+@quiet_numpy
 def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = True) -> Array:
     r"""Grad-CAM++ map in the closed form of Chattopadhay et al. (Eq. 19 of the paper).
 

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import array_api_compat
 import numpy as np
 
-from gradcam_ref._checks import Array, as_float_arrays, check_finite, shape_of
+from gradcam_ref._checks import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
 
 NORMALIZE_METHODS = ("minmax", "max")
 
 
+@quiet_numpy
 def upsample(maps: Array, size: int | Sequence[int]) -> Array:
     r"""Resize maps by linear interpolation along each spatial axis, with half-pixel centres.
 
@@ -79,6 +80,7 @@ def _resize_axis(xp, x: Array, axis: int, n_out: int) -> Array:
     return w_lo_x * take(lo) + w_hi_x * take(hi)
 
 
+@quiet_numpy
 def normalize(
     maps: Array, method: str = "minmax", *, axis: int | Sequence[int] | None = None
 ) -> Array:

@@ -35,7 +35,9 @@ def resolve_targets(target: Target, scores: Array) -> np.ndarray | Callable[[Arr
         xp = array_api_compat.array_namespace(scores)
         return to_numpy(xp.argmax(scores, axis=1)).astype(np.int64)
     if isinstance(target, (bool, np.bool_)):
-        raise TypeError(f"target must be None, an int, N ints, an (N, T) int array or a callable, got {target!r}")
+        raise TypeError(
+            f"target must be None, an int, N ints, an (N, T) int array or a callable, got {target!r}"
+        )
     if isinstance(target, (int, np.integer)):
         indices = np.full((n,), int(target), dtype=np.int64)
     else:

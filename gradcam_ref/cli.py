@@ -20,6 +20,7 @@ def _demo_oracle(args: argparse.Namespace) -> int:
     )
     x = rng.standard_normal((1, 1, 4, 4)).round(1)
     e = gradcam_ref.explain(model, x)
+    assert e.targets is not None  # class-index targets on the oracle
     z = e.activations.shape[-1] * e.activations.shape[-2]
     np.set_printoptions(precision=4, suppress=True)
     print("Grad-CAM on the NumPy oracle: conv 2x2 (3 maps) -> ReLU -> GAP -> linear (2 classes)\n")
@@ -37,7 +38,9 @@ def _demo_oracle(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradcam-ref", description="Grad-CAM, the reference implementation.")
+    parser = argparse.ArgumentParser(
+        prog="gradcam-ref", description="Grad-CAM, the reference implementation."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="Grad-CAM worked through on a built-in model.")
     demo.add_argument("--seed", type=int, default=3, help="seed of the oracle's random weights")
