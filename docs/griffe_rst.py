@@ -6,7 +6,9 @@ editor). mkdocstrings renders Markdown, so before rendering this extension rewri
 - ``.. math::`` blocks into ``$$ ... $$`` display math,
 - ``:math:`x``` into ``$x$`` inline math (pymdownx.arithmatex typesets both),
 - ``:func:`name```, ``:class:`name``` and ``:mod:`name``` into cross-references to the API page
-  when ``name`` is documented there, else into inline code.
+  when ``name`` is documented there, else into inline code,
+- the Google-style ``Example:`` heading into ``Examples:``, the one griffe renders as doctest
+  code (it would render ``Example:`` as a note, its ``>>>`` lines as nested quotes).
 
 The source docstrings are not changed.
 """
@@ -23,6 +25,7 @@ import griffe
 
 MATH_BLOCK = re.compile(r"^(?P<indent>[ ]*)\.\. math::[ ]*\n(?P<body>(?:(?P=indent)[ ]+.*\n|[ ]*\n)+)", re.M)
 INLINE_MATH = re.compile(r":math:`(?P<tex>[^`]+)`")
+EXAMPLE_HEADING = re.compile(r"^(?P<indent>[ ]*)Example:[ ]*$", re.M)
 ROLE = re.compile(r":(?:func|class|mod|meth|attr):`~?(?P<name>[\w.]+)`")
 
 
@@ -41,6 +44,7 @@ def rst_to_markdown(text: str, resolve: Any = lambda name: None) -> str:
 
     text = MATH_BLOCK.sub(block, text if text.endswith("\n") else text + "\n")
     text = INLINE_MATH.sub(lambda m: f"${m['tex']}$", text)
+    text = EXAMPLE_HEADING.sub(lambda m: f"{m['indent']}Examples:", text)
     return ROLE.sub(role, text).rstrip("\n")
 
 
@@ -80,6 +84,8 @@ def _attach_backends(pkg: griffe.Module, loader: griffe.GriffeLoader) -> None:
 def _resolve(obj: griffe.Object, pkg: griffe.Module, name: str) -> str | None:
     """The public path of ``name`` as seen from ``obj``: ``gradcam_ref.X`` for exported names."""
     short = name.split(".")[-1]
+    if any(part.startswith("_") for part in name.split(".")):
+        return None  # private: not on the API page, shown as code
     if name.startswith(pkg.name + "."):
         return name if short in pkg.members or name.count(".") > 1 else None
     if short in pkg.members:  # exported by gradcam_ref/__init__.py: documented at gradcam_ref.X

@@ -4,7 +4,7 @@ Each page is one test. Its fenced code blocks run in order in one namespace, as 
 type them into one session:
 
 - ``pycon`` blocks are doctests (``>>>`` lines and their printed output), compared exactly
-  (up to whitespace);
+  up to whitespace (and ``...``, which stands for the rest of a long error message);
 - ``python`` blocks are executed;
 - ``bash`` blocks may only hold commands this repository defines: ``make TARGET`` (the target
   must exist in the Makefile), ``gradcam-ref ...`` (run, must exit 0) and
@@ -92,7 +92,7 @@ def test_code_blocks_run(page: Path) -> None:
     blocks = code_blocks(page.read_text())
     namespace: dict = {"__name__": f"docs.{page.stem}"}
     parser = doctest.DocTestParser()
-    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     with np.printoptions():  # a page's np.set_printoptions stays on its page
         for lang, code, line in blocks:
             where = f"{page.name}:{line}"
@@ -174,7 +174,10 @@ def test_figures_come_from_the_script(built_site: Path) -> None:
 
 
 def test_api_reference_renders_math(built_site: Path) -> None:
-    """Docstrings' ``:math:`` and ``.. math::`` reach the site as math, not as reST source."""
+    """Docstrings' ``:math:`` and ``.. math::`` reach the site as math, not as reST source, and
+    their ``Example:`` sections as code, not as nested quotes."""
     html = (built_site / "site" / "reference" / "index.html").read_text()
-    assert "arithmatex" in html
-    assert ":math:" not in html and ".. math::" not in html
+    assert html.count('class="arithmatex"') > 20
+    assert ":math:" not in html and ".. math::" not in html and ":func:" not in html
+    assert "<blockquote>" not in html
+    assert html.count("&gt;&gt;&gt;") >= 8  # the docstrings' doctests, shown as code
