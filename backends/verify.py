@@ -365,7 +365,11 @@ def cli(json_output: bool = False, explain: str | None = None, goldens_directory
             print(f"gradcam-ref verify --explain: {error}", file=sys.stderr)
             return 2
         return 0
-    checks, notes = run(goldens_directory)
+    try:
+        checks, notes = run(goldens_directory)
+    except (FileNotFoundError, ValueError) as error:  # no goldens there, or a file not in the format
+        print(f"gradcam-ref verify: {error}", file=sys.stderr)
+        return 2
     print(json.dumps([c.as_dict() for c in checks], indent=1) if json_output else table(checks))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

@@ -145,8 +145,12 @@ def test_loading_never_unpickles(tmp_path):
         arrays = dict(data)
     arrays["description"] = np.array([{"a": 1}], dtype=object)
     np.savez(path, **arrays)  # an object array: only pickle can read it back
-    with pytest.raises(ValueError, match=r"golden .*evil.npz holds a non-numeric \(pickled\) array"):
+    with pytest.raises(ValueError, match=r"golden .*evil.npz is not an .npz of plain numeric and string arrays "
+                                         r"\(read with allow_pickle=False\): Object arrays cannot be loaded"):
         goldens.load(path)
+    (tmp_path / "junk.npz").write_bytes(b"PK not really a zip")
+    with pytest.raises(ValueError, match=r"junk.npz is not an .npz of plain"):
+        goldens.load(tmp_path / "junk.npz")
 
 
 def test_bad_goldens_are_refused_with_the_reason(tmp_path):

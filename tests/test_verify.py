@@ -156,3 +156,13 @@ def test_explain_accepts_aliases_and_refuses_unknown_libraries(capsys):
     assert "convention must be one of ['captum', 'paper'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["verify", "--json", "--explain", "captum"])  # one output at a time
+
+
+def test_a_directory_without_goldens_is_an_error_not_a_pass(tmp_path, capsys):
+    assert main(["verify", "--goldens", str(tmp_path / "missing")]) == 2
+    assert "no directory of goldens at" in capsys.readouterr().err
+    assert main(["verify", "--goldens", str(tmp_path)]) == 2
+    assert f"no golden (*.npz) in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert main(["verify", "--goldens", str(tmp_path)]) == 2
+    assert "broken.npz is not an .npz of plain numeric and string arrays" in capsys.readouterr().err

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -160,7 +161,10 @@ def _count(golden: Golden, prefix: str) -> int:
 
 def names(directory: str | Path | None = None) -> list[str]:
     """The goldens in ``directory`` (default: the shipped ones), sorted by name."""
-    return sorted(p.stem for p in Path(directory or DIRECTORY).glob("*.npz"))
+    path = Path(directory or DIRECTORY)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no directory of goldens at {path}")
+    return sorted(p.stem for p in path.glob("*.npz"))
 
 
 def load(name: str | Path, directory: str | Path | None = None) -> Golden:
@@ -168,19 +172,23 @@ def load(name: str | Path, directory: str | Path | None = None) -> Golden:
 
     Raises:
       FileNotFoundError: no such golden (the message lists the ones there are).
-      ValueError: the file holds an object array, is not of format :data:`FORMAT`, or lacks
-        an entry of :data:`REQUIRED`.
+      ValueError: the file is not an ``.npz`` of plain arrays (an object array would need
+        pickle), is not of format :data:`FORMAT`, or lacks an entry of :data:`REQUIRED`.
     """
     path = Path(name)
     if path.suffix != ".npz":
         path = Path(directory or DIRECTORY) / f"{name}.npz"
     if not path.is_file():
-        raise FileNotFoundError(f"no golden {str(name)!r} at {path}; goldens there: {names(path.parent)}")
+        there = names(path.parent) if path.parent.is_dir() else []
+        raise FileNotFoundError(f"no golden {str(name)!r} at {path}; goldens there: {there}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except ValueError as error:  # numpy refuses object arrays without allow_pickle
-        raise ValueError(f"golden {path} holds a non-numeric (pickled) array: {error}") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as error:  # object arrays need pickle: refused
+        raise ValueError(
+            f"golden {path} is not an .npz of plain numeric and string arrays (read with "
+            f"allow_pickle=False): {error}"
+        ) from None
     golden = Golden(path.stem, path, arrays)
     missing = [key for key in REQUIRED if key not in arrays]
     if missing:
@@ -193,5 +201,8 @@ def load(name: str | Path, directory: str | Path | None = None) -> Golden:
 
 
 def load_all(directory: str | Path | None = None) -> list[Golden]:
-    """Every golden in ``directory`` (default: the shipped ones)."""
-    return [load(name, directory) for name in names(directory)]
+    """Every golden in ``directory`` (default: the shipped ones); an error if there is none."""
+    found = names(directory)
+    if not found:
+        raise FileNotFoundError(f"no golden (*.npz) in {Path(directory or DIRECTORY)}")
+    return [load(name, directory) for name in found]
