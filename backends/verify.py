@@ -68,14 +68,11 @@ class Check:
 
 
 def compare(check: str, reference: str, actual: Any, expected: Any, rtol: float) -> Check:
-    """``max|actual - expected|`` against ``rtol * max|expected|`` (``rtol`` when it is all zeros)."""
-    a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    scale = float(np.max(np.abs(e), initial=0.0))
-    tolerance = rtol * (scale if scale > 0 else 1.0)
-    if a.shape != e.shape:
-        return Check(check, f"{reference} (shape {e.shape}, got {a.shape})", math.inf, tolerance)
-    diff = float(np.max(np.abs(a - e), initial=0.0))
-    return Check(check, reference, math.inf if math.isnan(diff) else diff, tolerance)
+    """``max|actual - expected|`` against ``rtol * max|expected|`` (:func:`gradcam_ref.goldens.difference`)."""
+    diff, tolerance = goldens.difference(actual, expected, rtol)
+    if np.shape(actual) != np.shape(expected):
+        reference = f"{reference} (shape {np.shape(expected)}, got {np.shape(actual)})"
+    return Check(check, reference, diff, tolerance)
 
 
 def installed(module: str) -> bool:
@@ -86,13 +83,9 @@ def installed(module: str) -> bool:
         return False
 
 
-FRAMEWORKS = {"numpy": "numpy", "torch": "torch", "jax": "jax"}
-
-
 def installed_backends() -> list[str]:
-    """The backends of this tree whose framework is installed."""
-    return [b for b in BACKENDS
-            if installed(FRAMEWORKS[b]) and installed(f"gradcam_ref.backends.{b}_backend")]
+    """The backends of this tree whose framework (a module of the backend's name) is installed."""
+    return [b for b in BACKENDS if installed(b) and installed(f"gradcam_ref.backends.{b}_backend")]
 
 
 # --- 1 and 2: goldens ----------------------------------------------------------------------------
@@ -106,7 +99,10 @@ def golden_checks(directory: str | Path | None = None) -> tuple[list[Check], lis
     for golden in goldens.load_all(directory):
         for backend in backends:
             runner = GOLDEN_RUNNERS.get(backend)
-            explanation = runner(golden) if runner is not None else None
+            if runner is None:
+                notes.append(f"golden {golden.name}: verify has no way to build models for the {backend} backend yet")
+                continue
+            explanation = runner(golden)
             if explanation is None:
                 notes.append(f"golden {golden.name}: the {backend} backend cannot run a {golden.model!r} model")
                 continue
@@ -245,7 +241,7 @@ def peer_cases() -> list[PeerCase]:
     return cases
 
 
-def _captum(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
+def _captum(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
     from captum.attr import LayerAttribution, LayerGradCam
 
     attribution = LayerGradCam(case.model, case.model.get_submodule(case.layer)).attribute(
@@ -253,7 +249,7 @@ def _captum(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
     return LayerAttribution.interpolate(attribution, size)[:, 0].detach().numpy()
 
 
-def _pytorch_grad_cam(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
+def _pytorch_grad_cam(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -263,7 +259,7 @@ def _pytorch_grad_cam(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
     return maps
 
 
-def _torchcam(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
+def _torchcam(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
     import torch
     from torchcam.methods import GradCAM
 
@@ -273,12 +269,14 @@ def _torchcam(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
     return maps.detach().numpy()
 
 
-def _tf_keras_vis_steps(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
-    """tf-keras-vis's post-processing written out with scipy: ReLU, zoom(order=1), min-max + 1e-7."""
+def _tf_keras_vis_steps(case: PeerCase, size: tuple[int, ...], e: gradcam_ref.Explanation) -> np.ndarray:
+    """tf-keras-vis's post-processing written out with scipy: ReLU, zoom(order=1), min-max + 1e-7.
+
+    The library needs TensorFlow, so its steps run on gradcam_ref's signed map of the case.
+    """
     import scipy.ndimage
     import torch
 
-    e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer)
     signed = gradcam_ref.cam(e.activations, e.weights)
     maps = torch.relu(signed).detach().numpy()
     zoomed = scipy.ndimage.zoom(maps, (1, *(s / m for s, m in zip(size, maps.shape[1:], strict=True))), order=1)
@@ -289,11 +287,22 @@ def _tf_keras_vis_steps(case: PeerCase, size: tuple[int, ...]) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Peer:
+    """A library compared with its convention.
+
+    Attributes:
+      convention: the convention's name.
+      module: what must be importable for the comparison to run.
+      distribution: its pip name, for the version.
+      run: ``(case, input size, our explanation) -> the library's maps`` as a NumPy array
+        (channel axes of 1 squeezed).
+      at_input_size: whether the library's map is at the input's size (else at the layer's).
+    """
+
     convention: str
-    module: str  # what must be importable
-    distribution: str  # its pip name, for the version
-    run: Callable[[PeerCase, tuple[int, ...]], np.ndarray]
-    at_input_size: bool  # the peer's map is at the input's size (else at the layer's)
+    module: str
+    distribution: str
+    run: Callable[[PeerCase, tuple[int, ...], gradcam_ref.Explanation], np.ndarray]
+    at_input_size: bool
 
 
 PEERS = (
@@ -317,7 +326,7 @@ def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[
         e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer)
         input_size = tuple(int(s) for s in case.inputs.shape[2:])
         for peer in peers:
-            expected = peer.run(case, input_size)
+            expected = peer.run(case, input_size, e)
             ours = e.heatmap(input_size if peer.at_input_size else None, peer.convention)
             version = importlib.metadata.version(peer.distribution)
             what = f"{peer.distribution} {version}"
@@ -342,15 +351,15 @@ def run(goldens_directory: str | Path | None = None) -> tuple[list[Check], list[
 
 
 def table(checks: list[Check]) -> str:
-    """The checks as an aligned text table, one line each."""
+    """The checks as an aligned text table, one line each, and a count of the passed ones."""
     rows = [("check", "reference", "max_abs_diff", "tolerance", "result")]
-    for c in checks:
-        rows.append((c.check, c.reference, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}",
-                     "pass" if c.passed else "FAIL"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths,
-                                                                                                   strict=True)))
-             for r in rows]
+    rows += [(c.check, c.reference, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}", "pass" if c.passed else "FAIL")
+             for c in checks]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:  # text columns left-aligned, numbers right-aligned
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells))
     failed = sum(not c.passed for c in checks)
     lines.append(f"{len(checks) - failed} of {len(checks)} checks passed" + (f", {failed} FAILED" if failed else ""))
     return "\n".join(lines)

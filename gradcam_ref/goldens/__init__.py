@@ -137,19 +137,24 @@ class Golden(Mapping[str, np.ndarray]):
         return convs, self._text("head"), heads
 
     def compare(self, key: str, actual: np.ndarray) -> tuple[float, float]:
-        """``(max_abs_diff, tolerance)`` of ``actual`` against the entry ``key``.
+        """``(max_abs_diff, tolerance)`` of ``actual`` against the entry ``key``, see :func:`difference`."""
+        return difference(actual, self[key], self.rtol)
 
-        The tolerance is ``rtol * max|expected|`` (``rtol`` itself for an all-zero answer); a
-        shape mismatch or a NaN gives an infinite difference.
-        """
-        expected = np.asarray(self[key], dtype=np.float64)
-        actual = np.asarray(actual, dtype=np.float64)
-        scale = float(np.max(np.abs(expected), initial=0.0))
-        tolerance = self.rtol * (scale if scale > 0 else 1.0)
-        if actual.shape != expected.shape:
-            return float("inf"), tolerance
-        diff = float(np.max(np.abs(actual - expected), initial=0.0))
-        return (float("inf") if np.isnan(diff) else diff), tolerance
+
+def difference(actual: np.ndarray, expected: np.ndarray, rtol: float) -> tuple[float, float]:
+    """``(max|actual - expected|, rtol * max|expected|)``: a check passes when the first is <= the second.
+
+    The tolerance is ``rtol`` itself for an all-zero ``expected``; a shape mismatch or a NaN gives
+    an infinite difference, which never passes.
+    """
+    expected = np.asarray(expected, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    tolerance = rtol * (scale if scale > 0 else 1.0)
+    if actual.shape != expected.shape:
+        return float("inf"), tolerance
+    diff = float(np.max(np.abs(actual - expected), initial=0.0))
+    return (float("inf") if np.isnan(diff) else diff), tolerance
 
 
 def _count(golden: Golden, prefix: str) -> int:
