@@ -142,6 +142,8 @@ def twin(request, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", TARGETS)
 def test_torch_and_jax_twins_agree_in_float64(twin, kind):
+    """JAX against Grad-CAM written out in torch, and against the torch backend (split form and
+    one nn.Sequential with layer=), all from one weight file."""
     import torch
 
     net, weights, x = twin
@@ -152,11 +154,15 @@ def test_torch_and_jax_twins_agree_in_float64(twin, kind):
         e = gradcam_ref.explain((features, head), jnp.asarray(x), target)
         assert e.maps.dtype == jnp.float64
     picked = e.targets if kind == "argmax" else target
-    ref = twins.torch_grad_cam(t_features, t_head, x, picked)
-    if kind == "argmax":
-        np.testing.assert_array_equal(e.targets, ref["scores"].argmax(axis=1))
-    for field in ("maps", "activations", "gradients", "weights", "scores"):
-        assert rel_err(getattr(e, field), ref[field]) < 1e-10, field
+    by_hand = twins.torch_grad_cam(t_features, t_head, x, picked)
+    sequential, layer = twins.torch_sequential(t_features, t_head)
+    split = gradcam_ref.explain((t_features, t_head), torch.from_numpy(x), target, backend="torch").numpy()
+    hooked = gradcam_ref.explain(sequential, torch.from_numpy(x), target, layer=layer).numpy()
+    for ref in (by_hand, split.__dict__, hooked.__dict__):
+        for field in ("maps", "activations", "gradients", "weights", "scores"):
+            assert rel_err(getattr(e, field), ref[field]) < 1e-10, field
+    for torch_e in (split, hooked):
+        np.testing.assert_array_equal(e.targets, torch_e.targets)
     assert np.asarray(e.maps).max() > 0  # a real map, not the empty one
 
 

@@ -4,6 +4,8 @@ A twin is a list of layers (a plain spec) and one ``.npz`` of weights; :func:`to
 :func:`jax_twin` build the same ``(features, head)`` from both, each with its own framework's
 operations (``torch.nn`` modules, ``jax.lax``). :func:`torch_grad_cam` is Grad-CAM written out
 in torch (autograd for dy/dA, Eq. 1 and Eq. 2 by hand): a reference that uses none of gradcam_ref.
+:func:`torch_sequential` joins a torch twin into one ``nn.Sequential``, for the torch backend's
+``layer=`` route.
 
 Layers: ``("conv", name, stride, padding)``, ``("relu",)``, ``("tanh",)``, ``("maxpool", size)``,
 ``("gap",)`` (global average pool to ``(N, K)``), ``("flatten",)``, ``("linear", name)``.
@@ -101,6 +103,13 @@ def torch_twin(net: dict, weights: dict[str, np.ndarray], dtype: Any) -> tuple[A
     return build(net["features"]), build(net["head"])
 
 
+def torch_sequential(features: Any, head: Any) -> tuple[Any, str]:
+    """``(model, layer)``: one ``nn.Sequential`` of both halves and the name of the seam's module."""
+    from torch import nn
+
+    return nn.Sequential(*features, *head), str(len(features) - 1)
+
+
 def jax_twin(net: dict, weights: dict[str, np.ndarray], dtype: Any) -> tuple[Callable, Callable]:
     """``(features, head)`` as functions of one argument over ``jax.lax`` operations."""
     import jax
@@ -150,18 +159,25 @@ def log_softmax_target(c: int) -> Callable[[Any], Any]:
 
 
 def torch_grad_cam(features: Any, head: Any, x: np.ndarray, target: Any) -> dict[str, np.ndarray]:
-    """Grad-CAM in torch alone: ``target`` is N ints, an ``(N, T)`` int array or a callable.
-
-    dy/dA by ``torch.autograd.grad`` of :math:`\\sum_n y_n` (one call per target column);
-    :math:`\\alpha = ` mean of dy/dA over space (Eq. 1), map :math:`= \\mathrm{ReLU}(\\sum_k \\alpha_k A^k)` (Eq. 2).
-    Returns maps, activations, gradients, weights and scores as float64 NumPy arrays.
-    """
+    """Grad-CAM in torch alone: ``A = features(x)`` (no graph), then :func:`torch_grad_cam_at`."""
     import torch
 
     dtype = next(features.parameters()).dtype
     with torch.no_grad():
         a = features(torch.as_tensor(x, dtype=dtype))
-    a.requires_grad_(True)
+    return torch_grad_cam_at(head, a, target)
+
+
+def torch_grad_cam_at(head: Any, activations: Any, target: Any) -> dict[str, np.ndarray]:
+    """Grad-CAM in torch alone, from the activations: ``target`` is N ints, ``(N, T)`` ints or a callable.
+
+    dy/dA by ``torch.autograd.grad`` of :math:`\\sum_n y_n` (one call per target column);
+    :math:`\\alpha = ` mean of dy/dA over space (Eq. 1), map :math:`= \\mathrm{ReLU}(\\sum_k \\alpha_k A^k)`
+    (Eq. 2). Returns maps, activations, gradients, weights and scores as float64 NumPy arrays.
+    """
+    import torch
+
+    a = activations.detach().clone().requires_grad_(True)
     scores = head(a)
     if callable(target):
         columns = [target]
