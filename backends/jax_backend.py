@@ -81,7 +81,7 @@ def explain(
         a channels-last (NHWC, Flax) model.
 
     Returns:
-      An :class:`~gradcam_ref.Explanation` of ``jax.Array``\ s on the default device, with
+      An :class:`~gradcam_ref.Explanation` of JAX arrays on the default device, with
       ``activations`` and ``gradients`` moved to channels-first ``(N, K, *spatial)`` (the
       core's layout; ``(N, T, K, *spatial)`` for ``(N, T)`` targets). ``targets`` is an int64
       NumPy array (None for a callable target), except when ``explain`` itself is traced (an
@@ -103,12 +103,13 @@ def explain(
         _check_same_batch("head(A)", scores, x)
         indices, targets_out = _class_indices(target, scores)
     result = _explain_jit(x, indices, target_fn=target if callable(target) else None, **static)
-    maps, signed, a, g, weights, scores, traced_targets = result
-    # Inside the jitted program the core's checks see tracers and are skipped; check the values now
-    # as grad_cam_parts does (skipped again when explain itself is traced), with its messages. The
-    # signed map is checked, since the ReLU turns NaN into 0.
-    check_finite(weights, "grad_cam", gradients=g)
-    check_finite(signed, "grad_cam", activations=a, gradients=g)
+    maps, signed, a, g, weights, scores, traced_targets, finite = result
+    # Inside the jitted program the core's finite checks see tracers and are skipped; the program
+    # computes the flag instead (of the signed map: the ReLU turns NaN into 0). Only when it is
+    # False do the core's checks run, for their messages naming the culprit.
+    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+        check_finite(weights, "grad_cam", gradients=g)
+        check_finite(signed, "grad_cam", activations=a, gradients=g)
     if targets_out is None and traced_targets is not None:
         targets_out = _host_ints(traced_targets)
     return Explanation(maps=maps, activations=a, gradients=g, weights=weights, scores=scores,
@@ -192,7 +193,8 @@ def _explain_impl(
     a_first = jnp.moveaxis(a, axis, 1)
     g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
     weights, signed = grad_cam_parts(a_first, g_first)
-    return relu_map(signed), signed, a_first, g_first, weights, scores, indices
+    finite = jnp.all(jnp.isfinite(weights)) & jnp.all(jnp.isfinite(signed))
+    return relu_map(signed), signed, a_first, g_first, weights, scores, indices, finite
 
 
 _forward = jax.jit(_forward_impl, static_argnames=("features", "head", "channel_axis"))

@@ -186,11 +186,11 @@ def deep():
     with jax.enable_x64(True):
         weights = {}
         rng = np.random.default_rng(5)
-        for name, shape in twins.DEEP_HEAD_NET["shapes"].items():
+        for name, shape in twins.CONV_HEAD_NET["shapes"].items():
             weights[f"{name}.weight"] = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
             weights[f"{name}.bias"] = 0.1 * rng.standard_normal(shape[0])
-        model = twins.jax_twin(twins.DEEP_HEAD_NET, weights, jnp.float64)
-    return model, rng.standard_normal((4, *twins.DEEP_HEAD_NET["input"]))
+        model = twins.jax_twin(twins.CONV_HEAD_NET, weights, jnp.float64)
+    return model, rng.standard_normal((4, *twins.CONV_HEAD_NET["input"]))
 
 
 def test_multi_target_equals_one_explanation_per_target(deep):
@@ -232,10 +232,9 @@ def test_channels_last_features_give_the_channels_first_explanation(deep):
     with jax.enable_x64(True):
         first = gradcam_ref.explain((features, head), jnp.asarray(x), [[1, 3]] * 4)
         last = gradcam_ref.explain(nhwc, jnp.asarray(x), [[1, 3]] * 4, channel_axis=-1)
-        last3 = gradcam_ref.explain(nhwc, jnp.asarray(x), [[1, 3]] * 4, channel_axis=3)
     for field in ("maps", "activations", "gradients", "weights", "scores"):
         np.testing.assert_array_equal(getattr(last, field), getattr(first, field))
-        np.testing.assert_array_equal(getattr(last3, field), getattr(first, field))
+    assert jax_backend._channel_axis(3, 4) == jax_backend._channel_axis(-1, 4) == 3
 
 
 # --- How it runs ---------------------------------------------------------------------------------
@@ -275,10 +274,9 @@ def test_numpy_inputs_with_backend_jax_and_capture(deep):
 
 def test_arrays_stay_on_the_default_device_in_the_model_dtype(deep):
     _, x = deep
-    weights = {name: np.float32(1) * v for name, v in
-               {"c0.weight": np.ones((4, 2, 3, 3)) / 18, "c0.bias": np.zeros(4), "c1.weight": np.ones((5, 4, 3, 3)) / 36,
-                "c1.bias": np.zeros(5), "fc.weight": np.eye(6, 80), "fc.bias": np.zeros(6)}.items()}
-    model32 = twins.jax_twin(twins.DEEP_HEAD_NET, weights, jnp.float32)
+    weights = {"c0.weight": np.ones((4, 2, 3, 3)) / 18, "c0.bias": np.zeros(4), "c1.weight": np.ones((5, 4, 3, 3)) / 36,
+               "c1.bias": np.zeros(5), "fc.weight": np.eye(6, 320), "fc.bias": np.zeros(6)}
+    model32 = twins.jax_twin(twins.CONV_HEAD_NET, weights, jnp.float32)
     e = gradcam_ref.explain(model32, jnp.asarray(x, dtype=jnp.float32))
     assert e.targets.dtype == np.int64 and isinstance(e.targets, np.ndarray)
     for field in ("maps", "activations", "gradients", "weights", "scores"):

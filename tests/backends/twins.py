@@ -39,6 +39,14 @@ DEEP_HEAD_NET = {
 }
 """conv -> ReLU | conv -> ReLU -> max-pool -> flatten -> linear: gradients vary over space."""
 
+CONV_HEAD_NET = {
+    "features": [("conv", "c0", 1, 0), ("relu",)],
+    "head": [("conv", "c1", 1, 1), ("relu",), ("flatten",), ("linear", "fc")],
+    "shapes": {"c0": (4, 2, 3, 3), "c1": (5, 4, 3, 3), "fc": (6, 5 * 8 * 8)},
+    "input": (2, 10, 10),
+}
+"""DEEP_HEAD_NET without the max-pool (cheaper to compile): for the tests of targets and layouts."""
+
 SMOOTH_NET = {
     "features": [("conv", "c0", 1, 0), ("tanh",)],
     "head": [("conv", "c1", 1, 1), ("tanh",), ("flatten",), ("linear", "fc")],
