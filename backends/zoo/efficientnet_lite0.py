@@ -106,8 +106,6 @@ def preprocess(image: Any) -> Any:
 # statistics, eps 1e-3); drop-connect and dropout act only in training, so not here.
 
 BN_EPS = 1e-3
-STEM_CHANNELS = 32
-HEAD_CHANNELS = 1280
 
 BLOCKS: tuple[tuple[int, int, int, int, int], ...] = tuple(
     (kernel, stride if repeat == 0 else 1, expand, c_in if repeat == 0 else c_out, c_out)

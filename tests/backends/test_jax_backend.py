@@ -272,6 +272,20 @@ def test_numpy_inputs_with_backend_jax_and_capture(deep):
     np.testing.assert_allclose(eager.weights, e.weights, rtol=1e-13, atol=1e-16)
 
 
+def test_gradcam_ref_explain_takes_the_compiled_path(deep, monkeypatch):
+    """gradcam_ref.explain uses the backend's explain (one program), not capture + eager core math."""
+    model, x = deep
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("capture called")
+
+    with jax.enable_x64(True):
+        expected = jax_backend.explain(model, jnp.asarray(x), [2, 0, 1, 5])
+        monkeypatch.setattr(jax_backend, "capture", no_capture)
+        e = gradcam_ref.explain(model, jnp.asarray(x), [2, 0, 1, 5])
+    np.testing.assert_array_equal(e.maps, expected.maps)
+
+
 def test_arrays_stay_on_the_default_device_in_the_model_dtype(deep):
     _, x = deep
     weights = {"c0.weight": np.ones((4, 2, 3, 3)) / 18, "c0.bias": np.zeros(4), "c1.weight": np.ones((5, 4, 3, 3)) / 36,
