@@ -108,7 +108,9 @@ def explain(
     and ``inputs`` without importing any framework the caller has not imported; ``backend``
     forces one. The backend runs the model and captures the layer's activations :math:`A`, the
     gradients :math:`\\partial y^c / \\partial A` and the scores; the core then computes
-    :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see :func:`gradcam_ref.grad_cam`.
+    :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see :func:`gradcam_ref.grad_cam`. A backend
+    that compiles whole programs (JAX) provides its own ``explain``, which calls the same core
+    functions inside the compiled program; it is used instead.
 
     Args:
       model: a model of a backend's kind: a ``backends.numpy_backend.Oracle``, a torch
@@ -126,4 +128,7 @@ def explain(
     from gradcam_ref import backends
 
     chosen = backends.select(model, inputs, backend)
+    compiled = getattr(chosen, "explain", None)
+    if compiled is not None:  # the backend runs the core's math itself, inside one compiled program
+        return compiled(model, inputs, target, layer=layer, **options)
     return Explanation.from_capture(chosen.capture(model, inputs, target, layer=layer, **options))
