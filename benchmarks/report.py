@@ -94,7 +94,7 @@ def setup_table(rows: list[dict]) -> str:
 
 def jax_table(rows: list[dict]) -> str:
     chosen = [r for r in rows if r["suite"] == "jax"]
-    body = [[r["model"], str(r["batch"]), str(r["targets"]), r["method"], _ratio(r),
+    body = [[MODEL_NAMES.get(r["model"], r["model"]), str(r["batch"]), str(r["targets"]), r["method"], _ratio(r),
              f"{r['seconds'] * 1e3:.2f}", f"{r.get('compile_s', math.nan):.2f}"] for r in chosen]
     return _table(["model", "batch", "targets", "method", "ratio to jitted forward", "median ms", "compile s"], body)
 

@@ -60,6 +60,9 @@ def set_threads(threads: int) -> None:
     """
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    xla = "--xla_cpu_multi_thread_eigen=false " if threads == 1 else ""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {xla}intra_op_parallelism_threads={threads}"
+    os.environ["XLA_FLAGS"] = flags.strip()
 
 
 def machine(threads: int) -> dict:
@@ -149,14 +152,15 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
         except ImportError as error:
             notes.append(f"jax suite not run: {error}")
         else:
-            if bench_jax.available():
+            reason = bench_jax.why_unavailable()
+            if reason is None:
                 new = bench_jax.run(quick=quick, rounds=plan["jax_rounds"])
                 rows += new
                 if log:
                     log(new)
                 lap("jax")
             else:
-                notes.append(f"jax suite not run: {bench_jax.why_unavailable()}")
+                notes.append(f"jax suite not run: {reason}")
     if not torch_ok:
         notes.append("torch is not installed: time and memory suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,

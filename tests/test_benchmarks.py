@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gradcam_ref
-from benchmarks import bench_core, bench_torch, memory, methods, models, report
+from benchmarks import bench_core, bench_jax, bench_torch, memory, methods, models, report
 from benchmarks.timing import paired_ratios, tiered_ratios
 
 
@@ -141,3 +141,23 @@ def test_memory_configs_measure_the_baseline_once_per_batch():
     assert len(configs) == len(set(configs))
     same_batch = memory.configs_for(["tiny"], [1], 10, 1, ["tiny"])
     assert [c for c in same_batch if c[3] == "forward"] == [("tiny", 1, 1, "forward")]
+
+
+def test_jax_rows_of_a_tiny_model():
+    jax = pytest.importorskip("jax", reason="JAX is not installed (the jax extra)")
+    jnp = jax.numpy
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32))
+
+    def features(x):
+        return jnp.tanh(x)  # (N, 4, 6, 6)
+
+    def head(a):
+        return a.mean(axis=(2, 3)) @ w
+
+    rows = bench_jax.run(rounds=3, configs=[(2, 1), (1, 3)], model=(features, head), image_shape=(4, 6, 6),
+                         classes=5, name="tiny")
+    assert [(r["batch"], r["targets"], r["method"]) for r in rows] == [
+        (2, 1, bench_jax.FORWARD), (2, 1, bench_jax.EXPLAIN), (1, 3, bench_jax.FORWARD), (1, 3, bench_jax.EXPLAIN)]
+    for r in rows:
+        assert r["suite"] == "jax" and r["model"] == "tiny" and r["compile_s"] >= 0 and r["seconds"] > 0
+        assert r["ratio"] == 1.0 if r["method"] == bench_jax.FORWARD else r["ratio"] > 0
