@@ -60,9 +60,9 @@ def set_threads(threads: int) -> None:
     """
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    xla = "--xla_cpu_multi_thread_eigen=false " if threads == 1 else ""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} {xla}intra_op_parallelism_threads={threads}"
-    os.environ["XLA_FLAGS"] = flags.strip()
+    if threads == 1:  # XLA's CPU client: one thread for Eigen's ops (else it uses every core)
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = flags.strip()
 
 
 def machine(threads: int) -> dict:
