@@ -367,8 +367,9 @@ def _grad(
 def _warn_zero_gradients(gradients: torch.Tensor, rank: int, where: str) -> None:
     """Warn about examples (and targets) whose gradients are zero everywhere."""
     lead = int(gradients.ndim) - rank + 1  # 1 (N,) or 2 (N, T)
-    flat = gradients.reshape(*gradients.shape[:lead], -1)
-    zero = (flat == 0).all(dim=-1)
+    # max |g| per example (and target) == 0: one vectorised reduction, no boolean array of the
+    # gradients' size and no reshaped copy (the (N, T, ...) gradients are not contiguous).
+    zero = gradients.abs().amax(dim=tuple(range(lead, int(gradients.ndim)))) == 0
     if bool(zero.any()):
         bad = torch.nonzero(zero).tolist()
         bad = [b[0] if lead == 1 else tuple(b) for b in bad]
