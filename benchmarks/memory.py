@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import resource
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -105,6 +106,7 @@ def peak_growth(fn: Callable[[], object]) -> float:
 
 def measure(model_name: str, batch: int, per_image: int, method: str, *, threads: int = 1, runs: int = 2) -> dict:
     """Measure one method in THIS process (call it in a fresh one: see :func:`measure_all`)."""
+    start = time.perf_counter()
     malloc_fixed = _fix_malloc()
     import torch
 
@@ -132,10 +134,11 @@ def measure(model_name: str, batch: int, per_image: int, method: str, *, threads
 
     loaded, peak, reset = _measure(run)
     built.close()
+    seconds = time.perf_counter() - start
     return {"suite": "memory", "model": model_name, "batch": batch, "targets": per_image, "method": method,
             "library": methods.library(method), "loaded_mib": loaded / 1024, "peak_mib": peak / 1024,
             "working_mib": (peak - loaded) / 1024, "runs": runs, "threads": threads,
-            "peak_reset": reset, "malloc_fixed": malloc_fixed}
+            "peak_reset": reset, "malloc_fixed": malloc_fixed, "process_s": seconds}
 
 
 def _child(conn: Any, args: tuple, kwargs: dict) -> None:

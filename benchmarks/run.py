@@ -40,8 +40,8 @@ SUITES = ("time", "memory", "core", "jax")
 PLANS: dict[str, dict[str, Any]] = {
     "full": {
         "models": ("resnet18", "resnet50", "efficientnet_lite0"), "batches": (1, 8), "multi_targets": 10,
-        "budget_s": 25.0, "multi_budget_s": 40.0, "max_rounds": 30, "min_rounds": 7, "costly_min_rounds": 3,
-        "setup_rounds": 10, "memory_batches": (8,), "memory_multi_models": ("resnet50",),
+        "budget_s": 18.0, "multi_budget_s": 30.0, "max_rounds": 30, "min_rounds": 7, "costly_min_rounds": 3,
+        "setup_rounds": 5, "memory_batches": (8,), "memory_multi_models": ("resnet50",),
         "core_rounds": 40, "jax_rounds": 20,
     },
     "quick": {

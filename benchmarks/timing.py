@@ -84,7 +84,7 @@ def tiered_ratios(
 ) -> dict[str, dict[str, float]]:
     """:func:`paired_ratios` within a time budget of about ``budget_s`` seconds.
 
-    Every method is called twice first (warm-up, then a timed call that estimates its cost).
+    Every method is called once first (warm-up), and that call's time is its estimated cost.
     Methods costing at most ``costly_above`` times the baseline are paired with it in
     ``budget / cost of a round`` rounds (between ``min_rounds`` and ``max_rounds``); the others
     with it in a second series, between ``costly_min_rounds`` and ``max_rounds`` rounds. The
@@ -92,10 +92,7 @@ def tiered_ratios(
     """
     if baseline not in methods:
         raise ValueError(f"baseline {baseline!r} is not one of the methods {list(methods)}")
-    cost = {}
-    for name, fn in methods.items():
-        fn()
-        cost[name] = _once(fn, 1)
+    cost = {name: _once(fn, 1) for name, fn in methods.items()}
     limit = costly_above * cost[baseline]
     cheap = [n for n in methods if n == baseline or cost[n] <= limit]
     costly = [n for n in methods if n not in cheap]
