@@ -92,6 +92,13 @@ def setup_table(rows: list[dict]) -> str:
     return _table(["model", "setup (build explainer, hook, unhook)", "ratio to batch-1 forward", "median ms"], body)
 
 
+def overhead_table(rows: list[dict]) -> str:
+    chosen = [r for r in rows if r["suite"] == "overhead" and r["method"] != "forward"]
+    body = [[r["library"], str(r["targets"]), r["method"], f"{r['seconds'] * 1e3:.2f}", f"{r['extra_ms']:.2f}"]
+            for r in chosen]
+    return _table(["library", "targets", "method", "median ms", "ms more than the forward"], body)
+
+
 def jax_table(rows: list[dict]) -> str:
     chosen = [r for r in rows if r["suite"] == "jax"]
     body = [[MODEL_NAMES.get(r["model"], r["model"]), str(r["batch"]), str(r["targets"]), r["method"], _ratio(r),
@@ -117,6 +124,9 @@ def markdown(result: dict) -> str:
                   memory_table(rows)]
     if "core" in suites:
         parts += ["### Core math against a streaming pass over the same arrays", core_table(rows)]
+    if "overhead" in suites:
+        parts += ["### Fixed cost of one explanation (a model that is all head: A (1, 1280, 7, 7) -> 1000 scores)",
+                  overhead_table(rows)]
     if "jax" in suites:
         parts += ["### JAX: jitted explain against the jitted forward", jax_table(rows)]
     return "\n\n".join(parts)

@@ -9,6 +9,7 @@ Suites (all by default):
   image), our torch backend and every installed peer, plus the peers' setup cost;
 - ``memory``: peak working memory of each method, each in its own process;
 - ``core``: the Grad-CAM math alone against a streaming pass over the same arrays;
+- ``overhead``: the fixed cost of one explanation (torch and JAX), on a model that is all head;
 - ``jax``: jitted explain against the jitted forward of the same model (when the JAX backend
   and JAX are installed).
 
@@ -34,7 +35,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "jax")
+SUITES = ("time", "memory", "core", "overhead", "jax")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -42,13 +43,13 @@ PLANS: dict[str, dict[str, Any]] = {
         "models": ("resnet18", "resnet50", "efficientnet_lite0"), "batches": (1, 8), "multi_targets": 10,
         "budget_s": 18.0, "multi_budget_s": 30.0, "max_rounds": 30, "min_rounds": 7, "costly_min_rounds": 3,
         "setup_rounds": 5, "memory_batches": (8,), "memory_multi_models": ("resnet50",),
-        "core_rounds": 40, "jax_rounds": 20,
+        "core_rounds": 40, "overhead_rounds": 30, "jax_rounds": 20,
     },
     "quick": {
         "models": ("resnet18",), "batches": (1, 8), "multi_targets": 10,
         "budget_s": 4.0, "multi_budget_s": 5.0, "max_rounds": 15, "min_rounds": 5, "costly_min_rounds": 2,
         "setup_rounds": 3, "memory_batches": (8,), "memory_multi_models": (),
-        "core_rounds": 10, "jax_rounds": 5,
+        "core_rounds": 10, "overhead_rounds": 10, "jax_rounds": 5,
     },
 }
 
@@ -146,6 +147,14 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
         if log:
             log(new)
         lap("core")
+    if "overhead" in suites:
+        from benchmarks import bench_overhead
+
+        new = bench_overhead.run(rounds=plan["overhead_rounds"])
+        rows += new
+        if log:
+            log(new)
+        lap("overhead")
     if "jax" in suites:
         try:
             from benchmarks import bench_jax

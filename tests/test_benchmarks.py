@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gradcam_ref
-from benchmarks import bench_core, bench_jax, bench_torch, memory, methods, models, report
+from benchmarks import bench_core, bench_jax, bench_overhead, bench_torch, memory, methods, models, report
 from benchmarks.timing import paired_ratios, tiered_ratios
 
 
@@ -58,10 +58,10 @@ MULTI = [m for m in methods.MULTI_TARGET if methods.library(m) != "pytorch-grad-
 
 def test_time_rows_of_a_tiny_model():
     model, layer = models.build("tiny")
-    rows = bench_torch.time_config("tiny", model, layer, 2, 1, budget_s=0.0, max_rounds=3, min_rounds=3,
-                                   costly_min_rounds=2, names=ONE)
-    rows += bench_torch.time_config("tiny", model, layer, 1, 3, budget_s=0.0, max_rounds=3, min_rounds=3,
-                                    costly_min_rounds=2, names=MULTI)
+    rows = bench_torch.time_config("tiny", model, layer, 2, 1, budget_s=0.0, max_rounds=2, min_rounds=2,
+                                   costly_min_rounds=1, names=ONE)
+    rows += bench_torch.time_config("tiny", model, layer, 1, 3, budget_s=0.0, max_rounds=2, min_rounds=2,
+                                    costly_min_rounds=1, names=MULTI)
     one = [r["method"] for r in rows if r["targets"] == 1]
     multi = [r["method"] for r in rows if r["targets"] == 3]
     assert one == [m for m in ONE if methods.available(m)]
@@ -161,3 +161,13 @@ def test_jax_rows_of_a_tiny_model():
     for r in rows:
         assert r["suite"] == "jax" and r["model"] == "tiny" and r["compile_s"] >= 0 and r["seconds"] > 0
         assert r["ratio"] == 1.0 if r["method"] == bench_jax.FORWARD else r["ratio"] > 0
+
+
+def test_overhead_rows():
+    rows = bench_overhead.run_torch(rounds=2, inner=1)
+    assert [(r["targets"], r["method"]) for r in rows] == [
+        (1, "forward"), (1, "gradcam_ref.explain"), (10, "forward"), (10, "gradcam_ref.explain")]
+    for r in rows:
+        assert r["suite"] == "overhead" and r["library"] == "torch" and r["seconds"] > 0
+        assert r["extra_ms"] == 0.0 if r["method"] == "forward" else r["extra_ms"] > 0
+    assert "gradcam_ref.explain" in report.overhead_table(rows)
