@@ -117,7 +117,9 @@ def parse_target(text: str, names: Sequence[str]) -> int | None:
     raise UsageError(f"--target: unknown label {text!r} (not one of the {len(names)} class names){hint}")
 
 
-def preprocess(images: Sequence[np.ndarray], size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def preprocess(
+    images: Sequence[np.ndarray], size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
     """RGB images -> a model batch ``(N, 3, H, W)`` float32: resize, scale to [0, 1], standardise.
 
     Each image is resized to ``size = (H, W)`` as a whole (Pillow bicubic, aspect not kept), so a
@@ -125,9 +127,9 @@ def preprocess(images: Sequence[np.ndarray], size: tuple[int, int], mean: Sequen
     """
     from gradcam_ref import viz
 
-    batch = np.stack([viz.resize_image(image, size) for image in images]).astype(np.float32) / 255.0
-    batch = (batch - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    scaled = np.stack([viz.resize_image(image, size) for image in images]).astype(np.float32) / np.float32(255)
+    standard = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(standard.transpose(0, 3, 1, 2))
 
 
 def heat_on(map_: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -316,7 +318,7 @@ def _demo(args: argparse.Namespace) -> int:
             m = torch_cli.explain(loaded, canvas_batch, target)
             heat = heat_on(m.maps[0], canvas.shape[:2])
             row, column = peak_of(heat)
-            spread = ", ".join(f"{n} {100 * v:.0f}%" for n, v in zip(photos, tile_shares(heat, 2, 2)))
+            spread = ", ".join(f"{n} {100 * v:.0f}%" for n, v in zip(photos, tile_shares(heat, 2, 2), strict=True))
             where = f"peak in the {list(photos)[_tile_of(row, column, size, 2)]} tile"
             if callable(target):
                 print(f"  {against} (counterfactual explanation, Sec. 5 of the paper): Grad-CAM of the score\n"
@@ -382,6 +384,7 @@ def _demo_oracle(args: argparse.Namespace) -> int:
     )
     x = rng.standard_normal((1, 1, 4, 4)).round(1)
     e = gradcam_ref.explain(model, x)
+    assert e.targets is not None  # class indices (the target is not a callable)
     z = e.activations.shape[-1] * e.activations.shape[-2]
     np.set_printoptions(precision=4, suppress=True)
     print("Grad-CAM on the NumPy oracle: conv 2x2 (3 maps) -> ReLU -> GAP -> linear (2 classes)\n")
@@ -437,7 +440,7 @@ def _explain(args: argparse.Namespace) -> int:
         for indices in bar:
             images = [load_image(paths[i]) for i in indices]
             e = torch_cli.explain(loaded, preprocess(images, size, mean, std), target)
-            for j, (i, image) in enumerate(zip(indices, images)):
+            for j, (i, image) in enumerate(zip(indices, images, strict=True)):
                 c = int(e.targets[j])
                 label = names[c] if c < len(names) and len(names) == e.scores.shape[1] else f"class {c}"
                 heat = heat_on(e.maps[j], image.shape[:2])
@@ -514,16 +517,19 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--call", type=int, metavar="I",
                          help="which call of a layer module that runs more than once per forward pass (-1: last)")
     explain.add_argument("--target", default="auto", metavar="auto|INT|LABEL",
-                         help="class to explain: auto (each image's top class), an index, or a class name (default auto)")
-    explain.add_argument("--labels", metavar="FILE", help="class names, one per line (default: the 1000 ImageNet names)")
+                         help="class to explain: auto (each image's top class), an index or a class name")
+    explain.add_argument("--labels", metavar="FILE",
+                         help="class names, one per line (default: the 1000 ImageNet names)")
     explain.add_argument("--out", default="out/explain", help="output folder (default: out/explain)")
     explain.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
-    explain.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="images per forward pass (default 16)")
+    explain.add_argument("--batch-size", type=_positive, default=16, metavar="N",
+                         help="images per forward pass (default 16)")
     explain.add_argument("--size", type=_size, metavar="N|HxW", help="model input size (default 224)")
     explain.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
     explain.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
     explain.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmap (default jet)")
-    explain.add_argument("--alpha", type=_unit, default=0.5, help="heatmap weight in the blend, in [0, 1] (default 0.5)")
+    explain.add_argument("--alpha", type=_unit, default=0.5,
+                         help="heatmap weight in the blend, in [0, 1] (default 0.5)")
     explain.set_defaults(run=_explain)
     return parser
 

@@ -294,11 +294,18 @@ def _atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     os.close(descriptor)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _colormap(cmap: str) -> Any:
