@@ -8,13 +8,14 @@ How a call runs (and what it costs):
 
 1. The model runs under ``torch.no_grad()``: the part before the layer builds no autograd graph
    and keeps nothing for a backward pass, as in inference.
-2. A forward hook on ``layer`` (a forward *pre*-hook with ``at="input"``) takes the layer's
-   output :math:`A`, detaches it into a leaf tensor that requires grad, switches grad mode on for
-   the rest of the forward pass and hands the model a *copy* of :math:`A` (an autograd clone of
-   the leaf). The copy is what lets in-place ops after the layer work (``ReLU(inplace=True)``
-   on a view of a leaf is an error in PyTorch, pytorch #61519 is the hooks' version of the same
-   trouble), and it keeps the captured :math:`A` at the values the layer produced. It costs one
-   extra tensor the size of :math:`A`.
+2. A forward hook on ``layer`` (a forward *pre*-hook with ``at="input"``, so that an in-place
+   layer such as ``ReLU(inplace=True)`` has not yet overwritten its input, pytorch #95617) takes
+   :math:`A`, detaches it into a leaf tensor that requires grad, switches grad mode on for the
+   rest of the forward pass and hands the model an autograd *copy* of the leaf. The copy is what
+   lets in-place ops after the layer run (an in-place op on a leaf, or on a view of one, is an
+   error in PyTorch) and it keeps the captured :math:`A` at the values the layer produced; it
+   costs one extra tensor the size of :math:`A`. No backward hook is used, so the in-place
+   trouble of module backward hooks (pytorch #61519) cannot arise.
 3. ``torch.autograd.grad(score, inputs=[A])`` runs the backward from the score down to the
    layer and no further: no layer before it is differentiated, no parameter gets a ``.grad``
    (``.backward()`` is never called). Grad mode, the hooks and everything else are restored in
@@ -50,12 +51,17 @@ Layer:
   cell) is ambiguous: that is an error saying how many times it ran, unless ``call`` picks one:
   ``call=i`` is the i-th call (from 0), ``call=-1`` the last; a negative ``call`` first runs one
   extra inference forward pass (no graph) to count the calls. A layer that never runs is an error.
+- The captured :math:`A` shares memory with the layer's own output tensor (the model goes on
+  with the copy). Should the model later change that tensor in place through another reference,
+  :math:`A` would no longer be what the layer produced: this is detected (PyTorch's version
+  counter) and is an error.
 - Split form ``model=(features, head)``: :math:`A` = ``features(inputs)`` and the scores are
   ``head(A)`` (the paper's :math:`y^c = f(A^1, \ldots, A^K)`); ``layer`` is then None.
 - ``reshape``: for token activations ``(N, T, D)`` (vision transformers). A tuple of grid sizes
   ``(h, w)`` drops the first ``T - h*w`` tokens (class and register tokens) and lays the rest
   out row-major as ``(N, D, h, w)``; a callable is applied to the activations and (per example
-  and target) to the gradients alike, so it must only rearrange values.
+  and target) to the gradients alike, so it must only rearrange values (e.g.
+  ``lambda t: t.permute(0, 3, 1, 2)`` for channels-last ``(N, H, W, C)`` feature maps).
 
 Warnings: a model (or part) in training mode (dropout and batch-norm make the maps random), and
 examples whose gradients are exactly zero everywhere (their maps are zero: the score does not
@@ -143,6 +149,8 @@ def capture(
         index = call
         if call is not None and call < 0:
             runs = _count_calls(model, module, at, inputs)
+            if runs == 0:
+                raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
             if runs + call < 0:
                 raise ValueError(f"call={call} but layer {name!r} ran {runs} time(s) in the forward pass")
             index = runs + call
@@ -379,12 +387,6 @@ def _warn_zero_gradients(gradients: torch.Tensor, rank: int, where: str) -> None
 
 def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[nn.Module, str]:
     """The module ``layer`` names (or is) in ``model``, and its dotted name."""
-    names = [name for name, _ in model.named_modules()]
-    if layer is None:
-        raise ValueError(
-            f"layer is required: a dotted name of a submodule of {type(model).__name__} "
-            f"(e.g. {names[-3:]}) or the module itself"
-        )
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules(remove_duplicate=False):
             if module is layer:
@@ -392,14 +394,22 @@ def _resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[nn.
         raise ValueError(
             f"layer is a {type(layer).__name__} that is not a submodule of {type(model).__name__}"
         )
-    if not isinstance(layer, str):
+    if isinstance(layer, str):
+        try:
+            return model.get_submodule(layer), layer
+        except AttributeError:
+            pass
+    elif layer is not None:
         raise TypeError(f"layer must be a dotted name (str) or an nn.Module, got {type(layer).__name__}")
-    try:
-        return model.get_submodule(layer), layer
-    except AttributeError:
-        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
-        hint = f"did you mean {close}?" if close else f"its submodules include {names[1:6]} ... {names[-3:]}"
-        raise ValueError(f"layer {layer!r} is not a submodule of {type(model).__name__}; {hint}") from None
+    names = [name for name, _ in model.named_modules()][1:]  # [0] is "", the model itself
+    if layer is None:
+        raise ValueError(
+            f"layer is required: a dotted name of a submodule of {type(model).__name__} "
+            f"(e.g. {names[-3:]}) or the module itself"
+        )
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
+    hint = f"did you mean {close}?" if close else f"its submodules include {names[:5]} ... {names[-3:]}"
+    raise ValueError(f"layer {layer!r} is not a submodule of {type(model).__name__}; {hint}")
 
 
 def _split_form(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from gradcam_ref.backends import numpy_backend
+from gradcam_ref.backends import numpy_backend, torch_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +17,15 @@ import gradcam_ref
 from tests.backends.torch_nets import assert_same_state, model_state, torch_from_oracle
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets run fastest on one thread (and the test machine's cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def small_net(seed: int = 0, head: str = "gap", dtype=torch.float64, rank: int = 2, size: int = 9):
@@ -187,6 +196,43 @@ def test_single_logit_binary_head_and_counterfactual():
     torch.testing.assert_close(neg.maps, torch.relu(-signed), rtol=0, atol=0)
 
 
+class _Segmenter(nn.Module):
+    """Fully convolutional: scores (N, C, H', W'), one map per class and pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(25)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+                                  nn.ReLU())
+        self.classify = nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        return self.classify(self.body(x))
+
+
+def test_segmentation_region_and_regression_scores():
+    model = _Segmenter().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    region = torch.zeros(6, 6, dtype=torch.float64)
+    region[1:4, 2:5] = 1.0
+
+    def region_score(s):  # class 1's summed score over a region: (N,)
+        return (s[:, 1] * region).sum(dim=(1, 2))
+
+    got = gradcam_ref.explain(model, x, region_score, layer="body.2")
+    a, g = autograd_reference(model, "body.2", x, region_score)
+    torch.testing.assert_close(got.gradients, g, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.maps, reference_map(a, g), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"scores\) must have shape \(N, C\).*callable"):
+        gradcam_ref.explain(model, x, 1, layer="body.2")
+
+    regression = nn.Sequential(model.body, nn.Flatten(), nn.Linear(6 * 36, 1), nn.Flatten(0)).double().eval()
+    got = gradcam_ref.explain(regression, x, lambda y: y, layer="0.2")
+    a, g = autograd_reference(regression, "0.2", x, lambda y: y)
+    torch.testing.assert_close(got.maps, reference_map(a, g), rtol=1e-12, atol=1e-14)
+    assert got.scores.shape == (2,)
+
+
 # --- layers -------------------------------------------------------------------------------------
 
 
@@ -228,23 +274,25 @@ def test_backend_detected_and_forced():
 
 
 def test_model_untouched_after_many_calls_including_failures():
-    _, model = small_net(9)
+    _, model = small_net(9, head="flatten")
     model.conv0.weight.requires_grad_(False)  # a mix of frozen and trainable parameters
     x = inputs_for(9, n=2)
+    wider = inputs_for(9, n=2, size=10)
     before = model_state(model)
     grad_mode = torch.is_grad_enabled()
 
     def failing_target(scores):
         raise KeyError("from the target")
 
-    calls = [
+    calls = [  # three that work, then five that fail at different points
         lambda: gradcam_ref.explain(model, x, layer="relu1"),
         lambda: gradcam_ref.explain(model, x, [[0, 1], [2, 3]], layer="conv1"),
         lambda: gradcam_ref.explain(model, x, lambda s: s[:, 0], layer="relu0", at="input"),
         lambda: gradcam_ref.explain(model, x, 7, layer="relu1"),  # target out of range
-        lambda: gradcam_ref.explain(model, x, failing_target, layer="relu1"),
-        lambda: gradcam_ref.explain(model, x[0], layer="relu1"),  # wrong rank: the model raises
-        lambda: gradcam_ref.explain(model, x, layer="relu9"),
+        lambda: gradcam_ref.explain(model, x, failing_target, layer="relu1"),  # in the target
+        lambda: gradcam_ref.explain(model, wider, layer="relu0"),  # in the head, after the layer
+        lambda: gradcam_ref.explain(model, x[None], layer="relu1"),  # in the model, before it
+        lambda: gradcam_ref.explain(model, x, layer="relu9"),  # unknown layer
     ]
     failures = 0
     for i in range(1000):
@@ -252,7 +300,7 @@ def test_model_untouched_after_many_calls_including_failures():
             calls[i % len(calls)]()
         except (ValueError, TypeError, KeyError, RuntimeError):
             failures += 1
-    assert failures == sum(i % len(calls) >= 3 for i in range(1000))
+    assert failures == 1000 * 5 // 8
     assert torch.is_grad_enabled() == grad_mode
     assert_same_state(before, model_state(model))
 
@@ -300,3 +348,368 @@ def test_score_independent_of_layer_is_an_error():
     _, model = small_net(13)
     with pytest.raises(ValueError, match="does not depend on the output of layer 'relu1'"):
         gradcam_ref.explain(model, inputs_for(13), lambda s: torch.zeros(3, dtype=s.dtype), layer="relu1")
+
+
+def test_wrong_input_rank():
+    _, model = small_net(14)
+    x = inputs_for(14, n=3)
+    with pytest.raises(ValueError, match=r"not a batch of N = 3 examples like inputs \(3, 9, 9\).*rank"):
+        gradcam_ref.explain(model, x[0], layer="relu1")  # (C, H, W): conv2d takes it as unbatched
+    with pytest.raises(RuntimeError) as error:
+        gradcam_ref.explain(model, x[None], layer="relu1")  # (1, N, C, H, W): conv2d refuses it
+    assert any("inputs of shape (1, 3, 3, 9, 9)" in note for note in error.value.__notes__)
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor"):
+        gradcam_ref.explain(model, x.numpy(), layer="relu1", backend="torch")
+
+
+def test_numerically_zero_gradients_warn_per_example():
+    _, model = small_net(15)
+    x = inputs_for(15, n=3)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(torch_backend.ZeroGradientWarning, match=r"exactly zero for example \[1\]"):
+        got = gradcam_ref.explain(model, x, lambda s: s[:, 0] * mask, layer="relu1")
+    assert float(got.maps[1].abs().max()) == 0.0 and float(got.maps.abs().max()) > 0
+    _, model = small_net(15, head="flatten")
+    with torch.no_grad():
+        model.head[1].weight[3] = 0.0  # class 3 ignores the features
+    with pytest.warns(torch_backend.ZeroGradientWarning, match=r"\(example, target\) \[\(0, 1\)\]:"):
+        gradcam_ref.explain(model, x, [[0, 3], [1, 2], [2, 1]], layer="relu1")
+
+
+def test_training_mode_warns_and_stays():
+    _, model = small_net(16)
+    model.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        gradcam_ref.explain(model, inputs_for(16), layer="relu1")
+    assert all(m.training for m in model.modules())
+
+
+def test_bad_options():
+    _, model = small_net(17)
+    x = inputs_for(17)
+    with pytest.raises(ValueError, match="at must be one of"):
+        gradcam_ref.explain(model, x, layer="relu1", at="middle")
+    with pytest.raises(ValueError, match="split form.*leave layer"):
+        gradcam_ref.explain((model[:-1], model.head), x, layer="relu1")
+    with pytest.raises(TypeError, match="pair"):
+        gradcam_ref.explain((model[:2], model[2:4], model[4:]), x)
+    with pytest.raises(ValueError, match=r"shape \(N,\) = \(3,\), got shape \(3, 5\)"):
+        gradcam_ref.explain(model, x, lambda s: s, layer="relu1")
+    with pytest.raises(ValueError, match=r"reshape=\(2, 2\).*\(N, T, D\).*\(3, 6, 6, 6\)"):
+        gradcam_ref.explain(model, x, layer="relu1", reshape=(2, 2))
+    with pytest.raises(RuntimeError, match="inference_mode"), torch.inference_mode():
+        gradcam_ref.explain(model, x, layer="relu1")
+
+
+class _TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        a = self.conv(x)
+        return self.fc(a.mean((2, 3))), a
+
+
+def test_layer_must_give_one_float_tensor():
+    model = nn.Sequential()
+    model.add_module("pair", _TupleOut())
+    with pytest.raises(TypeError, match="output of layer 'pair' must be one floating-point tensor.*tuple"):
+        gradcam_ref.explain(model.eval(), torch.randn(1, 3, 5, 5), layer="pair")
+
+
+class _MutatesAfterLayer(nn.Module):
+    """Calls an in-place ReLU for its side effect, then changes the same tensor again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.act(y)  # the return value (the backend's copy) is dropped; y itself is modified
+        y.mul_(2.0)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_layer_output_modified_in_place_later_is_an_error():
+    with pytest.raises(RuntimeError, match="modified the output of layer 'act' in place"):
+        gradcam_ref.explain(_MutatesAfterLayer().eval(), torch.randn(2, 3, 5, 5), layer="act")
+
+
+def test_explain_under_no_grad_keeps_grad_mode():
+    _, model = small_net(18)
+    x = inputs_for(18)
+    outside = gradcam_ref.explain(model, x, layer="conv1")
+    with torch.no_grad():
+        inside = gradcam_ref.explain(model, x, layer="conv1")
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(inside.maps, outside.maps, rtol=0, atol=0)
+
+
+# --- cost: nothing before the layer is differentiated ------------------------------------------
+
+
+def test_no_graph_before_the_layer():
+    _, model = small_net(19, head="gap-mlp")
+    x = inputs_for(19, n=2)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (torch.is_grad_enabled(), output.requires_grad)
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in model.named_children()]
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            gradcam_ref.explain(model, x, layer="conv1")
+    finally:
+        for handle in handles:
+            handle.remove()
+    # conv1's own hook (registered first) runs before the backend's: still no grad there.
+    assert seen == {"conv0": (False, False), "relu0": (False, False), "conv1": (False, False),
+                    "relu1": (True, True), "head": (True, True)}
+    # Only the part after the layer keeps tensors for the backward pass: the ReLU's output and
+    # the MLP head's small tensors; no input, no conv0/relu0 activation, no conv weight.
+    early = {tuple(x.shape), (2, 4, 7, 7), tuple(model.conv0.weight.shape), tuple(model.conv1.weight.shape)}
+    assert saved and not early & set(saved)
+    assert max(math.prod(s) for s in saved) <= 2 * 6 * 6 * 6
+
+
+def test_working_memory_is_that_of_the_part_after_the_layer():
+    """EfficientNet-Lite0 at its last conv: only the head keeps activations for the backward."""
+    from gradcam_ref.backends.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0.load_torch()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    parameters = {p.data_ptr() for p in model.parameters()}
+
+    def saved_bytes(run) -> int:
+        """Bytes of the distinct non-parameter tensors autograd keeps for the backward pass."""
+        saved = {}
+
+        def pack(t):
+            if t.data_ptr() not in parameters:
+                saved[t.data_ptr()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run()
+        return sum(saved.values())
+
+    ours = saved_bytes(lambda: gradcam_ref.explain(model, x, [1, 2], layer="_conv_head"))
+    a_bytes = 2 * 1280 * 7 * 7 * 4
+    full = saved_bytes(lambda: model(x))  # any method that runs the whole model with autograd
+    assert 0 < ours <= 4 * a_bytes
+    assert full > 50 * ours
+
+
+# --- shared modules, real models -----------------------------------------------------------------
+
+
+class _SharedAct(nn.Module):
+    """One activation module called twice, like EfficientNet's ``_swish``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(20)
+        self.conv0 = nn.Conv2d(3, 4, 3)
+        self.conv1 = nn.Conv2d(4, 5, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.act(self.conv0(x))
+        x = self.act(self.conv1(x))
+        return self.fc(x.flatten(2).mean(2))
+
+
+def test_shared_module_needs_call():
+    model = _SharedAct().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"layer 'act' ran 2 times in one forward pass.*call=i"):
+        gradcam_ref.explain(model, x, layer="act")
+    first = gradcam_ref.explain(model, x, layer="act", call=0)
+    torch.testing.assert_close(first.maps, gradcam_ref.explain(model, x, layer="conv1", at="input").maps,
+                               rtol=0, atol=0)
+    last = gradcam_ref.explain(model, x, layer="act", call=-1)
+    torch.testing.assert_close(last.maps, gradcam_ref.explain(model, x, layer="act", call=1).maps,
+                               rtol=0, atol=0)
+    a = last.activations  # (N, 5, 4, 4): a GAP net from here, so the map is ReLU(CAM) / Z
+    w = model.fc.weight.detach()[last.targets]
+    expected = torch.relu(torch.einsum("nk,nk...->n...", w, a)) / 16
+    torch.testing.assert_close(last.maps, expected, rtol=1e-12, atol=1e-14)
+    for call in (2, -3):
+        with pytest.raises(ValueError, match=f"call={call} but layer 'act' ran 2 time"):
+            gradcam_ref.explain(model, x, layer="act", call=call)
+
+
+def test_efficientnet_lite0_shared_swish_is_a_gap_net():
+    from gradcam_ref.backends.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0.load_torch()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="layer '_swish' ran 2 times"):
+        gradcam_ref.explain(model, x, layer="_swish")
+    got = gradcam_ref.explain(model, x, [[1, 2], [3, 4]], layer="_swish", call=-1)
+    assert got.maps.shape == (2, 2, 7, 7) and got.activations.shape == (2, 1280, 7, 7)
+    w = model._fc.weight.detach()[torch.as_tensor(got.targets)]  # (N, T, K)
+    expected = torch.relu(torch.einsum("ntk,nk...->nt...", w, got.activations)) / 49
+    torch.testing.assert_close(got.maps, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    pooled = gradcam_ref.explain(model, x, [[1, 2], [3, 4]], layer="_avg_pooling", at="input")
+    torch.testing.assert_close(pooled.maps, got.maps, rtol=0, atol=0)
+
+
+def test_torchvision_resnet18_is_a_gap_net_with_shared_inplace_relus():
+    import torchvision
+
+    torch.manual_seed(26)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    before = model_state(model)
+    got = gradcam_ref.explain(model, x, [[0, 9], [4, 4]], layer="layer4")
+    assert got.activations.shape == (2, 512, 2, 2)
+    w = model.fc.weight.detach()[torch.as_tensor(got.targets)]  # (N, T, K)
+    expected = torch.relu(torch.einsum("ntk,nk...->nt...", w, got.activations)) / 4
+    torch.testing.assert_close(got.maps, expected, rtol=1e-12, atol=1e-14)
+    # The block's ReLU(inplace=True) runs twice per block; its last call gives the block's output.
+    with pytest.raises(ValueError, match="layer 'layer4.1.relu' ran 2 times"):
+        gradcam_ref.explain(model, x, layer="layer4.1.relu")
+    last = gradcam_ref.explain(model, x, [[0, 9], [4, 4]], layer=model.layer4[1].relu, call=-1)
+    torch.testing.assert_close(last.maps, got.maps, rtol=0, atol=0)
+    assert_same_state(before, model_state(model))
+
+
+def test_torchvision_densenet121_inplace_relu_after_the_layer():
+    """pytorch #61519's model: DenseNet applies F.relu(inplace=True) to the output of features."""
+    import torchvision
+
+    torch.manual_seed(27)
+    model = torchvision.models.densenet121(weights=None, num_classes=10).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got = gradcam_ref.explain(model, x, [3, 7], layer="features")
+    a = got.activations  # (N, 1024, 2, 2), before the in-place ReLU
+    assert (a < 0).any()
+    # y = W mean(relu(A)) + b, so dy/dA = W[c] / Z where A > 0 and 0 elsewhere.
+    w = model.classifier.weight.detach()[torch.as_tensor(got.targets)]  # (N, K)
+    torch.testing.assert_close(got.gradients, w[:, :, None, None] / 4 * (a > 0), rtol=1e-12, atol=1e-15)
+
+
+# --- captum as an independent reference ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["flatten", "gap-mlp"])
+@pytest.mark.parametrize(("layer", "at"), [("conv1", "output"), ("relu0", "output"), ("conv1", "input")])
+def test_matches_captum_layer_gradcam(head, layer, at):
+    from captum.attr import LayerGradCam
+
+    oracle, model = small_net(21, head=head)
+    plain = torch_from_oracle(oracle, torch.float64, inplace=False)  # captum's hooks need it
+    x = inputs_for(21, n=4)
+    target = [0, 1, 4, 2]
+    ours = gradcam_ref.explain(model, x, target, layer=layer, at=at)
+    theirs = LayerGradCam(plain, plain.get_submodule(layer)).attribute(
+        x, target=target, relu_attributions=True, attribute_to_layer_input=(at == "input")).detach()
+    assert float(theirs.abs().max()) > 0
+    torch.testing.assert_close(ours.maps, theirs[:, 0], rtol=1e-10, atol=1e-12)
+
+
+# --- multi-target backward: batched, and the fallback --------------------------------------------
+
+
+def test_multi_target_fallback_when_vmap_fails(monkeypatch):
+    _, model = small_net(22, head="gap-mlp")
+    x = inputs_for(22)
+    targets = [[0, 1], [2, 3], [4, 0]]
+    batched = gradcam_ref.explain(model, x, targets, layer="relu0")
+    grad, used = torch.autograd.grad, []
+
+    def no_vmap(*args, is_grads_batched=False, **kwargs):
+        used.append(is_grads_batched)
+        if is_grads_batched:
+            raise RuntimeError("Batching rule not implemented")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    looped = gradcam_ref.explain(model, x, targets, layer="relu0")
+    assert used == [True, False, False]
+    torch.testing.assert_close(looped.gradients, batched.gradients, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(looped.maps, batched.maps, rtol=1e-12, atol=1e-14)
+
+
+# --- vision transformers: token activations ------------------------------------------------------
+
+
+class _TinyViT(nn.Module):
+    """Patch embedding, a class token, two encoder blocks, a linear head on the class token."""
+
+    def __init__(self, dim: int = 8, patch: int = 2, image: int = 8, classes: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(23)
+        grid = image // patch
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(0.1 * torch.randn(1, 1 + grid * grid, dim))
+        self.blocks = nn.Sequential(*[
+            nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+            for _ in range(2)
+        ])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # (N, h*w, D), row-major patches
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(tokens)[:, 0]))
+
+
+def test_vit_tokens_reshaped_to_a_grid():
+    model = _TinyViT().double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = gradcam_ref.explain(model, x, [0, 1, 3], layer="blocks.0", reshape=(4, 4))
+    assert got.activations.shape == (3, 8, 4, 4) and got.maps.shape == (3, 4, 4)
+
+    a, g = autograd_reference(model, "blocks.0", x, lambda s: s[torch.arange(3), [0, 1, 3]])
+    grid = lambda t: t[:, 1:].reshape(len(t), 4, 4, 8).permute(0, 3, 1, 2)  # noqa: E731
+    # The backend runs block 0 under no_grad, where torch takes its fused inference path.
+    torch.testing.assert_close(got.activations, grid(a), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.gradients, grid(g), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.maps, reference_map(grid(a), grid(g)), rtol=1e-12, atol=1e-14)
+    assert float(got.maps.max()) > 0
+
+    by_callable = gradcam_ref.explain(model, x, [0, 1, 3], layer="blocks.0", reshape=grid)
+    torch.testing.assert_close(by_callable.maps, got.maps, rtol=0, atol=0)
+    multi = gradcam_ref.explain(model, x, [[0, 2], [1, 2], [3, 2]], layer="blocks.0", reshape=(4, 4))
+    torch.testing.assert_close(multi.maps[:, 0], got.maps, rtol=1e-12, atol=1e-14)
+    multi_callable = gradcam_ref.explain(model, x, [[0, 2], [1, 2], [3, 2]], layer="blocks.0", reshape=grid)
+    torch.testing.assert_close(multi_callable.maps, multi.maps, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"needs at least 25 tokens, the layer has T = 17"):
+        gradcam_ref.explain(model, x, layer="blocks.0", reshape=(5, 5))
+
+
+# --- CUDA -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="platform limit: no CUDA device on this machine")
+@pytest.mark.parametrize("multi", [False, True])
+def test_cuda_tensors_stay_on_the_device(multi):
+    _, model = small_net(24, head="gap-mlp")
+    x = inputs_for(24)
+    target = [[0, 1], [2, 3], [4, 0]] if multi else [0, 2, 4]
+    cpu = gradcam_ref.explain(model, x, target, layer="relu0")
+    before = model_state(model.cuda())
+    gpu = gradcam_ref.explain(model, x.cuda(), target, layer="relu0")
+    for field in ("maps", "activations", "gradients", "weights", "scores"):
+        assert getattr(gpu, field).device.type == "cuda", field
+        torch.testing.assert_close(getattr(gpu, field).cpu(), getattr(cpu, field), rtol=1e-10, atol=1e-12)
+    assert_same_state(before, model_state(model))
