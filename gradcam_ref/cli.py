@@ -59,6 +59,9 @@ DEMO_PHOTOS = (
 """The demo's photos: (name, scikit-image ``skimage.data`` function)."""
 
 DEMO_MODEL = "efficientnet-lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The default input standardisation of ``explain`` (torchvision's ImageNet statistics)."""
 
 
 class UsageError(Exception):
@@ -456,17 +459,17 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Output names: the file stems, with ``-2``, ``-3``, ... for repeated stems."""
-    seen: dict[str, int] = {}
+    """Output names: the file stems, with ``-2``, ``-3``, ... added to repeated ones."""
+    used: set[str] = set()
     stems = []
     for path in paths:
-        seen[path.stem] = seen.get(path.stem, 0) + 1
-        stems.append(path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}")
+        stem, k = path.stem, 1
+        while stem in used:
+            k += 1
+            stem = f"{path.stem}-{k}"
+        used.add(stem)
+        stems.append(stem)
     return stems
 
 

@@ -131,6 +131,8 @@ def test_small_helpers():
     heat[0, 3], heat[3, 0] = 3.0, 1.0
     np.testing.assert_allclose(cli.tile_shares(heat, 2, 2), [0.0, 0.75, 0.25, 0.0])
     np.testing.assert_allclose(cli.softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
+    paths = [Path("x/a.png"), Path("y/a.jpg"), Path("a-2.png"), Path("b.png")]
+    assert cli._unique_stems(paths) == ["a", "a-2", "a-2-2", "b"]
 
 
 def test_staged_output_moves_files_only_on_success(tmp_path):
