@@ -24,6 +24,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gradcam_ref backends tests benchmarks
 	$(VENV)/bin/mypy
 
+# The teaching site in site/: figures from docs/make_figures.py, then mkdocs build --strict.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) docs/make_figures.py docs/figures
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --json benchmarks/results.json
 

@@ -114,9 +114,9 @@ def grad_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Arra
 
     The ReLU keeps the positions whose features raise :math:`y^c`; ``relu=False`` returns the
     signed map, whose negative part is what the ReLU removes. A *counterfactual* map (the
-    regions that speak against c, Sec. 5.3 of the paper) is the Grad-CAM of the negated score:
-    pass ``-gradients`` (or, in :func:`gradcam_ref.explain`, a target callable returning
-    ``-scores[:, c]``).
+    regions that speak against c; Sec. 3.3 of the paper, "Counterfactual Explanations") is the
+    Grad-CAM of the negated score: pass ``-gradients`` (or, in :func:`gradcam_ref.explain`, a
+    target callable returning ``-scores[:, c]``).
 
     Args:
       activations: :math:`A`, shape ``(N, K, *spatial)``.
