@@ -324,7 +324,7 @@ def _demo(args: argparse.Namespace) -> int:
             spread = ", ".join(f"{n} {100 * v:.0f}%" for n, v in zip(photos, tile_shares(heat, 2, 2), strict=True))
             where = f"peak in the {list(photos)[_tile_of(row, column, size, 2)]} tile"
             if callable(target):
-                print(f"  {against} (counterfactual explanation, Sec. 5 of the paper): Grad-CAM of the score\n"
+                print(f"  {against} (counterfactual explanation, Sec. 3.3 of the paper): Grad-CAM of the score\n"
                       "    -y^c, whose gradients are those of y^c negated: alpha^c -> -alpha^c, and\n"
                       "    ReLU(-sum_k alpha_k^c A^k) marks the features that lower y^c:\n"
                       f"    {spread} of the map, {where}")
