@@ -389,18 +389,18 @@ def _demo_oracle(args: argparse.Namespace) -> int:
     e = gradcam_ref.explain(model, x)
     assert e.targets is not None  # class indices (the target is not a callable)
     z = e.activations.shape[-1] * e.activations.shape[-2]
-    np.set_printoptions(precision=4, suppress=True)
-    print("Grad-CAM on the NumPy oracle: conv 2x2 (3 maps) -> ReLU -> GAP -> linear (2 classes)\n")
-    print(f"input x, 1x4x4:\n{x[0, 0]}\n")
-    print(f"scores y (pre-softmax): {e.scores[0]}  -> target c = {e.targets[0]}\n")
-    for k in range(e.activations.shape[1]):
-        print(f"A^{k}:\n{e.activations[0, k]}\ndy^c/dA^{k}:\n{e.gradients[0, k]}\n")
-    print(f"Eq. 1, alpha^c = (1/Z) sum_ij dy^c/dA_ij with Z = {z}: {e.weights[0]}")
-    print(f"       (CAM weights w^c / Z:                       {model.head_params[0][0][e.targets[0]] / z})")
-    print(f"Eq. 2 before the ReLU, sum_k alpha_k A^k:\n{gradcam_ref.cam(e.activations, e.weights)[0]}")
-    print(f"Eq. 2, L^c = ReLU(...):\n{e.maps[0]}")
-    print(f"upsampled to 4x4 (half-pixel bilinear):\n{gradcam_ref.upsample(e.maps, (4, 4))[0]}")
-    print(f"normalised (min-max):\n{gradcam_ref.normalize(gradcam_ref.upsample(e.maps, (4, 4)))[0]}")
+    with np.printoptions(precision=4, suppress=True):  # local: the caller's print options stay as they were
+        print("Grad-CAM on the NumPy oracle: conv 2x2 (3 maps) -> ReLU -> GAP -> linear (2 classes)\n")
+        print(f"input x, 1x4x4:\n{x[0, 0]}\n")
+        print(f"scores y (pre-softmax): {e.scores[0]}  -> target c = {e.targets[0]}\n")
+        for k in range(e.activations.shape[1]):
+            print(f"A^{k}:\n{e.activations[0, k]}\ndy^c/dA^{k}:\n{e.gradients[0, k]}\n")
+        print(f"Eq. 1, alpha^c = (1/Z) sum_ij dy^c/dA_ij with Z = {z}: {e.weights[0]}")
+        print(f"       (CAM weights w^c / Z:                       {model.head_params[0][0][e.targets[0]] / z})")
+        print(f"Eq. 2 before the ReLU, sum_k alpha_k A^k:\n{gradcam_ref.cam(e.activations, e.weights)[0]}")
+        print(f"Eq. 2, L^c = ReLU(...):\n{e.maps[0]}")
+        print(f"upsampled to 4x4 (half-pixel bilinear):\n{gradcam_ref.upsample(e.maps, (4, 4))[0]}")
+        print(f"normalised (min-max):\n{gradcam_ref.normalize(gradcam_ref.upsample(e.maps, (4, 4)))[0]}")
     return 0
 
 

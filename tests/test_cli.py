@@ -154,8 +154,10 @@ def test_staged_output_moves_files_only_on_success(tmp_path):
 
 
 def test_oracle_walk_through(capsys):
+    before = np.get_printoptions()
     status, out, _ = run(capsys, "demo", "--oracle")
     assert status == 0
+    assert np.get_printoptions() == before  # no global state left changed
     # Eq. 1 on a GAP head: the printed alpha^c equals the printed CAM weights w^c / Z (Z = 3 x 3).
     alpha = re.search(r"with Z = 9: \[([^\]]*)\]", out).group(1)
     cam_weights = re.search(r"w\^c / Z: +\[([^\]]*)\]", out).group(1)
