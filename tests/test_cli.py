@@ -187,6 +187,9 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert "what speaks against" in printed and "counterfactual" in printed
     gap = float(printed.split("max |alpha - w/Z| = ")[1].split(",")[0])
     assert gap < 1e-6  # alpha^c = w^c / Z on the GAP -> linear head, up to float32 rounding
+    # JAX is installed in the test environment: the same weights in JAX give the same maps.
+    jax_maps = float(printed.split("max |L_torch - L_jax| = ")[1].split(" ")[0])
+    assert jax_maps < 1e-5  # float32 rounding; the maps go up to about 0.8
 
 
 # --- explain -----------------------------------------------------------------------------------
