@@ -215,6 +215,7 @@ def configs_for(
             names = methods.MULTI_TARGET
             if multi_batch in batches and name in model_names:
                 names = tuple(m for m in names if m != "forward")  # same baseline as 1 target
+            names += methods.MEMORY_ONLY
             out += [(name, multi_batch, multi_targets, m) for m in names if methods.available(m)]
     return out
 

@@ -26,6 +26,11 @@ T targets per image (``MULTI_TARGET``), each library by its own means:
 - ``torchcam: 1 forward + T backward``: ``scores = model(x)`` once, then T calls
   ``cam(class_idx=targets[:, t], scores=scores, retain_graph=True)`` (the last one without).
 
+Memory only (``MEMORY_ONLY``): ``captum: T calls, maps detached``, the T calls with each map
+detached as it comes. captum's maps are built from the layer's output inside the autograd graph
+and keep that graph (every saved activation of the forward pass) alive while they are held, so
+T held maps hold T graphs; detached, one graph at a time.
+
 pytorch-grad-cam and torchcam keep hooks on the model for the life of their extractor object:
 give them a model of their own (``PERSISTENT_HOOKS``) so that their hooks never run inside
 another method's timing.
@@ -49,6 +54,7 @@ MULTI_TARGET = (
     "pytorch-grad-cam: batch of copies",
     "torchcam: 1 forward + T backward",
 )
+MEMORY_ONLY = ("captum: T calls, maps detached",)
 PERSISTENT_HOOKS = ("pytorch-grad-cam", "torchcam")
 
 _PACKAGES = {"captum": "captum", "pytorch-grad-cam": "pytorch_grad_cam", "torchcam": "torchcam"}
@@ -91,7 +97,7 @@ def make(name: str, model: Any, layer: str, x: Any, targets: np.ndarray) -> Meth
         return _pytorch_grad_cam(name, model, layer, x, targets, multi)
     if library(name) == "torchcam":
         return _torchcam(name, model, layer, x, targets, multi)
-    raise ValueError(f"unknown method {name!r}; methods: {ONE_TARGET + MULTI_TARGET}")
+    raise ValueError(f"unknown method {name!r}; methods: {ONE_TARGET + MULTI_TARGET + MEMORY_ONLY}")
 
 
 def _forward(model: Any, x: Any) -> Callable[[], object]:
@@ -124,6 +130,9 @@ def _captum(name: str, model: Any, layer: str, x: Any, targets: np.ndarray, mult
     if name == "captum: T calls":
         columns = [column.tolist() for column in targets.T]
         return Method(lambda: [explainer.attribute(x, target=c) for c in columns], _nothing)
+    if name == "captum: T calls, maps detached":  # captum's maps hold their graph until detached
+        columns = [column.tolist() for column in targets.T]
+        return Method(lambda: [explainer.attribute(x, target=c).detach() for c in columns], _nothing)
     if name == "captum: batch of copies":
         xs, flat = _copies(x, targets)
         return Method(lambda: explainer.attribute(xs, target=flat.tolist()), _nothing)

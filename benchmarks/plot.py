@@ -42,7 +42,7 @@ def _bars(
         bars = ax.bar(xs, ys, width=width, label=method, **_style(method))
         ax.bar_label(bars, labels=[f"{y:.2f}" if y < 10 else f"{y:.0f}" for y in ys], fontsize=6, padding=1)
     ax.set_yscale("log")
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.6)
+    ax.set_ylim(top=ax.get_ylim()[1] * 4)
     ticks = [t for t in (0.5, 1, 1.1, 1.5, 2, 3, 5, 10, 20, 50, 100) if t <= ax.get_ylim()[1]]
     ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -54,7 +54,7 @@ def _bars(
     ax.set_xticklabels(groups, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
 
 
 def plot(result: dict, path: str) -> None:

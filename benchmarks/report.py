@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Iterable
 
 MODEL_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet_lite0": "EfficientNet-Lite0",
@@ -22,6 +23,54 @@ def _ratio(r: dict) -> str:
         return "n/a"
     spread = f" ({r['q1']:.2f}-{r['q3']:.2f})" if "q1" in r else ""
     return f"{value:.2f}x{spread}"
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+"""The committed full run (``make bench`` writes it)."""
+
+# (suite, targets: 1, >1 or None for any, method, limit): the issue's goals for our method.
+GOALS = (
+    ("time", 1, "gradcam_ref", 1.03),
+    ("time", "multi", "gradcam_ref", 1.15),
+    ("memory", None, "gradcam_ref", 1.10),
+    ("core", None, "gradcam_ref.grad_cam", 2.00),
+    ("jax", None, "gradcam_ref.explain (jitted)", 1.05),
+)
+
+
+def load(path: str = RESULTS) -> dict:
+    """A saved run: ``{"machine", "plan", "rows", "elapsed_s", ...}``."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def goals(result: dict) -> list[dict]:
+    """Our method's ratio in each configuration against the issue's goal for it."""
+    out = []
+    for suite, targets, method, limit in GOALS:
+        for r in result["rows"]:
+            if r["suite"] != suite or r["method"] != method:
+                continue
+            if targets == 1 and r["targets"] != 1 or targets == "multi" and r["targets"] == 1:
+                continue
+            if suite == "core":
+                where = f"{r['library']} {r['dtype']} {r['shape']}"
+            else:
+                where = f"{MODEL_NAMES.get(r['model'], r['model'])} b{r['batch']}"
+                where += f", {r['targets']} targets" if r["targets"] > 1 else ""
+            name = {"time": "time", "memory": "memory", "core": "core", "jax": "jax time"}[suite]
+            out.append({"goal": name, "where": where, "ratio": r["ratio"], "limit": limit,
+                        "met": r["ratio"] <= limit})
+    return out
+
+
+def goals_text(result: dict) -> str:
+    """One line per goal: ``time | ResNet-50 b8 | 1.01x <= 1.03x | met``."""
+    return "\n".join(
+        f"{g['goal']} | {g['where']} | {g['ratio']:.3f}x {'<=' if g['met'] else '>'} {g['limit']:.2f}x | "
+        f"{'met' if g['met'] else 'MISSED by ' + format(g['ratio'] - g['limit'], '.3f')}"
+        for g in goals(result)
+    )
 
 
 def progress_lines(rows: Iterable[dict]) -> list[str]:
@@ -134,11 +183,12 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", nargs="?", default="benchmarks/results.json")
+    parser.add_argument("json", nargs="?", default=RESULTS)
     args = parser.parse_args(argv)
-    with open(args.json) as f:
-        result = json.load(f)
+    result = load(args.json)
     print(markdown(result))
+    print()
+    print(goals_text(result))
     return 0
 
 
