@@ -4,7 +4,10 @@ One module per framework (``numpy_backend``, ``torch_backend``, ``jax_backend``)
 
 - ``NAME``: its name, as passed to ``explain(..., backend=NAME)``;
 - ``capture(model, inputs, target, *, layer, **options) -> gradcam_ref.Capture``: run the model,
-  return A, dy/dA and y at ``layer`` (the core does all the Grad-CAM math).
+  return A, dy/dA and y at ``layer`` (the core does all the Grad-CAM math);
+- optionally ``explain(model, inputs, target, *, layer, **options) -> gradcam_ref.Explanation``:
+  used by ``gradcam_ref.explain`` instead of ``capture``, for a backend that runs the core's math
+  inside its own compiled program (``jax_backend``: one ``jax.jit`` for the whole explanation).
 
 A framework is imported only when its backend is used. Detection looks at the frameworks the
 caller has already imported (``sys.modules``), as einops does: a torch model cannot exist unless

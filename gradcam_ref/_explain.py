@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gradcam_ref._checks import Array, to_numpy
-from gradcam_ref._gradcam import grad_cam_parts, relu_map
+from gradcam_ref._conventions import postprocess
+from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
 from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._targets import Target
 
@@ -86,6 +87,21 @@ class Explanation:
             ),
         )
 
+    def heatmap(self, size: int | tuple[int, ...] | None = None, convention: str = "paper") -> Array:
+        """The map post-processed as ``convention`` defines it, at ``size`` (e.g. the input's).
+
+        ``"paper"`` (default): ReLU, half-pixel bilinear upsampling to ``size``, then per-map
+        min-max into [0, 1]. ``"pytorch-grad-cam"``, ``"captum"``, ``"torchcam"`` and
+        ``"tf-keras-vis"`` reproduce what those libraries return for the same model, layer,
+        input and target; ``size=None`` keeps the layer's resolution. The steps and why each
+        library differs: :mod:`gradcam_ref._conventions`, or ``gradcam-ref verify --explain LIB``.
+        Shape ``(N, *size)`` (or ``(N, T, *size)``), in the library of ``maps``.
+        """
+        return postprocess(
+            cam(self.activations, self.weights), convention, size=size,
+            spatial_rank=len(self.activations.shape) - 2,
+        )
+
     def numpy(self) -> Explanation:
         """A copy with every array as a float64 NumPy array on the host (targets stay int)."""
         convert = lambda x: None if x is None else np.array(to_numpy(x), dtype=np.float64)  # noqa: E731
@@ -112,7 +128,9 @@ def explain(
     and ``inputs`` without importing any framework the caller has not imported; ``backend``
     forces one. The backend runs the model and captures the layer's activations :math:`A`, the
     gradients :math:`\\partial y^c / \\partial A` and the scores; the core then computes
-    :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see :func:`gradcam_ref.grad_cam`.
+    :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see :func:`gradcam_ref.grad_cam`. A backend
+    that compiles whole programs (JAX) provides its own ``explain``, which calls the same core
+    functions inside the compiled program; it is used instead.
 
     Args:
       model: a model of a backend's kind: a ``backends.numpy_backend.Oracle``, a torch
@@ -137,4 +155,7 @@ def explain(
         if "guided" not in inspect.signature(chosen.capture).parameters:
             raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
         options["guided"] = True
+    compiled = getattr(chosen, "explain", None)
+    if compiled is not None:  # the backend runs the core's math itself, inside one compiled program
+        return compiled(model, inputs, target, layer=layer, **options)
     return Explanation.from_capture(chosen.capture(model, inputs, target, layer=layer, **options))

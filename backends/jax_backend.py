@@ -1,0 +1,291 @@
+r"""The JAX backend: Grad-CAM of a model split as ``(features, head)``, as one compiled program.
+
+The model is two JAX-traceable callables, ``features(x) -> A`` and ``head(A) -> scores``; the layer
+Grad-CAM explains is the seam between them. For inputs ``x`` ``(N, ...)``::
+
+    A = features(x)                              (N, K, *spatial)
+    scores, vjp = jax.vjp(head, A)               y = scores, (N, C), pre-softmax
+    dy^c/dA = vjp(one_hot(c))                    one backward pass for the N targets c_n
+    alpha^c, L^c = core Eq. 1, Eq. 2             gradcam_ref's grad_cam_parts and relu_map
+
+The one-hot cotangent :math:`e_{c_n}` of example n picks :math:`\partial y^{c_n}_n / \partial A_n`
+(examples are independent through ``head``). For T targets per example the T cotangents go through
+the same ``vjp`` in one ``jax.vmap``; a callable target's cotangent is the gradient of
+:math:`\sum_n \text{target}(y)_n` with respect to ``y``. All of it, the core's math included, runs
+under one ``jax.jit``, compiled once per ``(features, head, target callable, channel_axis)`` and
+per input shape and dtype, and the arrays stay on JAX's default device. Define ``features`` and
+``head`` once and reuse them: a new lambda is a new function, traced and compiled again.
+
+Dtypes follow the model: float64 inputs and parameters under ``jax_enable_x64`` give float64
+maps. The maps are differentiable: ``jax.grad`` of a loss on ``explain(...).maps`` with respect
+to the inputs, or to parameters closed over by ``features`` and ``head`` (write the closures
+inside the loss), differentiates through the backward pass (second-order autodiff).
+
+Errors that a wrong model or target would cause deep inside a trace are raised first, by name:
+``features`` output of rank < 3, ``head`` output not ``(N, C)`` for class-index targets, a
+target out of range, a callable target that does not return ``(N,)``.
+
+Splitting a Flax (linen) model: give the module one method per half and apply each::
+
+    class Net(nn.Module):
+        def setup(self): ...
+        def features(self, x): ...          # (N, H, W, K): Flax is channels-last
+        def head(self, a): ...
+        def __call__(self, x):
+            return self.head(self.features(x))
+
+    features = lambda x: net.apply(variables, x, method=Net.features)
+    head = lambda a: net.apply(variables, a, method=Net.head)
+    gradcam_ref.explain((features, head), x, channel_axis=-1)
+
+Any other framework (Equinox, Haiku, plain functions of a parameter pytree) splits the same way,
+e.g. ``(functools.partial(features_fn, params), functools.partial(head_fn, params))`` built once.
+(Flax's ``capture_intermediates`` and ``perturb`` give A and dy/dA of an unsplit model; this
+backend does not use them: the split form needs no framework beyond ``jax``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradcam_ref._checks import check_feature_maps, check_finite, shape_of
+from gradcam_ref._explain import Capture, Explanation
+from gradcam_ref._gradcam import grad_cam_parts, relu_map
+from gradcam_ref._targets import check_scores, resolve_targets
+
+NAME = "jax"
+
+__all__ = ["NAME", "capture", "explain"]
+
+
+def explain(
+    model: Any, inputs: Any, target: Any = None, *, layer: Any = None, channel_axis: int = 1
+) -> Explanation:
+    r"""Grad-CAM of ``model = (features, head)`` on ``inputs``, computed by one jitted program.
+
+    Args:
+      model: ``(features, head)``, two hashable JAX-traceable callables:
+        ``features(inputs) -> A`` and ``head(A) -> scores``.
+      inputs: the batch ``(N, ...)``, a ``jax.Array`` (NumPy arrays are converted).
+      target: ``None`` (each example's predicted class), an int, N ints, an int array ``(N, T)``
+        (T maps per example) or a callable ``scores -> (N,)``. A traced int array (inside an
+        outer ``jax.jit``) is accepted; its range cannot be checked before it runs, and an index
+        outside ``[0, C)`` then gives a zero gradient (JAX's ``one_hot`` convention).
+      layer: must be None: the layer is the seam of ``(features, head)``.
+      channel_axis: the axis of ``A`` holding its K channels: 1 (channels-first) or, e.g., -1 for
+        a channels-last (NHWC, Flax) model.
+
+    Returns:
+      An :class:`~gradcam_ref.Explanation` of JAX arrays on the default device, with
+      ``activations`` and ``gradients`` moved to channels-first ``(N, K, *spatial)`` (the
+      core's layout; ``(N, T, K, *spatial)`` for ``(N, T)`` targets). ``targets`` is an int64
+      NumPy array (None for a callable target), except when ``explain`` itself is traced (an
+      outer ``jax.jit``, ``jax.grad``, ...) and the targets are the traced argmax or a traced
+      argument: then it is that JAX int array.
+    """
+    features, head = _split(model, layer)
+    x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
+    if x.ndim < 1:
+        raise ValueError(f"inputs must have a batch axis, shape (N, ...), got shape {shape_of(x)}")
+    static = {"features": features, "head": head, "channel_axis": channel_axis}
+    # The forward pass's shapes, from an abstract trace (cached by jax.jit): A is checked inside it.
+    _, scores = _forward.eval_shape(x, **static)
+    if callable(target):
+        _check_hashable("target", target)
+        indices, targets_out = None, None
+    else:
+        check_scores(scores)
+        _check_same_batch("head(A)", scores, x)
+        indices, targets_out = _class_indices(target, scores)
+    result = _explain_jit(x, indices, target_fn=target if callable(target) else None, **static)
+    maps, signed, a, g, weights, scores, traced_targets, finite = result
+    # Inside the jitted program the core's finite checks see tracers and are skipped; the program
+    # computes the flag instead (of the signed map: the ReLU turns NaN into 0). Only when it is
+    # False do the core's checks run, for their messages naming the culprit.
+    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+        check_finite(weights, "grad_cam", gradients=g)
+        check_finite(signed, "grad_cam", activations=a, gradients=g)
+    if targets_out is None and traced_targets is not None:
+        targets_out = _host_ints(traced_targets)
+    return Explanation(maps=maps, activations=a, gradients=g, weights=weights, scores=scores,
+                       targets=targets_out)
+
+
+def capture(
+    model: Any, inputs: Any, target: Any = None, *, layer: Any = None, channel_axis: int = 1
+) -> Capture:
+    """A, dy/dA, y and the targets of ``model = (features, head)``: the backend contract.
+
+    The same compiled program as :func:`explain` (which ``gradcam_ref.explain`` calls, so that
+    the core's math runs inside it); the arguments are :func:`explain`'s.
+    """
+    e = explain(model, inputs, target, layer=layer, channel_axis=channel_axis)
+    return Capture(e.activations, e.gradients, e.scores, e.targets)
+
+
+# --- The compiled program --------------------------------------------------------------------
+
+
+def _features(x: jax.Array, features: Callable, channel_axis: int) -> jax.Array:
+    """``features(x)``, checked at trace time before anything consumes it."""
+    a = features(x)
+    if not isinstance(a, jax.Array):
+        raise TypeError(f"features(inputs) must return one array (the activations A), got {type(a).__name__}")
+    rank = a.ndim
+    if rank < 3:
+        raise ValueError(
+            f"features(inputs) must return activations of shape (N, K, *spatial) (channels on "
+            f"channel_axis={channel_axis}) with at least one spatial axis, "
+            f"got shape {shape_of(a)} (rank {rank})"
+        )
+    axis = _channel_axis(channel_axis, rank)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"features(inputs) must return floating activations, got dtype {a.dtype}")
+    _check_same_batch("features(inputs)", a, x)
+    check_feature_maps("features(inputs), channels first,", _moved_shape(a, axis))  # no empty axis
+    return a
+
+
+def _forward_impl(x: jax.Array, *, features: Callable, head: Callable, channel_axis: int) -> Any:
+    a = _features(x, features, channel_axis)
+    return a, head(a)
+
+
+def _explain_impl(
+    x: jax.Array,
+    indices: jax.Array | None,
+    *,
+    features: Callable,
+    head: Callable,
+    target_fn: Callable | None,
+    channel_axis: int,
+) -> tuple[Any, ...]:
+    r"""Everything, traced once: forward, one backward per target, Eq. 1 and Eq. 2 (the core's).
+
+    ``indices`` is None (use ``argmax(scores, 1)``), ``(N,)`` or ``(N, T)`` class indices; or
+    ``target_fn`` maps scores to ``(N,)`` and the gradient is that of :math:`\sum_n`
+    ``target_fn(scores)[n]``.
+    """
+    a = _features(x, features, channel_axis)
+    scores, head_vjp = jax.vjp(head, a)
+    multi = False
+    if target_fn is not None:
+        y, target_vjp = jax.vjp(target_fn, scores)
+        _check_target_output(y, a.shape[0])
+        (seed,) = target_vjp(jnp.ones_like(y))  # d(sum_n y_n)/d scores, shape of scores
+        (gradients,) = head_vjp(seed)
+    else:
+        if indices is None:
+            indices = jnp.argmax(scores, axis=1)
+        seeds = jax.nn.one_hot(indices, scores.shape[1], dtype=scores.dtype)  # (N, C) or (N, T, C)
+        multi = indices.ndim == 2
+        if multi:  # T backward passes in one: vmap the vjp over the target axis
+            per_target = jax.vmap(lambda seed: head_vjp(seed)[0])(jnp.moveaxis(seeds, 1, 0))
+            gradients = jnp.moveaxis(per_target, 0, 1)  # (T, N, ...) -> (N, T, ...)
+        else:
+            (gradients,) = head_vjp(seeds)
+    axis = _channel_axis(channel_axis, a.ndim)
+    a_first = jnp.moveaxis(a, axis, 1)
+    g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
+    weights, signed = grad_cam_parts(a_first, g_first)
+    finite = jnp.all(jnp.isfinite(weights)) & jnp.all(jnp.isfinite(signed))
+    return relu_map(signed), signed, a_first, g_first, weights, scores, indices, finite
+
+
+_forward = jax.jit(_forward_impl, static_argnames=("features", "head", "channel_axis"))
+_explain_jit = jax.jit(_explain_impl, static_argnames=("features", "head", "target_fn", "channel_axis"))
+
+
+# --- Checks -----------------------------------------------------------------------------------
+
+
+def _split(model: Any, layer: Any) -> tuple[Callable, Callable]:
+    if layer is not None:
+        raise ValueError(
+            f"the jax backend takes the layer as the seam of model = (features, head); "
+            f"layer must be None, got {layer!r}"
+        )
+    if not (isinstance(model, (tuple, list)) and len(model) == 2 and all(callable(p) for p in model)):
+        raise TypeError(
+            f"model must be a pair (features, head) of callables, features(x) -> A and "
+            f"head(A) -> scores, got {type(model).__name__}"
+        )
+    features, head = model
+    _check_hashable("features", features)
+    _check_hashable("head", head)
+    return features, head
+
+
+def _check_hashable(name: str, fn: Callable) -> None:
+    try:
+        hash(fn)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be hashable (jax.jit caches the compiled program per function), "
+            f"got an unhashable {type(fn).__name__}; wrap it once in a function"
+        ) from None
+
+
+def _channel_axis(channel_axis: int, rank: int) -> int:
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+        raise TypeError(f"channel_axis must be an int, got {channel_axis!r}")
+    axis = int(channel_axis) + rank if channel_axis < 0 else int(channel_axis)
+    if not 1 <= axis < rank:
+        raise ValueError(
+            f"channel_axis must name a non-batch axis of the activations (rank {rank}): "
+            f"1..{rank - 1} or -{rank - 1}..-1, got {channel_axis}"
+        )
+    return axis
+
+
+def _moved_shape(a: Any, axis: int) -> jax.ShapeDtypeStruct:
+    shape = list(shape_of(a))
+    shape.insert(1, shape.pop(axis))
+    return jax.ShapeDtypeStruct(tuple(shape), a.dtype)
+
+
+def _check_same_batch(what: str, out: Any, x: jax.Array) -> None:
+    if shape_of(out)[0] != shape_of(x)[0]:
+        raise ValueError(
+            f"{what} must keep the batch axis first: inputs have N = {shape_of(x)[0]} examples, "
+            f"got shape {shape_of(out)}"
+        )
+
+
+def _check_target_output(y: Any, n: int) -> None:
+    if not isinstance(y, jax.Array) or shape_of(y) != (n,):
+        raise ValueError(
+            f"a callable target must return one score per example, shape (N,) = ({n},), "
+            f"got {shape_of(y) if isinstance(y, jax.Array) else type(y).__name__}"
+        )
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        raise TypeError(f"a callable target must return floating scores, got dtype {y.dtype}")
+
+
+def _class_indices(target: Any, scores: jax.ShapeDtypeStruct) -> tuple[jax.Array | None, np.ndarray | None]:
+    """``(indices for the program, targets for the Explanation)``; None, None for the argmax."""
+    if target is None:
+        return None, None
+    if isinstance(target, jax.core.Tracer):  # traced labels: the shape is all that can be checked
+        n = shape_of(scores)[0]
+        if not jnp.issubdtype(target.dtype, jnp.integer) or target.ndim not in (1, 2) or target.shape[0] != n:
+            raise ValueError(
+                f"a traced target must be an int array of shape (N,) or (N, T) with N = {n}, "
+                f"got {target.dtype} {shape_of(target)}"
+            )
+        return target, None
+    # resolve_targets reads only the shape of the scores for class-index targets.
+    indices = resolve_targets(target, scores)
+    return jnp.asarray(indices.astype(np.int32)), indices
+
+
+def _host_ints(indices: jax.Array) -> Any:
+    if isinstance(indices, jax.core.Tracer):
+        return indices
+    return np.asarray(indices).astype(np.int64)
+

@@ -1,0 +1,463 @@
+r"""Conventions: the post-processing each Grad-CAM library applies, written down and reproducible.
+
+Libraries agree on Eq. 1 and Eq. 2 of Selvaraju et al. and still return different heatmaps for
+the same model, layer, input and target, because each one post-processes the map its own way:
+ReLU or not, which normalisation (and which epsilon), normalise before or after resizing, which
+resize kernel. A :class:`Convention` records one library's choices as an ordered tuple of steps
+applied to the *signed* map :math:`M^c = \sum_k \alpha_k^c A^k` (Eq. 2 before its ReLU), and
+the reasons, in words, why its maps differ from the paper's. :func:`postprocess` runs the steps;
+:meth:`gradcam_ref.Explanation.heatmap` calls it; ``gradcam-ref verify --explain LIB`` prints
+:func:`describe`, which reads the same records. There is one place for each fact.
+
+The conventions (see :data:`CONVENTIONS`):
+
+- ``"paper"``: ReLU, then half-pixel bilinear upsampling to ``size``, then per-map min-max
+  (in that order: normalising last makes every map span exactly [0, 1]).
+- ``"pytorch-grad-cam"`` (grad-cam 1.5.7, ``GradCAM``): ReLU, min-max with eps 1e-7 at the
+  layer's resolution, cv2 bilinear resize, then the same min-max again.
+- ``"captum"`` (0.9.0, ``LayerGradCam`` + ``LayerAttribution.interpolate`` defaults): no ReLU,
+  no normalisation, nearest-neighbour resize.
+- ``"torchcam"`` (0.5.0, ``GradCAM``, ``normalized=True``): ReLU, min-max with eps 1e-8, no
+  resize (the map stays at the layer's resolution).
+- ``"tf-keras-vis"`` (0.8, ``Gradcam``; read from its source, not run: it needs TensorFlow):
+  ReLU, corner-aligned linear resize (``scipy.ndimage.zoom(order=1)``), min-max with eps 1e-7.
+
+Maps are channels-first arrays ``(N, *spatial)`` or ``(N, T, *spatial)`` of any library the
+core accepts; the result keeps the library, dtype and device. Peers' output *layouts* are not
+reproduced (captum's channel axis of 1, pytorch-grad-cam's NumPy float32): each convention's
+``returns`` says what the peer returns, so a caller knows what to squeeze or cast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from gradcam_ref._checks import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
+from gradcam_ref._postprocess import normalize, upsample
+
+REASONS: dict[int, str] = {
+    1: "final ReLU on or off",
+    2: "logit or softmax score",
+    3: "default target (argmax or required)",
+    4: "mean or sum pooling of the gradients",
+    5: "normalisation (min-max with different eps, max only, none)",
+    6: "normalise then resize, or resize then normalise",
+    7: "resize kernel and pixel alignment",
+    8: "layer output or input, before or after the activation",
+    9: "fusion of several layers",
+    10: "batch coupling (targets truncated, statistics over the batch)",
+    11: "channels-first or channels-last layout",
+    12: "randomness in smoothing",
+    13: "post-processing for display (squared masks, rescaling)",
+}
+"""The thirteen reasons two Grad-CAM libraries disagree on the same model, layer and input."""
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Relu:
+    """:math:`\\max(x, 0)`."""
+
+    def describe(self) -> str:
+        return "ReLU: negative values become 0"
+
+    def __call__(self, xp: Any, x: Array, size: tuple[int, ...] | None, rank: int) -> Array:
+        return xp.where(x > 0, x, xp.zeros_like(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMax:
+    r"""Per-map min-max over the spatial axes.
+
+    ``eps=None``: :math:`(x - \min x) / (\max x - \min x)`, a flat map becomes zeros (the
+    core's :func:`gradcam_ref.normalize`). With ``eps``: :math:`y = x - \min x`, then
+    :math:`y / (\max y + \varepsilon)`, as the peers write it; the maximum is then
+    :math:`1 - \varepsilon / (\max y + \varepsilon)`, not 1, and a flat map becomes zeros.
+    """
+
+    eps: float | None = None
+
+    def describe(self) -> str:
+        if self.eps is None:
+            return "min-max: (x - min) / (max - min) per map, exactly [0, 1] (a flat map becomes 0)"
+        return f"min-max with eps: (x - min) / (max - min + {self.eps:g}) per map"
+
+    def __call__(self, xp: Any, x: Array, size: tuple[int, ...] | None, rank: int) -> Array:
+        axes = tuple(range(x.ndim - rank, x.ndim))
+        if self.eps is None:
+            return normalize(x, "minmax", axis=axes)
+        shifted = x - xp.min(x, axis=axes, keepdims=True)
+        return shifted / (xp.max(shifted, axis=axes, keepdims=True) + self.eps)
+
+
+KERNELS = ("linear-half-pixel", "linear-corner", "nearest-floor")
+"""Resize kernels: bilinear with half-pixel centres, linear with aligned corners, torch's nearest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    r"""Resize the spatial axes to ``size`` (nothing when ``size`` is None).
+
+    Output index i of an axis of length ``n_out`` reads the input (length ``n_in``) at
+
+    - ``"linear-half-pixel"``: :math:`s_i = \max(0, (i + \frac12) n_{in}/n_{out} - \frac12)`,
+      linear between the two neighbours, the last sample repeated past the end
+      (:func:`gradcam_ref.upsample`; torch ``align_corners=False``, cv2 ``INTER_LINEAR``);
+    - ``"linear-corner"``: :math:`s_i = i (n_{in} - 1) / (n_{out} - 1)` (0 when
+      :math:`n_{out} = 1`), linear between neighbours (``scipy.ndimage.zoom(order=1)``,
+      torch ``align_corners=True``): the corner pixels' centres coincide;
+    - ``"nearest-floor"``: the single sample :math:`\lfloor i\, s \rfloor`, with
+      :math:`s = n_{in}/n_{out}` and the product rounded to float32, as torch's
+      ``F.interpolate(mode="nearest")`` computes it.
+
+    Attributes:
+      kernel: one of :data:`KERNELS`.
+      by: the function the library calls, in words.
+      ranks: the spatial ranks the library can resize.
+    """
+
+    kernel: str
+    by: str
+    ranks: tuple[int, ...] = (1, 2, 3)
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+
+    def describe(self) -> str:
+        words = {
+            "linear-half-pixel": "bilinear with half-pixel centres ([0, 1] doubled: [0, .25, .75, 1])",
+            "linear-corner": "linear with aligned corners ([0, 1] doubled: [0, 1/3, 2/3, 1])",
+            "nearest-floor": "nearest neighbour, output i copies input floor(i * n_in / n_out)",
+        }[self.kernel]
+        return f"resize to the requested size: {words}, by {self.by}"
+
+    def __call__(self, xp: Any, x: Array, size: tuple[int, ...] | None, rank: int) -> Array:
+        if size is None:
+            return x
+        if rank not in self.ranks:
+            raise ValueError(
+                f"this convention resizes {' or '.join(f'{r}-D' for r in self.ranks)} maps only "
+                f"({self.by}), got {rank}-D maps of shape {shape_of(x)}: pass size=None"
+            )
+        if self.kernel == "linear-half-pixel":
+            return upsample(x, size)
+        for axis in range(x.ndim - rank, x.ndim):
+            n_in, n_out = shape_of(x)[axis], size[axis - x.ndim + rank]
+            if self.kernel == "nearest-floor":
+                x = _take(xp, x, axis, _nearest_source(n_in, n_out))
+            else:
+                x = _linear(xp, x, axis, _corner_source(n_in, n_out))
+        return x
+
+
+Step = Relu | MinMax | Resize
+
+
+def _nearest_source(n_in: int, n_out: int) -> np.ndarray:
+    """torch's nearest index: ``min(floor(float32(i) * float32(n_in / n_out)), n_in - 1)``."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(index, n_in - 1)
+
+
+def _corner_source(n_in: int, n_out: int) -> np.ndarray:
+    """Corner-aligned positions ``i (n_in - 1) / (n_out - 1)`` in float64, as scipy's zoom."""
+    step = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+    return np.arange(n_out, dtype=np.float64) * step
+
+
+def _take(xp: Any, x: Array, axis: int, index: np.ndarray) -> Array:
+    return xp.take(x, xp.asarray(index, device=array_api_compat.device(x)), axis=axis)
+
+
+def _linear(xp: Any, x: Array, axis: int, source: np.ndarray) -> Array:
+    """Linear interpolation of ``x`` along ``axis`` at the float positions ``source``."""
+    n_in = shape_of(x)[axis]
+    source = np.clip(source, 0.0, n_in - 1)
+    lo = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    device = array_api_compat.device(x)
+    shape = (len(source),) + (1,) * (x.ndim - axis - 1)
+    w_hi = xp.reshape(xp.asarray(source - lo, dtype=x.dtype, device=device), shape)
+    w_lo = xp.reshape(xp.asarray(1.0 - (source - lo), dtype=x.dtype, device=device), shape)
+    return w_lo * _take(xp, x, axis, lo) + w_hi * _take(xp, x, axis, hi)
+
+
+# --- conventions ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Convention:
+    """One library's way from the signed Grad-CAM map to the heatmap it returns.
+
+    Attributes:
+      name: the convention's name, as passed to :meth:`gradcam_ref.Explanation.heatmap`.
+      library: the library and the version whose code this reproduces.
+      call: the call of the library that this convention reproduces.
+      steps: applied in order to the signed map :math:`\\sum_k \\alpha_k^c A^k`.
+      returns: what the library returns (layout, dtype), where it differs from ours.
+      differences: ``(reason, words)`` pairs: why its maps differ from the paper's, with the
+        number of the reason in :data:`REASONS`.
+      checked: how the test suite checks that this convention reproduces the library.
+      aliases: other names accepted for it.
+    """
+
+    name: str
+    library: str
+    call: str
+    steps: tuple[Step, ...]
+    returns: str
+    differences: tuple[tuple[int, str], ...]
+    checked: str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def resizes(self) -> bool:
+        """Whether the library resizes the map (else it stays at the layer's resolution)."""
+        return any(isinstance(step, Resize) for step in self.steps)
+
+
+PAPER = Convention(
+    name="paper",
+    library="Selvaraju et al., Grad-CAM (ICCV 2017, IJCV 2020)",
+    call="gradcam_ref: Explanation.heatmap(size, convention='paper')",
+    steps=(
+        Relu(),
+        Resize("linear-half-pixel", by="gradcam_ref.upsample (= torch F.interpolate align_corners=False)"),
+        MinMax(),
+    ),
+    returns="the explanation's arrays: (N, *size) or (N, T, *size), same library, dtype and device",
+    differences=(),
+    checked="hand-computed goldens; upsample against torch and jax.image.resize",
+    aliases=("gradcam-ref", "gradcam_ref", "selvaraju"),
+)
+
+PYTORCH_GRAD_CAM = Convention(
+    name="pytorch-grad-cam",
+    library="pytorch-grad-cam 1.5.7 (pip: grad-cam)",
+    call="pytorch_grad_cam.GradCAM(model, target_layers=[layer])(x, targets), size = x's (H, W)",
+    steps=(
+        Relu(),
+        MinMax(eps=1e-7),
+        Resize("linear-half-pixel", by="cv2.resize INTER_LINEAR on float32", ranks=(2,)),
+        Relu(),
+        MinMax(eps=1e-7),
+    ),
+    returns="NumPy float32 (N, H, W), always at the input's size",
+    differences=(
+        (5, "it normalises with (x - min) / (max - min + 1e-7), in float32: the top value is "
+            "just below 1"),
+        (6, "it normalises at the layer's resolution, resizes, then normalises the resized map "
+            "again (scale_cam_image runs twice); resizing is linear, so the second pass undoes "
+            "the order of the first, and for one layer its map equals the paper convention's to "
+            "float32 precision"),
+        (7, "cv2.resize INTER_LINEAR has half-pixel centres like the paper convention, but runs "
+            "in float32; for 3-D volumes it uses scipy.ndimage.zoom with cubic splines (order 3), "
+            "which this convention does not reproduce (it refuses to resize 3-D maps)"),
+        (8, "with an in-place operation right after the layer (e.g. ReLU(inplace=True)) it reads "
+            "A after that operation changed it but dA from before it, so the map mixes two layers; "
+            "this convention does not reproduce that (its map is then this convention applied to "
+            "ReLU(A) with the layer's weights)"),
+        (9, "with several target layers it averages the per-layer normalised maps"),
+        (10, "targets are zipped with the batch: a target list shorter than the batch silently "
+             "drops the remaining examples"),
+        (12, "aug_smooth (test-time augmentation) and eigen_smooth (first SVD component, whose "
+             "sign is arbitrary) replace the map; both are off by default"),
+    ),
+    checked="against pytorch_grad_cam.GradCAM itself on small CNNs and a random-init resnet18",
+    aliases=("grad-cam", "pgc", "pytorch_grad_cam"),
+)
+
+CAPTUM = Convention(
+    name="captum",
+    library="captum 0.9.0",
+    call="LayerAttribution.interpolate(LayerGradCam(model, layer).attribute(x, target), size)",
+    steps=(Resize("nearest-floor", by="F.interpolate(mode='nearest'), LayerAttribution.interpolate's default"),),
+    returns="a torch tensor (N, 1, *size): the channel axis of 1 is kept",
+    differences=(
+        (1, "no ReLU by default (relu_attributions=False): negative evidence stays in the map"),
+        (5, "no normalisation: values keep the units of the score times the activations"),
+        (7, "LayerAttribution.interpolate defaults to nearest-neighbour: output pixel i copies "
+            "layer cell floor(i * n_in / n_out), so the heatmap is made of flat blocks instead of "
+            "a bilinear ramp; for non-integer factors torch's 'nearest' takes the cell under the "
+            "pixel's top-left corner, not the one under its centre ('nearest-exact')"),
+        (3, "a target is required for (N, C) outputs (target=None raises an assertion)"),
+        (2, "the score is whatever forward returns at the target: logits for a plain "
+            "classifier, probabilities if the model ends with a softmax"),
+    ),
+    checked="against captum's LayerGradCam and LayerAttribution.interpolate on small CNNs and a "
+            "random-init resnet18",
+)
+
+TORCHCAM = Convention(
+    name="torchcam",
+    library="torchcam 0.5.0",
+    call="torchcam.methods.GradCAM(model, layer)(class_idx, scores), normalized=True (default)",
+    steps=(Relu(), MinMax(eps=1e-8)),
+    returns="a list (one per target layer) of torch tensors (N, *spatial) at the layer's resolution",
+    differences=(
+        (5, "it normalises with (x - min) / (max - min + 1e-8), once: a map whose largest "
+            "value M is small tops out at M / (M + 1e-8), visibly below 1 when M is near 1e-8"),
+        (7, "it returns the map at the layer's resolution (size must be None or that shape); "
+            "its overlay_mask helper resizes with PIL bicubic, which can overshoot"),
+        (13, "overlay_mask squares the mask before colouring it, which darkens mid values"),
+        (3, "class_idx is required: there is no default target"),
+        (8, "with an in-place operation right after the layer (e.g. ReLU(inplace=True)) it "
+            "explains that operation's output instead (A and dA both taken after it); name that "
+            "module as the layer to get the same map here"),
+        (9, "fuse_cams combines several layers by an elementwise maximum after bilinear resizing"),
+    ),
+    checked="against torchcam.methods.GradCAM on small CNNs and a random-init resnet18",
+)
+
+TF_KERAS_VIS = Convention(
+    name="tf-keras-vis",
+    library="tf-keras-vis 0.8 (TensorFlow only: read from its source, not run here)",
+    call="tf_keras_vis.gradcam.Gradcam(model)(score, x), expand_cam=True and normalize_cam=True (defaults)",
+    steps=(
+        Relu(),
+        Resize("linear-corner", by="scipy.ndimage.zoom(order=1)"),
+        MinMax(eps=1e-7),
+    ),
+    returns="NumPy (N, *size), channels-last models",
+    differences=(
+        (7, "it resizes with scipy.ndimage.zoom(order=1): linear with aligned corners, so "
+            "[0, 1] doubled gives [0, 1/3, 2/3, 1] instead of [0, .25, .75, 1]; the heatmap is "
+            "stretched towards the borders by up to half a layer cell"),
+        (5, "it normalises with (x - min) / (max - min + K.epsilon()), epsilon 1e-7"),
+        (2, "the score is a user function, usually of the softmax output unless the model's "
+            "last activation is replaced by a linear one (ReplaceToLinear); to reproduce a "
+            "softmax score pass a callable target returning softmax(scores)[:, c]"),
+        (11, "models and inputs are channels-last (NHWC); the map is the same"),
+    ),
+    checked="against scipy.ndimage.zoom(order=1) and the formula above; not against tf-keras-vis "
+            "itself (TensorFlow is not installed)",
+    aliases=("tf_keras_vis", "keras-vis"),
+)
+
+CONVENTIONS: dict[str, Convention] = {
+    c.name: c for c in (PAPER, PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM, TF_KERAS_VIS)
+}
+"""Every convention by name."""
+
+
+def get_convention(name: str | Convention) -> Convention:
+    """The convention called ``name`` (or one of its aliases, any case)."""
+    if isinstance(name, Convention):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"convention must be a name (str), got {type(name).__name__}")
+    key = name.strip().lower()
+    for convention in CONVENTIONS.values():
+        if key == convention.name or key in convention.aliases:
+            return convention
+    raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {name!r}")
+
+
+@quiet_numpy
+def postprocess(
+    signed_maps: Array,
+    convention: str | Convention = "paper",
+    *,
+    size: int | Sequence[int] | None = None,
+    spatial_rank: int | None = None,
+) -> Array:
+    r"""The heatmap that ``convention``'s library returns, from the signed Grad-CAM map.
+
+    ``signed_maps`` is :math:`M^c = \sum_k \alpha_k^c A^k` before the ReLU of Eq. 2
+    (``gradcam_ref.cam(activations, weights)``); the convention's steps run on it in order.
+
+    Args:
+      signed_maps: ``(N, *spatial)``, or ``(N, T, *spatial)`` with ``spatial_rank`` given.
+      convention: a name in :data:`CONVENTIONS` (or an alias), or a :class:`Convention`.
+      size: the output's spatial shape (an int for every axis), e.g. the input's ``(H, W)``;
+        None keeps the layer's resolution (the libraries that resize are then not resizing).
+      spatial_rank: how many trailing axes are spatial; default all but the first.
+
+    Returns:
+      The heatmap, ``signed_maps.shape[:-spatial_rank] + size``, same library and dtype.
+
+    Example:
+      >>> import numpy as np
+      >>> m = np.array([[-1.0, 1.0]])  # one 1-D map of 2 positions
+      >>> postprocess(m, "paper", size=4)
+      array([[0.  , 0.25, 0.75, 1.  ]])
+      >>> postprocess(m, "tf-keras-vis", size=4).round(6)
+      array([[0.      , 0.333333, 0.666667, 1.      ]])
+      >>> postprocess(m, "captum", size=4)
+      array([[-1., -1.,  1.,  1.]])
+    """
+    chosen = get_convention(convention)
+    xp, (x,) = as_float_arrays(signed_maps=signed_maps)
+    shape = shape_of(x)
+    rank = len(shape) - 1 if spatial_rank is None else spatial_rank
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank < len(shape):
+        raise ValueError(
+            f"spatial_rank must be an int in [1, {len(shape) - 1}] for signed_maps of shape {shape} "
+            f"(a batch axis first), got {spatial_rank!r}"
+        )
+    if 0 in shape:
+        raise ValueError(f"signed_maps must not be empty, got shape {shape}")
+    spatial = shape[len(shape) - rank:]
+    target = _as_size(size, rank, spatial)
+    if target is not None and not chosen.resizes and target != spatial:
+        raise ValueError(
+            f"the {chosen.name!r} convention keeps the layer's resolution {spatial} ({chosen.library} "
+            f"does not resize its maps), got size={size!r}: pass size=None"
+        )
+    for step in chosen.steps:
+        x = step(xp, x, target, int(rank))
+    check_finite(x, f"the {chosen.name!r} convention", signed_maps=signed_maps)
+    return x
+
+
+def _as_size(size: int | Sequence[int] | None, rank: int, spatial: tuple[int, ...]) -> tuple[int, ...] | None:
+    if size is None:
+        return None
+    result: tuple[Any, ...]
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        result = (int(size),) * rank
+    elif isinstance(size, (Sequence, np.ndarray)):
+        result = tuple(size.tolist() if isinstance(size, np.ndarray) else size)
+    else:
+        raise TypeError(f"size must be None, an int or a sequence of {rank} ints, got {size!r}")
+    if len(result) != rank or not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in result
+    ):
+        raise ValueError(
+            f"size must be None, a positive int or {rank} positive ints (one per spatial axis of "
+            f"the maps, whose spatial shape is {spatial}), got {size!r}"
+        )
+    return tuple(int(s) for s in result)
+
+
+def describe(name: str | Convention) -> str:
+    """In plain words: what ``name``'s library does to the map, and why it differs from the paper's.
+
+    This is what ``gradcam-ref verify --explain LIB`` prints; it reads the :class:`Convention`
+    records that :func:`postprocess` runs, so the words and the numbers cannot drift apart.
+    """
+    c = get_convention(name)
+    lines = [f"{c.name}: {c.library}", f"  reproduces: {c.call}", f"  returns:    {c.returns}", ""]
+    shown = [("its steps", c)] if c is PAPER else [("its steps", c), ("the paper's steps", PAPER)]
+    for label, convention in shown:
+        lines.append(f"  {label}, in order:")
+        lines += [f"    {i}. {step.describe()}" for i, step in enumerate(convention.steps, 1)]
+    lines.append("")
+    if not c.differences:
+        lines.append("  This is the reference convention: every other one is described against it.")
+    else:
+        lines.append("  Why its maps differ from the paper's:")
+        for reason, words in c.differences:
+            lines.append(f"    - {words} [reason {reason}: {REASONS[reason]}]")
+    lines += ["", f"  checked: {c.checked}"]
+    return "\n".join(lines)
+

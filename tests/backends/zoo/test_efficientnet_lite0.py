@@ -1,0 +1,154 @@
+"""EfficientNet-Lite0 in JAX against the torch model, on two scikit-image photos: logits and
+Grad-CAM maps within 1e-10 (float64) and 1e-4 (float32) of the torch ones, relative to the max;
+and the JAX network's building blocks against the torch package's own."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
+
+import gradcam_ref
+from tests.backends import twins
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def rel_err(actual, expected):
+    """max |actual - expected| / max |expected|."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """chelsea (a cat) and coffee (an espresso), preprocessed once: (2, 3, 224, 224) float64."""
+    return np.stack([zoo.preprocess(skimage.data.chelsea()), zoo.preprocess(skimage.data.coffee())])
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+    return zoo.load_torch()
+
+
+@pytest.fixture(scope="module")
+def top2(torch_model, photos):
+    """Each photo's two best classes (float32 torch): the targets (2, 2) for both dtypes."""
+    with torch.no_grad():
+        scores = torch_model(torch.from_numpy(photos.astype(np.float32))).numpy()
+    return np.argsort(-scores, axis=1)[:, :2]
+
+
+@pytest.fixture(scope="module", params=["float64", "float32"])
+def both(request, torch_model, photos, top2):
+    """(dtype, torch references, JAX Grad-CAM) of the same photos, weights and targets.
+
+    The torch references: the torch backend on the unchanged model at its last ReLU6 (the model's
+    ``_swish`` module, whose second call is the head's), and Grad-CAM written out in torch from
+    those activations through the model's own head (``split_torch``).
+    """
+    dtype = request.param
+    model = copy.deepcopy(torch_model).to(getattr(torch, dtype))
+    backend = gradcam_ref.explain(model, torch.from_numpy(photos.astype(dtype)), top2, layer="_swish", call=1)
+    by_hand = twins.torch_grad_cam_at(zoo.split_torch(model)[1], backend.activations, top2)
+    references = {"torch backend": backend.numpy().__dict__, "torch by hand": by_hand}
+    with jax.enable_x64(dtype == "float64"):
+        params = zoo.jax_params(dtype, torch_model.state_dict())
+
+        def features(x):
+            return zoo.jax_features(params, x)
+
+        def head(a):
+            return zoo.jax_head(params, a)
+
+        e = gradcam_ref.explain((features, head), jnp.asarray(photos.astype(dtype)), top2)
+        assert e.maps.dtype == jnp.dtype(dtype)
+    return dtype, references, e.numpy()
+
+
+@pytest.mark.slow
+def test_the_photos_are_recognised(top2):
+    """The weights and the preprocessing are right: a cat and an espresso, top-1."""
+    assert top2[0, 0] in CATS and top2[1, 0] == ESPRESSO
+
+
+@pytest.mark.slow
+def test_jax_logits_equal_torch_logits(both):
+    dtype, references, e = both
+    error = rel_err(e.scores, references["torch backend"]["scores"])  # the model's forward output
+    print(f"\nEfficientNet-Lite0 logits, {dtype}: max |jax - torch| / max |torch| = {error:.3g}")
+    assert error < TOLERANCE[dtype]
+
+
+@pytest.mark.slow
+def test_jax_grad_cam_equals_torch_grad_cam(both, top2):
+    dtype, references, e = both
+    np.testing.assert_array_equal(e.targets, top2)
+    assert e.maps.shape == (2, 2, 7, 7) and e.activations.shape == (2, 1280, 7, 7)
+    for name, reference in references.items():
+        errors = {field: rel_err(getattr(e, field), reference[field])
+                  for field in ("maps", "activations", "gradients", "weights")}
+        print(f"\nEfficientNet-Lite0 Grad-CAM, {dtype}, jax vs {name}: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in errors.items()))
+        assert max(errors.values()) < TOLERANCE[dtype], (name, errors)
+    assert (e.maps.reshape(4, -1).max(axis=1) > 0).all()  # four real maps
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), [(7, 3, 2), (8, 3, 2), (9, 5, 2), (6, 5, 1), (5, 1, 1)])
+def test_same_convolutions_equal_the_torch_packages_static_same_padding(size, kernel, stride):
+    """_conv_same and _depthwise_same against Conv2dStaticSamePadding built for the input's size."""
+    rng = np.random.default_rng(size * kernel * stride)
+    x = rng.standard_normal((2, 4, size, size))
+    full = Conv2dStaticSamePadding(4, 3, kernel, stride=stride, bias=False, image_size=size).double()
+    depthwise = Conv2dStaticSamePadding(4, 4, kernel, stride=stride, groups=4, bias=False, image_size=size).double()
+    with torch.no_grad():
+        expected_full = full(torch.from_numpy(x)).numpy()
+        expected_depthwise = depthwise(torch.from_numpy(x)).numpy()
+    with jax.enable_x64(True):
+        xj = jnp.asarray(x)
+        got_full = jax.jit(zoo._conv_same, static_argnames="stride")(
+            xj, jnp.asarray(full.weight.detach().numpy()), stride=stride)
+        got_depthwise = jax.jit(zoo._depthwise_same, static_argnums=2)(
+            xj, jnp.asarray(depthwise.weight.detach().numpy()), stride)
+    assert rel_err(got_full, expected_full) < 1e-14
+    assert rel_err(got_depthwise, expected_depthwise) < 1e-14
+
+
+def test_relu6_passes_gradients_strictly_inside_like_torch():
+    x = np.array([-1.0, 0.0, 3.0, 6.0, 7.0])
+    t = torch.tensor(x, requires_grad=True)
+    torch.nn.ReLU6()(t).sum().backward()
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(zoo._relu6(jnp.asarray(x)), np.clip(x, 0, 6))
+        np.testing.assert_array_equal(jax.grad(lambda v: zoo._relu6(v).sum())(jnp.asarray(x)), t.grad.numpy())
+
+
+def test_blocks_and_parameters_match_the_torch_model(torch_model):
+    assert len(zoo.BLOCKS) == len(torch_model._blocks)
+    for (kernel, stride, expand, c_in, c_out), block in zip(zoo.BLOCKS, torch_model._blocks, strict=True):
+        args = block._block_args
+        assert (kernel, expand, c_in, c_out) == (args.kernel_size, args.expand_ratio, args.input_filters,
+                                                 args.output_filters)
+        assert tuple(block._depthwise_conv.stride) == (stride, stride)
+    params = zoo.jax_params("float32", torch_model.state_dict())
+    state = {k: v for k, v in torch_model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert params.keys() == state.keys()
+    for name, value in state.items():
+        np.testing.assert_array_equal(params[name], value.numpy())
+
+
+def test_preprocess_is_deterministic_and_normalised(photos):
+    assert photos.shape == (2, 3, 224, 224) and photos.dtype == np.float64
+    np.testing.assert_array_equal(zoo.preprocess(skimage.data.coffee()), photos[1])
+    pixels = photos.transpose(0, 2, 3, 1) * zoo.STD + zoo.MEAN  # back to [0, 1]
+    assert pixels.min() >= -1e-12 and pixels.max() <= 1 + 1e-12
+    with pytest.raises(ValueError, match=r"image must have shape \(H, W, 3\), got shape \(512, 512\)"):
+        zoo.preprocess(skimage.data.camera())
