@@ -121,6 +121,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradcam_ref._checks import check_feature_maps, shape_of
 from gradcam_ref._explain import Capture
+from gradcam_ref._guided import NoGuidedReLUWarning
 from gradcam_ref._targets import resolve_targets
 
 NAME = "torch"
@@ -133,8 +134,6 @@ class ZeroGradientWarning(UserWarning):
     """The score's gradient at the layer is exactly zero for some example: its map is zero."""
 
 
-class NoGuidedReLUWarning(UserWarning):
-    """A guided pass met no ReLU: guided backpropagation is then the plain input gradient."""
 
 
 def capture(
