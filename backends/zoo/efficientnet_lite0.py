@@ -14,6 +14,7 @@ Two implementations of the same network and weights:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 MODEL_NAME = "efficientnet-lite0"
@@ -153,10 +154,43 @@ def jax_features(params: dict[str, Any], x: Any) -> Any:
     come from the weights; :data:`BLOCKS` gives the strides and the skip connections.
     """
     x = _relu6(_batch_norm(params, "_bn0", _conv_same(x, params["_conv_stem.weight"], stride=2)))
-    for i, (_, stride, expand, c_in, c_out) in enumerate(BLOCKS):
-        skip = stride == 1 and c_in == c_out
-        x = _mbconv(params, f"_blocks.{i}.", x, stride=stride, expand=expand, skip=skip)
+    return _head_features(params, _blocks(params, x, range(len(BLOCKS))))
+
+
+def _blocks(params: dict[str, Any], x: Any, indices: range) -> Any:
+    for i in indices:
+        _, stride, expand, c_in, c_out = BLOCKS[i]
+        x = _mbconv(params, f"_blocks.{i}.", x, stride=stride, expand=expand, skip=stride == 1 and c_in == c_out)
+    return x
+
+
+def _head_features(params: dict[str, Any], x: Any) -> Any:
     return _relu6(_batch_norm(params, "_bn1", _conv_same(x, params["_conv_head.weight"])))
+
+
+def jax_split(params: dict[str, Any], layer: str = "head") -> tuple[Any, Any]:
+    """The model as ``(features, head)`` for :func:`gradcam_ref.explain`, split at ``layer``.
+
+    ``layer`` is ``"head"`` (the last ReLU6, torch's ``_swish`` at its last call:
+    :func:`jax_features` and :func:`jax_head`) or ``"_blocks.i"`` (the output of MBConv block i,
+    0 <= i < 16, named as in the torch model). Build the pair once and reuse it: the JAX backend
+    compiles once per pair of functions.
+    """
+    if layer == "head":
+        return functools.partial(jax_features, params), functools.partial(jax_head, params)
+    names = [f"_blocks.{i}" for i in range(len(BLOCKS))]
+    if layer not in names:
+        raise ValueError(f"layer must be 'head' or one of '_blocks.0' ... '_blocks.{len(BLOCKS) - 1}', got {layer!r}")
+    cut = names.index(layer) + 1
+
+    def features(x: Any) -> Any:
+        x = _relu6(_batch_norm(params, "_bn0", _conv_same(x, params["_conv_stem.weight"], stride=2)))
+        return _blocks(params, x, range(cut))
+
+    def head(a: Any) -> Any:
+        return jax_head(params, _head_features(params, _blocks(params, a, range(cut, len(BLOCKS)))))
+
+    return features, head
 
 
 def jax_head(params: dict[str, Any], a: Any) -> Any:

@@ -1,0 +1,368 @@
+"""The gradcam-ref command line: help, the demo end to end, explain on a test model, every error case."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
+from PIL import Image
+from torch import nn
+
+import gradcam_ref
+from gradcam_ref import cli, viz
+
+SIZE = 32  # the test model's input: 32 x 32, A is 4 x 8 x 8 after the stride-4 convolution
+
+
+def tiny_net() -> nn.Module:
+    """The test model factory: conv (stride 4) -> ReLU -> GAP -> linear, 3 classes, random init."""
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 4, 3, stride=4, padding=1),
+        relu=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        fc=nn.Linear(4, 3),
+    ))
+
+
+def not_a_module() -> str:
+    return "a string"
+
+
+class Arbitrary:
+    """An object torch.load(weights_only=True) must refuse to unpickle."""
+
+
+def run(capsys, *argv):
+    """``main(argv)`` -> (exit status, stdout, stderr)."""
+    status = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_usage_error(status, err, *fragments):
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("gradcam-ref explain: error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Three images (two formats, a grey one, two sizes), a weights file and a labels file."""
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(images / "a.png")
+    Image.fromarray(rng.integers(0, 256, (50, 30, 3), dtype=np.uint8)).save(images / "b.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(images / "c.bmp")
+    torch.manual_seed(1)
+    trained = tiny_net().eval()
+    weights = tmp_path / "tiny.pt"
+    torch.save(trained.state_dict(), weights)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red thing\ngreen thing\nblue thing\n")
+    base = ["explain", "--model", "tests.test_cli:tiny_net", "--weights", weights, "--layer", "conv",
+            "--size", SIZE, "--labels", labels]
+    return {"images": sorted(images.iterdir()), "trained": trained, "weights": weights, "base": base,
+            "out": tmp_path / "out", "tmp": tmp_path}
+
+
+def expected_maps(model, paths, target=None):
+    """Grad-CAM of ``model`` on the files as the CLI preprocesses them, via the library."""
+    images = [viz.load_image(p) for p in paths]
+    batch = cli.preprocess(images, (SIZE, SIZE), cli.IMAGENET_MEAN, cli.IMAGENET_STD)
+    return gradcam_ref.explain(model, torch.from_numpy(batch), target, layer="conv").numpy()
+
+
+# --- help and parsing --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["explain", "--help"]])
+def test_help_everywhere(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: gradcam-ref")
+
+
+@pytest.mark.parametrize("argv", [[], ["explain"], ["explain", "x.png", "--batch-size", "0"],
+                                  ["explain", "x.png", "--alpha", "2"], ["explain", "x.png", "--size", "3x"]])
+def test_bad_arguments_exit_2_with_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "error:" in err
+
+
+def test_class_names_are_the_standard_imagenet_order():
+    names = cli.class_names()
+    assert len(names) == 1000 == len(set(names))
+    assert (names[0], names[281], names[282], names[285], names[999]) == (
+        "tench", "tabby", "tiger cat", "Egyptian cat", "toilet tissue")
+
+
+def test_parse_target():
+    names = cli.class_names()
+    assert cli.parse_target("auto", names) is None
+    assert cli.parse_target("281", names) == 281
+    assert cli.parse_target("tiger_cat", names) == 282
+    assert cli.parse_target("egyptian  CAT", names) == 285
+    with pytest.raises(cli.UsageError, match="did you mean.*'tabby'"):
+        cli.parse_target("tabbby", names)
+    with pytest.raises(cli.UsageError, match=">= 0"):
+        cli.parse_target("-1", names)
+
+
+def test_small_helpers():
+    assert cli.peak_of(np.array([[0.0, 1.0], [1.0, 0.5]])) == (0, 1)
+    assert cli.in_words(0, 0, (9, 9)) == "upper left"
+    assert cli.in_words(4, 4, (9, 9)) == "centre"
+    assert cli.in_words(8, 4, (9, 9)) == "lower centre"
+    heat = np.zeros((4, 4))
+    heat[0, 3], heat[3, 0] = 3.0, 1.0
+    np.testing.assert_allclose(cli.tile_shares(heat, 2, 2), [0.0, 0.75, 0.25, 0.0])
+    np.testing.assert_allclose(cli.softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
+    paths = [Path("x/a.png"), Path("y/a.jpg"), Path("a-2.png"), Path("b.png")]
+    assert cli._unique_stems(paths) == ["a", "a-2", "a-2-2", "b"]
+
+
+def test_staged_output_moves_files_only_on_success(tmp_path):
+    out = tmp_path / "new" / "out"
+    with cli.staged_output(out) as stage:
+        (stage / "a.txt").write_text("a")
+    assert sorted(os.listdir(out)) == ["a.txt"]
+    with pytest.raises(RuntimeError), cli.staged_output(out) as stage:
+        (stage / "b.txt").write_text("b")
+        raise RuntimeError
+    assert sorted(os.listdir(out)) == ["a.txt"]  # kept what was there, added nothing
+    fresh = tmp_path / "fresh" / "deeper"
+    with pytest.raises(RuntimeError), cli.staged_output(fresh):
+        raise RuntimeError
+    assert not (tmp_path / "fresh").exists()  # the folders it made are gone too
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+def test_oracle_walk_through(capsys):
+    before = np.get_printoptions()
+    status, out, _ = run(capsys, "demo", "--oracle")
+    assert status == 0
+    assert np.get_printoptions() == before  # no global state left changed
+    # Eq. 1 on a GAP head: the printed alpha^c equals the printed CAM weights w^c / Z (Z = 3 x 3).
+    alpha = re.search(r"with Z = 9: \[([^\]]*)\]", out).group(1)
+    cam_weights = re.search(r"w\^c / Z: +\[([^\]]*)\]", out).group(1)
+    np.testing.assert_allclose(np.array(alpha.split(), dtype=float), np.array(cam_weights.split(), dtype=float))
+    assert len(alpha.split()) == 3
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(capsys, tmp_path):
+    """The demo on the real network writes valid PNGs of the expected sizes and reports its maps."""
+    out = tmp_path / "demo"
+    status, printed, err = run(capsys, "demo", "--out", out)
+    assert status == 0, err
+    names = cli.class_names()
+    photos = {"chelsea": (300, 451), "coffee": (400, 600), "motorcycle": (500, 741), "astronaut": (512, 512)}
+    expected = {f"{n}.png": viz.figure_size_px(3, s) for n, s in photos.items()}
+    expected |= {n: viz.figure_size_px(3, (448, 448)) for n in ("collage.png", "collage-counterfactual.png")}
+    assert sorted(os.listdir(out)) == sorted(expected)
+    for name, size in expected.items():
+        with Image.open(out / name) as png:
+            png.verify()
+            assert (png.format, png.size) == ("PNG", size)
+    # One top-5 line and one peak per photo; chelsea is a cat to the network.
+    assert printed.count("  top-5: ") == 4 and printed.count(" peaks at x=") == 4
+    chelsea_top = printed.split("chelsea (451 x 300)\n  top-5: ")[1].split(" | ")[0].rsplit(" ", 1)[0]
+    assert names.index(chelsea_top) in range(281, 286)
+    assert "what speaks against" in printed and "counterfactual" in printed
+    gap = float(printed.split("max |alpha - w/Z| = ")[1].split(",")[0])
+    assert gap < 1e-6  # alpha^c = w^c / Z on the GAP -> linear head, up to float32 rounding
+    # JAX is installed in the test environment: the same weights in JAX give the same maps.
+    jax_maps = float(printed.split("max |L_torch - L_jax| = ")[1].split(" ")[0])
+    assert jax_maps < 1e-5  # float32 rounding; the maps go up to about 0.8
+
+
+# --- explain -----------------------------------------------------------------------------------
+
+
+def test_explain_writes_a_figure_and_the_raw_map_per_image(capsys, setup):
+    status, out, err = run(capsys, *setup["base"], "--out", setup["out"], "--batch-size", 2, *setup["images"])
+    assert status == 0, err
+    expected = expected_maps(setup["trained"], setup["images"])
+    for i, path in enumerate(setup["images"]):
+        raw = np.load(setup["out"] / f"{path.stem}.npy")
+        assert raw.shape == (8, 8) and raw.dtype == np.float64
+        # float32 convolutions round differently in batches of 2 + 1 than in one batch of 3
+        np.testing.assert_allclose(raw, expected.maps[i], rtol=1e-5, atol=1e-5 * expected.maps[i].max())
+        image = viz.load_image(path)
+        with Image.open(setup["out"] / f"{path.stem}.png") as png:
+            assert png.size == viz.figure_size_px(3, image.shape)
+        label = ("red thing", "green thing", "blue thing")[int(expected.targets[i])]
+        assert f"{path}: '{label}'" in out
+    assert sorted(os.listdir(setup["out"])) == sorted(f"{p.stem}.{e}" for p in setup["images"] for e in ("png", "npy"))
+
+
+def test_explain_uses_the_weights_and_the_target_label(capsys, setup):
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--target", "Blue_Thing", setup["images"][0])
+    assert status == 0, err
+    raw = np.load(setup["out"] / "a.npy")
+    np.testing.assert_allclose(raw, expected_maps(setup["trained"], setup["images"][:1], 2).maps[0], rtol=1e-6)
+    untrained = tiny_net().eval()  # a fresh random init: the map would differ without the weights
+    assert not np.allclose(raw, expected_maps(untrained, setup["images"][:1], 2).maps[0])
+
+
+def test_explain_from_a_file_factory_and_repeated_names(capsys, setup):
+    factory = setup["tmp"] / "my_model.py"
+    factory.write_text("from tests.test_cli import tiny_net\n\ndef build():\n    return tiny_net()\n")
+    copy = setup["tmp"] / "other" / "a.png"
+    copy.parent.mkdir()
+    copy.write_bytes(setup["images"][0].read_bytes())
+    argv = [a if a != "tests.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0], copy)
+    assert status == 0, err
+    assert sorted(os.listdir(setup["out"])) == ["a-2.npy", "a-2.png", "a.npy", "a.png"]
+    np.testing.assert_array_equal(np.load(setup["out"] / "a.npy"), np.load(setup["out"] / "a-2.npy"))
+
+
+def test_a_failure_mid_run_leaves_nothing_behind(capsys, setup, monkeypatch):
+    setup["out"].mkdir()
+    (setup["out"] / "keep.txt").write_text("from before")
+    calls = []
+    save = viz.save_figure
+
+    def fail_on_second(fig, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        save(fig, path)
+
+    monkeypatch.setattr(viz, "save_figure", fail_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main([str(a) for a in [*setup["base"], "--out", setup["out"], "--batch-size", 1, *setup["images"]]])
+    assert os.listdir(setup["out"]) == ["keep.txt"]
+
+
+# --- explain: each error case -------------------------------------------------------------------
+
+
+def test_unreadable_image(capsys, setup):
+    bad = setup["tmp"] / "bad.png"
+    bad.write_text("not a png")
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], setup["images"][0], bad)
+    assert_usage_error(status, err, "bad.png", "not an image")
+    assert not setup["out"].exists()
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], setup["tmp"] / "missing.jpg")
+    assert_usage_error(status, err, "missing.jpg", "no such file")
+
+
+def test_unknown_layer_lists_candidates(capsys, setup):
+    argv = [a if a != "conv" else "conv1" for a in setup["base"]]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "'conv1' is not a submodule", "closest: ['conv']", "convolutions: ['conv']")
+    assert not setup["out"].exists()
+
+
+def test_missing_layer_for_a_factory_model(capsys, setup):
+    argv = setup["base"][:setup["base"].index("--layer")] + setup["base"][setup["base"].index("--layer") + 2:]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "--layer is required", "['conv']")
+
+
+def test_unknown_label(capsys, setup):
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--target", "purple thing", setup["images"][0])
+    assert_usage_error(status, err, "unknown label 'purple thing'")
+    assert not setup["out"].exists()
+
+
+def test_target_index_out_of_range(capsys, setup):
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--target", 7, setup["images"][0])
+    assert_usage_error(status, err, "target out of range", "C = 3")
+    assert not setup["out"].exists()
+
+
+def test_weights_that_do_not_fit(capsys, setup):
+    other = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 5, 3), fc=nn.Linear(5, 3), extra=nn.Linear(1, 1)))
+    path = setup["tmp"] / "other.pt"
+    torch.save(other.state_dict(), path)
+    argv = [a if a != setup["weights"] else path for a in setup["base"]]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "do not fit", "unexpected keys ['extra.weight', 'extra.bias']",
+                       "conv.weight (5, 3, 3, 3) vs (4, 3, 3, 3)")
+    assert not setup["out"].exists()
+
+
+def test_weights_with_arbitrary_objects_are_not_unpickled(capsys, setup):
+    path = setup["tmp"] / "evil.pt"
+    torch.save({"conv.weight": Arbitrary()}, path)
+    argv = [a if a != setup["weights"] else path for a in setup["base"]]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "weights_only=True", "arbitrary pickled objects are refused")
+    torch.save(torch.zeros(3), path)  # a tensor, not a state dict
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "expected a state dict")
+    status, _, err = run(capsys, *[a if a != setup["weights"] else setup["tmp"] / "none.pt" for a in setup["base"]],
+                         "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "no such file")
+
+
+@pytest.mark.parametrize(("model", "fragment"), [
+    ("tests.no_such_module:tiny_net", "cannot import 'tests.no_such_module'"),
+    ("tests.test_cli:no_such_factory", "has no callable 'no_such_factory'"),
+    ("tests.test_cli:not_a_module", "must return a torch nn.Module, got str"),
+    ("resnet-9000", "--model must be one of"),
+])
+def test_bad_model(capsys, setup, model, fragment):
+    argv = [a if a != "tests.test_cli:tiny_net" else model for a in setup["base"]]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, fragment)
+
+
+@pytest.mark.parametrize(("module", "extra"), [("tqdm", "viz"), ("torch", "torch")])
+def test_missing_optional_dependency(capsys, setup, monkeypatch, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "gradcam_ref.backends.torch_cli", raising=False)
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, f"needs the optional dependency {module}", f"pip install 'gradcam-ref[{extra}]'")
+    assert not setup["out"].exists()
+
+
+def test_out_is_a_file(capsys, setup):
+    setup["out"].write_text("a file")
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "not a directory")
+    assert setup["out"].read_text() == "a file"
+
+
+def test_bad_cmap(capsys, setup):
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--cmap", "nope", setup["images"][0])
+    assert_usage_error(status, err, "--cmap", "'nope'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="platform: this machine has CUDA, so --device cuda is valid")
+def test_cuda_asked_for_but_absent(capsys, setup):
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--device", "cuda", setup["images"][0])
+    assert_usage_error(status, err, "CUDA is not available")
+
+
+def test_the_named_model_default_layer(capsys, tmp_path):
+    """explain with the built-in model: its split-form layer and preprocessing, on a shipped photo."""
+    import skimage.data
+
+    photo = tmp_path / "chelsea.jpg"
+    Image.fromarray(skimage.data.chelsea()).save(photo, quality=95)
+    status, out, err = run(capsys, "explain", photo, "--out", tmp_path / "out", "--target", "tabby")
+    assert status == 0, err
+    assert "'tabby' (281)" in out
+    raw = np.load(tmp_path / "out" / "chelsea.npy")
+    assert raw.shape == (zoo.IMAGE_SIZE // 32, zoo.IMAGE_SIZE // 32)
+    assert Path(tmp_path / "out" / "chelsea.png").is_file()
