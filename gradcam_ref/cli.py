@@ -158,10 +158,11 @@ def in_words(row: int, column: int, shape: tuple[int, ...]) -> str:
 def guided_panel(explanation: Any, index: int, shape: tuple[int, int]) -> np.ndarray | None:
     """Example ``index``'s guided Grad-CAM as an ``(H, W, 3)`` image of ``shape``, or None.
 
-    None while the explanation carries no guided Grad-CAM (``explanation.guided``, ``(N, 3, h, w)``
-    at the input's resolution); the figure then has no fourth panel.
+    None when the explanation carries no guided Grad-CAM (``explanation.guided_grad_cam``,
+    ``(N, 3, h, w)`` at the input's resolution, from ``explain(..., guided=True)``); the figure
+    then has no fourth panel.
     """
-    guided = getattr(explanation, "guided", None)
+    guided = getattr(explanation, "guided_grad_cam", None)
     if guided is None:
         return None
     import gradcam_ref
