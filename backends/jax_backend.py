@@ -21,6 +21,22 @@ maps. The maps are differentiable: ``jax.grad`` of a loss on ``explain(...).maps
 to the inputs, or to parameters closed over by ``features`` and ``head`` (write the closures
 inside the loss), differentiates through the backward pass (second-order autodiff).
 
+Guided backpropagation (``guided=True``): :math:`\partial^{\text{guided}} y^c / \partial x`, the
+gradient of the same scores with respect to the inputs through guided ReLUs (every ReLU of
+``features`` and ``head`` passes the cotangent g it receives as :math:`g \cdot [0 < z] \cdot [g > 0]`,
+z its input; ReLUs capped at b as :math:`g \cdot [0 < z < b] \cdot [g > 0]`), and Guided Grad-CAM,
+its product with the maps upsampled to the input (the core's ``guided_grad_cam``). The ReLUs
+are found in the jaxpr of ``head(features(x))`` by :mod:`gradcam_ref.backends.jax_guided`, whose
+docstring lists exactly the forms it recognises (``jax.nn.relu``, ``jax.nn.relu6``,
+``jnp.maximum(x, 0)``, ``jnp.clip(x, 0, b)``, ``lax.clamp``, ``jnp.where(x > 0, x, 0)`` ...) and
+what happens to the others (their ordinary derivative is kept; a ``NoGuidedReLUWarning``
+says when none was found, or some sit inside ``custom_vjp`` functions or while loops). It runs in
+the same compiled program: one more forward pass through the guided function and one backward
+pass to the inputs (``jax.vmap`` over T targets). ``guided_backprop`` has the inputs' shape,
+``(N, T, ...)`` for ``(N, T)`` targets; with ``channel_axis`` other than 1 the inputs are taken
+to have their channels on the same axis as the activations, and ``guided_backprop`` is moved to
+channels-first ``(N, C, *spatial)`` like them.
+
 Errors that a wrong model or target would cause deep inside a trace are raised first, by name:
 ``features`` output of rank < 3, ``head`` output not ``(N, C)`` for class-index targets, a
 target out of range, a callable target that does not return ``(N,)``.
@@ -46,25 +62,34 @@ backend does not use them: the split form needs no framework beyond ``jax``.)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gradcam_ref.backends import jax_guided
 
 from gradcam_ref._checks import check_feature_maps, check_finite, shape_of
 from gradcam_ref._explain import Capture, Explanation
 from gradcam_ref._gradcam import grad_cam_parts, relu_map
+from gradcam_ref._guided import NoGuidedReLUWarning, guided_grad_cam
 from gradcam_ref._targets import check_scores, resolve_targets
 
 NAME = "jax"
 
-__all__ = ["NAME", "capture", "explain"]
+__all__ = ["NAME", "NoGuidedReLUWarning", "capture", "explain"]
 
 
 def explain(
-    model: Any, inputs: Any, target: Any = None, *, layer: Any = None, channel_axis: int = 1
+    model: Any,
+    inputs: Any,
+    target: Any = None,
+    *,
+    layer: Any = None,
+    channel_axis: int = 1,
+    guided: bool = False,
 ) -> Explanation:
     r"""Grad-CAM of ``model = (features, head)`` on ``inputs``, computed by one jitted program.
 
@@ -79,6 +104,7 @@ def explain(
       layer: must be None: the layer is the seam of ``(features, head)``.
       channel_axis: the axis of ``A`` holding its K channels: 1 (channels-first) or, e.g., -1 for
         a channels-last (NHWC, Flax) model.
+      guided: also compute ``guided_backprop`` and ``guided_grad_cam`` (module docstring).
 
     Returns:
       An :class:`~gradcam_ref.Explanation` of JAX arrays on the default device, with
@@ -86,7 +112,8 @@ def explain(
       core's layout; ``(N, T, K, *spatial)`` for ``(N, T)`` targets). ``targets`` is an int64
       NumPy array (None for a callable target), except when ``explain`` itself is traced (an
       outer ``jax.jit``, ``jax.grad``, ...) and the targets are the traced argmax or a traced
-      argument: then it is that JAX int array.
+      argument: then it is that JAX int array. ``guided_backprop`` and ``guided_grad_cam`` are
+      JAX arrays ``(N, C, *spatial)`` (``(N, T, C, *spatial)``) with ``guided``, else None.
     """
     features, head = _split(model, layer)
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
@@ -94,7 +121,7 @@ def explain(
         raise ValueError(f"inputs must have a batch axis, shape (N, ...), got shape {shape_of(x)}")
     static = {"features": features, "head": head, "channel_axis": channel_axis}
     # The forward pass's shapes, from an abstract trace (cached by jax.jit): A is checked inside it.
-    _, scores = _forward.eval_shape(x, **static)
+    a_struct, scores = _forward.eval_shape(x, **static)
     if callable(target):
         _check_hashable("target", target)
         indices, targets_out = None, None
@@ -102,8 +129,16 @@ def explain(
         check_scores(scores)
         _check_same_batch("head(A)", scores, x)
         indices, targets_out = _class_indices(target, scores)
-    result = _explain_jit(x, indices, target_fn=target if callable(target) else None, **static)
-    maps, signed, a, g, weights, scores, traced_targets, finite = result
+    guided = bool(guided)
+    if guided and channel_axis != 1 and x.ndim != a_struct.ndim:
+        raise ValueError(
+            f"guided=True with channel_axis={channel_axis}: the inputs are taken to have their channels "
+            f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
+        )
+    result = _explain_jit(x, indices, target_fn=target if callable(target) else None, guided=guided, **static)
+    maps, signed, a, g, weights, scores, traced_targets, finite, guided_backprop, ggc = result
+    if guided:
+        _warn_unguided(_GUIDED_RECORDS.get((features, head, shape_of(x), jnp.dtype(x.dtype))))
     # Inside the jitted program the core's finite checks see tracers and are skipped; the program
     # computes the flag instead (of the signed map: the ReLU turns NaN into 0). Only when it is
     # False do the core's checks run, for their messages naming the culprit.
@@ -113,19 +148,25 @@ def explain(
     if targets_out is None and traced_targets is not None:
         targets_out = _host_ints(traced_targets)
     return Explanation(maps=maps, activations=a, gradients=g, weights=weights, scores=scores,
-                       targets=targets_out)
+                       targets=targets_out, guided_backprop=guided_backprop, guided_grad_cam=ggc)
 
 
 def capture(
-    model: Any, inputs: Any, target: Any = None, *, layer: Any = None, channel_axis: int = 1
+    model: Any,
+    inputs: Any,
+    target: Any = None,
+    *,
+    layer: Any = None,
+    channel_axis: int = 1,
+    guided: bool = False,
 ) -> Capture:
     """A, dy/dA, y and the targets of ``model = (features, head)``: the backend contract.
 
     The same compiled program as :func:`explain` (which ``gradcam_ref.explain`` calls, so that
     the core's math runs inside it); the arguments are :func:`explain`'s.
     """
-    e = explain(model, inputs, target, layer=layer, channel_axis=channel_axis)
-    return Capture(e.activations, e.gradients, e.scores, e.targets)
+    e = explain(model, inputs, target, layer=layer, channel_axis=channel_axis, guided=guided)
+    return Capture(e.activations, e.gradients, e.scores, e.targets, e.guided_backprop)
 
 
 # --- The compiled program --------------------------------------------------------------------
@@ -164,6 +205,7 @@ def _explain_impl(
     head: Callable,
     target_fn: Callable | None,
     channel_axis: int,
+    guided: bool = False,
 ) -> tuple[Any, ...]:
     r"""Everything, traced once: forward, one backward per target, Eq. 1 and Eq. 2 (the core's).
 
@@ -177,28 +219,65 @@ def _explain_impl(
     if target_fn is not None:
         y, target_vjp = jax.vjp(target_fn, scores)
         _check_target_output(y, a.shape[0])
-        (seed,) = target_vjp(jnp.ones_like(y))  # d(sum_n y_n)/d scores, shape of scores
-        (gradients,) = head_vjp(seed)
+        (seeds,) = target_vjp(jnp.ones_like(y))  # d(sum_n y_n)/d scores, shape of scores
     else:
         if indices is None:
             indices = jnp.argmax(scores, axis=1)
         seeds = jax.nn.one_hot(indices, scores.shape[1], dtype=scores.dtype)  # (N, C) or (N, T, C)
         multi = indices.ndim == 2
-        if multi:  # T backward passes in one: vmap the vjp over the target axis
-            per_target = jax.vmap(lambda seed: head_vjp(seed)[0])(jnp.moveaxis(seeds, 1, 0))
-            gradients = jnp.moveaxis(per_target, 0, 1)  # (T, N, ...) -> (N, T, ...)
-        else:
-            (gradients,) = head_vjp(seeds)
+    gradients = _pull_back(head_vjp, seeds, multi)
     axis = _channel_axis(channel_axis, a.ndim)
     a_first = jnp.moveaxis(a, axis, 1)
     g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
     weights, signed = grad_cam_parts(a_first, g_first)
     finite = jnp.all(jnp.isfinite(weights)) & jnp.all(jnp.isfinite(signed))
-    return relu_map(signed), signed, a_first, g_first, weights, scores, indices, finite
+    maps = relu_map(signed)
+    guided_backprop = ggc = None
+    if guided:  # the same seeds, pulled back to x through head(features(x)) with guided ReLUs
+        record = _GUIDED_RECORDS[(features, head, shape_of(x), jnp.dtype(x.dtype))] = jax_guided.Record()
+        whole = jax_guided.guided(lambda v: head(features(v)), record)
+        _, guided_vjp = jax.vjp(whole, x)
+        guided_backprop = _pull_back(guided_vjp, seeds, multi)
+        if axis != 1:  # the inputs' channels on the activations' axis: channels-first, like A
+            guided_backprop = jnp.moveaxis(guided_backprop, axis + multi, 1 + multi)
+        ggc = guided_grad_cam(guided_backprop, maps, spatial_rank=a.ndim - 2)
+    return maps, signed, a_first, g_first, weights, scores, indices, finite, guided_backprop, ggc
+
+
+def _pull_back(vjp: Callable, seeds: jax.Array, multi: bool) -> jax.Array:
+    """``vjp(seeds)``; for ``(N, T, C)`` seeds, T pull-backs in one (``vmap`` over the target axis)."""
+    if multi:
+        per_target = jax.vmap(lambda seed: vjp(seed)[0])(jnp.moveaxis(seeds, 1, 0))
+        return jnp.moveaxis(per_target, 0, 1)  # (T, N, ...) -> (N, T, ...)
+    (out,) = vjp(seeds)
+    return out
+
+
+_GUIDED_RECORDS: dict[tuple[Any, ...], jax_guided.Record] = {}
+"""What the last trace of a guided program found, per (features, head, input shape, dtype)."""
+
+
+def _warn_unguided(record: jax_guided.Record | None) -> None:
+    if record is None:
+        return
+    if not record.counts:
+        warnings.warn(
+            "guided=True but head(features(x)) has no ReLU that the guided pass recognises (see "
+            "gradcam_ref.backends.jax_guided): guided_backprop is the plain gradient w.r.t. the inputs",
+            NoGuidedReLUWarning,
+            stacklevel=4,
+        )
+    if record.unguided:
+        warnings.warn(
+            f"guided=True: ReLU-like operations inside {sorted(set(record.unguided))} keep their "
+            "ordinary derivative (see gradcam_ref.backends.jax_guided)",
+            NoGuidedReLUWarning,
+            stacklevel=4,
+        )
 
 
 _forward = jax.jit(_forward_impl, static_argnames=("features", "head", "channel_axis"))
-_explain_jit = jax.jit(_explain_impl, static_argnames=("features", "head", "target_fn", "channel_axis"))
+_explain_jit = jax.jit(_explain_impl, static_argnames=("features", "head", "target_fn", "channel_axis", "guided"))
 
 
 # --- Checks -----------------------------------------------------------------------------------

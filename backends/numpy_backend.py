@@ -114,10 +114,11 @@ class Oracle:
         (w1, b1), (w2, b2) = self.head_params
         return np.maximum(pooled @ w1.T + b1, 0.0) @ w2.T + b2
 
-    def head_gradient(self, a: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    def head_gradient(self, a: np.ndarray, seed: np.ndarray, guided: bool = False) -> np.ndarray:
         """:math:`\\sum_c \\text{seed}_{nc}\\, \\partial y_{nc} / \\partial A_n`, shape of ``a``.
 
         ``seed`` ``(N, classes)`` is the backward pass's starting vector (one-hot for one class).
+        ``guided``: the MLP head's ReLU passes only positive gradients (see :meth:`guided_backward`).
         """
         n, k, *spatial = a.shape
         z = math.prod(spatial)
@@ -130,7 +131,9 @@ class Oracle:
         else:
             (w1, b1), (w2, _) = self.head_params
             hidden = a.reshape(n, k, -1).mean(axis=-1) @ w1.T + b1
-            d_pooled = ((seed @ w2) * (hidden > 0)) @ w1  # back through ReLU and W1
+            d_hidden = seed @ w2
+            keep = (hidden > 0) & (d_hidden > 0) if guided else hidden > 0
+            d_pooled = (d_hidden * keep) @ w1  # back through ReLU and W1
         # GAP: pooled_k = (1/Z) sum_ij A_kij, so d pooled_k / d A_kij = 1/Z everywhere.
         return np.broadcast_to((d_pooled / z).reshape(n, k, *([1] * len(spatial))), a.shape).copy()
 
@@ -147,6 +150,21 @@ class Oracle:
                 return grad
             grad = conv_input_gradient(grad, self.convs[i][0])
         raise ValueError(f"layer must be one of {self.layers}, got {layer!r}")
+
+    def guided_backward(self, x: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """Guided backpropagation (Springenberg et al.) to the input ``x``, by hand.
+
+        The backward pass of :meth:`backward`, carried down to ``x``, with every ReLU (those
+        after the convolutions and the MLP head's) passing the gradient g it receives as
+        :math:`g \\cdot [z > 0] \\cdot [g > 0]`, z the ReLU's input. Shape of ``x``.
+        """
+        outputs, _ = self.forward(x)
+        last = len(self.convs) - 1
+        grad = self.head_gradient(outputs[f"relu{last}"], seed, guided=True)
+        for i in range(last, -1, -1):
+            grad = grad * ((outputs[f"conv{i}"] > 0) & (grad > 0))
+            grad = conv_input_gradient(grad, self.convs[i][0])
+        return grad
 
 
 def conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -178,11 +196,14 @@ def conv_input_gradient(grad_out: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return np.moveaxis(out, -1, 1)
 
 
-def capture(model: Oracle, inputs: Any, target: Any = None, *, layer: str | None = None) -> Capture:
+def capture(
+    model: Oracle, inputs: Any, target: Any = None, *, layer: str | None = None, guided: bool = False
+) -> Capture:
     """Activations, hand-derived gradients and scores of the oracle at ``layer``.
 
     Targets are class indices (None, an int, N ints or an ``(N, T)`` array); the oracle has no
-    autograd, so callable targets are refused.
+    autograd, so callable targets are refused. ``guided`` adds guided backpropagation to the
+    input (:meth:`Oracle.guided_backward`), ``(N, C, *S)`` or ``(N, T, C, *S)``.
     """
     if callable(target):
         raise TypeError("the numpy backend has no autograd: target must be class indices, not a callable")
@@ -201,4 +222,8 @@ def capture(model: Oracle, inputs: Any, target: Any = None, *, layer: str | None
     eye = np.eye(scores.shape[1])
     grads = np.stack([model.backward(x, layer, eye[columns[:, t]]) for t in range(columns.shape[1])], axis=1)
     gradients = grads if targets.ndim == 2 else grads[:, 0]
-    return Capture(outputs[layer], gradients, scores, targets)
+    guided_backprop = None
+    if guided:
+        rows = np.stack([model.guided_backward(x, eye[columns[:, t]]) for t in range(columns.shape[1])], axis=1)
+        guided_backprop = rows if targets.ndim == 2 else rows[:, 0]
+    return Capture(outputs[layer], gradients, scores, targets, guided_backprop)

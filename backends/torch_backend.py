@@ -63,6 +63,41 @@ Layer:
   and target) to the gradients alike, so it must only rearrange values (e.g.
   ``lambda t: t.permute(0, 3, 1, 2)`` for channels-last ``(N, H, W, C)`` feature maps).
 
+Guided backpropagation (``guided=True``; Springenberg et al., Guided Grad-CAM of Selvaraju et al.):
+
+- What: :math:`\partial^{\text{guided}} y^c / \partial x`, the gradient of the score w.r.t. the
+  *input*, where every ReLU passes the gradient g it receives as
+  :math:`g \cdot [0 < z] \cdot [g > 0]` (z the ReLU's input). A ReLU capped at b (ReLU6,
+  ``hardtanh(0, b)``, ``clamp(0, b)``) passes :math:`g \cdot [0 < z < b] \cdot [g > 0]`: its
+  ordinary gradient (zero where it is flat, at and beyond either bound) restricted to positive g.
+  Every other operation (SiLU, GELU, leaky ReLU, max-pooling, ...) keeps its ordinary gradient.
+- How: the guided pass runs the model under :class:`GuidedReLUs`, a
+  ``torch.overrides.TorchFunctionMode`` that sees every torch function call, module or not, and
+  replaces each ReLU form it recognises by an autograd Function whose forward *is the original
+  call* (the same numbers; in place when the call is in place) and whose backward is the rule
+  above. Recognised (by the function called, so ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, b)``
+  and ``nn.Threshold(0, 0)`` modules are caught through the functions they call):
+  ``F.relu`` (``inplace`` or not), ``F.relu_``, ``torch.relu``, ``torch.relu_``, ``Tensor.relu``,
+  ``Tensor.relu_``; ``F.relu6``; ``F.hardtanh``/``F.hardtanh_`` with ``min_val == 0``;
+  ``torch.clamp``/``clip`` and their ``Tensor`` and in-place forms with ``min == 0`` (a Python
+  number) and ``max`` None or a number, ``clamp_min``/``clamp_min_`` with 0; ``F.threshold``/
+  ``torch.threshold``/``threshold_`` with ``threshold == value == 0``. Not recognised, so not
+  guided: ReLUs written as other ops (``torch.maximum(x, zeros)``, ``x * (x > 0)``,
+  ``torch.where``), ``clamp`` with a tensor bound, calls with ``out=``, and code the mode cannot
+  see (TorchScript, C++ extensions). A guided pass that meets no ReLU at all warns
+  (:class:`NoGuidedReLUWarning`): its result is the plain input gradient.
+- Cost: a second pass, separate from the Grad-CAM one (whose backward stops at the layer): one
+  forward pass with autograd from the input (the activation memory of a training step; the
+  Grad-CAM pass keeps only the part after the layer) and one backward pass to the input (no
+  parameter gradient is computed), batched over T targets like the Grad-CAM pass; about three
+  forward passes of time, plus a small Python cost per torch call while the mode is active.
+- Layout: ``guided_backprop`` has the shape of the inputs (with a T axis for ``(N, T)``
+  targets); Guided Grad-CAM multiplies it with the maps upsampled to its trailing spatial axes,
+  so it needs channels-first inputs ``(N, C, *S)`` with as many spatial axes as the maps.
+- Global state: the mode is a context manager, so it is popped (and grad mode restored) even
+  when the model or the target raises; after the call every ReLU has its ordinary gradient.
+  The model's inputs are not modified (the model runs on a copy).
+
 Warnings: a model (or part) in training mode (dropout and batch-norm make the maps random), and
 examples whose gradients are exactly zero everywhere (their maps are zero: the score does not
 depend on the layer there). A score with no autograd path to the layer is an error.
@@ -70,28 +105,35 @@ depend on the layer there). A score with no autograd path to the layer is an err
 
 from __future__ import annotations
 
+import collections
 import difflib
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from gradcam_ref._checks import check_feature_maps, shape_of
 from gradcam_ref._explain import Capture
+from gradcam_ref._guided import NoGuidedReLUWarning
 from gradcam_ref._targets import resolve_targets
 
 NAME = "torch"
 AT = ("output", "input")
 
-__all__ = ["AT", "NAME", "ZeroGradientWarning", "capture"]
+__all__ = ["AT", "NAME", "GuidedReLUs", "NoGuidedReLUWarning", "ZeroGradientWarning", "capture"]
 
 
 class ZeroGradientWarning(UserWarning):
     """The score's gradient at the layer is exactly zero for some example: its map is zero."""
+
+
 
 
 def capture(
@@ -103,6 +145,7 @@ def capture(
     at: str = "output",
     call: int | None = None,
     reshape: Sequence[int] | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    guided: bool = False,
 ) -> Capture:
     r"""Run ``model`` on ``inputs``; return :math:`A`, :math:`\partial y^c/\partial A` and y at ``layer``.
 
@@ -117,10 +160,13 @@ def capture(
       call: which call of the layer, when it runs more than once per forward pass.
       reshape: grid sizes or a callable turning token activations ``(N, T, D)`` into
         ``(N, D, *grid)``.
+      guided: also run the guided pass (module docstring) for the same targets.
 
     Returns:
       ``Capture(activations (N, K, *spatial), gradients (N, K, *spatial) or
-      (N, T, K, *spatial), scores, targets)``, tensors detached, on the model's device.
+      (N, T, K, *spatial), scores, targets, guided_backprop)``, tensors detached, on the model's
+      device; ``guided_backprop`` is ``(N, *inputs.shape[1:])``, ``(N, T, *inputs.shape[1:])``
+      or None.
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, ...), got {type(inputs).__name__}")
@@ -164,7 +210,10 @@ def capture(
         activations, gradients = _reshape(activations, gradients, reshape)
     check_feature_maps("activations", activations)
     _warn_zero_gradients(gradients, int(activations.ndim), where)
-    return Capture(activations, gradients, scores.detach(), None if callable(targets) else targets)
+    guided_backprop = _guided_backprop(model, inputs, targets) if guided else None
+    return Capture(
+        activations, gradients, scores.detach(), None if callable(targets) else targets, guided_backprop
+    )
 
 
 # --- the forward pass ---------------------------------------------------------------------------
@@ -381,6 +430,184 @@ def _warn_zero_gradients(gradients: torch.Tensor, rank: int, where: str) -> None
             ZeroGradientWarning,
             stacklevel=4,
         )
+
+
+# --- guided backpropagation --------------------------------------------------------------------
+
+
+def _guided_backprop(
+    model: nn.Module | tuple[nn.Module, nn.Module], inputs: torch.Tensor, targets: Any
+) -> torch.Tensor:
+    r""":math:`\partial^{\text{guided}} y^c / \partial x`: ``(N, *x)``, or ``(N, T, *x)``.
+
+    ``targets`` are those of the Grad-CAM pass (resolved class indices, or the callable).
+    """
+    if not inputs.is_floating_point():
+        raise TypeError(f"guided=True differentiates w.r.t. the inputs, which must be floating, got {inputs.dtype}")
+    x = inputs.detach().requires_grad_(True)
+    mode = GuidedReLUs()
+    with torch.enable_grad(), mode:
+        if isinstance(model, (tuple, list)):
+            scores = _run(model[1], _run(model[0], x.clone()))
+        else:
+            scores = _run(model, x.clone())  # a copy: in-place ops on it leave x (and inputs) alone
+    if not mode.counts:
+        warnings.warn(
+            "guided=True but the model called no ReLU that the guided pass recognises (see the "
+            "torch backend's docstring): guided_backprop is the plain gradient w.r.t. the inputs",
+            NoGuidedReLUWarning,
+            stacklevel=4,
+        )
+    return _gradients(scores, x, targets, "the inputs")
+
+
+class _GuidedReLU(torch.autograd.Function):
+    r"""A ReLU form ``func(*args, **kwargs)`` with the guided backward rule.
+
+    Forward: the call itself, so the numbers (and the in-place behaviour) are the original's.
+    Backward, with y the output and b = ``upper`` (:math:`\infty` when None):
+    :math:`g \mapsto g \cdot [0 < y < b] \cdot [g > 0]`. Since y = z on ``0 < z < b`` and y is
+    clamped to 0 or b elsewhere, :math:`[0 < y < b] = [0 < z < b]` for the input z; reading the
+    output lets in-place calls (whose input is overwritten) use the same rule.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, func: Callable[..., torch.Tensor], args: tuple[Any, ...],
+                kwargs: dict[str, Any], upper: float | None, inplace: bool) -> torch.Tensor:
+        y = func(*args, **kwargs)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(y)
+        ctx.upper = upper
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (y,) = ctx.saved_tensors
+        keep = (y > 0) & (g > 0)
+        if ctx.upper is not None:
+            keep = keep & (y < ctx.upper)
+        return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)), None, None, None, None, None
+
+
+class GuidedReLUs(TorchFunctionMode):
+    """While active, every recognised ReLU call gets the guided backward rule.
+
+    A ``torch.overrides.TorchFunctionMode``: ``with GuidedReLUs() as mode: scores = model(x)``
+    builds a graph whose backward passes are guided at every ReLU called inside the block (see
+    the module docstring for the rule and the recognised calls); the forward numbers are
+    unchanged. Calls outside autograd (grad mode off, or an input that does not require grad)
+    run as they are. ``counts`` tells how many calls of each function were guided.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        form = _RELU_FORMS.get(func)
+        if form is not None and torch.is_grad_enabled():
+            name, parse = form
+            parsed = None if "out" in kwargs else parse(args, kwargs)
+            if parsed is not None:
+                x, upper, inplace = parsed
+                if isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point():
+                    self.counts[name] += 1
+                    return _GuidedReLU.apply(x, func, args, kwargs, upper, inplace)
+        return func(*args, **kwargs)
+
+
+_Parsed = tuple[Any, float | None, bool] | None  # (input, upper bound or None, in place) or None
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _is_number(v: Any, value: float | None = None) -> bool:
+    """A real Python/NumPy number (not a bool, not a tensor), equal to ``value`` if given."""
+    ok = isinstance(v, numbers.Real) and not isinstance(v, (bool, torch.Tensor))
+    return ok and (value is None or v == value)
+
+
+def _upper(v: Any) -> float | None:
+    """The cap b of a capped ReLU; None for no cap (None or +inf)."""
+    if v is None or v == math.inf:
+        return None
+    return float(v)
+
+
+# Each parser reads a call's arguments (positional or keyword, as the function's signature has
+# them) and returns (input, cap, in place), or None when the call is not a ReLU. ``inplace=None``
+# reads the ``inplace`` argument of the ``F.*`` functions.
+
+
+def _relu_form(inplace: bool | None, upper: float | None = None) -> Callable[..., _Parsed]:
+    """``relu(input[, inplace])``, or ``relu6`` with ``upper=6``."""
+    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
+        flag = bool(_arg(args, kwargs, 1, "inplace", False)) if inplace is None else inplace
+        return _arg(args, kwargs, 0, "input"), upper, flag
+    return parse
+
+
+def _hardtanh_form(inplace: bool | None) -> Callable[..., _Parsed]:
+    """``hardtanh(input, min_val=-1, max_val=1[, inplace])``: a ReLU capped at max_val if min_val == 0."""
+    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
+        low, high = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+        if not (_is_number(low, 0) and _is_number(high)):
+            return None
+        flag = bool(_arg(args, kwargs, 3, "inplace", False)) if inplace is None else inplace
+        return _arg(args, kwargs, 0, "input"), _upper(high), flag
+    return parse
+
+
+def _clamp_form(inplace: bool, has_max: bool = True) -> Callable[..., _Parsed]:
+    """``clamp(input, min=None, max=None)`` (``clamp_min(input, min)``): a ReLU if min == 0."""
+    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
+        low = _arg(args, kwargs, 1, "min")
+        high = _arg(args, kwargs, 2, "max") if has_max else None
+        if not (_is_number(low, 0) and (high is None or _is_number(high))):
+            return None
+        return _arg(args, kwargs, 0, "input"), _upper(high), inplace
+    return parse
+
+
+def _threshold_form(inplace: bool | None) -> Callable[..., _Parsed]:
+    """``threshold(input, threshold, value[, inplace])``: a ReLU if threshold == value == 0."""
+    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
+        at, value = _arg(args, kwargs, 1, "threshold"), _arg(args, kwargs, 2, "value")
+        if not (_is_number(at, 0) and _is_number(value, 0)):
+            return None
+        flag = bool(_arg(args, kwargs, 3, "inplace", False)) if inplace is None else inplace
+        return _arg(args, kwargs, 0, "input"), None, flag
+    return parse
+
+
+_RELU_FORMS: dict[Any, tuple[str, Callable[..., _Parsed]]] = {
+    F.relu: ("relu", _relu_form(None)),
+    torch.relu: ("relu", _relu_form(False)),
+    torch.Tensor.relu: ("relu", _relu_form(False)),
+    torch.relu_: ("relu", _relu_form(True)),  # also F.relu_
+    torch.Tensor.relu_: ("relu", _relu_form(True)),
+    F.relu6: ("relu6", _relu_form(None, 6.0)),
+    torch._C._nn.relu6: ("relu6", _relu_form(False, 6.0)),
+    torch._C._nn.relu6_: ("relu6", _relu_form(True, 6.0)),
+    F.hardtanh: ("hardtanh", _hardtanh_form(None)),  # nn.ReLU6, nn.Hardtanh
+    torch._C._nn.hardtanh: ("hardtanh", _hardtanh_form(False)),
+    torch._C._nn.hardtanh_: ("hardtanh", _hardtanh_form(True)),  # also F.hardtanh_
+    F.threshold: ("threshold", _threshold_form(None)),  # nn.Threshold
+    torch.threshold: ("threshold", _threshold_form(False)),
+    torch.threshold_: ("threshold", _threshold_form(True)),  # also F.threshold_
+    **{f: ("clamp", _clamp_form(False)) for f in (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)},
+    **{f: ("clamp", _clamp_form(True)) for f in (torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor.clip_)},
+    torch.clamp_min: ("clamp", _clamp_form(False, has_max=False)),
+    torch.Tensor.clamp_min: ("clamp", _clamp_form(False, has_max=False)),
+    torch.clamp_min_: ("clamp", _clamp_form(True, has_max=False)),
+    torch.Tensor.clamp_min_: ("clamp", _clamp_form(True, has_max=False)),
+}
+"""The ReLU forms the guided pass recognises: function -> (name for counts, argument parser)."""
 
 
 # --- layers, models, reshapes -------------------------------------------------------------------

@@ -107,17 +107,20 @@ def load(
     raise UsageError(f"--layer is required for {spec}: a dotted submodule name, e.g. one of {_conv_names(model)}")
 
 
-def explain(loaded: LoadedModel, batch: np.ndarray, target: Any = None) -> gradcam_ref.Explanation:
+def explain(
+    loaded: LoadedModel, batch: np.ndarray, target: Any = None, *, guided: bool = False
+) -> gradcam_ref.Explanation:
     """Grad-CAM of ``loaded`` on ``batch`` ``(N, C, H, W)`` (NumPy, preprocessed), as NumPy float64.
 
     ``target`` is anything :func:`gradcam_ref.explain` takes (None, ints, a callable on the
-    torch scores such as ``lambda s: -s[:, c]``).
+    torch scores such as ``lambda s: -s[:, c]``); ``guided`` adds guided backpropagation and
+    Guided Grad-CAM (one more forward and backward pass, to the input).
 
     Raises:
       UsageError: the layer, the target or the inputs do not fit the model.
     """
     inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(loaded.device)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"guided": True} if guided else {}
     if loaded.layer is not None:
         options["layer"] = loaded.layer
     if loaded.call is not None:

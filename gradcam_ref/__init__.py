@@ -7,6 +7,7 @@ supply the activations, gradients and scores that :func:`explain` turns into map
 
 from gradcam_ref._explain import Capture, Explanation, explain
 from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_importance
+from gradcam_ref._guided import guided_grad_cam, guided_image
 from gradcam_ref._postprocess import normalize, upsample
 
 __version__ = "0.1.0"
@@ -18,6 +19,8 @@ __all__ = [
     "explain",
     "grad_cam",
     "grad_cam_plus_plus",
+    "guided_grad_cam",
+    "guided_image",
     "neuron_importance",
     "normalize",
     "upsample",

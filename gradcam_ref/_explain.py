@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from gradcam_ref._checks import Array, to_numpy
 from gradcam_ref._conventions import postprocess
 from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
+from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._targets import Target
 
 
@@ -22,12 +24,15 @@ class Capture(NamedTuple):
         ``(N, T, K, *spatial)`` for ``(N, T)`` targets.
       scores: the model's output, usually ``(N, C)`` pre-softmax scores.
       targets: the class indices explained, int ``(N,)`` or ``(N, T)``; None for a callable target.
+      guided_backprop: guided backpropagation to the input, ``(N, C, *S)`` or ``(N, T, C, *S)``
+        (see :mod:`gradcam_ref._guided`); None unless asked for (``guided=True``).
     """
 
     activations: Array
     gradients: Array
     scores: Array
     targets: Any
+    guided_backprop: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,12 @@ class Explanation:
       scores: the model's output for ``inputs``, e.g. ``(N, C)`` logits.
       targets: the explained classes, int64 NumPy ``(N,)`` or ``(N, T)``; None when the
         target was a callable.
+      guided_backprop: with ``guided=True``, :math:`\\partial^{\\text{guided}} y^c / \\partial x`,
+        the gradient of the score w.r.t. the input through guided ReLUs, ``(N, C, *S)`` (the
+        input's shape) or ``(N, T, C, *S)``; else None.
+      guided_grad_cam: with ``guided=True``, ``guided_grad_cam(guided_backprop, maps)``: the
+        guided gradients times ``maps`` upsampled to the input, same shape; else None.
+        :func:`gradcam_ref.guided_image` makes either displayable.
 
     The signed map (before the ReLU) is ``gradcam_ref.cam(activations, weights)``.
     """
@@ -54,18 +65,26 @@ class Explanation:
     weights: Array
     scores: Array
     targets: np.ndarray | None
+    guided_backprop: Array | None = None
+    guided_grad_cam: Array | None = None
 
     @classmethod
     def from_capture(cls, capture: Capture) -> Explanation:
         """Apply Eq. 1 and Eq. 2 to what a backend captured."""
         weights, signed = grad_cam_parts(capture.activations, capture.gradients)
+        maps = relu_map(signed)
+        guided = capture.guided_backprop
         return cls(
-            maps=relu_map(signed),
+            maps=maps,
             activations=capture.activations,
             gradients=capture.gradients,
             weights=weights,
             scores=capture.scores,
             targets=capture.targets,
+            guided_backprop=guided,
+            guided_grad_cam=None if guided is None else guided_grad_cam(
+                guided, maps, spatial_rank=len(capture.activations.shape) - 2
+            ),
         )
 
     def heatmap(self, size: int | tuple[int, ...] | None = None, convention: str = "paper") -> Array:
@@ -100,6 +119,7 @@ def explain(
     *,
     layer: Any = None,
     backend: str | None = None,
+    guided: bool = False,
     **options: Any,
 ) -> Explanation:
     """Grad-CAM of ``model`` on ``inputs`` at ``layer``, for ``target``.
@@ -120,6 +140,9 @@ def explain(
         per example) or a callable ``scores -> (N,)`` for any differentiable output.
       layer: where to take :math:`A` (a name or module; the backend's default when None).
       backend: the backend's name, to override detection.
+      guided: also compute guided backpropagation and Guided Grad-CAM (the Explanation's
+        ``guided_backprop`` and ``guided_grad_cam``). The backend then runs one more forward
+        pass, with autograd from the input, and a backward pass to the input.
       **options: passed to the backend's ``capture``.
 
     Returns:
@@ -128,6 +151,10 @@ def explain(
     from gradcam_ref import backends
 
     chosen = backends.select(model, inputs, backend)
+    if guided:
+        if "guided" not in inspect.signature(chosen.capture).parameters:
+            raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
+        options["guided"] = True
     compiled = getattr(chosen, "explain", None)
     if compiled is not None:  # the backend runs the core's math itself, inside one compiled program
         return compiled(model, inputs, target, layer=layer, **options)

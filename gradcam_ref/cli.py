@@ -156,18 +156,19 @@ def in_words(row: int, column: int, shape: tuple[int, ...]) -> str:
 
 
 def guided_panel(explanation: Any, index: int, shape: tuple[int, int]) -> np.ndarray | None:
-    """Example ``index``'s guided Grad-CAM as an ``(H, W, 3)`` image of ``shape``, or None.
+    """Example ``index``'s guided Grad-CAM ``(C, H, W)`` resized to the photo's ``shape``, or None.
 
-    None while the explanation carries no guided Grad-CAM (``explanation.guided``, ``(N, 3, h, w)``
-    at the input's resolution); the figure then has no fourth panel.
+    None when the explanation carries no guided Grad-CAM (``explanation.guided_grad_cam``,
+    ``(N, C, h, w)`` at the input's resolution, from ``explain(..., guided=True)``); the figure
+    then has no fourth panel.
     """
-    guided = getattr(explanation, "guided", None)
+    guided = getattr(explanation, "guided_grad_cam", None)
     if guided is None:
         return None
     import gradcam_ref
+    from gradcam_ref._checks import to_numpy
 
-    resized = gradcam_ref.upsample(np.asarray(guided[index], dtype=np.float64), tuple(shape))
-    return np.moveaxis(np.asarray(resized), 0, -1)
+    return gradcam_ref.upsample(np.asarray(to_numpy(guided[index]), dtype=np.float64), tuple(shape))
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -277,7 +278,7 @@ def _demo(args: argparse.Namespace) -> int:
         photos[name] = photo[0] if isinstance(photo, tuple) else photo  # stereo pair: the left view
     size = (zoo.IMAGE_SIZE, zoo.IMAGE_SIZE)
     batch = preprocess(list(photos.values()), size, zoo.MEAN, zoo.STD)
-    e = torch_cli.explain(loaded, batch)  # target None: each photo's top class
+    e = torch_cli.explain(loaded, batch, guided=True)  # target None: each photo's top class
     probabilities = softmax(e.scores)
     z = int(np.prod(e.activations.shape[2:]))
 
@@ -445,7 +446,7 @@ def _explain(args: argparse.Namespace) -> int:
         bar = tqdm(batches, unit="batch", desc=PROG, disable=True if len(batches) < 2 else None, file=sys.stderr)
         for indices in bar:
             images = [load_image(paths[i]) for i in indices]
-            e = torch_cli.explain(loaded, preprocess(images, size, mean, std), target)
+            e = torch_cli.explain(loaded, preprocess(images, size, mean, std), target, guided=args.guided)
             for j, (i, image) in enumerate(zip(indices, images, strict=True)):
                 c = int(e.targets[j])
                 label = names[c] if c < len(names) and len(names) == e.scores.shape[1] else f"class {c}"
@@ -530,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
     explain.add_argument("--batch-size", type=_positive, default=16, metavar="N",
                          help="images per forward pass (default 16)")
+    explain.add_argument("--guided", action="store_true",
+                         help="add a guided Grad-CAM panel (one more forward and backward pass, to the input)")
     explain.add_argument("--size", type=_size, metavar="N|HxW", help="model input size (default 224)")
     explain.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
     explain.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")

@@ -38,6 +38,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised by the CLI'
         name=error.name,
     ) from error
 
+from gradcam_ref._guided import guided_image
 from gradcam_ref._postprocess import upsample
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "figure",
     "figure_size_px",
     "fit_heat",
-    "guided_to_rgb",
     "load_image",
     "overlay",
     "resize_image",
@@ -183,28 +183,6 @@ def fit_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(upsample(h[None], tuple(size))[0], 0.0, 1.0)
 
 
-def guided_to_rgb(guided: np.ndarray) -> np.ndarray:
-    r"""Display scaling of a guided Grad-CAM image (any sign): :math:`\tfrac12 + \tfrac12 g / \max|g|`.
-
-    Zero is mid-grey, so positive and negative evidence stay apart; an all-zero image is grey.
-
-    Args:
-      guided: ``(H, W, 3)`` or ``(H, W)`` real values.
-
-    Returns:
-      ``(H, W, 3)`` float64 in [0, 1].
-    """
-    g = np.asarray(guided, dtype=np.float64)
-    if g.ndim == 2:
-        g = np.repeat(g[..., None], 3, axis=-1)
-    if g.ndim != 3 or g.shape[-1] != 3 or 0 in g.shape:
-        raise ValueError(f"guided must have shape (H, W, 3) or (H, W), got {np.shape(guided)}")
-    if not np.all(np.isfinite(g)):
-        raise ValueError("guided contains NaN or Inf")
-    scale = np.max(np.abs(g))
-    return 0.5 + 0.5 * (g / scale if scale > 0 else g)
-
-
 # --------------------------------------------------------------------------- the figure
 
 
@@ -234,8 +212,9 @@ def figure(
     Args:
       image: ``(H, W, 3)`` RGB, uint8 or floats in [0, 1].
       heat: the map in [0, 1], any ``(h, w)``; upsampled to ``(H, W)`` (half-pixel bilinear).
-      guided: the guided Grad-CAM image ``(H, W, 3)`` or ``(H, W)``, any sign, shown through
-        :func:`guided_to_rgb` in a fourth panel; no fourth panel when None.
+      guided: the example's guided Grad-CAM ``(C, H, W)`` (channels first, as in
+        ``Explanation.guided_grad_cam[n]``), any sign, shown in a fourth panel through the
+        one documented display scaling, :func:`gradcam_ref.guided_image`; none when None.
       title: the figure's title (e.g. the class explained).
       heat_title: the title of the heatmap panel.
       cmap, alpha: as in :func:`overlay`.
@@ -253,10 +232,12 @@ def figure(
         ("blend", overlay(rgb, fitted, cmap=cmap, alpha=alpha)),
     ]
     if guided is not None:
-        shown = guided_to_rgb(guided)
-        if shown.shape[:2] != rgb.shape[:2]:
-            raise ValueError(f"guided must have the image's (H, W) = {rgb.shape[:2]}, got {np.shape(guided)}")
-        panels.append(("guided Grad-CAM", shown))
+        g = np.asarray(guided, dtype=np.float64)
+        if g.ndim != 3 or g.shape[1:] != rgb.shape[:2]:
+            raise ValueError(f"guided must have shape (C, H, W) with the image's (H, W) = {rgb.shape[:2]}, "
+                             f"got {np.shape(guided)}")
+        shown = guided_image(g[None])[0]  # (H, W, C) in [0, 1]
+        panels.append(("guided Grad-CAM", shown if shown.shape[-1] == 3 else np.repeat(shown[..., :1], 3, axis=-1)))
 
     width, height = figure_size_px(len(panels), rgb.shape)
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)

@@ -173,7 +173,7 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert status == 0, err
     names = cli.class_names()
     photos = {"chelsea": (300, 451), "coffee": (400, 600), "motorcycle": (500, 741), "astronaut": (512, 512)}
-    expected = {f"{n}.png": viz.figure_size_px(3, s) for n, s in photos.items()}
+    expected = {f"{n}.png": viz.figure_size_px(4, s) for n, s in photos.items()}  # with guided Grad-CAM
     expected |= {n: viz.figure_size_px(3, (448, 448)) for n in ("collage.png", "collage-counterfactual.png")}
     assert sorted(os.listdir(out)) == sorted(expected)
     for name, size in expected.items():
@@ -210,6 +210,18 @@ def test_explain_writes_a_figure_and_the_raw_map_per_image(capsys, setup):
         label = ("red thing", "green thing", "blue thing")[int(expected.targets[i])]
         assert f"{path}: '{label}'" in out
     assert sorted(os.listdir(setup["out"])) == sorted(f"{p.stem}.{e}" for p in setup["images"] for e in ("png", "npy"))
+
+
+def test_explain_guided_adds_the_guided_grad_cam_panel(capsys, setup):
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--guided", setup["images"][0])
+    assert status == 0, err
+    image = viz.load_image(setup["images"][0])
+    with Image.open(setup["out"] / "a.png") as png:
+        assert png.size == viz.figure_size_px(4, image.shape)
+        panel = np.asarray(png.convert("RGB"))[viz.TITLE_PX:, 3 * viz.PANEL_PX:]
+    assert panel.std() > 0  # the guided panel is a picture, not a flat fill
+    np.testing.assert_allclose(np.load(setup["out"] / "a.npy"),
+                               expected_maps(setup["trained"], setup["images"][:1]).maps[0], rtol=1e-6)
 
 
 def test_explain_uses_the_weights_and_the_target_label(capsys, setup):

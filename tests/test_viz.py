@@ -76,13 +76,6 @@ def test_bad_arguments_are_refused():
         viz.overlay(np.zeros((2, 2, 3), dtype=np.int64), heat)
 
 
-def test_guided_display_keeps_zero_grey():
-    np.testing.assert_allclose(viz.guided_to_rgb(np.array([[-2.0, 0.0, 1.0]]))[0, :, 0], [0.0, 0.5, 0.75])
-    np.testing.assert_allclose(viz.guided_to_rgb(np.zeros((2, 2, 3))), 0.5)
-    with pytest.raises(ValueError, match="guided"):
-        viz.guided_to_rgb(np.zeros((2, 2, 2)))
-
-
 def _pixel(png, x, y):
     with Image.open(png) as image:
         return np.asarray(image.convert("RGB"))[y, x].astype(int)
@@ -93,7 +86,10 @@ def test_figure_panels_and_png_size(tmp_path, with_guided):
     # A red image and a zero map: image panel red, heatmap jet(0), blend halfway between.
     image = np.zeros((100, 200, 3), dtype=np.uint8)
     image[..., 0] = 255
-    guided = np.ones((100, 200, 3)) if with_guided else None
+    guided = None
+    if with_guided:  # channel 0 high, channel 2 low: guided_image maps it to (0.5 +- 0.1 * 1.22)
+        guided = np.zeros((3, 100, 200))
+        guided[0], guided[2] = 1.0, -1.0
     fig = viz.figure(image, np.zeros((7, 7)), guided=guided, title="red", peak=(10, 10))
     path = tmp_path / "figure.png"
     viz.save_figure(fig, path)
@@ -108,8 +104,9 @@ def test_figure_panels_and_png_size(tmp_path, with_guided):
     np.testing.assert_allclose(_pixel(path, centre[0], middle_y), [255, 0, 0], atol=1)
     np.testing.assert_allclose(_pixel(path, centre[1], middle_y), [0, 0, 128], atol=1)
     np.testing.assert_allclose(_pixel(path, centre[2], middle_y), [128, 0, 64], atol=1)
-    if with_guided:  # 1 / max|g| -> 0.5 + 0.5 = white
-        np.testing.assert_allclose(_pixel(path, centre[3], middle_y), [255, 255, 255], atol=1)
+    if with_guided:  # mean 0, std sqrt(2/3): out = 0.5 + 0.1 * g / std = [0.622, 0.5, 0.378]
+        expected = 255 * (0.5 + 0.1 * np.array([1.0, 0.0, -1.0]) / np.sqrt(2 / 3))
+        np.testing.assert_allclose(_pixel(path, centre[3], middle_y), expected, atol=1.5)
     assert sorted(os.listdir(tmp_path)) == ["figure.png"]
     mask = os.umask(0)
     os.umask(mask)
@@ -118,7 +115,7 @@ def test_figure_panels_and_png_size(tmp_path, with_guided):
 
 def test_figure_refuses_a_guided_image_of_another_size():
     with pytest.raises(ValueError, match="guided"):
-        viz.figure(np.zeros((4, 4, 3), dtype=np.uint8), np.zeros((2, 2)), guided=np.zeros((5, 5, 3)))
+        viz.figure(np.zeros((4, 4, 3), dtype=np.uint8), np.zeros((2, 2)), guided=np.zeros((3, 5, 5)))
 
 
 def test_save_figure_leaves_nothing_when_writing_fails(tmp_path):

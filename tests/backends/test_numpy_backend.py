@@ -121,3 +121,43 @@ def test_oracle_bad_input(kwargs, error, message):
     inputs = kwargs.pop("inputs", np.ones((2, 1, 4, 4)))
     with pytest.raises(error, match=message):
         gradcam_ref.explain(model, inputs, **kwargs)
+
+
+# --- guided backpropagation ------------------------------------------------------------------------
+
+
+def test_guided_backward_golden():
+    """1-D: conv [1, -1] on x = (1, 3, 2): z = (-2, 1), A = (0, 1); GAP head W = (2, -2), Z = 2.
+
+    Class 0: dy/dA = (1, 1) -> guided (0, 1) -> dx = (0, 1, -1), the plain gradient too.
+    Class 1: dy/dA = (-1, -1): every gradient negative, guided dx = 0; plain (0, -1, 1).
+    """
+    model = Oracle([(np.array([[[1.0, -1.0]]]), np.zeros(1))], "gap", [(np.array([[2.0], [-2.0]]), np.zeros(2))])
+    x = np.array([[[1.0, 3.0, 2.0]]])
+    e = gradcam_ref.explain(model, x, [[0, 1]], layer="conv0", guided=True)
+    np.testing.assert_array_equal(e.guided_backprop, [[[[0.0, 1.0, -1.0]], [[0.0, 0.0, 0.0]]]])
+    plain = conv_input_gradient(model.backward(x, "conv0", np.array([[0.0, 1.0]])), model.convs[0][0])
+    np.testing.assert_array_equal(plain, [[[0.0, -1.0, 1.0]]])
+    # Maps at conv0: dy/dz = +-[z > 0] = +-(0, 1), alpha = +-1/2, L = ReLU(+-z / 2): (0, 1/2) and (1, 0).
+    np.testing.assert_array_equal(e.maps, [[[0.0, 0.5], [1.0, 0.0]]])
+    # Upsampled 2 -> 3 (half-pixel): (0, 1/2) -> (0, 1/4, 1/2); times guided (0, 1, -1). Class 1: 0.
+    np.testing.assert_array_equal(e.guided_grad_cam, [[[[0.0, 0.25, -0.5]], [[0.0, 0.0, 0.0]]]])
+
+
+@given(nets)
+def test_guided_backward_is_the_gradient_when_every_weight_is_positive(p):
+    """With positive weights everywhere, every gradient reaching a ReLU is >= 0: guiding changes nothing."""
+    rng = np.random.default_rng(p["seed"])
+    size = 5 if p["rank"] < 3 else 4
+    model = Oracle.random(rng, in_channels=2, widths=[3] * p["depth"], kernel_sizes=[2] * p["depth"],
+                          num_classes=3, spatial_rank=p["rank"], head=p["head"], input_size=size)
+    model.convs = [(np.abs(w), b) for w, b in model.convs]
+    model.head_params = [(np.abs(w), b) for w, b in model.head_params]
+    x = rng.standard_normal((2, 2) + (size,) * p["rank"])
+    seed = np.eye(3)[[0, 2]]
+    plain = conv_input_gradient(model.backward(x, "conv0", seed), model.convs[0][0])
+    np.testing.assert_allclose(model.guided_backward(x, seed), plain, rtol=1e-13, atol=1e-15)
+    model.head_params[-1][0][0] *= -1  # class 0 now has negative weights: guiding zeroes some of it
+    flipped = model.guided_backward(x, seed)
+    np.testing.assert_allclose(flipped[1], plain[1], rtol=1e-13, atol=1e-15)  # class 2: unchanged
+    assert np.all(flipped[0] == 0) or p["head"] == "gap-mlp"  # through one ReLU: all negative, all blocked
