@@ -33,7 +33,6 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import resource
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -56,51 +55,40 @@ def _fix_malloc() -> bool:
         return False
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
+def supported() -> str | None:
+    """None where the peak can be measured (Linux: ``/proc/self/status``, ``clear_refs``), else why not."""
+    for path in ("/proc/self/status", "/proc/self/clear_refs"):
+        if not os.path.exists(path):
+            return f"{path} is missing: the memory suite needs Linux's per-process memory counters"
     return None
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
-def _rss_kib() -> int:
-    rss = _status_kib("VmRSS")
-    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _reset_peak() -> None:
+    """Reset the kernel's peak resident set size (VmHWM) to the current one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
-def _peak_kib() -> int:
-    peak = _status_kib("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _measure(fn: Callable[[], object]) -> tuple[int, int, bool]:
-    """``(loaded KiB, peak KiB, whether the peak counter could be reset)`` around ``fn()``."""
+def _measure(fn: Callable[[], object]) -> tuple[int, int]:
+    """``(resident KiB before, peak resident KiB during)`` ``fn()``."""
     gc.collect()
-    loaded = _rss_kib()
-    reset = _reset_peak()
+    loaded = _status_kib("VmRSS")
+    _reset_peak()
     fn()
-    peak = _peak_kib()
-    if not reset:  # the peak may then be older than fn: only its growth above loaded counts
-        peak = max(peak, loaded)
-    return loaded, peak, reset
+    return loaded, _status_kib("VmHWM")
 
 
 def peak_growth(fn: Callable[[], object]) -> float:
     """MiB by which the resident set's peak during ``fn()`` exceeds the resident set before it."""
-    loaded, peak, _ = _measure(fn)
+    loaded, peak = _measure(fn)
     return (peak - loaded) / 1024
 
 
@@ -132,13 +120,13 @@ def measure(model_name: str, batch: int, per_image: int, method: str, *, threads
         for _ in range(runs):
             built.call()
 
-    loaded, peak, reset = _measure(run)
+    loaded, peak = _measure(run)
     built.close()
     seconds = time.perf_counter() - start
     return {"suite": "memory", "model": model_name, "batch": batch, "targets": per_image, "method": method,
             "library": methods.library(method), "loaded_mib": loaded / 1024, "peak_mib": peak / 1024,
             "working_mib": (peak - loaded) / 1024, "runs": runs, "threads": threads,
-            "peak_reset": reset, "malloc_fixed": malloc_fixed, "process_s": seconds}
+            "malloc_fixed": malloc_fixed, "process_s": seconds}
 
 
 def _child(conn: Any, args: tuple, kwargs: dict) -> None:

@@ -108,6 +108,7 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
     start = time.perf_counter()
     rows: list[dict] = []
     notes: list[str] = []
+    why: str | None = None
     torch_ok = _has("torch")
     if torch_ok:
         import torch
@@ -135,6 +136,10 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
     if "memory" in suites and torch_ok:
         from benchmarks import memory
 
+        why = memory.supported()
+        if why:
+            notes.append(f"memory suite not run: {why}")
+    if "memory" in suites and torch_ok and not why:
         configs = memory.configs_for(plan["models"], plan["memory_batches"], plan["multi_targets"], 1,
                                      plan["memory_multi_models"])
         rows += memory.measure_all(configs, threads=threads, log=log)

@@ -9,6 +9,10 @@ called on the same layer and targets as ours (same maps).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,11 +132,20 @@ def test_core_rows():
 
 
 def test_peak_growth_sees_an_allocation():
-    size = 64 * 2**20
-    grown = memory.peak_growth(lambda: np.ones(size // 8).sum())
-    idle = memory.peak_growth(lambda: None)
-    assert grown >= 0.9 * size / 2**20
-    assert idle < 0.25 * size / 2**20
+    # In a fresh process, as the memory suite measures: in this one, objects of earlier tests
+    # (JAX buffers are freed on XLA's own threads) may give memory back during the measurement.
+    code = (
+        "import numpy as np\n"
+        "from benchmarks import memory\n"
+        "size = 64 * 2**20\n"
+        "print(memory.peak_growth(lambda: np.ones(size // 8).sum()), memory.peak_growth(lambda: None))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    grown, idle = (float(v) for v in out.stdout.split())
+    assert 0.9 * 64 <= grown < 1.5 * 64
+    assert idle < 0.25 * 64
 
 
 def test_memory_configs_measure_the_baseline_once_per_batch():
