@@ -31,7 +31,9 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run --json benchmarks/results.json
+	mkdir -p out/bench
+	$(PY) -m benchmarks.run --json out/bench/results.json
+	@echo "rows in out/bench/results.json; to publish: cp out/bench/results.json benchmarks/ and update docs/benchmarks.md from python -m benchmarks.report"
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
