@@ -74,7 +74,7 @@ def setup(tmp_path):
     torch.save(trained.state_dict(), weights)
     labels = tmp_path / "labels.txt"
     labels.write_text("red thing\ngreen thing\nblue thing\n")
-    base = ["explain", "--model", "tests.test_cli:tiny_net", "--weights", weights, "--layer", "conv",
+    base = ["explain", "--model", "tests.cli.test_cli:tiny_net", "--weights", weights, "--layer", "conv",
             "--size", SIZE, "--labels", labels]
     return {"images": sorted(images.iterdir()), "trained": trained, "weights": weights, "base": base,
             "out": tmp_path / "out", "tmp": tmp_path}
@@ -239,11 +239,11 @@ def test_explain_uses_the_weights_and_the_target_label(capsys, setup):
 
 def test_explain_from_a_file_factory_and_repeated_names(capsys, setup):
     factory = setup["tmp"] / "my_model.py"
-    factory.write_text("from tests.test_cli import tiny_net\n\ndef build():\n    return tiny_net()\n")
+    factory.write_text("from tests.cli.test_cli import tiny_net\n\ndef build():\n    return tiny_net()\n")
     copy = setup["tmp"] / "other" / "a.png"
     copy.parent.mkdir()
     copy.write_bytes(setup["images"][0].read_bytes())
-    argv = [a if a != "tests.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0], copy)
     assert status == 0, err
     assert sorted(os.listdir(setup["out"])) == ["a-2.npy", "a-2.png", "a.npy", "a.png"]
@@ -333,12 +333,12 @@ def test_weights_with_arbitrary_objects_are_not_unpickled(capsys, setup):
 
 @pytest.mark.parametrize(("model", "fragment"), [
     ("tests.no_such_module:tiny_net", "cannot import 'tests.no_such_module'"),
-    ("tests.test_cli:no_such_factory", "has no callable 'no_such_factory'"),
-    ("tests.test_cli:not_a_module", "must return a torch nn.Module, got str"),
+    ("tests.cli.test_cli:no_such_factory", "has no callable 'no_such_factory'"),
+    ("tests.cli.test_cli:not_a_module", "must return a torch nn.Module, got str"),
     ("resnet-9000", "--model must be one of"),
 ])
 def test_bad_model(capsys, setup, model, fragment):
-    argv = [a if a != "tests.test_cli:tiny_net" else model for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else model for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
     assert_usage_error(status, err, fragment)
 
