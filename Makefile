@@ -20,9 +20,14 @@ test: $(STAMP)
 	$(PY) -m pytest
 	$(MAKE) lint
 
+# mypy sees the package as it is installed (backends/ inside gradcam_ref/), through a tree of links.
+TYPECHECK := build/typecheck
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gradcam_ref backends tests benchmarks
-	$(VENV)/bin/mypy
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)
+	cp -rs $(CURDIR)/gradcam_ref $(TYPECHECK)/gradcam_ref
+	ln -s $(CURDIR)/backends $(TYPECHECK)/gradcam_ref/backends
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p gradcam_ref
 
 # The teaching site in site/: figures from docs/make_figures.py, then mkdocs build --strict.
 .PHONY: docs

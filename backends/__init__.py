@@ -1,39 +1,34 @@
-"""Backends: where the activations, gradients and scores at a layer come from.
+"""Backends: framework adapters that run a model and capture what Grad-CAM needs at a layer.
 
-One module per framework (``numpy_backend``, ``torch_backend``, ``jax_backend``), each exposing
-
-- ``NAME``: its name, as passed to ``explain(..., backend=NAME)``;
-- ``capture(model, inputs, target, *, layer, **options) -> gradcam_ref.Capture``: run the model,
-  return A, dy/dA and y at ``layer`` (the core does all the Grad-CAM math);
-- optionally ``explain(model, inputs, target, *, layer, **options) -> gradcam_ref.Explanation``:
-  used by ``gradcam_ref.explain`` instead of ``capture``, for a backend that runs the core's math
-  inside its own compiled program (``jax_backend``: one ``jax.jit`` for the whole explanation).
-
-A framework is imported only when its backend is used. Detection looks at the frameworks the
-caller has already imported (``sys.modules``), as einops does: a torch model cannot exist unless
-torch was imported, so nothing is imported to recognise one.
+Each backend (``numpy_backend``, ``torch``, ``jax``) satisfies the Protocol
+:class:`gradcam_ref.backends._contract.Backend`. A framework is imported only when its backend
+is used: detection looks at the frameworks the caller has already imported (``sys.modules``),
+as einops does, since a torch model cannot exist unless torch was imported.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from types import ModuleType
 from typing import Any
 
+from gradcam_ref.backends._contract import Backend
+
 BACKENDS = ("numpy", "torch", "jax")
+_MODULES = {"numpy": "numpy_backend", "torch": "torch", "jax": "jax"}
 
-__all__ = ["BACKENDS", "load", "select"]
+__all__ = ["BACKENDS", "Backend", "load", "select"]
 
 
-def load(name: str) -> ModuleType:
-    """The backend module called ``name``; imports its framework."""
+def load(name: str) -> Backend:
+    """The backend called ``name``; imports its framework."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return importlib.import_module(f"{__name__}.{name}_backend")
+    module: Backend = importlib.import_module(f"{__name__}.{_MODULES[name]}")  # type: ignore[assignment]
+    return module
 
 
-def select(model: Any, inputs: Any, backend: str | None = None) -> ModuleType:
+def select(model: Any, inputs: Any, backend: str | None = None) -> Backend:
     """The backend for ``model`` and ``inputs``: ``backend`` if given, else detected."""
     if backend is not None:
         return load(backend)

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref._checks import shape_of
-from gradcam_ref._explain import Capture
-from gradcam_ref._targets import resolve_targets
+from gradcam_ref.backends._contract import Capture, class_indices, explaining, shape_of
 
 NAME = "numpy"
+GUIDED = True
 HEADS = ("gap", "gap-mlp", "flatten")
 
 
@@ -205,6 +204,8 @@ def capture(
     autograd, so callable targets are refused. ``guided`` adds guided backpropagation to the
     input (:meth:`Oracle.guided_backward`), ``(N, C, *S)`` or ``(N, T, C, *S)``.
     """
+    if not isinstance(model, Oracle):
+        raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
     if callable(target):
         raise TypeError("the numpy backend has no autograd: target must be class indices, not a callable")
     x = np.asarray(inputs, dtype=np.float64)
@@ -217,7 +218,7 @@ def capture(
     if layer not in model.layers:
         raise ValueError(f"layer must be one of {model.layers}, got {layer!r}")
     outputs, scores = model.forward(x)
-    targets = resolve_targets(target, scores)
+    targets = class_indices(target, scores)
     columns = targets if targets.ndim == 2 else targets[:, None]
     eye = np.eye(scores.shape[1])
     grads = np.stack([model.backward(x, layer, eye[columns[:, t]]) for t in range(columns.shape[1])], axis=1)
@@ -227,3 +228,6 @@ def capture(
         rows = np.stack([model.guided_backward(x, eye[columns[:, t]]) for t in range(columns.shape[1])], axis=1)
         guided_backprop = rows if targets.ndim == 2 else rows[:, 0]
     return Capture(outputs[layer], gradients, scores, targets, guided_backprop)
+
+
+explain = explaining(capture)

@@ -35,8 +35,8 @@ def why_unavailable() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed"
     try:
-        from gradcam_ref.backends import jax_backend  # noqa: F401
-        from gradcam_ref.backends.zoo import efficientnet_lite0
+        from gradcam_ref.backends import jax as jax_backend  # noqa: F401
+        from gradcam_ref.zoo import efficientnet_lite0
 
         efficientnet_lite0.jax_features  # noqa: B018
     except (ImportError, AttributeError) as error:
@@ -49,7 +49,7 @@ def available() -> bool:
 
 
 def _model() -> tuple[Any, Any]:
-    from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
+    from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
     params = zoo.jax_params()
     return functools.partial(zoo.jax_features, params), functools.partial(zoo.jax_head, params)

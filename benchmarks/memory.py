@@ -40,7 +40,7 @@ from typing import Any
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 64 * 1024
-_PRELOAD = ["numpy", "torch", "torchvision", "gradcam_ref", "gradcam_ref.backends.torch_backend",
+_PRELOAD = ["numpy", "torch", "torchvision", "gradcam_ref", "gradcam_ref.backends.torch",
             "benchmarks.models", "benchmarks.methods", "captum.attr", "pytorch_grad_cam", "torchcam.methods"]
 
 

@@ -33,7 +33,7 @@ def _resnet(depth: int) -> Callable[[], Any]:
 
 
 def _efficientnet_lite0() -> Any:
-    from gradcam_ref.backends.zoo import efficientnet_lite0
+    from gradcam_ref.zoo import efficientnet_lite0
 
     return efficientnet_lite0.load_torch()
 

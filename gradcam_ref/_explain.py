@@ -1,18 +1,21 @@
-"""``explain``: a backend captures A, dy/dA and y at a layer; the core turns them into maps."""
+"""``explain``: a backend captures A, dy/dA and y at a layer; the core turns them into maps.
+
+The contract between the two is ``gradcam_ref.backends._contract.Backend``; an
+:class:`Explanation` is built in one place, :meth:`Explanation.from_capture`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradcam_ref._checks import Array, to_numpy
-from gradcam_ref._conventions import postprocess
+from gradcam_ref._arrays import Array, to_numpy
 from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
 from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._targets import Target
+from gradcam_ref.conventions import postprocess
 
 
 class Capture(NamedTuple):
@@ -33,6 +36,29 @@ class Capture(NamedTuple):
     scores: Array
     targets: Any
     guided_backprop: Array | None = None
+
+
+class GradCamFields(NamedTuple):
+    """What the core computes from a :class:`Capture` (see :func:`grad_cam_fields`)."""
+
+    weights: Array
+    signed: Array
+    maps: Array
+    guided_grad_cam: Array | None
+
+
+def grad_cam_fields(capture: Capture) -> GradCamFields:
+    """Eq. 1 (``weights``), Eq. 2 before and after its ReLU (``signed``, ``maps``) and Guided Grad-CAM.
+
+    Array code only, so a backend may run it inside a compiled program (``jax.jit``); the
+    finiteness checks of :func:`gradcam_ref.grad_cam` run when the values can be read.
+    """
+    weights, signed = grad_cam_parts(capture.activations, capture.gradients)
+    maps = relu_map(signed)
+    guided = capture.guided_backprop
+    ggc = None if guided is None else guided_grad_cam(
+        guided, maps, spatial_rank=len(capture.activations.shape) - 2)
+    return GradCamFields(weights, signed, maps, ggc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,22 +95,23 @@ class Explanation:
     guided_grad_cam: Array | None = None
 
     @classmethod
-    def from_capture(cls, capture: Capture) -> Explanation:
-        """Apply Eq. 1 and Eq. 2 to what a backend captured."""
-        weights, signed = grad_cam_parts(capture.activations, capture.gradients)
-        maps = relu_map(signed)
-        guided = capture.guided_backprop
+    def from_capture(cls, capture: Capture, fields: GradCamFields | None = None) -> Explanation:
+        """The explanation of what a backend captured: Eq. 1, Eq. 2 and Guided Grad-CAM applied.
+
+        ``fields`` are ``grad_cam_fields(capture)`` when the backend computed them
+        already (inside its own compiled program); else they are computed here.
+        """
+        if fields is None:
+            fields = grad_cam_fields(capture)
         return cls(
-            maps=maps,
+            maps=fields.maps,
             activations=capture.activations,
             gradients=capture.gradients,
-            weights=weights,
+            weights=fields.weights,
             scores=capture.scores,
             targets=capture.targets,
-            guided_backprop=guided,
-            guided_grad_cam=None if guided is None else guided_grad_cam(
-                guided, maps, spatial_rank=len(capture.activations.shape) - 2
-            ),
+            guided_backprop=capture.guided_backprop,
+            guided_grad_cam=fields.guided_grad_cam,
         )
 
     def heatmap(self, size: int | tuple[int, ...] | None = None, convention: str = "paper") -> Array:
@@ -94,7 +121,7 @@ class Explanation:
         min-max into [0, 1]. ``"pytorch-grad-cam"``, ``"captum"``, ``"torchcam"`` and
         ``"tf-keras-vis"`` reproduce what those libraries return for the same model, layer,
         input and target; ``size=None`` keeps the layer's resolution. The steps and why each
-        library differs: :mod:`gradcam_ref._conventions`, or ``gradcam-ref verify --explain LIB``.
+        library differs: :func:`gradcam_ref.conventions.describe`, or ``gradcam-ref verify --explain LIB``.
         Shape ``(N, *size)`` (or ``(N, T, *size)``), in the library of ``maps``.
         """
         return postprocess(
@@ -129,8 +156,7 @@ def explain(
     forces one. The backend runs the model and captures the layer's activations :math:`A`, the
     gradients :math:`\\partial y^c / \\partial A` and the scores; the core then computes
     :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see :func:`gradcam_ref.grad_cam`. A backend
-    that compiles whole programs (JAX) provides its own ``explain``, which calls the same core
-    functions inside the compiled program; it is used instead.
+    that compiles whole programs (JAX) runs the same core functions inside its program.
 
     Args:
       model: a model of a backend's kind: a ``backends.numpy_backend.Oracle``, a torch
@@ -151,11 +177,6 @@ def explain(
     from gradcam_ref import backends
 
     chosen = backends.select(model, inputs, backend)
-    if guided:
-        if "guided" not in inspect.signature(chosen.capture).parameters:
-            raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
-        options["guided"] = True
-    compiled = getattr(chosen, "explain", None)
-    if compiled is not None:  # the backend runs the core's math itself, inside one compiled program
-        return compiled(model, inputs, target, layer=layer, **options)
-    return Explanation.from_capture(chosen.capture(model, inputs, target, layer=layer, **options))
+    if guided and not chosen.GUIDED:
+        raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
+    return chosen.explain(model, inputs, target, layer=layer, guided=guided, **options)

@@ -21,7 +21,7 @@ import math
 
 import array_api_compat
 
-from gradcam_ref._checks import (
+from gradcam_ref._arrays import (
     Array,
     as_float_arrays,
     check_feature_maps,

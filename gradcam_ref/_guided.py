@@ -21,14 +21,8 @@ References:
 
 from __future__ import annotations
 
-from gradcam_ref._checks import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
+from gradcam_ref._arrays import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
 from gradcam_ref._postprocess import upsample
-
-
-class NoGuidedReLUWarning(UserWarning):
-    """A guided pass left ReLUs unguided: none was recognised (guided backpropagation is then the
-    plain input gradient), or (JAX) some sit where they cannot be guided."""
-
 
 DISPLAY_SCALE = 0.1
 """Standard deviations to display units in :func:`guided_image`: ``0.5 +- 5 std`` spans [0, 1]."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import array_api_compat
 import numpy as np
 
-from gradcam_ref._checks import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
+from gradcam_ref._arrays import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
+from gradcam_ref._resample import parse_size, resize
 
 NORMALIZE_METHODS = ("minmax", "max")
 
@@ -45,11 +45,8 @@ def upsample(maps: Array, size: int | Sequence[int]) -> Array:
     """
     xp, (x,) = as_float_arrays(maps=maps)
     shape = shape_of(x)
-    if isinstance(size, (int, np.integer)):
-        size = (int(size),) * (len(shape) - 1)
-    size = tuple(size)
-    if not size or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
-        raise ValueError(f"size must be a positive int or a sequence of positive ints, got {size}")
+    rank = len(size) if isinstance(size, (Sequence, np.ndarray)) and len(size) else max(len(shape) - 1, 1)
+    size = parse_size(size, rank)
     if len(shape) < len(size) + 1:
         raise ValueError(
             f"maps must have a batch axis before the {len(size)} spatial axes of size {size}, "
@@ -57,27 +54,9 @@ def upsample(maps: Array, size: int | Sequence[int]) -> Array:
         )
     if 0 in shape:
         raise ValueError(f"maps must not be empty, got shape {shape}")
-    for axis in range(x.ndim - 1, x.ndim - len(size) - 1, -1):
-        x = _resize_axis(xp, x, axis, int(size[axis - x.ndim]))
+    x = resize(xp, x, size, "linear-half-pixel")
     check_finite(x, "upsample", maps=maps)
     return x
-
-
-def _resize_axis(xp, x: Array, axis: int, n_out: int) -> Array:
-    n_in = shape_of(x)[axis]
-    if n_in == n_out:
-        return x
-    source = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    source = np.maximum(source, 0.0)
-    lo = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w_hi = source - lo
-    broadcast = (n_out,) + (1,) * (x.ndim - axis - 1)
-    device = array_api_compat.device(x)
-    w_hi_x = xp.reshape(xp.asarray(w_hi, dtype=x.dtype, device=device), broadcast)
-    w_lo_x = xp.reshape(xp.asarray(1.0 - w_hi, dtype=x.dtype, device=device), broadcast)
-    take = lambda idx: xp.take(x, xp.asarray(idx, device=device), axis=axis)  # noqa: E731
-    return w_lo_x * take(lo) + w_hi_x * take(hi)
 
 
 @quiet_numpy

@@ -8,7 +8,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from gradcam_ref._checks import Array, shape_of, to_numpy
+from gradcam_ref._arrays import Array, shape_of, to_numpy
 
 Target = Any
 """``None`` | int | sequence of N ints | int array ``(N, T)`` | callable ``scores -> (N,)``."""
@@ -29,6 +29,13 @@ def resolve_targets(target: Target, scores: Array) -> np.ndarray | Callable[[Arr
     """
     if callable(target):
         return target
+    return class_indices(target, scores)
+
+
+def class_indices(target: Target, scores: Array) -> np.ndarray:
+    """:func:`resolve_targets` for every target but a callable: int64 ``(N,)`` or ``(N, T)``."""
+    if callable(target):
+        raise TypeError("target is a callable; class_indices needs None, an int, N ints or an (N, T) int array")
     check_scores(scores)
     n, c = shape_of(scores)
     if target is None:
@@ -65,6 +72,18 @@ def check_scores(scores: Array) -> None:
         raise ValueError(
             f"the model's output (scores) must have shape (N, C) for class-index targets, "
             f"got shape {shape}; pass a callable target that reduces it to (N,)"
+        )
+
+
+def check_target_scores(y: Array, n: int) -> None:
+    """A callable target's output must be one floating score per example, shape ``(N,)``."""
+    shape = shape_of(y) if hasattr(y, "shape") else None
+    floating = shape is not None and array_api_compat.is_array_api_obj(y) and \
+        array_api_compat.array_namespace(y).isdtype(y.dtype, "real floating")
+    if shape != (n,) or not floating:
+        got = f"shape {shape} {y.dtype}" if shape is not None else type(y).__name__
+        raise ValueError(
+            f"a callable target must return one floating score per example, shape (N,) = ({n},), got {got}"
         )
 
 

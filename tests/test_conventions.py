@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gradcam_ref
-from gradcam_ref._conventions import (
+from gradcam_ref.conventions import (
     CONVENTIONS,
     PAPER,
     REASONS,
@@ -139,13 +139,13 @@ def test_pytorch_grad_cam_refuses_to_resize_other_than_2d_maps():
 
 
 def test_heatmap_of_torch_explanation_stays_torch_and_matches_numpy():
-    from tests.backends.torch_nets import torch_from_oracle
+    from gradcam_ref.verify.twins import torch_oracle
 
     oracle = gradcam_ref.backends.numpy_backend.Oracle.random(
         np.random.default_rng(3), in_channels=2, widths=[4], kernel_sizes=[3], num_classes=3)
     x = np.random.default_rng(4).standard_normal((2, 2, 7, 7))
     e_np = gradcam_ref.explain(oracle, x, [0, 2])
-    e_t = gradcam_ref.explain(torch_from_oracle(oracle, torch.float32), torch.from_numpy(x).float(), [0, 2],
+    e_t = gradcam_ref.explain(torch_oracle(oracle, torch.float32), torch.from_numpy(x).float(), [0, 2],
                               layer="relu0")
     for name in CONVENTIONS:
         size = (9, 11) if get_convention(name).resizes else None

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from gradcam_ref.backends import numpy_backend
 
 import gradcam_ref
 from gradcam_ref import backends
+from gradcam_ref.backends import numpy_backend
 
 
 def _oracle():
@@ -45,7 +45,8 @@ def test_backend_is_detected_or_forced():
 
 def test_public_namespace_is_small_and_explicit():
     assert sorted(gradcam_ref.__all__) == sorted(
-        ["Capture", "Explanation", "cam", "explain", "grad_cam", "grad_cam_plus_plus",
+        ["Capture", "Explanation", "NoGuidedReLUWarning", "TrainingModeWarning", "ZeroGradientWarning",
+         "cam", "conventions", "explain", "grad_cam", "grad_cam_plus_plus",
          "guided_grad_cam", "guided_image", "neuron_importance", "normalize", "upsample"]
     )
     assert all(hasattr(gradcam_ref, name) for name in gradcam_ref.__all__)

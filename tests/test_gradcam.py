@@ -4,12 +4,12 @@ import math
 
 import numpy as np
 import pytest
-from gradcam_ref.backends import numpy_backend
 from hypothesis import given
 from hypothesis import strategies as st
 
 import gradcam_ref
 from gradcam_ref import cam, grad_cam, grad_cam_plus_plus, neuron_importance
+from gradcam_ref.backends import numpy_backend
 
 # ---------------------------------------------------------------------------------------------
 # Goldens worked out by hand (in the comments), in the style of captum's layer tests.

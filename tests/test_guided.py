@@ -3,10 +3,11 @@ layouts, array libraries, bad input; pytorch-grad-cam's deprocess_image as a ref
 
 import numpy as np
 import pytest
-from gradcam_ref.backends import numpy_backend
 
 import gradcam_ref
 from gradcam_ref import guided_grad_cam, guided_image
+from gradcam_ref.backends import numpy_backend
+from gradcam_ref.cli import _common as common
 
 
 def test_golden_2d():
@@ -143,23 +144,22 @@ def test_backend_without_guided_support_is_refused(monkeypatch):
 
     from gradcam_ref import backends
 
-    def capture(model, inputs, target, *, layer=None):
+    def capture(model, inputs, target, *, layer=None, guided=False):
         raise AssertionError("not reached")
 
-    fake = types.SimpleNamespace(NAME="fake", capture=capture)
+    fake = types.SimpleNamespace(NAME="fake", GUIDED=False, capture=capture, explain=capture)
     monkeypatch.setattr(backends, "select", lambda model, inputs, backend: fake)
     with pytest.raises(TypeError, match="guided=True: the fake backend does not compute guided backpropagation"):
         gradcam_ref.explain(object(), np.ones((1, 1, 2, 2)), guided=True)
 
 
 def test_the_cli_figure_shows_guided_grad_cam_when_there_is_one():
-    from gradcam_ref import cli
 
     rng = np.random.default_rng(5)
     model = numpy_backend.Oracle.random(rng, in_channels=3, widths=[4], kernel_sizes=[3], num_classes=3)
     x = rng.standard_normal((2, 3, 6, 6))
     e = gradcam_ref.explain(model, x, [0, 2], guided=True)
-    panel = cli.guided_panel(e, 1, (12, 12))
+    panel = common.guided_panel(e, 1, (12, 12))
     np.testing.assert_allclose(panel, gradcam_ref.upsample(e.guided_grad_cam[1], (12, 12)))
     assert panel.shape == (3, 12, 12) and np.abs(panel).max() > 0
-    assert cli.guided_panel(gradcam_ref.explain(model, x, [0, 2]), 1, (12, 12)) is None
+    assert common.guided_panel(gradcam_ref.explain(model, x, [0, 2]), 1, (12, 12)) is None

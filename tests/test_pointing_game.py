@@ -23,11 +23,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import skimage.data
-from gradcam_ref.backends import torch_cli
-from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
 
 import gradcam_ref
-from gradcam_ref import cli, viz
+from gradcam_ref import viz
+from gradcam_ref.cli import _common as common
+from gradcam_ref.cli import _torch as torch_cli
+from gradcam_ref.cli import demo
+from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
 PHOTOS = {
     "chelsea": (skimage.data.chelsea, {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat", "lynx"}),
@@ -39,13 +41,13 @@ PHOTOS = {
 
 @pytest.mark.slow
 def test_each_photos_classes_point_into_its_own_tile():
-    names = cli.class_names()
+    names = common.class_names()
     loaded = torch_cli.load("efficientnet-lite0")
     tile = zoo.IMAGE_SIZE
     tiles = [viz.resize_image(load(), (tile, tile)) for load, _ in PHOTOS.values()]
 
     # The classes present: the network's top-3 on each photo alone, kept when a person sees them.
-    alone = torch_cli.explain(loaded, cli.preprocess(tiles, (tile, tile), zoo.MEAN, zoo.STD))
+    alone = torch_cli.explain(loaded, common.preprocess(tiles, (tile, tile), zoo.MEAN, zoo.STD))
     targets, owners = [], []
     for i, (photo, (_, seen)) in enumerate(PHOTOS.items()):
         top3 = [int(c) for c in np.argsort(-alone.scores[i])[:3]]
@@ -55,14 +57,14 @@ def test_each_photos_classes_point_into_its_own_tile():
         owners += [i] * len(present)
 
     canvas = viz.collage(tiles, columns=2)
-    batch = cli.preprocess([canvas], canvas.shape[:2], zoo.MEAN, zoo.STD)
+    batch = common.preprocess([canvas], canvas.shape[:2], zoo.MEAN, zoo.STD)
     e = torch_cli.explain(loaded, batch, np.array([targets]))  # (N, T) = (1, T): T maps, one pass
     assert e.maps.shape == (1, len(targets), 14, 14)
     heats = np.asarray(gradcam_ref.upsample(e.maps[0], canvas.shape[:2]))
     for heat, c, i in zip(heats, targets, owners, strict=True):
-        row, column = cli.peak_of(heat)
+        row, column = common.peak_of(heat)
         where = (row // tile) * 2 + column // tile
-        shares = cli.tile_shares(heat, 2, 2)
+        shares = demo.tile_shares(heat, 2, 2)
         photo = list(PHOTOS)[i]
         report = f"{photo} ({names[c]}): peak at {(row, column)} in tile {where}, mass per tile {np.round(shares, 2)}"
         assert where == i, report

@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gradcam_ref.backends import jax_backend, numpy_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradcam_ref
 from gradcam_ref import backends
+from gradcam_ref.backends import jax as jax_backend
+from gradcam_ref.backends import numpy_backend
 from tests.backends import twins
 
 
@@ -406,7 +407,7 @@ def _identity_head(a):
     ((_features, _head), X, [[0, -1], [1, 2]], {}, ValueError, r"target out of range.*got \[-1\]"),
     ((_features, _head), X, [0, 1, 2], {}, ValueError, r"sequence of N = 2 ints .* got shape \(3,\)"),
     ((_features, _head), X, lambda s: s, {}, ValueError,
-     r"callable target must return one score per example, shape \(N,\) = \(2,\), got \(2, 4\)"),
+     r"callable target must return one floating score per example, shape \(N,\) = \(2,\), got shape \(2, 4\)"),
     ((_features, _head), X, None, {"layer": "conv1"}, ValueError, r"layer must be None, got 'conv1'"),
     ((_features, _head), X, None, {"channel_axis": 0}, ValueError, r"channel_axis must name a non-batch axis"),
     ((_features, _head), X, None, {"channel_axis": 4}, ValueError, r"1\.\.3 or -3\.\.-1, got 4"),

@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gradcam_ref.backends import jax_backend
-from gradcam_ref.backends.jax_guided import guided, relu_counts
 from jax import lax
 
 import gradcam_ref
+from gradcam_ref.backends import jax as jax_backend
+from gradcam_ref.backends.jax.guided import guided, relu_counts
 from tests.backends import twins
 
-NoGuidedReLUWarning = jax_backend.NoGuidedReLUWarning
+NoGuidedReLUWarning = gradcam_ref.NoGuidedReLUWarning
 
 
 def rel_err(actual, expected):
@@ -311,7 +311,8 @@ def test_efficientnet_lite0_jax_equals_torch():
     """Every one of the 33 ReLU6 (the zoo's where form) guided; torch and JAX agree in float64."""
     import skimage.data
     import torch
-    from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
+
+    from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
     photo = zoo.preprocess(skimage.data.chelsea())[None]  # (1, 3, 224, 224) float64
     model = zoo.load_torch()

@@ -4,12 +4,12 @@ differences, for every head and spatial rank."""
 import numpy as np
 import pytest
 import scipy.signal
-from gradcam_ref.backends import numpy_backend
-from gradcam_ref.backends.numpy_backend import Oracle, conv, conv_input_gradient
 from hypothesis import given
 from hypothesis import strategies as st
 
 import gradcam_ref
+from gradcam_ref.backends import numpy_backend
+from gradcam_ref.backends.numpy_backend import Oracle, conv, conv_input_gradient
 
 shapes = st.fixed_dictionaries(
     {"seed": st.integers(0, 2**32 - 1), "rank": st.integers(1, 3), "kernel": st.integers(1, 3),

@@ -13,15 +13,15 @@ import pytest
 import torch
 import torchvision
 from captum.attr import LayerAttribution, LayerGradCam
-from gradcam_ref.backends.numpy_backend import Oracle
 from pytorch_grad_cam import GradCAM as PgcGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from torchcam.methods import GradCAM as TorchcamGradCAM
 
 import gradcam_ref
-from gradcam_ref._conventions import postprocess
-from tests.backends.torch_nets import torch_from_oracle
+from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.conventions import postprocess
+from gradcam_ref.verify.twins import torch_oracle
 
 RTOL = 1e-5
 
@@ -31,7 +31,7 @@ def oracle_cnn():
     oracle = Oracle.random(np.random.default_rng(21), in_channels=3, widths=[5, 6], kernel_sizes=[3, 2],
                            num_classes=4)
     x = torch.as_tensor(np.random.default_rng(22).standard_normal((3, 3, 11, 13)))
-    return torch_from_oracle(oracle, torch.float64, inplace=False), "relu1", x, [0, 3, 1]
+    return torch_oracle(oracle, torch.float64, inplace=False), "relu1", x, [0, 3, 1]
 
 
 def padded_cnn():
@@ -137,9 +137,9 @@ def test_in_place_relu_after_the_layer_changes_pgc_and_torchcam_but_not_captum()
     oracle = Oracle.random(np.random.default_rng(5), in_channels=3, widths=[4, 6], kernel_sizes=[3, 2], num_classes=5)
     x = torch.as_tensor(np.random.default_rng(6).standard_normal((2, 3, 9, 9)))
     targets = [1, 2]
-    model = torch_from_oracle(oracle, torch.float64, inplace=True)
+    model = torch_oracle(oracle, torch.float64, inplace=True)
     e = gradcam_ref.explain(model, x, targets, layer="conv1")
-    e_plain = gradcam_ref.explain(torch_from_oracle(oracle, torch.float64, inplace=False), x, targets, layer="conv1")
+    e_plain = gradcam_ref.explain(torch_oracle(oracle, torch.float64, inplace=False), x, targets, layer="conv1")
     np.testing.assert_array_equal(e.maps.numpy(), e_plain.maps.numpy())
 
     with PgcGradCAM(model=model, target_layers=[model.conv1]) as method:

@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from gradcam_ref.backends import numpy_backend, torch_backend
-from gradcam_ref.backends.numpy_backend import Oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import gradcam_ref
-from tests.backends.torch_nets import assert_same_state, model_state, torch_from_oracle
+from gradcam_ref.backends import numpy_backend
+from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.verify.twins import torch_oracle
+from tests.backends.torch_nets import assert_same_state, model_state
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -34,7 +35,7 @@ def small_net(seed: int = 0, head: str = "gap", dtype=torch.float64, rank: int =
         np.random.default_rng(seed), in_channels=3, widths=[4, 6], kernel_sizes=[3, 2], num_classes=5,
         spatial_rank=rank, head=head, input_size=size,
     )
-    return oracle, torch_from_oracle(oracle, dtype)
+    return oracle, torch_oracle(oracle, dtype)
 
 
 def inputs_for(seed: int, n: int = 3, size: int = 9, rank: int = 2, dtype=torch.float64) -> torch.Tensor:
@@ -90,7 +91,7 @@ def test_gap_net_maps_are_relu_cam_over_z_and_match_the_oracle(spec, dtype):
         rng, in_channels=spec["in_channels"], widths=spec["widths"], kernel_sizes=spec["kernels"],
         num_classes=spec["classes"], spatial_rank=spec["rank"],
     )
-    model = torch_from_oracle(oracle, dtype)
+    model = torch_oracle(oracle, dtype)
     x64 = rng.standard_normal((spec["n"], spec["in_channels"]) + (spec["size"],) * spec["rank"])
     layer = f"relu{len(spec['widths']) - 1}"
     target = rng.integers(0, spec["classes"], size=spec["n"])
@@ -366,13 +367,13 @@ def test_numerically_zero_gradients_warn_per_example():
     _, model = small_net(15)
     x = inputs_for(15, n=3)
     mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
-    with pytest.warns(torch_backend.ZeroGradientWarning, match=r"exactly zero for example \[1\]"):
+    with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"exactly zero for example \[1\]"):
         got = gradcam_ref.explain(model, x, lambda s: s[:, 0] * mask, layer="relu1")
     assert float(got.maps[1].abs().max()) == 0.0 and float(got.maps.abs().max()) > 0
     _, model = small_net(15, head="flatten")
     with torch.no_grad():
         model.head[1].weight[3] = 0.0  # class 3 ignores the features
-    with pytest.warns(torch_backend.ZeroGradientWarning, match=r"\(example, target\) \[\(0, 1\)\]:"):
+    with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"\(example, target\) \[\(0, 1\)\]:"):
         gradcam_ref.explain(model, x, [[0, 3], [1, 2], [2, 1]], layer="relu1")
 
 
@@ -488,7 +489,7 @@ def test_no_graph_before_the_layer():
 
 def test_working_memory_is_that_of_the_part_after_the_layer():
     """EfficientNet-Lite0 at its last conv: only the head keeps activations for the backward."""
-    from gradcam_ref.backends.zoo import efficientnet_lite0
+    from gradcam_ref.zoo import efficientnet_lite0
 
     model = efficientnet_lite0.load_torch()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
@@ -555,7 +556,7 @@ def test_shared_module_needs_call():
 
 
 def test_efficientnet_lite0_shared_swish_is_a_gap_net():
-    from gradcam_ref.backends.zoo import efficientnet_lite0
+    from gradcam_ref.zoo import efficientnet_lite0
 
     model = efficientnet_lite0.load_torch()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -614,7 +615,7 @@ def test_matches_captum_layer_gradcam(head, layer, at):
     from captum.attr import LayerGradCam
 
     oracle, model = small_net(21, head=head)
-    plain = torch_from_oracle(oracle, torch.float64, inplace=False)  # captum's hooks need it
+    plain = torch_oracle(oracle, torch.float64, inplace=False)  # captum's hooks need it
     x = inputs_for(21, n=4)
     target = [0, 1, 4, 2]
     ours = gradcam_ref.explain(model, x, target, layer=layer, at=at)

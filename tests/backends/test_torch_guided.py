@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from gradcam_ref.backends import torch_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import gradcam_ref
+from gradcam_ref.backends import torch as torch_backend
+from gradcam_ref.verify.twins import torch_oracle
 from tests.backends.test_torch_backend import inputs_for, one_thread, small_net  # noqa: F401
-from tests.backends.torch_nets import assert_same_state, model_state, torch_from_oracle
+from tests.backends.torch_nets import assert_same_state, model_state
 
 
 class RefGuidedReLU(torch.autograd.Function):
@@ -308,7 +309,7 @@ def test_matches_captum_guided_backprop_on_relu_modules():
     from captum.attr import GuidedBackprop
 
     oracle, model = small_net(31, head="gap-mlp")
-    plain = torch_from_oracle(oracle, torch.float64, inplace=False)  # captum's hooks need it
+    plain = torch_oracle(oracle, torch.float64, inplace=False)  # captum's hooks need it
     x = inputs_for(31, n=4)
     target = [0, 1, 4, 2]
     ours = gradcam_ref.explain(model, x, target, layer="relu1", guided=True).guided_backprop
@@ -323,7 +324,7 @@ def test_matches_pytorch_grad_cam_on_its_first_example():
     oracle, model = small_net(32, head="gap-mlp")
     x = inputs_for(32, n=2)
     ours = gradcam_ref.explain(model, x, [3, 1], layer="relu1", guided=True).guided_backprop
-    theirs = GuidedBackpropReLUModel(torch_from_oracle(oracle, torch.float64, inplace=False), device="cpu")(
+    theirs = GuidedBackpropReLUModel(torch_oracle(oracle, torch.float64, inplace=False), device="cpu")(
         x[:1].clone(), target_category=3)  # (H, W, C) of example 0 only (pytorch-grad-cam #400, #530)
     torch.testing.assert_close(ours[0].permute(1, 2, 0), torch.as_tensor(theirs), rtol=1e-10, atol=1e-12)
 
@@ -453,7 +454,7 @@ def test_no_relu_warns_and_gives_the_plain_gradient():
     torch.manual_seed(34)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 25, 3)).double().eval()
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
-    with pytest.warns(torch_backend.NoGuidedReLUWarning, match="no ReLU"):
+    with pytest.warns(gradcam_ref.NoGuidedReLUWarning, match="no ReLU"):
         got = gradcam_ref.explain(model, x, [0, 2], layer="1", guided=True)
     leaf = x.clone().requires_grad_(True)
     scores = model(leaf)
@@ -488,7 +489,7 @@ class _Ref6(nn.Module):
 
 
 def test_efficientnet_lite0_every_relu6_is_guided():
-    from gradcam_ref.backends.zoo import efficientnet_lite0
+    from gradcam_ref.zoo import efficientnet_lite0
 
     model = efficientnet_lite0.load_torch()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(7))

@@ -9,18 +9,9 @@ the reasons, in words, why its maps differ from the paper's. :func:`postprocess`
 :meth:`gradcam_ref.Explanation.heatmap` calls it; ``gradcam-ref verify --explain LIB`` prints
 :func:`describe`, which reads the same records. There is one place for each fact.
 
-The conventions (see :data:`CONVENTIONS`):
-
-- ``"paper"``: ReLU, then half-pixel bilinear upsampling to ``size``, then per-map min-max
-  (in that order: normalising last makes every map span exactly [0, 1]).
-- ``"pytorch-grad-cam"`` (grad-cam 1.5.7, ``GradCAM``): ReLU, min-max with eps 1e-7 at the
-  layer's resolution, cv2 bilinear resize, then the same min-max again.
-- ``"captum"`` (0.9.0, ``LayerGradCam`` + ``LayerAttribution.interpolate`` defaults): no ReLU,
-  no normalisation, nearest-neighbour resize.
-- ``"torchcam"`` (0.5.0, ``GradCAM``, ``normalized=True``): ReLU, min-max with eps 1e-8, no
-  resize (the map stays at the layer's resolution).
-- ``"tf-keras-vis"`` (0.8, ``Gradcam``; read from its source, not run: it needs TensorFlow):
-  ReLU, corner-aligned linear resize (``scipy.ndimage.zoom(order=1)``), min-max with eps 1e-7.
+The conventions are :data:`CONVENTIONS` (``"paper"``, ``"pytorch-grad-cam"``, ``"captum"``,
+``"torchcam"``, ``"tf-keras-vis"``); each one's steps and reasons are in its record, in words in
+docs/conventions.md.
 
 Maps are channels-first arrays ``(N, *spatial)`` or ``(N, T, *spatial)`` of any library the
 core accepts; the result keeps the library, dtype and device. Peers' output *layouts* are not
@@ -34,11 +25,13 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
-from gradcam_ref._checks import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
-from gradcam_ref._postprocess import normalize, upsample
+from gradcam_ref._arrays import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
+from gradcam_ref._postprocess import normalize
+from gradcam_ref._resample import KERNELS, parse_size, resize
+
+__all__ = ["CONVENTIONS", "Convention", "MinMax", "Relu", "Resize", "describe", "get_convention", "postprocess"]
 
 REASONS: dict[int, str] = {
     1: "final ReLU on or off",
@@ -97,25 +90,12 @@ class MinMax:
         return shifted / (xp.max(shifted, axis=axes, keepdims=True) + self.eps)
 
 
-KERNELS = ("linear-half-pixel", "linear-corner", "nearest-floor")
-"""Resize kernels: bilinear with half-pixel centres, linear with aligned corners, torch's nearest."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Resize:
     r"""Resize the spatial axes to ``size`` (nothing when ``size`` is None).
 
-    Output index i of an axis of length ``n_out`` reads the input (length ``n_in``) at
-
-    - ``"linear-half-pixel"``: :math:`s_i = \max(0, (i + \frac12) n_{in}/n_{out} - \frac12)`,
-      linear between the two neighbours, the last sample repeated past the end
-      (:func:`gradcam_ref.upsample`; torch ``align_corners=False``, cv2 ``INTER_LINEAR``);
-    - ``"linear-corner"``: :math:`s_i = i (n_{in} - 1) / (n_{out} - 1)` (0 when
-      :math:`n_{out} = 1`), linear between neighbours (``scipy.ndimage.zoom(order=1)``,
-      torch ``align_corners=True``): the corner pixels' centres coincide;
-    - ``"nearest-floor"``: the single sample :math:`\lfloor i\, s \rfloor`, with
-      :math:`s = n_{in}/n_{out}` and the product rounded to float32, as torch's
-      ``F.interpolate(mode="nearest")`` computes it.
+    The kernels (``"linear-half-pixel"``, ``"linear-corner"``, ``"nearest-floor"``) are those of
+    ``gradcam_ref._resample.source_positions``: the one resampling engine.
 
     Attributes:
       kernel: one of :data:`KERNELS`.
@@ -147,48 +127,11 @@ class Resize:
                 f"this convention resizes {' or '.join(f'{r}-D' for r in self.ranks)} maps only "
                 f"({self.by}), got {rank}-D maps of shape {shape_of(x)}: pass size=None"
             )
-        if self.kernel == "linear-half-pixel":
-            return upsample(x, size)
-        for axis in range(x.ndim - rank, x.ndim):
-            n_in, n_out = shape_of(x)[axis], size[axis - x.ndim + rank]
-            if self.kernel == "nearest-floor":
-                x = _take(xp, x, axis, _nearest_source(n_in, n_out))
-            else:
-                x = _linear(xp, x, axis, _corner_source(n_in, n_out))
-        return x
+        return resize(xp, x, size, self.kernel)
 
 
 Step = Relu | MinMax | Resize
 
-
-def _nearest_source(n_in: int, n_out: int) -> np.ndarray:
-    """torch's nearest index: ``min(floor(float32(i) * float32(n_in / n_out)), n_in - 1)``."""
-    scale = np.float32(n_in) / np.float32(n_out)
-    index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(index, n_in - 1)
-
-
-def _corner_source(n_in: int, n_out: int) -> np.ndarray:
-    """Corner-aligned positions ``i (n_in - 1) / (n_out - 1)`` in float64, as scipy's zoom."""
-    step = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
-    return np.arange(n_out, dtype=np.float64) * step
-
-
-def _take(xp: Any, x: Array, axis: int, index: np.ndarray) -> Array:
-    return xp.take(x, xp.asarray(index, device=array_api_compat.device(x)), axis=axis)
-
-
-def _linear(xp: Any, x: Array, axis: int, source: np.ndarray) -> Array:
-    """Linear interpolation of ``x`` along ``axis`` at the float positions ``source``."""
-    n_in = shape_of(x)[axis]
-    source = np.clip(source, 0.0, n_in - 1)
-    lo = np.minimum(np.floor(source).astype(np.int64), n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    device = array_api_compat.device(x)
-    shape = (len(source),) + (1,) * (x.ndim - axis - 1)
-    w_hi = xp.reshape(xp.asarray(source - lo, dtype=x.dtype, device=device), shape)
-    w_lo = xp.reshape(xp.asarray(1.0 - (source - lo), dtype=x.dtype, device=device), shape)
-    return w_lo * _take(xp, x, axis, lo) + w_hi * _take(xp, x, axis, hi)
 
 
 # --- conventions ---------------------------------------------------------------------------------
@@ -420,23 +363,7 @@ def postprocess(
 
 
 def _as_size(size: int | Sequence[int] | None, rank: int, spatial: tuple[int, ...]) -> tuple[int, ...] | None:
-    if size is None:
-        return None
-    result: tuple[Any, ...]
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        result = (int(size),) * rank
-    elif isinstance(size, (Sequence, np.ndarray)):
-        result = tuple(size.tolist() if isinstance(size, np.ndarray) else size)
-    else:
-        raise TypeError(f"size must be None, an int or a sequence of {rank} ints, got {size!r}")
-    if len(result) != rank or not all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1 for s in result
-    ):
-        raise ValueError(
-            f"size must be None, a positive int or {rank} positive ints (one per spatial axis of "
-            f"the maps, whose spatial shape is {spatial}), got {size!r}"
-        )
-    return tuple(int(s) for s in result)
+    return None if size is None else parse_size(size, rank, spatial=spatial, optional=True)
 
 
 def describe(name: str | Convention) -> str:

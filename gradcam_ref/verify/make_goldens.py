@@ -1,6 +1,6 @@
-"""Write the golden vectors of ``gradcam_ref/goldens/`` (format: ``gradcam_ref/goldens/README.md``).
+"""Write the golden vectors of ``gradcam_ref/verify/data/`` (format: ``gradcam_ref/verify/data/README.md``).
 
-    python -m gradcam_ref.backends.make_goldens [--out DIR] [--only NAME ...]
+    python -m gradcam_ref.verify.make_goldens [--out DIR] [--only NAME ...]
 
 Three kinds of case:
 
@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from gradcam_ref import cam
 from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends.numpy_backend import Oracle
-
-from gradcam_ref import cam, goldens
-from gradcam_ref._conventions import CONVENTIONS, Resize, postprocess
+from gradcam_ref.conventions import CONVENTIONS, Resize, postprocess
+from gradcam_ref.verify import goldens
 
 ORACLE_RTOL = 1e-12
 EFFICIENTNET_RTOL = 1e-10
@@ -78,13 +79,12 @@ def oracle_golden(
     oracle: Oracle,
     inputs: np.ndarray,
     layer: str,
-    targets: Sequence[int],
+    targets: Sequence[int] | np.ndarray,
     heatmap_size: tuple[int, ...],
     by_hand: dict[str, Any] | None = None,
 ) -> dict:
     """A golden of an oracle network; ``by_hand`` answers must equal the oracle's exactly."""
-    targets = np.asarray(targets, dtype=np.int64)
-    captured = numpy_backend.capture(oracle, inputs, targets, layer=layer)
+    captured = numpy_backend.capture(oracle, inputs, np.asarray(targets, dtype=np.int64), layer=layer)
     computed = {
         "scores": captured.scores, "activations": captured.activations, "gradients": captured.gradients,
         "weights": captured.gradients.reshape(*captured.gradients.shape[:2], -1).mean(axis=-1),
@@ -98,7 +98,7 @@ def oracle_golden(
                 raise AssertionError(f"{description}: the oracle's {key} {computed[key]} != by hand {value}")
     arrays = {**_oracle_arrays(oracle), "inputs": np.asarray(inputs, dtype=np.float64), **answers}
     arrays.update(_heatmaps(answers["activations"], answers["weights"], heatmap_size))
-    return _golden(description, "oracle", layer, targets, ORACLE_RTOL, **arrays)
+    return _golden(description, "oracle", layer, np.asarray(targets, dtype=np.int64), ORACLE_RTOL, **arrays)
 
 
 # --- hand-computed cases -------------------------------------------------------------------------
@@ -218,8 +218,9 @@ def random_gap(seed: int, rank: int, n: int, in_channels: int, widths: list[int]
 def efficientnet_golden(layer: str, call: int | None, what: str, cam_of_fc: bool = False) -> dict:
     """The pretrained network in float64 on the chelsea crop, by plain autograd."""
     import torch
-    from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
     from skimage import data
+
+    from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
     image = np.ascontiguousarray(data.chelsea()[CROP])
     assert image.shape == (zoo.IMAGE_SIZE, zoo.IMAGE_SIZE, 3) and image.dtype == np.uint8
@@ -298,7 +299,7 @@ def write(name: str, directory: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradcam_ref.backends.make_goldens", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m gradcam_ref.verify.make_goldens", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=goldens.DIRECTORY, help="where to write (default: the package's)")
     parser.add_argument("--only", nargs="+", choices=sorted(CASES), help="write only these goldens")

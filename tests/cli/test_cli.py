@@ -11,12 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
 from PIL import Image
 from torch import nn
 
 import gradcam_ref
 from gradcam_ref import cli, viz
+from gradcam_ref import zoo as imagenet
+from gradcam_ref.cli import _common as common
+from gradcam_ref.cli import demo
+from gradcam_ref.cli import explain as explain_command
+from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
 SIZE = 32  # the test model's input: 32 x 32, A is 4 x 8 x 8 after the stride-4 convolution
 
@@ -70,7 +74,7 @@ def setup(tmp_path):
     torch.save(trained.state_dict(), weights)
     labels = tmp_path / "labels.txt"
     labels.write_text("red thing\ngreen thing\nblue thing\n")
-    base = ["explain", "--model", "tests.test_cli:tiny_net", "--weights", weights, "--layer", "conv",
+    base = ["explain", "--model", "tests.cli.test_cli:tiny_net", "--weights", weights, "--layer", "conv",
             "--size", SIZE, "--labels", labels]
     return {"images": sorted(images.iterdir()), "trained": trained, "weights": weights, "base": base,
             "out": tmp_path / "out", "tmp": tmp_path}
@@ -79,7 +83,7 @@ def setup(tmp_path):
 def expected_maps(model, paths, target=None):
     """Grad-CAM of ``model`` on the files as the CLI preprocesses them, via the library."""
     images = [viz.load_image(p) for p in paths]
-    batch = cli.preprocess(images, (SIZE, SIZE), cli.IMAGENET_MEAN, cli.IMAGENET_STD)
+    batch = common.preprocess(images, (SIZE, SIZE), imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD)
     return gradcam_ref.explain(model, torch.from_numpy(batch), target, layer="conv").numpy()
 
 
@@ -104,48 +108,48 @@ def test_bad_arguments_exit_2_with_one_line(capsys, argv):
 
 
 def test_class_names_are_the_standard_imagenet_order():
-    names = cli.class_names()
+    names = common.class_names()
     assert len(names) == 1000 == len(set(names))
     assert (names[0], names[281], names[282], names[285], names[999]) == (
         "tench", "tabby", "tiger cat", "Egyptian cat", "toilet tissue")
 
 
 def test_parse_target():
-    names = cli.class_names()
-    assert cli.parse_target("auto", names) is None
-    assert cli.parse_target("281", names) == 281
-    assert cli.parse_target("tiger_cat", names) == 282
-    assert cli.parse_target("egyptian  CAT", names) == 285
-    with pytest.raises(cli.UsageError, match="did you mean.*'tabby'"):
-        cli.parse_target("tabbby", names)
-    with pytest.raises(cli.UsageError, match=">= 0"):
-        cli.parse_target("-1", names)
+    names = common.class_names()
+    assert common.parse_target("auto", names) is None
+    assert common.parse_target("281", names) == 281
+    assert common.parse_target("tiger_cat", names) == 282
+    assert common.parse_target("egyptian  CAT", names) == 285
+    with pytest.raises(common.UsageError, match="did you mean.*'tabby'"):
+        common.parse_target("tabbby", names)
+    with pytest.raises(common.UsageError, match=">= 0"):
+        common.parse_target("-1", names)
 
 
 def test_small_helpers():
-    assert cli.peak_of(np.array([[0.0, 1.0], [1.0, 0.5]])) == (0, 1)
-    assert cli.in_words(0, 0, (9, 9)) == "upper left"
-    assert cli.in_words(4, 4, (9, 9)) == "centre"
-    assert cli.in_words(8, 4, (9, 9)) == "lower centre"
+    assert common.peak_of(np.array([[0.0, 1.0], [1.0, 0.5]])) == (0, 1)
+    assert common.in_words(0, 0, (9, 9)) == "upper left"
+    assert common.in_words(4, 4, (9, 9)) == "centre"
+    assert common.in_words(8, 4, (9, 9)) == "lower centre"
     heat = np.zeros((4, 4))
     heat[0, 3], heat[3, 0] = 3.0, 1.0
-    np.testing.assert_allclose(cli.tile_shares(heat, 2, 2), [0.0, 0.75, 0.25, 0.0])
-    np.testing.assert_allclose(cli.softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
+    np.testing.assert_allclose(demo.tile_shares(heat, 2, 2), [0.0, 0.75, 0.25, 0.0])
+    np.testing.assert_allclose(common.softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
     paths = [Path("x/a.png"), Path("y/a.jpg"), Path("a-2.png"), Path("b.png")]
-    assert cli._unique_stems(paths) == ["a", "a-2", "a-2-2", "b"]
+    assert explain_command._unique_stems(paths) == ["a", "a-2", "a-2-2", "b"]
 
 
 def test_staged_output_moves_files_only_on_success(tmp_path):
     out = tmp_path / "new" / "out"
-    with cli.staged_output(out) as stage:
+    with common.staged_output(out) as stage:
         (stage / "a.txt").write_text("a")
     assert sorted(os.listdir(out)) == ["a.txt"]
-    with pytest.raises(RuntimeError), cli.staged_output(out) as stage:
+    with pytest.raises(RuntimeError), common.staged_output(out) as stage:
         (stage / "b.txt").write_text("b")
         raise RuntimeError
     assert sorted(os.listdir(out)) == ["a.txt"]  # kept what was there, added nothing
     fresh = tmp_path / "fresh" / "deeper"
-    with pytest.raises(RuntimeError), cli.staged_output(fresh):
+    with pytest.raises(RuntimeError), common.staged_output(fresh):
         raise RuntimeError
     assert not (tmp_path / "fresh").exists()  # the folders it made are gone too
 
@@ -171,7 +175,7 @@ def test_demo_end_to_end(capsys, tmp_path):
     out = tmp_path / "demo"
     status, printed, err = run(capsys, "demo", "--out", out)
     assert status == 0, err
-    names = cli.class_names()
+    names = common.class_names()
     photos = {"chelsea": (300, 451), "coffee": (400, 600), "motorcycle": (500, 741), "astronaut": (512, 512)}
     expected = {f"{n}.png": viz.figure_size_px(4, s) for n, s in photos.items()}  # with guided Grad-CAM
     expected |= {n: viz.figure_size_px(3, (448, 448)) for n in ("collage.png", "collage-counterfactual.png")}
@@ -235,11 +239,11 @@ def test_explain_uses_the_weights_and_the_target_label(capsys, setup):
 
 def test_explain_from_a_file_factory_and_repeated_names(capsys, setup):
     factory = setup["tmp"] / "my_model.py"
-    factory.write_text("from tests.test_cli import tiny_net\n\ndef build():\n    return tiny_net()\n")
+    factory.write_text("from tests.cli.test_cli import tiny_net\n\ndef build():\n    return tiny_net()\n")
     copy = setup["tmp"] / "other" / "a.png"
     copy.parent.mkdir()
     copy.write_bytes(setup["images"][0].read_bytes())
-    argv = [a if a != "tests.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0], copy)
     assert status == 0, err
     assert sorted(os.listdir(setup["out"])) == ["a-2.npy", "a-2.png", "a.npy", "a.png"]
@@ -329,12 +333,12 @@ def test_weights_with_arbitrary_objects_are_not_unpickled(capsys, setup):
 
 @pytest.mark.parametrize(("model", "fragment"), [
     ("tests.no_such_module:tiny_net", "cannot import 'tests.no_such_module'"),
-    ("tests.test_cli:no_such_factory", "has no callable 'no_such_factory'"),
-    ("tests.test_cli:not_a_module", "must return a torch nn.Module, got str"),
+    ("tests.cli.test_cli:no_such_factory", "has no callable 'no_such_factory'"),
+    ("tests.cli.test_cli:not_a_module", "must return a torch nn.Module, got str"),
     ("resnet-9000", "--model must be one of"),
 ])
 def test_bad_model(capsys, setup, model, fragment):
-    argv = [a if a != "tests.test_cli:tiny_net" else model for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else model for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
     assert_usage_error(status, err, fragment)
 
@@ -342,7 +346,7 @@ def test_bad_model(capsys, setup, model, fragment):
 @pytest.mark.parametrize(("module", "extra"), [("tqdm", "viz"), ("torch", "torch")])
 def test_missing_optional_dependency(capsys, setup, monkeypatch, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
-    monkeypatch.delitem(sys.modules, "gradcam_ref.backends.torch_cli", raising=False)
+    monkeypatch.delitem(sys.modules, "gradcam_ref.cli._torch", raising=False)
     status, _, err = run(capsys, *setup["base"], "--out", setup["out"], setup["images"][0])
     assert_usage_error(status, err, f"needs the optional dependency {module}", f"pip install 'gradcam-ref[{extra}]'")
     assert not setup["out"].exists()

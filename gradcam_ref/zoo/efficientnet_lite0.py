@@ -17,10 +17,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from gradcam_ref.zoo import IMAGENET_MEAN, IMAGENET_SIZE, IMAGENET_STD
+
 MODEL_NAME = "efficientnet-lite0"
-IMAGE_SIZE = 224
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+IMAGE_SIZE = IMAGENET_SIZE
+MEAN = IMAGENET_MEAN
+STD = IMAGENET_STD
 
 
 def weights_path() -> str:

@@ -9,12 +9,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from gradcam_ref.backends import make_goldens
-from gradcam_ref.backends.numpy_backend import Oracle
 
 import gradcam_ref
-from gradcam_ref import goldens
-from tests.backends.torch_nets import torch_from_oracle
+from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.verify import goldens, make_goldens
+from gradcam_ref.verify.twins import torch_oracle
 
 ALL = goldens.names()
 ORACLE = [n for n in ALL if goldens.load(n).model == "oracle"]
@@ -80,14 +79,14 @@ def test_numpy_backend_reproduces_the_oracle_goldens(name):
 @pytest.mark.parametrize("name", ORACLE)
 def test_torch_backend_reproduces_the_oracle_goldens(name):
     g = goldens.load(name)
-    model = torch_from_oracle(oracle_of(g), torch.float64)
+    model = torch_oracle(oracle_of(g), torch.float64)
     assert_explanation_matches(g, gradcam_ref.explain(model, torch.from_numpy(g.inputs), g.targets, layer=g.layer))
 
 
 @pytest.fixture(scope="module")
 def efficientnet_float64():
     """The zoo's pretrained model in float64 (loaded once per session, shared with verify)."""
-    from gradcam_ref.backends import verify
+    from gradcam_ref import verify
 
     return verify._efficientnet_float64()
 
@@ -109,7 +108,7 @@ def test_stored_heatmaps_are_the_conventions_of_the_stored_maps(name):
                                 weights=g["weights"], scores=g["scores"], targets=g.targets)
     assert set(g.heatmaps) >= {"paper", "captum", "torchcam", "tf-keras-vis"}
     for convention in g.heatmaps:
-        size = g.heatmap_size if gradcam_ref._conventions.get_convention(convention).resizes else None
+        size = g.heatmap_size if gradcam_ref.conventions.get_convention(convention).resizes else None
         diff, tolerance = g.compare(f"heatmap.{convention}", e.heatmap(size, convention))
         assert diff <= tolerance, convention
 

@@ -11,9 +11,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
 
 import gradcam_ref
+from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
 __all__ = ["efficientnet_explain"]
 

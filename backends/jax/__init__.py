@@ -1,63 +1,17 @@
 r"""The JAX backend: Grad-CAM of a model split as ``(features, head)``, as one compiled program.
 
-The model is two JAX-traceable callables, ``features(x) -> A`` and ``head(A) -> scores``; the layer
-Grad-CAM explains is the seam between them. For inputs ``x`` ``(N, ...)``::
+For inputs ``x`` ``(N, ...)`` one ``jax.jit`` program runs::
 
-    A = features(x)                              (N, K, *spatial)
-    scores, vjp = jax.vjp(head, A)               y = scores, (N, C), pre-softmax
-    dy^c/dA = vjp(one_hot(c))                    one backward pass for the N targets c_n
-    alpha^c, L^c = core Eq. 1, Eq. 2             gradcam_ref's grad_cam_parts and relu_map
+    A = features(x)                       (N, K, *spatial), channels on ``channel_axis``
+    scores, vjp = jax.vjp(head, A)        y, pre-softmax
+    dy^c/dA = vjp(one_hot(c))             one pull-back for N targets; jax.vmap over T targets
+    the core's grad_cam_fields            Eq. 1, Eq. 2, Guided Grad-CAM, inside the program
 
-The one-hot cotangent :math:`e_{c_n}` of example n picks :math:`\partial y^{c_n}_n / \partial A_n`
-(examples are independent through ``head``). For T targets per example the T cotangents go through
-the same ``vjp`` in one ``jax.vmap``; a callable target's cotangent is the gradient of
-:math:`\sum_n \text{target}(y)_n` with respect to ``y``. All of it, the core's math included, runs
-under one ``jax.jit``, compiled once per ``(features, head, target callable, channel_axis)`` and
-per input shape and dtype, and the arrays stay on JAX's default device. Define ``features`` and
-``head`` once and reuse them: a new lambda is a new function, traced and compiled again.
-
-Dtypes follow the model: float64 inputs and parameters under ``jax_enable_x64`` give float64
-maps. The maps are differentiable: ``jax.grad`` of a loss on ``explain(...).maps`` with respect
-to the inputs, or to parameters closed over by ``features`` and ``head`` (write the closures
-inside the loss), differentiates through the backward pass (second-order autodiff).
-
-Guided backpropagation (``guided=True``): :math:`\partial^{\text{guided}} y^c / \partial x`, the
-gradient of the same scores with respect to the inputs through guided ReLUs (every ReLU of
-``features`` and ``head`` passes the cotangent g it receives as :math:`g \cdot [0 < z] \cdot [g > 0]`,
-z its input; ReLUs capped at b as :math:`g \cdot [0 < z < b] \cdot [g > 0]`), and Guided Grad-CAM,
-its product with the maps upsampled to the input (the core's ``guided_grad_cam``). The ReLUs
-are found in the jaxpr of ``head(features(x))`` by :mod:`gradcam_ref.backends.jax_guided`, whose
-docstring lists exactly the forms it recognises (``jax.nn.relu``, ``jax.nn.relu6``,
-``jnp.maximum(x, 0)``, ``jnp.clip(x, 0, b)``, ``lax.clamp``, ``jnp.where(x > 0, x, 0)`` ...) and
-what happens to the others (their ordinary derivative is kept; a ``NoGuidedReLUWarning``
-says when none was found, or some sit inside ``custom_vjp`` functions or while loops). It runs in
-the same compiled program: one more forward pass through the guided function and one backward
-pass to the inputs (``jax.vmap`` over T targets). ``guided_backprop`` has the inputs' shape,
-``(N, T, ...)`` for ``(N, T)`` targets; with ``channel_axis`` other than 1 the inputs are taken
-to have their channels on the same axis as the activations, and ``guided_backprop`` is moved to
-channels-first ``(N, C, *spatial)`` like them.
-
-Errors that a wrong model or target would cause deep inside a trace are raised first, by name:
-``features`` output of rank < 3, ``head`` output not ``(N, C)`` for class-index targets, a
-target out of range, a callable target that does not return ``(N,)``.
-
-Splitting a Flax (linen) model: give the module one method per half and apply each::
-
-    class Net(nn.Module):
-        def setup(self): ...
-        def features(self, x): ...          # (N, H, W, K): Flax is channels-last
-        def head(self, a): ...
-        def __call__(self, x):
-            return self.head(self.features(x))
-
-    features = lambda x: net.apply(variables, x, method=Net.features)
-    head = lambda a: net.apply(variables, a, method=Net.head)
-    gradcam_ref.explain((features, head), x, channel_axis=-1)
-
-Any other framework (Equinox, Haiku, plain functions of a parameter pytree) splits the same way,
-e.g. ``(functools.partial(features_fn, params), functools.partial(head_fn, params))`` built once.
-(Flax's ``capture_intermediates`` and ``perturb`` give A and dy/dA of an unsplit model; this
-backend does not use them: the split form needs no framework beyond ``jax``.)
+compiled once per ``(features, head, target callable, channel_axis, guided)`` and input shape.
+:func:`capture` and :func:`explain` both run that program (``_program``). The maps are
+differentiable (``jax.grad`` through the backward pass). Guided backpropagation re-interprets
+the jaxpr of ``head(features(x))`` (:mod:`gradcam_ref.backends.jax.guided`). Splitting Flax,
+Equinox or Haiku models, and the rest of the story: docs/backends.md.
 """
 
 from __future__ import annotations
@@ -69,29 +23,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from gradcam_ref.backends import jax_guided
 
-from gradcam_ref._checks import check_feature_maps, check_finite, shape_of
-from gradcam_ref._explain import Capture, Explanation
-from gradcam_ref._gradcam import grad_cam_parts, relu_map
-from gradcam_ref._guided import NoGuidedReLUWarning, guided_grad_cam
-from gradcam_ref._targets import check_scores, resolve_targets
+from gradcam_ref.backends._contract import (
+    Capture,
+    Explanation,
+    GradCamFields,
+    NoGuidedReLUWarning,
+    check_feature_maps,
+    check_finite,
+    check_scores,
+    check_target_scores,
+    class_indices,
+    grad_cam_fields,
+    shape_of,
+)
+from gradcam_ref.backends.jax import guided as jax_guided
 
 NAME = "jax"
+GUIDED = True
 
-__all__ = ["NAME", "NoGuidedReLUWarning", "capture", "explain"]
+__all__ = ["GUIDED", "NAME", "capture", "explain"]
 
 
-def explain(
+def capture(
     model: Any,
     inputs: Any,
     target: Any = None,
     *,
     layer: Any = None,
-    channel_axis: int = 1,
     guided: bool = False,
-) -> Explanation:
-    r"""Grad-CAM of ``model = (features, head)`` on ``inputs``, computed by one jitted program.
+    channel_axis: int = 1,
+) -> Capture:
+    r"""A, dy/dA and the scores of ``model = (features, head)`` on ``inputs``, by one jitted program.
 
     Args:
       model: ``(features, head)``, two hashable JAX-traceable callables:
@@ -102,19 +65,38 @@ def explain(
         outer ``jax.jit``) is accepted; its range cannot be checked before it runs, and an index
         outside ``[0, C)`` then gives a zero gradient (JAX's ``one_hot`` convention).
       layer: must be None: the layer is the seam of ``(features, head)``.
+      guided: also compute ``guided_backprop``, the input gradient through guided ReLUs.
       channel_axis: the axis of ``A`` holding its K channels: 1 (channels-first) or, e.g., -1 for
         a channels-last (NHWC, Flax) model.
-      guided: also compute ``guided_backprop`` and ``guided_grad_cam`` (module docstring).
 
     Returns:
-      An :class:`~gradcam_ref.Explanation` of JAX arrays on the default device, with
-      ``activations`` and ``gradients`` moved to channels-first ``(N, K, *spatial)`` (the
-      core's layout; ``(N, T, K, *spatial)`` for ``(N, T)`` targets). ``targets`` is an int64
-      NumPy array (None for a callable target), except when ``explain`` itself is traced (an
+      JAX arrays on the default device, ``activations`` and ``gradients`` moved to channels-first
+      ``(N, K, *spatial)`` (``(N, T, K, *spatial)`` for ``(N, T)`` targets). ``targets`` is an
+      int64 NumPy array (None for a callable target), except when the call itself is traced (an
       outer ``jax.jit``, ``jax.grad``, ...) and the targets are the traced argmax or a traced
-      argument: then it is that JAX int array. ``guided_backprop`` and ``guided_grad_cam`` are
-      JAX arrays ``(N, C, *spatial)`` (``(N, T, C, *spatial)``) with ``guided``, else None.
+      argument: then it is that JAX int array. ``guided_backprop`` is ``(N, C, *spatial)``
+      (``(N, T, C, *spatial)``), channels-first like the activations, or None.
     """
+    return _run(model, inputs, target, layer, guided, channel_axis)[0]
+
+
+def explain(
+    model: Any,
+    inputs: Any,
+    target: Any = None,
+    *,
+    layer: Any = None,
+    guided: bool = False,
+    channel_axis: int = 1,
+) -> Explanation:
+    """The :class:`~gradcam_ref.Explanation` of :func:`capture`, its core math run inside the same program."""
+    return Explanation.from_capture(*_run(model, inputs, target, layer, guided, channel_axis))
+
+
+def _run(
+    model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int
+) -> tuple[Capture, GradCamFields]:
+    """Check the arguments (by name, before any trace), run the program, check its result."""
     features, head = _split(model, layer)
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
     if x.ndim < 1:
@@ -135,38 +117,19 @@ def explain(
             f"guided=True with channel_axis={channel_axis}: the inputs are taken to have their channels "
             f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
         )
-    result = _explain_jit(x, indices, target_fn=target if callable(target) else None, guided=guided, **static)
-    maps, signed, a, g, weights, scores, traced_targets, finite, guided_backprop, ggc = result
+    captured, fields, traced_targets, finite = _program(
+        x, indices, target_fn=target if callable(target) else None, guided=guided, **static)
     if guided:
         _warn_unguided(_GUIDED_RECORDS.get((features, head, shape_of(x), jnp.dtype(x.dtype))))
-    # Inside the jitted program the core's finite checks see tracers and are skipped; the program
+    # Inside the program the core's finite checks see tracers and are skipped; the program
     # computes the flag instead (of the signed map: the ReLU turns NaN into 0). Only when it is
     # False do the core's checks run, for their messages naming the culprit.
     if not isinstance(finite, jax.core.Tracer) and not bool(finite):
-        check_finite(weights, "grad_cam", gradients=g)
-        check_finite(signed, "grad_cam", activations=a, gradients=g)
+        check_finite(fields.weights, "grad_cam", gradients=captured.gradients)
+        check_finite(fields.signed, "grad_cam", activations=captured.activations, gradients=captured.gradients)
     if targets_out is None and traced_targets is not None:
         targets_out = _host_ints(traced_targets)
-    return Explanation(maps=maps, activations=a, gradients=g, weights=weights, scores=scores,
-                       targets=targets_out, guided_backprop=guided_backprop, guided_grad_cam=ggc)
-
-
-def capture(
-    model: Any,
-    inputs: Any,
-    target: Any = None,
-    *,
-    layer: Any = None,
-    channel_axis: int = 1,
-    guided: bool = False,
-) -> Capture:
-    """A, dy/dA, y and the targets of ``model = (features, head)``: the backend contract.
-
-    The same compiled program as :func:`explain` (which ``gradcam_ref.explain`` calls, so that
-    the core's math runs inside it); the arguments are :func:`explain`'s.
-    """
-    e = explain(model, inputs, target, layer=layer, channel_axis=channel_axis, guided=guided)
-    return Capture(e.activations, e.gradients, e.scores, e.targets, e.guided_backprop)
+    return captured._replace(targets=targets_out), fields
 
 
 # --- The compiled program --------------------------------------------------------------------
@@ -197,7 +160,7 @@ def _forward_impl(x: jax.Array, *, features: Callable, head: Callable, channel_a
     return a, head(a)
 
 
-def _explain_impl(
+def _program_impl(
     x: jax.Array,
     indices: jax.Array | None,
     *,
@@ -218,7 +181,7 @@ def _explain_impl(
     multi = False
     if target_fn is not None:
         y, target_vjp = jax.vjp(target_fn, scores)
-        _check_target_output(y, a.shape[0])
+        check_target_scores(y, a.shape[0])
         (seeds,) = target_vjp(jnp.ones_like(y))  # d(sum_n y_n)/d scores, shape of scores
     else:
         if indices is None:
@@ -229,10 +192,7 @@ def _explain_impl(
     axis = _channel_axis(channel_axis, a.ndim)
     a_first = jnp.moveaxis(a, axis, 1)
     g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
-    weights, signed = grad_cam_parts(a_first, g_first)
-    finite = jnp.all(jnp.isfinite(weights)) & jnp.all(jnp.isfinite(signed))
-    maps = relu_map(signed)
-    guided_backprop = ggc = None
+    guided_backprop = None
     if guided:  # the same seeds, pulled back to x through head(features(x)) with guided ReLUs
         record = _GUIDED_RECORDS[(features, head, shape_of(x), jnp.dtype(x.dtype))] = jax_guided.Record()
         whole = jax_guided.guided(lambda v: head(features(v)), record)
@@ -240,8 +200,10 @@ def _explain_impl(
         guided_backprop = _pull_back(guided_vjp, seeds, multi)
         if axis != 1:  # the inputs' channels on the activations' axis: channels-first, like A
             guided_backprop = jnp.moveaxis(guided_backprop, axis + multi, 1 + multi)
-        ggc = guided_grad_cam(guided_backprop, maps, spatial_rank=a.ndim - 2)
-    return maps, signed, a_first, g_first, weights, scores, indices, finite, guided_backprop, ggc
+    captured = Capture(a_first, g_first, scores, None, guided_backprop)
+    fields = grad_cam_fields(captured)
+    finite = jnp.all(jnp.isfinite(fields.weights)) & jnp.all(jnp.isfinite(fields.signed))
+    return captured, fields, indices, finite
 
 
 def _pull_back(vjp: Callable, seeds: jax.Array, multi: bool) -> jax.Array:
@@ -263,21 +225,21 @@ def _warn_unguided(record: jax_guided.Record | None) -> None:
     if not record.counts:
         warnings.warn(
             "guided=True but head(features(x)) has no ReLU that the guided pass recognises (see "
-            "gradcam_ref.backends.jax_guided): guided_backprop is the plain gradient w.r.t. the inputs",
+            "gradcam_ref.backends.jax.guided): guided_backprop is the plain gradient w.r.t. the inputs",
             NoGuidedReLUWarning,
             stacklevel=4,
         )
     if record.unguided:
         warnings.warn(
             f"guided=True: ReLU-like operations inside {sorted(set(record.unguided))} keep their "
-            "ordinary derivative (see gradcam_ref.backends.jax_guided)",
+            "ordinary derivative (see gradcam_ref.backends.jax.guided)",
             NoGuidedReLUWarning,
             stacklevel=4,
         )
 
 
 _forward = jax.jit(_forward_impl, static_argnames=("features", "head", "channel_axis"))
-_explain_jit = jax.jit(_explain_impl, static_argnames=("features", "head", "target_fn", "channel_axis", "guided"))
+_program = jax.jit(_program_impl, static_argnames=("features", "head", "target_fn", "channel_axis", "guided"))
 
 
 # --- Checks -----------------------------------------------------------------------------------
@@ -336,16 +298,6 @@ def _check_same_batch(what: str, out: Any, x: jax.Array) -> None:
         )
 
 
-def _check_target_output(y: Any, n: int) -> None:
-    if not isinstance(y, jax.Array) or shape_of(y) != (n,):
-        raise ValueError(
-            f"a callable target must return one score per example, shape (N,) = ({n},), "
-            f"got {shape_of(y) if isinstance(y, jax.Array) else type(y).__name__}"
-        )
-    if not jnp.issubdtype(y.dtype, jnp.floating):
-        raise TypeError(f"a callable target must return floating scores, got dtype {y.dtype}")
-
-
 def _class_indices(target: Any, scores: jax.ShapeDtypeStruct) -> tuple[jax.Array | None, np.ndarray | None]:
     """``(indices for the program, targets for the Explanation)``; None, None for the argmax."""
     if target is None:
@@ -358,8 +310,8 @@ def _class_indices(target: Any, scores: jax.ShapeDtypeStruct) -> tuple[jax.Array
                 f"got {target.dtype} {shape_of(target)}"
             )
         return target, None
-    # resolve_targets reads only the shape of the scores for class-index targets.
-    indices = resolve_targets(target, scores)
+    # class_indices reads only the shape of the scores.
+    indices = class_indices(target, scores)
     return jnp.asarray(indices.astype(np.int32)), indices
 
 

@@ -8,10 +8,10 @@ notebook) can check itself against them with nothing but an ``.npz`` reader. Fil
 ``allow_pickle=False``: only plain numeric and string arrays, never objects.
 
 ``gradcam-ref verify`` runs every golden through every installed backend. The files are written
-by ``python -m gradcam_ref.backends.make_goldens``.
+by ``python -m gradcam_ref.verify.make_goldens``.
 
 Example:
-  >>> from gradcam_ref import goldens
+  >>> from gradcam_ref.verify import goldens
   >>> g = goldens.load("tiny_gap_relu0")
   >>> g.model, g.layer, g.targets.tolist()
   ('oracle', 'relu0', [0])
@@ -32,7 +32,7 @@ import numpy as np
 FORMAT = "gradcam-ref-golden/1"
 """The value of every file's ``format`` entry."""
 
-DIRECTORY = Path(__file__).resolve().parent
+DIRECTORY = Path(__file__).resolve().parent / "data"
 """Where the shipped goldens are."""
 
 MODELS = ("oracle", "efficientnet-lite0")

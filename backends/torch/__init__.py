@@ -1,139 +1,49 @@
-r"""PyTorch backend: Grad-CAM of any ``nn.Module`` at any layer, for any differentiable score.
+r"""The PyTorch backend: Grad-CAM of any ``nn.Module`` at any layer, for any differentiable score.
 
-``capture(model, inputs, target, *, layer, ...)`` returns the layer's activations :math:`A`, the
-gradients :math:`\partial y^c / \partial A` and the model's scores; the core
-(:class:`gradcam_ref.Explanation`) computes the weights and maps from them.
+How a call runs, and why it costs about one forward pass (the full account: docs/backends.md):
 
-How a call runs (and what it costs):
+1. The model runs under ``torch.no_grad()`` up to ``layer``: the part before it builds no graph.
+2. A forward hook (a pre-hook for ``at="input"``) takes :math:`A`, makes it a leaf that requires
+   grad, turns grad mode on for the rest of the pass and hands the model a copy (so in-place ops
+   downstream leave :math:`A` alone; no backward hook, so pytorch #61519 cannot arise).
+3. ``torch.autograd.grad(score, [A])`` runs the backward from the score to the layer only: no
+   parameter gets a ``.grad``. ``(N, T)`` targets are one batched backward (``is_grads_batched``).
+4. Every hook, mode and flag is restored in ``finally`` blocks, also when the model raises.
 
-1. The model runs under ``torch.no_grad()``: the part before the layer builds no autograd graph
-   and keeps nothing for a backward pass, as in inference.
-2. A forward hook on ``layer`` (a forward *pre*-hook with ``at="input"``, so that an in-place
-   layer such as ``ReLU(inplace=True)`` has not yet overwritten its input, pytorch #95617) takes
-   :math:`A`, detaches it into a leaf tensor that requires grad, switches grad mode on for the
-   rest of the forward pass and hands the model an autograd *copy* of the leaf. The copy is what
-   lets in-place ops after the layer run (an in-place op on a leaf, or on a view of one, is an
-   error in PyTorch) and it keeps the captured :math:`A` at the values the layer produced; it
-   costs one extra tensor the size of :math:`A`. No backward hook is used, so the in-place
-   trouble of module backward hooks (pytorch #61519) cannot arise.
-3. ``torch.autograd.grad(score, inputs=[A])`` runs the backward from the score down to the
-   layer and no further: no layer before it is differentiated, no parameter gets a ``.grad``
-   (``.backward()`` is never called). Grad mode, the hooks and everything else are restored in
-   ``finally`` blocks, also when the model or the target raises.
-
-So the working memory is that of an inference forward pass plus the autograd graph of the part
-*after* the layer (usually a small head), and the time is about one forward pass.
-
-Targets (parsed by :func:`gradcam_ref._targets.resolve_targets`, shared by every backend):
-
-- ``None``, an int or N ints: one backward pass seeded with one-hot rows of the scores;
-- an int array ``(N, T)``: T maps per example from *one* forward pass and *one* batched
-  backward pass (``is_grads_batched=True``, i.e. ``vmap`` over the T one-hot seeds); gradients
-  come out ``(N, T, K, *spatial)``. Should ``vmap`` refuse an op of the model (a ``RuntimeError``
-  in the batched backward), the T backward passes are run one after the other over the same
-  graph (``retain_graph``), which gives the same numbers more slowly;
-- a callable ``scores -> (N,)``: the gradient of ``target(scores).sum()``, i.e. of each
-  example's own score (a segmentation region's score, a regression output, a single-logit head
-  or its negation for counterfactual maps). It must be built from torch operations on
-  ``scores``.
-
-Seeding every example at once gives each example its own gradient as long as the model treats
-examples independently (eval mode; batch-norm in training mode mixes them).
-
-Layer:
-
-- ``layer``: a dotted name (``"layer4.1"``, ``"features.28"``, anything
-  ``model.get_submodule`` accepts) or a module object of ``model``. An unknown name is an error
-  that lists the closest names.
-- ``at="output"`` (default) takes the module's output, ``at="input"`` its first positional
-  input. The layer's output (input) must be one floating tensor ``(N, K, *spatial)``.
-- A module called more than once in one forward pass (a shared activation module, a recurrent
-  cell) is ambiguous: that is an error saying how many times it ran, unless ``call`` picks one:
-  ``call=i`` is the i-th call (from 0), ``call=-1`` the last; a negative ``call`` first runs one
-  extra inference forward pass (no graph) to count the calls. A layer that never runs is an error.
-- The captured :math:`A` shares memory with the layer's own output tensor (the model goes on
-  with the copy). Should the model later change that tensor in place through another reference,
-  :math:`A` would no longer be what the layer produced: this is detected (PyTorch's version
-  counter) and is an error.
-- Split form ``model=(features, head)``: :math:`A` = ``features(inputs)`` and the scores are
-  ``head(A)`` (the paper's :math:`y^c = f(A^1, \ldots, A^K)`); ``layer`` is then None.
-- ``reshape``: for token activations ``(N, T, D)`` (vision transformers). A tuple of grid sizes
-  ``(h, w)`` drops the first ``T - h*w`` tokens (class and register tokens) and lays the rest
-  out row-major as ``(N, D, h, w)``; a callable is applied to the activations and (per example
-  and target) to the gradients alike, so it must only rearrange values (e.g.
-  ``lambda t: t.permute(0, 3, 1, 2)`` for channels-last ``(N, H, W, C)`` feature maps).
-
-Guided backpropagation (``guided=True``; Springenberg et al., Guided Grad-CAM of Selvaraju et al.):
-
-- What: :math:`\partial^{\text{guided}} y^c / \partial x`, the gradient of the score w.r.t. the
-  *input*, where every ReLU passes the gradient g it receives as
-  :math:`g \cdot [0 < z] \cdot [g > 0]` (z the ReLU's input). A ReLU capped at b (ReLU6,
-  ``hardtanh(0, b)``, ``clamp(0, b)``) passes :math:`g \cdot [0 < z < b] \cdot [g > 0]`: its
-  ordinary gradient (zero where it is flat, at and beyond either bound) restricted to positive g.
-  Every other operation (SiLU, GELU, leaky ReLU, max-pooling, ...) keeps its ordinary gradient.
-- How: the guided pass runs the model under :class:`GuidedReLUs`, a
-  ``torch.overrides.TorchFunctionMode`` that sees every torch function call, module or not, and
-  replaces each ReLU form it recognises by an autograd Function whose forward *is the original
-  call* (the same numbers; in place when the call is in place) and whose backward is the rule
-  above. Recognised (by the function called, so ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, b)``
-  and ``nn.Threshold(0, 0)`` modules are caught through the functions they call):
-  ``F.relu`` (``inplace`` or not), ``F.relu_``, ``torch.relu``, ``torch.relu_``, ``Tensor.relu``,
-  ``Tensor.relu_``; ``F.relu6``; ``F.hardtanh``/``F.hardtanh_`` with ``min_val == 0``;
-  ``torch.clamp``/``clip`` and their ``Tensor`` and in-place forms with ``min == 0`` (a Python
-  number) and ``max`` None or a number, ``clamp_min``/``clamp_min_`` with 0; ``F.threshold``/
-  ``torch.threshold``/``threshold_`` with ``threshold == value == 0``. Not recognised, so not
-  guided: ReLUs written as other ops (``torch.maximum(x, zeros)``, ``x * (x > 0)``,
-  ``torch.where``), ``clamp`` with a tensor bound, calls with ``out=``, and code the mode cannot
-  see (TorchScript, C++ extensions). A guided pass that meets no ReLU at all warns
-  (:class:`NoGuidedReLUWarning`): its result is the plain input gradient.
-- Cost: a second pass, separate from the Grad-CAM one (whose backward stops at the layer): one
-  forward pass with autograd from the input (the activation memory of a training step; the
-  Grad-CAM pass keeps only the part after the layer) and one backward pass to the input (no
-  parameter gradient is computed), batched over T targets like the Grad-CAM pass; about three
-  forward passes of time, plus a small Python cost per torch call while the mode is active.
-- Layout: ``guided_backprop`` has the shape of the inputs (with a T axis for ``(N, T)``
-  targets); Guided Grad-CAM multiplies it with the maps upsampled to its trailing spatial axes,
-  so it needs channels-first inputs ``(N, C, *S)`` with as many spatial axes as the maps.
-- Global state: the mode is a context manager, so it is popped (and grad mode restored) even
-  when the model or the target raises; after the call every ReLU has its ordinary gradient.
-  The model's inputs are not modified (the model runs on a copy).
-
-Warnings: a model (or part) in training mode (dropout and batch-norm make the maps random), and
-examples whose gradients are exactly zero everywhere (their maps are zero: the score does not
-depend on the layer there). A score with no autograd path to the layer is an error.
+``guided=True`` runs a second pass under :class:`~gradcam_ref.backends.torch.guided.GuidedReLUs`.
+The split form ``(features, head)`` takes :math:`A` = ``features(inputs)``, scores ``head(A)``.
 """
 
 from __future__ import annotations
 
-import collections
 import difflib
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from gradcam_ref._checks import check_feature_maps, shape_of
-from gradcam_ref._explain import Capture
-from gradcam_ref._guided import NoGuidedReLUWarning
-from gradcam_ref._targets import resolve_targets
+from gradcam_ref.backends._contract import (
+    Capture,
+    NoGuidedReLUWarning,
+    TrainingModeWarning,
+    ZeroGradientWarning,
+    check_feature_maps,
+    check_target_scores,
+    explaining,
+    resolve_targets,
+    shape_of,
+)
+from gradcam_ref.backends.torch.guided import GuidedReLUs
 
 NAME = "torch"
+GUIDED = True
 AT = ("output", "input")
 
-__all__ = ["AT", "NAME", "GuidedReLUs", "NoGuidedReLUWarning", "ZeroGradientWarning", "capture"]
-
-
-class ZeroGradientWarning(UserWarning):
-    """The score's gradient at the layer is exactly zero for some example: its map is zero."""
-
-
+__all__ = ["AT", "GUIDED", "NAME", "capture", "explain"]
 
 
 def capture(
@@ -369,12 +279,7 @@ def _gradients(scores: torch.Tensor, leaf: torch.Tensor, targets: Any, where: st
     n = int(scores.shape[0])
     if callable(targets):
         y = targets(scores)
-        if not isinstance(y, torch.Tensor) or shape_of(y) != (n,) or not y.is_floating_point():
-            got = f"shape {shape_of(y)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(
-                f"a callable target must return one floating score per example, a tensor of "
-                f"shape (N,) = ({n},), got {got}"
-            )
+        check_target_scores(y, n)
         return _grad(y, leaf, torch.ones_like(y), where)
     index = torch.as_tensor(targets, device=scores.device)
     if index.ndim == 1:  # seed[n, c] = 1 where c = targets[n]: sum_n y_n^{c_n}
@@ -461,155 +366,6 @@ def _guided_backprop(
     return _gradients(scores, x, targets, "the inputs")
 
 
-class _GuidedReLU(torch.autograd.Function):
-    r"""A ReLU form ``func(*args, **kwargs)`` with the guided backward rule.
-
-    Forward: the call itself, so the numbers (and the in-place behaviour) are the original's.
-    Backward, with y the output and b = ``upper`` (:math:`\infty` when None):
-    :math:`g \mapsto g \cdot [0 < y < b] \cdot [g > 0]`. Since y = z on ``0 < z < b`` and y is
-    clamped to 0 or b elsewhere, :math:`[0 < y < b] = [0 < z < b]` for the input z; reading the
-    output lets in-place calls (whose input is overwritten) use the same rule.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, func: Callable[..., torch.Tensor], args: tuple[Any, ...],
-                kwargs: dict[str, Any], upper: float | None, inplace: bool) -> torch.Tensor:
-        y = func(*args, **kwargs)
-        if inplace:
-            ctx.mark_dirty(x)
-        ctx.save_for_backward(y)
-        ctx.upper = upper
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (y,) = ctx.saved_tensors
-        keep = (y > 0) & (g > 0)
-        if ctx.upper is not None:
-            keep = keep & (y < ctx.upper)
-        return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)), None, None, None, None, None
-
-
-class GuidedReLUs(TorchFunctionMode):
-    """While active, every recognised ReLU call gets the guided backward rule.
-
-    A ``torch.overrides.TorchFunctionMode``: ``with GuidedReLUs() as mode: scores = model(x)``
-    builds a graph whose backward passes are guided at every ReLU called inside the block (see
-    the module docstring for the rule and the recognised calls); the forward numbers are
-    unchanged. Calls outside autograd (grad mode off, or an input that does not require grad)
-    run as they are. ``counts`` tells how many calls of each function were guided.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        form = _RELU_FORMS.get(func)
-        if form is not None and torch.is_grad_enabled():
-            name, parse = form
-            parsed = None if "out" in kwargs else parse(args, kwargs)
-            if parsed is not None:
-                x, upper, inplace = parsed
-                if isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point():
-                    self.counts[name] += 1
-                    return _GuidedReLU.apply(x, func, args, kwargs, upper, inplace)
-        return func(*args, **kwargs)
-
-
-_Parsed = tuple[Any, float | None, bool] | None  # (input, upper bound or None, in place) or None
-
-
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
-def _is_number(v: Any, value: float | None = None) -> bool:
-    """A real Python/NumPy number (not a bool, not a tensor), equal to ``value`` if given."""
-    ok = isinstance(v, numbers.Real) and not isinstance(v, (bool, torch.Tensor))
-    return ok and (value is None or v == value)
-
-
-def _upper(v: Any) -> float | None:
-    """The cap b of a capped ReLU; None for no cap (None or +inf)."""
-    if v is None or v == math.inf:
-        return None
-    return float(v)
-
-
-# Each parser reads a call's arguments (positional or keyword, as the function's signature has
-# them) and returns (input, cap, in place), or None when the call is not a ReLU. ``inplace=None``
-# reads the ``inplace`` argument of the ``F.*`` functions.
-
-
-def _relu_form(inplace: bool | None, upper: float | None = None) -> Callable[..., _Parsed]:
-    """``relu(input[, inplace])``, or ``relu6`` with ``upper=6``."""
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
-        flag = bool(_arg(args, kwargs, 1, "inplace", False)) if inplace is None else inplace
-        return _arg(args, kwargs, 0, "input"), upper, flag
-    return parse
-
-
-def _hardtanh_form(inplace: bool | None) -> Callable[..., _Parsed]:
-    """``hardtanh(input, min_val=-1, max_val=1[, inplace])``: a ReLU capped at max_val if min_val == 0."""
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
-        low, high = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
-        if not (_is_number(low, 0) and _is_number(high)):
-            return None
-        flag = bool(_arg(args, kwargs, 3, "inplace", False)) if inplace is None else inplace
-        return _arg(args, kwargs, 0, "input"), _upper(high), flag
-    return parse
-
-
-def _clamp_form(inplace: bool, has_max: bool = True) -> Callable[..., _Parsed]:
-    """``clamp(input, min=None, max=None)`` (``clamp_min(input, min)``): a ReLU if min == 0."""
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
-        low = _arg(args, kwargs, 1, "min")
-        high = _arg(args, kwargs, 2, "max") if has_max else None
-        if not (_is_number(low, 0) and (high is None or _is_number(high))):
-            return None
-        return _arg(args, kwargs, 0, "input"), _upper(high), inplace
-    return parse
-
-
-def _threshold_form(inplace: bool | None) -> Callable[..., _Parsed]:
-    """``threshold(input, threshold, value[, inplace])``: a ReLU if threshold == value == 0."""
-    def parse(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Parsed:
-        at, value = _arg(args, kwargs, 1, "threshold"), _arg(args, kwargs, 2, "value")
-        if not (_is_number(at, 0) and _is_number(value, 0)):
-            return None
-        flag = bool(_arg(args, kwargs, 3, "inplace", False)) if inplace is None else inplace
-        return _arg(args, kwargs, 0, "input"), None, flag
-    return parse
-
-
-_RELU_FORMS: dict[Any, tuple[str, Callable[..., _Parsed]]] = {
-    F.relu: ("relu", _relu_form(None)),
-    torch.relu: ("relu", _relu_form(False)),
-    torch.Tensor.relu: ("relu", _relu_form(False)),
-    torch.relu_: ("relu", _relu_form(True)),  # also F.relu_
-    torch.Tensor.relu_: ("relu", _relu_form(True)),
-    F.relu6: ("relu6", _relu_form(None, 6.0)),
-    torch._C._nn.relu6: ("relu6", _relu_form(False, 6.0)),
-    torch._C._nn.relu6_: ("relu6", _relu_form(True, 6.0)),
-    F.hardtanh: ("hardtanh", _hardtanh_form(None)),  # nn.ReLU6, nn.Hardtanh
-    torch._C._nn.hardtanh: ("hardtanh", _hardtanh_form(False)),
-    torch._C._nn.hardtanh_: ("hardtanh", _hardtanh_form(True)),  # also F.hardtanh_
-    F.threshold: ("threshold", _threshold_form(None)),  # nn.Threshold
-    torch.threshold: ("threshold", _threshold_form(False)),
-    torch.threshold_: ("threshold", _threshold_form(True)),  # also F.threshold_
-    **{f: ("clamp", _clamp_form(False)) for f in (torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip)},
-    **{f: ("clamp", _clamp_form(True)) for f in (torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor.clip_)},
-    torch.clamp_min: ("clamp", _clamp_form(False, has_max=False)),
-    torch.Tensor.clamp_min: ("clamp", _clamp_form(False, has_max=False)),
-    torch.clamp_min_: ("clamp", _clamp_form(True, has_max=False)),
-    torch.Tensor.clamp_min_: ("clamp", _clamp_form(True, has_max=False)),
-}
-"""The ReLU forms the guided pass recognises: function -> (name for counts, argument parser)."""
-
-
 # --- layers, models, reshapes -------------------------------------------------------------------
 
 
@@ -669,7 +425,7 @@ def _warn_if_training(*models: nn.Module) -> None:
         warnings.warn(
             "the model is in training mode: dropout and batch-norm make Grad-CAM maps random and "
             "mix examples; call model.eval() first",
-            UserWarning,
+            TrainingModeWarning,
             stacklevel=4,
         )
 
@@ -707,3 +463,6 @@ def _tokens_to_grid(x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     """``(..., T, D)`` -> ``(..., D, *grid)``: drop the first ``T - prod(grid)`` tokens."""
     kept = x[..., x.shape[-2] - math.prod(grid):, :]
     return kept.reshape(*x.shape[:-2], *grid, x.shape[-1]).movedim(-1, -1 - len(grid))
+
+
+explain = explaining(capture)

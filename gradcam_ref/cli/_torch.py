@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import gradcam_ref
-from gradcam_ref.cli import UsageError
+from gradcam_ref.cli._common import UsageError
 
 __all__ = ["NAMED", "LoadedModel", "explain", "load"]
 
@@ -79,7 +79,7 @@ def load(
     """
     target_device = _device(device)
     if spec in NAMED:
-        from gradcam_ref.backends.zoo import efficientnet_lite0
+        from gradcam_ref.zoo import efficientnet_lite0
 
         model = efficientnet_lite0.load_torch()
     elif ":" in spec:
@@ -99,7 +99,7 @@ def load(
         # paper's choice of layer); the scores are head(A) = fc(dropout(pool(A))). The split form
         # names this tensor exactly: the model applies *one* `_swish` ReLU6 module to both its stem
         # and its head (a hook would need call=1), and `_bn1` is the tensor before the ReLU6.
-        from gradcam_ref.backends.zoo import efficientnet_lite0
+        from gradcam_ref.zoo import efficientnet_lite0
 
         where = "the last convolutional features (1280 x 7 x 7, after the head conv, BN and ReLU6)"
         linear = model._fc.weight.detach().cpu().double().numpy()

@@ -11,9 +11,9 @@ import pytest
 import skimage.data
 import torch
 from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
-from gradcam_ref.backends.zoo import efficientnet_lite0 as zoo
 
 import gradcam_ref
+from gradcam_ref.zoo import efficientnet_lite0 as zoo
 from tests.backends import twins
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}

@@ -11,11 +11,12 @@ import shutil
 
 import numpy as np
 import pytest
-from gradcam_ref.backends import verify
 
-from gradcam_ref import _conventions, goldens
-from gradcam_ref._conventions import CONVENTIONS, Relu, describe
+from gradcam_ref import conventions as _conventions
+from gradcam_ref import verify
 from gradcam_ref.cli import main
+from gradcam_ref.conventions import CONVENTIONS, Relu, describe
+from gradcam_ref.verify import goldens
 
 KEYS = {"check", "reference", "max_abs_diff", "tolerance", "passed"}
 ORACLE = [n for n in goldens.names() if goldens.load(n).model == "oracle"]

@@ -1,0 +1,84 @@
+"""The backend contract: what a backend is, and the only core functions it may call.
+
+A backend is a module (``numpy_backend``, ``torch``, ``jax``) that satisfies :class:`Backend`:
+it runs a model and hands the core a :class:`~gradcam_ref.Capture` (activations, gradients,
+scores, targets, optionally guided backpropagation). ``gradcam_ref.explain`` talks to every
+backend through this Protocol and nothing else; the core does the math
+(:meth:`~gradcam_ref.Explanation.from_capture`). A backend that compiles whole programs (JAX)
+may run the core's ``grad_cam_fields`` inside its program and pass the result along.
+
+Backends import core functions from here only, so that this module lists everything a backend
+depends on (tests/backends/test_contract.py checks it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from gradcam_ref._arrays import check_feature_maps, check_finite, shape_of
+from gradcam_ref._explain import Capture, Explanation, GradCamFields, grad_cam_fields
+from gradcam_ref._guided import guided_grad_cam
+from gradcam_ref._targets import Target, check_scores, check_target_scores, class_indices, resolve_targets
+from gradcam_ref._warnings import NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
+
+__all__ = [
+    "Backend",
+    "Capture",
+    "Explanation",
+    "GradCamFields",
+    "NoGuidedReLUWarning",
+    "Target",
+    "TrainingModeWarning",
+    "ZeroGradientWarning",
+    "check_feature_maps",
+    "check_finite",
+    "check_scores",
+    "check_target_scores",
+    "class_indices",
+    "grad_cam_fields",
+    "guided_grad_cam",
+    "resolve_targets",
+    "shape_of",
+]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A framework adapter. Modules implement it with module-level names.
+
+    Attributes:
+      NAME: the name passed as ``explain(..., backend=NAME)``.
+      GUIDED: whether ``capture(..., guided=True)`` computes guided backpropagation.
+    """
+
+    NAME: str
+    GUIDED: bool
+
+    def capture(self, model: Any, inputs: Any, target: Target = None, *, layer: Any = None,
+                guided: bool = False, **options: Any) -> Capture:
+        """Run ``model`` on ``inputs``; return A, dy/dA and the scores at ``layer``.
+
+        ``target`` is parsed by ``resolve_targets`` (one set of messages for every backend);
+        ``options`` are the backend's own (``at``, ``call``, ``channel_axis``, ...). The arrays
+        stay in the model's library and device. The model must be left exactly as it was.
+        """
+        ...
+
+    def explain(self, model: Any, inputs: Any, target: Target = None, *, layer: Any = None,
+                guided: bool = False, **options: Any) -> Explanation:
+        """``Explanation.from_capture(...)`` of what ``capture`` would return for these arguments.
+
+        A backend without a compiled program defines it as ``explain = explaining(capture)``.
+        """
+        ...
+
+
+def explaining(capture: Any) -> Any:
+    """The ``explain`` of a backend whose ``capture`` returns plain arrays: the core does the math."""
+
+    def explain(model: Any, inputs: Any, target: Target = None, *, layer: Any = None,
+                guided: bool = False, **options: Any) -> Explanation:
+        return Explanation.from_capture(capture(model, inputs, target, layer=layer, guided=guided, **options))
+
+    explain.__doc__ = f"``Explanation.from_capture(capture(...))`` of ``{capture.__module__}.capture``."
+    return explain

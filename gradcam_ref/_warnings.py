@@ -1,0 +1,18 @@
+"""Every warning class of gradcam_ref, in one place (all importable from ``gradcam_ref``)."""
+
+from __future__ import annotations
+
+__all__ = ["NoGuidedReLUWarning", "TrainingModeWarning", "ZeroGradientWarning"]
+
+
+class NoGuidedReLUWarning(UserWarning):
+    """A guided pass left ReLUs unguided: none was recognised (guided backpropagation is then the
+    plain input gradient), or (JAX) some sit where they cannot be guided."""
+
+
+class ZeroGradientWarning(UserWarning):
+    """The score's gradient at the layer is exactly zero for some example: its map is zero."""
+
+
+class TrainingModeWarning(UserWarning):
+    """The model has layers whose training mode changes the result (dropout, batch norm)."""

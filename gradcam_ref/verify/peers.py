@@ -1,0 +1,161 @@
+"""The peer libraries run on the cases ``verify`` compares them on, each against its convention.
+
+Each :class:`Peer` runs the library itself on a torch model and returns its maps; the checks
+compare them with ``Explanation.heatmap(convention=...)`` of the same model, layer, input and
+targets within :data:`PEER_RTOL` of the map's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import gradcam_ref
+from gradcam_ref._arrays import to_numpy
+from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.verify import goldens
+from gradcam_ref.verify._checks import Check, compare, installed
+from gradcam_ref.verify.twins import torch_oracle
+
+PEER_RTOL = 1e-5
+"""A peer's map must match its convention within this fraction of the map's largest magnitude."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCase:
+    """A torch model, a layer (dotted name), inputs and one target per example."""
+
+    name: str
+    model: Any
+    layer: str
+    inputs: Any
+    targets: list[int]
+
+
+def peer_cases() -> list[PeerCase]:
+    """The models the peers are compared on: small CNNs (float64 and float32) and resnet18."""
+    import torch
+    from torch import nn
+
+    golden = goldens.load("random_gap_2d")
+    cases = [PeerCase("random_gap_2d (float64)", torch_oracle(Oracle(*golden.oracle()), inplace=False), "relu1",
+                      torch.from_numpy(golden.inputs), [int(t) for t in golden.targets])]
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()
+    with torch.no_grad():  # batch-norm statistics that are not the identity
+        bn: Any = cnn[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 19, 19, generator=torch.Generator().manual_seed(1))
+    cases.append(PeerCase("cnn-bn-pool 19x19 -> 7x7 (float32)", cnn, "4", x, [1, 7, 4]))
+    if installed("torchvision"):
+        import torchvision
+
+        torch.manual_seed(0)
+        resnet = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+        cases.append(PeerCase("resnet18 random init, layer3 (float32)", resnet, "layer3", x, [3, 8]))
+    return cases
+
+
+def _captum(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    attribution = LayerGradCam(case.model, case.model.get_submodule(case.layer)).attribute(
+        case.inputs, target=case.targets)
+    return LayerAttribution.interpolate(attribution, size)[:, 0].detach().numpy()
+
+
+def _pytorch_grad_cam(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with GradCAM(model=case.model, target_layers=[case.model.get_submodule(case.layer)]) as method:
+        maps = method(input_tensor=case.inputs, targets=[ClassifierOutputTarget(t) for t in case.targets])
+    case.model.zero_grad(set_to_none=True)  # it leaves .grad on every parameter
+    return maps
+
+
+def _torchcam(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
+    import torch
+    from torchcam.methods import GradCAM
+
+    with GradCAM(case.model, target_layer=case.layer) as extractor, torch.enable_grad():
+        scores = case.model(case.inputs)
+        (maps,) = extractor(class_idx=list(case.targets), scores=scores)
+    return maps.detach().numpy()
+
+
+def _tf_keras_vis_steps(case: PeerCase, size: tuple[int, ...], e: gradcam_ref.Explanation) -> np.ndarray:
+    """tf-keras-vis's post-processing written out with scipy: ReLU, zoom(order=1), min-max + 1e-7.
+
+    The library needs TensorFlow, so its steps run on gradcam_ref's signed map of the case.
+    """
+    import scipy.ndimage
+    import torch
+
+    signed = gradcam_ref.cam(e.activations, e.weights)
+    maps = torch.relu(signed).detach().numpy()
+    zoomed = scipy.ndimage.zoom(maps, (1, *(s / m for s, m in zip(size, maps.shape[1:], strict=True))), order=1)
+    axes = tuple(range(1, zoomed.ndim))
+    low, high = zoomed.min(axis=axes, keepdims=True), zoomed.max(axis=axes, keepdims=True)
+    return (zoomed - low) / (high - low + 1e-7)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A library compared with its convention.
+
+    Attributes:
+      convention: the convention's name.
+      module: what must be importable for the comparison to run.
+      distribution: its pip name, for the version.
+      run: ``(case, input size, our explanation) -> the library's maps`` as a NumPy array
+        (channel axes of 1 squeezed).
+      at_input_size: whether the library's map is at the input's size (else at the layer's).
+    """
+
+    convention: str
+    module: str
+    distribution: str
+    run: Callable[[PeerCase, tuple[int, ...], gradcam_ref.Explanation], np.ndarray]
+    at_input_size: bool
+
+
+PEERS = (
+    Peer("captum", "captum", "captum", _captum, True),
+    Peer("pytorch-grad-cam", "pytorch_grad_cam", "grad-cam", _pytorch_grad_cam, True),
+    Peer("torchcam", "torchcam", "torchcam", _torchcam, False),
+    Peer("tf-keras-vis", "scipy", "scipy", _tf_keras_vis_steps, True),
+)
+"""The peers compared with their conventions (tf-keras-vis: its steps on scipy, not the library)."""
+
+
+def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[str]]:
+    """Each installed peer against its convention on every case."""
+    if not installed("torch"):
+        return [], ["peers: torch is not installed, so no peer ran"]
+    peers = [p for p in PEERS if installed(p.module)]
+    notes = [f"peers: {p.distribution} is not installed, so the {p.convention!r} convention was not "
+             "compared with it" for p in PEERS if p not in peers]
+    checks = []
+    for case in cases if cases is not None else peer_cases():
+        e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer)
+        input_size = tuple(int(s) for s in case.inputs.shape[2:])
+        for peer in peers:
+            expected = peer.run(case, input_size, e)
+            ours = e.heatmap(input_size if peer.at_input_size else None, peer.convention)
+            version = importlib.metadata.version(peer.distribution)
+            what = f"{peer.distribution} {version}"
+            if peer.convention == "tf-keras-vis":
+                what += " zoom(order=1): tf-keras-vis's steps, the library not run"
+            checks.append(compare(f"{peer.convention} on {case.name}", what,
+                                  to_numpy(ours), expected, PEER_RTOL))
+    return checks, notes
