@@ -13,14 +13,17 @@ type them into one session:
 Any other fence language fails the test, so that no block can hide from it. The figures the
 pages show come from ``docs/make_figures.py`` and the whole site is built with
 ``mkdocs build --strict`` (broken links, missing figures, API names that no longer exist and
-docstrings that do not render all fail it).
+docstrings that do not render all fail it). The built site needs no network: its math is MathML
+made at build time (docs/mathml.py), checked in the HTML and laid out by a headless Chromium.
 """
 
 from __future__ import annotations
 
 import contextlib
 import doctest
+import html
 import io
+import json
 import re
 import shlex
 import shutil
@@ -176,8 +179,119 @@ def test_figures_come_from_the_script(built_site: Path) -> None:
 def test_api_reference_renders_math(built_site: Path) -> None:
     """Docstrings' ``:math:`` and ``.. math::`` reach the site as math, not as reST source, and
     their ``Example:`` sections as code, not as nested quotes."""
-    html = (built_site / "site" / "reference" / "index.html").read_text()
-    assert html.count('class="arithmatex"') > 20
-    assert ":math:" not in html and ".. math::" not in html and ":func:" not in html
-    assert "<blockquote>" not in html
-    assert html.count("&gt;&gt;&gt;") >= 8  # the docstrings' doctests, shown as code
+    page = (built_site / "site" / "reference" / "index.html").read_text()
+    assert page.count("<math ") > 20
+    assert ":math:" not in page and ".. math::" not in page and ":func:" not in page
+    assert "<blockquote>" not in page
+    assert page.count("&gt;&gt;&gt;") >= 8  # the docstrings' doctests, shown as code
+
+
+CODE = re.compile(r"<(pre|code|script)\b.*?</\1>", re.DOTALL)
+UNRENDERED_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|\$[^$<>\n]*\\[A-Za-z]+[^$<>\n]*\$")
+URL = re.compile(r"(?:https?:)?//(?P<host>[\w.-]+\.[a-z]{2,})(?P<path>[^\s\"'`)<>\\]*)", re.IGNORECASE)
+CDN_HOST = re.compile(r"jsdelivr|cdnjs|unpkg|googleapis|gstatic|bootstrapcdn|polyfill|code\.jquery|(?:^|\.)cdn\.", re.I)
+MATH_SCRIPT = re.compile(r"mathjax|katex", re.IGNORECASE)
+# The theme's script holds two fallbacks it fetches only when a browser has no ResizeObserver
+# (every current one has) or a page has a mermaid diagram (none has): the only CDN URLs allowed.
+THEME_FALLBACKS = {"https://unpkg.com/resize-observer-polyfill", "https://unpkg.com/mermaid@11/dist/mermaid.min.js"}
+RESOURCE = re.compile(r"<(?:script|link|img|iframe|source)\b[^>]*?\b(?:src|href)=\"(?P<url>[^\"]+)\"")
+
+
+def site_pages(site: Path) -> list[Path]:
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > len(PAGES), "the built site has fewer pages than docs/"
+    return pages
+
+
+def test_site_math_is_rendered_at_build_time(built_site: Path) -> None:
+    """No page keeps TeX for a script to typeset: every formula is a <math> element."""
+    site = built_site / "site"
+    for page in site_pages(site):
+        text = CODE.sub("", page.read_text())
+        left = [m[0] for m in UNRENDERED_TEX.finditer(text)]
+        assert not left, f"{page.relative_to(site)}: TeX left unrendered: {left[:5]}"
+    math = (site / "math" / "index.html").read_text()
+    assert math.count('<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">') >= 5
+    assert math.count('display="inline">') >= 20
+
+
+def test_site_loads_nothing_from_the_network(built_site: Path) -> None:
+    """No CDN anywhere in the site (MathJax, fonts...) and every script, style and image is local."""
+    site = built_site / "site"
+    for path in sorted(p for p in site.rglob("*") if p.suffix in {".html", ".css", ".js", ".json", ".xml", ".map"}):
+        urls = {
+            m[0] for m in URL.finditer(path.read_text(errors="replace"))
+            if CDN_HOST.search(m["host"]) or MATH_SCRIPT.search(m[0])
+        }
+        if path.parent.name == "javascripts" and path.name.startswith("bundle."):  # the theme's script, its map
+            urls -= THEME_FALLBACKS
+        assert not urls, f"{path.relative_to(site)} names CDN URLs: {sorted(urls)[:5]}"
+    for page in site_pages(site):
+        text = page.read_text()
+        assert 'class="mermaid"' not in text, f"{page.relative_to(site)}: a mermaid diagram loads mermaid from a CDN"
+        remote = [m["url"] for m in RESOURCE.finditer(text) if re.match(r"(?:[a-z]+:)?//", m["url"])]
+        assert not remote, f"{page.relative_to(site)} loads {remote}"
+
+
+def chromium() -> str | None:
+    """A headless-capable Chromium or Chrome on PATH (make test installs Debian's chromium)."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+# Appended to a copy of the math page: once loaded, measure the first display equation's layout.
+LAYOUT_PROBE = """<script>
+addEventListener("load", () => {
+  const box = (el) => { const r = el.getBoundingClientRect();
+    return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, width: r.width, height: r.height}; };
+  let report;
+  try {
+    const math = document.querySelector('math[display="block"]');
+    const frac = math.querySelector("mfrac"), sup = math.querySelector("msubsup, msup");
+    report = {
+      mathml: math instanceof MathMLElement, math: box(math),
+      numerator: box(frac.children[0]), denominator: box(frac.children[1]),
+      base: box(sup.children[0]), script: box(sup.children[sup.children.length - 1]),
+      remote: performance.getEntriesByType("resource").map((e) => e.name).filter((n) => !n.startsWith("file:")),
+    };
+  } catch (error) {
+    report = {error: `no display equation with a fraction and a script: ${error}`};
+  }
+  const out = document.createElement("pre");
+  out.id = "layout-probe";
+  out.textContent = JSON.stringify(report);
+  document.body.append(out);
+});
+</script>"""
+
+
+def test_browser_lays_out_the_math(built_site: Path, tmp_path: Path) -> None:
+    """A real browser, with no network, lays out an equation of the math page as math."""
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no Chromium on PATH and none could be installed (make test runs apt-get install chromium)")
+    site = tmp_path / "site"
+    shutil.copytree(built_site / "site", site)
+    page = site / "math" / "index.html"
+    probe = page.with_name("layout-probe.html")
+    probe.write_text(page.read_text().replace("</body>", LAYOUT_PROBE + "</body>"))
+    run = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--window-size=1280,1000", "--virtual-time-budget=5000",
+         "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    found = re.search(r'<pre id="layout-probe">(.*?)</pre>', run.stdout, re.DOTALL)
+    assert found, f"Chromium did not run the probe (exit {run.returncode}):\n{run.stderr[-2000:]}"
+    layout = json.loads(html.unescape(found[1]))
+    assert "error" not in layout, layout.get("error")
+    assert layout["mathml"], "the equation is not a MathML element"
+    assert layout["math"]["width"] > 50 and layout["math"]["height"] > 10, layout["math"]
+    num, den = layout["numerator"], layout["denominator"]
+    assert num["bottom"] <= den["top"] + 1, f"the fraction is not stacked: {num} {den}"
+    assert num["left"] < den["right"] and den["left"] < num["right"], f"numerator and denominator apart: {num} {den}"
+    base, script = layout["base"], layout["script"]
+    assert script["left"] >= base["right"] - 1 and script["height"] < base["height"], f"no script: {base} {script}"
+    assert layout["remote"] == [], f"the page fetched {layout['remote']}"
