@@ -171,6 +171,11 @@ def conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
     :math:`\\text{out}_{n,o,p} = b_o + \\sum_{i,q} w_{o,i,q}\\, x_{n,i,p+q}`, with x
     ``(N, K_in, *S)``, weight ``(K_out, K_in, *kernel)``, out ``(N, K_out, *(S - kernel + 1))``.
+
+    Example:
+      >>> x = np.array([[[1.0, 2.0, 4.0]]])            # N=1, K_in=1, 1-D of length 3
+      >>> conv(x, np.array([[[1.0, -1.0]]]), np.array([0.5]))  # x_p - x_{p+1} + 0.5
+      array([[[-0.5, -1.5]]])
     """
     rank = weight.ndim - 2
     spatial = tuple(range(2, 2 + rank))
@@ -185,6 +190,11 @@ def conv_input_gradient(grad_out: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
     :math:`\\partial L / \\partial x_{n,i,p} = \\sum_{o,q} g_{n,o,p-q}\\, w_{o,i,q}`: pad g by
     kernel - 1 on both sides of each spatial axis and correlate with w flipped in space.
+
+    Example:
+      >>> g = np.array([[[1.0, 10.0]]])                # dL/d out for the conv example above
+      >>> conv_input_gradient(g, np.array([[[1.0, -1.0]]]))  # [g_0, g_1 - g_0, -g_1]
+      array([[[  1.,   9., -10.]]])
     """
     rank = weight.ndim - 2
     spatial = tuple(range(2, 2 + rank))
