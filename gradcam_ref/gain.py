@@ -91,13 +91,19 @@ def normalize_maps(maps: Array, *, spatial_rank: int | None = None) -> Array:
 
 
 def sigmoid(logits: Array) -> Array:
-    r""":math:`1 / (1 + e^{-z})`, as :math:`\frac12 (1 + \tanh(z / 2))`: finite value and derivative everywhere.
+    r""":math:`1 / (1 + e^{-z})`, to full relative precision, with a finite derivative everywhere.
 
     The probability-like score :math:`s^c` that :func:`attention_mining_loss` needs, from the
-    logits of a binary or multi-label head.
+    logits of a binary or multi-label head. Evaluated as :math:`1 / (1 + e^{-z})` for
+    :math:`z \ge 0` and :math:`e^{z} / (1 + e^{z})` for :math:`z < 0`, each branch fed only its
+    own half of the inputs, so no exponential overflows and autograd sees no ``inf * 0``.
     """
     xp, (z,) = as_float_arrays(logits=logits)
-    return 0.5 * (1.0 + xp.tanh(0.5 * z))
+    positive = z >= 0
+    zero = xp.zeros_like(z)
+    e_neg = xp.exp(-xp.where(positive, z, zero))  # exp(-z) for z >= 0, in (0, 1]
+    e_pos = xp.exp(xp.where(positive, zero, z))  # exp(z) for z < 0, in (0, 1)
+    return xp.where(positive, 1.0 / (1.0 + e_neg), e_pos / (1.0 + e_pos))
 
 
 def _check_parameters(sigma: float, omega: float) -> None:
@@ -129,9 +135,7 @@ def soft_mask(maps: Array, *, sigma: float = SIGMA, omega: float = OMEGA) -> Arr
     gradient. With :math:`\omega = 100` the slope is below :math:`10^{-19}` outside
     :math:`|A - \sigma| < 0.4`: a hard threshold that trains almost nothing.
 
-    Computed as :math:`\frac12(1 + \tanh(\omega (A - \sigma) / 2))`, which equals the sigmoid and
-    has a finite derivative for every input (``1 / (1 + exp(-z))`` gives a NaN gradient for
-    large ``-z`` under autograd).
+    Computed by :func:`sigmoid` (full precision, finite derivative for every input).
 
     Args:
       maps: normalised maps in [0, 1] (:func:`normalize_maps`), any shape.
