@@ -171,8 +171,8 @@ def _add_gain(commands: argparse._SubParsersAction) -> None:
     gain.add_argument("--out", default="out/gain", help="output folder (default: out/gain)")
     gain.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the batches (default 0)")
     gain.add_argument("--train", type=_positive, help="training images (default 640)")
-    gain.add_argument("--test", type=_positive, help="images per test set (default 300)")
-    gain.add_argument("--epochs", type=_positive, help="epochs (default 8)")
+    gain.add_argument("--test", type=_positive, help="images per test set (default 200)")
+    gain.add_argument("--epochs", type=_positive, help="epochs (default 10)")
     gain.add_argument("--masks", type=_masks, metavar="K[,K...]",
                       help="pixel-labelled training images of each GAIN_ext model (default 8,32)")
     gain.add_argument("--differentiable", choices=("stop", "full"), default="stop",
