@@ -288,3 +288,23 @@ def test_five_optimiser_steps_agree_between_torch_and_optax(weights, data, optim
     for name, value in named.items():
         assert np.abs(value.detach().numpy() - jax_params[name]).max() <= 1e-8, name
         assert np.abs(value.detach().numpy() - weights[name]).max() > 1e-4  # and moved the weights
+
+
+def test_differentiable_bad_targets_and_layers(weights, data):
+    """A target that does not depend on the layer, and a layer that never runs: errors naming them."""
+    x, *_ = data
+    features, head = twins.torch_twin(NET, weights, torch.float64)
+    with pytest.raises(ValueError, match="the score does not depend on the output of features"):
+        gradcam_ref.explain((features, head), torch.as_tensor(x), lambda s: torch.zeros(s.shape[0], dtype=s.dtype),
+                            differentiable="stop")
+    class WithUnused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features, self.head, self.extra = features, head, torch.nn.Linear(2, 2)
+
+        def forward(self, v):
+            return self.head(self.features(v))  # self.extra never runs
+
+    unused = WithUnused()
+    with pytest.raises(ValueError, match="layer 'extra' never ran in the forward pass"):
+        gradcam_ref.explain(unused, torch.as_tensor(x), layer="extra", differentiable="full")
