@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref.experiments.lesions import SYNTHETIC_NOTE, LesionSet, lesion_splits
+from gradcam_ref.experiments.lesions import SPLITS, SYNTHETIC_NOTE, LesionSet, lesion_splits
 
 __all__ = ["Config", "TrainingDiverged", "evaluate", "modes", "run", "table", "train"]
 
@@ -239,8 +239,10 @@ def table(results: dict[str, dict[str, float]], config: Config) -> str:
         f"| {mode} | {r['acc_biased']:.3f} | {r['acc_unbiased']:.3f} | {r['acc_reversed']:.3f} | "
         f"{r['energy_lesion']:.3f} | {r['energy_cue']:.3f} | {r['pointing']:.3f} |\n"
         for mode, r in results.items())
-    note = (f"\n{SYNTHETIC_NOTE}; train {config.train} images (cue in {100 * 0.9:.0f}% of malignant, "
-            f"{100 * 0.1:.0f}% of benign), {config.test} per test set, seed {config.seed}, {config.epochs} epochs; "
+    p_benign, p_malignant = SPLITS["train"]
+    note = (f"\n{SYNTHETIC_NOTE}; train {config.train} images (cue in {100 * p_malignant:.0f}% of malignant, "
+            f"{100 * p_benign:.0f}% of benign), {config.test} per test set, seed {config.seed}, "
+            f"{config.epochs} epochs; "
             "energy and pointing game on the unbiased set (map of the true class).\n")
     return head + rows + note
 
