@@ -162,7 +162,8 @@ def masked_image(images: Array, maps: Array, *, sigma: float = SIGMA, omega: flo
     Args:
       images: :math:`I`, ``(N, C, *S)`` (channels first).
       maps: normalised maps :math:`A^c` in [0, 1], ``(N, *s)`` at any resolution of the same rank.
-      sigma, omega: as in :func:`soft_mask`.
+      sigma: the threshold of :func:`soft_mask`.
+      omega: the sharpness of :func:`soft_mask`.
 
     Returns:
       :math:`I^*`, the shape of ``images``.
