@@ -138,3 +138,17 @@ def test_the_same_numbers_in_torch_and_jax(library):
 def test_bad_input_names_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@given(arrays(np.float64, (2, 3, 3), elements=st.one_of(st.just(0.0), st.floats(0.0, 1e300), st.floats(0.0, 1e-300))))
+def test_normalize_maps_properties(maps):
+    """Exact zeros, ties, huge and tiny values: [0, 1], min 0 and max 1 unless flat, order kept, no NaN."""
+    out = gain.normalize_maps(maps)
+    assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+    for m, o in zip(maps, out, strict=True):
+        if m.max() > m.min():
+            assert o.min() == 0.0 and o.max() == 1.0
+            order = np.argsort(m, axis=None, kind="stable")
+            assert (np.diff(o.ravel()[order]) >= 0).all()  # monotone: the order of pixels is kept (ties may form)
+        else:
+            assert (o == 0).all()

@@ -308,3 +308,31 @@ def test_differentiable_bad_targets_and_layers(weights, data):
     unused = WithUnused()
     with pytest.raises(ValueError, match="layer 'extra' never ran in the forward pass"):
         gradcam_ref.explain(unused, torch.as_tensor(x), layer="extra", differentiable="full")
+
+
+def test_torch_full_mode_with_several_targets_per_example(weights, data):
+    """(N, T) targets (one batched second-order backward): maps and their parameter gradients equal
+    those of T single-target calls."""
+    x, *_ = data
+    features, head = twins.torch_twin(NET, weights, torch.float64)
+    named = twins.torch_named_parameters(NET, features, head)
+    targets = np.stack([LABELS, (LABELS + 2) % 5], axis=1)
+    e = gradcam_ref.explain((features, head), torch.as_tensor(x), targets, differentiable="full")
+    rng = np.random.default_rng(2)
+    probe = torch.as_tensor(rng.standard_normal(tuple(e.maps.shape)))
+    params = list(named.values())
+
+    def grad(loss):  # fc.bias does not reach any map (dy/dA does not depend on it): a zero gradient
+        return [torch.zeros_like(p) if g is None else g
+                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True), strict=True)]
+
+    together = grad((probe * e.maps).sum())
+    apart = [torch.zeros_like(p) for p in named.values()]
+    for t in range(2):
+        single = gradcam_ref.explain((features, head), torch.as_tensor(x), targets[:, t], differentiable="full")
+        torch.testing.assert_close(single.maps, e.maps[:, t], rtol=1e-12, atol=1e-14)
+        grads = grad((probe[:, t] * single.maps).sum())
+        apart = [a + g for a, g in zip(apart, grads, strict=True)]
+    for a, b in zip(together, apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert sum(float(a.abs().sum()) for a in together[2:4]) > 0  # the head's conv is trained through alpha
