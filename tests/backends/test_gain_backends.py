@@ -102,7 +102,7 @@ def test_torch_full_mode_gradient_reaches_the_input_and_the_model_is_left_alone(
 
     def f(xv):
         return float((torch.as_tensor(probe) * gradcam_ref.explain(
-            model, torch.as_tensor(xv), LABELS, layer=layer, differentiable="full").maps).sum())
+            model, torch.as_tensor(xv), LABELS, layer=layer, differentiable="full").maps).sum().detach())
 
     numeric = (f(x + eps * v) - f(x - eps * v)) / (2 * eps)
     assert abs(float((gx * torch.as_tensor(v)).sum()) - numeric) <= 1e-7 * max(1.0, abs(numeric))
