@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from gradcam_ref._arrays import check_feature_maps, check_finite, shape_of
-from gradcam_ref._explain import Capture, Explanation, GradCamFields, grad_cam_fields
+from gradcam_ref._explain import Capture, Explanation, GradCamFields, differentiable_mode, grad_cam_fields
 from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._targets import Target, check_scores, check_target_scores, class_indices, resolve_targets
 from gradcam_ref._warnings import NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
@@ -35,6 +35,7 @@ __all__ = [
     "check_scores",
     "check_target_scores",
     "class_indices",
+    "differentiable_mode",
     "grad_cam_fields",
     "guided_grad_cam",
     "resolve_targets",
@@ -49,6 +50,12 @@ class Backend(Protocol):
     Attributes:
       NAME: the name passed as ``explain(..., backend=NAME)``.
       GUIDED: whether ``capture(..., guided=True)`` computes guided backpropagation.
+
+    A backend whose module sets ``DIFFERENTIABLE = True`` also takes
+    ``differentiable="stop" | "full"`` in ``capture`` and ``explain`` (see
+    ``gradcam_ref.explain``): it returns activations, gradients and scores attached to its
+    autograd graph. ``explain`` passes the keyword only when it is set, and refuses it for a
+    backend without the flag.
     """
 
     NAME: str

@@ -11,7 +11,9 @@ Suites (all by default):
 - ``core``: the Grad-CAM math alone against a streaming pass over the same arrays;
 - ``overhead``: the fixed cost of one explanation (torch and JAX), on a model that is all head;
 - ``jax``: jitted explain against the jitted forward of the same model (when the JAX backend
-  and JAX are installed).
+  and JAX are installed);
+- ``gain``: one GAIN training step (``explain(differentiable="stop" | "full")``, Eq. 3-6)
+  against one plain training step of ResNet-18 (:mod:`benchmarks.bench_gain`).
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -35,7 +37,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax")
+SUITES = ("time", "memory", "core", "overhead", "jax", "gain")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -175,6 +177,14 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
                 lap("jax")
             else:
                 notes.append(f"jax suite not run: {reason}")
+    if "gain" in suites and torch_ok and _has("torchvision"):
+        from benchmarks import bench_gain
+
+        new = bench_gain.run(rounds=3 if quick else 10, batch=8)
+        rows += new
+        if log:
+            log(new)
+        lap("gain")
     if not torch_ok:
         notes.append("torch is not installed: time and memory suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,

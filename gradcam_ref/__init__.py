@@ -5,7 +5,7 @@ accepted and returned as they are). Backends in :mod:`gradcam_ref.backends` run 
 supply the activations, gradients and scores that :func:`explain` turns into maps.
 """
 
-from gradcam_ref import conventions
+from gradcam_ref import conventions, gain
 from gradcam_ref._explain import Capture, Explanation, explain
 from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_importance
 from gradcam_ref._guided import guided_grad_cam, guided_image
@@ -23,6 +23,7 @@ __all__ = [
     "cam",
     "conventions",
     "explain",
+    "gain",
     "grad_cam",
     "grad_cam_plus_plus",
     "guided_grad_cam",

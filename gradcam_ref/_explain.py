@@ -17,6 +17,23 @@ from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._targets import Target
 from gradcam_ref.conventions import postprocess
 
+DIFFERENTIABLE_MODES = (False, "stop", "full")
+"""``explain(differentiable=...)``: inference; alpha held constant (GAIN's choice); second order."""
+
+
+def differentiable_mode(differentiable: Any, guided: bool = False) -> str | None:
+    """``differentiable`` checked: None for False, else ``"stop"`` or ``"full"``."""
+    if differentiable is False:
+        return None
+    if isinstance(differentiable, bool) or differentiable not in ("stop", "full"):
+        raise ValueError(
+            f"differentiable must be one of {DIFFERENTIABLE_MODES} (True is ambiguous: say which "
+            f"gradient mode), got {differentiable!r}"
+        )
+    if guided:
+        raise ValueError(f"guided=True cannot be combined with differentiable={differentiable!r}")
+    return str(differentiable)
+
 
 class Capture(NamedTuple):
     """What a backend returns: everything Grad-CAM needs from a model, and nothing computed.
@@ -147,6 +164,7 @@ def explain(
     layer: Any = None,
     backend: str | None = None,
     guided: bool = False,
+    differentiable: bool | str = False,
     **options: Any,
 ) -> Explanation:
     """Grad-CAM of ``model`` on ``inputs`` at ``layer``, for ``target``.
@@ -169,6 +187,11 @@ def explain(
       guided: also compute guided backpropagation and Guided Grad-CAM (the Explanation's
         ``guided_backprop`` and ``guided_grad_cam``). The backend then runs one more forward
         pass, with autograd from the input, and a backward pass to the input.
+      differentiable: False (default: inference, today's cost), ``"stop"`` or ``"full"``: the
+        maps carry autograd to the model's parameters and input, for training through them
+        (GAIN, :mod:`gradcam_ref.gain`). ``"stop"`` holds :math:`\alpha^c` (Eq. 1) constant, as
+        GAIN does; ``"full"`` differentiates through it too (second order). Backends: torch,
+        jax (the NumPy oracle has no autograd); the cost of each: docs/gain.md.
       **options: passed to the backend's ``capture``.
 
     Returns:
@@ -179,4 +202,11 @@ def explain(
     chosen = backends.select(model, inputs, backend)
     if guided and not chosen.GUIDED:
         raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
+    if differentiable_mode(differentiable, guided) is not None:
+        if not getattr(chosen, "DIFFERENTIABLE", False):
+            raise TypeError(
+                f"differentiable={differentiable!r}: the {chosen.NAME} backend has no autograd; "
+                "use the torch or jax backend"
+            )
+        options["differentiable"] = differentiable  # passed only when set: backends without it keep working
     return chosen.explain(model, inputs, target, layer=layer, guided=guided, **options)

@@ -9,7 +9,10 @@ For inputs ``x`` ``(N, ...)`` one ``jax.jit`` program runs::
 
 compiled once per ``(features, head, target callable, channel_axis, guided)`` and input shape.
 :func:`capture` and :func:`explain` both run that program (``_program``). The maps are
-differentiable (``jax.grad`` through the backward pass). Guided backpropagation re-interprets
+differentiable (``jax.grad`` through the backward pass): ``differentiable="full"`` is what the
+program always did; ``"stop"`` puts ``lax.stop_gradient`` on dy/dA (alpha held constant, GAIN).
+With ``params`` (a pytree, e.g. for ``jax.grad`` w.r.t. the weights and a jitted optax step) the
+model is called as ``features(params, x)`` and ``head(params, A)``. Guided backpropagation re-interprets
 the jaxpr of ``head(features(x))`` (:mod:`gradcam_ref.backends.jax.guided`). Splitting Flax,
 Equinox or Haiku models, and the rest of the story: docs/backends.md.
 """
@@ -34,6 +37,7 @@ from gradcam_ref.backends._contract import (
     check_scores,
     check_target_scores,
     class_indices,
+    differentiable_mode,
     grad_cam_fields,
     shape_of,
 )
@@ -41,8 +45,9 @@ from gradcam_ref.backends.jax import guided as jax_guided
 
 NAME = "jax"
 GUIDED = True
+DIFFERENTIABLE = True
 
-__all__ = ["GUIDED", "NAME", "capture", "explain"]
+__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain"]
 
 
 def capture(
@@ -53,6 +58,8 @@ def capture(
     layer: Any = None,
     guided: bool = False,
     channel_axis: int = 1,
+    differentiable: bool | str = False,
+    params: Any = None,
 ) -> Capture:
     r"""A, dy/dA and the scores of ``model = (features, head)`` on ``inputs``, by one jitted program.
 
@@ -68,6 +75,10 @@ def capture(
       guided: also compute ``guided_backprop``, the input gradient through guided ReLUs.
       channel_axis: the axis of ``A`` holding its K channels: 1 (channels-first) or, e.g., -1 for
         a channels-last (NHWC, Flax) model.
+      differentiable: False or ``"full"`` (the program is differentiable end to end, second
+        order through alpha), or ``"stop"`` (``lax.stop_gradient`` on dy/dA: alpha constant).
+      params: None, or a pytree of parameters: then ``features(params, x)`` and
+        ``head(params, A)``, and ``jax.grad`` w.r.t. ``params`` flows through the program.
 
     Returns:
       JAX arrays on the default device, ``activations`` and ``gradients`` moved to channels-first
@@ -77,7 +88,7 @@ def capture(
       argument: then it is that JAX int array. ``guided_backprop`` is ``(N, C, *spatial)``
       (``(N, T, C, *spatial)``), channels-first like the activations, or None.
     """
-    return _run(model, inputs, target, layer, guided, channel_axis)[0]
+    return _run(model, inputs, target, layer, guided, channel_axis, differentiable, params)[0]
 
 
 def explain(
@@ -88,22 +99,27 @@ def explain(
     layer: Any = None,
     guided: bool = False,
     channel_axis: int = 1,
+    differentiable: bool | str = False,
+    params: Any = None,
 ) -> Explanation:
     """The :class:`~gradcam_ref.Explanation` of :func:`capture`, its core math run inside the same program."""
-    return Explanation.from_capture(*_run(model, inputs, target, layer, guided, channel_axis))
+    return Explanation.from_capture(
+        *_run(model, inputs, target, layer, guided, channel_axis, differentiable, params))
 
 
 def _run(
-    model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int
+    model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int,
+    differentiable: bool | str = False, params: Any = None,
 ) -> tuple[Capture, GradCamFields]:
     """Check the arguments (by name, before any trace), run the program, check its result."""
+    stop = differentiable_mode(differentiable, guided) == "stop"
     features, head = _split(model, layer)
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
     if x.ndim < 1:
         raise ValueError(f"inputs must have a batch axis, shape (N, ...), got shape {shape_of(x)}")
     static = {"features": features, "head": head, "channel_axis": channel_axis}
     # The forward pass's shapes, from an abstract trace (cached by jax.jit): A is checked inside it.
-    a_struct, scores = _forward.eval_shape(x, **static)
+    a_struct, scores = _forward.eval_shape(x, params, **static)
     if callable(target):
         _check_hashable("target", target)
         indices, targets_out = None, None
@@ -118,7 +134,7 @@ def _run(
             f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
         )
     captured, fields, traced_targets, finite = _program(
-        x, indices, target_fn=target if callable(target) else None, guided=guided, **static)
+        x, indices, params, target_fn=target if callable(target) else None, guided=guided, stop=stop, **static)
     if guided:
         _warn_unguided(_GUIDED_RECORDS.get((features, head, shape_of(x), jnp.dtype(x.dtype))))
     # Inside the program the core's finite checks see tracers and are skipped; the program
@@ -155,7 +171,15 @@ def _features(x: jax.Array, features: Callable, channel_axis: int) -> jax.Array:
     return a
 
 
-def _forward_impl(x: jax.Array, *, features: Callable, head: Callable, channel_axis: int) -> Any:
+def _bind(features: Callable, head: Callable, params: Any) -> tuple[Callable, Callable]:
+    """The model as functions of one argument: ``features(params, .)`` when there are params."""
+    if params is None:
+        return features, head
+    return (lambda v: features(params, v)), (lambda a: head(params, a))
+
+
+def _forward_impl(x: jax.Array, params: Any, *, features: Callable, head: Callable, channel_axis: int) -> Any:
+    features, head = _bind(features, head, params)
     a = _features(x, features, channel_axis)
     return a, head(a)
 
@@ -163,19 +187,23 @@ def _forward_impl(x: jax.Array, *, features: Callable, head: Callable, channel_a
 def _program_impl(
     x: jax.Array,
     indices: jax.Array | None,
+    params: Any,
     *,
     features: Callable,
     head: Callable,
     target_fn: Callable | None,
     channel_axis: int,
     guided: bool = False,
+    stop: bool = False,
 ) -> tuple[Any, ...]:
     r"""Everything, traced once: forward, one backward per target, Eq. 1 and Eq. 2 (the core's).
 
     ``indices`` is None (use ``argmax(scores, 1)``), ``(N,)`` or ``(N, T)`` class indices; or
     ``target_fn`` maps scores to ``(N,)`` and the gradient is that of :math:`\sum_n`
-    ``target_fn(scores)[n]``.
+    ``target_fn(scores)[n]``. ``stop``: dy/dA is a constant for differentiation (GAIN's mode).
     """
+    key = (features, head, shape_of(x), jnp.dtype(x.dtype))
+    features, head = _bind(features, head, params)
     a = _features(x, features, channel_axis)
     scores, head_vjp = jax.vjp(head, a)
     multi = False
@@ -189,12 +217,14 @@ def _program_impl(
         seeds = jax.nn.one_hot(indices, scores.shape[1], dtype=scores.dtype)  # (N, C) or (N, T, C)
         multi = indices.ndim == 2
     gradients = _pull_back(head_vjp, seeds, multi)
+    if stop:
+        gradients = jax.lax.stop_gradient(gradients)
     axis = _channel_axis(channel_axis, a.ndim)
     a_first = jnp.moveaxis(a, axis, 1)
     g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
     guided_backprop = None
     if guided:  # the same seeds, pulled back to x through head(features(x)) with guided ReLUs
-        record = _GUIDED_RECORDS[(features, head, shape_of(x), jnp.dtype(x.dtype))] = jax_guided.Record()
+        record = _GUIDED_RECORDS[key] = jax_guided.Record()
         whole = jax_guided.guided(lambda v: head(features(v)), record)
         _, guided_vjp = jax.vjp(whole, x)
         guided_backprop = _pull_back(guided_vjp, seeds, multi)
@@ -239,7 +269,8 @@ def _warn_unguided(record: jax_guided.Record | None) -> None:
 
 
 _forward = jax.jit(_forward_impl, static_argnames=("features", "head", "channel_axis"))
-_program = jax.jit(_program_impl, static_argnames=("features", "head", "target_fn", "channel_axis", "guided"))
+_program = jax.jit(
+    _program_impl, static_argnames=("features", "head", "target_fn", "channel_axis", "guided", "stop"))
 
 
 # --- Checks -----------------------------------------------------------------------------------

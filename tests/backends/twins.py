@@ -120,13 +120,23 @@ def torch_sequential(features: Any, head: Any) -> tuple[Any, str]:
 
 def jax_twin(net: dict, weights: dict[str, np.ndarray], dtype: Any) -> tuple[Callable, Callable]:
     """``(features, head)`` as functions of one argument over ``jax.lax`` operations."""
-    import jax
     import jax.numpy as jnp
 
     params = {name: jnp.asarray(value, dtype=dtype) for name, value in weights.items()}
+    features, head = jax_twin_functions(net)
+    return (lambda x: features(params, x)), (lambda a: head(params, a))
+
+
+def jax_twin_functions(net: dict) -> tuple[Callable, Callable]:
+    """``(features, head)`` as functions ``(params, x)`` of a dict of weights named as in the file.
+
+    The form for ``jax.grad`` w.r.t. the weights (``explain(..., params=params)``).
+    """
+    import jax
+    import jax.numpy as jnp
 
     def build(spec: Spec) -> Callable:
-        def apply(x: Any) -> Any:
+        def apply(params: Any, x: Any) -> Any:
             for kind, *args in spec:
                 if kind == "conv":
                     name, stride, padding = args
@@ -152,6 +162,16 @@ def jax_twin(net: dict, weights: dict[str, np.ndarray], dtype: Any) -> tuple[Cal
         return apply
 
     return build(net["features"]), build(net["head"])
+
+
+def torch_named_parameters(net: dict, features: Any, head: Any) -> dict[str, Any]:
+    """The torch twin's parameters under the weight file's names (``c0.weight``, ``fc.bias``, ...)."""
+    named = {}
+    for spec, module in ((net["features"], features), (net["head"], head)):
+        for (kind, *args), layer in zip(spec, module, strict=True):
+            if kind in ("conv", "linear"):
+                named[f"{args[0]}.weight"], named[f"{args[0]}.bias"] = layer.weight, layer.bias
+    return named
 
 
 def log_softmax_target(c: int) -> Callable[[Any], Any]:

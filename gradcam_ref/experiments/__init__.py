@@ -1,0 +1,1 @@
+"""Reproducible experiments: SYNTHETIC lesions (:mod:`.lesions`) and GAIN on them (:mod:`.gain_experiment`)."""
