@@ -50,16 +50,15 @@ class Backend(Protocol):
     Attributes:
       NAME: the name passed as ``explain(..., backend=NAME)``.
       GUIDED: whether ``capture(..., guided=True)`` computes guided backpropagation.
-
-    A backend whose module sets ``DIFFERENTIABLE = True`` also takes
-    ``differentiable="stop" | "full"`` in ``capture`` and ``explain`` (see
-    ``gradcam_ref.explain``): it returns activations, gradients and scores attached to its
-    autograd graph. ``explain`` passes the keyword only when it is set, and refuses it for a
-    backend without the flag.
+      DIFFERENTIABLE: whether ``capture`` and ``explain`` take ``differentiable="stop" | "full"``
+        (see ``gradcam_ref.explain``) and return arrays attached to the framework's autograd
+        graph. ``gradcam_ref.explain`` passes the keyword only when it is set, and refuses it
+        for a backend without the flag.
     """
 
     NAME: str
     GUIDED: bool
+    DIFFERENTIABLE: bool
 
     def capture(self, model: Any, inputs: Any, target: Target = None, *, layer: Any = None,
                 guided: bool = False, **options: Any) -> Capture:

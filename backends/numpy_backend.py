@@ -28,6 +28,7 @@ from gradcam_ref.backends._contract import Capture, class_indices, explaining, s
 
 NAME = "numpy"
 GUIDED = True
+DIFFERENTIABLE = False
 HEADS = ("gap", "gap-mlp", "flatten")
 
 

@@ -203,7 +203,7 @@ def explain(
     if guided and not chosen.GUIDED:
         raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
     if differentiable_mode(differentiable, guided) is not None:
-        if not getattr(chosen, "DIFFERENTIABLE", False):
+        if not chosen.DIFFERENTIABLE:
             raise TypeError(
                 f"differentiable={differentiable!r}: the {chosen.NAME} backend has no autograd; "
                 "use the torch or jax backend"

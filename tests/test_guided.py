@@ -147,7 +147,7 @@ def test_backend_without_guided_support_is_refused(monkeypatch):
     def capture(model, inputs, target, *, layer=None, guided=False):
         raise AssertionError("not reached")
 
-    fake = types.SimpleNamespace(NAME="fake", GUIDED=False, capture=capture, explain=capture)
+    fake = types.SimpleNamespace(NAME="fake", GUIDED=False, DIFFERENTIABLE=False, capture=capture, explain=capture)
     monkeypatch.setattr(backends, "select", lambda model, inputs, backend: fake)
     with pytest.raises(TypeError, match="guided=True: the fake backend does not compute guided backpropagation"):
         gradcam_ref.explain(object(), np.ones((1, 1, 2, 2)), guided=True)

@@ -56,7 +56,7 @@ def test_every_backend_implements_the_protocol(name):
     backend = backends.load(name)
     assert isinstance(backend, Backend)
     assert backend.NAME == name
-    assert isinstance(backend.GUIDED, bool)
+    assert isinstance(backend.GUIDED, bool) and isinstance(backend.DIFFERENTIABLE, bool)
 
 
 def test_backends_use_the_core_only_through_the_contract():
