@@ -164,7 +164,7 @@ def pointing_game(maps: Array, masks: Array, *, tolerance: float = 0.0, ties: st
 
 
 def _nan_where_empty(result: np.ndarray, s: np.ndarray) -> np.ndarray:
-    empty = ~s.reshape(s.shape[0], -1).any(axis=1)
+    empty = np.asarray(~s.reshape(s.shape[0], -1).any(axis=1))
     return _undefined(result, empty, "the mask is empty") if empty.any() else result
 
 

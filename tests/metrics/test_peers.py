@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import types
 
+# isort: off
+import torchvision  # noqa: F401  (before quantus, which imports tensorflow: the other order segfaults)
+
+# isort: on
 import numpy as np
 import pytest
-import torchvision  # noqa: F401  (before quantus, which imports tensorflow: the other order segfaults)
-import quantus  # noqa: I001
+import quantus
 import quantus.helpers.utils
 import torch
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
