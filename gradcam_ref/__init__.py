@@ -6,6 +6,7 @@ supply the activations, gradients and scores that :func:`explain` turns into map
 """
 
 from gradcam_ref import conventions, metrics
+from gradcam_ref._evaluate import Evaluation, evaluate
 from gradcam_ref._explain import Capture, Explanation, explain
 from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_importance
 from gradcam_ref._guided import guided_grad_cam, guided_image
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Capture",
+    "Evaluation",
     "Explanation",
     "MetricWarning",
     "NoGuidedReLUWarning",
@@ -23,6 +25,7 @@ __all__ = [
     "ZeroGradientWarning",
     "cam",
     "conventions",
+    "evaluate",
     "explain",
     "grad_cam",
     "grad_cam_plus_plus",
