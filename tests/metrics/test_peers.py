@@ -203,3 +203,29 @@ def test_torchcam_average_drop_increase_and_deletion_insertion():
     insertion = metrics.insertion(score, x, maps, classes, steps=20, baseline=0.0)
     assert summary["deletion_auc"] == pytest.approx(deletion.auc.mean(), abs=1e-6)
     assert summary["insertion_auc"] == pytest.approx(insertion.auc.mean(), abs=1e-6)
+
+
+def test_where_quantus_differs_the_numbers_of_docs_evaluation():
+    """The examples of docs/evaluation.md, both ways."""
+    # Ties: a 3 x 3 blob of ones on zeros, a 4 x 4 mask overlapping 4 of its pixels (K = 16).
+    a = np.zeros((1, 8, 8))
+    a[0, 2:5, 2:5] = 1.0
+    s = np.zeros((1, 8, 8), bool)
+    s[0, 3:7, 3:7] = True
+    kw = dict(model=None, x_batch=np.zeros((1, 3, 8, 8)), y_batch=np.zeros(1, int), a_batch=a[:, None],
+              s_batch=s[:, None].astype(float))
+    theirs = quantus.RelevanceRankAccuracy(disable_warnings=True)(**kw)
+    assert theirs[0] == 0.25  # 4 of 16: the 7 zeros it takes are all outside the mask (sort order)
+    ours = metrics.relevance_rank(a, s)
+    np.testing.assert_allclose(ours, [(4 + 7 * 12 / 55) / 16], rtol=0, atol=1e-15)  # 0.3455: 12 of 55 zeros inside
+    assert round(float(ours[0]), 4) == 0.3455
+    # An all-zero map is a pointing-game hit for Quantus; for us the mask's share of the tied maxima.
+    a = np.zeros((2, 8, 8))
+    a[0, 5, 5] = 1.0
+    m = np.zeros((2, 8, 8), bool)
+    m[:, :4, :4] = True
+    theirs = quantus.PointingGame(disable_warnings=True)(
+        model=None, x_batch=np.zeros((2, 3, 8, 8)), y_batch=np.zeros(2, int), a_batch=a[:, None],
+        s_batch=m[:, None].astype(float))
+    assert [bool(v) for v in theirs] == [False, True]
+    assert metrics.pointing_game(a, m).tolist() == [0.0, 0.25]
