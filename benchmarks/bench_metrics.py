@@ -25,7 +25,7 @@ def _maps(n: int = 8, size: int = 224, seed: int = 0) -> tuple[np.ndarray, np.nd
     rng = np.random.default_rng(seed)
     from scipy import ndimage
 
-    coarse = np.maximum(rng.standard_normal((n, 7, 7)) + 0.3, 0)  # ReLU: many exact zeros, upsampled
+    coarse = np.maximum(rng.standard_normal((n, 7, 7)) - 0.5, 0)  # ReLU: many exact zeros, upsampled
     maps = ndimage.zoom(coarse, (1, size / 7, size / 7), order=1)
     masks = np.zeros((n, size, size), bool)
     masks[:, 40:160, 60:200] = True

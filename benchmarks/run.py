@@ -11,7 +11,9 @@ Suites (all by default):
 - ``core``: the Grad-CAM math alone against a streaming pass over the same arrays;
 - ``overhead``: the fixed cost of one explanation (torch and JAX), on a model that is all head;
 - ``jax``: jitted explain against the jitted forward of the same model (when the JAX backend
-  and JAX are installed).
+  and JAX are installed);
+- ``metrics``: gradcam_ref.metrics against Quantus 0.6 in the same run (localisation per map,
+  perturbation metrics per forward, ROAD's imputation), when Quantus is installed.
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -35,7 +37,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax")
+SUITES = ("time", "memory", "core", "overhead", "jax", "metrics")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -175,6 +177,17 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
                 lap("jax")
             else:
                 notes.append(f"jax suite not run: {reason}")
+    if "metrics" in suites:
+        if torch_ok and _has("quantus"):
+            import torchvision  # noqa: F401  (before quantus, which imports tensorflow: the other order segfaults)
+
+            from benchmarks import bench_metrics
+
+            new = bench_metrics.run(quick=quick)
+            rows += new
+            lap("metrics")
+        else:
+            notes.append("metrics suite not run: it needs torch and quantus (pip install -e '.[metrics-peers]')")
     if not torch_ok:
         notes.append("torch is not installed: time and memory suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,
