@@ -101,16 +101,27 @@ def evaluate(maps: Any, *, masks: Any = None, boxes: Any = None, score: Callable
 
     Args:
       maps: the maps at the input's (and masks') size.
-      masks, boxes: ``(N, *spatial)`` boolean masks or ``(N, 4)`` boxes ``(x0, y0, x1, y1)``;
-        localisation metrics (:data:`LOCALISATION`) run when either is given (boxes become masks).
-      score, model, backend: the re-scoring callable, or a model whose backend's ``score`` is used;
-        with ``inputs`` ``(N, C, *spatial)`` and ``targets`` (N class indices) the ``faithfulness``
-        metrics run (names from :data:`FAITHFULNESS`). Maps for average drop / increase in
-        confidence are min-max normalised per example (Chattopadhay et al.'s :math:`x \\odot L`).
-      steps: deletion/insertion steps; road_percentages: ROAD's percentages.
-      explain, randomised: ``explain(model) -> maps`` and ``(name, randomised model)`` pairs (e.g.
-        ``gradcam_ref.backends.torch.randomise.randomised(model)``) run the model randomisation
-        test; the reference maps are ``maps``.
+      masks: ``(N, *spatial)`` boolean masks; localisation metrics (:data:`LOCALISATION`) run when
+        masks or boxes are given.
+      boxes: ``(N, 4)`` boxes ``(x0, y0, x1, y1)``, half-open (they become the masks when none are given).
+      score: the re-scoring callable ``inputs -> scores (B, classes)``; with ``inputs`` and
+        ``targets`` the ``faithfulness`` metrics run (names from :data:`FAITHFULNESS`). Maps for
+        average drop / increase in confidence are min-max normalised per example (Chattopadhay
+        et al.'s :math:`x \\odot L`).
+      model: instead of ``score``, a model whose backend's ``score`` is used (:func:`metrics.scorer`).
+      backend: the model's backend, when it cannot be detected.
+      inputs: ``(N, C, *spatial)``, the inputs the maps explain.
+      targets: N class indices.
+      faithfulness: which faithfulness metrics to run.
+      steps: deletion/insertion steps.
+      road_percentages: ROAD's percentages.
+      explain: ``explain(model) -> maps``, for the model randomisation test (with ``randomised``);
+        the reference maps are ``maps``.
+      randomised: ``(name, randomised model)`` pairs, e.g.
+        ``gradcam_ref.backends.torch.randomise.randomised(model)``.
+      sanity_measure: ``'spearman'``, ``'abs-spearman'`` or ``'ssim'``.
+      batch_size: inputs per call of ``score``.
+      seed: seeds baselines and ROAD's noise.
       progress: tqdm bars on the long metrics.
     """
     m = metrics._maps(maps)
@@ -134,7 +145,7 @@ def evaluate(maps: Any, *, masks: Any = None, boxes: Any = None, score: Callable
     if score is not None and inputs is not None and faithfulness:
         if targets is None:
             raise ValueError("targets (N class indices) are needed for the faithfulness metrics")
-        common = {"batch_size": batch_size, "progress": progress}
+        common: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
         settings.update({"steps": steps, "road_percentages": list(road_percentages), "seed": seed,
                          "batch_size": batch_size})
         unit = _unit(m)

@@ -125,7 +125,9 @@ def pointing_game(maps: Array, masks: Array, *, tolerance: float = 0.0, ties: st
     A hit when the map's maximum lies in the mask (or within ``tolerance`` pixels of it; Zhang et
     al. use 15 pixels): with :math:`M_i = \{p : L_{ip} = \max_q L_{iq}\}` the maxima,
 
-    .. math:: \mathrm{hit}_i = |M_i \cap S_i^{\oplus t}| / |M_i| \quad (\text{``ties='share'''})
+    .. math::
+
+        \mathrm{hit}_i = |M_i \cap S_i^{\oplus t}| / |M_i| \quad \text{(ties = share)}
 
     the share of tied maxima inside the (dilated) mask: the expected hit of a random tie-break, 1 or
     0 without ties, the mask's area fraction for an all-zero map. ``ties='any'`` counts a hit when
@@ -172,7 +174,9 @@ def relevance_mass(maps: Array, masks: Array, *, positive: bool = True, empty: s
     r"""The share of the map's mass inside the mask (relevance mass accuracy, Arras et al.,
     "CLEVR-XAI", 2022; the energy-based pointing game of Score-CAM, Wang et al. 2020):
 
-    .. math:: \mu_i = \sum_{p \in S_i} R_{ip} \Big/ \sum_p R_{ip}, \qquad R = \max(L, 0) \text{ if positive else } L
+    .. math::
+
+        \mu_i = \sum_{p \in S_i} R_{ip} \Big/ \sum_p R_{ip}, \qquad R = \max(L, 0) \text{ if positive else } L
 
     Args:
       maps: ``(N, *spatial)``; masks: ``(N, *spatial)`` boolean.
@@ -211,7 +215,9 @@ def relevance_rank(maps: Array, masks: Array, *, ties: str = "average", empty: s
     r"""Relevance rank accuracy (Arras et al. 2022): of the :math:`K_i = |S_i|` highest-ranked pixels,
     the share inside the mask,
 
-    .. math:: \mathrm{rank}_i = |\mathrm{top}_{K_i}(L_i) \cap S_i| / K_i .
+    .. math::
+
+        \mathrm{rank}_i = |\mathrm{top}_{K_i}(L_i) \cap S_i| / K_i .
 
     Ties at the cut (common: Grad-CAM maps have many exact zeros) are averaged by default: the tied
     pixels that fit count with the share of the tied group inside the mask (the expected value over
@@ -257,8 +263,10 @@ def top_k_intersection(maps: Array, masks: Array, *, k: int = 1000, ties: str = 
 def localisation_auc(maps: Array, masks: Array, *, empty: str = "raise") -> np.ndarray:
     r"""The area under the ROC curve of the map as a detector of mask pixels (Fawcett 2006), by ranks:
 
-    .. math:: \mathrm{AUC}_i = \frac{1}{P\,Q} \sum_{p \in S_i} \sum_{q \notin S_i}
-              \big([L_{ip} > L_{iq}] + \tfrac12 [L_{ip} = L_{iq}]\big)
+    .. math::
+
+        \mathrm{AUC}_i = \frac{1}{P\,Q} \sum_{p \in S_i} \sum_{q \notin S_i}
+        \big([L_{ip} > L_{iq}] + \tfrac12 [L_{ip} = L_{iq}]\big)
 
     with :math:`P = |S_i|`, :math:`Q` the pixels outside (the Mann-Whitney U statistic: average ranks
     for ties, equal to scikit-learn's ``roc_auc_score``). 0.5 is chance. Computed exactly by one
@@ -689,7 +697,9 @@ def noisy_linear_imputation(image: Array, removed: Array, *, noise: float = 0.01
     for all removed pixels as one sparse linear system (SciPy SuperLU, one factorisation for every
     channel), plus Gaussian noise of std ``noise``:
 
-    .. math:: \sum_{q \in \mathcal{N}(p)} w_{pq} (v_p - v_q) = 0 \quad \forall p \text{ removed}
+    .. math::
+
+        \sum_{q \in \mathcal{N}(p)} w_{pq} (v_p - v_q) = 0 \quad \forall p \text{ removed}
 
     Args:
       image: ``(C, H, W)``; removed: ``(H, W)`` boolean, the pixels to impute (every channel).
