@@ -174,3 +174,22 @@ def test_backends_score_the_same_model_alike():
         pair = twins.jax_oracle(oracle, layer="relu1")
         got = metrics.deletion(metrics.scorer(pair, backend="jax"), x, heat, [1, 3], steps=8)
     np.testing.assert_allclose(got.scores, expected.scores, rtol=0, atol=1e-13)
+
+
+def test_torch_score_converts_warns_and_checks():
+    import torch
+
+    from gradcam_ref import TrainingModeWarning
+    from gradcam_ref.backends import torch as torch_backend
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+    x = np.arange(8.0).reshape(2, 1, 2, 2)
+    with pytest.warns(TrainingModeWarning):
+        torch_backend.score(model, x)
+    model.eval()
+    out = torch_backend.score(model, x)
+    assert out.dtype == torch.float32 and not out.requires_grad and model[1].weight.grad is None
+    expected = x.reshape(2, 4) @ model[1].weight.detach().double().numpy().T + model[1].bias.detach().double().numpy()
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"must return scores \(N, classes\) for N = 2 inputs, got shape \(2, 1, 2, 2\)"):
+        torch_backend.score(torch.nn.Identity().eval(), x)
