@@ -78,6 +78,14 @@ class Backend(Protocol):
         """
         ...
 
+    def score(self, model: Any, inputs: Any, **options: Any) -> Any:
+        """The model's scores ``(N, classes)`` on ``inputs`` ``(N, ...)``: one forward pass, no gradients.
+
+        NumPy ``inputs`` are converted to the model's library, dtype and device; the result stays
+        there. The model is left exactly as it was (re-scoring for gradcam_ref.metrics).
+        """
+        ...
+
 
 def explaining(capture: Any) -> Any:
     """The ``explain`` of a backend whose ``capture`` returns plain arrays: the core does the math."""

@@ -242,3 +242,10 @@ def capture(
 
 
 explain = explaining(capture)
+
+
+def score(model: Oracle, inputs: Any) -> np.ndarray:
+    """The oracle's scores ``(N, classes)`` on ``inputs`` (float64), for re-scoring."""
+    if not isinstance(model, Oracle):
+        raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
+    return model.forward(np.asarray(inputs, dtype=np.float64))[1]

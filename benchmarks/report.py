@@ -178,6 +178,10 @@ def markdown(result: dict) -> str:
                   overhead_table(rows)]
     if "jax" in suites:
         parts += ["### JAX: jitted explain against the jitted forward", jax_table(rows)]
+    if "metrics" in suites:
+        from benchmarks.bench_metrics import table
+
+        parts += ["### Metrics against Quantus 0.6 (same run)", table(rows)]
     return "\n\n".join(parts)
 
 

@@ -14,6 +14,8 @@ Suites (all by default):
   and JAX are installed);
 - ``gain``: one GAIN training step (``explain(differentiable="stop" | "full")``, Eq. 3-6)
   against one plain training step of ResNet-18 (:mod:`benchmarks.bench_gain`).
+- ``metrics``: gradcam_ref.metrics against Quantus 0.6 in the same run (localisation per map,
+  perturbation metrics per forward, ROAD's imputation), when Quantus is installed.
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -37,7 +39,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax", "gain")
+SUITES = ("time", "memory", "core", "overhead", "jax", "gain", "metrics")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -185,6 +187,17 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
         if log:
             log(new)
         lap("gain")
+    if "metrics" in suites:
+        if torch_ok and _has("quantus"):
+            import torchvision  # noqa: F401  (before quantus, which imports tensorflow: the other order segfaults)
+
+            from benchmarks import bench_metrics
+
+            new = bench_metrics.run(quick=quick)
+            rows += new
+            lap("metrics")
+        else:
+            notes.append("metrics suite not run: it needs torch and quantus (pip install -e '.[metrics-peers]')")
     if not torch_ok:
         notes.append("torch is not installed: time and memory suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,

@@ -5,29 +5,34 @@ accepted and returned as they are). Backends in :mod:`gradcam_ref.backends` run 
 supply the activations, gradients and scores that :func:`explain` turns into maps.
 """
 
-from gradcam_ref import conventions, gain
+from gradcam_ref import conventions, gain, metrics
+from gradcam_ref._evaluate import Evaluation, evaluate
 from gradcam_ref._explain import Capture, Explanation, explain
 from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_importance
 from gradcam_ref._guided import guided_grad_cam, guided_image
 from gradcam_ref._postprocess import normalize, upsample
-from gradcam_ref._warnings import NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
+from gradcam_ref._warnings import MetricWarning, NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Capture",
+    "Evaluation",
     "Explanation",
+    "MetricWarning",
     "NoGuidedReLUWarning",
     "TrainingModeWarning",
     "ZeroGradientWarning",
     "cam",
     "conventions",
+    "evaluate",
     "explain",
     "gain",
     "grad_cam",
     "grad_cam_plus_plus",
     "guided_grad_cam",
     "guided_image",
+    "metrics",
     "neuron_importance",
     "normalize",
     "upsample",

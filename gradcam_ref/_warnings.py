@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NoGuidedReLUWarning", "TrainingModeWarning", "ZeroGradientWarning"]
+__all__ = ["MetricWarning", "NoGuidedReLUWarning", "TrainingModeWarning", "ZeroGradientWarning"]
 
 
 class NoGuidedReLUWarning(UserWarning):
@@ -16,3 +16,8 @@ class ZeroGradientWarning(UserWarning):
 
 class TrainingModeWarning(UserWarning):
     """The model has layers whose training mode changes the result (dropout, batch norm)."""
+
+
+class MetricWarning(UserWarning):
+    """A metric is undefined for some examples (an all-zero or constant map, a mask covering
+    everything): their value is NaN, and the message names them and says why."""

@@ -47,7 +47,7 @@ NAME = "jax"
 GUIDED = True
 DIFFERENTIABLE = True
 
-__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain"]
+__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "score"]
 
 
 def capture(
@@ -105,6 +105,23 @@ def explain(
     """The :class:`~gradcam_ref.Explanation` of :func:`capture`, its core math run inside the same program."""
     return Explanation.from_capture(
         *_run(model, inputs, target, layer, guided, channel_axis, differentiable, params))
+
+
+def score(model: Any, inputs: Any) -> jax.Array:
+    """``head(features(inputs))`` of ``model = (features, head)``, jitted: the scores ``(N, classes)``."""
+    features, head = _split(model, None)
+    x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
+    out = _scores(x, features=features, head=head)
+    check_scores(out)
+    _check_same_batch("head(features(inputs))", out, x)
+    return out
+
+
+def _scores_impl(x: jax.Array, *, features: Callable, head: Callable) -> Any:
+    return head(features(x))
+
+
+_scores = jax.jit(_scores_impl, static_argnames=("features", "head"))
 
 
 def _run(

