@@ -14,7 +14,7 @@ from gradcam_ref import cli, metrics, viz
 from gradcam_ref.cli import _common as common
 from gradcam_ref.zoo import IMAGENET_MEAN, IMAGENET_STD
 from tests.metrics.test_faithfulness import linear
-from tests.test_cli import SIZE, tiny_net
+from tests.cli.test_cli import SIZE, tiny_net
 
 
 def test_evaluate_is_the_metrics_put_together(tmp_path):
@@ -70,7 +70,7 @@ def test_the_command_line_on_a_factory_model(capsys, tmp_path):
     torch.save(tiny_net().eval().state_dict(), weights)
     out = tmp_path / "result.json"
     status = cli.main(["evaluate", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--boxes",
-                       str(tmp_path / "boxes.json"), "--model", "tests.test_cli:tiny_net", "--weights", str(weights),
+                       str(tmp_path / "boxes.json"), "--model", "tests.cli.test_cli:tiny_net", "--weights", str(weights),
                        "--layer", "conv", "--size", str(SIZE), "--steps", "8", "--json", str(out), "--quiet",
                        "--target", "1", "--faithfulness", "deletion,region_perturbation_morf"])
     printed = capsys.readouterr().out
