@@ -138,9 +138,17 @@ def check_finite(result: Array, what: str, **inputs: Array) -> None:
                 f"{what} needs finite {', '.join(inputs)}"
             )
     raise ValueError(
-        f"{what} overflowed: the inputs {', '.join(inputs)} are finite but the result is not; "
-        "compute in a wider dtype (e.g. float64)"
+        f"{what} overflowed: the inputs {', '.join(inputs)} are finite but the result is not "
+        f"({result.dtype}); {_overflow_hint(result)}"
     )
+
+
+def _overflow_hint(result: Array) -> str:
+    """What to do about an overflow: a wider dtype, unless the result already has the widest."""
+    xp = array_api_compat.array_namespace(result)
+    if xp.isdtype(result.dtype, "real floating") and xp.finfo(result.dtype).bits >= 64:
+        return f"the values exceed {xp.finfo(result.dtype).max:.3g}: rescale the inputs (the maps scale with them)"
+    return "compute in a wider dtype (e.g. float64)"
 
 
 def _size(x: Array) -> int:

@@ -350,7 +350,7 @@ def postprocess(
     if 0 in shape:
         raise ValueError(f"signed_maps must not be empty, got shape {shape}")
     spatial = shape[len(shape) - rank:]
-    target = _as_size(size, rank)
+    target = _as_size(size, rank, spatial)
     if target is not None and not chosen.resizes and target != spatial:
         raise ValueError(
             f"the {chosen.name!r} convention keeps the layer's resolution {spatial} ({chosen.library} "
@@ -362,8 +362,17 @@ def postprocess(
     return x
 
 
-def _as_size(size: int | Sequence[int] | None, rank: int) -> tuple[int, ...] | None:
-    return None if size is None else parse_size(size, rank)
+def _as_size(size: int | Sequence[int] | None, rank: int, spatial: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``size`` parsed, or one ValueError that says what fits these maps."""
+    if size is None:
+        return None
+    try:
+        return parse_size(size, rank)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"size must be None, a positive int or {rank} positive ints (the maps' spatial shape is "
+            f"{spatial}), got {size!r}"
+        ) from None
 
 
 def describe(name: str | Convention) -> str:
