@@ -112,8 +112,17 @@ def to_numpy(x: Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def has_no_data(x: Array) -> bool:
+    """True for arrays that hold shapes but no values: torch's meta device and fake tensors."""
+    return bool(getattr(x, "is_meta", False)) or type(x).__name__ == "FakeTensor"
+
+
 def all_finite(x: Array) -> bool | None:
-    """True/False when the values can be read now; None for traced (lazy) arrays, e.g. under jit."""
+    """True/False when the values can be read now; None when they cannot: traced (lazy) arrays,
+    e.g. under ``jax.jit``, and arrays without data (:func:`has_no_data`), which go through the
+    core's functions as shapes only."""
+    if has_no_data(x):
+        return None
     xp = array_api_compat.array_namespace(x)
     try:
         return bool(xp.all(xp.isfinite(x)))
