@@ -175,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run(args))
     except UsageError as error:
         return _fail(args.command, str(error))
+    except KeyboardInterrupt:  # Ctrl-C; SIGTERM exits with 143 (cli._common.terminate_as_exit)
+        print(f"{PROG} {args.command}: interrupted, nothing written", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as error:
         missing = (error.name or "").split(".")[0]
         if missing in ("", "gradcam_ref"):
