@@ -27,16 +27,16 @@ def head(a):
     return a.mean(axis=(2, 3)) @ W
 
 
+def head_holding(big):
+    return lambda a: a.mean(axis=(2, 3)) @ W + jnp.asarray(big[:1, :4])
+
+
 def test_guided_records_release_the_callers_closures():
     """Explaining with new closures, each holding a large array, keeps none of them once dropped."""
     refs = []
     for i in range(5):
         big = np.full((1000, 1000), float(i), dtype=np.float32)  # 4 MB each, held by the closure
-
-        def make_head(big=big):
-            return lambda a: a.mean(axis=(2, 3)) @ W + jnp.asarray(big[:1, :4])
-
-        h = make_head()
+        h = head_holding(big)
         gradcam_ref.explain((features, h), X, guided=True)
         refs.append((weakref.ref(h), weakref.ref(big)))
         del h, big
