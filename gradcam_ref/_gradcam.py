@@ -243,18 +243,21 @@ def _plus_plus_terms(xp, g: Array, sum_a: Array) -> Array:
 
 
 def _spatial_mean(xp, x: Array, lead: int) -> Array:
-    """Mean over every axis after the first ``lead`` ones, as one contiguous reduction.
+    r"""Mean over every axis after the first ``lead`` ones, as one contiguous reduction.
 
     A sum that overflows although the mean fits (values near the dtype's largest) is redone as
-    the sum of ``x / Z``; that second pass runs only then (the first result is checked when it
-    can be read: not under ``jax.jit``).
+    :math:`m \cdot \mathrm{mean}(x / m)` with :math:`m = \max |x|`, which cannot exceed
+    :math:`m`; that second pass runs only then (the first result is checked when it can be read:
+    not under ``jax.jit``).
     """
     shape = shape_of(x)
     z = math.prod(shape[lead:])
     flat = xp.reshape(x, shape[:lead] + (z,))
     mean = xp.mean(flat, axis=-1)
     if z > 1 and all_finite(mean) is False and all_finite(flat) is True:
-        return xp.sum(flat / z, axis=-1)
+        scale = xp.max(xp.abs(flat), axis=-1, keepdims=True)
+        scale = xp.where(scale > 0, scale, xp.ones_like(scale))
+        return scale[..., 0] * xp.mean(flat / scale, axis=-1)
     return mean
 
 

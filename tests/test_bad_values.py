@@ -5,7 +5,9 @@ exact result up to rounding, or raises a one-line ValueError naming its argument
 raise only where the result, or a quantity the formula cannot avoid, exceeds the largest float.
 No NaN, no Inf, no silent zero. The exact result is computed with :class:`fractions.Fraction`
 (every float64 is a rational number), so "up to rounding" is measured against the truth: a map
-that an overflow turned to zeros, or a span of subnormals normalised to zeros, fails.
+that an overflow turned to zeros, or a span of subnormals normalised to zeros, fails. Rounding
+is IEEE's: a relative error per operation, and an absolute one of the float spacing near 0 for
+intermediate weights that underflow (gradual underflow), scaled by the activations they weigh.
 
 A new core function gets a row in :data:`CASES`; the strategies are :mod:`tests.strategies`.
 """
@@ -17,7 +19,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import gradcam_ref
@@ -26,6 +28,7 @@ from tests.strategies import LARGEST, edgy_arrays, feature_maps, map_shapes, val
 
 RTOL = 1e-12  # times the magnitude of the terms summed: a few roundings per term
 ATOL = 1e-300  # below this, underflow of products of subnormals is rounding too
+TINY = Fraction(5e-324)  # the spacing of floats near 0: the absolute error of a weight that underflows
 LIMIT = Fraction(LARGEST) / 4  # above this, an overflow error is legitimate
 
 
@@ -69,7 +72,8 @@ def ref_grad_cam(a, g, relu=True):
     alpha, alpha_mag = spatial_sum(exact(g), lead) / z, spatial_sum(fabs(exact(g)), lead) / z
     signed = weighted(exact(a), alpha)
     magnitude = weighted(fabs(exact(a)), alpha_mag)
-    return (np.vectorize(lambda v: max(v, Fraction(0)), otypes=[object])(signed) if relu else signed), magnitude
+    floor = weighted(fabs(exact(a)), np.full(alpha.shape, (z + 2) * TINY, dtype=object))  # alpha's underflow
+    return (np.vectorize(lambda v: max(v, Fraction(0)), otypes=[object])(signed) if relu else signed), magnitude, floor
 
 
 def ref_cam(a, w):
@@ -102,7 +106,9 @@ def ref_grad_cam_plus_plus(a, g, relu=True):
     magnitude = weighted(fabs(ea), w_mag + fabs(w))
     if max(s_mag.flat) > LIMIT:  # the sum of the activations itself cannot be represented
         magnitude = magnitude + Fraction(LARGEST)
-    return (np.vectorize(lambda v: max(v, Fraction(0)), otypes=[object])(maps) if relu else maps), magnitude
+    z = flat.shape[-1]
+    floor = weighted(fabs(ea), np.full(w.shape, 2 * (z + 2) * TINY, dtype=object))  # the weights' underflow
+    return (np.vectorize(lambda v: max(v, Fraction(0)), otypes=[object])(maps) if relu else maps), magnitude, floor
 
 
 def ref_normalize(x, method="minmax"):
@@ -142,7 +148,8 @@ def ref_upsample(x, size):
 
 def check(call, reference, names):
     """``call()`` is the exact result up to rounding, or a legitimate one-line overflow error."""
-    truth, magnitude = reference()
+    truth, magnitude, *floor = reference()
+    floor = floor[0] if floor else np.zeros(truth.shape, dtype=object)
     bound = max(magnitude.flat) if magnitude.size else Fraction(0)
     try:
         out = call()
@@ -156,7 +163,7 @@ def check(call, reference, names):
     assert np.isfinite(out).all(), "NaN or Inf came out instead of an error"
     for index, value in np.ndenumerate(out):
         error = abs(Fraction(float(value)) - truth[index])
-        allowed = Fraction(RTOL) * magnitude[index] + Fraction(ATOL)
+        allowed = Fraction(RTOL) * magnitude[index] + Fraction(ATOL) + floor[index]
         assert error <= allowed, (
             f"at {index}: got {value!r}, exact {float(truth[index])!r} (terms up to {float(magnitude[index]):.3g})"
         )
@@ -169,12 +176,14 @@ def test_neuron_importance(ag):
 
 
 @given(feature_maps(), st.booleans())
+@example((np.zeros((1, 1, 3)), np.full((1, 1, 3), LARGEST)), False)  # the mean fits, the sum does not
 def test_grad_cam(ag, relu):
     a, g = ag
     check(lambda: gradcam_ref.grad_cam(a, g, relu=relu), lambda: ref_grad_cam(a, g, relu), ["activations", "gradients"])
 
 
 @given(feature_maps(), st.booleans())
+@example((np.full((1, 1, 1), 1e150), np.full((1, 1, 1), 5e-324)), False)  # a weight that underflows
 def test_grad_cam_plus_plus(ag, relu):
     a, g = ag
     check(lambda: gradcam_ref.grad_cam_plus_plus(a, g, relu=relu), lambda: ref_grad_cam_plus_plus(a, g, relu),
