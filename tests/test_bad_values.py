@@ -55,9 +55,11 @@ def weighted(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.einsum("ntk,nk...->nt...", w, a)
 
 
-# --- exact references: (values, magnitudes) --------------------------------------------------------
+# --- exact references: (values, magnitudes[, floors[, largest intermediate]]) ------------------------
 # The magnitude of an output is a bound on the terms the computation adds up (times their
-# condition): the rounding error is at most a small multiple of eps times it.
+# condition): the rounding error is at most a small multiple of eps times it. The floor is the
+# absolute error of intermediates that underflow; the largest intermediate (Grad-CAM++'s
+# weights) must be representable for a result to be owed.
 
 
 def ref_neuron_importance(g):
@@ -108,7 +110,8 @@ def ref_grad_cam_plus_plus(a, g, relu=True):
         magnitude = magnitude + Fraction(LARGEST)
     z = flat.shape[-1]
     floor = weighted(fabs(ea), np.full(w.shape, 2 * (z + 2) * TINY, dtype=object))  # the weights' underflow
-    return (np.vectorize(lambda v: max(v, Fraction(0)), otypes=[object])(maps) if relu else maps), magnitude, floor
+    maps = np.vectorize(lambda v: max(v, Fraction(0)), otypes=[object])(maps) if relu else maps
+    return maps, magnitude, floor, max(abs(v) for v in w.flat)  # the weights must be representable too
 
 
 def ref_normalize(x, method="minmax"):
@@ -148,9 +151,9 @@ def ref_upsample(x, size):
 
 def check(call, reference, names):
     """``call()`` is the exact result up to rounding, or a legitimate one-line overflow error."""
-    truth, magnitude, *floor = reference()
-    floor = floor[0] if floor else np.zeros(truth.shape, dtype=object)
-    bound = max(magnitude.flat) if magnitude.size else Fraction(0)
+    truth, magnitude, *more = reference()
+    floor = more[0] if more else np.zeros(truth.shape, dtype=object)
+    bound = max([*magnitude.flat, *more[1:]])  # the largest term, or intermediate the method defines
     try:
         out = call()
     except ValueError as error:
@@ -184,6 +187,7 @@ def test_grad_cam(ag, relu):
 
 @given(feature_maps(), st.booleans())
 @example((np.full((1, 1, 1), 1e150), np.full((1, 1, 1), 5e-324)), False)  # a weight that underflows
+@example((np.zeros((1, 1, 2, 2)), np.full((1, 1, 2, 2), 1e308)), False)  # a weight of 2e308: an error
 def test_grad_cam_plus_plus(ag, relu):
     a, g = ag
     check(lambda: gradcam_ref.grad_cam_plus_plus(a, g, relu=relu), lambda: ref_grad_cam_plus_plus(a, g, relu),
