@@ -139,9 +139,8 @@ def ref_upsample(x, size):
             lo = min(math.floor(s), n_in - 1)
             hi = min(lo + 1, n_in - 1)
             t = s - lo
-            take = lambda arr, j: np.take(arr, [j], axis=axis)  # noqa: E731
-            rows.append((1 - t) * take(ex, lo) + t * take(ex, hi))
-            mags.append(take(ma, lo) + take(ma, hi))
+            rows.append((1 - t) * np.take(ex, [lo], axis=axis) + t * np.take(ex, [hi], axis=axis))
+            mags.append(np.take(ma, [lo], axis=axis) + np.take(ma, [hi], axis=axis))
         ex, ma = np.concatenate(rows, axis=axis), np.concatenate(mags, axis=axis)
     return ex, ma
 
