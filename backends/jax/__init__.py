@@ -220,7 +220,7 @@ def _program_impl(
             guided_backprop = jnp.moveaxis(guided_backprop, axis + multi, 1 + multi)
     captured = Capture(a_first, g_first, scores, None, guided_backprop)
     fields = grad_cam_fields(captured)
-    if target_fn is None and given:  # traced targets outside [0, C): NaN, not a silent zero map
+    if given and indices is not None:  # traced targets outside [0, C): NaN, not a silent zero map
         valid = (indices >= 0) & (indices < scores.shape[1])
         captured, fields = _poison(captured, fields, valid)
     finite = jnp.all(jnp.isfinite(fields.weights)) & jnp.all(jnp.isfinite(fields.signed))
