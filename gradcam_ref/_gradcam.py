@@ -223,23 +223,16 @@ def _plus_plus_terms(xp, g: Array, sum_a: Array) -> Array:
 
     Where :math:`g > 0` the term is :math:`g^3 / (2 g^2 + S g^3) = g / (2 + S g)`, with
     :math:`S = \sum_{ab} A_{ab}`; elsewhere it is 0, and 0 where the denominator is 0. It is
-    evaluated as :math:`g / (2 + S g)` for :math:`g \le 1` and as :math:`1 / (2/g + S)` for
-    :math:`g > 1`: neither form overflows while :math:`S` is finite (``2 g^2 + S g^3`` does,
-    for float16 gradients of about 40, or float64 ones of 1e103), and the unused branch of
-    each ``where`` holds finite numbers only, so autograd through it gives no NaN.
+    evaluated as :math:`u / (2/c + S u)` with :math:`c = \max(g, 1)` and :math:`u = g / c \le 1`:
+    the same number, and no step overflows while :math:`S` is finite (``2 g^2 + S g^3`` does,
+    for float16 gradients of about 40 or float64 ones of 1e103), nor underflows for tiny g.
+    A zero denominator becomes infinite (term 0), which keeps autograd free of NaN.
     """
-    zero = xp.zeros_like(g)
-    one = xp.ones_like(g)
-    small = (g > 0) & (g <= 1)
-    g_small = xp.where(small, g, zero)
-    den_small = 2 + sum_a * g_small
-    use_small = small & (den_small != 0)
-    term_small = g_small / xp.where(use_small, den_small, one)
-    large = g > 1
-    den_large = 2 / xp.where(large, g, one) + sum_a
-    use_large = large & (den_large != 0)
-    term_large = one / xp.where(use_large, den_large, one)
-    return xp.where(use_small, term_small, xp.where(use_large, term_large, zero))
+    positive = xp.where(g > 0, g, xp.zeros_like(g))  # ReLU(g): u = 0 gives a term of 0
+    c = xp.where(positive > 1, positive, xp.ones_like(g))
+    u = positive / c
+    denominator = 2 / c + sum_a * u
+    return u / xp.where(denominator != 0, denominator, xp.full_like(denominator, math.inf))
 
 
 def _spatial_mean(xp, x: Array, lead: int) -> Array:
