@@ -100,7 +100,7 @@ def test_jax_inputs_trace_and_differentiate_like_torch():
     ta, tg = torch.tensor(a, requires_grad=True), torch.tensor(g, requires_grad=True)
     torch_loss = (grad_cam_plus_plus(ta, tg) ** 2).sum()
     torch_loss.backward()
-    np.testing.assert_allclose(float(value), float(torch_loss), rtol=1e-13)
+    np.testing.assert_allclose(float(value), float(torch_loss.detach()), rtol=1e-13)
     np.testing.assert_allclose(np.asarray(da), ta.grad.numpy(), rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(np.asarray(dg), tg.grad.numpy(), rtol=1e-11, atol=1e-13)
 
