@@ -7,9 +7,10 @@
   images; one figure (PNG) and one raw map (``.npy``) per image.
 
 Input problems (an unreadable image, an unknown layer or label, weights that do not fit, a
-missing optional dependency) end with exit status 2 and a one-line message, and leave nothing
-half-written: outputs are written to a staging folder and moved into place only when the whole
-run has succeeded.
+missing optional dependency, a model module, factory or forward pass that raises) end with exit
+status 2 and a one-line message, and leave nothing half-written: outputs are written to a staging
+folder and moved into place only when the whole run has succeeded; Ctrl-C (130) and SIGTERM (143)
+remove it too.
 
 This module never imports torch: the torch work is in ``gradcam_ref.cli._torch``, imported
 when a command needs it.
