@@ -67,21 +67,28 @@ def resize(xp: Any, x: Array, size: tuple[int, ...], kernel: str) -> Array:
     return x
 
 
-def parse_size(size: Any, rank: int, name: str = "size") -> tuple[int, ...]:
+def parse_size(
+    size: Any, rank: int, *, spatial: tuple[int, ...] | None = None, optional: bool = False
+) -> tuple[int, ...]:
     """``size`` as ``rank`` positive ints: an int (for every axis) or a sequence of ``rank`` ints.
 
-    Booleans are refused (``True`` is not a size); NumPy integers and arrays are accepted.
+    Booleans are refused (``True`` is not a size); NumPy integers and 1-D arrays are accepted.
+    Anything else is a ValueError naming ``size``, the expected and the actual value (and the
+    maps' ``spatial`` shape when given; ``optional`` says that None was allowed too).
     """
+    values: Any = None
     if isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)):
-        values: Sequence[Any] = (size,) * rank
+        values = (size,) * rank
     elif isinstance(size, np.ndarray) and size.ndim == 1:
         values = size.tolist()
     elif isinstance(size, Sequence) and not isinstance(size, str):
         values = size
-    else:
-        raise TypeError(f"{name} must be a positive int or a sequence of {rank} positive ints, got {size!r}")
-    if len(values) != rank or not all(
+    if values is None or len(values) != rank or not all(
         isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) and s >= 1 for s in values
     ):
-        raise ValueError(f"{name} must be a positive int or {rank} positive ints (one per spatial axis), got {size!r}")
+        where = "" if spatial is None else f" of the maps, whose spatial shape is {spatial}"
+        raise ValueError(
+            f"size must be {'None, ' if optional else ''}a positive int or {rank} positive ints "
+            f"(one per spatial axis{where}), got {size!r}"
+        )
     return tuple(int(s) for s in values)

@@ -364,16 +364,7 @@ def postprocess(
 
 
 def _as_size(size: int | Sequence[int] | None, rank: int, spatial: tuple[int, ...]) -> tuple[int, ...] | None:
-    """``size`` parsed, or one ValueError that says what fits these maps."""
-    if size is None:
-        return None
-    try:
-        return parse_size(size, rank)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"size must be None, a positive int or {rank} positive ints (the maps' spatial shape is "
-            f"{spatial}), got {size!r}"
-        ) from None
+    return None if size is None else parse_size(size, rank, spatial=spatial, optional=True)
 
 
 def describe(name: str | Convention) -> str:

@@ -1,48 +1,18 @@
 r"""Guided backpropagation for plain JAX functions: the function's jaxpr, re-interpreted.
 
-``guided(fn)`` is ``fn`` with the guided backward rule (Springenberg et al.) at every ReLU it
-recognises: the cotangent g arriving at a ReLU with input x leaves it as
+``guided(fn)`` is ``fn`` with the guided backward rule (Springenberg et al., arXiv 1412.6806) at
+every ReLU it recognises: the cotangent g arriving at a ReLU with input x leaves it as
+:math:`g \cdot [0 < x] \cdot [g > 0]`, or :math:`g \cdot [0 < x < b] \cdot [g > 0]` for a
+ReLU capped at b (ReLU6, ``clip(x, 0, b)``; nothing passes at the kinks, as in torch). Every other
+operation keeps its ordinary (or custom) derivative; the forward numbers are unchanged.
 
-.. math::
-
-    g \cdot [0 < x] \cdot [g > 0] \qquad \text{or, for a ReLU capped at } b:\quad
-    g \cdot [0 < x < b] \cdot [g > 0]
-
-(ReLU6, ``clip(x, 0, b)``: the ordinary gradient, which is zero where the output is flat,
-restricted to positive g; at the kinks x = 0 and x = b nothing passes, as in torch). Every other
-operation keeps its ordinary (or custom) derivative. The forward numbers are unchanged.
-
-How: ``fn`` is traced to a jaxpr (``jax.make_jaxpr``) and the jaxpr is evaluated again, equation
-by equation, with the same primitives. When an equation (or a short chain of them) is recognised
-as a ReLU of a value x, its output y is passed through ``_guided(x, y, b)``, a ``jax.custom_vjp``
-identity on y whose backward sends the rule above to x and nothing to y's own inputs. Nothing
-global is changed; ``guided(fn)`` works under ``jax.jit``, ``jax.vmap`` and ``jax.vjp``. It is
-the tool for reverse mode only: the rule is not linear in g, so it has no forward-mode (JVP)
-form, and ``jax.jvp`` of a guided function is an error.
-
-Recognised ReLU forms (with 0 and b constants known when ``fn`` is traced: literals, closed-over
-concrete arrays, and what ``convert_element_type``/``broadcast_in_dim``/``reshape`` make of them;
-b a uniform value):
-
-- ``max(x, 0)`` and ``max(0, x)``: ``jnp.maximum(x, 0)``, ``jax.nn.relu`` (its ``custom_jvp``
-  is replaced), ``jnp.clip(x, 0)`` / ``jnp.clip(x, min=0)``, ``lax.max``; flax's ``nn.relu``
-  is ``jax.nn.relu``;
-- ``min(max(x, 0), b)`` (the max used only by the min): a ReLU capped at b, ``jax.nn.relu6``,
-  ``jnp.clip(x, 0, b)``; ``lax.clamp(0, x, b)``;
-- ``where`` gates: ``select_n(x > 0, ...)`` choosing x (or x capped at b by ``min(x, b)`` or
-  ``where(x >= b, b, x)``) where x is positive and a zero constant elsewhere, with the predicate
-  any of ``x > 0``, ``x >= 0``, ``x <= 0``, ``x < 0`` (either operand order):
-  ``jnp.where(x > 0, x, 0)``, ``jnp.where(x <= 0, 0, jnp.where(x >= 6, 6, x))``.
-
-Where they are found: in ``fn``'s jaxpr and, inlined, inside ``jax.jit`` calls, ``jax.checkpoint``
-(its rematerialisation policy is then dropped) and ``custom_jvp`` functions whose whole body is
-one ReLU form (``jax.nn.relu``, ``jax.nn.relu6``); inside ``lax.cond`` branches and ``lax.scan``
-bodies, whose jaxprs are re-interpreted the same way and bound again. Not guided (they keep
-their ordinary derivative): ReLUs written otherwise (``x * (x > 0)``, ``jnp.abs(x) / 2 + x / 2``,
-``max`` with a traced or non-uniform bound), ReLUs inside ``custom_jvp`` functions that are more
-than a ReLU, inside ``custom_vjp`` functions (their backward is their author's) and inside
-``lax.while_loop`` (which has no reverse mode). When such a region contains what looks like a
-ReLU (``max``/``clamp`` with a zero operand), the trace records it in ``Record.unguided``.
+How: ``fn`` is traced to a jaxpr and evaluated again equation by equation with the same
+primitives; the output y of a recognised ReLU of x goes through ``_guided(x, y, b)``, a
+``jax.custom_vjp`` identity whose backward sends the rule to x. Nothing global changes;
+``guided(fn)`` works under ``jit``, ``vmap`` and ``vjp`` (reverse mode only: the rule is not
+linear in g). The recognised forms (``jax.nn.relu``, ``relu6``, ``jnp.maximum(x, 0)``,
+``jnp.clip``, ``lax.clamp``, ``where`` gates; inside ``jit``, ``checkpoint``, ``cond``, ``scan``),
+and what is left unguided (recorded in :class:`Record`), are listed in docs/backends.md.
 """
 
 from __future__ import annotations

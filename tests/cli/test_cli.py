@@ -74,7 +74,7 @@ def setup(tmp_path):
     torch.save(trained.state_dict(), weights)
     labels = tmp_path / "labels.txt"
     labels.write_text("red thing\ngreen thing\nblue thing\n")
-    base = ["explain", "--model", "tests.test_cli:tiny_net", "--weights", weights, "--layer", "conv",
+    base = ["explain", "--model", "tests.cli.test_cli:tiny_net", "--weights", weights, "--layer", "conv",
             "--size", SIZE, "--labels", labels]
     return {"images": sorted(images.iterdir()), "trained": trained, "weights": weights, "base": base,
             "out": tmp_path / "out", "tmp": tmp_path}
@@ -274,11 +274,11 @@ def test_explain_uses_the_weights_and_the_target_label(capsys, setup):
 
 def test_explain_from_a_file_factory_and_repeated_names(capsys, setup):
     factory = setup["tmp"] / "my_model.py"
-    factory.write_text("from tests.test_cli import tiny_net\n\ndef build():\n    return tiny_net()\n")
+    factory.write_text("from tests.cli.test_cli import tiny_net\n\ndef build():\n    return tiny_net()\n")
     copy = setup["tmp"] / "other" / "a.png"
     copy.parent.mkdir()
     copy.write_bytes(setup["images"][0].read_bytes())
-    argv = [a if a != "tests.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0], copy)
     assert status == 0, err
     assert sorted(os.listdir(setup["out"])) == ["a-2.npy", "a-2.png", "a.npy", "a.png"]
@@ -368,12 +368,12 @@ def test_weights_with_arbitrary_objects_are_not_unpickled(capsys, setup):
 
 @pytest.mark.parametrize(("model", "fragment"), [
     ("tests.no_such_module:tiny_net", "cannot import 'tests.no_such_module'"),
-    ("tests.test_cli:no_such_factory", "has no callable 'no_such_factory'"),
-    ("tests.test_cli:not_a_module", "must return a torch nn.Module, got str"),
+    ("tests.cli.test_cli:no_such_factory", "has no callable 'no_such_factory'"),
+    ("tests.cli.test_cli:not_a_module", "must return a torch nn.Module, got str"),
     ("resnet-9000", "--model must be one of"),
 ])
 def test_bad_model(capsys, setup, model, fragment):
-    argv = [a if a != "tests.test_cli:tiny_net" else model for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else model for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
     assert_usage_error(status, err, fragment)
 
@@ -444,7 +444,7 @@ def twice_shared():
 
 
 def test_explain_call_picks_a_call_of_a_shared_layer(capsys, setup):
-    base = ["explain", "--model", "tests.test_cli:twice_shared", "--layer", "relu", "--size", SIZE,
+    base = ["explain", "--model", "tests.cli.test_cli:twice_shared", "--layer", "relu", "--size", SIZE,
             "--labels", setup["base"][-1]]
     model = twice_shared().eval()
     for call, side in ((0, 16), (-1, 8), (1, 8)):
@@ -514,7 +514,7 @@ def test_verify_through_main_with_the_shipped_goldens(capsys):
 def test_a_factory_that_raises(capsys, setup):
     factory = setup["tmp"] / "raising.py"
     factory.write_text("def build():\n    raise RuntimeError('no GPU\\nfound')\n")
-    argv = [a if a != "tests.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
     assert_usage_error(status, err, "build() raised RuntimeError: no GPU found")
 
@@ -522,7 +522,7 @@ def test_a_factory_that_raises(capsys, setup):
 def test_a_model_file_with_a_syntax_error(capsys, setup):
     factory = setup["tmp"] / "broken.py"
     factory.write_text("def build(:\n    pass\n")
-    argv = [a if a != "tests.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
     assert_usage_error(status, err, f"importing '{factory}' failed: SyntaxError")
 
@@ -537,7 +537,7 @@ class KeyErrorNet(nn.Module):
 
 
 def test_a_model_raising_mid_run(capsys, setup):
-    argv = ["explain", "--model", "tests.test_cli:KeyErrorNet", "--layer", "conv", "--size", SIZE]
+    argv = ["explain", "--model", "tests.cli.test_cli:KeyErrorNet", "--layer", "conv", "--size", SIZE]
     status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
     assert_usage_error(status, err, "the model failed on inputs of shape (1, 3, 32, 32): KeyError: 'logits'")
     assert not setup["out"].exists()
@@ -562,7 +562,7 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(capsys, setup, monkeypatch):
 
 SLOW_MODEL = '''
 import os, pathlib, time
-from tests.test_cli import tiny_net
+from tests.cli.test_cli import tiny_net
 
 class Slow(type(tiny_net())):
     calls = 0
@@ -589,9 +589,9 @@ def test_sigterm_mid_run_cleans_up_like_ctrl_c(setup):
     factory = setup["tmp"] / "slow.py"
     factory.write_text(SLOW_MODEL)
     marker = setup["tmp"] / "marker"
-    argv = [a if a != "tests.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
     argv = [str(a) for a in [*argv, "--out", setup["out"], "--batch-size", 1, *setup["images"]]]
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from gradcam_ref.cli import main; sys.exit(main(sys.argv[1:]))", *argv],
         cwd=root, env={**os.environ, "MARKER": str(marker), "PYTHONPATH": str(root)},

@@ -1,0 +1,121 @@
+"""The house's rules, checked: backends implement the Protocol, import the core only through the
+contract, and nothing imports in a loop."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gradcam_ref
+from gradcam_ref import backends
+from gradcam_ref.backends._contract import Backend
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIRS = {"gradcam_ref": ROOT / "gradcam_ref", "gradcam_ref.backends": ROOT / "backends"}
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed package, by dotted name (backends/ is gradcam_ref.backends)."""
+    found = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for path in sorted(folder.rglob("*.py")):
+            relative = path.relative_to(folder).with_suffix("")
+            if package == "gradcam_ref" and relative.parts[0] == "backends":
+                continue
+            parts = [p for p in relative.parts if p != "__init__"]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _top_level_imports(name: str, path: Path) -> set[str]:
+    """The gradcam_ref modules that ``name`` imports at import time (not inside functions)."""
+    tree = ast.parse(path.read_text())
+    is_package = path.name == "__init__.py"
+    imported = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            imported.add(module)
+            imported |= {f"{module}.{a.name}" for a in node.names}
+    return {m for m in imported if m.startswith("gradcam_ref")}
+
+
+@pytest.mark.parametrize("name", backends.BACKENDS)
+def test_every_backend_implements_the_protocol(name):
+    backend = backends.load(name)
+    assert isinstance(backend, Backend)
+    assert backend.NAME == name
+    assert isinstance(backend.GUIDED, bool)
+
+
+def test_backends_use_the_core_only_through_the_contract():
+    modules = _modules()
+    for name, path in modules.items():
+        if not name.startswith("gradcam_ref.backends") or name == "gradcam_ref.backends._contract":
+            continue
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradcam_ref"):
+                imports.add(node.module)
+            elif isinstance(node, ast.Import):
+                imports |= {a.name for a in node.names if a.name.startswith("gradcam_ref")}
+        private = {m for m in imports if not m.startswith("gradcam_ref.backends") and m != "gradcam_ref"}
+        assert not private, f"{name} imports {sorted(private)}: core functions come from backends._contract"
+        assert not any(m.startswith("gradcam_ref.cli") for m in imports)
+
+
+def test_no_import_loops_between_modules():
+    modules = _modules()
+    graph = {name: {m for m in _top_level_imports(name, path) if m in modules} - {name}
+             for name, path in modules.items()}
+    # A package's __init__ importing its own submodules is how a package is assembled; a
+    # submodule importing its package back at import time would be a loop and is kept.
+    done: set[str] = set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        if node in stack:
+            cycle = stack[stack.index(node):] + [node]
+            raise AssertionError(f"import loop: {' -> '.join(cycle)}")
+        if node in done:
+            return
+        for child in graph[node]:
+            if node.startswith(child + ".") and child in stack:  # submodule -> its own package
+                continue
+            visit(child, [*stack, node])
+        done.add(node)
+
+    for name in graph:
+        visit(name, [])
+
+
+def test_every_module_imports_alone():
+    """Each module imported first, in a fresh interpreter state for gradcam_ref (frameworks cached)."""
+    names = [n for n in _modules() if not n.endswith("__main__")]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    for loaded in [m for m in sys.modules if m.startswith('gradcam_ref')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_warnings_and_conventions_are_public():
+    for name in ("NoGuidedReLUWarning", "ZeroGradientWarning", "TrainingModeWarning"):
+        assert issubclass(getattr(gradcam_ref, name), UserWarning)
+    assert {"paper", "pytorch-grad-cam", "captum", "torchcam", "tf-keras-vis"} <= set(gradcam_ref.conventions.CONVENTIONS)
+    assert callable(gradcam_ref.conventions.postprocess) and callable(gradcam_ref.conventions.describe)
