@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from gradcam_ref.backends._contract import Capture, class_indices, explaining, shape_of
+from gradcam_ref.backends._contract import Capture, ZeroGradientWarning, class_indices, explaining, shape_of
 
 NAME = "numpy"
 GUIDED = True
@@ -238,7 +239,23 @@ def capture(
     if guided:
         rows = np.stack([model.guided_backward(x, eye[columns[:, t]]) for t in range(columns.shape[1])], axis=1)
         guided_backprop = rows if targets.ndim == 2 else rows[:, 0]
+    _warn_zero_gradients(gradients, outputs[layer].ndim, layer)
     return Capture(outputs[layer], gradients, scores, targets, guided_backprop)
+
+
+def _warn_zero_gradients(gradients: np.ndarray, rank: int, layer: str) -> None:
+    """Warn, as every backend does, about examples (and targets) whose gradients are zero everywhere."""
+    lead = gradients.ndim - rank + 1  # 1 (N,) or 2 (N, T)
+    zero = np.max(np.abs(gradients), axis=tuple(range(lead, gradients.ndim))) == 0
+    if zero.any():
+        bad = [int(b[0]) if lead == 1 else tuple(int(v) for v in b) for b in np.argwhere(zero)]
+        warnings.warn(
+            f"the gradients of the score at layer {layer!r} are exactly zero for "
+            f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
+            "the score does not depend on the layer there, so the map is zero",
+            ZeroGradientWarning,
+            stacklevel=4,
+        )
 
 
 explain = explaining(capture)

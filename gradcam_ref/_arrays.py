@@ -112,8 +112,17 @@ def to_numpy(x: Array) -> np.ndarray:
     return np.asarray(x)
 
 
+def has_no_data(x: Array) -> bool:
+    """True for arrays that hold shapes but no values: torch's meta device and fake tensors."""
+    return bool(getattr(x, "is_meta", False)) or type(x).__name__ == "FakeTensor"
+
+
 def all_finite(x: Array) -> bool | None:
-    """True/False when the values can be read now; None for traced (lazy) arrays, e.g. under jit."""
+    """True/False when the values can be read now; None when they cannot: traced (lazy) arrays,
+    e.g. under ``jax.jit``, and arrays without data (:func:`has_no_data`), which go through the
+    core's functions as shapes only."""
+    if has_no_data(x):
+        return None
     xp = array_api_compat.array_namespace(x)
     try:
         return bool(xp.all(xp.isfinite(x)))
@@ -138,9 +147,17 @@ def check_finite(result: Array, what: str, **inputs: Array) -> None:
                 f"{what} needs finite {', '.join(inputs)}"
             )
     raise ValueError(
-        f"{what} overflowed: the inputs {', '.join(inputs)} are finite but the result is not; "
-        "compute in a wider dtype (e.g. float64)"
+        f"{what} overflowed: the inputs {', '.join(inputs)} are finite but the result is not "
+        f"({result.dtype}); {_overflow_hint(result)}"
     )
+
+
+def _overflow_hint(result: Array) -> str:
+    """What to do about an overflow: a wider dtype, unless the result already has the widest."""
+    xp = array_api_compat.array_namespace(result)
+    if xp.isdtype(result.dtype, "real floating") and xp.finfo(result.dtype).bits >= 64:
+        return f"the values exceed {xp.finfo(result.dtype).max:.3g}: rescale the inputs (the maps scale with them)"
+    return "compute in a wider dtype (e.g. float64)"
 
 
 def _size(x: Array) -> int:

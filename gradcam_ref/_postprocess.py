@@ -70,8 +70,8 @@ def normalize(
     ``[-1, 1]`` for signed ones).
 
     The minimum and maximum are taken per map, over ``axis``. A map whose span (or maximum) is
-    0 comes out as zeros. The min-max form is evaluated on halved values, so that a span wider
-    than the dtype's largest number cannot overflow.
+    0 comes out as zeros, and only then (a span of subnormal numbers is a span). A span wider
+    than the dtype's largest number is computed on halved values, so that it cannot overflow.
 
     Args:
       maps: shape ``(N, *spatial)``; NaN or Inf raise.
@@ -98,11 +98,14 @@ def normalize(
         scale = xp.max(xp.abs(x), axis=axes, keepdims=True)
         check_finite(scale, "normalize", maps=x)
         return _safe_divide(xp, x, scale)
-    half = x / 2
-    low = xp.min(half, axis=axes, keepdims=True)
-    span = xp.max(half, axis=axes, keepdims=True) - low  # NaN or Inf in maps reach the span
-    check_finite(span, "normalize", maps=x)
-    return _safe_divide(xp, half - low, span)
+    low = xp.min(x, axis=axes, keepdims=True)
+    high = xp.max(x, axis=axes, keepdims=True)
+    check_finite(low * 0 + high * 0, "normalize", maps=x)  # NaN iff NaN or Inf in maps (inf * 0)
+    # A span wider than the dtype's largest number: those maps are scaled by 1/2 first (exact,
+    # so the result is the same number); the others keep every bit, subnormal spans included.
+    wide = ~xp.isfinite(high - low)
+    half = xp.where(wide, xp.full_like(low, 0.5), xp.ones_like(low))
+    return _safe_divide(xp, x * half - low * half, high * half - low * half)
 
 
 def _safe_divide(xp, numerator: Array, denominator: Array) -> Array:
@@ -112,7 +115,11 @@ def _safe_divide(xp, numerator: Array, denominator: Array) -> Array:
 
 
 def _as_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    if isinstance(axis, (bool, np.bool_)) or isinstance(axis, (str, bytes)):
+        raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}")
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in axes):
+        raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}")
     if not axes or any(not -ndim <= a < ndim for a in axes) or 0 in [a % ndim for a in axes]:
         raise ValueError(
             f"axis must name spatial axes of maps (not the batch axis 0) in [-{ndim}, {ndim}), "

@@ -46,23 +46,29 @@ def class_indices(target: Target, scores: Array) -> np.ndarray:
             f"target must be None, an int, N ints, an (N, T) int array or a callable, got {target!r}"
         )
     if isinstance(target, (int, np.integer)):
-        indices = np.full((n,), int(target), dtype=np.int64)
-    else:
-        indices = _as_index_array(target)
-        if indices.ndim == 0:
-            indices = np.full((n,), int(indices), dtype=np.int64)
-        elif indices.ndim > 2 or indices.shape[0] != n or 0 in indices.shape:
-            raise ValueError(
-                f"target must be an int, a sequence of N = {n} ints or an (N, T) = ({n}, T) "
-                f"int array, got shape {indices.shape}"
-            )
+        _check_range(np.asarray([int(target)], dtype=object), c)  # any Python int, however large
+        return np.full((n,), int(target), dtype=np.int64)
+    indices = _as_index_array(target)
+    if indices.ndim == 0:
+        _check_range(indices[None], c)
+        return np.full((n,), int(indices), dtype=np.int64)
+    if indices.ndim > 2 or indices.shape[0] != n or 0 in indices.shape:
+        raise ValueError(
+            f"target must be an int, a sequence of N = {n} ints or an (N, T) = ({n}, T) "
+            f"int array, got shape {indices.shape}"
+        )
+    _check_range(indices, c)
+    return indices.astype(np.int64)
+
+
+def _check_range(indices: np.ndarray, c: int) -> None:
+    """Refuse indices outside ``[0, C)``, shown as the user gave them (before any cast to int64)."""
     bad = (indices < 0) | (indices >= c)
     if bad.any():
         raise ValueError(
             f"target out of range: the scores have C = {c} classes, so targets must lie in "
-            f"[0, {c - 1}], got {indices[bad][:5].tolist()}"
+            f"[0, {c - 1}], got {[int(v) for v in indices[bad][:5]]}"
         )
-    return indices
 
 
 def check_scores(scores: Array) -> None:
@@ -88,10 +94,23 @@ def check_target_scores(y: Array, n: int) -> None:
 
 
 def _as_index_array(target: Target) -> np.ndarray:
+    """``target`` as a NumPy int array of its own integer dtype (uint64 stays uint64), or raise.
+
+    Python ints beyond int64 become an object array of ints, so that the range check can show
+    them as they are.
+    """
     try:
         indices = to_numpy(target) if array_api_compat.is_array_api_obj(target) else np.asarray(target)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"target must be ints, got {target!r}") from None
+    if indices.size == 0:
+        raise ValueError(
+            f"target must be an int, N ints or an (N, T) int array, got an empty one (shape {indices.shape})"
+        )
+    if indices.dtype == object and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in indices.flat
+    ):
+        return indices  # ints too large for int64: out of range, which the caller reports
     if indices.dtype.kind not in "iu":
         raise TypeError(f"target must hold integers (class indices), got dtype {indices.dtype}")
-    return indices.astype(np.int64)
+    return indices

@@ -356,6 +356,7 @@ def postprocess(
             f"the {chosen.name!r} convention keeps the layer's resolution {spatial} ({chosen.library} "
             f"does not resize its maps), got size={size!r}: pass size=None"
         )
+    check_finite(x, f"the {chosen.name!r} convention", signed_maps=x)  # before a ReLU turns NaN into 0
     for step in chosen.steps:
         x = step(xp, x, target, int(rank))
     check_finite(x, f"the {chosen.name!r} convention", signed_maps=signed_maps)

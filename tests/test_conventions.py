@@ -207,7 +207,9 @@ def test_bad_spatial_rank_and_empty_maps_are_refused():
 
 def test_every_convention_is_documented_with_its_version_and_differences():
     for name, c in CONVENTIONS.items():
-        assert c.name == name and any(ch.isdigit() for ch in c.library) or c is PAPER
+        assert c.name == name
+        assert c is PAPER or any(ch.isdigit() for ch in c.library), c.library  # a library's version
+        assert c is not PAPER or "Selvaraju" in c.library
         assert c.steps and c.returns and c.checked
         assert all(reason in REASONS for reason, _ in c.differences)
         assert bool(c.differences) == (c is not PAPER)

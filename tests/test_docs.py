@@ -10,7 +10,11 @@ type them into one session:
   must exist in the Makefile), ``gradcam-ref ...`` (run, must exit 0) and
   ``pip install -e '.[EXTRAS]'`` (each extra must exist in pyproject.toml).
 
-Any other fence language fails the test, so that no block can hide from it. The figures the
+- ``text`` blocks are command-line synopses: each line starting with ``gradcam-ref COMMAND`` (and
+  its indented continuation lines) may name only options that COMMAND's parser has.
+
+The README's blocks run the same way. Any other fence language fails the test, so that no block
+can hide from it. The figures the
 pages show come from ``docs/make_figures.py`` and the whole site is built with
 ``mkdocs build --strict`` (broken links, missing figures, API names that no longer exist and
 docstrings that do not render all fail it). The built site needs no network: its math is MathML
@@ -90,8 +94,28 @@ def check_shell_line(line: str, where: str) -> None:
         raise AssertionError(f"{where}: the docs' test cannot check the shell line `{line}`")
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_code_blocks_run(page: Path) -> None:
+def check_synopsis(code: str, where: str) -> None:
+    """A usage synopsis names only options that its command has (``gradcam-ref COMMAND ...``)."""
+    from gradcam_ref import cli
+
+    commands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    command = None
+    for line in code.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[0] == "gradcam-ref":
+            assert len(words) > 1 and words[1] in commands, f"{where}: `{line}` names no command of gradcam-ref"
+            command = commands[words[1]]
+        else:
+            assert command is not None and line[:1].isspace(), f"{where}: `{line}` is not a gradcam-ref synopsis"
+        known = {option for action in command._actions for option in action.option_strings}
+        named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", line.split("#", 1)[0]))
+        assert named <= known, f"{where}: `{line}` names options that {command.prog} lacks: {named - known}"
+
+
+def run_page(page: Path) -> None:
+    """Every fenced block of ``page`` in order, in one namespace (see the module docstring)."""
     blocks = code_blocks(page.read_text())
     namespace: dict = {"__name__": f"docs.{page.stem}"}
     parser = doctest.DocTestParser()
@@ -111,8 +135,29 @@ def test_code_blocks_run(page: Path) -> None:
             elif lang == "bash":
                 for shell_line in code.splitlines():
                     check_shell_line(shell_line, where)
+            elif lang == "text":
+                check_synopsis(code, where)
             else:
                 raise AssertionError(f"{where}: fence language {lang!r} is not run by the docs' test")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_code_blocks_run(page: Path) -> None:
+    run_page(page)
+
+
+def test_readme_code_blocks_run() -> None:
+    run_page(ROOT / "README.md")
+
+
+def test_synopses_are_checked() -> None:
+    check_synopsis("gradcam-ref explain IMAGE --model M [--layer NAME]\n    [--out DIR]", "here")
+    with pytest.raises(AssertionError, match=r"names options that gradcam-ref explain lacks: \{'--colour'\}"):
+        check_synopsis("gradcam-ref explain IMAGE\n    [--colour C]", "here")
+    with pytest.raises(AssertionError, match="names no command"):
+        check_synopsis("gradcam-ref paint", "here")
+    with pytest.raises(AssertionError, match="is not a gradcam-ref synopsis"):
+        check_synopsis("rm -rf /", "here")
 
 
 def test_every_page_has_code() -> None:

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradcam_ref import normalize, upsample
+from tests.strategies import edgy_arrays, map_shapes
 
 # ---------------------------------------------------------------------------------------------
 # upsample
@@ -63,8 +64,17 @@ def test_upsampling_equals_jax_image_resize(p):
     out_size = tuple(max(a, b) for a, b in zip(p["shape_in"], p["shape_out"][:rank], strict=True))  # grow only
     x = np.random.default_rng(p["seed"]).standard_normal((p["n"], *p["shape_in"])).astype(np.float32)
     ref = np.asarray(jax.image.resize(x, (p["n"], *out_size), method="linear"))
-    np.testing.assert_allclose(upsample(x, out_size), ref, rtol=0, atol=1e-5)
-    assert rank == len(out_size)
+    out = upsample(x, out_size)
+    assert out.shape == ref.shape == (p["n"], *out_size)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+@given(map_shapes(max_rank=2, max_side=4).flatmap(edgy_arrays), st.lists(st.integers(1, 9), min_size=2, max_size=2))
+def test_upsample_stays_inside_each_maps_range_even_at_the_largest_floats(x, size):
+    """Interpolation between two values lies between them: exactly, also for +-1.8e308 and subnormals."""
+    out = upsample(x, tuple(size[: x.ndim - 1]))
+    for n in range(x.shape[0]):
+        assert x[n].min() <= out[n].min() and out[n].max() <= x[n].max()
 
 
 @given(resize_cases)

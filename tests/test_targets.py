@@ -33,8 +33,15 @@ def test_callable_is_kept():
 @pytest.mark.parametrize(
     ("target", "error", "message"),
     [
-        (3, ValueError, r"target out of range: the scores have C = 3 classes, so targets must lie in \[0, 2\], got \[3, 3\]"),
-        (-1, ValueError, r"target out of range.*got \[-1, -1\]"),
+        (3, ValueError, r"target out of range: the scores have C = 3 classes, so targets must lie in \[0, 2\], got \[3\]"),
+        (-1, ValueError, r"target out of range.*got \[-1\]"),
+        # Values as the user wrote them: no OverflowError, no uint64 wrapped to a negative number.
+        (2**70, ValueError, r"target out of range.*got \[1180591620717411303424\]"),
+        ([2**70, 1], ValueError, r"target out of range.*got \[1180591620717411303424\]"),
+        (np.array([2**63 + 5, 1], dtype=np.uint64), ValueError, r"target out of range.*got \[9223372036854775813\]"),
+        (np.uint64(2**64 - 1), ValueError, r"got \[18446744073709551615\]"),
+        ([], ValueError, r"target must be an int, N ints or an \(N, T\) int array, got an empty one \(shape \(0,\)\)"),
+        ([[], []], ValueError, r"got an empty one \(shape \(2, 0\)\)"),
         ([0, 1, 2], ValueError, r"a sequence of N = 2 ints or an \(N, T\) = \(2, T\) int array, got shape \(3,\)"),
         ([[[0]], [[1]]], ValueError, r"got shape \(2, 1, 1\)"),
         ([0.5, 1.0], TypeError, r"target must hold integers \(class indices\), got dtype float64"),

@@ -19,7 +19,10 @@ Equinox or Haiku models, and the rest of the story: docs/backends.md.
 
 from __future__ import annotations
 
+import collections
+import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +35,7 @@ from gradcam_ref.backends._contract import (
     Explanation,
     GradCamFields,
     NoGuidedReLUWarning,
+    ZeroGradientWarning,
     check_feature_maps,
     check_finite,
     check_scores,
@@ -69,8 +73,10 @@ def capture(
       inputs: the batch ``(N, ...)``, a ``jax.Array`` (NumPy arrays are converted).
       target: ``None`` (each example's predicted class), an int, N ints, an int array ``(N, T)``
         (T maps per example) or a callable ``scores -> (N,)``. A traced int array (inside an
-        outer ``jax.jit``) is accepted; its range cannot be checked before it runs, and an index
-        outside ``[0, C)`` then gives a zero gradient (JAX's ``one_hot`` convention).
+        outer ``jax.jit``) is accepted; its range cannot be checked before it runs, so the maps,
+        weights and gradients of an index outside ``[0, C)`` come out as NaN (NaN-poisoning: no
+        host sync, works under ``jit``, ``vmap`` and ``grad``; concrete targets are checked
+        and refused before anything runs).
       layer: must be None: the layer is the seam of ``(features, head)``.
       guided: also compute ``guided_backprop``, the input gradient through guided ReLUs.
       channel_axis: the axis of ``A`` holding its K channels: 1 (channels-first) or, e.g., -1 for
@@ -137,6 +143,11 @@ def _run(
     static = {"features": features, "head": head, "channel_axis": channel_axis}
     # The forward pass's shapes, from an abstract trace (cached by jax.jit): A is checked inside it.
     a_struct, scores = _forward.eval_shape(x, params, **static)
+    if not isinstance(scores, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"head(A) must return one array of scores, got a {type(scores).__name__}; pass a head "
+            "that returns the array to explain, e.g. lambda a: head(a)[0] or lambda a: head(a)['logits']"
+        )
     if callable(target):
         _check_hashable("target", target)
         indices, targets_out = None, None
@@ -150,16 +161,21 @@ def _run(
             f"guided=True with channel_axis={channel_axis}: the inputs are taken to have their channels "
             f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
         )
-    captured, fields, traced_targets, finite = _program(
+    captured, fields, traced_targets, flags = _program(
         x, indices, params, target_fn=target if callable(target) else None, guided=guided, stop=stop, **static)
     if guided:
         _warn_unguided(_GUIDED_RECORDS.get((features, head, shape_of(x), jnp.dtype(x.dtype))))
     # Inside the program the core's finite checks see tracers and are skipped; the program
-    # computes the flag instead (of the signed map: the ReLU turns NaN into 0). Only when it is
-    # False do the core's checks run, for their messages naming the culprit.
-    if not isinstance(finite, jax.core.Tracer) and not bool(finite):
-        check_finite(fields.weights, "grad_cam", gradients=captured.gradients)
-        check_finite(fields.signed, "grad_cam", activations=captured.activations, gradients=captured.gradients)
+    # computes two flags instead, read in one transfer (the only host sync of a call): all
+    # finite (of the signed map: the ReLU turns NaN into 0), some gradient exactly zero. Only
+    # then do the checks run, for their messages naming the culprit.
+    if not isinstance(flags, jax.core.Tracer):
+        finite, zero = (bool(f) for f in np.asarray(flags))
+        if not finite:
+            check_finite(fields.weights, "grad_cam", gradients=captured.gradients)
+            check_finite(fields.signed, "grad_cam", activations=captured.activations, gradients=captured.gradients)
+        if zero:
+            _warn_zero_gradients(captured.gradients, captured.activations.ndim)
     if targets_out is None and traced_targets is not None:
         targets_out = _host_ints(traced_targets)
     return captured._replace(targets=targets_out), fields
@@ -224,6 +240,7 @@ def _program_impl(
     a = _features(x, features, channel_axis)
     scores, head_vjp = jax.vjp(head, a)
     multi = False
+    given = indices is not None
     if target_fn is not None:
         y, target_vjp = jax.vjp(target_fn, scores)
         check_target_scores(y, a.shape[0])
@@ -241,7 +258,8 @@ def _program_impl(
     g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
     guided_backprop = None
     if guided:  # the same seeds, pulled back to x through head(features(x)) with guided ReLUs
-        record = _GUIDED_RECORDS[key] = jax_guided.Record()
+        record = jax_guided.Record()
+        _GUIDED_RECORDS[key] = record
         whole = jax_guided.guided(lambda v: head(features(v)), record)
         _, guided_vjp = jax.vjp(whole, x)
         guided_backprop = _pull_back(guided_vjp, seeds, multi)
@@ -249,8 +267,29 @@ def _program_impl(
             guided_backprop = jnp.moveaxis(guided_backprop, axis + multi, 1 + multi)
     captured = Capture(a_first, g_first, scores, None, guided_backprop)
     fields = grad_cam_fields(captured)
+    if given and indices is not None:  # traced targets outside [0, C): NaN, not a silent zero map
+        valid = (indices >= 0) & (indices < scores.shape[1])
+        captured, fields = _poison(captured, fields, valid)
     finite = jnp.all(jnp.isfinite(fields.weights)) & jnp.all(jnp.isfinite(fields.signed))
-    return captured, fields, indices, finite
+    lead = g_first.ndim - a_first.ndim + 1
+    zero = jnp.any(jnp.max(jnp.abs(g_first), axis=tuple(range(lead, g_first.ndim))) == 0)
+    return captured, fields, indices, jnp.stack([finite, zero])
+
+
+def _poison(captured: Capture, fields: GradCamFields, valid: jax.Array) -> tuple[Capture, GradCamFields]:
+    """Every array of the examples (and targets) whose ``valid`` is False set to NaN."""
+
+    def nan_where_invalid(x: jax.Array | None) -> jax.Array | None:
+        if x is None:
+            return None
+        mask = jnp.reshape(valid, valid.shape + (1,) * (x.ndim - valid.ndim))
+        return jnp.where(mask, x, jnp.nan)
+
+    captured = captured._replace(
+        gradients=nan_where_invalid(captured.gradients),
+        guided_backprop=nan_where_invalid(captured.guided_backprop),
+    )
+    return captured, GradCamFields(*(nan_where_invalid(f) for f in fields))
 
 
 def _pull_back(vjp: Callable, seeds: jax.Array, multi: bool) -> jax.Array:
@@ -262,8 +301,70 @@ def _pull_back(vjp: Callable, seeds: jax.Array, multi: bool) -> jax.Array:
     return out
 
 
-_GUIDED_RECORDS: dict[tuple[Any, ...], jax_guided.Record] = {}
-"""What the last trace of a guided program found, per (features, head, input shape, dtype)."""
+class _WeakRecords:
+    """What the last trace of a guided program found, per (features, head, input shape, dtype).
+
+    The functions are held weakly (``weakref.ref``; ``WeakMethod`` for bound methods, which are
+    made anew at each attribute access but compare equal): an entry neither keeps a model's
+    closures (and the arrays they hold) alive nor outlives them. Functions that cannot be
+    weakly referenced go to a small LRU table of ``STRONG_LIMIT`` entries. (``jax.jit``'s own
+    cache holds static arguments until ``jax.clear_caches()``.)
+    """
+
+    STRONG_LIMIT = 16
+
+    def __init__(self) -> None:
+        self._weak: dict[tuple[Any, ...], jax_guided.Record] = {}
+        self._strong: collections.OrderedDict[tuple[Any, ...], jax_guided.Record] = collections.OrderedDict()
+
+    @staticmethod
+    def _ref(fn: Callable) -> Any:
+        if inspect.ismethod(fn):
+            return weakref.WeakMethod(fn)
+        return weakref.ref(fn)
+
+    def _key(self, key: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        try:
+            return (self._ref(key[0]), self._ref(key[1]), *key[2:])
+        except TypeError:  # not weakly referenceable
+            return None
+
+    def __setitem__(self, key: tuple[Any, ...], record: jax_guided.Record) -> None:
+        weak = self._key(key)
+        if weak is None:
+            self._strong[key] = record
+            self._strong.move_to_end(key)
+            while len(self._strong) > self.STRONG_LIMIT:
+                self._strong.popitem(last=False)
+            return
+        self._weak = {k: v for k, v in self._weak.items() if k[0]() is not None and k[1]() is not None}
+        self._weak[weak] = record
+
+    def get(self, key: tuple[Any, ...]) -> jax_guided.Record | None:
+        weak = self._key(key)
+        return self._strong.get(key) if weak is None else self._weak.get(weak)
+
+    def __len__(self) -> int:
+        return sum(1 for k in self._weak if k[0]() is not None and k[1]() is not None) + len(self._strong)
+
+
+_GUIDED_RECORDS = _WeakRecords()
+"""What the last trace of a guided program found (see :class:`_WeakRecords`)."""
+
+
+def _warn_zero_gradients(gradients: jax.Array, rank: int) -> None:
+    """Warn about examples (and targets) whose gradients are zero everywhere (after the flag said so)."""
+    g = np.asarray(gradients)
+    lead = g.ndim - rank + 1  # 1 (N,) or 2 (N, T)
+    zero = np.max(np.abs(g), axis=tuple(range(lead, g.ndim))) == 0
+    bad = [int(b[0]) if lead == 1 else tuple(int(v) for v in b) for b in np.argwhere(zero)]
+    warnings.warn(
+        f"the gradients of the score at the output of features are exactly zero for "
+        f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
+        "the score does not depend on the layer there, so the map is zero",
+        ZeroGradientWarning,
+        stacklevel=4,
+    )
 
 
 def _warn_unguided(record: jax_guided.Record | None) -> None:

@@ -22,10 +22,12 @@ The split form ``(features, head)`` takes :math:`A` = ``features(inputs)``, scor
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import itertools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -101,41 +103,50 @@ def capture(
     attached = differentiable_mode(differentiable, guided)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("explain needs autograd after the layer: call it outside torch.inference_mode()")
+    if reshape is not None and not callable(reshape):
+        reshape = _grid(reshape)
 
     if isinstance(model, (tuple, list)):
         features, head = _split_form(model, layer, at, call)
-        if not attached:
-            _warn_if_training(features, head)
-        leaf, scores = _forward_split(features, head, inputs, bool(attached))
-        where = "the output of features"
-    else:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"model must be an nn.Module or a (features, head) pair, got {type(model).__name__}"
-            )
+        parts: tuple[nn.Module, ...] = (features, head)
+    elif isinstance(model, nn.Module):
         module, name = _resolve_layer(model, layer)
-        if not attached:
-            _warn_if_training(model)
-        where = f"the {at} of layer {name!r}"
-        index = call
-        if call is not None and call < 0:
-            runs = _count_calls(model, module, at, inputs)
-            if runs == 0:
-                raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
-            if runs + call < 0:
-                raise ValueError(f"call={call} but layer {name!r} ran {runs} time(s) in the forward pass")
-            index = runs + call
-        leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached))
+        parts = (model,)
+    else:
+        raise TypeError(f"model must be an nn.Module or a (features, head) pair, got {type(model).__name__}")
+    _check_has_data(inputs)
+    # differentiable: this forward pass is the user's training step (GAIN), so the model is not
+    # restored and training mode is expected; otherwise it is left exactly as it was.
+    training = False if attached else _warn_if_training(*parts)
+    with _kept_as_it_was(parts, inputs.device, training) as rewind:
+        if isinstance(model, (tuple, list)):
+            leaf, scores = _forward_split(features, head, inputs, bool(attached))
+            where = "the output of features"
+        else:
+            where = f"the {at} of layer {name!r}"
+            index = call
+            if call is not None and call < 0:
+                runs = _count_calls(model, module, at, inputs)
+                if runs == 0:
+                    raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
+                if runs + call < 0:
+                    raise ValueError(f"call={call} but layer {name!r} ran {runs} time(s) in the forward pass")
+                index = runs + call
+                rewind()  # the counting pass drew random numbers: the pass that counts draws the same
+            leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached))
 
-    _check_captured(leaf, scores, inputs, where)
-    targets = resolve_targets(target, scores)
-    gradients = _gradients(scores, leaf, targets, where, attached)
-    activations = leaf if attached else leaf.detach()
-    if reshape is not None:
-        activations, gradients = _reshape(activations, gradients, reshape)
-    check_feature_maps("activations", activations)
-    _warn_zero_gradients(gradients, int(activations.ndim), where)
-    guided_backprop = _guided_backprop(model, inputs, targets) if guided else None
+        _check_captured(leaf, scores, inputs, where)
+        targets = resolve_targets(target, scores)
+        gradients = _gradients(scores, leaf, targets, where, attached)
+        activations = leaf if attached else leaf.detach()
+        if reshape is not None:
+            activations, gradients = _reshape(activations, gradients, reshape)
+        check_feature_maps("activations", activations)
+        _warn_zero_gradients(gradients, int(activations.ndim), where)
+        guided_backprop = None
+        if guided:
+            rewind()  # the guided pass draws the dropout masks of the Grad-CAM pass
+            guided_backprop = _guided_backprop(model, inputs, targets)
     return Capture(
         activations, gradients, scores if attached else scores.detach(), None if callable(targets) else targets,
         guided_backprop,
@@ -288,6 +299,12 @@ def _run(model: nn.Module, inputs: torch.Tensor) -> Any:
     try:
         return model(inputs)
     except Exception as error:
+        meta = _meta_tensor_of(model)  # the error path only: no cost on success
+        if meta is not None:
+            raise ValueError(
+                f"the model's {meta!r} is on the meta device (shapes, no values): load its weights "
+                "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(...)"
+            ) from error
         if hasattr(error, "add_note"):  # Python >= 3.11
             error.add_note(
                 f"gradcam_ref: raised while running {type(model).__name__} on inputs of shape "
@@ -469,22 +486,118 @@ def _split_form(
     return model[0], model[1]
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_MODE_DEPENDENT = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.RReLU,
+)
+"""torch.nn modules whose result depends on the training flag even where their ``forward`` does not
+name it (instance norm reads it in a helper). Other modules: see :func:`_depends_on_mode`."""
 
 
-def _warn_if_training(*models: nn.Module) -> None:
-    """Warn when a module that may behave differently in training mode is in it.
+def _depends_on_mode(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward pass may behave differently in training mode.
 
-    Containers are skipped: slicing an eval model (``model[:4]``) gives a new ``nn.Sequential``
-    in training mode whose children are still in eval mode.
+    True for batch norm, dropout, RReLU and instance norm with running statistics, and for any
+    module whose ``forward`` reads ``training`` (``self.training``, ``F.dropout(x, p, self.training)``:
+    the name is in its bytecode); False for stateless modules such as ``nn.Flatten`` or ``nn.ReLU``
+    and for containers (their children are checked themselves).
     """
-    if any(m.training for model in models for m in model.modules() if type(m) not in _CONTAINERS):
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return bool(module.track_running_stats)
+    if isinstance(module, _MODE_DEPENDENT):
+        return True
+    code = getattr(type(module).forward, "__code__", None)
+    return code is None or "training" in code.co_names
+
+
+def _warn_if_training(*models: nn.Module) -> bool:
+    """Warn, and return True, when a module whose result depends on its training flag is in training mode.
+
+    A freshly built stateless module (``nn.Flatten()`` in the head of an eval-mode network, a new
+    ``nn.Sequential`` slice) is in training mode too, but that changes nothing: no warning.
+    """
+    if any(m.training and _depends_on_mode(m) for model in models for m in model.modules()):
         warnings.warn(
             "the model is in training mode: dropout and batch-norm make Grad-CAM maps random and "
-            "mix examples; call model.eval() first",
+            "mix examples; call model.eval() first (explain restores the buffers and the random "
+            "state it used, so the model is left as it was)",
             TrainingModeWarning,
             stacklevel=4,
         )
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _kept_as_it_was(
+    models: tuple[nn.Module, ...], device: torch.device, training: bool
+) -> Iterator[Callable[[], None]]:
+    """Leave the models' buffers and torch's random state exactly as they were; yield ``rewind``.
+
+    Only for a model in training mode (in eval mode nothing is done and nothing is copied): batch
+    norm then updates its running statistics and ``num_batches_tracked`` on every forward pass,
+    and dropout draws from the global generator. The buffers are copied before and copied back
+    (into the same tensors) after; the generator of the inputs' device is forked, and
+    ``rewind()`` sets it back to its state at the start, so that every forward pass of one call
+    (Grad-CAM, guided) draws the same dropout masks and two calls give the same maps.
+    """
+    if not training:
+        yield lambda: None
+        return
+    saved = [
+        (module, name, buffer, buffer.clone())
+        for model in models for module in model.modules()
+        for name, buffer in module._buffers.items() if buffer is not None
+    ]
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in cuda]
+
+        def rewind() -> None:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(cuda, cuda_states, strict=True):
+                torch.cuda.set_rng_state(state, d)
+
+        try:
+            yield rewind
+        finally:
+            with torch.no_grad():
+                for module, name, buffer, copy in saved:
+                    module._buffers[name] = buffer
+                    buffer.copy_(copy)
+
+
+def _check_has_data(inputs: torch.Tensor) -> None:
+    """Refuse inputs without data (the meta device): Grad-CAM needs values, not only shapes."""
+    if inputs.is_meta:
+        raise ValueError(
+            "inputs are on the meta device, which holds shapes but no values: explain needs real "
+            "inputs on the model's device"
+        )
+
+
+def _meta_tensor_of(model: nn.Module) -> str | None:
+    """The name of a parameter or buffer of ``model`` on the meta device (no data), if any."""
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            return name
+    return None
+
+
+def _grid(reshape: Any) -> tuple[int, ...]:
+    """``reshape`` given as a grid: positive ints (a str, a float, a bool is refused by name)."""
+    values = list(reshape) if isinstance(reshape, (Sequence, np.ndarray)) and not isinstance(reshape, str) else None
+    if not values or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= 1 for v in values
+    ):
+        raise TypeError(
+            "reshape must be a callable (N, T, D) -> (N, D, *grid) or the grid's sizes as positive ints, "
+            f"e.g. (14, 14), got {reshape!r}"
+        )
+    return tuple(int(v) for v in values)
 
 
 def _reshape(
@@ -501,8 +614,8 @@ def _reshape(
         if multi:
             g = g.reshape(*gradients.shape[:2], *g.shape[1:])
         return a, g
-    grid = tuple(int(s) for s in reshape)
-    if activations.ndim != 3 or not grid or min(grid) < 1:
+    grid = _grid(reshape)
+    if activations.ndim != 3:
         raise ValueError(
             f"reshape={tuple(reshape)} turns token activations (N, T, D) into (N, D, *grid): "
             f"got activations of shape {shape_of(activations)}"

@@ -9,9 +9,10 @@
   and sanity metrics of CAM methods (gradcam_ref.metrics), a table and ``--json``.
 
 Input problems (an unreadable image, an unknown layer or label, weights that do not fit, a
-missing optional dependency) end with exit status 2 and a one-line message, and leave nothing
-half-written: outputs are written to a staging folder and moved into place only when the whole
-run has succeeded.
+missing optional dependency, a model module, factory or forward pass that raises) end with exit
+status 2 and a one-line message, and leave nothing half-written: outputs are written to a staging
+folder and moved into place only when the whole run has succeeded; Ctrl-C (130) and SIGTERM (143)
+remove it too.
 
 This module never imports torch: the torch work is in ``gradcam_ref.cli._torch``, imported
 when a command needs it.
@@ -262,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(run(args))
     except UsageError as error:
         return _fail(args.command, str(error))
+    except KeyboardInterrupt:  # Ctrl-C; SIGTERM exits with 143 (cli._common.terminate_as_exit)
+        print(f"{PROG} {args.command}: interrupted, nothing written", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as error:
         missing = (error.name or "").split(".")[0]
         if missing in ("", "gradcam_ref"):

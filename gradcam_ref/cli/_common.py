@@ -11,7 +11,9 @@ import importlib
 import importlib.resources
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -154,12 +156,15 @@ def staged_output(out: Path) -> Iterator[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"--out {out}: exists and is not a directory") from None
+        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), out)
+        where = "exists and is not a directory" if blocker == out else f"{blocker} is a file, not a directory"
+        raise UsageError(f"--out {out}: {where}") from None
     except OSError as error:
         raise UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
     stage = Path(tempfile.mkdtemp(prefix=".gradcam-ref-", dir=out))
     try:
-        yield stage
+        with terminate_as_exit():
+            yield stage
         for path in sorted(stage.iterdir()):
             os.replace(path, out / path.name)
     except BaseException:
@@ -167,6 +172,38 @@ def staged_output(out: Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+TERMINATED = 128 + signal.SIGTERM
+"""Exit status after SIGTERM (the shell's convention, 143)."""
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` in the block, so that it unwinds like Ctrl-C (SIGINT).
+
+    Python's default for SIGTERM is to die at once, with no ``finally`` run: a staging folder
+    would stay behind, half-written. The previous handler is put back afterwards. Outside the
+    main thread (where handlers cannot be set) the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: message`` of an exception raised by the user's code, on one line."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def import_torch_cli() -> Any:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import gradcam_ref
-from gradcam_ref.cli._common import UsageError
+from gradcam_ref.cli._common import UsageError, one_line
 
 __all__ = ["NAMED", "LoadedModel", "explain", "load"]
 
@@ -129,8 +129,8 @@ def explain(
         return gradcam_ref.explain(loaded.explained, inputs, target, backend="torch", **options).numpy()
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
-    except RuntimeError as error:
-        raise UsageError(f"the model failed on inputs of shape {tuple(inputs.shape)}: {error}") from None
+    except Exception as error:  # raised inside the user's model: one line, not a traceback
+        raise UsageError(f"the model failed on inputs of shape {tuple(inputs.shape)}: {one_line(error)}") from None
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -163,10 +163,17 @@ def _from_factory(spec: str) -> nn.Module:
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise UsageError(f"--model {spec}: cannot import {error.name!r} (is it on PYTHONPATH?)") from None
+    except UsageError:
+        raise
+    except Exception as error:  # the user's module: a SyntaxError, an error at import time
+        raise UsageError(f"--model {spec}: importing {module_name!r} failed: {one_line(error)}") from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise UsageError(f"--model {spec}: module {module_name!r} has no callable {factory_name!r}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as error:
+        raise UsageError(f"--model {spec}: {factory_name}() raised {one_line(error)}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model {spec}: {factory_name}() must return a torch nn.Module, got {type(model).__name__}")
     return model

@@ -44,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     size, mean, std = size or (zoo.IMAGENET_SIZE, zoo.IMAGENET_SIZE), mean or zoo.IMAGENET_MEAN, std or zoo.IMAGENET_STD
     for option, values in (("--mean", mean), ("--std", std)):
         if len(values) not in (1, 3) or (option == "--std" and min(values) <= 0):
-            raise UsageError(f"{option} must be 1 or 3 comma-separated numbers (std > 0), got {values}")
+            raise UsageError(
+                f"{option} must be 1 or 3 comma-separated numbers (std > 0), got {','.join(f'{v:g}' for v in values)}"
+            )
     loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, call=args.call, device=args.device)
 
     stems = _unique_stems(paths)

@@ -403,7 +403,7 @@ def _identity_head(a):
     ((_features, _identity_head), X, None, {}, ValueError,
      r"scores\) must have shape \(N, C\) .* got shape \(2, 3, 4, 4\)"),
     ((_features, _head), X, 4, {}, ValueError,
-     r"target out of range: the scores have C = 4 classes, so targets must lie in \[0, 3\], got \[4, 4\]"),
+     r"target out of range: the scores have C = 4 classes, so targets must lie in \[0, 3\], got \[4\]"),
     ((_features, _head), X, [[0, -1], [1, 2]], {}, ValueError, r"target out of range.*got \[-1\]"),
     ((_features, _head), X, [0, 1, 2], {}, ValueError, r"sequence of N = 2 ints .* got shape \(3,\)"),
     ((_features, _head), X, lambda s: s, {}, ValueError,

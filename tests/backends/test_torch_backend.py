@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -377,12 +378,17 @@ def test_numerically_zero_gradients_warn_per_example():
         gradcam_ref.explain(model, x, [[0, 3], [1, 2], [2, 1]], layer="relu1")
 
 
-def test_training_mode_warns_and_stays():
+def test_training_mode_of_stateless_modules_changes_nothing_and_does_not_warn():
+    """Convolutions and ReLUs in training mode compute what they compute in eval mode: no warning
+    (training mode with dropout and batch norm: tests/backends/test_torch_reliability.py)."""
     _, model = small_net(16)
     model.train()
-    with pytest.warns(UserWarning, match="training mode"):
-        gradcam_ref.explain(model, inputs_for(16), layer="relu1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gradcam_ref.explain(model, inputs_for(16), layer="relu1")
     assert all(m.training for m in model.modules())
+    torch.testing.assert_close(got.maps, gradcam_ref.explain(model.eval(), inputs_for(16), layer="relu1").maps,
+                               rtol=0, atol=0)
 
 
 def test_bad_options():

@@ -80,11 +80,45 @@ def setup(tmp_path):
             "out": tmp_path / "out", "tmp": tmp_path}
 
 
-def expected_maps(model, paths, target=None):
-    """Grad-CAM of ``model`` on the files as the CLI preprocesses them, via the library."""
-    images = [viz.load_image(p) for p in paths]
-    batch = common.preprocess(images, (SIZE, SIZE), imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD)
-    return gradcam_ref.explain(model, torch.from_numpy(batch), target, layer="conv").numpy()
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # written out: the expectation must not read the CLI's constants
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def by_hand(paths, size=(SIZE, SIZE), mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The batch the CLI should build, by Pillow and NumPy alone (none of the CLI's code): RGB,
+    bicubic resize of the whole image to ``size`` (H, W), [0, 1], standardised, channels first."""
+    rows = []
+    for path in paths:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+        x = np.asarray(rgb, dtype=np.float32) / np.float32(255)
+        rows.append(((x - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(rows))
+
+
+def expected_maps(model, paths, target=None, layer="conv", **options):
+    """Grad-CAM of ``model`` on the files, preprocessed by hand (:func:`by_hand`), via the library."""
+    batch = by_hand(paths, **{k: options.pop(k) for k in ("size", "mean", "std") if k in options})
+    return gradcam_ref.explain(model, batch, target, layer=layer, **options).numpy()
+
+
+def test_the_hand_made_batch_is_what_the_cli_feeds_the_model(setup):
+    """Cross-check of the two pipelines, and of the hand-made one against torchvision's transforms."""
+    from torchvision import transforms
+
+    paths = setup["images"]
+    cli_batch = common.preprocess([viz.load_image(p) for p in paths], (SIZE, SIZE), imagenet.IMAGENET_MEAN,
+                                  imagenet.IMAGENET_STD)
+    np.testing.assert_allclose(cli_batch, by_hand(paths).numpy(), rtol=0, atol=1e-6)
+    pipeline = transforms.Compose([
+        transforms.Resize((SIZE, SIZE), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            np.testing.assert_allclose(pipeline(image.convert("RGB")).numpy(), cli_batch[i], rtol=0, atol=1e-5)
+    # Swapped mean and std, or BGR, would be seen:
+    assert not np.allclose(by_hand(paths, mean=IMAGENET_STD, std=IMAGENET_MEAN).numpy(), cli_batch, atol=1e-2)
+    assert not np.allclose(cli_batch[:, ::-1], cli_batch, atol=1e-2)
 
 
 # --- help and parsing --------------------------------------------------------------------------
@@ -224,15 +258,16 @@ def test_explain_guided_adds_the_guided_grad_cam_panel(capsys, setup):
         assert png.size == viz.figure_size_px(4, image.shape)
         panel = np.asarray(png.convert("RGB"))[viz.TITLE_PX:, 3 * viz.PANEL_PX:]
     assert panel.std() > 0  # the guided panel is a picture, not a flat fill
-    np.testing.assert_allclose(np.load(setup["out"] / "a.npy"),
-                               expected_maps(setup["trained"], setup["images"][:1]).maps[0], rtol=1e-6)
+    want = expected_maps(setup["trained"], setup["images"][:1]).maps[0]  # float32 rounding of the inputs:
+    np.testing.assert_allclose(np.load(setup["out"] / "a.npy"), want, rtol=1e-5, atol=1e-5 * want.max())
 
 
 def test_explain_uses_the_weights_and_the_target_label(capsys, setup):
     status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--target", "Blue_Thing", setup["images"][0])
     assert status == 0, err
     raw = np.load(setup["out"] / "a.npy")
-    np.testing.assert_allclose(raw, expected_maps(setup["trained"], setup["images"][:1], 2).maps[0], rtol=1e-6)
+    want = expected_maps(setup["trained"], setup["images"][:1], 2).maps[0]
+    np.testing.assert_allclose(raw, want, rtol=1e-5, atol=1e-5 * want.max())
     untrained = tiny_net().eval()  # a fresh random init: the map would differ without the weights
     assert not np.allclose(raw, expected_maps(untrained, setup["images"][:1], 2).maps[0])
 
@@ -382,3 +417,198 @@ def test_the_named_model_default_layer(capsys, tmp_path):
     raw = np.load(tmp_path / "out" / "chelsea.npy")
     assert raw.shape == (zoo.IMAGE_SIZE // 32, zoo.IMAGE_SIZE // 32)
     assert Path(tmp_path / "out" / "chelsea.png").is_file()
+
+
+# --- paths that were untested ------------------------------------------------------------------
+
+
+class TwiceShared(nn.Module):
+    """One ReLU module applied twice: its output is ambiguous without --call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.relu(self.conv1(x))
+        b = self.relu(self.conv2(a))
+        return self.fc(b.mean(dim=(2, 3)))
+
+
+def twice_shared():
+    torch.manual_seed(5)
+    return TwiceShared()
+
+
+def test_explain_call_picks_a_call_of_a_shared_layer(capsys, setup):
+    base = ["explain", "--model", "tests.cli.test_cli:twice_shared", "--layer", "relu", "--size", SIZE,
+            "--labels", setup["base"][-1]]
+    model = twice_shared().eval()
+    for call, side in ((0, 16), (-1, 8), (1, 8)):
+        out = setup["tmp"] / f"out{call}"
+        status, _, err = run(capsys, *base, "--call", call, "--out", out, setup["images"][0])
+        assert status == 0, err
+        raw = np.load(out / "a.npy")
+        assert raw.shape == (side, side)
+        np.testing.assert_allclose(raw, expected_maps(model, setup["images"][:1], layer="relu", call=call).maps[0],
+                                   rtol=1e-5, atol=1e-5 * float(np.max(raw)))
+    status, _, err = run(capsys, *base, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "ran 2 times in one forward pass", "pass call=i")
+    status, _, err = run(capsys, *base, "--call", 2, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "call=2 but layer 'relu' ran 2 time(s)")
+    assert not setup["out"].exists()
+
+
+def test_explain_mean_and_std_are_used_and_checked(capsys, setup):
+    mean, std = (0.5, 0.25, 0.0), (0.5, 2.0, 1.0)
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], "--mean", "0.5,0.25,0", "--std", "0.5,2,1",
+                         setup["images"][0])
+    assert status == 0, err
+    want = expected_maps(setup["trained"], setup["images"][:1], mean=mean, std=std).maps[0]
+    np.testing.assert_allclose(np.load(setup["out"] / "a.npy"), want, rtol=1e-5, atol=1e-5 * want.max())
+    assert not np.allclose(want, expected_maps(setup["trained"], setup["images"][:1]).maps[0])
+    for option, value, fragment in (("--std", "0,1,1", "--std must be 1 or 3 comma-separated numbers (std > 0)"),
+                                    ("--std", "1,-1,1", "(std > 0)"),
+                                    ("--mean", "0.1,0.2", "--mean must be 1 or 3 comma-separated numbers")):
+        status, _, err = run(capsys, *setup["base"], "--out", setup["tmp"] / "bad", option, value, setup["images"][0])
+        assert_usage_error(status, err, fragment, f"got {value}")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in [*setup["base"], "--mean", "a,b,c", setup["images"][0]]])
+    assert exit_.value.code == 2 and "expected comma-separated numbers, got 'a,b,c'" in capsys.readouterr().err
+    assert not (setup["tmp"] / "bad").exists()
+
+
+def test_demo_oracle_seed(capsys):
+    outputs = {}
+    for seed in (3, 4, 3):
+        status, out, _ = run(capsys, "demo", "--oracle", "--seed", seed)
+        assert status == 0
+        alpha = re.search(r"with Z = 9: \[([^\]]*)\]", out).group(1)
+        cam_weights = re.search(r"w\^c / Z: +\[([^\]]*)\]", out).group(1)
+        np.testing.assert_allclose(np.array(alpha.split(), dtype=float), np.array(cam_weights.split(), dtype=float))
+        outputs.setdefault(seed, []).append(out)
+    assert outputs[3][0] == outputs[3][1]  # a seed gives the same walk-through every time
+    assert outputs[3][0] != outputs[4][0]  # and another seed another network
+
+
+@pytest.mark.slow
+def test_verify_through_main_with_the_shipped_goldens(capsys):
+    import json
+
+    from gradcam_ref.verify import goldens
+
+    assert cli.main(["verify", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(row["passed"] for row in rows)
+    checked = {row["check"] for row in rows}
+    for name in goldens.names():  # every shipped golden, EfficientNet-Lite0's included
+        assert any(check.startswith(f"golden {name} ") for check in checked), name
+
+
+# --- errors raised by the user's code: one line, exit status 2 ----------------------------------
+
+
+def test_a_factory_that_raises(capsys, setup):
+    factory = setup["tmp"] / "raising.py"
+    factory.write_text("def build():\n    raise RuntimeError('no GPU\\nfound')\n")
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "build() raised RuntimeError: no GPU found")
+
+
+def test_a_model_file_with_a_syntax_error(capsys, setup):
+    factory = setup["tmp"] / "broken.py"
+    factory.write_text("def build(:\n    pass\n")
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, f"importing '{factory}' failed: SyntaxError")
+
+
+class KeyErrorNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return {"a": self.conv(x)}["logits"]
+
+
+def test_a_model_raising_mid_run(capsys, setup):
+    argv = ["explain", "--model", "tests.cli.test_cli:KeyErrorNet", "--layer", "conv", "--size", SIZE]
+    status, _, err = run(capsys, *argv, "--out", setup["out"], setup["images"][0])
+    assert_usage_error(status, err, "the model failed on inputs of shape (1, 3, 32, 32): KeyError: 'logits'")
+    assert not setup["out"].exists()
+
+
+def test_out_below_a_file_names_the_file(capsys, setup):
+    blocker = setup["tmp"] / "file"
+    blocker.write_text("x")
+    status, _, err = run(capsys, *setup["base"], "--out", blocker / "sub", setup["images"][0])
+    assert_usage_error(status, err, f"--out {blocker / 'sub'}: {blocker} is a file, not a directory")
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(capsys, setup, monkeypatch):
+    def interrupt(fig, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(viz, "save_figure", interrupt)
+    status, _, err = run(capsys, *setup["base"], "--out", setup["out"], setup["images"][0])
+    assert status == 130 and err == "gradcam-ref explain: interrupted, nothing written\n"
+    assert not setup["out"].exists()
+
+
+SLOW_MODEL = '''
+import os, pathlib, time
+from tests.cli.test_cli import tiny_net
+
+class Slow(type(tiny_net())):
+    calls = 0
+    def forward(self, x):
+        Slow.calls += 1
+        if Slow.calls == 2:  # the first batch's files are in the staging folder by now
+            pathlib.Path(os.environ["MARKER"]).write_text("running")
+            time.sleep(60)
+        return super().forward(x)
+
+def build():
+    model = tiny_net()
+    model.__class__ = Slow
+    return model
+'''
+
+
+def test_sigterm_mid_run_cleans_up_like_ctrl_c(setup):
+    """SIGTERM (what `kill`, systemd and job schedulers send) unwinds and removes the staging folder."""
+    import signal
+    import subprocess
+    import time
+
+    factory = setup["tmp"] / "slow.py"
+    factory.write_text(SLOW_MODEL)
+    marker = setup["tmp"] / "marker"
+    argv = [a if a != "tests.cli.test_cli:tiny_net" else f"{factory}:build" for a in setup["base"]]
+    argv = [str(a) for a in [*argv, "--out", setup["out"], "--batch-size", 1, *setup["images"]]]
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from gradcam_ref.cli import main; sys.exit(main(sys.argv[1:]))", *argv],
+        cwd=root, env={**os.environ, "MARKER": str(marker), "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run never reached its second batch"
+            time.sleep(0.05)
+        staged = [p for p in setup["out"].iterdir() if p.name.startswith(".gradcam-ref-")]
+        assert len(staged) == 1 and {p.suffix for p in staged[0].iterdir()} == {".png", ".npy"}  # half-written
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert not setup["out"].exists()  # the folder it created, staging included, is gone

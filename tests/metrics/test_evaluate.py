@@ -13,8 +13,8 @@ import gradcam_ref
 from gradcam_ref import cli, metrics, viz
 from gradcam_ref.cli import _common as common
 from gradcam_ref.zoo import IMAGENET_MEAN, IMAGENET_STD
-from tests.metrics.test_faithfulness import linear
 from tests.cli.test_cli import SIZE, tiny_net
+from tests.metrics.test_faithfulness import linear
 
 
 def test_evaluate_is_the_metrics_put_together(tmp_path):

@@ -1,0 +1,142 @@
+"""The torch backend's promises under bad or unusual use: the model in training mode is left as it
+was (buffers, random state), maps are reproducible, meta tensors and bad options get clear errors."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradcam_ref
+from gradcam_ref.backends import torch as torch_backend
+from tests.backends.torch_nets import assert_same_state, model_state
+
+
+def stochastic_net(seed: int = 0) -> nn.Sequential:
+    """conv -> batch norm -> ReLU -> dropout -> GAP -> linear: every kind of training-mode state."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 6, 3), bn=nn.BatchNorm2d(6), relu=nn.ReLU(), drop=nn.Dropout(0.5),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(6, 4),
+    )).double()
+
+
+def inputs(n: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.as_tensor(np.random.default_rng(seed).standard_normal((n, 3, 8, 8)))
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("call", [None, -1])
+def test_training_mode_leaves_buffers_and_random_state_as_they_were(guided, call):
+    model = stochastic_net().train()
+    x = inputs()
+    before = model_state(model)
+    rng = torch.get_rng_state()
+    with pytest.warns(gradcam_ref.TrainingModeWarning, match="training mode"):
+        first = gradcam_ref.explain(model, x, layer="relu", guided=guided, call=call)
+    assert_same_state(before, model_state(model))  # num_batches_tracked and running statistics included
+    assert int(model.bn.num_batches_tracked) == 0
+    assert torch.equal(rng, torch.get_rng_state())  # the caller's random stream is untouched
+    with pytest.warns(gradcam_ref.TrainingModeWarning):
+        second = gradcam_ref.explain(model, x, layer="relu", guided=guided, call=call)
+    torch.testing.assert_close(second.maps, first.maps, rtol=0, atol=0)  # same dropout masks each call
+    assert all(m.training for m in model.modules())
+
+
+def test_training_mode_batch_norm_uses_the_batch_statistics_as_the_model_would():
+    """The maps are those of the model in the mode it is in: batch statistics, one dropout mask."""
+    model = stochastic_net()
+    model.drop.p = 0.0  # no randomness: the reference below can be computed by plain autograd
+    model.train()
+    x = inputs()
+    with pytest.warns(gradcam_ref.TrainingModeWarning):
+        got = gradcam_ref.explain(model, x, 2, layer="relu")
+    reference = stochastic_net()
+    reference.drop.p = 0.0
+    reference.train()
+    a = reference.relu(reference.bn(reference.conv(x)))  # batch statistics (training mode)
+    a_leaf = a.detach().requires_grad_(True)
+    scores = reference.fc(reference.flat(reference.pool(reference.drop(a_leaf))))
+    (g,) = torch.autograd.grad(scores[:, 2].sum(), a_leaf)
+    torch.testing.assert_close(got.gradients, g, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.maps, gradcam_ref.grad_cam(a_leaf.detach(), g), rtol=1e-12, atol=1e-14)
+
+
+def test_the_guided_pass_draws_the_dropout_masks_of_the_grad_cam_pass():
+    """With A = the input and no ReLU, guided backpropagation is the plain input gradient, which is
+    the Grad-CAM gradient: equal exactly when both passes use the same dropout mask."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double().train()
+    x = inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training mode, no guided ReLU: both warned about
+        e = gradcam_ref.explain(model, x, 1, layer="0", at="input", guided=True)
+    torch.testing.assert_close(e.guided_backprop, e.gradients, rtol=0, atol=0)
+    assert float(e.gradients.abs().max()) > 0
+
+
+class ReadsTraining(nn.Module):
+    """A user's module whose forward depends on self.training (like a hand-written dropout)."""
+
+    def forward(self, x):
+        return x * 0.5 if self.training else x
+
+
+@pytest.mark.parametrize(("module", "warns"), [
+    (nn.Flatten(), False), (nn.ReLU(), False), (nn.Identity(), False), (nn.AdaptiveAvgPool2d(1), False),
+    (nn.Linear(2, 2), False), (nn.Dropout(0.1), True), (nn.BatchNorm1d(2), True), (nn.RReLU(), True),
+    (nn.InstanceNorm1d(2), False), (nn.InstanceNorm1d(2, track_running_stats=True), True),
+    (nn.AlphaDropout(0.1), True), (ReadsTraining(), True), (nn.MultiheadAttention(4, 2, dropout=0.1), True),
+])
+def test_training_mode_warning_only_where_the_flag_changes_the_result(module, warns):
+    assert torch_backend._depends_on_mode(module) is warns
+
+
+def test_a_fresh_stateless_head_on_an_eval_network_does_not_warn():
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).double().eval()
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()  # training mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradcam_ref.explain((features, head), inputs())
+    features.train()
+    with pytest.warns(gradcam_ref.TrainingModeWarning):
+        gradcam_ref.explain((features, head), inputs())
+
+
+def test_meta_tensors_get_a_clear_error():
+    with torch.device("meta"):
+        meta_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(4, 3)).eval()
+    with pytest.raises(ValueError, match=r"the model's '0.weight' is on the meta device \(shapes, no values\)"):
+        gradcam_ref.explain(meta_model, torch.randn(1, 3, 8, 8), layer="1")
+    real = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with pytest.raises(ValueError, match=r"inputs are on the meta device"):
+        gradcam_ref.explain(real, torch.randn(1, 3, 8, 8, device="meta"), layer="1")
+
+
+def test_the_core_passes_meta_tensors_through_as_shapes():
+    a = torch.empty(2, 3, 4, 5, device="meta")
+    g = torch.empty(2, 2, 3, 4, 5, device="meta")
+    for out, shape in [(gradcam_ref.grad_cam(a, g), (2, 2, 4, 5)), (gradcam_ref.grad_cam_plus_plus(a, g), (2, 2, 4, 5)),
+                       (gradcam_ref.neuron_importance(a), (2, 3)),
+                       (gradcam_ref.normalize(gradcam_ref.upsample(gradcam_ref.grad_cam(a, a), (8, 8))), (2, 8, 8))]:
+        assert out.is_meta and tuple(out.shape) == shape
+
+
+@pytest.mark.parametrize(("reshape", "shown"), [("ab", "'ab'"), ((2.5, 2), r"\(2.5, 2\)"), ((True, 2), r"\(True, 2\)"),
+                                                (3, "3"), ((), r"\(\)"), ((0, 2), r"\(0, 2\)")])
+def test_bad_reshape_is_named(reshape, shown):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    with pytest.raises(TypeError, match=rf"reshape must be a callable .* positive ints, e.g. \(14, 14\), got {shown}$"):
+        gradcam_ref.explain(model, torch.randn(1, 3, 8, 8), lambda s: s.sum((1, 2, 3)), layer="0", reshape=reshape)
+
+
+def test_backend_numpy_on_a_torch_model_is_a_type_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    with pytest.raises(TypeError, match=r"the numpy backend runs an Oracle network, got model of type Sequential"):
+        gradcam_ref.explain(model, torch.randn(1, 3, 8, 8), layer="0", backend="numpy")
