@@ -74,7 +74,7 @@ class Backend(Protocol):
                 guided: bool = False, **options: Any) -> Explanation:
         """``Explanation.from_capture(...)`` of what ``capture`` would return for these arguments.
 
-        A backend without a compiled program defines it as ``explain = explaining(capture)``.
+        A backend without a compiled program may define it as ``explain = explaining(capture)``.
         """
         ...
 

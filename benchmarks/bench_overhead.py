@@ -8,7 +8,9 @@ targets, the core's Eq. 1 and 2 with their checks. ``extra_ms`` (median time of 
 the forward's) is that cost; it is a large fraction only of small models' batch-1 forward passes.
 
 Torch: ``gradcam_ref.explain(model, a, targets, layer="0")`` (an ``nn.Identity`` first, so that
-the hook is on a module) against ``model(a)`` under ``torch.no_grad()``. JAX: the jitted
+the hook is on a module) against ``model(a)`` under ``torch.no_grad()``; beside it the floor of
+any Grad-CAM that starts the graph at the layer, :func:`autograd_alone` (the head with autograd
+and one backward pass, nothing checked, no map). JAX: the jitted
 ``explain((features, head), a, targets)`` with ``features`` the identity, against the jitted
 ``head(features(a))``.
 """
@@ -34,6 +36,21 @@ def _rows(library: str, results: dict, per_image: int) -> list[dict]:
              "method": name, **r, "extra_ms": (r["seconds"] - base) * 1e3} for name, r in results.items()]
 
 
+def autograd_alone(head, a, targets: np.ndarray):
+    """dy/dA of ``head(A)`` for ``targets`` with nothing around it: a leaf copy of ``a``, the head
+    run with autograd, one-hot seeds, one (batched) backward pass. ``(1, K, ...)`` or ``(1, T, K, ...)``."""
+    import torch
+
+    leaf = a.detach().requires_grad_(True)
+    scores = head(leaf.clone())
+    index = torch.as_tensor(targets)
+    if index.ndim == 1:
+        seed = torch.zeros_like(scores).scatter_(1, index[:, None], 1.0)
+        return torch.autograd.grad(scores, [leaf], seed)[0]
+    seeds = torch.zeros((index.shape[1], *scores.shape)).scatter_(2, index.T[:, :, None], 1.0)
+    return torch.autograd.grad(scores, [leaf], seeds, is_grads_batched=True)[0].movedim(0, 1)
+
+
 def run_torch(rounds: int = 30, inner: int = 10) -> list[dict]:
     import torch
     from torch import nn
@@ -53,6 +70,7 @@ def run_torch(rounds: int = 30, inner: int = 10) -> list[dict]:
                 return model(a)
 
         calls = {"forward": forward,
+                 "autograd alone (floor)": lambda targets=targets: autograd_alone(model[1:], a, targets),
                  "gradcam_ref.explain": lambda targets=targets: gradcam_ref.explain(model, a, targets, layer="0")}
         rows += _rows("torch", paired_ratios(calls, "forward", rounds=rounds, inner=inner), per_image)
     return rows

@@ -22,7 +22,26 @@ quiet_numpy = np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 def shape_of(x: Array) -> tuple[int, ...]:
     """The shape as a plain tuple of ints (``torch.Size`` prints differently)."""
-    return tuple(int(d) for d in x.shape)
+    return tuple(map(int, x.shape))
+
+
+_NAMESPACES: dict[type, Any] = {}
+
+
+def namespace(*arrays: Array) -> Any:
+    """``array_api_compat.array_namespace(*arrays)``, remembered per array type.
+
+    The lookup tries every library it knows in turn; the answer depends only on the type, except
+    for NumPy's (an ndarray of JAX's ``float0`` dtype belongs to JAX), which is looked up each time.
+    """
+    kind = type(arrays[0])
+    xp = _NAMESPACES.get(kind)
+    if xp is not None and all(type(x) is kind for x in arrays):
+        return xp
+    xp = array_api_compat.array_namespace(*arrays)
+    if all(type(x) is kind for x in arrays) and not kind.__module__.startswith("numpy"):
+        _NAMESPACES[kind] = xp
+    return xp
 
 
 def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
@@ -33,6 +52,12 @@ def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
     libraries keep their floating dtype; integer ones are promoted to that library's default
     floating dtype. Boolean, complex, string and object arrays are refused.
     """
+    values = list(named.values())
+    first = values[0]
+    xp = _NAMESPACES.get(type(first))  # fast path: one known non-NumPy type, one floating dtype
+    if xp is not None and all(type(v) is type(first) and v.dtype == first.dtype for v in values) \
+            and xp.isdtype(first.dtype, "real floating"):
+        return xp, values
     arrays = {}
     for name, value in named.items():
         if not array_api_compat.is_array_api_obj(value):
@@ -44,7 +69,7 @@ def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
                 ) from None
         arrays[name] = value
     try:
-        xp = array_api_compat.array_namespace(*arrays.values())
+        xp = namespace(*arrays.values())
     except TypeError:
         kinds = ", ".join(f"{name}: {type(v).__module__}.{type(v).__name__}" for name, v in arrays.items())
         raise TypeError(f"arrays must all come from one library, got {kinds}") from None
@@ -117,15 +142,26 @@ def has_no_data(x: Array) -> bool:
     return bool(getattr(x, "is_meta", False)) or type(x).__name__ == "FakeTensor"
 
 
-def all_finite(x: Array) -> bool | None:
-    """True/False when the values can be read now; None when they cannot: traced (lazy) arrays,
-    e.g. under ``jax.jit``, and arrays without data (:func:`has_no_data`), which go through the
-    core's functions as shapes only."""
-    if has_no_data(x):
+@quiet_numpy
+def all_finite(*arrays: Array) -> bool | None:
+    """Whether every value of every array is finite; None when the values cannot be read now:
+    traced (lazy) arrays, e.g. under ``jax.jit``, and arrays without data (:func:`has_no_data`),
+    which go through the core's functions as shapes only.
+
+    One reduction per array and one value read back: NaN and Inf propagate through addition, so
+    a finite sum of all the values proves them all finite. A sum that is not finite (a NaN or
+    Inf among the values, or a sum that overflowed) is settled value by value.
+    """
+    if any(has_no_data(x) for x in arrays):
         return None
-    xp = array_api_compat.array_namespace(x)
+    xp = namespace(*arrays)
     try:
-        return bool(xp.all(xp.isfinite(x)))
+        total = xp.sum(arrays[0])
+        for x in arrays[1:]:
+            total = total + xp.sum(x)
+        if bool(xp.isfinite(total)):  # (not float(total): torch warns for a total with a graph)
+            return True
+        return all(bool(xp.all(xp.isfinite(x))) for x in arrays)
     except TypeError:  # a tracer (jax.jit, jax.grad) cannot be read: nothing to check yet
         return None
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 
-import array_api_compat
-
 from gradcam_ref._arrays import (
     Array,
     all_finite,
@@ -28,6 +26,7 @@ from gradcam_ref._arrays import (
     check_feature_maps,
     check_finite,
     check_gradients_match,
+    namespace,
     quiet_numpy,
     shape_of,
 )
@@ -153,15 +152,16 @@ def grad_cam_parts(activations: Array, gradients: Array) -> tuple[Array, Array]:
     check_feature_maps("activations", a)
     multi = check_gradients_match(a, g)
     alpha = _spatial_mean(xp, g, lead=3 if multi else 2)
-    check_finite(alpha, "grad_cam", gradients=g)
     maps = _weighted_sum(xp, a, alpha)
-    check_finite(maps, "grad_cam", activations=a, gradients=g)
+    if all_finite(alpha, maps) is False:  # one read-back when all is well; else name the culprit
+        check_finite(alpha, "grad_cam", gradients=g)
+        check_finite(maps, "grad_cam", activations=a, gradients=g)
     return alpha, maps
 
 
 def relu_map(maps: Array) -> Array:
     """The ReLU of Eq. 2, ``max(maps, 0)``, keeping the array's library and autograd graph."""
-    return _relu(array_api_compat.array_namespace(maps), maps)
+    return _relu(namespace(maps), maps)
 
 
 @quiet_numpy
@@ -258,15 +258,17 @@ def _weighted_sum(xp, a: Array, w: Array) -> Array:
     """``sum_k w[..., k] * a[:, k]`` as one batched matmul: no (N, K, *spatial) temporary.
 
     ``a`` is ``(N, K, *spatial)``; ``w`` is ``(K,)``, ``(N, K)`` or ``(N, T, K)``.
+    ``a`` and ``w`` share one dtype (``as_float_arrays``), so the ``@`` operator needs none of
+    ``matmul``'s promotion wrappers.
     """
     n, k, *spatial = shape_of(a)
     a3 = xp.reshape(a, (n, k, math.prod(spatial)))  # (N, K, Z)
     if w.ndim == 1:
         w = xp.broadcast_to(w, (n, k))
     if w.ndim == 2:
-        return xp.reshape(xp.matmul(xp.expand_dims(w, axis=1), a3), (n, *spatial))
-    return xp.reshape(xp.matmul(w, a3), (n, shape_of(w)[1], *spatial))  # (N, T, K) @ (N, K, Z)
+        return xp.reshape(xp.reshape(w, (n, 1, k)) @ a3, (n, *spatial))
+    return xp.reshape(w @ a3, (n, shape_of(w)[1], *spatial))  # (N, T, K) @ (N, K, Z)
 
 
 def _relu(xp, x: Array) -> Array:
-    return xp.where(x > 0, x, xp.zeros_like(x))
+    return xp.where(x > 0, x, 0.0)  # +0.0 where x <= 0 (also for x = -0.0)

@@ -206,9 +206,23 @@ def test_jax_rows_of_a_tiny_model():
 
 def test_overhead_rows():
     rows = bench_overhead.run_torch(rounds=2, inner=1)
+    floor = "autograd alone (floor)"
     assert [(r["targets"], r["method"]) for r in rows] == [
-        (1, "forward"), (1, "gradcam_ref.explain"), (10, "forward"), (10, "gradcam_ref.explain")]
+        (1, "forward"), (1, floor), (1, "gradcam_ref.explain"),
+        (10, "forward"), (10, floor), (10, "gradcam_ref.explain")]
     for r in rows:
         assert r["suite"] == "overhead" and r["library"] == "torch" and r["seconds"] > 0
         assert r["extra_ms"] == 0.0 if r["method"] == "forward" else r["extra_ms"] > 0
-    assert "gradcam_ref.explain" in report.overhead_table(rows)
+    assert "gradcam_ref.explain" in report.overhead_table(rows) and floor in report.overhead_table(rows)
+
+
+@pytest.mark.parametrize("per_image", [1, 3])
+def test_the_overhead_floor_computes_explains_gradients(per_image):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    a = torch.randn(1, 8, 3, 3) * 4
+    targets = np.array([2]) if per_image == 1 else np.array([[4, 0, 2]])
+    got = bench_overhead.autograd_alone(model[1:], a, targets)
+    torch.testing.assert_close(got, gradcam_ref.explain(model, a, targets, layer="0").gradients, rtol=0, atol=0)

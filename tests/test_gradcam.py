@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import gradcam_ref
 from gradcam_ref import cam, grad_cam, grad_cam_plus_plus, neuron_importance
+from gradcam_ref._arrays import all_finite
 from gradcam_ref.backends import numpy_backend
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +250,38 @@ def test_overflow_is_reported_as_such():
     g = np.full((1, 2, 2), 1e300)
     with pytest.raises(ValueError, match="overflowed"):
         grad_cam(a, g)
+
+
+def test_finite_results_whose_sum_overflows_are_not_an_error():
+    # The finiteness check adds up alpha and the map once; here that sum overflows although
+    # every value is finite, so the values themselves must settle it.
+    a = np.array([[[[1e-300]], [[3e-300]]]])  # (1, 2, 1, 1): Z = 1
+    g = np.full((1, 2, 1, 1), 1e308)  # alpha = [1e308, 1e308]: finite, their sum is not
+    # map = 1e308 * 1e-300 + 1e308 * 3e-300 = 4e8
+    explanation = gradcam_ref.Explanation.from_capture(gradcam_ref.Capture(a, g, np.zeros((1, 1)), None))
+    np.testing.assert_array_equal(explanation.weights, [[1e308, 1e308]])
+    np.testing.assert_allclose(explanation.maps, [[[4e8]]], rtol=1e-12)
+    np.testing.assert_allclose(grad_cam(a, g, relu=False), [[[4e8]]], rtol=1e-12)
+
+
+_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, -0.0, 1e308, -1e308, 5e-324, np.finfo(np.float32).max]),
+)
+
+
+@given(st.lists(st.lists(_values, min_size=0, max_size=6), min_size=1, max_size=3),
+       st.sampled_from(["numpy", "torch32", "torch64"]))
+def test_all_finite_says_whether_every_value_is_finite(values, library):
+    import torch  # part of `make test`: never skipped
+    expected = all(math.isfinite(v) for vs in values for v in vs)
+    if library == "numpy":
+        arrays = [np.asarray(vs, dtype=np.float64) for vs in values]
+    else:
+        dtype = torch.float32 if library == "torch32" else torch.float64
+        arrays = [torch.tensor(vs, dtype=dtype) for vs in values]
+        expected = all(bool(torch.isfinite(x).all()) for x in arrays)  # float32 rounds 1e308 to inf
+    assert all_finite(*arrays) is expected
 
 
 # ---------------------------------------------------------------------------------------------

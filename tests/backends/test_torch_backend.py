@@ -378,6 +378,61 @@ def test_numerically_zero_gradients_warn_per_example():
         gradcam_ref.explain(model, x, [[0, 3], [1, 2], [2, 1]], layer="relu1")
 
 
+def test_zero_mean_gradients_are_not_zero_gradients():
+    # The score sum(A * P), P = +1 at one position and -1 at another: dy/dA = P is not zero,
+    # yet every alpha_k (its spatial mean) is exactly 0. The check that reads alpha first must
+    # then search the gradients, and find them non-zero.
+    _, model = small_net(15)
+    x = inputs_for(15, n=2)
+    features = model[:2]  # conv0, relu0
+    with torch.no_grad():
+        a = features(x)
+    pattern = torch.zeros(a.shape[2:], dtype=a.dtype)
+    pattern[0, 0], pattern[-1, -1] = 1.0, -1.0
+
+    class PatternHead(nn.Module):
+        def forward(self, a):
+            return (a * pattern).sum(dim=(1, 2, 3))[:, None]  # (N, 1) scores
+
+    split = (features, PatternHead().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradcam_ref.ZeroGradientWarning)
+        got = gradcam_ref.explain(split, x, 0)
+        captured = gradcam_ref.backends.torch.capture(split, x, 0)
+    torch.testing.assert_close(got.gradients, pattern.expand_as(got.gradients), rtol=0, atol=0)
+    assert float(got.weights.abs().max()) == 0.0 and float(got.maps.abs().max()) == 0.0
+    torch.testing.assert_close(captured.gradients, got.gradients, rtol=0, atol=0)
+
+
+def test_capture_alone_warns_for_zero_gradients():
+    _, model = small_net(15)
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"exactly zero for example \[1\]") as record:
+        captured = gradcam_ref.backends.torch.capture(model, inputs_for(15, n=3), lambda s: s[:, 0] * mask,
+                                                      layer="relu1")
+    assert float(captured.gradients[1].abs().max()) == 0.0 and float(captured.gradients[0].abs().max()) > 0
+    assert record[0].filename == __file__  # the warning points at the caller's line
+
+
+def _reference_any_training(model: nn.Module) -> bool:
+    depends = gradcam_ref.backends.torch._depends_on_mode
+    return any(m.training and depends(m) for m in model.modules())
+
+
+@settings(max_examples=30)
+@given(st.lists(st.booleans(), min_size=9, max_size=9))
+def test_training_check_sees_what_a_walk_over_modules_sees(flags):
+    shared = nn.ReLU()
+    inner = nn.Sequential(nn.Conv2d(1, 1, 1), shared, nn.ModuleList([nn.Dropout(), None, shared]))
+    model = nn.Sequential(inner, nn.ModuleDict({"bn": nn.BatchNorm2d(1), "again": inner}), nn.Linear(1, 1))
+    model.register_module("absent", None)
+    modules = list(model.modules())  # every module once (shared ones too), containers included
+    assert len(modules) == len(flags)
+    for module, flag in zip(modules, flags, strict=True):
+        module.training = flag
+    assert gradcam_ref.backends.torch._any_training(model) is _reference_any_training(model)
+
+
 def test_training_mode_of_stateless_modules_changes_nothing_and_does_not_warn():
     """Convolutions and ReLUs in training mode compute what they compute in eval mode: no warning
     (training mode with dropout and batch norm: tests/backends/test_torch_reliability.py)."""
