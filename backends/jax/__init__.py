@@ -38,6 +38,7 @@ from gradcam_ref.backends._contract import (
     shape_of,
 )
 from gradcam_ref.backends.jax import guided as jax_guided
+from gradcam_ref.backends.jax import models as jax_models
 
 NAME = "jax"
 GUIDED = True
@@ -52,7 +53,9 @@ def capture(
     *,
     layer: Any = None,
     guided: bool = False,
-    channel_axis: int = 1,
+    channel_axis: int | None = None,
+    call: int | None = None,
+    variables: Any = None,
 ) -> Capture:
     r"""A, dy/dA and the scores of ``model = (features, head)`` on ``inputs``, by one jitted program.
 
@@ -77,7 +80,7 @@ def capture(
       argument: then it is that JAX int array. ``guided_backprop`` is ``(N, C, *spatial)``
       (``(N, T, C, *spatial)``), channels-first like the activations, or None.
     """
-    return _run(model, inputs, target, layer, guided, channel_axis)[0]
+    return _run(model, inputs, target, layer, guided, channel_axis, call, variables)[0]
 
 
 def explain(
@@ -87,29 +90,33 @@ def explain(
     *,
     layer: Any = None,
     guided: bool = False,
-    channel_axis: int = 1,
+    channel_axis: int | None = None,
+    call: int | None = None,
+    variables: Any = None,
 ) -> Explanation:
     """The :class:`~gradcam_ref.Explanation` of :func:`capture`, its core math run inside the same program."""
-    return Explanation.from_capture(*_run(model, inputs, target, layer, guided, channel_axis))
+    return Explanation.from_capture(*_run(model, inputs, target, layer, guided, channel_axis, call, variables))
 
 
 def _run(
-    model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int
+    model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int | None,
+    call: int | None, variables: Any,
 ) -> tuple[Capture, GradCamFields]:
     """Check the arguments (by name, before any trace), run the program, check its result."""
-    features, head = _split(model, layer)
+    seam, params, default_axis = jax_models.seam(model, layer, variables=variables, call=call)
+    channel_axis = default_axis if channel_axis is None else channel_axis
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
     if x.ndim < 1:
         raise ValueError(f"inputs must have a batch axis, shape (N, ...), got shape {shape_of(x)}")
-    static = {"features": features, "head": head, "channel_axis": channel_axis}
+    static = {"seam": seam, "channel_axis": channel_axis}
     # The forward pass's shapes, from an abstract trace (cached by jax.jit): A is checked inside it.
-    a_struct, scores = _forward.eval_shape(x, **static)
+    a_struct, scores = _forward.eval_shape(x, params, **static)
     if callable(target):
         _check_hashable("target", target)
         indices, targets_out = None, None
     else:
         check_scores(scores)
-        _check_same_batch("head(A)", scores, x)
+        _check_same_batch("the model's scores", scores, x)
         indices, targets_out = _class_indices(target, scores)
     guided = bool(guided)
     if guided and channel_axis != 1 and x.ndim != a_struct.ndim:
@@ -118,9 +125,9 @@ def _run(
             f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
         )
     captured, fields, traced_targets, finite = _program(
-        x, indices, target_fn=target if callable(target) else None, guided=guided, **static)
+        x, params, indices, target_fn=target if callable(target) else None, guided=guided, **static)
     if guided:
-        _warn_unguided(_GUIDED_RECORDS.get((features, head, shape_of(x), jnp.dtype(x.dtype))))
+        _warn_unguided(_GUIDED_RECORDS.get((seam, shape_of(x), jnp.dtype(x.dtype))))
     # Inside the program the core's finite checks see tracers and are skipped; the program
     # computes the flag instead (of the signed map: the ReLU turns NaN into 0). Only when it is
     # False do the core's checks run, for their messages naming the culprit.
@@ -135,49 +142,51 @@ def _run(
 # --- The compiled program --------------------------------------------------------------------
 
 
-def _features(x: jax.Array, features: Callable, channel_axis: int) -> jax.Array:
-    """``features(x)``, checked at trace time before anything consumes it."""
-    a = features(x)
-    if not isinstance(a, jax.Array):
-        raise TypeError(f"features(inputs) must return one array (the activations A), got {type(a).__name__}")
-    rank = a.ndim
-    if rank < 3:
-        raise ValueError(
-            f"features(inputs) must return activations of shape (N, K, *spatial) (channels on "
-            f"channel_axis={channel_axis}) with at least one spatial axis, "
-            f"got shape {shape_of(a)} (rank {rank})"
-        )
-    axis = _channel_axis(channel_axis, rank)
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-        raise TypeError(f"features(inputs) must return floating activations, got dtype {a.dtype}")
-    _check_same_batch("features(inputs)", a, x)
-    check_feature_maps("features(inputs), channels first,", _moved_shape(a, axis))  # no empty axis
-    return a
+def _checked(x: jax.Array, what: str, channel_axis: int) -> Callable[[Any], Any]:
+    """The check of A (``what``'s output), at trace time before anything consumes it."""
+
+    def check(a: Any) -> Any:
+        if not isinstance(a, (jax.Array, jax.ShapeDtypeStruct)):
+            raise TypeError(f"{what} must return one array (the activations A), got {type(a).__name__}")
+        rank = a.ndim
+        if rank < 3:
+            raise ValueError(
+                f"{what} must return activations of shape (N, K, *spatial) (channels on "
+                f"channel_axis={channel_axis}) with at least one spatial axis, "
+                f"got shape {shape_of(a)} (rank {rank})"
+            )
+        axis = _channel_axis(channel_axis, rank)
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{what} must return floating activations, got dtype {a.dtype}")
+        _check_same_batch(what, a, x)
+        check_feature_maps(f"{what}, channels first,", _moved_shape(a, axis))  # no empty axis
+        return a
+
+    return check
 
 
-def _forward_impl(x: jax.Array, *, features: Callable, head: Callable, channel_axis: int) -> Any:
-    a = _features(x, features, channel_axis)
-    return a, head(a)
+def _forward_impl(x: jax.Array, params: Any, *, seam: Any, channel_axis: int) -> Any:
+    return seam.activations_and_scores(params, x, _checked(x, seam.what, channel_axis))
 
 
 def _program_impl(
     x: jax.Array,
+    params: Any,
     indices: jax.Array | None,
     *,
-    features: Callable,
-    head: Callable,
+    seam: Any,
     target_fn: Callable | None,
     channel_axis: int,
     guided: bool = False,
 ) -> tuple[Any, ...]:
     r"""Everything, traced once: forward, one backward per target, Eq. 1 and Eq. 2 (the core's).
 
-    ``indices`` is None (use ``argmax(scores, 1)``), ``(N,)`` or ``(N, T)`` class indices; or
-    ``target_fn`` maps scores to ``(N,)`` and the gradient is that of :math:`\sum_n`
-    ``target_fn(scores)[n]``.
+    ``seam.linearize`` gives A, the scores and the VJP of the part of the model after A only
+    (:mod:`gradcam_ref.backends.jax.models`). ``indices`` is None (use ``argmax(scores, 1)``),
+    ``(N,)`` or ``(N, T)`` class indices; or ``target_fn`` maps scores to ``(N,)`` and the
+    gradient is that of :math:`\sum_n` ``target_fn(scores)[n]``.
     """
-    a = _features(x, features, channel_axis)
-    scores, head_vjp = jax.vjp(head, a)
+    a, scores, head_vjp = seam.linearize(params, x, _checked(x, seam.what, channel_axis))
     multi = False
     if target_fn is not None:
         y, target_vjp = jax.vjp(target_fn, scores)
@@ -193,10 +202,10 @@ def _program_impl(
     a_first = jnp.moveaxis(a, axis, 1)
     g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
     guided_backprop = None
-    if guided:  # the same seeds, pulled back to x through head(features(x)) with guided ReLUs
-        record = _GUIDED_RECORDS[(features, head, shape_of(x), jnp.dtype(x.dtype))] = jax_guided.Record()
-        whole = jax_guided.guided(lambda v: head(features(v)), record)
-        _, guided_vjp = jax.vjp(whole, x)
+    if guided:  # the same seeds, pulled back to x through the whole model with guided ReLUs
+        record = _GUIDED_RECORDS[(seam, shape_of(x), jnp.dtype(x.dtype))] = jax_guided.Record()
+        whole = jax_guided.guided(lambda v, p: seam.forward(p, v), record)
+        _, guided_vjp = jax.vjp(lambda v: whole(v, params), x)
         guided_backprop = _pull_back(guided_vjp, seeds, multi)
         if axis != 1:  # the inputs' channels on the activations' axis: channels-first, like A
             guided_backprop = jnp.moveaxis(guided_backprop, axis + multi, 1 + multi)
@@ -216,7 +225,7 @@ def _pull_back(vjp: Callable, seeds: jax.Array, multi: bool) -> jax.Array:
 
 
 _GUIDED_RECORDS: dict[tuple[Any, ...], jax_guided.Record] = {}
-"""What the last trace of a guided program found, per (features, head, input shape, dtype)."""
+"""What the last trace of a guided program found, per (seam, input shape, dtype)."""
 
 
 def _warn_unguided(record: jax_guided.Record | None) -> None:
@@ -224,7 +233,7 @@ def _warn_unguided(record: jax_guided.Record | None) -> None:
         return
     if not record.counts:
         warnings.warn(
-            "guided=True but head(features(x)) has no ReLU that the guided pass recognises (see "
+            "guided=True but the model has no ReLU that the guided pass recognises (see "
             "gradcam_ref.backends.jax.guided): guided_backprop is the plain gradient w.r.t. the inputs",
             NoGuidedReLUWarning,
             stacklevel=4,
@@ -238,38 +247,14 @@ def _warn_unguided(record: jax_guided.Record | None) -> None:
         )
 
 
-_forward = jax.jit(_forward_impl, static_argnames=("features", "head", "channel_axis"))
-_program = jax.jit(_program_impl, static_argnames=("features", "head", "target_fn", "channel_axis", "guided"))
+_forward = jax.jit(_forward_impl, static_argnames=("seam", "channel_axis"))
+_program = jax.jit(_program_impl, static_argnames=("seam", "target_fn", "channel_axis", "guided"))
 
 
 # --- Checks -----------------------------------------------------------------------------------
 
 
-def _split(model: Any, layer: Any) -> tuple[Callable, Callable]:
-    if layer is not None:
-        raise ValueError(
-            f"the jax backend takes the layer as the seam of model = (features, head); "
-            f"layer must be None, got {layer!r}"
-        )
-    if not (isinstance(model, (tuple, list)) and len(model) == 2 and all(callable(p) for p in model)):
-        raise TypeError(
-            f"model must be a pair (features, head) of callables, features(x) -> A and "
-            f"head(A) -> scores, got {type(model).__name__}"
-        )
-    features, head = model
-    _check_hashable("features", features)
-    _check_hashable("head", head)
-    return features, head
-
-
-def _check_hashable(name: str, fn: Callable) -> None:
-    try:
-        hash(fn)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be hashable (jax.jit caches the compiled program per function), "
-            f"got an unhashable {type(fn).__name__}; wrap it once in a function"
-        ) from None
+_check_hashable = jax_models.check_hashable
 
 
 def _channel_axis(channel_axis: int, rank: int) -> int:
