@@ -1,19 +1,18 @@
-r"""The JAX backend: Grad-CAM of a model split as ``(features, head)``, as one compiled program.
+r"""The JAX backend: Grad-CAM of a Flax, Equinox or split ``(features, head)`` model, as one compiled program.
 
 For inputs ``x`` ``(N, ...)`` one ``jax.jit`` program runs::
 
-    A = features(x)                       (N, K, *spatial), channels on ``channel_axis``
-    scores, vjp = jax.vjp(head, A)        y, pre-softmax
+    A, scores, vjp = seam.linearize(x)    A (N, K, *spatial), channels on ``channel_axis``; vjp of
+                                          the part after A only (:mod:`.models`)
     dy^c/dA = vjp(one_hot(c))             one pull-back for N targets; jax.vmap over T targets
     the core's grad_cam_fields            Eq. 1, Eq. 2, Guided Grad-CAM, inside the program
 
-compiled once per ``(features, head, target callable, channel_axis, guided)`` and input shape.
-:func:`capture` and :func:`explain` both run that program (``_program``). The maps are
-differentiable (``jax.grad`` through the backward pass). Guided backpropagation re-interprets
-the jaxpr of ``head(features(x))`` (:mod:`gradcam_ref.backends.jax.guided`). Splitting Flax,
-Equinox or Haiku models, and the rest of the story: docs/backends.md.
+compiled once per ``(seam, target callable, channel_axis, guided)`` and input shape; a model's
+parameters are an argument of the program. :func:`capture` and :func:`explain` both run that
+program (``_program``). The maps are differentiable (``jax.grad`` through the backward pass).
+Guided backpropagation re-interprets the jaxpr of the whole model
+(:mod:`gradcam_ref.backends.jax.guided`). The models and the rest of the story: docs/backends.md.
 """
-
 from __future__ import annotations
 
 import warnings
@@ -57,20 +56,29 @@ def capture(
     call: int | None = None,
     variables: Any = None,
 ) -> Capture:
-    r"""A, dy/dA and the scores of ``model = (features, head)`` on ``inputs``, by one jitted program.
+    r"""A, dy/dA and the scores of ``model`` at ``layer`` on ``inputs``, by one jitted program.
 
     Args:
-      model: ``(features, head)``, two hashable JAX-traceable callables:
+      model: a bound ``flax.linen`` module (or an unbound one with ``variables=``), an
+        ``nnx.Module``, an ``eqx.Module`` (called on one example: it is ``jax.vmap``-ed over the
+        batch), or ``(features, head)``, two hashable JAX-traceable callables
         ``features(inputs) -> A`` and ``head(A) -> scores``.
       inputs: the batch ``(N, ...)``, a ``jax.Array`` (NumPy arrays are converted).
       target: ``None`` (each example's predicted class), an int, N ints, an int array ``(N, T)``
         (T maps per example) or a callable ``scores -> (N,)``. A traced int array (inside an
         outer ``jax.jit``) is accepted; its range cannot be checked before it runs, and an index
         outside ``[0, C)`` then gives a zero gradient (JAX's ``one_hot`` convention).
-      layer: must be None: the layer is the seam of ``(features, head)``.
+      layer: the submodule whose output is A: its dotted path (linen: ``module.path`` joined by
+        dots, ``"backbone.block3.conv"``; NNX and Equinox: attribute names and sequence indices,
+        ``"features.3"``), a bound linen submodule, or (Equinox) a ``where`` function as
+        ``eqx.tree_at`` takes. None in the split form, whose seam is the layer.
       guided: also compute ``guided_backprop``, the input gradient through guided ReLUs.
-      channel_axis: the axis of ``A`` holding its K channels: 1 (channels-first) or, e.g., -1 for
-        a channels-last (NHWC, Flax) model.
+      channel_axis: the axis of ``A`` holding its K channels. None: the layout of the library's
+        convolutions: -1 for Flax (linen, NNX: NHWC), 1 for Equinox (channels-first per example)
+        and for the split form.
+      call: which call of ``layer``, when it runs more than once per forward pass (0, 1, ...,
+        -1 for the last).
+      variables: the variables of an unbound linen ``model``.
 
     Returns:
       JAX arrays on the default device, ``activations`` and ``gradients`` moved to channels-first

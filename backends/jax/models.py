@@ -144,7 +144,9 @@ class _Tap:
             hint = f"did you mean {close}?" if close else f"its layers include {known[:6]} ... {known[-3:]}"
             raise ValueError(f"{what} did not run in the forward pass; {hint}")
         if call is None and runs > 1:
-            raise ValueError(f"{what} runs {runs} times in the forward pass: pass call= (0..{runs - 1}, or -1 for the last)")
+            raise ValueError(
+                f"{what} runs {runs} times in the forward pass: pass call= (0..{runs - 1}, or -1 for the last)"
+            )
         index = 0 if call is None else call
         if not -runs <= index < runs:
             raise ValueError(f"call={call} but {what} runs {runs} time(s) in the forward pass")
@@ -287,7 +289,9 @@ def _resolve(model: Any, path: tuple[str, ...], what: str, names: Callable[[], l
         hint = f"did you mean {close}?" if close else f"its submodules include {known[:6]} ... {known[-3:]}"
         raise ValueError(f"layer {'.'.join(path)!r} is not a submodule of {type(model).__name__}; {hint}") from None
     if not callable(node):
-        raise TypeError(f"layer {'.'.join(path)!r} of {type(model).__name__} is a {type(node).__name__}, not a callable submodule")
+        raise TypeError(
+            f"layer {'.'.join(path)!r} of {type(model).__name__} is a {type(node).__name__}, not a callable submodule"
+        )
     return node
 
 
@@ -387,7 +391,7 @@ class Equinox(_AtLayer):
 def _eqx_names(node: Any, prefix: str = "") -> list[str]:
     import equinox as eqx
 
-    names = []
+    names: list[str] = []
     if isinstance(node, eqx.nn.Sequential):
         children: list[tuple[str, Any]] = [(str(i), layer) for i, layer in enumerate(node.layers)]
     elif isinstance(node, eqx.Module):
