@@ -184,3 +184,24 @@ def test_overhead_rows():
         assert r["suite"] == "overhead" and r["library"] == "torch" and r["seconds"] > 0
         assert r["extra_ms"] == 0.0 if r["method"] == "forward" else r["extra_ms"] > 0
     assert "gradcam_ref.explain" in report.overhead_table(rows)
+
+
+def test_jax_named_layer_rows_of_a_tiny_linen_model():
+    import flax.linen as nn
+    import jax
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(5)(jax.numpy.tanh(nn.Conv(4, (1, 1), name="conv")(x)).mean(axis=(1, 2)))
+
+    x = np.zeros((1, 6, 6, 3), np.float32)
+    model = Tiny().bind(Tiny().init(jax.random.key(0), x))
+    rows = bench_jax.run_named(rounds=3, configs=[(2, 1), (1, 3)], model=model, layer="conv", call=None,
+                               image_shape=(6, 6, 3), classes=5, name="tiny")
+    assert [(r["batch"], r["targets"], r["method"]) for r in rows] == [
+        (2, 1, bench_jax.FORWARD), (2, 1, bench_jax.EXPLAIN_NAMED), (1, 3, bench_jax.FORWARD),
+        (1, 3, bench_jax.EXPLAIN_NAMED)]
+    for r in rows:
+        assert r["suite"] == "jax" and r["model"] == "tiny" and r["compile_s"] >= 0 and r["seconds"] > 0
+        assert r["ratio"] == 1.0 if r["method"] == bench_jax.FORWARD else r["ratio"] > 0
