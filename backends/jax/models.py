@@ -278,7 +278,7 @@ def _get(node: Any, part: str) -> Any:
     return getattr(node, part)
 
 
-def _resolve(model: Any, path: tuple[str, ...], what: str, names: Callable[[], list[str]]) -> Any:
+def _resolve(model: Any, path: tuple[str, ...], names: Callable[[], list[str]]) -> Any:
     node = model
     try:
         for part in path:
@@ -338,7 +338,15 @@ def _nnx(model: Any, layer: Any, call: int | None) -> tuple[Nnx, Any, int]:
     from flax import nnx
 
     path = _path(layer, "nnx")
-    _resolve(model, path, "", lambda: _nnx_names(model))
+    _resolve(model, path, lambda: _nnx_names(model))
+    training = sorted({type(node).__name__ for _, node in nnx.iter_graph(model)
+                       if getattr(node, "use_running_average", None) is False
+                       or getattr(node, "deterministic", None) is False})
+    if training:  # their updates (batch statistics, dropout's RNG) cannot happen inside the program
+        raise ValueError(
+            f"the NNX model has {training} layers in training mode, which would compute the maps with "
+            f"batch statistics or dropout; call model.eval() first (the backend never changes the model's mode)"
+        )
     graphdef, state = nnx.split(model)
     return Nnx(graphdef, path, call), state, CHANNELS_LAST
 
@@ -415,7 +423,7 @@ def _equinox(model: Any, layer: Any, call: int | None) -> tuple[Equinox, Any, in
 
     if isinstance(layer, str):
         path = _path(layer, "equinox")
-        _resolve(model, path, "", lambda: _eqx_names(model))
+        _resolve(model, path, lambda: _eqx_names(model))
         where: Callable[[Any], Any] = _Where(path)
         what = f"layer {layer!r}"
     elif callable(layer):

@@ -281,8 +281,11 @@ def test_linen_unbound_module_with_variables_equals_the_bound_one():
         a = gradcam_ref.explain(bound, x, 1, **options)
         b = gradcam_ref.explain(module, x, 1, variables=variables, **options)
         sub = gradcam_ref.explain(bound, x, 1, layer=bound.body)  # a bound submodule names itself
+        captured = jax_backend.capture(bound, x, 1, **options)  # the same program as explain
     np.testing.assert_array_equal(a.maps, b.maps)
     np.testing.assert_array_equal(a.maps, sub.maps)
+    for field in ("activations", "gradients", "scores", "targets"):
+        np.testing.assert_array_equal(getattr(captured, field), getattr(a, field))
 
 
 # --- Shared layers and errors ---------------------------------------------------------------------------
@@ -351,3 +354,25 @@ def test_bad_layers_give_clear_errors(make, layer, options, error, message):
                 model = model.unbind()[0]
         with pytest.raises(error, match=message):
             gradcam_ref.explain(model, x, layer=layer, **options)
+
+
+def test_an_nnx_model_in_training_mode_is_refused_and_left_in_it():
+    class WithBatchNorm(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 3, (3, 3), rngs=rngs)
+            self.norm = nnx.BatchNorm(3, rngs=rngs)
+            self.fc = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(self.norm(self.conv(x)).mean(axis=(1, 2)))
+
+    model = WithBatchNorm(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5, 5, 2)), dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"\['BatchNorm'\] layers in training mode, .* call model.eval\(\) first"):
+        gradcam_ref.explain(model, x, 0, layer="norm")
+    assert model.norm.use_running_average is False  # left as it was
+    model.eval()
+    evaluated = gradcam_ref.explain(model, x, 0, layer="norm")
+    scale = 1 / np.sqrt(1 + model.norm.epsilon)  # running statistics of a new model: mean 0, var 1
+    conv = np.asarray(model.conv(x))
+    np.testing.assert_allclose(evaluated.activations, np.moveaxis(conv * scale, -1, 1), rtol=1e-5, atol=1e-6)
