@@ -13,6 +13,7 @@ program (``_program``). The maps are differentiable (``jax.grad`` through the ba
 Guided backpropagation re-interprets the jaxpr of the whole model
 (:mod:`gradcam_ref.backends.jax.guided`). The models and the rest of the story: docs/backends.md.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -188,6 +188,38 @@ def test_guided_backprop_equals_the_split_forms(library):
     assert np.abs(np.asarray(named.guided_backprop)).max() > 0
 
 
+@pytest.mark.parametrize("library", ["linen", "equinox"])
+def test_maps_at_a_named_layer_are_differentiable_as_the_split_forms(library):
+    """d/dx and d/dparams of sum(maps^2), through the backward pass, equal the split form's."""
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        model, options, split, _, channels_last = build(library, P)
+        x = inputs(rng, {**P, "values": "normal"}, channels_last)
+        axis = -1 if channels_last else 1
+
+        def named(x):
+            return jnp.sum(gradcam_ref.explain(model, x, [1, 2, 3], **options).maps ** 2)
+
+        def by_split(x):
+            return jnp.sum(gradcam_ref.explain(split, x, [1, 2, 3], channel_axis=axis).maps ** 2)
+
+        grad_named, grad_split = jax.grad(named)(x), jax.grad(by_split)(x)
+        if library == "linen":  # the parameters too: they are an argument of the program
+            module, variables = model.unbind()
+            loss = lambda v: jnp.sum(gradcam_ref.explain(module, x, [1, 2, 3], variables=v, **options).maps ** 2)  # noqa: E731
+            grads = jax.grad(loss)(variables)
+            w = variables["params"]["fc"]["kernel"]
+            h = 1e-6
+            bump = jax.tree.map(jnp.zeros_like, variables)
+            bump["params"]["fc"]["kernel"] = jnp.ones_like(w)
+            plus = jax.tree.map(lambda v, b: v + h * b, variables, bump)
+            minus = jax.tree.map(lambda v, b: v - h * b, variables, bump)
+            numeric = (loss(plus) - loss(minus)) / (2 * h)
+            assert abs(float(numeric) - float(jnp.sum(grads["params"]["fc"]["kernel"]))) < 1e-6 * max(1, abs(float(numeric)))
+    assert float(jnp.abs(grad_named).max()) > 0
+    np.testing.assert_allclose(grad_named, grad_split, rtol=1e-12, atol=1e-14 * float(jnp.abs(grad_split).max()))
+
+
 def test_equinox_where_function_and_sequence_indices_name_the_same_layer():
     with jax.enable_x64(True):
         model = EqxGap((3, 4), 2, 2, 2, 5, seed=1)
