@@ -151,8 +151,6 @@ def test_gap_networks_of_each_library_give_relu_cam_over_z(library, p):
     expected = np.maximum(gradcam_ref.cam(a, w[e.targets]), 0) / z
     np.testing.assert_allclose(np.asarray(e.maps), expected, rtol=1e-12, atol=1e-13 * np.abs(expected).max())
     np.testing.assert_allclose(np.asarray(e.weights), w[e.targets] / z, rtol=1e-12, atol=1e-15 * np.abs(w).max())
-    if p["values"] == "zeros" and library == "equinox":  # eqx convs have biases: A is ReLU(b), not 0
-        assert np.isfinite(e.maps).all()
 
 
 P = {"seed": 3, "rank": 2, "widths": (3, 4), "kernel": 2, "n": 3, "classes": 5}
