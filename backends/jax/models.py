@@ -169,9 +169,6 @@ class _AtLayer:
         """``(scores, A)``: the model with ``tap`` on the layer's output; A = ``tap.chosen(...)``."""
         raise NotImplementedError
 
-    def names(self, params: Any, x: jax.Array) -> list[str]:
-        raise NotImplementedError
-
     def activations_and_scores(self, params: Any, x: jax.Array, check: Callable) -> tuple[Any, Any]:
         scores, a = self.run(params, x, _Tap())
         return check(a), scores
