@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,jax,test,viz,models,peers,experiments,metrics,metrics-peers
+EXTRAS ?= torch,jax,flax,equinox,test,viz,models,peers,experiments,metrics,metrics-peers
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick clean

@@ -59,7 +59,13 @@ def _is_torch(model: Any, inputs: Any) -> bool:
 
 def _is_jax(model: Any, inputs: Any) -> bool:
     jax = sys.modules.get("jax")
-    return jax is not None and isinstance(inputs, jax.Array)
+    if jax is None:
+        return False
+    if isinstance(inputs, jax.Array):
+        return True
+    from gradcam_ref.backends.jax import models  # imports jax only, which is imported already
+
+    return models.is_model(model)  # a Flax (linen, NNX) or Equinox model, whatever the inputs
 
 
 _DETECTORS = {"numpy": _is_numpy, "torch": _is_torch, "jax": _is_jax}

@@ -10,6 +10,11 @@ once):
   the JAX backend runs as one compiled program (forward, backward through the head, the core's
   Eq. 1 and 2).
 
+:func:`run_named` does the same for the model as a Flax user has it: EfficientNet-Lite0 as a
+``flax.linen`` module (``linen_model``, the same weights, channels-last), explained with
+``layer="_swish", call=-1`` (the same last ReLU6: the model runs unchanged, its layer output
+perturbed, the part before it run forward only) against ``jax.jit(module.apply)``.
+
 Each call waits for its result (``block_until_ready``). ``compile_s`` is the first call's time
 minus the median call's: tracing and XLA compilation for that input shape.
 """
@@ -27,6 +32,7 @@ from benchmarks.timing import paired_ratios
 
 FORWARD = "jitted forward"
 EXPLAIN = "gradcam_ref.explain (jitted)"
+EXPLAIN_NAMED = "gradcam_ref.explain (linen, layer=)"
 
 
 def why_unavailable() -> str | None:
@@ -76,15 +82,61 @@ def run(
     number of ``classes``.
     """
     import jax
-    import jax.numpy as jnp
 
     import gradcam_ref
+
+    features, head = _model() if model is None else model
+    forward = jax.jit(lambda x: head(features(x)))
+
+    def explain(x: Any, targets: Any) -> Any:
+        return gradcam_ref.explain((features, head), x, targets)
+
+    return _rows(forward, explain, EXPLAIN, quick, rounds, configs, image_shape, classes, name)
+
+
+def run_named(
+    quick: bool = False,
+    rounds: int | None = None,
+    configs: list[tuple[int, int]] | None = None,
+    model: Any = None,
+    layer: str = "_swish",
+    call: int | None = -1,
+    image_shape: tuple[int, ...] = (224, 224, 3),
+    classes: int = 1000,
+    name: str = "efficientnet_lite0_linen",
+) -> list[dict]:
+    """Rows of a bound ``flax.linen`` ``model`` explained at ``layer`` (default: EfficientNet-Lite0,
+    its last ReLU6), against ``jax.jit(module.apply)`` with the same variables."""
+    import jax
+
+    import gradcam_ref
+
+    if model is None:
+        from gradcam_ref.zoo import efficientnet_lite0 as zoo
+
+        model = zoo.linen_model().bind(zoo.linen_variables())
+    module, variables = model.unbind()
+    apply = jax.jit(module.apply)
+
+    def forward(x: Any) -> Any:
+        return apply(variables, x)
+
+    def explain(x: Any, targets: Any) -> Any:
+        return gradcam_ref.explain(model, x, targets, layer=layer, call=call)
+
+    return _rows(forward, explain, EXPLAIN_NAMED, quick, rounds, configs, image_shape, classes, name)
+
+
+def _rows(
+    forward: Any, explain: Any, method_name: str, quick: bool, rounds: int | None,
+    configs: list[tuple[int, int]] | None, image_shape: tuple[int, ...], classes: int, name: str,
+) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
 
     rounds = rounds if rounds is not None else (5 if quick else 20)
     if configs is None:
         configs = [(1, 1), (1, 10)] if quick else [(1, 1), (8, 1), (1, 10)]
-    features, head = _model() if model is None else model
-    forward = jax.jit(lambda x: head(features(x)))
     rows = []
     for batch, per_image in configs:
         x = jnp.asarray(np.random.default_rng(batch).standard_normal((batch, *image_shape)).astype(np.float32))
@@ -93,8 +145,7 @@ def run(
         targets = grid[:, 0] if per_image == 1 else grid
         calls = {
             FORWARD: lambda x=x: forward(x).block_until_ready(),
-            EXPLAIN: lambda x=x, targets=targets: gradcam_ref.explain((features, head), x, targets)
-            .maps.block_until_ready(),
+            method_name: lambda x=x, targets=targets: explain(x, targets).maps.block_until_ready(),
         }
         first = {method: _first_call(fn) for method, fn in calls.items()}
         results = paired_ratios(calls, FORWARD, rounds=rounds, warmup=1)

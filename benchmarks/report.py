@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 
 MODEL_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet_lite0": "EfficientNet-Lite0",
-               "tiny": "tiny"}
+               "efficientnet_lite0_linen": "EfficientNet-Lite0 (Flax linen)", "tiny": "tiny"}
 
 
 def _ratio(r: dict) -> str:
@@ -35,6 +35,7 @@ GOALS = (
     ("memory", None, "gradcam_ref", 1.10),
     ("core", None, "gradcam_ref.grad_cam", 2.00),
     ("jax", None, "gradcam_ref.explain (jitted)", 1.05),
+    ("jax", None, "gradcam_ref.explain (linen, layer=)", 1.05),
 )
 
 

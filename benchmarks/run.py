@@ -173,6 +173,8 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
             reason = bench_jax.why_unavailable()
             if reason is None:
                 new = bench_jax.run(quick=quick, rounds=plan["jax_rounds"])
+                if _has("flax"):  # the same network as a Flax linen module, at layer=
+                    new += bench_jax.run_named(quick=quick, rounds=plan["jax_rounds"])
                 rows += new
                 if log:
                     log(new)

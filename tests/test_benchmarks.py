@@ -226,3 +226,24 @@ def test_the_overhead_floor_computes_explains_gradients(per_image):
     targets = np.array([2]) if per_image == 1 else np.array([[4, 0, 2]])
     got = bench_overhead.autograd_alone(model[1:], a, targets)
     torch.testing.assert_close(got, gradcam_ref.explain(model, a, targets, layer="0").gradients, rtol=0, atol=0)
+
+
+def test_jax_named_layer_rows_of_a_tiny_linen_model():
+    import flax.linen as nn
+    import jax
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(5)(jax.numpy.tanh(nn.Conv(4, (1, 1), name="conv")(x)).mean(axis=(1, 2)))
+
+    x = np.zeros((1, 6, 6, 3), np.float32)
+    model = Tiny().bind(Tiny().init(jax.random.key(0), x))
+    rows = bench_jax.run_named(rounds=3, configs=[(2, 1), (1, 3)], model=model, layer="conv", call=None,
+                               image_shape=(6, 6, 3), classes=5, name="tiny")
+    assert [(r["batch"], r["targets"], r["method"]) for r in rows] == [
+        (2, 1, bench_jax.FORWARD), (2, 1, bench_jax.EXPLAIN_NAMED), (1, 3, bench_jax.FORWARD),
+        (1, 3, bench_jax.EXPLAIN_NAMED)]
+    for r in rows:
+        assert r["suite"] == "jax" and r["model"] == "tiny" and r["compile_s"] >= 0 and r["seconds"] > 0
+        assert r["ratio"] == 1.0 if r["method"] == bench_jax.FORWARD else r["ratio"] > 0

@@ -1,25 +1,26 @@
-r"""The JAX backend: Grad-CAM of a model split as ``(features, head)``, as one compiled program.
+r"""The JAX backend: Grad-CAM of a Flax, Equinox or split ``(features, head)`` model, as one compiled program.
 
 For inputs ``x`` ``(N, ...)`` one ``jax.jit`` program runs::
 
-    A = features(x)                       (N, K, *spatial), channels on ``channel_axis``
-    scores, vjp = jax.vjp(head, A)        y, pre-softmax
+    A, scores, vjp = seam.linearize(x)    A (N, K, *spatial), channels on ``channel_axis``; vjp of
+                                          the part after A only (:mod:`.models`)
     dy^c/dA = vjp(one_hot(c))             one pull-back for N targets; jax.vmap over T targets
     the core's grad_cam_fields            Eq. 1, Eq. 2, Guided Grad-CAM, inside the program
 
-compiled once per ``(features, head, target callable, channel_axis, guided)`` and input shape.
-:func:`capture` and :func:`explain` both run that program (``_program``). The maps are
-differentiable (``jax.grad`` through the backward pass): ``differentiable="full"`` is what the
-program always did; ``"stop"`` puts ``lax.stop_gradient`` on dy/dA (alpha held constant, GAIN).
-With ``params`` (a pytree, e.g. for ``jax.grad`` w.r.t. the weights and a jitted optax step) the
-model is called as ``features(params, x)`` and ``head(params, A)``. Guided backpropagation re-interprets
-the jaxpr of ``head(features(x))`` (:mod:`gradcam_ref.backends.jax.guided`). Splitting Flax,
-Equinox or Haiku models, and the rest of the story: docs/backends.md.
+compiled once per ``(seam, target callable, channel_axis, guided)`` and input shape; a model's
+parameters are an argument of the program. :func:`capture` and :func:`explain` both run that
+program (``_program``). The maps are differentiable (``jax.grad`` through the backward pass).
+Guided backpropagation re-interprets the jaxpr of the whole model
+(:mod:`gradcam_ref.backends.jax.guided`). The models and the rest of the story: docs/backends.md.
+``differentiable="stop"`` puts ``lax.stop_gradient`` on dy/dA (alpha held constant, GAIN);
+``"full"`` is what the program always is. ``params`` (split form) calls the model as
+``features(params, x)``, ``head(params, A)``, for ``jax.grad`` w.r.t. the weights.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import inspect
 import warnings
 import weakref
@@ -46,6 +47,7 @@ from gradcam_ref.backends._contract import (
     shape_of,
 )
 from gradcam_ref.backends.jax import guided as jax_guided
+from gradcam_ref.backends.jax import models as jax_models
 
 NAME = "jax"
 GUIDED = True
@@ -61,14 +63,18 @@ def capture(
     *,
     layer: Any = None,
     guided: bool = False,
-    channel_axis: int = 1,
+    channel_axis: int | None = None,
+    call: int | None = None,
+    variables: Any = None,
     differentiable: bool | str = False,
     params: Any = None,
 ) -> Capture:
-    r"""A, dy/dA and the scores of ``model = (features, head)`` on ``inputs``, by one jitted program.
+    r"""A, dy/dA and the scores of ``model`` at ``layer`` on ``inputs``, by one jitted program.
 
     Args:
-      model: ``(features, head)``, two hashable JAX-traceable callables:
+      model: a bound ``flax.linen`` module (or an unbound one with ``variables=``), an
+        ``nnx.Module``, an ``eqx.Module`` (called on one example: it is ``jax.vmap``-ed over the
+        batch), or ``(features, head)``, two hashable JAX-traceable callables
         ``features(inputs) -> A`` and ``head(A) -> scores``.
       inputs: the batch ``(N, ...)``, a ``jax.Array`` (NumPy arrays are converted).
       target: ``None`` (each example's predicted class), an int, N ints, an int array ``(N, T)``
@@ -77,13 +83,20 @@ def capture(
         weights and gradients of an index outside ``[0, C)`` come out as NaN (NaN-poisoning: no
         host sync, works under ``jit``, ``vmap`` and ``grad``; concrete targets are checked
         and refused before anything runs).
-      layer: must be None: the layer is the seam of ``(features, head)``.
+      layer: the submodule whose output is A: its dotted path (linen: ``module.path`` joined by
+        dots, ``"backbone.block3.conv"``; NNX and Equinox: attribute names and sequence indices,
+        ``"features.3"``), a bound linen submodule, or (Equinox) a ``where`` function as
+        ``eqx.tree_at`` takes. None in the split form, whose seam is the layer.
       guided: also compute ``guided_backprop``, the input gradient through guided ReLUs.
-      channel_axis: the axis of ``A`` holding its K channels: 1 (channels-first) or, e.g., -1 for
-        a channels-last (NHWC, Flax) model.
+      channel_axis: the axis of ``A`` holding its K channels. None: the layout of the library's
+        convolutions: -1 for Flax (linen, NNX: NHWC), 1 for Equinox (channels-first per example)
+        and for the split form.
+      call: which call of ``layer``, when it runs more than once per forward pass (0, 1, ...,
+        -1 for the last).
+      variables: the variables of an unbound linen ``model``.
       differentiable: False or ``"full"`` (the program is differentiable end to end, second
         order through alpha), or ``"stop"`` (``lax.stop_gradient`` on dy/dA: alpha constant).
-      params: None, or a pytree of parameters: then ``features(params, x)`` and
+      params: split form only: None, or a pytree of parameters; then ``features(params, x)`` and
         ``head(params, A)``, and ``jax.grad`` w.r.t. ``params`` flows through the program.
 
     Returns:
@@ -94,7 +107,7 @@ def capture(
       argument: then it is that JAX int array. ``guided_backprop`` is ``(N, C, *spatial)``
       (``(N, T, C, *spatial)``), channels-first like the activations, or None.
     """
-    return _run(model, inputs, target, layer, guided, channel_axis, differentiable, params)[0]
+    return _run(model, inputs, target, layer, guided, channel_axis, call, variables, differentiable, params)[0]
 
 
 def explain(
@@ -104,43 +117,46 @@ def explain(
     *,
     layer: Any = None,
     guided: bool = False,
-    channel_axis: int = 1,
+    channel_axis: int | None = None,
+    call: int | None = None,
+    variables: Any = None,
     differentiable: bool | str = False,
     params: Any = None,
 ) -> Explanation:
     """The :class:`~gradcam_ref.Explanation` of :func:`capture`, its core math run inside the same program."""
     return Explanation.from_capture(
-        *_run(model, inputs, target, layer, guided, channel_axis, differentiable, params))
+        *_run(model, inputs, target, layer, guided, channel_axis, call, variables, differentiable, params))
 
 
-def score(model: Any, inputs: Any) -> jax.Array:
-    """``head(features(inputs))`` of ``model = (features, head)``, jitted: the scores ``(N, classes)``."""
-    features, head = _split(model, None)
+def score(model: Any, inputs: Any, *, params: Any = None) -> jax.Array:
+    """The scores ``(N, classes)`` of ``model = (features, head)`` on ``inputs``, jitted (for re-scoring)."""
+    seam, params, _ = jax_models.seam(model, None, params=params)
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
-    out = _scores(x, features=features, head=head)
+    out = _scores(x, params, seam=seam)
     check_scores(out)
-    _check_same_batch("head(features(inputs))", out, x)
+    _check_same_batch("the model's output", out, x)
     return out
 
 
-def _scores_impl(x: jax.Array, *, features: Callable, head: Callable) -> Any:
-    return head(features(x))
+def _scores_impl(x: jax.Array, params: Any, *, seam: Any) -> Any:
+    return seam.forward(params, x)
 
 
-_scores = jax.jit(_scores_impl, static_argnames=("features", "head"))
+_scores = jax.jit(_scores_impl, static_argnames=("seam",))
 
 
 def _run(
-    model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int,
-    differentiable: bool | str = False, params: Any = None,
+    model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int | None,
+    call: int | None, variables: Any, differentiable: bool | str = False, params: Any = None,
 ) -> tuple[Capture, GradCamFields]:
     """Check the arguments (by name, before any trace), run the program, check its result."""
     stop = differentiable_mode(differentiable, guided) == "stop"
-    features, head = _split(model, layer)
+    seam, params, default_axis = jax_models.seam(model, layer, variables=variables, call=call, params=params)
+    channel_axis = default_axis if channel_axis is None else channel_axis
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
     if x.ndim < 1:
         raise ValueError(f"inputs must have a batch axis, shape (N, ...), got shape {shape_of(x)}")
-    static = {"features": features, "head": head, "channel_axis": channel_axis}
+    static = {"seam": seam, "channel_axis": channel_axis}
     # The forward pass's shapes, from an abstract trace (cached by jax.jit): A is checked inside it.
     a_struct, scores = _forward.eval_shape(x, params, **static)
     if not isinstance(scores, jax.ShapeDtypeStruct):
@@ -153,7 +169,7 @@ def _run(
         indices, targets_out = None, None
     else:
         check_scores(scores)
-        _check_same_batch("head(A)", scores, x)
+        _check_same_batch("the model's scores", scores, x)
         indices, targets_out = _class_indices(target, scores)
     guided = bool(guided)
     if guided and channel_axis != 1 and x.ndim != a_struct.ndim:
@@ -162,9 +178,9 @@ def _run(
             f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
         )
     captured, fields, traced_targets, flags = _program(
-        x, indices, params, target_fn=target if callable(target) else None, guided=guided, stop=stop, **static)
+        x, params, indices, target_fn=target if callable(target) else None, guided=guided, stop=stop, **static)
     if guided:
-        _warn_unguided(_GUIDED_RECORDS.get((features, head, shape_of(x), jnp.dtype(x.dtype))))
+        _warn_unguided(_GUIDED_RECORDS.get((seam, shape_of(x), jnp.dtype(x.dtype))))
     # Inside the program the core's finite checks see tracers and are skipped; the program
     # computes two flags instead, read in one transfer (the only host sync of a call): all
     # finite (of the signed map: the ReLU turns NaN into 0), some gradient exactly zero. Only
@@ -175,7 +191,7 @@ def _run(
             check_finite(fields.weights, "grad_cam", gradients=captured.gradients)
             check_finite(fields.signed, "grad_cam", activations=captured.activations, gradients=captured.gradients)
         if zero:
-            _warn_zero_gradients(captured.gradients, captured.activations.ndim)
+            _warn_zero_gradients(captured.gradients, captured.activations.ndim, seam.what)
     if targets_out is None and traced_targets is not None:
         targets_out = _host_ints(traced_targets)
     return captured._replace(targets=targets_out), fields
@@ -184,46 +200,39 @@ def _run(
 # --- The compiled program --------------------------------------------------------------------
 
 
-def _features(x: jax.Array, features: Callable, channel_axis: int) -> jax.Array:
-    """``features(x)``, checked at trace time before anything consumes it."""
-    a = features(x)
-    if not isinstance(a, jax.Array):
-        raise TypeError(f"features(inputs) must return one array (the activations A), got {type(a).__name__}")
-    rank = a.ndim
-    if rank < 3:
-        raise ValueError(
-            f"features(inputs) must return activations of shape (N, K, *spatial) (channels on "
-            f"channel_axis={channel_axis}) with at least one spatial axis, "
-            f"got shape {shape_of(a)} (rank {rank})"
-        )
-    axis = _channel_axis(channel_axis, rank)
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-        raise TypeError(f"features(inputs) must return floating activations, got dtype {a.dtype}")
-    _check_same_batch("features(inputs)", a, x)
-    check_feature_maps("features(inputs), channels first,", _moved_shape(a, axis))  # no empty axis
-    return a
+def _checked(x: jax.Array, what: str, channel_axis: int) -> Callable[[Any], Any]:
+    """The check of A (``what``'s output), at trace time before anything consumes it."""
+
+    def check(a: Any) -> Any:
+        if not isinstance(a, (jax.Array, jax.ShapeDtypeStruct)):
+            raise TypeError(f"{what} must return one array (the activations A), got {type(a).__name__}")
+        rank = a.ndim
+        if rank < 3:
+            raise ValueError(
+                f"{what} must return activations of shape (N, K, *spatial) (channels on "
+                f"channel_axis={channel_axis}) with at least one spatial axis, "
+                f"got shape {shape_of(a)} (rank {rank})"
+            )
+        axis = _channel_axis(channel_axis, rank)
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{what} must return floating activations, got dtype {a.dtype}")
+        _check_same_batch(what, a, x)
+        check_feature_maps(f"{what}, channels first,", _moved_shape(a, axis))  # no empty axis
+        return a
+
+    return check
 
 
-def _bind(features: Callable, head: Callable, params: Any) -> tuple[Callable, Callable]:
-    """The model as functions of one argument: ``features(params, .)`` when there are params."""
-    if params is None:
-        return features, head
-    return (lambda v: features(params, v)), (lambda a: head(params, a))
-
-
-def _forward_impl(x: jax.Array, params: Any, *, features: Callable, head: Callable, channel_axis: int) -> Any:
-    features, head = _bind(features, head, params)
-    a = _features(x, features, channel_axis)
-    return a, head(a)
+def _forward_impl(x: jax.Array, params: Any, *, seam: Any, channel_axis: int) -> Any:
+    return seam.activations_and_scores(params, x, _checked(x, seam.what, channel_axis))
 
 
 def _program_impl(
     x: jax.Array,
-    indices: jax.Array | None,
     params: Any,
+    indices: jax.Array | None,
     *,
-    features: Callable,
-    head: Callable,
+    seam: Any,
     target_fn: Callable | None,
     channel_axis: int,
     guided: bool = False,
@@ -231,14 +240,13 @@ def _program_impl(
 ) -> tuple[Any, ...]:
     r"""Everything, traced once: forward, one backward per target, Eq. 1 and Eq. 2 (the core's).
 
-    ``indices`` is None (use ``argmax(scores, 1)``), ``(N,)`` or ``(N, T)`` class indices; or
-    ``target_fn`` maps scores to ``(N,)`` and the gradient is that of :math:`\sum_n`
-    ``target_fn(scores)[n]``. ``stop``: dy/dA is a constant for differentiation (GAIN's mode).
+    ``seam.linearize`` gives A, the scores and the VJP of the part of the model after A only
+    (:mod:`gradcam_ref.backends.jax.models`). ``indices`` is None (use ``argmax(scores, 1)``),
+    ``(N,)`` or ``(N, T)`` class indices; or ``target_fn`` maps scores to ``(N,)`` and the
+    gradient is that of :math:`\sum_n` ``target_fn(scores)[n]``. ``stop``: dy/dA is a constant for
+    differentiation (GAIN's mode).
     """
-    key = (features, head, shape_of(x), jnp.dtype(x.dtype))
-    features, head = _bind(features, head, params)
-    a = _features(x, features, channel_axis)
-    scores, head_vjp = jax.vjp(head, a)
+    a, scores, head_vjp = seam.linearize(params, x, _checked(x, seam.what, channel_axis))
     multi = False
     given = indices is not None
     if target_fn is not None:
@@ -257,11 +265,10 @@ def _program_impl(
     a_first = jnp.moveaxis(a, axis, 1)
     g_first = jnp.moveaxis(gradients, axis + 1, 2) if multi else jnp.moveaxis(gradients, axis, 1)
     guided_backprop = None
-    if guided:  # the same seeds, pulled back to x through head(features(x)) with guided ReLUs
-        record = jax_guided.Record()
-        _GUIDED_RECORDS[key] = record
-        whole = jax_guided.guided(lambda v: head(features(v)), record)
-        _, guided_vjp = jax.vjp(whole, x)
+    if guided:  # the same seeds, pulled back to x through the whole model with guided ReLUs
+        record = _GUIDED_RECORDS[(seam, shape_of(x), jnp.dtype(x.dtype))] = jax_guided.Record()
+        whole = jax_guided.guided(lambda v, p: seam.forward(p, v), record)
+        _, guided_vjp = jax.vjp(lambda v: whole(v, params), x)
         guided_backprop = _pull_back(guided_vjp, seeds, multi)
         if axis != 1:  # the inputs' channels on the activations' axis: channels-first, like A
             guided_backprop = jnp.moveaxis(guided_backprop, axis + multi, 1 + multi)
@@ -302,9 +309,9 @@ def _pull_back(vjp: Callable, seeds: jax.Array, multi: bool) -> jax.Array:
 
 
 class _WeakRecords:
-    """What the last trace of a guided program found, per (features, head, input shape, dtype).
+    """What the last trace of a guided program found, per (seam, input shape, dtype).
 
-    The functions are held weakly (``weakref.ref``; ``WeakMethod`` for bound methods, which are
+    The seam's functions and modules are held weakly (``weakref.ref``; ``WeakMethod`` for bound methods, which are
     made anew at each attribute access but compare equal): an entry neither keeps a model's
     closures (and the arrays they hold) alive nor outlives them. Functions that cannot be
     weakly referenced go to a small LRU table of ``STRONG_LIMIT`` entries. (``jax.jit``'s own
@@ -324,10 +331,18 @@ class _WeakRecords:
         return weakref.ref(fn)
 
     def _key(self, key: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        try:
-            return (self._ref(key[0]), self._ref(key[1]), *key[2:])
-        except TypeError:  # not weakly referenceable
+        seam, *rest = key
+        try:  # the seam's callables (functions, modules) weakly, its plain settings as they are
+            parts = tuple(self._ref(v) if callable(v) else v
+                          for v in (getattr(seam, f.name) for f in dataclasses.fields(seam)))
+            hash(parts)
+        except TypeError:  # not weakly referenceable, or not hashable
             return None
+        return (type(seam), parts, *rest)
+
+    @staticmethod
+    def _alive(key: tuple[Any, ...]) -> bool:
+        return all(r() is not None for r in key[1] if isinstance(r, weakref.ref))
 
     def __setitem__(self, key: tuple[Any, ...], record: jax_guided.Record) -> None:
         weak = self._key(key)
@@ -337,7 +352,7 @@ class _WeakRecords:
             while len(self._strong) > self.STRONG_LIMIT:
                 self._strong.popitem(last=False)
             return
-        self._weak = {k: v for k, v in self._weak.items() if k[0]() is not None and k[1]() is not None}
+        self._weak = {k: v for k, v in self._weak.items() if self._alive(k)}
         self._weak[weak] = record
 
     def get(self, key: tuple[Any, ...]) -> jax_guided.Record | None:
@@ -345,21 +360,21 @@ class _WeakRecords:
         return self._strong.get(key) if weak is None else self._weak.get(weak)
 
     def __len__(self) -> int:
-        return sum(1 for k in self._weak if k[0]() is not None and k[1]() is not None) + len(self._strong)
+        return sum(1 for k in self._weak if self._alive(k)) + len(self._strong)
 
 
 _GUIDED_RECORDS = _WeakRecords()
 """What the last trace of a guided program found (see :class:`_WeakRecords`)."""
 
 
-def _warn_zero_gradients(gradients: jax.Array, rank: int) -> None:
+def _warn_zero_gradients(gradients: jax.Array, rank: int, what: str) -> None:
     """Warn about examples (and targets) whose gradients are zero everywhere (after the flag said so)."""
     g = np.asarray(gradients)
     lead = g.ndim - rank + 1  # 1 (N,) or 2 (N, T)
     zero = np.max(np.abs(g), axis=tuple(range(lead, g.ndim))) == 0
     bad = [int(b[0]) if lead == 1 else tuple(int(v) for v in b) for b in np.argwhere(zero)]
     warnings.warn(
-        f"the gradients of the score at the output of features are exactly zero for "
+        f"the gradients of the score at {what} are exactly zero for "
         f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
         "the score does not depend on the layer there, so the map is zero",
         ZeroGradientWarning,
@@ -372,7 +387,7 @@ def _warn_unguided(record: jax_guided.Record | None) -> None:
         return
     if not record.counts:
         warnings.warn(
-            "guided=True but head(features(x)) has no ReLU that the guided pass recognises (see "
+            "guided=True but the model has no ReLU that the guided pass recognises (see "
             "gradcam_ref.backends.jax.guided): guided_backprop is the plain gradient w.r.t. the inputs",
             NoGuidedReLUWarning,
             stacklevel=4,
@@ -386,39 +401,14 @@ def _warn_unguided(record: jax_guided.Record | None) -> None:
         )
 
 
-_forward = jax.jit(_forward_impl, static_argnames=("features", "head", "channel_axis"))
-_program = jax.jit(
-    _program_impl, static_argnames=("features", "head", "target_fn", "channel_axis", "guided", "stop"))
+_forward = jax.jit(_forward_impl, static_argnames=("seam", "channel_axis"))
+_program = jax.jit(_program_impl, static_argnames=("seam", "target_fn", "channel_axis", "guided", "stop"))
 
 
 # --- Checks -----------------------------------------------------------------------------------
 
 
-def _split(model: Any, layer: Any) -> tuple[Callable, Callable]:
-    if layer is not None:
-        raise ValueError(
-            f"the jax backend takes the layer as the seam of model = (features, head); "
-            f"layer must be None, got {layer!r}"
-        )
-    if not (isinstance(model, (tuple, list)) and len(model) == 2 and all(callable(p) for p in model)):
-        raise TypeError(
-            f"model must be a pair (features, head) of callables, features(x) -> A and "
-            f"head(A) -> scores, got {type(model).__name__}"
-        )
-    features, head = model
-    _check_hashable("features", features)
-    _check_hashable("head", head)
-    return features, head
-
-
-def _check_hashable(name: str, fn: Callable) -> None:
-    try:
-        hash(fn)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be hashable (jax.jit caches the compiled program per function), "
-            f"got an unhashable {type(fn).__name__}; wrap it once in a function"
-        ) from None
+_check_hashable = jax_models.check_hashable
 
 
 def _channel_axis(channel_axis: int, rank: int) -> int:

