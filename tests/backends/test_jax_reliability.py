@@ -34,6 +34,7 @@ def head_holding(big):
 def test_guided_records_release_the_callers_closures():
     """Explaining with new closures, each holding a large array, keeps none of them once dropped."""
     refs = []
+    before = len(jax_backend._GUIDED_RECORDS)  # records of other tests' live functions stay
     for i in range(5):
         big = np.full((1000, 1000), float(i), dtype=np.float32)  # 4 MB each, held by the closure
         h = head_holding(big)
@@ -43,7 +44,7 @@ def test_guided_records_release_the_callers_closures():
     jax.clear_caches()  # jax.jit's cache holds static arguments until then: JAX's own rule
     gc.collect()
     assert all(h() is None and b() is None for h, b in refs)
-    assert len(jax_backend._GUIDED_RECORDS) == 0
+    assert len(jax_backend._GUIDED_RECORDS) == before
 
 
 class Unreferenceable:
