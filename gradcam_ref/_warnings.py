@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NoGuidedReLUWarning", "TrainingModeWarning", "ZeroGradientWarning"]
+__all__ = ["NoGuidedReLUWarning", "NonPositiveScoreWarning", "TrainingModeWarning", "ZeroGradientWarning"]
 
 
 class NoGuidedReLUWarning(UserWarning):
@@ -16,3 +16,7 @@ class ZeroGradientWarning(UserWarning):
 
 class TrainingModeWarning(UserWarning):
     """The model has layers whose training mode changes the result (dropout, batch norm)."""
+
+
+class NonPositiveScoreWarning(UserWarning):
+    """Ablation-CAM divides by the target score, which is negative here: its weights change sign."""
