@@ -199,9 +199,10 @@ def eigen_cam(activations: Array, *, centre: bool = False, sign: str = "fixed", 
     ``sign="fixed"`` (default) orients the projection p so that its largest magnitude is
     positive (:math:`|\min p| > \max p` flips it, the rule of Seg-Eigen-CAM, Eq. 13); on a
     tie, so that :math:`\sum p \ge 0`; on a further tie, so that its first non-zero value is
-    positive. The map is then a function of the activations alone, the same for any SVD
-    routine. ``sign="svd"`` keeps the SVD routine's sign; ``sign="numpy"`` the sign
-    NumPy's float32 ``np.linalg.svd`` gives (pytorch-grad-cam's; concrete arrays only).
+    positive (ties judged up to rounding, 1000 eps of the largest magnitude). The map is then
+    a function of the activations alone, the same for any SVD routine. ``sign="svd"`` keeps
+    the SVD routine's sign; ``sign="numpy"`` the sign ``np.linalg.svd`` gives in the
+    activations' own dtype (pytorch-grad-cam's; concrete arrays only).
     float32 NumPy and torch arrays are decomposed in float64 (torch's float32 SVD is off by
     about 1e-5 of the map's range); the result has the input's dtype.
 
@@ -333,7 +334,7 @@ def fuse_maps(maps: Sequence[Array], rule: str = "mean", *, size: Sequence[int] 
     r"""Fuse the maps of several layers into one, after resizing them to ``size``.
 
     Each map ``(N, *spatial_l)`` is resized (bilinear, half-pixel centres) to ``size`` (default:
-    the largest of each axis), then:
+    the largest of each axis; for ``"layercam"`` after its scaling, as torchcam does), then:
 
     - ``"mean"``: :math:`\frac1L \sum_l L_l` (pytorch-grad-cam's rule; it min-max normalises
       each layer's map first, see :mod:`gradcam_ref.conventions`);
@@ -689,13 +690,21 @@ def _numpy_orientation(xp: Any, x: Array, n_lead: int, centre: bool, p: Array) -
 
 
 def _orientation(xp: Any, p: Array) -> Array:
-    """+1 or -1 per row of ``p`` ``(..., Z)``: largest magnitude positive, then sum, then first non-zero."""
-    top, bottom = xp.max(p, axis=-1), xp.min(p, axis=-1)
-    total = xp.sum(p, axis=-1)
-    nonzero = p != 0
-    first_index = xp.argmax(xp.astype(nonzero, xp.int32), axis=-1)
-    first = xp.squeeze(xp.take_along_axis(p, xp.expand_dims(first_index, axis=-1), axis=-1), axis=-1)
-    sign = xp.where(-bottom > top, -1.0, xp.where(-bottom < top, 1.0,
-                    xp.where(total < 0, -1.0, xp.where(total > 0, 1.0, xp.where(first < 0, -1.0, 1.0)))))
-    return xp.expand_dims(xp.astype(sign, p.dtype), axis=-1)
+    """+1 or -1 per row of ``p`` ``(..., Z)``: largest magnitude positive, then sum, then first non-zero.
 
+    Ties are judged up to rounding: values closer than ``1000 eps`` times the row's largest
+    magnitude count as equal (as zero for the sum and the first non-zero value), so that the
+    SVD's last bits cannot choose the sign.
+    """
+    top, bottom = xp.max(p, axis=-1), xp.min(p, axis=-1)
+    scale = xp.maximum(top, -bottom)
+    tol = 1000 * xp.finfo(p.dtype).eps * scale
+    total = xp.sum(p, axis=-1)
+    significant = xp.abs(p) > xp.expand_dims(tol, axis=-1)
+    first_index = xp.argmax(xp.astype(significant, xp.int32), axis=-1)
+    first = xp.squeeze(xp.take_along_axis(p, xp.expand_dims(first_index, axis=-1), axis=-1), axis=-1)
+    total_tol = tol * shape_of(p)[-1]
+    sign = xp.where(-bottom > top + tol, -1.0, xp.where(-bottom < top - tol, 1.0,
+                    xp.where(total < -total_tol, -1.0, xp.where(total > total_tol, 1.0,
+                             xp.where(first < 0, -1.0, 1.0)))))
+    return xp.expand_dims(xp.astype(sign, p.dtype), axis=-1)
