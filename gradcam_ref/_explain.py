@@ -47,7 +47,7 @@ class Capture(NamedTuple):
     """
 
     activations: Array
-    gradients: Array | None
+    gradients: Array  # None for the perturbation methods, which need none
     scores: Array
     targets: Any
     guided_backprop: Array | None = None
@@ -123,8 +123,8 @@ class Explanation:
 
     maps: Array
     activations: Array
-    gradients: Array | None
-    weights: Array | None
+    gradients: Array  # or None (Score-CAM, Ablation-CAM)
+    weights: Array  # or None (methods without channel weights)
     scores: Array
     targets: np.ndarray | None
     guided_backprop: Array | None = None
@@ -207,11 +207,9 @@ class Explanation:
     def numpy(self) -> Explanation:
         """A copy with every array as a float64 NumPy array on the host (targets stay int)."""
         convert = lambda x: None if x is None else np.array(to_numpy(x), dtype=np.float64)  # noqa: E731
-        return dataclasses.replace(
-            self,
-            **{f.name: convert(getattr(self, f.name)) for f in dataclasses.fields(self)
-               if f.name not in ("targets", "method", "options")},
-        )
+        arrays: dict[str, Any] = {f.name: convert(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                  if f.name not in ("targets", "method", "options")}
+        return dataclasses.replace(self, **arrays)
 
 
 def explain(
@@ -334,7 +332,7 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
             raise ValueError(f"value must be one of {ABLATION_VALUES}, got {value!r}")
 
         def make(x: Any, a: Any, n: int, start: int, stop: int) -> Any:
-            return ablated_activations(a, n, range(start, stop), value=value, chunk=batch_size)
+            return ablated_activations(a, n, range(start, stop), value=value, chunk=int(batch_size))
 
         where = "activations"
     perturbed = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size, **options)

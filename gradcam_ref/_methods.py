@@ -8,7 +8,7 @@ against the array API (NumPy float64 is the reference; torch and JAX arrays stay
 Gradient methods are one weight or elementwise function of ``(A, G)`` each; the perturbation
 methods (Score-CAM, Ablation-CAM) split into pure halves here (the masks or ablated activations
 to score, and the reduction of the scores to weights) while a backend does the scoring
-(``rescore`` in ``gradcam_ref.backends._contract``). :data:`METHODS` lists every name
+(``perturb`` in the ``Backend`` Protocol of ``gradcam_ref.backends._contract``). :data:`METHODS` lists every name
 :func:`gradcam_ref.explain` accepts; :func:`method_fields` is the dispatch from a name to maps.
 Equations, papers and each library's deviations: the functions' docstrings and docs/cam-family.md.
 """

@@ -527,8 +527,8 @@ def perturb(
                 elif tail is not None:
                     out = tail(batch)
                 else:
-                    out = _substituted(model, module, at, call, inputs[i:i + 1].expand(stop - start, *inputs.shape[1:]),
-                                       batch)  # type: ignore[arg-type]
+                    repeated = inputs[i:i + 1].expand(stop - start, *inputs.shape[1:])
+                    out = _substituted(model, module, at, call, repeated, batch)  # type: ignore[arg-type]
                 rows[i, start:stop] = out
     return Perturbed(a, scores, rows)
 

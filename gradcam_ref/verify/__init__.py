@@ -184,7 +184,7 @@ def run(goldens_directory: str | Path | None = None, *, perturbation: str = "all
     """All checks, and notes on what could not run.
 
     ``perturbation`` says where Score-CAM and Ablation-CAM are compared with the peers
-    (:func:`method_peer_checks`).
+    (``gradcam_ref.verify.peers.method_peer_checks``).
     """
     checks, notes = golden_checks(goldens_directory)
     more, more_notes = peer_checks()
