@@ -184,3 +184,17 @@ def test_overhead_rows():
         assert r["suite"] == "overhead" and r["library"] == "torch" and r["seconds"] > 0
         assert r["extra_ms"] == 0.0 if r["method"] == "forward" else r["extra_ms"] > 0
     assert "gradcam_ref.explain" in report.overhead_table(rows)
+
+
+def test_family_suite_rows_and_goals_on_a_tiny_model():
+    """The CAM-family suite's rows (ours only: importing pytorch-grad-cam is slow) and its goal lines."""
+    from benchmarks import bench_family
+
+    rows = bench_family.run("tiny", ("hirescam", "ablation-cam"), budget_s=0.0, max_rounds=2, min_rounds=2,
+                            costly_min_rounds=1, peers=False)
+    assert [(r["library"], r["method"]) for r in rows] == [
+        ("forward", "forward"), ("gradcam_ref", "hirescam"), ("gradcam_ref", "ablation-cam")]
+    assert all(r["suite"] == "family" and r["ratio"] > 0 and r["q1"] <= r["ratio"] <= r["q3"] for r in rows)
+    lines = report.family_goals_text({"rows": rows}).splitlines()
+    assert [line.split(" | ")[1] for line in lines] == ["tiny b1 hirescam", "tiny b1 ablation-cam"]
+    assert "| gradcam_ref | pytorch-grad-cam 1.5.7 |" in report.family_table(rows)
