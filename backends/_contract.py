@@ -16,7 +16,14 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from gradcam_ref._arrays import check_feature_maps, check_finite, shape_of
-from gradcam_ref._explain import Capture, Explanation, GradCamFields, differentiable_mode, grad_cam_fields
+from gradcam_ref._explain import (
+    Capture,
+    Explanation,
+    GradCamFields,
+    Perturbed,
+    differentiable_mode,
+    grad_cam_fields,
+)
 from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._targets import Target, check_scores, check_target_scores, class_indices, resolve_targets
 from gradcam_ref._warnings import NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
@@ -27,6 +34,7 @@ __all__ = [
     "Explanation",
     "GradCamFields",
     "NoGuidedReLUWarning",
+    "Perturbed",
     "Target",
     "TrainingModeWarning",
     "ZeroGradientWarning",
@@ -83,6 +91,22 @@ class Backend(Protocol):
 
         NumPy ``inputs`` are converted to the model's library, dtype and device; the result stays
         there. The model is left exactly as it was (re-scoring for gradcam_ref.metrics).
+        """
+        ...
+
+    def perturb(self, model: Any, inputs: Any, make: Any, *, layer: Any = None, where: str = "activations",
+                batch_size: int = 32, **options: Any) -> Perturbed:
+        """Score the model on perturbed copies of each example, ``batch_size`` at a time, without autograd.
+
+        One plain forward pass gives the layer's activations A (channels first) and the scores.
+        Then for each example n and each chunk ``[start, stop)`` of ``range(K)`` (K = A's
+        channels), ``make(inputs, A, n, start, stop)`` (a core function) returns a batch of
+        ``stop - start`` perturbed copies: activations ``(b, K, *spatial)`` with
+        ``where="activations"``, scored by the part of the model *after* the layer only (the
+        part before it does not change), or inputs ``(b, *inputs.shape[1:])`` with
+        ``where="inputs"``, scored by the whole model. Returns
+        ``Perturbed(A, scores (N, C), perturbed_scores (N, K, C))``; peak memory grows with
+        ``batch_size``, not K. The model must be left exactly as it was.
         """
         ...
 

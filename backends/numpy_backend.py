@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref.backends._contract import Capture, ZeroGradientWarning, class_indices, explaining, shape_of
+from gradcam_ref.backends._contract import (
+    Capture,
+    Perturbed,
+    ZeroGradientWarning,
+    class_indices,
+    explaining,
+    shape_of,
+)
 
 NAME = "numpy"
 GUIDED = True
@@ -103,6 +110,16 @@ class Oracle:
             x = np.maximum(x, 0.0)
             outputs[f"relu{i}"] = x
         return outputs, self._head(x)
+
+    def forward_from(self, layer: str, a: np.ndarray) -> np.ndarray:
+        """The scores y when ``layer``'s output is ``a``: only the layers after it run."""
+        if layer not in self.layers:
+            raise ValueError(f"layer must be one of {self.layers}, got {layer!r}")
+        kind, i = layer[:4], int(layer[4:])
+        x = np.maximum(a, 0.0) if kind == "conv" else a
+        for weight, bias in self.convs[i + 1:]:
+            x = np.maximum(conv(x, weight, bias), 0.0)
+        return self._head(x)
 
     def _head(self, a: np.ndarray) -> np.ndarray:
         if self.head == "flatten":
@@ -266,3 +283,32 @@ def score(model: Oracle, inputs: Any) -> np.ndarray:
     if not isinstance(model, Oracle):
         raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
     return model.forward(np.asarray(inputs, dtype=np.float64))[1]
+def perturb(
+    model: Oracle, inputs: Any, make: Any, *, layer: str | None = None, where: str = "activations",
+    batch_size: int = 32,
+) -> Perturbed:
+    """The oracle scored on perturbed copies (see the Protocol's ``perturb``).
+
+    ``where="activations"``: :meth:`Oracle.forward_from` runs only the layers after ``layer``.
+    """
+    if not isinstance(model, Oracle):
+        raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
+    if where not in ("activations", "inputs"):
+        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    x = np.asarray(inputs, dtype=np.float64)
+    layer = model.layers[-1] if layer is None else layer
+    if layer not in model.layers:
+        raise ValueError(f"layer must be one of {model.layers}, got {layer!r}")
+    outputs, scores = model.forward(x)
+    a = outputs[layer]
+    n, k = a.shape[:2]
+    rows = np.empty((n, k, scores.shape[1]))
+    for i in range(n):
+        for start in range(0, k, batch_size):
+            stop = min(start + batch_size, k)
+            batch = make(x, a, i, start, stop)
+            if where == "activations":
+                rows[i, start:stop] = model.forward_from(layer, batch)  # only the layers after `layer`
+            else:
+                rows[i, start:stop] = model.forward(batch)[1]
+    return Perturbed(a, scores, rows)

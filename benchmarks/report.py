@@ -38,6 +38,10 @@ GOALS = (
     ("jax", None, "gradcam_ref.explain (linen, layer=)", 1.05),
 )
 
+FAMILY_GOALS = {"gradient": 1.10, "ablation-cam": 2.0, "score-cam speed-up": 1.5}
+"""Issue 14: every gradient method within 1.10x of a forward, Ablation-CAM within 2x, Score-CAM
+at least 1.5x faster than pytorch-grad-cam's."""
+
 
 def load(path: str = RESULTS) -> dict:
     """A saved run: ``{"machine", "plan", "rows", "elapsed_s", ...}``."""
@@ -63,6 +67,50 @@ def goals(result: dict) -> list[dict]:
             out.append({"goal": name, "where": where, "ratio": r["ratio"], "limit": limit,
                         "met": r["ratio"] <= limit})
     return out
+
+
+def family_goals(result: dict) -> list[dict]:
+    """The CAM family's goals (:data:`FAMILY_GOALS`) against the ``family`` rows of a run."""
+    rows = [r for r in result["rows"] if r["suite"] == "family"]
+    ours = {r["method"]: r for r in rows if r["library"] == "gradcam_ref"}
+    theirs = {r["method"]: r for r in rows if r["library"] == "pytorch-grad-cam"}
+    out = []
+    for method, r in ours.items():
+        where = f"{MODEL_NAMES.get(r['model'], r['model'])} b{r['batch']} {method}"
+        if method == "score-cam":
+            if method in theirs:
+                speedup = theirs[method]["ratio"] / r["ratio"]
+                limit = FAMILY_GOALS["score-cam speed-up"]
+                out.append({"goal": "family speed-up vs pgc", "where": where, "ratio": speedup, "limit": limit,
+                            "met": speedup >= limit})
+            continue
+        limit = FAMILY_GOALS["ablation-cam" if method == "ablation-cam" else "gradient"]
+        out.append({"goal": "family time", "where": where, "ratio": r["ratio"], "limit": limit,
+                    "met": r["ratio"] <= limit})
+    return out
+
+
+def family_goals_text(result: dict) -> str:
+    """One line per CAM-family goal (a speed-up must be at least its limit, a ratio at most)."""
+    lines = []
+    for g in family_goals(result):
+        above = g["goal"].endswith("vs pgc")
+        sign = (">=" if g["met"] else "<") if above else ("<=" if g["met"] else ">")
+        lines.append(f"{g['goal']} | {g['where']} | {g['ratio']:.3f}x {sign} {g['limit']:.2f}x | "
+                     f"{'met' if g['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def family_table(rows: list[dict]) -> str:
+    chosen = [r for r in rows if r["suite"] == "family" and r["method"] != "forward"]
+    methods = list(dict.fromkeys(r["method"] for r in chosen))
+    body = []
+    for method in methods:
+        mine = next((r for r in chosen if r["method"] == method and r["library"] == "gradcam_ref"), None)
+        peer = next((r for r in chosen if r["method"] == method and r["library"] == "pytorch-grad-cam"), None)
+        body.append([method, _ratio(mine) if mine else "n/a", _ratio(peer) if peer else "n/a",
+                     f"{peer['ratio'] / mine['ratio']:.2f}x" if mine and peer else "n/a"])
+    return _table(["method", "gradcam_ref", "pytorch-grad-cam 1.5.7", "speed-up"], body)
 
 
 def goals_text(result: dict) -> str:
@@ -183,6 +231,8 @@ def markdown(result: dict) -> str:
         from benchmarks.bench_metrics import table
 
         parts += ["### Metrics against Quantus 0.6 (same run)", table(rows)]
+    if "family" in suites:
+        parts += ["### The CAM family, ResNet-18 layer4, batch 1 (ratio to a no-grad forward)", family_table(rows)]
     return "\n\n".join(parts)
 
 

@@ -16,6 +16,8 @@ Suites (all by default):
   against one plain training step of ResNet-18 (:mod:`benchmarks.bench_gain`).
 - ``metrics``: gradcam_ref.metrics against Quantus 0.6 in the same run (localisation per map,
   perturbation metrics per forward, ROAD's imputation), when Quantus is installed.
+- ``family``: each CAM method of ours and of pytorch-grad-cam (ResNet-18 layer4, batch 1)
+  against a no-grad forward (:mod:`benchmarks.bench_family`).
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -39,7 +41,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax", "gain", "metrics")
+SUITES = ("time", "memory", "core", "overhead", "jax", "gain", "metrics", "family")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -48,12 +50,14 @@ PLANS: dict[str, dict[str, Any]] = {
         "budget_s": 18.0, "multi_budget_s": 30.0, "max_rounds": 30, "min_rounds": 7, "costly_min_rounds": 3,
         "setup_rounds": 5, "memory_batches": (8,), "memory_multi_models": ("resnet50",),
         "core_rounds": 40, "overhead_rounds": 30, "jax_rounds": 20,
+        "family_budget_s": 60.0, "family_max_rounds": 15, "family_min_rounds": 5, "family_costly_min_rounds": 3,
     },
     "quick": {
         "models": ("resnet18",), "batches": (1, 8), "multi_targets": 10,
         "budget_s": 4.0, "multi_budget_s": 5.0, "max_rounds": 15, "min_rounds": 5, "costly_min_rounds": 2,
         "setup_rounds": 3, "memory_batches": (8,), "memory_multi_models": (),
         "core_rounds": 10, "overhead_rounds": 10, "jax_rounds": 5,
+        "family_budget_s": 10.0, "family_max_rounds": 5, "family_min_rounds": 3, "family_costly_min_rounds": 1,
     },
 }
 
@@ -200,8 +204,18 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
             lap("metrics")
         else:
             notes.append("metrics suite not run: it needs torch and quantus (pip install -e '.[metrics-peers]')")
+    if "family" in suites and torch_ok:
+        from benchmarks import bench_family
+
+        new = bench_family.run(budget_s=plan["family_budget_s"], max_rounds=plan["family_max_rounds"],
+                               min_rounds=plan["family_min_rounds"],
+                               costly_min_rounds=plan["family_costly_min_rounds"], peers=_has("pytorch_grad_cam"))
+        rows += new
+        if log:
+            log(new)
+        lap("family")
     if not torch_ok:
-        notes.append("torch is not installed: time and memory suites not run")
+        notes.append("torch is not installed: time, memory and family suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,
             "elapsed_s": time.perf_counter() - start, "suite_seconds": seconds, "notes": notes}
 

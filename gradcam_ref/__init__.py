@@ -10,30 +10,68 @@ from gradcam_ref._evaluate import Evaluation, evaluate
 from gradcam_ref._explain import Capture, Explanation, explain
 from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_importance
 from gradcam_ref._guided import guided_grad_cam, guided_image
+from gradcam_ref._methods import (
+    METHODS,
+    ablated_activations,
+    ablation_cam_weights,
+    eigen_cam,
+    eigen_grad_cam,
+    fuse_maps,
+    hires_cam,
+    layer_cam,
+    layercam_scale,
+    score_cam_masks,
+    score_cam_weights,
+    smooth_grad_cam_plus_plus,
+    xgrad_cam,
+    xgrad_cam_weights,
+)
 from gradcam_ref._postprocess import normalize, upsample
-from gradcam_ref._warnings import MetricWarning, NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
+from gradcam_ref._warnings import (
+    MetricWarning,
+    NoGuidedReLUWarning,
+    NonPositiveScoreWarning,
+    TrainingModeWarning,
+    ZeroGradientWarning,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
     "Capture",
     "Evaluation",
     "Explanation",
     "MetricWarning",
     "NoGuidedReLUWarning",
+    "NonPositiveScoreWarning",
     "TrainingModeWarning",
     "ZeroGradientWarning",
+    "ablated_activations",
+    "ablation_cam_weights",
     "cam",
     "conventions",
     "evaluate",
     "explain",
     "gain",
+    "eigen_cam",
+    "eigen_grad_cam",
+    "explain",
+    "fuse_maps",
     "grad_cam",
     "grad_cam_plus_plus",
     "guided_grad_cam",
     "guided_image",
     "metrics",
+    "hires_cam",
+    "layer_cam",
+    "layercam_scale",
     "neuron_importance",
     "normalize",
+    "score_cam_masks",
+    "score_cam_weights",
+    "smooth_grad_cam_plus_plus",
     "upsample",
+    "xgrad_cam",
+    "xgrad_cam_weights",
 ]

@@ -7,15 +7,30 @@ The contract between the two is ``gradcam_ref.backends._contract.Backend``; an
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import Any, NamedTuple
 
+import array_api_compat
 import numpy as np
 
-from gradcam_ref._arrays import Array, to_numpy
+from gradcam_ref._arrays import Array, shape_of, to_numpy
 from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
 from gradcam_ref._guided import guided_grad_cam
-from gradcam_ref._targets import Target
-from gradcam_ref.conventions import postprocess
+from gradcam_ref._methods import (
+    ABLATION_VALUES,
+    SCORE_CAM_VARIANTS,
+    _smooth_weights,
+    ablated_activations,
+    ablation_cam_weights,
+    check_method,
+    method_fields,
+    score_cam_masks,
+    score_cam_weights,
+)
+from gradcam_ref._targets import Target, resolve_targets
+from gradcam_ref._warnings import NonPositiveScoreWarning
+from gradcam_ref.conventions import method_signed_map, postprocess
 
 DIFFERENTIABLE_MODES = (False, "stop", "full")
 """``explain(differentiable=...)``: inference; alpha held constant (GAIN's choice); second order."""
@@ -49,10 +64,25 @@ class Capture(NamedTuple):
     """
 
     activations: Array
-    gradients: Array
+    gradients: Array  # None for the perturbation methods, which need none
     scores: Array
     targets: Any
     guided_backprop: Array | None = None
+
+
+class Perturbed(NamedTuple):
+    """What a backend's ``perturb`` returns: the layer's A, the scores, and the perturbed scores.
+
+    Attributes:
+      activations: :math:`A` of ``inputs``, ``(N, K, *spatial)``, channels first.
+      scores: the model's output for ``inputs``, ``(N, C)``.
+      perturbed_scores: the model's output for each of the ``count`` perturbed versions of
+        each example, ``(N, count, C)``.
+    """
+
+    activations: Array
+    scores: Array
+    perturbed_scores: Array
 
 
 class GradCamFields(NamedTuple):
@@ -98,37 +128,82 @@ class Explanation:
       guided_grad_cam: with ``guided=True``, ``guided_grad_cam(guided_backprop, maps)``: the
         guided gradients times ``maps`` upsampled to the input, same shape; else None.
         :func:`gradcam_ref.guided_image` makes either displayable.
+      method: the method's name (one of :data:`gradcam_ref.METHODS`), ``"grad-cam"`` by default.
+      signed: the map before the method's final ReLU, the shape of ``maps``; None for Grad-CAM,
+        whose signed map is ``gradcam_ref.cam(activations, weights)``.
+      options: the method's options as ``(name, value)`` pairs (e.g. ``(("eps", 1e-7),)``).
 
-    The signed map (before the ReLU) is ``gradcam_ref.cam(activations, weights)``.
+    For Grad-CAM the signed map (before the ReLU) is ``gradcam_ref.cam(activations, weights)``.
+    ``weights`` are None for methods without channel weights (HiResCAM, LayerCAM, the Eigen
+    methods); ``gradients`` are None for Score-CAM and Ablation-CAM, which use none.
     """
 
     maps: Array
     activations: Array
-    gradients: Array
-    weights: Array
+    gradients: Array  # or None (Score-CAM, Ablation-CAM)
+    weights: Array  # or None (methods without channel weights)
     scores: Array
     targets: np.ndarray | None
     guided_backprop: Array | None = None
     guided_grad_cam: Array | None = None
+    method: str = "grad-cam"
+    signed: Array | None = None
+    options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def from_capture(cls, capture: Capture, fields: GradCamFields | None = None) -> Explanation:
-        """The explanation of what a backend captured: Eq. 1, Eq. 2 and Guided Grad-CAM applied.
+    def from_capture(
+        cls,
+        capture: Capture,
+        fields: GradCamFields | None = None,
+        *,
+        method: str = "grad-cam",
+        weights: Array | None = None,
+        signed: Array | None = None,
+        **options: Any,
+    ) -> Explanation:
+        """The explanation of what a backend captured: the method's equations applied.
 
         ``fields`` are ``grad_cam_fields(capture)`` when the backend computed them
-        already (inside its own compiled program); else they are computed here.
+        already (inside its own compiled program); else they are computed here. For another
+        ``method`` the core's :func:`gradcam_ref._methods.method_fields` computes the weights and
+        the signed map from the capture's ``(A, G)`` with ``options``; methods that need more
+        than one capture (Score-CAM, Ablation-CAM, Smooth Grad-CAM++) pass their ``weights``
+        (and, without channel weights, ``signed``) computed by :func:`explain`.
         """
-        if fields is None:
-            fields = grad_cam_fields(capture)
+        check_method(method)
+        if method == "grad-cam" and not options and weights is None:
+            if fields is None:
+                fields = grad_cam_fields(capture)
+            return cls(
+                maps=fields.maps,
+                activations=capture.activations,
+                gradients=capture.gradients,
+                weights=fields.weights,
+                scores=capture.scores,
+                targets=capture.targets,
+                guided_backprop=capture.guided_backprop,
+                guided_grad_cam=fields.guided_grad_cam,
+            )
+        if weights is not None:
+            signed = cam(capture.activations, weights)
+        elif signed is None:
+            weights, signed = method_fields(method, capture.activations, capture.gradients, **options)
+        maps = relu_map(signed)
+        guided = capture.guided_backprop
+        ggc = None if guided is None else guided_grad_cam(
+            guided, maps, spatial_rank=len(capture.activations.shape) - 2)
         return cls(
-            maps=fields.maps,
+            maps=maps,
             activations=capture.activations,
             gradients=capture.gradients,
-            weights=fields.weights,
+            weights=weights,
             scores=capture.scores,
             targets=capture.targets,
-            guided_backprop=capture.guided_backprop,
-            guided_grad_cam=fields.guided_grad_cam,
+            guided_backprop=guided,
+            guided_grad_cam=ggc,
+            method=method,
+            signed=signed,
+            options=tuple(sorted(options.items())),
         )
 
     def heatmap(self, size: int | tuple[int, ...] | None = None, convention: str = "paper") -> Array:
@@ -141,19 +216,17 @@ class Explanation:
         library differs: :func:`gradcam_ref.conventions.describe`, or ``gradcam-ref verify --explain LIB``.
         Shape ``(N, *size)`` (or ``(N, T, *size)``), in the library of ``maps``.
         """
-        return postprocess(
-            cam(self.activations, self.weights), convention, size=size,
-            spatial_rank=len(self.activations.shape) - 2,
-        )
+        rank = len(self.activations.shape) - 2
+        if self.method == "grad-cam":
+            return postprocess(cam(self.activations, self.weights), convention, size=size, spatial_rank=rank)
+        return postprocess(method_signed_map(self, convention), convention, size=size, spatial_rank=rank)
 
     def numpy(self) -> Explanation:
         """A copy with every array as a float64 NumPy array on the host (targets stay int)."""
         convert = lambda x: None if x is None else np.array(to_numpy(x), dtype=np.float64)  # noqa: E731
-        return dataclasses.replace(
-            self,
-            **{f.name: convert(getattr(self, f.name)) for f in dataclasses.fields(self)
-               if f.name != "targets"},
-        )
+        arrays: dict[str, Any] = {f.name: convert(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                  if f.name not in ("targets", "method", "options")}
+        return dataclasses.replace(self, **arrays)
 
 
 def explain(
@@ -165,9 +238,10 @@ def explain(
     backend: str | None = None,
     guided: bool = False,
     differentiable: bool | str = False,
+    method: str = "grad-cam",
     **options: Any,
 ) -> Explanation:
-    """Grad-CAM of ``model`` on ``inputs`` at ``layer``, for ``target``.
+    """Grad-CAM (or another CAM ``method``) of ``model`` on ``inputs`` at ``layer``, for ``target``.
 
     The backend (``"numpy"``, ``"torch"`` or ``"jax"``) is picked from the types of ``model``
     and ``inputs`` without importing any framework the caller has not imported; ``backend``
@@ -192,13 +266,19 @@ def explain(
         (GAIN, :mod:`gradcam_ref.gain`). ``"stop"`` holds :math:`\alpha^c` (Eq. 1) constant, as
         GAIN does; ``"full"`` differentiates through it too (second order). Backends: torch,
         jax (the NumPy oracle has no autograd); the cost of each: docs/gain.md.
-      **options: passed to the backend's ``capture``.
+      method: one of :data:`gradcam_ref.METHODS`: ``"grad-cam"`` (default), ``"grad-cam++"``,
+        ``"hirescam"``, ``"xgrad-cam"``, ``"layercam"``, ``"eigen-cam"``, ``"eigen-grad-cam"``,
+        ``"smooth-grad-cam++"``, ``"score-cam"``, ``"ablation-cam"`` (docs/cam-family.md).
+      **options: the method's options (:data:`METHOD_OPTIONS`: ``eps``, ``centre``, ``sign``,
+        ``n_samples``/``std``/``seed``, ``variant``, ``value``/``denominator``, ``batch_size``);
+        the rest are passed to the backend.
 
     Returns:
       An :class:`Explanation` holding ``maps`` and every intermediate.
     """
     from gradcam_ref import backends
 
+    check_method(method)
     chosen = backends.select(model, inputs, backend)
     if guided and not chosen.GUIDED:
         raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
@@ -208,5 +288,131 @@ def explain(
                 f"differentiable={differentiable!r}: the {chosen.NAME} backend has no autograd; "
                 "use the torch or jax backend"
             )
+        if method in ("score-cam", "ablation-cam"):
+            raise ValueError(f"differentiable={differentiable!r} is for the gradient methods, not method={method!r}")
         options["differentiable"] = differentiable  # passed only when set: backends without it keep working
-    return chosen.explain(model, inputs, target, layer=layer, guided=guided, **options)
+    ours = {k: options.pop(k) for k in list(options) if k in METHOD_OPTIONS[method]}
+    if method == "grad-cam":
+        return chosen.explain(model, inputs, target, layer=layer, guided=guided, **options)
+    if method in ("score-cam", "ablation-cam"):
+        if guided:
+            raise ValueError(f"guided=True is for the gradient methods, not method={method!r}")
+        return _explain_perturbation(chosen, model, inputs, target, layer, method, ours, options)
+    capture = chosen.capture(model, inputs, target, layer=layer, guided=guided, **options)
+    if method == "smooth-grad-cam++":
+        return _explain_smooth(chosen, model, inputs, target, layer, capture, ours, options)
+    return Explanation.from_capture(capture, method=method, **ours)
+
+
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "grad-cam": (), "grad-cam++": ("eps",), "hirescam": (), "layercam": (),
+    "xgrad-cam": ("eps",),
+    "eigen-cam": ("centre", "sign"),
+    "eigen-grad-cam": ("centre", "sign"),
+    "smooth-grad-cam++": ("n_samples", "std", "seed"),
+    "score-cam": ("variant", "batch_size"),
+    "ablation-cam": ("value", "denominator", "batch_size"),
+}
+"""The keyword options of each method, taken out of ``explain``'s ``**options``."""
+
+
+def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, capture: Capture,
+                    ours: dict[str, Any], options: dict[str, Any]) -> Explanation:
+    """Smooth Grad-CAM++: ``n_samples`` captures at ``inputs + N(0, std^2)`` noise (NumPy's
+    generator seeded by ``seed``), the clean capture's targets, then the core's reduction."""
+    n, std, seed = ours.get("n_samples", 4), ours.get("std", 0.3), ours.get("seed", 0)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n_samples must be an int >= 1, got {n!r}")
+    if not std >= 0:
+        raise ValueError(f"std must be >= 0, got {std!r}")
+    if not array_api_compat.is_array_api_obj(inputs):
+        inputs = np.asarray(inputs, dtype=np.float64)
+    xp = array_api_compat.array_namespace(inputs)
+    rng = np.random.default_rng(seed)
+    targets = target if capture.targets is None else capture.targets
+    gradients = []
+    for _ in range(n):
+        noise = xp.asarray(std * rng.standard_normal(shape_of(inputs)), dtype=inputs.dtype,
+                           device=array_api_compat.device(inputs))
+        gradients.append(chosen.capture(model, inputs + noise, targets, layer=layer, **options).gradients)
+    gx = array_api_compat.array_namespace(capture.activations)
+    weights = _smooth_weights(gx, capture.activations, gx.stack(gradients, axis=0))
+    return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights,
+                                    n_samples=n, std=std, seed=seed)
+
+
+def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, method: str,
+                          ours: dict[str, Any], options: dict[str, Any]) -> Explanation:
+    """Score-CAM and Ablation-CAM: the core makes the perturbed batches, the backend scores them."""
+    batch_size = ours.pop("batch_size", 32)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if method == "score-cam":
+        variant = ours.get("variant", "paper")
+        if variant not in SCORE_CAM_VARIANTS:
+            raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
+
+        def make(x: Any, a: Any, n: int, start: int, stop: int) -> Any:
+            masks = score_cam_masks(a[n:n + 1, start:stop], shape_of(x)[2:], variant=variant)[0]
+            xp = array_api_compat.array_namespace(masks)
+            return x[n:n + 1] * xp.expand_dims(masks, axis=1)  # (stop - start, C, *S)
+
+        where = "inputs"
+    else:
+        value = ours.get("value", "zero")
+        if value not in ABLATION_VALUES:
+            raise ValueError(f"value must be one of {ABLATION_VALUES}, got {value!r}")
+
+        def make(x: Any, a: Any, n: int, start: int, stop: int) -> Any:
+            return ablated_activations(a, n, range(start, stop), value=value, chunk=int(batch_size))
+
+        where = "activations"
+    perturbed = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size, **options)
+    a, scores, rows = perturbed
+    targets = resolve_targets(target, scores)
+    y = _target_scores(scores, targets)  # (N,) or (N, T)
+    yk = _target_scores(rows, targets)  # (N, K) or (N, T, K)
+    if method == "score-cam":
+        if ours.get("variant") == "official":  # the authors' code: the class probability itself
+            xp = array_api_compat.array_namespace(rows)
+            probabilities = xp.exp(rows - xp.max(rows, axis=-1, keepdims=True))
+            probabilities = probabilities / xp.sum(probabilities, axis=-1, keepdims=True)
+            weights = _target_scores(probabilities, targets) * _not_flat(a, yk)
+        else:
+            weights = score_cam_weights(yk)
+    else:
+        weights = ablation_cam_weights(y, yk, denominator=ours.get("denominator", "score"))
+        if bool(array_api_compat.array_namespace(y).any(y < 0)) and ours.get("denominator", "score") == "score":
+            warnings.warn(
+                "Ablation-CAM divides by the target score y^c, which is negative for some example: the "
+                "paper's weights (y - y_k) / y then change sign; pass denominator='abs' to divide by |y|",
+                NonPositiveScoreWarning, stacklevel=3)
+    capture = Capture(a, None, scores, None if callable(targets) else targets)
+    return Explanation.from_capture(capture, method=method, weights=weights, **ours)
+
+
+def _target_scores(scores: Any, targets: Any) -> Any:
+    """``scores`` ``(N, [M,] C)`` at the targets: ``(N, [M])``, ``(N, T, [M])``, or a callable's."""
+    xp = array_api_compat.array_namespace(scores)
+    shape = shape_of(scores)
+    if callable(targets):
+        flat = xp.reshape(scores, (math.prod(shape[:-1]), shape[-1]))
+        return xp.reshape(targets(flat), shape[:-1])
+    index = np.asarray(targets)
+    if index.ndim == 1:
+        index = index[:, None]
+    t = index.shape[1]
+    if len(shape) == 2:
+        out = xp.stack([scores[np.arange(shape[0]), index[:, j]] for j in range(t)], axis=1)  # (N, T)
+    else:
+        out = xp.stack([xp.stack([scores[i, :, int(index[i, j])] for j in range(t)], axis=0)
+                        for i in range(shape[0])], axis=0)  # (N, T, M)
+    return out if np.asarray(targets).ndim == 2 else out[:, 0]
+
+
+def _not_flat(a: Any, like: Any) -> Any:
+    """1 for channels whose activations are not constant over space, else 0 (the official Score-CAM skips them)."""
+    xp = array_api_compat.array_namespace(a)
+    flat = xp.reshape(a, (*shape_of(a)[:2], -1))
+    keep = xp.astype(xp.max(flat, axis=-1) > xp.min(flat, axis=-1), like.dtype)
+    return keep if like.ndim == keep.ndim else xp.expand_dims(keep, axis=1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["MetricWarning", "NoGuidedReLUWarning", "TrainingModeWarning", "ZeroGradientWarning"]
+__all__ = [
+    "MetricWarning", "NoGuidedReLUWarning", "NonPositiveScoreWarning", "TrainingModeWarning", "ZeroGradientWarning",
+]
 
 
 class NoGuidedReLUWarning(UserWarning):
@@ -21,3 +23,5 @@ class TrainingModeWarning(UserWarning):
 class MetricWarning(UserWarning):
     """A metric is undefined for some examples (an all-zero or constant map, a mask covering
     everything): their value is NaN, and the message names them and says why."""
+class NonPositiveScoreWarning(UserWarning):
+    """Ablation-CAM divides by the target score, which is negative here: its weights change sign."""

@@ -31,7 +31,10 @@ from gradcam_ref._arrays import Array, as_float_arrays, check_finite, quiet_nump
 from gradcam_ref._postprocess import normalize
 from gradcam_ref._resample import KERNELS, parse_size, resize
 
-__all__ = ["CONVENTIONS", "Convention", "MinMax", "Relu", "Resize", "describe", "get_convention", "postprocess"]
+__all__ = [
+    "CONVENTIONS", "Convention", "MinMax", "Relu", "Resize", "describe", "get_convention",
+    "method_signed_map", "postprocess",
+]
 
 REASONS: dict[int, str] = {
     1: "final ReLU on or off",
@@ -151,6 +154,12 @@ class Convention:
         number of the reason in :data:`REASONS`.
       checked: how the test suite checks that this convention reproduces the library.
       aliases: other names accepted for it.
+      methods: the CAM methods the library implements (names of :data:`gradcam_ref.METHODS`),
+        each with the options of the core function that reproduce the library's variant
+        (e.g. pytorch-grad-cam's XGrad-CAM: ``{"eps": 1e-7}``); ``steps`` are applied to the
+        signed map of that variant.
+      method_differences: ``method -> ((reason, words), ...)``: how the library's variant of a
+        method departs from the method's paper.
     """
 
     name: str
@@ -161,6 +170,8 @@ class Convention:
     differences: tuple[tuple[int, str], ...]
     checked: str
     aliases: tuple[str, ...] = ()
+    methods: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"grad-cam": {}})
+    method_differences: dict[str, tuple[tuple[int, str], ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def resizes(self) -> bool:
@@ -181,6 +192,11 @@ PAPER = Convention(
     differences=(),
     checked="hand-computed goldens; upsample against torch and jax.image.resize",
     aliases=("gradcam-ref", "gradcam_ref", "selvaraju"),
+    methods={
+        "grad-cam": {}, "grad-cam++": {"eps": 0.0}, "hirescam": {}, "xgrad-cam": {"eps": 0.0}, "layercam": {},
+        "eigen-cam": {"centre": False, "sign": "fixed"}, "eigen-grad-cam": {"centre": False, "sign": "fixed"},
+        "smooth-grad-cam++": {}, "score-cam": {"variant": "paper"}, "ablation-cam": {"value": "zero"},
+    },
 )
 
 PYTORCH_GRAD_CAM = Convention(
@@ -215,8 +231,34 @@ PYTORCH_GRAD_CAM = Convention(
         (12, "aug_smooth (test-time augmentation) and eigen_smooth (first SVD component, whose "
              "sign is arbitrary) replace the map; both are off by default"),
     ),
-    checked="against pytorch_grad_cam.GradCAM itself on small CNNs and a random-init resnet18",
+    checked="against pytorch_grad_cam.GradCAM itself on small CNNs and a random-init resnet18; "
+            "each method below against its pytorch_grad_cam class the same way",
     aliases=("grad-cam", "pgc", "pytorch_grad_cam"),
+    methods={
+        "grad-cam": {}, "grad-cam++": {"eps": 1e-6}, "hirescam": {}, "xgrad-cam": {"eps": 1e-7}, "layercam": {},
+        "eigen-cam": {"centre": True, "sign": "numpy"}, "eigen-grad-cam": {"centre": True, "sign": "numpy"},
+        "score-cam": {"variant": "pytorch-grad-cam"}, "ablation-cam": {"value": "pytorch-grad-cam"},
+    },
+    method_differences={
+        "grad-cam++": ((5, "GradCAMPlusPlus adds 1e-6 to the denominator of a_ij, which is not small "
+                           "next to g^2 when the gradients are below about 1e-3 (the weights then "
+                           "shrink towards 0)"),),
+        "xgrad-cam": ((5, "XGradCAM adds 1e-7 to sum A in the weights' denominator: a channel whose "
+                          "activations sum to 0 gets sum(GA) / 1e-7 instead of no weight"),),
+        "layercam": ((9, "several layers are fused by the mean of their normalised maps, without the "
+                         "paper's tanh scaling of shallow layers"),),
+        "eigen-cam": ((12, "EigenCAM centres the activations (a PCA, not the paper's SVD of A) and keeps "
+                           "the SVD's arbitrary sign, so its final ReLU can erase the object; the "
+                           "convention reproduces both (the sign is np.linalg.svd's in the activations' dtype)"),),
+        "eigen-grad-cam": ((12, "EigenGradCAM: EigenCAM's centring and arbitrary sign, on G * A"),),
+        "score-cam": ((7, "ScoreCAM upsamples A with aligned corners (UpsamplingBilinear2d) and "
+                          "normalises each mask with (x - min) / (max - min + 1e-8); no baseline "
+                          "(a softmax cannot see it); batches of 16 masked inputs per image"),),
+        "ablation-cam": ((5, "AblationCAM sets a channel to 0 only when the example's smallest "
+                             "activation is 0; otherwise to min - 1e7, lowered by another 1e7 for "
+                             "each row of its batch of 32 (its AblationLayer re-reads the minimum), "
+                             "and it reruns the whole network for every ablation"),),
+    },
 )
 
 CAPTUM = Convention(
@@ -258,7 +300,17 @@ TORCHCAM = Convention(
             "module as the layer to get the same map here"),
         (9, "fuse_cams combines several layers by an elementwise maximum after bilinear resizing"),
     ),
-    checked="against torchcam.methods.GradCAM on small CNNs and a random-init resnet18",
+    checked="against torchcam.methods.GradCAM on small CNNs and a random-init resnet18; "
+            "XGradCAM, LayerCAM and ScoreCAM the same way",
+    methods={"grad-cam": {}, "xgrad-cam": {"eps": 1e-8}, "layercam": {}, "score-cam": {"variant": "torchcam"}},
+    method_differences={
+        "xgrad-cam": ((5, "XGradCAM adds 1e-8 to sum A in the weights' denominator"),),
+        "layercam": ((9, "fuse_cams applies tanh(2 x) to every layer's normalised map, then takes "
+                         "the elementwise maximum after bilinear resizing (fuse_maps rule 'layercam')"),),
+        "score-cam": ((6, "ScoreCAM min-max normalises A (eps 1e-8) at the layer's resolution, then "
+                          "upsamples (half-pixel); the unmasked input's score is subtracted, which "
+                          "the softmax over channels cannot see; chunks of 32 masked inputs"),),
+    },
 )
 
 TF_KERAS_VIS = Convention(
@@ -367,6 +419,37 @@ def _as_size(size: int | Sequence[int] | None, rank: int, spatial: tuple[int, ..
     return None if size is None else parse_size(size, rank, spatial=spatial, optional=True)
 
 
+def method_signed_map(explanation: Any, convention: str | Convention) -> Array:
+    """The signed map of ``explanation``'s method under ``convention``'s variant of that method.
+
+    Gradient methods are recomputed from the explanation's ``(A, G)`` with the library's
+    options; perturbation methods and Smooth Grad-CAM++ were fixed at ``explain`` time, so
+    their options must already be the library's.
+    """
+    from gradcam_ref._methods import GRADIENT_METHODS, method_fields
+
+    c = get_convention(convention)
+    method = explanation.method
+    if method not in c.methods:
+        having = sorted(name for name, conv in CONVENTIONS.items() if method in conv.methods)
+        raise ValueError(
+            f"{c.library} does not implement {method!r}: convention must be one of {having} for it")
+    wanted = c.methods[method]
+    given = dict(explanation.options)
+    if method in GRADIENT_METHODS and method != "smooth-grad-cam++":
+        if all(given.get(k) == v for k, v in wanted.items()) and explanation.signed is not None:
+            return explanation.signed
+        return method_fields(method, explanation.activations, explanation.gradients, **wanted).signed
+    defaults = PAPER.methods[method]
+    mismatch = {k: v for k, v in wanted.items() if given.get(k, defaults.get(k)) != v}
+    if mismatch:
+        hint = ", ".join(f"{k}={v!r}" for k, v in mismatch.items())
+        raise ValueError(
+            f"this {method} explanation was computed with {given or 'the paper defaults'}; the "
+            f"{c.name!r} convention needs explain(..., method={method!r}, {hint})")
+    return explanation.signed
+
+
 def describe(name: str | Convention) -> str:
     """In plain words: what ``name``'s library does to the map, and why it differs from the paper's.
 
@@ -386,6 +469,12 @@ def describe(name: str | Convention) -> str:
         lines.append("  Why its maps differ from the paper's:")
         for reason, words in c.differences:
             lines.append(f"    - {words} [reason {reason}: {REASONS[reason]}]")
+    for method, differences in c.method_differences.items():
+        lines.append(f"  {method}:")
+        for reason, words in differences:
+            lines.append(f"    - {words} [reason {reason}: {REASONS[reason]}]")
+    if len(c.methods) > 1:
+        lines.append(f"  methods it implements: {', '.join(c.methods)}")
     lines += ["", f"  checked: {c.checked}"]
     return "\n".join(lines)
 

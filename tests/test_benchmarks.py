@@ -247,3 +247,18 @@ def test_jax_named_layer_rows_of_a_tiny_linen_model():
     for r in rows:
         assert r["suite"] == "jax" and r["model"] == "tiny" and r["compile_s"] >= 0 and r["seconds"] > 0
         assert r["ratio"] == 1.0 if r["method"] == bench_jax.FORWARD else r["ratio"] > 0
+    assert "gradcam_ref.explain" in report.overhead_table(rows)
+
+
+def test_family_suite_rows_and_goals_on_a_tiny_model():
+    """The CAM-family suite's rows (ours only: importing pytorch-grad-cam is slow) and its goal lines."""
+    from benchmarks import bench_family
+
+    rows = bench_family.run("tiny", ("hirescam", "ablation-cam"), budget_s=0.0, max_rounds=2, min_rounds=2,
+                            costly_min_rounds=1, peers=False)
+    assert [(r["library"], r["method"]) for r in rows] == [
+        ("forward", "forward"), ("gradcam_ref", "hirescam"), ("gradcam_ref", "ablation-cam")]
+    assert all(r["suite"] == "family" and r["ratio"] > 0 and r["q1"] <= r["ratio"] <= r["q3"] for r in rows)
+    lines = report.family_goals_text({"rows": rows}).splitlines()
+    assert [line.split(" | ")[1] for line in lines] == ["tiny b1 hirescam", "tiny b1 ablation-cam"]
+    assert "| gradcam_ref | pytorch-grad-cam 1.5.7 |" in report.family_table(rows)

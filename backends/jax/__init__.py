@@ -36,6 +36,7 @@ from gradcam_ref.backends._contract import (
     Explanation,
     GradCamFields,
     NoGuidedReLUWarning,
+    Perturbed,
     ZeroGradientWarning,
     check_feature_maps,
     check_finite,
@@ -53,7 +54,7 @@ NAME = "jax"
 GUIDED = True
 DIFFERENTIABLE = True
 
-__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "score"]
+__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "perturb", "score"]
 
 
 def capture(
@@ -403,6 +404,63 @@ def _warn_unguided(record: jax_guided.Record | None) -> None:
 
 _forward = jax.jit(_forward_impl, static_argnames=("seam", "channel_axis"))
 _program = jax.jit(_program_impl, static_argnames=("seam", "target_fn", "channel_axis", "guided", "stop"))
+
+
+# --- Re-scoring perturbed copies (Score-CAM, Ablation-CAM) ---------------------------------
+
+
+def perturb(
+    model: Any,
+    inputs: Any,
+    make: Callable[..., Any],
+    *,
+    layer: Any = None,
+    where: str = "activations",
+    batch_size: int = 32,
+    channel_axis: int = 1,
+) -> Perturbed:
+    """Score perturbed copies of each example (the Protocol's ``perturb``), jitted per batch shape.
+
+    ``where="activations"``: only ``head`` runs on the perturbed activations (moved back to
+    ``channel_axis``); ``where="inputs"``: ``head(features(.))``. Every batch is padded to
+    ``batch_size`` rows, so one compiled program scores them all.
+    """
+    if where not in ("activations", "inputs"):
+        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    seam, params, _ = jax_models.seam(model, layer)
+    if not isinstance(seam, jax_models.Split) or seam.takes_params:
+        raise TypeError(
+            "the jax backend re-scores perturbed copies (score-cam, ablation-cam) of a model in the split "
+            f"form (features, head) without params=; got a {type(model).__name__} model"
+        )
+    features, head = seam.features, seam.head
+    x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
+    a_raw, scores = _forward(x, params, seam=seam, channel_axis=channel_axis)
+    axis = _channel_axis(channel_axis, a_raw.ndim)
+    a = jnp.moveaxis(a_raw, axis, 1)
+    n, k = int(a.shape[0]), int(a.shape[1])
+    score = _score_activations if where == "activations" else _score_inputs
+    rows = []
+    for i in range(n):
+        for start in range(0, k, batch_size):
+            stop = min(start + batch_size, k)
+            batch = make(x, a, i, start, stop)
+            padded = jnp.concatenate([batch, jnp.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)])
+            rows.append(score(padded, features=features, head=head, axis=axis)[: stop - start])
+    perturbed = jnp.concatenate(rows).reshape(n, k, *scores.shape[1:])
+    return Perturbed(a, scores, perturbed)
+
+
+def _score_activations_impl(batch: jax.Array, *, features: Callable, head: Callable, axis: int) -> Any:
+    return head(jnp.moveaxis(batch, 1, axis))
+
+
+def _score_inputs_impl(batch: jax.Array, *, features: Callable, head: Callable, axis: int) -> Any:
+    return head(features(batch))
+
+
+_score_activations = jax.jit(_score_activations_impl, static_argnames=("features", "head", "axis"))
+_score_inputs = jax.jit(_score_inputs_impl, static_argnames=("features", "head", "axis"))
 
 
 # --- Checks -----------------------------------------------------------------------------------

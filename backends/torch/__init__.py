@@ -27,6 +27,7 @@ import difflib
 import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -38,6 +39,7 @@ from gradcam_ref.backends._contract import (
     Capture,
     Explanation,
     NoGuidedReLUWarning,
+    Perturbed,
     TrainingModeWarning,
     ZeroGradientWarning,
     check_feature_maps,
@@ -54,7 +56,7 @@ GUIDED = True
 DIFFERENTIABLE = True
 AT = ("output", "input")
 
-__all__ = ["AT", "DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "score"]
+__all__ = ["AT", "DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "perturb", "score"]
 
 
 def capture(
@@ -706,3 +708,172 @@ def _tokens_to_grid(x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     return kept.reshape(*x.shape[:-2], *grid, x.shape[-1]).movedim(-1, -1 - len(grid))
 
 
+# --- re-scoring perturbed copies (Score-CAM, Ablation-CAM) ----------------------------------------
+
+
+def perturb(
+    model: nn.Module | tuple[nn.Module, nn.Module],
+    inputs: torch.Tensor,
+    make: Callable[..., torch.Tensor],
+    *,
+    layer: str | nn.Module | None = None,
+    where: str = "activations",
+    batch_size: int = 32,
+    at: str = "output",
+    call: int | None = None,
+) -> Perturbed:
+    """Score perturbed copies of each example without autograd (the Protocol's ``perturb``).
+
+    ``where="activations"`` runs only the part of the model after the layer: ``head`` in the
+    split form; otherwise the part of the model's ``torch.fx`` graph that depends on the layer's
+    output (its tail), when the model traces and that part needs nothing else computed before
+    the layer. Else (untraceable models, skip connections around the layer) it falls back to
+    the whole model on the example repeated, with a forward hook substituting the perturbed
+    activations (the part before the layer then runs again for every batch).
+    """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor (N, ...), got {type(inputs).__name__}")
+    if where not in ("activations", "inputs"):
+        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    if at not in AT:
+        raise ValueError(f"at must be one of {AT}, got {at!r}")
+    with torch.no_grad():
+        if isinstance(model, (tuple, list)):
+            features, head = _split_form(model, layer, at, call)
+            _warn_if_training(features, head)
+            a = _run(features, inputs)
+            scores = _run(head, a)
+            whole: Callable[[torch.Tensor], Any] = lambda v: head(features(v))  # noqa: E731
+            tail: Callable[[torch.Tensor], Any] | None = head
+            name, module = "features", None
+        else:
+            module, name = _resolve_layer(model, layer)
+            _warn_if_training(model)
+            a, scores = _forward_taken(model, module, name, at, call, inputs)
+            whole = model
+            tail = _tail(model, name) if where == "activations" and at == "output" and call is None else None
+        _check_captured(a, scores, inputs, f"the {at} of layer {name!r}")
+        check_feature_maps("activations", a)
+        n, k = int(a.shape[0]), int(a.shape[1])
+        rows = torch.empty((n, k, *scores.shape[1:]), dtype=scores.dtype, device=scores.device)
+        for i in range(n):
+            for start in range(0, k, batch_size):
+                stop = min(start + batch_size, k)
+                batch = make(inputs, a, i, start, stop)
+                if where == "inputs":
+                    out = _run(whole, batch)  # type: ignore[arg-type]
+                elif tail is not None:
+                    out = tail(batch)
+                else:
+                    repeated = inputs[i:i + 1].expand(stop - start, *inputs.shape[1:])
+                    out = _substituted(model, module, at, call, repeated, batch)  # type: ignore[arg-type]
+                rows[i, start:stop] = out
+    return Perturbed(a, scores, rows)
+
+
+def _forward_taken(
+    model: nn.Module, module: nn.Module, name: str, at: str, call: int | None, inputs: torch.Tensor
+) -> tuple[torch.Tensor, Any]:
+    """One no-grad forward pass: the layer's ``at`` at call ``call`` (detached), and the scores."""
+    taken: list[torch.Tensor] = []
+
+    def keep(value: Any) -> None:  # a copy now: an in-place op after the layer would change it
+        taken.append(value.detach().clone() if isinstance(value, torch.Tensor) else value)
+
+    if at == "output":
+        handle = module.register_forward_hook(lambda m, args, out: keep(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
+    try:
+        scores = _run(model, inputs)
+    finally:
+        handle.remove()
+    if not taken:
+        raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
+    if call is None and len(taken) > 1:
+        raise ValueError(f"layer {name!r} ran {len(taken)} times in one forward pass: pass call=i to pick one")
+    value = taken[0 if call is None else call]
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"the {at} of layer {name!r} must be one floating-point tensor (N, K, *spatial)")
+    return value, scores
+
+
+def _substituted(model: nn.Module, module: nn.Module, at: str, call: int | None, inputs: torch.Tensor,
+                 replacement: torch.Tensor) -> Any:
+    """``model(inputs)`` with the layer's ``at`` (at call ``call``) replaced by ``replacement``."""
+    calls = [0]
+    index = 0 if call is None else call
+
+    def swap(value: Any) -> Any:
+        this = calls[0]
+        calls[0] += 1
+        return replacement if this == index or (index < 0 and this == -1) else value
+
+    if at == "output":
+        handle = module.register_forward_hook(lambda m, args, out: swap(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: (swap(args[0]), *args[1:]))
+    try:
+        return _run(model, inputs)
+    finally:
+        handle.remove()
+
+
+_TAILS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple[int, ...], Any]]] = weakref.WeakKeyDictionary()
+"""Traced tails per model and layer, with the ids of the model's modules when traced: a model
+whose modules were replaced since is traced again; a model that is deleted drops its entry."""
+
+
+def _tail(model: nn.Module, name: str) -> Callable[[torch.Tensor], Any] | None:
+    """The part of ``model`` after submodule ``name``, as a ``torch.fx.GraphModule`` of its output.
+
+    None when the model does not trace, the layer is called more than once, or the part after
+    it reads a value computed before it (e.g. a skip connection around the layer).
+    """
+    import torch.fx
+
+    structure = tuple(id(m) for m in model.modules())
+    cached = _TAILS.setdefault(model, {}).get(name)
+    if cached is not None and cached[0] == structure:
+        return cached[1]
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+            return qualified_name == name or super().is_leaf_module(m, qualified_name)
+
+    tail: Any = None
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any model fx cannot trace: use the hooked fallback
+        graph = None
+    if graph is not None:
+        nodes = list(graph.nodes)
+        seams = [node for node in nodes if node.op == "call_module" and node.target == name]
+        if len(seams) == 1:
+            tail = _graph_after(model, nodes, seams[0])
+    _TAILS[model][name] = (structure, tail)
+    return tail
+
+
+def _graph_after(model: nn.Module, nodes: list[Any], seam: Any) -> Any:
+    import torch.fx
+
+    after = {seam}
+    for node in nodes[nodes.index(seam) + 1:]:
+        if any(arg in after for arg in node.all_input_nodes):
+            after.add(node)
+    new = torch.fx.Graph()
+    env = {seam: new.placeholder("activations")}
+    for node in nodes[nodes.index(seam) + 1:]:
+        if node not in after:
+            continue
+        for arg in node.all_input_nodes:
+            if arg in env:
+                continue
+            if arg.op != "get_attr":
+                return None  # the tail needs a value from before the layer
+            env[arg] = new.node_copy(arg, lambda x: env[x])
+        env[node] = new.node_copy(node, lambda x: env[x])
+    if not any(node.op == "output" for node in after):
+        return None
+    return torch.fx.GraphModule(model, new)

@@ -246,11 +246,16 @@ def _add_verify(commands: argparse._SubParsersAction) -> None:
     output.add_argument("--explain", metavar="LIB",
                         help=f"print why LIB's maps differ from the paper's; LIB: {', '.join(CONVENTIONS)}")
     verify.add_argument("--goldens", metavar="DIR", help="check the goldens in DIR instead of the shipped ones")
+    verify.add_argument(
+        "--perturbation", choices=("all", "small", "none"), default="all",
+        help="where to compare Score-CAM and Ablation-CAM with the peers: every model (default; "
+             "minutes on a CPU: one model run per channel), the small CNNs only, or nowhere")
 
     def run(args: argparse.Namespace) -> int:
         from gradcam_ref.cli import verify
 
-        return verify.run(json_output=args.json, explain=args.explain, goldens_directory=args.goldens)
+        return verify.run(json_output=args.json, explain=args.explain, goldens_directory=args.goldens,
+                          perturbation=args.perturbation)
 
     verify.set_defaults(run=run)
 

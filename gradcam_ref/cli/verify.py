@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 
-def run(json_output: bool = False, explain: str | None = None, goldens_directory: str | Path | None = None) -> int:
+def run(json_output: bool = False, explain: str | None = None, goldens_directory: str | Path | None = None,
+        perturbation: str = "all") -> int:
     """``gradcam-ref verify``: print the table (or JSON, or ``--explain LIB``); 1 when a check fails."""
     from gradcam_ref.conventions import describe
     from gradcam_ref.verify import run as run_checks
@@ -21,7 +22,7 @@ def run(json_output: bool = False, explain: str | None = None, goldens_directory
             return 2
         return 0
     try:
-        checks, notes = run_checks(goldens_directory)
+        checks, notes = run_checks(goldens_directory, perturbation=perturbation)
     except (FileNotFoundError, ValueError) as error:  # no goldens there, or a file not in the format
         print(f"gradcam-ref verify: {error}", file=sys.stderr)
         return 2

@@ -12,7 +12,11 @@ Three groups of checks, each a :class:`Check` (``check``, ``reference``, ``max_a
    float64 weights, compared directly within :data:`TORCH_JAX_RTOL`.
 2. ``golden <name> heatmap <convention>``: the conventions applied to the golden's stored
    activations and weights, against its stored heatmaps.
-3. ``<peer> <model>``: each installed peer library (captum, pytorch-grad-cam, torchcam) run on a
+3. ``<peer> <method> on <model>``: each CAM method of pytorch-grad-cam and torchcam
+   (:data:`METHOD_PEERS`) against ``explain(method=...)`` under the library's convention
+   (Score-CAM and Ablation-CAM on every model, or with ``perturbation="small"`` on the small
+   CNNs only).
+4. ``<peer> <model>``: each installed peer library (captum, pytorch-grad-cam, torchcam) run on a
    few torch models, against ``Explanation.heatmap(convention=<peer>)`` of the same model,
    layer, input and targets, with tolerance ``1e-5 * max|peer's map|``; and the
    ``tf-keras-vis`` convention against its steps written with ``scipy.ndimage.zoom`` (the
@@ -36,12 +40,23 @@ from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.conventions import get_convention, postprocess
 from gradcam_ref.verify import goldens
 from gradcam_ref.verify._checks import Check, compare, installed
-from gradcam_ref.verify.peers import PEER_RTOL, PEERS, Peer, PeerCase, peer_cases, peer_checks
+from gradcam_ref.verify.peers import (
+    METHOD_PEERS,
+    PEER_RTOL,
+    PEERS,
+    MethodPeer,
+    Peer,
+    PeerCase,
+    method_peer_checks,
+    peer_cases,
+    peer_checks,
+)
 from gradcam_ref.verify.twins import jax_oracle, torch_oracle
 
 __all__ = [
-    "COMPARED", "PEERS", "PEER_RTOL", "TORCH_JAX_RTOL", "Check", "Peer", "PeerCase", "compare",
-    "golden_checks", "installed", "installed_backends", "jax_oracle", "peer_cases", "peer_checks", "run",
+    "COMPARED", "METHOD_PEERS", "PEERS", "PEER_RTOL", "TORCH_JAX_RTOL", "Check", "MethodPeer", "Peer", "PeerCase",
+    "compare", "golden_checks", "installed", "installed_backends", "jax_oracle", "method_peer_checks",
+    "peer_cases", "peer_checks", "run",
     "table", "torch_oracle",
 ]
 
@@ -165,11 +180,16 @@ def _efficientnet_jax_float64(layer: str, call: int | None) -> tuple[Any, Any]:
     return efficientnet_lite0.jax_split(efficientnet_lite0.jax_params("float64"), split)
 
 
-def run(goldens_directory: str | Path | None = None) -> tuple[list[Check], list[str]]:
-    """All checks, and notes on what could not run."""
+def run(goldens_directory: str | Path | None = None, *, perturbation: str = "all") -> tuple[list[Check], list[str]]:
+    """All checks, and notes on what could not run.
+
+    ``perturbation`` says where Score-CAM and Ablation-CAM are compared with the peers
+    (``gradcam_ref.verify.peers.method_peer_checks``).
+    """
     checks, notes = golden_checks(goldens_directory)
     more, more_notes = peer_checks()
-    notes = notes + more_notes
+    methods, method_notes = method_peer_checks(perturbation=perturbation)
+    more, notes = more + methods, notes + more_notes + method_notes
     if not {"torch", "jax"} <= set(installed_backends()):
         notes.append("torch vs JAX on the same weights: not run, torch or jax is not installed")
     return checks + more, notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -136,6 +137,119 @@ PEERS = (
     Peer("tf-keras-vis", "scipy", "scipy", _tf_keras_vis_steps, True),
 )
 """The peers compared with their conventions (tf-keras-vis: its steps on scipy, not the library)."""
+
+
+# --- the CAM family: each method of each peer against its convention -------------------------
+
+
+def _pgc_method(class_name: str) -> Callable[[PeerCase], np.ndarray]:
+    def run(case: PeerCase) -> np.ndarray:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cls = getattr(pytorch_grad_cam, class_name)
+        with cls(model=case.model, target_layers=[case.model.get_submodule(case.layer)]) as method:
+            maps = method(input_tensor=case.inputs, targets=[ClassifierOutputTarget(t) for t in case.targets])
+        case.model.zero_grad(set_to_none=True)  # it leaves .grad on every parameter
+        return maps
+
+    return run
+
+
+def _torchcam_method(class_name: str) -> Callable[[PeerCase], np.ndarray]:
+    def run(case: PeerCase) -> np.ndarray:
+        import torch
+        import torchcam.methods
+
+        cls = getattr(torchcam.methods, class_name)
+        with cls(case.model, target_layer=case.layer, input_shape=tuple(case.inputs.shape[1:])) as extractor, \
+                torch.enable_grad():
+            scores = case.model(case.inputs)
+            (maps,) = extractor(class_idx=list(case.targets), scores=scores)
+        return maps.detach().numpy()
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPeer:
+    """One CAM method of a peer library, compared with ``explain(method=...)`` under its convention.
+
+    Attributes:
+      convention: the convention's name (its record holds the library's variant of the method).
+      method: the method's name in :data:`gradcam_ref.METHODS`.
+      call: the library's class.
+      module, distribution: what must be importable; its pip name.
+      run: ``case -> the library's maps`` as NumPy.
+      at_input_size: whether the library's map is at the input's size.
+      perturbation: Score-CAM or Ablation-CAM: one model run per channel and image.
+    """
+
+    convention: str
+    method: str
+    call: str
+    module: str
+    distribution: str
+    run: Callable[[PeerCase], np.ndarray]
+    at_input_size: bool
+    perturbation: bool = False
+
+
+_PGC = {"grad-cam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgrad-cam": "XGradCAM",
+        "layercam": "LayerCAM", "eigen-cam": "EigenCAM", "eigen-grad-cam": "EigenGradCAM",
+        "score-cam": "ScoreCAM", "ablation-cam": "AblationCAM"}
+_TORCHCAM = {"xgrad-cam": "XGradCAM", "layercam": "LayerCAM", "score-cam": "ScoreCAM"}
+_PERTURBATION = ("score-cam", "ablation-cam")
+
+METHOD_PEERS = tuple(
+    MethodPeer("pytorch-grad-cam", method, f"pytorch_grad_cam.{cls}", "pytorch_grad_cam", "grad-cam",
+               _pgc_method(cls), True, method in _PERTURBATION) for method, cls in _PGC.items()
+) + tuple(
+    MethodPeer("torchcam", method, f"torchcam.methods.{cls}", "torchcam", "torchcam",
+               _torchcam_method(cls), False, method in _PERTURBATION) for method, cls in _TORCHCAM.items()
+)
+"""Every CAM method of pytorch-grad-cam 1.5.7 and torchcam 0.5 that a convention reproduces."""
+
+
+def method_options(convention: str, method: str) -> dict[str, Any]:
+    """The ``explain`` options that select ``convention``'s variant of a perturbation method."""
+    from gradcam_ref.conventions import get_convention
+
+    return dict(get_convention(convention).methods[method]) if method in _PERTURBATION else {}
+
+
+def method_peer_checks(
+    cases: list[PeerCase] | None = None, *, perturbation: str = "all"
+) -> tuple[list[Check], list[str]]:
+    """Each installed peer's CAM methods against their conventions on every case.
+
+    ``perturbation``: ``"all"`` runs Score-CAM and Ablation-CAM on every case (a model run per
+    channel and image, minutes on resnet18 on a CPU), ``"small"`` on the small CNNs only,
+    ``"none"`` skips them.
+    """
+    if not installed("torch"):
+        return [], ["method peers: torch is not installed, so no peer ran"]
+    peers = [p for p in METHOD_PEERS if installed(p.module)]
+    notes = sorted({f"method peers: {p.distribution} is not installed, so its methods were not compared"
+                    for p in METHOD_PEERS if p not in peers})
+    checks = []
+    for case in cases if cases is not None else peer_cases():
+        input_size = tuple(int(s) for s in case.inputs.shape[2:])
+        for peer in peers:
+            if peer.perturbation and (perturbation == "none" or (perturbation == "small" and "resnet" in case.name)):
+                continue
+            with warnings.catch_warnings():  # the library divides by negative scores too: reproduced
+                warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+                e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
+                                        method=peer.method, **method_options(peer.convention, peer.method))
+            expected = peer.run(case)
+            ours = e.heatmap(input_size if peer.at_input_size else None, peer.convention)
+            what = f"{peer.call} ({peer.distribution} {importlib.metadata.version(peer.distribution)})"
+            checks.append(compare(f"{peer.convention} {peer.method} on {case.name}", what,
+                                  to_numpy(ours), expected, PEER_RTOL))
+    if perturbation != "all":
+        notes.append(f"method peers: Score-CAM and Ablation-CAM compared on {perturbation} cases only")
+    return checks, notes
 
 
 def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[str]]:

@@ -42,7 +42,8 @@ def report(oracle_goldens):
     """``gradcam-ref verify --json`` on the oracle goldens: (exit status, rows, notes)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["verify", "--json", "--goldens", str(oracle_goldens)])
+        # Score-CAM and Ablation-CAM on resnet18 run in tests/backends/test_methods_backends.py (slow)
+        rc = main(["verify", "--json", "--goldens", str(oracle_goldens), "--perturbation", "small"])
     return rc, json.loads(out.getvalue()), err.getvalue()
 
 
@@ -73,6 +74,9 @@ def test_every_golden_runs_on_every_installed_backend_and_every_peer_on_several_
         on = [c for c in checks if c.startswith(f"{convention} on ")]
         assert len(on) == 3, convention  # two small CNNs and resnet18
     assert "torch vs JAX" not in notes
+    for peer in verify.METHOD_PEERS:  # each CAM method of each peer: both small CNNs (+ resnet18)
+        on = [c for c in checks if c.startswith(f"{peer.convention} {peer.method} on ")]
+        assert len(on) == (2 if peer.perturbation else 3), (peer.convention, peer.method)
 
 
 def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, capsys, monkeypatch):

@@ -1,0 +1,96 @@
+"""The CAM family: each method of ours and of pytorch-grad-cam against a no-grad forward pass.
+
+ResNet-18 at ``layer4`` (512 channels), batch 1, one target, the run's threads (one by default).
+Each method is timed interleaved with the baseline (``forward``) by
+:func:`benchmarks.timing.tiered_ratios`; the perturbation methods cost hundreds of forward
+passes, so they get the short "costly" series. Ours runs each library's variant where the two
+differ (Score-CAM ``variant="pytorch-grad-cam"``, Ablation-CAM ``value="pytorch-grad-cam"``), so
+both sides compute the same maps (``tests/test_benchmarks.py`` checks that on a small model).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from benchmarks import models
+from benchmarks.timing import tiered_ratios
+
+PGC_CLASSES = {"grad-cam": "GradCAM", "grad-cam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+               "xgrad-cam": "XGradCAM", "layercam": "LayerCAM", "eigen-cam": "EigenCAM",
+               "eigen-grad-cam": "EigenGradCAM", "score-cam": "ScoreCAM", "ablation-cam": "AblationCAM"}
+"""Each method's pytorch-grad-cam class."""
+
+SAME_MAPS = {"score-cam": {"variant": "pytorch-grad-cam"}, "ablation-cam": {"value": "pytorch-grad-cam"}}
+"""The options that make our method compute pytorch-grad-cam's maps."""
+
+METHODS = tuple(PGC_CLASSES)
+
+
+def ours(model: Any, layer: str, x: Any, target: int, method: str) -> Callable[[], object]:
+    import gradcam_ref
+
+    options = SAME_MAPS.get(method, {})
+
+    def call() -> object:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+            return gradcam_ref.explain(model, x, [target], layer=layer, method=method, **options).maps
+
+    return call
+
+
+def pytorch_grad_cam(model: Any, layer: str, x: Any, target: int, method: str) -> tuple[Callable[[], object], Any]:
+    """pytorch-grad-cam's class for ``method`` on its own copy of the model (it keeps hooks), and its closer."""
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    own = copy.deepcopy(model)
+    cam = getattr(pgc, PGC_CLASSES[method])(model=own, target_layers=[own.get_submodule(layer)])
+    targets = [ClassifierOutputTarget(target)]
+
+    def call() -> object:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # its tqdm progress bars
+            return cam(input_tensor=x, targets=targets)
+
+    return call, cam
+
+
+def run(model_name: str = "resnet18", names: Sequence[str] = METHODS, *, budget_s: float, max_rounds: int,
+        min_rounds: int, costly_min_rounds: int, peers: bool = True) -> list[dict]:
+    """Rows ``{"suite": "family", "model", "batch": 1, "targets": 1, "method", "library", "ratio", ...}``."""
+    model, layer = models.build(model_name)
+    x = models.inputs(model_name, 1)
+    target = int(models.targets(model_name, 1, 1)[0])
+    calls: dict[str, Callable[[], object]] = {"forward": lambda: _forward(model, x)}
+    closers = []
+    for method in names:
+        calls[f"gradcam_ref {method}"] = ours(model, layer, x, target, method)
+        if peers:
+            call, cam = pytorch_grad_cam(model, layer, x, target, method)
+            calls[f"pytorch-grad-cam {method}"] = call
+            closers.append(cam)
+    try:
+        results = tiered_ratios(calls, "forward", budget_s=budget_s, max_rounds=max_rounds,
+                                min_rounds=min_rounds, costly_min_rounds=costly_min_rounds)
+    finally:
+        for cam in closers:
+            cam.activations_and_grads.release()
+    rows = []
+    for name, r in results.items():
+        library, _, method = name.partition(" ")
+        rows.append({"suite": "family", "model": model_name, "batch": 1, "targets": 1,
+                     "method": method or "forward", "library": library, **r})
+    return rows
+
+
+def _forward(model: Any, x: Any) -> object:
+    import torch
+
+    with torch.no_grad():
+        return model(x)

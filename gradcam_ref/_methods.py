@@ -1,0 +1,710 @@
+r"""The CAM family beyond Grad-CAM, as functions of the layer's activations and gradients.
+
+Same layout as :mod:`gradcam_ref._gradcam`: ``activations`` :math:`A` ``(N, K, *spatial)``;
+``gradients`` :math:`G = \partial y^c / \partial A` of the same shape, or ``(N, T, K, *spatial)``
+for T targets per example (maps then ``(N, T, *spatial)``). Every function is written once
+against the array API (NumPy float64 is the reference; torch and JAX arrays stay what they are).
+
+Gradient methods are one weight or elementwise function of ``(A, G)`` each; the perturbation
+methods (Score-CAM, Ablation-CAM) split into pure halves here (the masks or ablated activations
+to score, and the reduction of the scores to weights) while a backend does the scoring
+(``perturb`` in the ``Backend`` Protocol of ``gradcam_ref.backends._contract``). :data:`METHODS` lists every name
+:func:`gradcam_ref.explain` accepts; :func:`method_fields` is the dispatch from a name to maps.
+Equations, papers and each library's deviations: the functions' docstrings and docs/cam-family.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import array_api_compat
+import numpy as np
+
+from gradcam_ref._arrays import (
+    Array,
+    as_float_arrays,
+    check_feature_maps,
+    check_finite,
+    check_gradients_match,
+    quiet_numpy,
+    shape_of,
+    to_numpy,
+)
+from gradcam_ref._gradcam import _relu, _weighted_sum, grad_cam_parts
+from gradcam_ref._resample import KERNELS, parse_size, resize
+
+GRADIENT_METHODS = ("grad-cam", "grad-cam++", "hirescam", "xgrad-cam", "layercam", "eigen-cam",
+                    "eigen-grad-cam", "smooth-grad-cam++")
+"""Methods computed from one capture of ``(A, G)`` (Smooth Grad-CAM++: several, averaged)."""
+
+PERTURBATION_METHODS = ("score-cam", "ablation-cam")
+"""Methods whose weights come from re-scoring the model (a backend's ``rescore``)."""
+
+METHODS = GRADIENT_METHODS + PERTURBATION_METHODS
+"""Every method name :func:`gradcam_ref.explain` accepts."""
+
+FUSION_RULES = ("mean", "max", "layercam")
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is a known name; else a ValueError listing the known ones."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    return method
+
+
+# --- gradient methods -----------------------------------------------------------------------
+
+
+@quiet_numpy
+def hires_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Array:
+    r"""HiResCAM (Draelos & Carin, arXiv 2011.08891): the gradients times the activations.
+
+    .. math::
+
+        L^c_{\text{HiResCAM}} = \mathrm{ReLU}\Big(\sum_k G^k \odot A^k\Big)
+
+    No averaging of the gradients: each position keeps its own gradient, so the map is the
+    part of the score each position contributes when the head is linear in :math:`A`. When
+    :math:`G^k` is constant over the positions (a GAP head), :math:`G^k = \alpha^c_k` and the
+    map equals Grad-CAM's. ``relu=False`` gives the signed map (the paper shows both).
+
+    Args:
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      gradients: :math:`G`, ``(N, K, *spatial)`` or ``(N, T, K, *spatial)``.
+      relu: apply the final ReLU.
+
+    Returns:
+      ``(N, *spatial)`` or ``(N, T, *spatial)``.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # N=1, K=2, 1x2
+      >>> g = np.array([[[[2.0, 0.0]], [[-1.0, 5.0]]]])
+      >>> hires_cam(a, g, relu=False)  # [1*2 + 3*(-1), 2*0 + 0*5]
+      array([[[-1.,  0.]]])
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    maps = _elementwise_sum(xp, a, g, "hires_cam")
+    return _relu(xp, maps) if relu else maps
+
+
+@quiet_numpy
+def xgrad_cam_weights(activations: Array, gradients: Array, *, eps: float = 0.0) -> Array:
+    r"""XGrad-CAM's weights (Fu et al., BMVC 2020, arXiv 2008.02312, Eq. 8).
+
+    .. math::
+
+        \alpha_k^c = \frac{\sum_{ij} G^k_{ij} A^k_{ij}}{\sum_{ij} A^k_{ij} + \varepsilon}
+
+    ``eps=0`` (the paper): where :math:`\sum_{ij} A^k_{ij} = 0` the weight is defined as 0.
+    After a ReLU that happens only when :math:`A^k = 0` everywhere, whose term
+    :math:`\alpha_k A^k` is 0 whatever the weight; for signed activations summing to 0 the
+    ratio is undefined and the channel is left out (weight 0), never NaN. pytorch-grad-cam adds
+    ``eps=1e-7``, torchcam ``eps=1e-8`` (the weight is then :math:`\sum GA / \varepsilon`,
+    which can be huge, for such channels).
+
+    Args:
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      gradients: :math:`G`, ``(N, K, *spatial)`` or ``(N, T, K, *spatial)``.
+      eps: added to the denominator.
+
+    Returns:
+      :math:`\alpha^c`, ``(N, K)`` or ``(N, T, K)``.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 3.0]], [[0.0, 0.0]]]])  # channel 1 is all zero
+      >>> g = np.array([[[[2.0, 6.0]], [[1.0, 1.0]]]])
+      >>> xgrad_cam_weights(a, g)  # (1*2 + 3*6) / 4 = 5; 0/0 -> 0
+      array([[5., 0.]])
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    check_feature_maps("activations", a)
+    multi = check_gradients_match(a, g)
+    lead = 3 if multi else 2
+    numerator = _spatial_sum(xp, g * (xp.expand_dims(a, axis=1) if multi else a), lead)
+    denominator = _spatial_sum(xp, a, 2) + eps
+    if multi:
+        denominator = xp.expand_dims(denominator, axis=1)
+    nonzero = denominator != 0
+    weights = xp.where(nonzero, numerator / xp.where(nonzero, denominator, xp.ones_like(denominator)),
+                       xp.zeros_like(numerator))
+    check_finite(weights, "xgrad_cam_weights", activations=a, gradients=g)
+    return weights
+
+
+def xgrad_cam(activations: Array, gradients: Array, *, relu: bool = True, eps: float = 0.0) -> Array:
+    r"""XGrad-CAM map: :math:`\mathrm{ReLU}(\sum_k \alpha_k^c A^k)` with :func:`xgrad_cam_weights`.
+
+    On a GAP head, :math:`G^k = w^c_k / Z` at every position, so :math:`\alpha_k^c = w^c_k / Z`
+    (for channels with :math:`\sum A^k \ne 0`) and the map equals Grad-CAM's.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 3.0]]]])
+      >>> xgrad_cam(a, np.array([[[[2.0, 6.0]]]]))
+      array([[[ 5., 15.]]])
+    """
+    weights = xgrad_cam_weights(activations, gradients, eps=eps)
+    xp, (a,) = as_float_arrays(activations=activations)
+    maps = _weighted_sum(xp, a, weights)
+    return _relu(xp, maps) if relu else maps
+
+
+@quiet_numpy
+def layer_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Array:
+    r"""LayerCAM (Jiang et al., IEEE TIP 2021, Eq. 5-6): positive gradients as pixel weights.
+
+    .. math::
+
+        L^c_{\text{LayerCAM}} = \mathrm{ReLU}\Big(\sum_k \mathrm{ReLU}(G^k) \odot A^k\Big)
+
+    For shallow layers the paper scales the map by :func:`layercam_scale` before fusing
+    layers (:func:`fuse_maps`).
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 2.0]], [[3.0, 1.0]]]])
+      >>> g = np.array([[[[2.0, -1.0]], [[-1.0, 4.0]]]])
+      >>> layer_cam(a, g)  # [1*2 + 0, 0 + 1*4]
+      array([[[2., 4.]]])
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    maps = _elementwise_sum(xp, a, _relu(xp, g), "layer_cam")
+    return _relu(xp, maps) if relu else maps
+
+
+@quiet_numpy
+def eigen_cam(activations: Array, *, centre: bool = False, sign: str = "fixed", relu: bool = True) -> Array:
+    r"""Eigen-CAM (Muhammad & Yeasin, arXiv 2008.00299): the projection on the first principal direction.
+
+    Per example, the activations as a matrix :math:`O` of Z positions by K channels
+    (optionally centred: :math:`O - \bar O`, the mean over positions subtracted), its SVD
+    :math:`O = U \Sigma V^\top`, and the map
+
+    .. math::
+
+        L_{\text{Eigen-CAM}} = \mathrm{ReLU}(O\, v_1) = \mathrm{ReLU}(\sigma_1 u_1)
+
+    reshaped to the spatial grid. No target: the map is class-agnostic.
+
+    Centring: the paper takes the SVD of :math:`O` itself (``centre=False``, the default);
+    pytorch-grad-cam centres first (``centre=True``, a PCA).
+
+    Sign: :math:`v_1` and :math:`-v_1` are equally valid singular vectors and LAPACK picks one
+    by its own rules, so without a fix the final ReLU can erase the object (pytorch-grad-cam).
+    ``sign="fixed"`` (default) orients the projection p so that its largest magnitude is
+    positive (:math:`|\min p| > \max p` flips it, the rule of Seg-Eigen-CAM, Eq. 13); on a
+    tie, so that :math:`\sum p \ge 0`; on a further tie, so that its first non-zero value is
+    positive (ties judged up to rounding, 1000 eps of the largest magnitude). The map is then
+    a function of the activations alone, the same for any SVD routine. ``sign="svd"`` keeps
+    the SVD routine's sign; ``sign="numpy"`` the sign ``np.linalg.svd`` gives in the
+    activations' own dtype (pytorch-grad-cam's; concrete arrays only).
+    float32 NumPy and torch arrays are decomposed in float64 (torch's float32 SVD is off by
+    about 1e-5 of the map's range); the result has the input's dtype.
+
+    Args:
+      activations: :math:`A`, ``(N, K, *spatial)``; more leading axes (``(N, T, K, *spatial)``)
+        are batch axes.
+      centre: subtract the mean over positions before the SVD.
+      sign: ``"fixed"``, ``"svd"`` or ``"numpy"``, see above.
+      relu: apply the final ReLU.
+
+    Returns:
+      ``(N, *spatial)`` (or ``(N, T, *spatial)``).
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[3.0, 0.0]], [[4.0, 0.0]]]])  # O = [[3, 4], [0, 0]]: rank one
+      >>> eigen_cam(a)  # sigma_1 u_1 = [5, 0]
+      array([[[5., 0.]]])
+    """
+    xp, (a,) = as_float_arrays(activations=activations)
+    check_feature_maps("activations", a)
+    return _eigen_map(xp, a, 1, centre, sign, relu)
+
+
+def eigen_grad_cam(activations: Array, gradients: Array, *, centre: bool = False, sign: str = "fixed",
+                   relu: bool = True) -> Array:
+    r"""Eigen-Grad-CAM (pytorch-grad-cam's): :func:`eigen_cam` of :math:`G \odot A`.
+
+    .. math::
+
+        L^c = \mathrm{ReLU}\big((G \odot A)_{Z \times K}\, v_1\big)
+
+    Class-specific through :math:`G`. Same ``centre`` and ``sign`` options as :func:`eigen_cam`.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[3.0, 0.0]], [[4.0, 0.0]]]])
+      >>> eigen_grad_cam(a, np.full((1, 2, 1, 2), 2.0))  # 2 A: [10, 0]
+      array([[[10.,  0.]]])
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    check_feature_maps("activations", a)
+    multi = check_gradients_match(a, g)
+    product = g * (xp.expand_dims(a, axis=1) if multi else a)
+    return _eigen_map(xp, product, 2 if multi else 1, centre, sign, relu)
+
+
+@quiet_numpy
+def smooth_grad_cam_plus_plus(
+    activations: Array, noisy_gradients: Array, *, relu: bool = True
+) -> Array:
+    r"""Smooth Grad-CAM++ (Omeiza et al., arXiv 1908.01224): Grad-CAM++ on averaged derivatives.
+
+    With :math:`g_s = \partial S^c / \partial A` at the noisy input :math:`x + \epsilon_s`,
+    :math:`s = 1..n`, and :math:`D^p = \frac1n \sum_s g_s^p` (the exponential-score closed form
+    of :func:`gradcam_ref.grad_cam_plus_plus`, whose powers of :math:`g` are the derivatives):
+
+    .. math::
+
+        a^{kc}_{ij} = \frac{D^2_{ij}}{2 D^2_{ij} + \sum_{ab} A^k_{ab}\, D^3_{ij}}, \quad
+        w^c_k = \sum_{ij} a^{kc}_{ij}\, \mathrm{ReLU}(D^1_{ij}), \quad
+        L^c = \mathrm{ReLU}\Big(\sum_k w^c_k A^k\Big)
+
+    (:math:`a = 0` where the denominator is 0), with :math:`A` the clean input's activations.
+    With one sample and no noise it is Grad-CAM++. torchcam averages :math:`D^2, D^3` but
+    takes :math:`\mathrm{ReLU}` of the *last* sample's gradient and that sample's activations
+    for the map, and draws unseeded noise: not reproduced.
+
+    Args:
+      activations: :math:`A` of the clean input, ``(N, K, *spatial)``.
+      noisy_gradients: :math:`g_s`, ``(n, N, K, *spatial)`` or ``(n, N, T, K, *spatial)``.
+      relu: apply the final ReLU.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 1.0]]]])
+      >>> g = np.array([[[[[1.0, 0.0]]]], [[[[1.0, 0.0]]]]])  # two identical samples
+      >>> smooth_grad_cam_plus_plus(a, g)  # = grad_cam_plus_plus(a, g[0])
+      array([[[0.25, 0.25]]])
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=noisy_gradients)
+    check_feature_maps("activations", a)
+    if g.ndim < 1 or shape_of(g)[0] < 1:
+        raise ValueError(f"noisy_gradients must have a leading axis of n >= 1 samples, got shape {shape_of(g)}")
+    check_gradients_match(a, g[0])
+    weights = _smooth_weights(xp, a, g)
+    check_finite(weights, "smooth_grad_cam_plus_plus", activations=a, noisy_gradients=g)
+    maps = _weighted_sum(xp, a, weights)
+    return _relu(xp, maps) if relu else maps
+
+
+def _smooth_weights(xp: Any, a: Array, g: Array) -> Array:
+    """:math:`w^c_k` of :func:`smooth_grad_cam_plus_plus`: ``(N, K)`` or ``(N, T, K)``."""
+    d1, d2, d3 = xp.mean(g, axis=0), xp.mean(g * g, axis=0), xp.mean(g * g * g, axis=0)
+    return _plus_plus_from(xp, a, d1, d2, d3)
+
+
+# --- layer fusion ---------------------------------------------------------------------------
+
+
+@quiet_numpy
+def layercam_scale(maps: Array, *, gamma: float = 2.0, spatial_rank: int | None = None) -> Array:
+    r"""LayerCAM's scaling of a shallow layer's map (Jiang et al., Eq. 7), per map.
+
+    .. math::
+
+        \hat L = \tanh\Big(\frac{\gamma\, L}{\max L}\Big)
+
+    A map whose maximum is 0 stays 0. torchcam applies :math:`\tanh(\gamma L)` to maps it has
+    already min-max normalised (the same when :math:`\min L = 0`).
+
+    Example:
+      >>> import numpy as np
+      >>> layercam_scale(np.array([[0.0, 1.0, 2.0]]), gamma=2.0).round(4)
+      array([[0.    , 0.7616, 0.964 ]])
+    """
+    xp, (m,) = as_float_arrays(maps=maps)
+    rank = m.ndim - 1 if spatial_rank is None else spatial_rank
+    axes = tuple(range(m.ndim - rank, m.ndim))
+    top = xp.max(m, axis=axes, keepdims=True)
+    positive = top > 0
+    scaled = xp.where(positive, m / xp.where(positive, top, xp.ones_like(top)), xp.zeros_like(m))
+    return xp.tanh(gamma * scaled)
+
+
+@quiet_numpy
+def fuse_maps(maps: Sequence[Array], rule: str = "mean", *, size: Sequence[int] | None = None,
+              gamma: float = 2.0) -> Array:
+    r"""Fuse the maps of several layers into one, after resizing them to ``size``.
+
+    Each map ``(N, *spatial_l)`` is resized (bilinear, half-pixel centres) to ``size`` (default:
+    the largest of each axis; for ``"layercam"`` after its scaling, as torchcam does), then:
+
+    - ``"mean"``: :math:`\frac1L \sum_l L_l` (pytorch-grad-cam's rule; it min-max normalises
+      each layer's map first, see :mod:`gradcam_ref.conventions`);
+    - ``"max"``: the elementwise maximum :math:`\max_l L_l`;
+    - ``"layercam"``: :math:`\max_l \tanh(\gamma L_l / \max L_l)` (:func:`layercam_scale` on
+      every map, then the maximum: torchcam's ``LayerCAM.fuse_cams``; the paper scales only the
+      shallow layers, so pass those through :func:`layercam_scale` yourself and use ``"max"``).
+
+    Example:
+      >>> import numpy as np
+      >>> fuse_maps([np.array([[0.0, 1.0]]), np.array([[2.0, 2.0, 0.0, 0.0]])], "max")
+      array([[2.  , 2.  , 0.75, 1.  ]])
+    """
+    if rule not in FUSION_RULES:
+        raise ValueError(f"rule must be one of {FUSION_RULES}, got {rule!r}")
+    if not isinstance(maps, (list, tuple)) or not maps:
+        raise ValueError(f"maps must be a non-empty list of (N, *spatial) maps, got {type(maps).__name__}")
+    named = {f"maps[{i}]": m for i, m in enumerate(maps)}
+    xp, arrays = as_float_arrays(**named)
+    ranks = {m.ndim for m in arrays}
+    if len(ranks) != 1 or len({shape_of(m)[0] for m in arrays}) != 1:
+        raise ValueError(f"maps must share their rank and batch size, got shapes {[shape_of(m) for m in arrays]}")
+    rank = arrays[0].ndim - 1
+    target = (tuple(max(shape_of(m)[1 + i] for m in arrays) for i in range(rank)) if size is None
+              else parse_size(size, rank))
+    resized = [resize(xp, layercam_scale(m, gamma=gamma) if rule == "layercam" else m, target, KERNELS[0])
+               for m in arrays]
+    stacked = xp.stack(resized, axis=0)
+    return xp.mean(stacked, axis=0) if rule == "mean" else xp.max(stacked, axis=0)
+
+
+# --- perturbation methods: the pure halves --------------------------------------------------
+
+
+SCORE_CAM_VARIANTS = ("paper", "pytorch-grad-cam", "torchcam", "official")
+
+
+@quiet_numpy
+def score_cam_masks(activations: Array, size: Sequence[int], *, variant: str = "paper") -> Array:
+    r"""Score-CAM's masks (Wang et al., CVPRW 2020, arXiv 1910.01279, Eq. 5): one per channel.
+
+    .. math::
+
+        M_k = s\big(U(A^k)\big), \qquad s(X) = \frac{X - \min X}{\max X - \min X}
+
+    with :math:`U` the upsampling to the input's ``size``. The variants differ in :math:`U`,
+    the order and the epsilon (a channel with :math:`\max = \min` gives a zero mask; with an
+    epsilon it gives zeros too):
+
+    - ``"paper"`` and ``"official"`` (the authors' code): bilinear with half-pixel centres,
+      then :math:`s` without epsilon;
+    - ``"pytorch-grad-cam"``: bilinear with *aligned corners* (``UpsamplingBilinear2d``), then
+      :math:`(X - \min)/(\max - \min + 10^{-8})`;
+    - ``"torchcam"``: :math:`(X - \min)/(\max - \min + 10^{-8})` at the layer's resolution
+      first, then half-pixel bilinear.
+
+    Args:
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      size: the input's spatial shape.
+      variant: one of :data:`SCORE_CAM_VARIANTS`.
+
+    Returns:
+      Masks in [0, 1], ``(N, K, *size)``.
+
+    Example:
+      >>> import numpy as np
+      >>> score_cam_masks(np.array([[[0.0, 2.0]]]), (4,))  # upsampled [0, .5, 1.5, 2] / 2
+      array([[[0.  , 0.25, 0.75, 1.  ]]])
+    """
+    if variant not in SCORE_CAM_VARIANTS:
+        raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
+    xp, (a,) = as_float_arrays(activations=activations)
+    check_feature_maps("activations", a)
+    rank = a.ndim - 2
+    size = parse_size(size, rank)
+    axes = tuple(range(2, a.ndim))
+    if variant == "torchcam":
+        return resize(xp, _minmax(xp, a, axes, 1e-8), size, "linear-half-pixel")
+    kernel = "linear-corner" if variant == "pytorch-grad-cam" else "linear-half-pixel"
+    return _minmax(xp, resize(xp, a, size, kernel), axes, 1e-8 if variant == "pytorch-grad-cam" else None)
+
+
+@quiet_numpy
+def score_cam_weights(mask_scores: Array, *, baseline: Array | None = None) -> Array:
+    r"""Score-CAM's weights (Eq. 6-7): a softmax over channels of the score increases.
+
+    .. math::
+
+        w^c_k = \operatorname{softmax}_k\big(y^c(X \odot M_k) - y^c(X_b)\big)
+
+    The baseline score is one number per example, and a softmax does not change when one
+    number is subtracted from all its entries: pytorch-grad-cam (no baseline) and torchcam (the
+    unmasked input as baseline) get the same weights. :math:`y^c \le 0` needs no care here.
+    The authors' code differs: ``"official"`` weights are the class probabilities
+    :math:`\operatorname{softmax}_c(f(X \odot M_k))_c` themselves (pass those as
+    ``mask_scores`` and use :func:`gradcam_ref.cam`), and channels whose mask is flat get 0.
+
+    Args:
+      mask_scores: :math:`y^c(X \odot M_k)`, ``(N, K)`` or ``(N, T, K)``.
+      baseline: :math:`y^c(X_b)`, ``(N,)`` or ``(N, T)``, or None.
+
+    Example:
+      >>> import numpy as np
+      >>> score_cam_weights(np.array([[0.0, np.log(3.0)]]))
+      array([[0.25, 0.75]])
+    """
+    xp, (s,) = as_float_arrays(mask_scores=mask_scores)
+    if baseline is not None:
+        s = s - xp.expand_dims(as_float_arrays(baseline=baseline)[1][0], axis=-1)
+    shifted = s - xp.max(s, axis=-1, keepdims=True)
+    e = xp.exp(shifted)
+    weights = e / xp.sum(e, axis=-1, keepdims=True)
+    check_finite(weights, "score_cam_weights", mask_scores=mask_scores)
+    return weights
+
+
+ABLATION_VALUES = ("zero", "pytorch-grad-cam")
+
+
+def ablated_activations(activations: Array, example: int, channels: Sequence[int], *,
+                        value: str = "zero", chunk: int = 32) -> Array:
+    r"""The activations of one example with one channel ablated per row: Ablation-CAM's inputs.
+
+    Row r is :math:`A_{\text{example}}` with channel ``channels[r]`` replaced by the ablation
+    value ``(len(channels), K, *spatial)``:
+
+    - ``"zero"`` (Desai & Ramaswamy, the paper): 0;
+    - ``"pytorch-grad-cam"``: 0 if the example's smallest activation m is 0, else a very
+      negative number that grows with the channel's place ``i = channel % chunk`` in its batch
+      of ``chunk`` (its AblationLayer re-reads the minimum after each row it edits): the
+      float32 sequence :math:`v_0 = m - 10^7`, :math:`v_i = v_{i-1} - 10^7`.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # N=1, K=2
+      >>> ablated_activations(a, 0, [1])  # channel 1 set to 0
+      array([[[[1., 2.]],
+      <BLANKLINE>
+              [[0., 0.]]]])
+    """
+    if value not in ABLATION_VALUES:
+        raise ValueError(f"value must be one of {ABLATION_VALUES}, got {value!r}")
+    xp, (a,) = as_float_arrays(activations=activations)
+    row = a[example]
+    k = shape_of(row)[0]
+    device = array_api_compat.device(a)
+    index = xp.asarray(list(channels), device=device)
+    onehot = xp.expand_dims(index, axis=1) == xp.expand_dims(xp.arange(k, device=device), axis=0)
+    onehot = xp.reshape(onehot, (len(channels), k) + (1,) * (row.ndim - 1))  # (R, K, 1, ...), bool
+    if value == "zero":
+        fill = xp.zeros((len(channels),) + (1,) * row.ndim, dtype=a.dtype, device=device)
+    else:
+        m = float(to_numpy(xp.min(row)))
+        fill_np = np.zeros(len(channels), dtype=np.float64)
+        if m != 0:
+            place = np.asarray(list(channels)) % chunk
+            v = np.float32(m)
+            seq = []
+            for _ in range(chunk):
+                v = np.float32(v - np.float32(1e7))
+                seq.append(float(v))
+            fill_np = np.asarray(seq)[place]
+        fill = xp.reshape(xp.asarray(fill_np, dtype=a.dtype, device=array_api_compat.device(a)),
+                          (len(channels),) + (1,) * row.ndim)
+    return xp.where(onehot, fill, xp.expand_dims(row, axis=0))  # (R, K, *spatial)
+
+
+@quiet_numpy
+def ablation_cam_weights(score: Array, ablated_scores: Array, *, denominator: str = "score") -> Array:
+    r"""Ablation-CAM's weights (Desai & Ramaswamy, WACV 2020, Eq. 3): the relative drop of the score.
+
+    .. math::
+
+        w^c_k = \frac{y^c - y^c_k}{y^c}
+
+    with :math:`y^c_k` the score when channel k of the layer is set to zero. When
+    :math:`y^c < 0` the paper's formula flips every sign (a channel whose removal lowers the
+    score gets a negative weight); when :math:`y^c = 0` it is undefined. ``denominator="score"``
+    (the paper) raises for :math:`y^c = 0`; ``"abs"`` divides by :math:`|y^c|`, keeping "a drop
+    is evidence for c" for negative scores (and still raises for 0).
+
+    Args:
+      score: :math:`y^c`, ``(N,)`` or ``(N, T)``.
+      ablated_scores: :math:`y^c_k`, ``(N, K)`` or ``(N, T, K)``.
+      denominator: ``"score"`` or ``"abs"``.
+
+    Example:
+      >>> import numpy as np
+      >>> ablation_cam_weights(np.array([2.0]), np.array([[1.0, 3.0]]))
+      array([[ 0.5, -0.5]])
+    """
+    if denominator not in ("score", "abs"):
+        raise ValueError(f"denominator must be 'score' or 'abs', got {denominator!r}")
+    xp, (y, yk) = as_float_arrays(score=score, ablated_scores=ablated_scores)
+    if shape_of(yk)[:-1] != shape_of(y):
+        raise ValueError(f"ablated_scores must have shape score.shape + (K,) = {shape_of(y)} + (K,), "
+                         f"got {shape_of(yk)}")
+    zero = xp.asarray(y == 0)
+    if bool(xp.any(zero)):
+        raise ValueError(
+            "Ablation-CAM divides by the target score y^c, which is exactly 0 for "
+            f"{int(xp.sum(xp.astype(zero, xp.int64)))} example(s): the weights are undefined there"
+        )
+    d = xp.abs(y) if denominator == "abs" else y
+    weights = (xp.expand_dims(y, axis=-1) - yk) / xp.expand_dims(d, axis=-1)
+    check_finite(weights, "ablation_cam_weights", score=score, ablated_scores=ablated_scores)
+    return weights
+
+
+# --- dispatch: method name -> (weights, signed map) -------------------------------------------
+
+
+class MethodFields(NamedTuple):
+    """What a method computes: its weights (None where the method has none) and its signed map."""
+
+    weights: Array | None
+    signed: Array
+
+
+def method_fields(method: str, activations: Array, gradients: Array | None, **options: Any) -> MethodFields:
+    """The weights and the map before the final ReLU of a gradient method, from ``(A, G)``.
+
+    ``options`` are the method function's keyword arguments (``eps`` for Grad-CAM++ and
+    XGrad-CAM, ``centre`` and ``sign`` for the Eigen methods). Perturbation methods and Smooth Grad-CAM++ need
+    more than one capture: :func:`gradcam_ref.explain` computes them.
+    """
+    check_method(method)
+    a, g = activations, gradients
+    allowed = _OPTIONS.get(method, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"method {method!r} takes the options {list(allowed)}, got {unknown}")
+    if method == "grad-cam":
+        weights, signed = grad_cam_parts(a, g)
+        return MethodFields(weights, signed)
+    if method == "grad-cam++":
+        xp, (aa, gg) = as_float_arrays(activations=a, gradients=g)
+        check_feature_maps("activations", aa)
+        check_gradients_match(aa, gg)
+        weights = _plus_plus_from(xp, aa, gg, gg * gg, gg * gg * gg, **options)
+        check_finite(weights, "grad_cam_plus_plus", activations=aa, gradients=gg)
+        return MethodFields(weights, _weighted_sum(xp, aa, weights))
+    if method == "xgrad-cam":
+        weights = xgrad_cam_weights(a, g, **options)
+        xp, (aa,) = as_float_arrays(activations=a)
+        return MethodFields(weights, _weighted_sum(xp, aa, weights))
+    if method == "hirescam":
+        return MethodFields(None, hires_cam(a, g, relu=False))
+    if method == "layercam":
+        return MethodFields(None, layer_cam(a, g, relu=False))
+    if method == "eigen-cam":
+        signed = eigen_cam(a, relu=False, **options)
+        if g is not None and g.ndim == a.ndim + 1:  # one class-agnostic map per target
+            xp = array_api_compat.array_namespace(signed)
+            signed = xp.broadcast_to(xp.expand_dims(signed, axis=1), (shape_of(g)[0], shape_of(g)[1],
+                                                                      *shape_of(signed)[1:]))
+        return MethodFields(None, signed)
+    if method == "eigen-grad-cam":
+        return MethodFields(None, eigen_grad_cam(a, g, relu=False, **options))
+    raise ValueError(f"method {method!r} is computed by gradcam_ref.explain, not from one capture")
+
+
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "grad-cam++": ("eps",),
+    "xgrad-cam": ("eps",),
+    "eigen-cam": ("centre", "sign"),
+    "eigen-grad-cam": ("centre", "sign"),
+}
+
+
+def _plus_plus_from(xp: Any, a: Array, d1: Array, d2: Array, d3: Array, eps: float = 0.0) -> Array:
+    """Grad-CAM++'s weights from the first three derivatives (powers of g, or their means).
+
+    ``eps`` is added to the denominator of :math:`a_{ij}` (pytorch-grad-cam: 1e-6); 0 where
+    the denominator (plus ``eps``) is 0.
+    """
+    spatial = tuple(range(2, a.ndim))
+    sum_a = xp.sum(a, axis=spatial, keepdims=True)
+    if d1.ndim == a.ndim + 1:
+        sum_a = xp.expand_dims(sum_a, axis=1)
+    denominator = 2 * d2 + sum_a * d3 + eps
+    nonzero = denominator != 0
+    a_ij = xp.where(nonzero, d2 / xp.where(nonzero, denominator, xp.ones_like(denominator)), xp.zeros_like(d2))
+    return xp.sum(a_ij * _relu(xp, d1), axis=tuple(range(d1.ndim - len(spatial), d1.ndim)))
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _spatial_sum(xp: Any, x: Array, lead: int) -> Array:
+    shape = shape_of(x)
+    return xp.sum(xp.reshape(x, shape[:lead] + (math.prod(shape[lead:]),)), axis=-1)
+
+
+def _elementwise_sum(xp: Any, a: Array, g: Array, what: str) -> Array:
+    """``sum_k g[..., k, :] * a[:, k, :]``: ``(N, *spatial)`` or ``(N, T, *spatial)``."""
+    check_feature_maps("activations", a)
+    multi = check_gradients_match(a, g)
+    maps = xp.sum(g * (xp.expand_dims(a, axis=1) if multi else a), axis=2 if multi else 1)
+    check_finite(maps, what, activations=a, gradients=g)
+    return maps
+
+
+def _minmax(xp: Any, x: Array, axes: tuple[int, ...], eps: float | None) -> Array:
+    low = xp.min(x, axis=axes, keepdims=True)
+    span = xp.max(x, axis=axes, keepdims=True) - low
+    if eps is not None:
+        return (x - low) / (span + eps)
+    positive = span > 0
+    return xp.where(positive, (x - low) / xp.where(positive, span, xp.ones_like(span)), xp.zeros_like(x))
+
+
+SIGNS = ("fixed", "svd", "numpy")
+
+
+def _eigen_map(xp: Any, x: Array, n_lead: int, centre: bool, sign: str, relu: bool) -> Array:
+    """Per leading index (``n_lead`` axes before K): the projection of the (Z, K) matrix on v_1."""
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    shape = shape_of(x)
+    lead_shape, k, spatial = shape[:n_lead], shape[n_lead], shape[n_lead + 1:]
+    o = xp.reshape(x, lead_shape + (k, math.prod(spatial)))
+    o = xp.matrix_transpose(o)  # (..., Z, K)
+    dtype = o.dtype
+    if dtype == xp.float32 and not array_api_compat.is_jax_array(o):
+        o = xp.astype(o, xp.float64)  # torch's float32 SVD is off by ~1e-5 of the map: do it wide
+    if centre:
+        o = o - xp.mean(o, axis=-2, keepdims=True)
+    _, _, vh = xp.linalg.svd(o, full_matrices=False)
+    p = xp.squeeze(xp.matmul(o, xp.expand_dims(vh[..., 0, :], axis=-1)), axis=-1)  # (..., Z)
+    p = xp.astype(p, dtype)
+    if sign == "fixed":
+        p = p * _orientation(xp, p)
+    elif sign == "numpy":
+        p = p * _numpy_orientation(xp, x, n_lead, centre, p)
+    maps = xp.reshape(p, lead_shape + spatial)
+    check_finite(maps, "eigen_cam", activations=x)
+    return _relu(xp, maps) if relu else maps
+
+
+def _numpy_orientation(xp: Any, x: Array, n_lead: int, centre: bool, p: Array) -> Array:
+    """+1 or -1 per row: the sign that makes ``p`` agree with NumPy's full SVD in ``x``'s dtype."""
+    host = to_numpy(x)
+    shape = host.shape
+    o = np.swapaxes(host.reshape(shape[:n_lead] + (shape[n_lead], -1)), -1, -2)
+    if centre:
+        o = o - o.mean(axis=-2, keepdims=True)
+    flat = o.reshape((-1,) + o.shape[-2:])
+    reference = np.stack([m @ np.linalg.svd(m, full_matrices=True)[2][0] for m in flat])
+    agree = np.sum(reference.astype(np.float64) * to_numpy(p).reshape(reference.shape), axis=-1) >= 0
+    signs = np.where(agree, 1.0, -1.0).reshape(shape[:n_lead] + (1,))
+    return xp.asarray(signs, dtype=p.dtype, device=array_api_compat.device(p))
+
+
+def _orientation(xp: Any, p: Array) -> Array:
+    """+1 or -1 per row of ``p`` ``(..., Z)``: largest magnitude positive, then sum, then first non-zero.
+
+    Ties are judged up to rounding: values closer than ``1000 eps`` times the row's largest
+    magnitude count as equal (as zero for the sum and the first non-zero value), so that the
+    SVD's last bits cannot choose the sign.
+    """
+    top, bottom = xp.max(p, axis=-1), xp.min(p, axis=-1)
+    scale = xp.maximum(top, -bottom)
+    tol = 1000 * xp.finfo(p.dtype).eps * scale
+    total = xp.sum(p, axis=-1)
+    significant = xp.abs(p) > xp.expand_dims(tol, axis=-1)
+    first_index = xp.argmax(xp.astype(significant, xp.int32), axis=-1)
+    first = xp.squeeze(xp.take_along_axis(p, xp.expand_dims(first_index, axis=-1), axis=-1), axis=-1)
+    total_tol = tol * shape_of(p)[-1]
+    sign = xp.where(-bottom > top + tol, -1.0, xp.where(-bottom < top - tol, 1.0,
+                    xp.where(total < -total_tol, -1.0, xp.where(total > total_tol, 1.0,
+                             xp.where(first < 0, -1.0, 1.0)))))
+    return xp.expand_dims(xp.astype(sign, p.dtype), axis=-1)

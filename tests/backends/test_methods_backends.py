@@ -1,0 +1,176 @@
+"""The CAM family on every backend: NumPy oracle vs torch vs JAX in float64, the ``perturb`` ability,
+and each method against pytorch-grad-cam and torchcam (run as libraries)."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradcam_ref
+from gradcam_ref.backends import torch as torch_backend
+from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.verify import peers
+from gradcam_ref.verify.twins import jax_oracle, torch_oracle
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def jax_twins(oracle):
+    """One JAX twin per layer for the whole module: jax.jit compiles each program once."""
+    with jax.enable_x64(True):
+        return {layer: jax_oracle(oracle[0], layer=layer) for layer, _ in JAX_CASES}
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    rng = np.random.default_rng(11)
+    net = Oracle.random(rng, in_channels=2, widths=[4, 5], kernel_sizes=[3, 3], num_classes=3, head="gap-mlp")
+    return net, rng.standard_normal((2, 2, 8, 7))
+
+
+JAX_CASES = {("conv1", 2), ("relu1", 1)}
+"""(layer, target rank) pairs also run on JAX (its eager core ops compile once per shape: ~40 s each)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", ["relu0", "conv1", "relu1"])
+@pytest.mark.parametrize("targets", [[0, 2], np.array([[0, 1], [2, 1]])], ids=["N", "NxT"])
+def test_numpy_torch_and_jax_agree_in_float64_for_every_method(oracle, jax_twins, layer, targets):
+    net, x = oracle
+    for method in gradcam_ref.METHODS:
+        options = {"batch_size": 3} if method in ("score-cam", "ablation-cam") else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+            ours = gradcam_ref.explain(net, x, targets, layer=layer, method=method, **options)
+            # inplace ReLUs (the default twin): A must be taken before the next op changes it
+            on_torch = gradcam_ref.explain(torch_oracle(net), torch.from_numpy(x), targets, layer=layer,
+                                           method=method, **options).numpy()
+            others = [on_torch]
+            if (layer, np.ndim(targets)) in JAX_CASES:  # JAX's eager ops compile per shape: two cases
+                with jax.enable_x64(True):
+                    others.append(gradcam_ref.explain(jax_twins[layer], jnp.asarray(x), targets, method=method,
+                                                      **options).numpy())
+        scale = np.abs(ours.maps).max()
+        assert scale > 0, method
+        for other in others:
+            assert other.method == method
+            np.testing.assert_allclose(other.maps, ours.maps, rtol=0, atol=TOL * scale, err_msg=method)
+            if ours.weights is not None:
+                np.testing.assert_allclose(other.weights, ours.weights, rtol=0,
+                                           atol=TOL * np.abs(ours.weights).max(), err_msg=method)
+
+
+class Skip(nn.Module):
+    """conv -> ReLU -> (layer) -> + the conv's output (a skip around the layer) -> GAP -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, dtype=torch.float64)
+        self.layer = nn.Conv2d(4, 4, 1, dtype=torch.float64)
+        self.fc = nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc((self.layer(h) + h).mean(dim=(2, 3)))
+
+
+def test_ablation_cam_runs_only_the_part_after_the_layer(oracle):
+    net, x = oracle
+    model = torch_oracle(net, inplace=False)
+    seen = []
+    model.conv0.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    e = gradcam_ref.explain(model, torch.from_numpy(x), [0, 1], layer="relu0", method="ablation-cam",
+                            denominator="abs", batch_size=2)
+    assert seen == [2]  # one forward pass of the batch; no example ran again for its 4 ablations
+    reference = gradcam_ref.explain(net, x, [0, 1], layer="relu0", method="ablation-cam", denominator="abs")
+    np.testing.assert_allclose(e.numpy().weights, reference.weights, rtol=0, atol=TOL)
+
+
+def test_a_skip_around_the_layer_falls_back_to_a_substituting_hook_with_the_same_numbers():
+    torch.manual_seed(0)
+    model = Skip().eval()
+    assert torch_backend._tail(model, "layer") is None  # the tail reads h, computed before the layer
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    e = gradcam_ref.explain(model, x, [0, 2], layer="layer", method="ablation-cam", denominator="abs", batch_size=3)
+    with torch.no_grad():  # by hand: the layer's output with channel k zeroed, the rest as in forward
+        h = torch.relu(model.conv(x))
+        a = model.layer(h)
+        y = model.fc((a + h).mean(dim=(2, 3)))
+        for n, c in enumerate([0, 2]):
+            for k in range(4):
+                ablated = a[n:n + 1].clone()
+                ablated[:, k] = 0
+                yk = model.fc((ablated + h[n:n + 1]).mean(dim=(2, 3)))[0, c]
+                expected = (y[n, c] - yk) / y[n, c].abs()
+                assert abs(float(e.weights[n, k] - expected)) <= TOL * max(1.0, abs(float(expected)))
+
+
+def test_perturb_leaves_the_model_as_it_was(oracle):
+    net, x = oracle
+    model = torch_oracle(net)
+    model.train()
+    model.head[1].weight.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.warns(gradcam_ref.TrainingModeWarning):
+        for method in ("score-cam", "ablation-cam"):
+            gradcam_ref.explain(model, torch.from_numpy(x), [0, 1], layer="relu1", method=method,
+                                denominator="abs") if method == "ablation-cam" else \
+                gradcam_ref.explain(model, torch.from_numpy(x), [0, 1], layer="relu1", method=method)
+    assert all(m.training for m in model.modules())
+    assert not model.head[1].weight.requires_grad and model.head[1].bias.requires_grad
+    for name, p in model.named_parameters():
+        assert p.grad is None and torch.equal(p, before[name])
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+
+
+def test_split_form_and_jax_channels_last(oracle):
+    net, x = oracle
+    model = torch_oracle(net, inplace=False)
+    split = (model[:4], model[4:])  # up to relu1 | head
+    whole = gradcam_ref.explain(model, torch.from_numpy(x), [0, 1], layer="relu1", method="score-cam")
+    parts = gradcam_ref.explain(split, torch.from_numpy(x), [0, 1], method="score-cam")
+    torch.testing.assert_close(parts.weights, whole.weights, rtol=0, atol=TOL)
+    with jax.enable_x64(True):
+        features, head = jax_oracle(net, layer="relu1")
+
+        def features_last(v):
+            return jnp.moveaxis(features(v), 1, -1)
+
+        def head_last(a):
+            return head(jnp.moveaxis(a, -1, 1))
+
+        e = gradcam_ref.explain((features_last, head_last), jnp.asarray(x), [0, 1], method="ablation-cam",
+                                channel_axis=-1, denominator="abs")
+    ours = gradcam_ref.explain(net, x, [0, 1], method="ablation-cam", denominator="abs")
+    np.testing.assert_allclose(np.asarray(e.weights), ours.weights, rtol=0, atol=TOL)
+
+
+# --- each method against its library ------------------------------------------------------------
+
+
+def test_every_method_matches_pytorch_grad_cam_and_torchcam_on_the_small_cnns():
+    checks, notes = peers.method_peer_checks(peers.peer_cases()[:2], perturbation="all")
+    failed = [c for c in checks if not c.passed]
+    assert not failed, failed
+    assert not notes
+    names = {c.check for c in checks}
+    for peer in peers.METHOD_PEERS:  # every method of both libraries, on both small CNNs
+        assert sum(n.startswith(f"{peer.convention} {peer.method} on ") for n in names) == 2, peer.method
+
+
+@pytest.mark.slow
+def test_every_method_matches_its_library_on_resnet18():
+    """resnet18 (random init, layer3 of a 64x64 input): the gradient methods and, one model run per
+    channel and image, Score-CAM and Ablation-CAM."""
+    checks, _ = peers.method_peer_checks(peers.peer_cases()[2:], perturbation="all")
+    assert len(checks) == len(peers.METHOD_PEERS)
+    failed = [c for c in checks if not c.passed]
+    assert not failed, failed
