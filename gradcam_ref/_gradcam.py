@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from gradcam_ref._arrays import (
     Array,
@@ -165,7 +166,7 @@ def relu_map(maps: Array) -> Array:
 
 
 @quiet_numpy
-def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = True) -> Array:
+def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = True, eps: float = 0.0) -> Array:
     r"""Grad-CAM++ map in the closed form of Chattopadhay et al. (Eq. 19 of the paper).
 
     .. math::
@@ -176,8 +177,8 @@ def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = Tru
 
     with :math:`g = \partial S^c / \partial A^k` the gradient of the logit :math:`S^c`
     (``gradients``) and :math:`a_{ij}^{kc} = 0` where the denominator is 0. The products
-    :math:`a_{ij}^{kc}\,\mathrm{ReLU}(g_{ij})` are computed as :math:`g/(2 + g\sum_{ab} A_{ab})`
-    (the same number; no :math:`g^3`, so no overflow wherever the map itself is representable).
+    :math:`a_{ij}^{kc}\,\mathrm{ReLU}(g_{ij})` are computed without powers of g that could
+    overflow or underflow (:func:`plus_plus_weights`).
 
     The closed form assumes the explained score is the exponential of the logit,
     :math:`Y^c = \exp(S^c)`: only then are the second and third derivatives of :math:`Y^c`
@@ -192,6 +193,7 @@ def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = Tru
       gradients: :math:`g = \partial S^c / \partial A`, shape ``(N, K, *spatial)`` or
         ``(N, T, K, *spatial)``.
       relu: apply the final ReLU.
+      eps: added to the denominator of :math:`a_{ij}^{kc}` (pytorch-grad-cam: 1e-6; the paper: 0).
 
     Returns:
       The map, shape ``(N, *spatial)`` (or ``(N, T, *spatial)``).
@@ -205,34 +207,45 @@ def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = Tru
     """
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
     check_feature_maps("activations", a)
-    multi = check_gradients_match(a, g)
-    spatial = tuple(range(2, a.ndim))
-    sum_a = xp.sum(a, axis=spatial, keepdims=True)  # (N, K, 1, ...)
-    check_finite(sum_a, "grad_cam_plus_plus (the sum of each activation map)", activations=a)
-    if multi:
-        sum_a = xp.expand_dims(sum_a, axis=1)  # (N, 1, K, 1, ...)
-    weights = xp.sum(_plus_plus_terms(xp, g, sum_a), axis=tuple(range(g.ndim - len(spatial), g.ndim)))
+    check_gradients_match(a, g)
+    weights = plus_plus_weights(xp, a, g, eps=eps)
     check_finite(weights, "grad_cam_plus_plus", activations=a, gradients=g)
     maps = _weighted_sum(xp, a, weights)
     check_finite(maps, "grad_cam_plus_plus", activations=a, gradients=g)
     return _relu(xp, maps) if relu else maps
 
 
-def _plus_plus_terms(xp, g: Array, sum_a: Array) -> Array:
-    r""":math:`a_{ij}\,\mathrm{ReLU}(g_{ij})` of Grad-CAM++, without powers of g that could overflow.
+@quiet_numpy
+def plus_plus_weights(xp: Any, a: Array, g: Array, *, eps: float = 0.0, samples: bool = False) -> Array:
+    r"""Grad-CAM++'s weights :math:`w_k^c = \sum_{ij} a_{ij}^{kc}\, \mathrm{ReLU}(D^1_{ij})`.
 
-    Where :math:`g > 0` the term is :math:`g^3 / (2 g^2 + S g^3) = g / (2 + S g)`, with
-    :math:`S = \sum_{ab} A_{ab}`; elsewhere it is 0, and 0 where the denominator is 0. It is
-    evaluated as :math:`u / (2/c + S u)` with :math:`c = \max(g, 1)` and :math:`u = g / c \le 1`:
-    the same number, and no step overflows while :math:`S` is finite (``2 g^2 + S g^3`` does,
-    for float16 gradients of about 40 or float64 ones of 1e103), nor underflows for tiny g.
-    A zero denominator becomes infinite (term 0), which keeps autograd free of NaN.
+    :math:`a_{ij}^{kc} = D^2_{ij} / (2 D^2_{ij} + S_k D^3_{ij} + \epsilon)` with
+    :math:`S_k = \sum_{ab} A^k_{ab}` and :math:`D^p = g^p` (Grad-CAM++), or with ``samples``
+    (a leading axis of n noisy gradients :math:`g_s`, Smooth Grad-CAM++)
+    :math:`D^p = \frac{1}{n} \sum_s g_s^p`. Computed in units of
+    :math:`c = \max_s |g_s|` per position (:math:`u_s = g_s / c`), as
+    :math:`\bar{u^2}\,\mathrm{ReLU}(\bar u) / (2 \bar{u^2}/c + S_k \bar{u^3} + \epsilon/c^3)`: the
+    same number, with no power of g that could overflow (``2 g^2 + S g^3`` does for float16
+    gradients of about 40, float64 ones of 1e103) or underflow. A zero denominator becomes
+    infinite (term 0), which keeps autograd free of NaN. Returns ``(N, K)`` or ``(N, T, K)``.
     """
-    positive = xp.where(g > 0, g, xp.zeros_like(g))  # ReLU(g): u = 0 gives a term of 0
-    c = xp.where(positive > 1, positive, xp.ones_like(g))
-    u = positive / c
-    denominator = 2 / c + sum_a * u
-    return u / xp.where(denominator != 0, denominator, xp.full_like(denominator, math.inf))
+    spatial = tuple(range(2, a.ndim))
+    sum_a = xp.sum(a, axis=spatial, keepdims=True)  # (N, K, 1, ...)
+    check_finite(sum_a, "grad_cam_plus_plus (the sum of each activation map)", activations=a)
+    gs = g if samples else xp.expand_dims(g, axis=0)  # (n, N, [T,] K, *spatial)
+    if gs.ndim == a.ndim + 2:
+        sum_a = xp.expand_dims(sum_a, axis=1)  # (N, 1, K, 1, ...)
+    c = xp.max(xp.abs(gs), axis=0)
+    c = xp.where(c > 0, c, xp.ones_like(c))
+    u = gs / c
+    u2 = u * u
+    d1, d2, d3 = xp.mean(u, axis=0), xp.mean(u2, axis=0), xp.mean(u2 * u, axis=0)
+    denominator = 2 * d2 / c + sum_a * d3
+    if eps:  # (0 / c^3 would be 0 / 0 where c^3 underflows)
+        denominator = denominator + eps / (c * c * c)
+    safe = xp.where(denominator != 0, denominator, xp.full_like(denominator, math.inf))
+    terms = d2 * _relu(xp, d1) / safe
+    return xp.sum(terms, axis=tuple(range(terms.ndim - len(spatial), terms.ndim)))
 
 
 def _spatial_mean(xp, x: Array, lead: int) -> Array:

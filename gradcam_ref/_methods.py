@@ -24,6 +24,7 @@ import numpy as np
 
 from gradcam_ref._arrays import (
     Array,
+    all_finite,
     as_float_arrays,
     check_feature_maps,
     check_finite,
@@ -32,7 +33,7 @@ from gradcam_ref._arrays import (
     shape_of,
     to_numpy,
 )
-from gradcam_ref._gradcam import _relu, _weighted_sum, grad_cam_parts
+from gradcam_ref._gradcam import _relu, _weighted_sum, grad_cam_parts, plus_plus_weights
 from gradcam_ref._resample import KERNELS, parse_size, resize
 
 GRADIENT_METHODS = ("grad-cam", "grad-cam++", "hirescam", "xgrad-cam", "layercam", "eigen-cam",
@@ -173,6 +174,7 @@ def layer_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Arr
       array([[[2., 4.]]])
     """
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    _finite_and_nonempty("layer_cam", activations=a, gradients=g)
     maps = _elementwise_sum(xp, a, _relu(xp, g), "layer_cam")
     return _relu(xp, maps) if relu else maps
 
@@ -223,6 +225,7 @@ def eigen_cam(activations: Array, *, centre: bool = False, sign: str = "fixed", 
       array([[[5., 0.]]])
     """
     xp, (a,) = as_float_arrays(activations=activations)
+    _finite_and_nonempty("eigen_cam", activations=a)
     check_feature_maps("activations", a)
     return _eigen_map(xp, a, 1, centre, sign, relu)
 
@@ -244,6 +247,7 @@ def eigen_grad_cam(activations: Array, gradients: Array, *, centre: bool = False
       array([[[10.,  0.]]])
     """
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
+    _finite_and_nonempty("eigen_grad_cam", activations=a, gradients=g)
     check_feature_maps("activations", a)
     multi = check_gradients_match(a, g)
     product = g * (xp.expand_dims(a, axis=1) if multi else a)
@@ -296,8 +300,7 @@ def smooth_grad_cam_plus_plus(
 
 def _smooth_weights(xp: Any, a: Array, g: Array) -> Array:
     """:math:`w^c_k` of :func:`smooth_grad_cam_plus_plus`: ``(N, K)`` or ``(N, T, K)``."""
-    d1, d2, d3 = xp.mean(g, axis=0), xp.mean(g * g, axis=0), xp.mean(g * g * g, axis=0)
-    return _plus_plus_from(xp, a, d1, d2, d3)
+    return plus_plus_weights(xp, a, g, samples=True)
 
 
 # --- layer fusion ---------------------------------------------------------------------------
@@ -320,6 +323,7 @@ def layercam_scale(maps: Array, *, gamma: float = 2.0, spatial_rank: int | None 
       array([[0.    , 0.7616, 0.964 ]])
     """
     xp, (m,) = as_float_arrays(maps=maps)
+    _finite_and_nonempty("layercam_scale", maps=m)
     rank = m.ndim - 1 if spatial_rank is None else spatial_rank
     axes = tuple(range(m.ndim - rank, m.ndim))
     top = xp.max(m, axis=axes, keepdims=True)
@@ -407,6 +411,7 @@ def score_cam_masks(activations: Array, size: Sequence[int], *, variant: str = "
     if variant not in SCORE_CAM_VARIANTS:
         raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
     xp, (a,) = as_float_arrays(activations=activations)
+    _finite_and_nonempty("score_cam_masks", activations=a)
     check_feature_maps("activations", a)
     rank = a.ndim - 2
     size = parse_size(size, rank)
@@ -442,6 +447,7 @@ def score_cam_weights(mask_scores: Array, *, baseline: Array | None = None) -> A
       array([[0.25, 0.75]])
     """
     xp, (s,) = as_float_arrays(mask_scores=mask_scores)
+    _finite_and_nonempty("score_cam_weights", mask_scores=s)
     if baseline is not None:
         s = s - xp.expand_dims(as_float_arrays(baseline=baseline)[1][0], axis=-1)
     shifted = s - xp.max(s, axis=-1, keepdims=True)
@@ -478,6 +484,7 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
     if value not in ABLATION_VALUES:
         raise ValueError(f"value must be one of {ABLATION_VALUES}, got {value!r}")
     xp, (a,) = as_float_arrays(activations=activations)
+    _finite_and_nonempty("ablated_activations", activations=a)
     row = a[example]
     k = shape_of(row)[0]
     device = array_api_compat.device(a)
@@ -574,7 +581,7 @@ def method_fields(method: str, activations: Array, gradients: Array | None, **op
         xp, (aa, gg) = as_float_arrays(activations=a, gradients=g)
         check_feature_maps("activations", aa)
         check_gradients_match(aa, gg)
-        weights = _plus_plus_from(xp, aa, gg, gg * gg, gg * gg * gg, **options)
+        weights = plus_plus_weights(xp, aa, gg, **options)
         check_finite(weights, "grad_cam_plus_plus", activations=aa, gradients=gg)
         return MethodFields(weights, _weighted_sum(xp, aa, weights))
     if method == "xgrad-cam":
@@ -605,23 +612,17 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _plus_plus_from(xp: Any, a: Array, d1: Array, d2: Array, d3: Array, eps: float = 0.0) -> Array:
-    """Grad-CAM++'s weights from the first three derivatives (powers of g, or their means).
-
-    ``eps`` is added to the denominator of :math:`a_{ij}` (pytorch-grad-cam: 1e-6); 0 where
-    the denominator (plus ``eps``) is 0.
-    """
-    spatial = tuple(range(2, a.ndim))
-    sum_a = xp.sum(a, axis=spatial, keepdims=True)
-    if d1.ndim == a.ndim + 1:
-        sum_a = xp.expand_dims(sum_a, axis=1)
-    denominator = 2 * d2 + sum_a * d3 + eps
-    nonzero = denominator != 0
-    a_ij = xp.where(nonzero, d2 / xp.where(nonzero, denominator, xp.ones_like(denominator)), xp.zeros_like(d2))
-    return xp.sum(a_ij * _relu(xp, d1), axis=tuple(range(d1.ndim - len(spatial), d1.ndim)))
+# --- helpers ---
 
 
-# --- helpers ----------------------------------------------------------------------------------
+def _finite_and_nonempty(what: str, **arrays: Array) -> None:
+    """Refuse empty or non-finite inputs by name: a ReLU or an SVD would hide or choke on them."""
+    for name, x in arrays.items():
+        if 0 in shape_of(x):
+            raise ValueError(f"{name} must not be empty, got shape {shape_of(x)}")
+    if all_finite(*arrays.values()) is False:
+        for name, x in arrays.items():
+            check_finite(x, what, **{name: x})
 
 
 def _spatial_sum(xp: Any, x: Array, lead: int) -> Array:
