@@ -93,22 +93,6 @@ def _torchcam(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation)
     return maps.detach().numpy()
 
 
-def _tf_keras_vis_steps(case: PeerCase, size: tuple[int, ...], e: gradcam_ref.Explanation) -> np.ndarray:
-    """tf-keras-vis's post-processing written out with scipy: ReLU, zoom(order=1), min-max + 1e-7.
-
-    The library needs TensorFlow, so its steps run on gradcam_ref's signed map of the case.
-    """
-    import scipy.ndimage
-    import torch
-
-    signed = gradcam_ref.cam(e.activations, e.weights)
-    maps = torch.relu(signed).detach().numpy()
-    zoomed = scipy.ndimage.zoom(maps, (1, *(s / m for s, m in zip(size, maps.shape[1:], strict=True))), order=1)
-    axes = tuple(range(1, zoomed.ndim))
-    low, high = zoomed.min(axis=axes, keepdims=True), zoomed.max(axis=axes, keepdims=True)
-    return (zoomed - low) / (high - low + 1e-7)
-
-
 @dataclasses.dataclass(frozen=True)
 class Peer:
     """A library compared with its convention.
@@ -133,9 +117,8 @@ PEERS = (
     Peer("captum", "captum", "captum", _captum, True),
     Peer("pytorch-grad-cam", "pytorch_grad_cam", "grad-cam", _pytorch_grad_cam, True),
     Peer("torchcam", "torchcam", "torchcam", _torchcam, False),
-    Peer("tf-keras-vis", "scipy", "scipy", _tf_keras_vis_steps, True),
 )
-"""The peers compared with their conventions (tf-keras-vis: its steps on scipy, not the library)."""
+"""The torch peers compared with their conventions (tf-keras-vis and xplique: :mod:`gradcam_ref.verify.tf_peers`)."""
 
 
 def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[str]]:
@@ -154,8 +137,6 @@ def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[
             ours = e.heatmap(input_size if peer.at_input_size else None, peer.convention)
             version = importlib.metadata.version(peer.distribution)
             what = f"{peer.distribution} {version}"
-            if peer.convention == "tf-keras-vis":
-                what += " zoom(order=1): tf-keras-vis's steps, the library not run"
             checks.append(compare(f"{peer.convention} on {case.name}", what,
                                   to_numpy(ours), expected, PEER_RTOL))
     return checks, notes
