@@ -91,7 +91,13 @@ def capture(
     elif target is None:
         kind, indices = "argmax", None
     else:  # checked now for everything but the range, which needs the scores (checked after the run)
-        checked = class_indices(target, _ShapeOnly((n, np.iinfo(np.int64).max)))
+        proxy = _ShapeOnly((n, np.iinfo(np.int64).max))
+        try:
+            checked = class_indices(target, proxy)
+        except ValueError as error:
+            if not str(error).startswith("target out of range"):
+                raise
+            checked = class_indices(np.abs(np.asarray(target)), proxy)  # negative: refused after the run
         kind, indices = ("multi" if checked.ndim == 2 else "single"), tf.convert_to_tensor(checked)
     a, g, scores, chosen, y = program.get(kind, compiled)(x, indices)
     _check_captured(a, scores, x, where)
@@ -289,9 +295,11 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
         raise ValueError(f"the score does not depend on the output of layer {layer.name!r}: "
                          "no autograd path from it to the score")
     features = keras.Model(model.inputs, [a, *frontier] if frontier else a, name=f"{model.name}_to_{layer.name}")
-    head_inputs = [a, *frontier] if frontier else a
-    head = keras.Model(head_inputs, outputs[0] if len(outputs) == 1 else outputs,
-                       name=f"{model.name}_from_{layer.name}")
+    if len(outputs) == 1 and outputs[0] is a:  # the layer is the output: the head is the identity
+        head: Callable = lambda parts, training=False: parts  # noqa: E731
+    else:
+        head = keras.Model([a, *frontier] if frontier else a, outputs[0] if len(outputs) == 1 else outputs,
+                           name=f"{model.name}_from_{layer.name}")
 
     def run_features(x: Any) -> Any:
         return features(x, training=False)

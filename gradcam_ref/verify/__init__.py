@@ -220,9 +220,8 @@ def run(goldens_directory: str | Path | None = None) -> tuple[list[Check], list[
     checks, notes = golden_checks(goldens_directory)
     more, more_notes = peer_checks()
     notes = notes + more_notes
-    if goldens_directory is None:  # the TensorFlow half, in its own interpreter (ISOLATED)
-        isolated, isolated_notes = tf_peers.run_isolated()
-        more, notes = more + isolated, notes + isolated_notes
+    isolated, isolated_notes = tf_peers.run_isolated(goldens_directory)  # ISOLATED: its own interpreter
+    more, notes = more + isolated, notes + isolated_notes
     if not {"torch", "jax"} <= set(installed_backends()):
         notes.append("torch vs JAX on the same weights: not run, torch or jax is not installed")
     return checks + more, notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,7 @@ def peer_cases() -> list[PeerCase]:
         bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(3, 3, 19, 19, generator=torch.Generator().manual_seed(1))
     cases.append(PeerCase("cnn-bn-pool 19x19 -> 7x7 (float32)", cnn, "4", x, [1, 7, 4]))
-    if installed("torchvision"):
+    if installed("torchvision") and torchvision_is_safe():
         import torchvision
 
         torch.manual_seed(0)
@@ -63,6 +64,12 @@ def peer_cases() -> list[PeerCase]:
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
         cases.append(PeerCase("resnet18 random init, layer3 (float32)", resnet, "layer3", x, [3, 8]))
     return cases
+
+
+def torchvision_is_safe() -> bool:
+    """False when TensorFlow is imported and torchvision is not: importing torchvision now would
+    crash the interpreter (torch 2.14.1, torchvision 0.29.1, tensorflow 2.21.0; docs/backends.md)."""
+    return "torchvision" in sys.modules or "tensorflow" not in sys.modules
 
 
 def _captum(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
@@ -128,6 +135,9 @@ def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[
     peers = [p for p in PEERS if installed(p.module)]
     notes = [f"peers: {p.distribution} is not installed, so the {p.convention!r} convention was not "
              "compared with it" for p in PEERS if p not in peers]
+    if installed("torchvision") and not torchvision_is_safe():
+        notes.append("peers: resnet18 left out: TensorFlow was imported before torchvision in this process, "
+                     "and importing torchvision now would crash it (import torchvision first)")
     checks = []
     for case in cases if cases is not None else peer_cases():
         e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer)
