@@ -71,8 +71,9 @@ def _is_tensorflow(model: Any, inputs: Any) -> bool:
     if isinstance(inputs, (tf.Tensor, tf.Variable)):
         return True
     keras = sys.modules.get("keras")
-    keras_tf = keras is not None and keras.backend.backend() == "tensorflow"
-    return any(isinstance(p, tf.Module) or (keras_tf and isinstance(p, keras.Layer)) for p in _parts(model))
+    if keras is None or keras.backend.backend() != "tensorflow":
+        return any(isinstance(p, tf.Module) for p in _parts(model))
+    return any(isinstance(p, (tf.Module, keras.Layer)) for p in _parts(model))
 
 
 _DETECTORS = {"numpy": _is_numpy, "torch": _is_torch, "jax": _is_jax, "tensorflow": _is_tensorflow}

@@ -1,4 +1,4 @@
-r"""The TensorFlow backend: Grad-CAM of Keras 3 models (by layer name) and of TF callables split as ``(features, head)``.
+r"""The TensorFlow backend: Grad-CAM of Keras 3 models at a named layer, and of TF callables ``(features, head)``.
 
 How a call runs (the full account, with examples: docs/backends.md):
 
@@ -283,7 +283,8 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
         ) from None
     if isinstance(a, (list, tuple)):
         raise ValueError(f"layer {layer.name!r} returns {len(a)} tensors; Grad-CAM needs one (N, *spatial, K)")
-    after, frontier = {id(a)}, []
+    after: set[int] = {id(a)}
+    frontier: list[Any] = []
     for depth in sorted(graph._nodes_by_depth, reverse=True):  # from the inputs to the outputs
         for node in graph._nodes_by_depth[depth]:
             if node.is_input or not any(id(t) in after for t in node.input_tensors):

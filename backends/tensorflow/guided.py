@@ -67,7 +67,7 @@ def guided_gradients(whole: Callable[[tf.Tensor], tf.Tensor], kind: Any) -> tupl
     """
     record = _Record()
 
-    def run(x: tf.Tensor, indices: tf.Tensor | None) -> tf.Tensor:
+    def run(x: tf.Tensor, indices: Any) -> tf.Tensor:
         graph = tf.compat.v1.get_default_graph()
         with graph.gradient_override_map(GUIDED_OPS):
             scores = whole(x)

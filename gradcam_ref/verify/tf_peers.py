@@ -162,8 +162,9 @@ def peer_checks(cases: list[KerasCase] | None = None) -> tuple[list[Check], list
 def _xplique_plus_plus(case: KerasCase, size: tuple[int, ...]) -> Check:
     r"""xplique's GradCAMPP: :math:`\sum_{ab} A` of the paper's alpha is its spatial *mean*, so its
     map is ``grad_cam_plus_plus(A / Z, dA)`` (Z the layer's spatial size), then its resize."""
-    import gradcam_ref
     from xplique.attributions import GradCAMPP
+
+    import gradcam_ref
 
     classes = int(case.model.output_shape[-1])
     one_hot = np.eye(classes, dtype=np.float32)[case.targets]
