@@ -197,7 +197,7 @@ def test_explain_reads_the_same_records_the_heatmaps_use(capsys, monkeypatch):
 def test_explain_accepts_aliases_and_refuses_unknown_libraries(capsys):
     assert main(["verify", "--explain", "grad-cam"]) == 0
     assert capsys.readouterr().out.startswith("pytorch-grad-cam: pytorch-grad-cam 1.5.7")
-    assert main(["verify", "--explain", "xplique"]) == 2
+    assert main(["verify", "--explain", "tf-explain"]) == 2
     assert "convention must be one of ['captum', 'paper'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["verify", "--json", "--explain", "captum"])  # one output at a time
