@@ -11,7 +11,10 @@ Suites (all by default):
 - ``core``: the Grad-CAM math alone against a streaming pass over the same arrays;
 - ``overhead``: the fixed cost of one explanation (torch and JAX), on a model that is all head;
 - ``jax``: jitted explain against the jitted forward of the same model (when the JAX backend
-  and JAX are installed).
+  and JAX are installed);
+- ``tensorflow``: the TensorFlow backend against a compiled no-grad forward of EfficientNet-Lite0
+  in Keras, tf-keras-vis and xplique beside, time and memory, in its own interpreter
+  (``benchmarks/bench_tensorflow.py``).
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -35,7 +38,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax")
+SUITES = ("time", "memory", "core", "overhead", "jax", "tensorflow")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -43,13 +46,13 @@ PLANS: dict[str, dict[str, Any]] = {
         "models": ("resnet18", "resnet50", "efficientnet_lite0"), "batches": (1, 8), "multi_targets": 10,
         "budget_s": 18.0, "multi_budget_s": 30.0, "max_rounds": 30, "min_rounds": 7, "costly_min_rounds": 3,
         "setup_rounds": 5, "memory_batches": (8,), "memory_multi_models": ("resnet50",),
-        "core_rounds": 40, "overhead_rounds": 30, "jax_rounds": 20,
+        "core_rounds": 40, "overhead_rounds": 30, "jax_rounds": 20, "tensorflow_quick": False,
     },
     "quick": {
         "models": ("resnet18",), "batches": (1, 8), "multi_targets": 10,
         "budget_s": 4.0, "multi_budget_s": 5.0, "max_rounds": 15, "min_rounds": 5, "costly_min_rounds": 2,
         "setup_rounds": 3, "memory_batches": (8,), "memory_multi_models": (),
-        "core_rounds": 10, "overhead_rounds": 10, "jax_rounds": 5,
+        "core_rounds": 10, "overhead_rounds": 10, "jax_rounds": 5, "tensorflow_quick": True,
     },
 }
 
@@ -175,6 +178,16 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
                 lap("jax")
             else:
                 notes.append(f"jax suite not run: {reason}")
+    if "tensorflow" in suites:
+        from benchmarks import bench_tensorflow
+
+        new, more = bench_tensorflow.run_isolated(quick=plan["tensorflow_quick"], threads=threads)
+        rows += new
+        notes += more
+        if log and new:
+            log(new)
+        if new:
+            lap("tensorflow")
     if not torch_ok:
         notes.append("torch is not installed: time and memory suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,
