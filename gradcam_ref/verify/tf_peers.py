@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_isolated(goldens_directory: Any = None, timeout: float = 1800) -> tuple[list[Check], list[str]]:
-    """``main()`` (``python -m gradcam_ref.verify.tf_peers``) in a fresh interpreter; its checks and notes (a note if it failed or is not installed)."""
+    """``main()`` (``python -m gradcam_ref.verify.tf_peers``) in a fresh interpreter: its checks and
+    notes (a failing check if it crashed, a note if TensorFlow is not installed)."""
     if not installed("tensorflow") or not installed("keras"):
         return [], ["tensorflow: not installed, so the TensorFlow backend, tf-keras-vis and xplique were not run"]
     args = [] if goldens_directory is None else [str(goldens_directory)]
