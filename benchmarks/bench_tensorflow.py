@@ -14,10 +14,10 @@ last ReLU6, the layer ``"head"`` (A is ``(N, 7, 7, 1280)``). Methods, per (batch
 - ``xplique GradCAM``: ``GradCAM(model, conv_layer="head").explain(x, one_hot)``.
 
 The peers take one target per example: T targets for one image are the image repeated T times.
-Memory: in the same process after every method has run (warm), the peak resident set during one
+Memory: in the same process after every method has run (warm), with glibc's malloc told to give
+freed blocks of 64 KiB and more back (``benchmarks.memory``), the peak resident set during one
 call above the resident set before it (``benchmarks.memory.peak_growth``), as a ratio to the
-forward's; TensorFlow's allocator keeps memory between calls, so this is the working memory of a
-warm call.
+forward's: the working memory of a warm call.
 """
 
 from __future__ import annotations
@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import warnings
 
+    from benchmarks.memory import _fix_malloc
+
+    _fix_malloc()  # before TensorFlow allocates: freed blocks go back, the resident set follows use
     import tensorflow as tf
 
     warnings.filterwarnings("ignore")

@@ -4,8 +4,9 @@ How a call runs (the full account, with examples: docs/backends.md):
 
 1. The part before the layer runs with no tape: a Keras model is split at ``layer`` into
    ``features = keras.Model(model.inputs, [A, *frontier])`` and ``head = keras.Model([A, *frontier],
-   model.outputs)`` (``frontier``: tensors from before the layer that skip over it), built once
-   per (model, layer) from the model's own graph; nothing of the model is changed.
+   model.outputs)`` (``frontier``: tensors from before the layer that skip over it), built from
+   the model's own graph and kept for the last :data:`CACHED` (model, layer) pairs (which holds
+   those models alive until they drop out); nothing of the model is changed.
 2. ``tf.GradientTape`` watches A only and records ``head``: :math:`\partial y^c/\partial A` is one
    backward pass from the score to the layer; no variable is watched. ``(N, T)`` targets are one
    vectorised ``batch_jacobian`` of the ``(N, T)`` selected scores (pfor), not T passes.
@@ -21,9 +22,9 @@ core computes Eq. 1 and Eq. 2 in float64 NumPy and its results are returned as t
 
 from __future__ import annotations
 
+import collections
 import difflib
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -99,7 +100,7 @@ def capture(
                 raise
             checked = class_indices(np.abs(np.asarray(target)), proxy)  # negative: refused after the run
         kind, indices = ("multi" if checked.ndim == 2 else "single"), tf.convert_to_tensor(checked)
-    a, g, scores, chosen, y = program.get(kind, compiled)(x, indices)
+    a, g, scores, chosen, y, g_max = program.get(kind, compiled, axis)(x, indices)
     _check_captured(a, scores, x, where)
     if callable(target):
         check_target_scores(_host_proxy(y), n)
@@ -111,13 +112,12 @@ def capture(
         targets_out = resolve_targets(target, scores)  # the range, against the real C
     if g is None:
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
-    activations = _channels_first(a, axis, 1)
-    gradients = _channels_first(g, axis, 2 if len(g.shape) == len(a.shape) + 1 else 1)
+    activations, gradients = a, g  # moved channels-first inside the program
     check_feature_maps("activations", activations)
-    _warn_zero_gradients(gradients, len(activations.shape), where)
+    _warn_zero_gradients(g_max.numpy(), where)
     guided_backprop = None
     if guided:
-        if len(x.shape) != len(a.shape) and axis != 1:
+        if len(x.shape) != len(activations.shape) and axis != 1:
             raise ValueError(
                 f"guided=True with channel_axis={channel_axis}: the inputs are taken to have their "
                 f"channels on that axis too, so they must have the rank of the activations; got "
@@ -146,16 +146,17 @@ def explain(
     """
     captured = capture(model, inputs, target, layer=layer, guided=guided,
                        channel_axis=channel_axis, compiled=compiled)
-    host = Capture(*(None if v is None or i == 3 else np.asarray(v, dtype=np.float64)
-                     for i, v in enumerate(captured)))._replace(targets=captured.targets)
+    as_host = lambda v: None if v is None else np.asarray(v, dtype=np.float64)  # noqa: E731
+    host = captured._replace(activations=as_host(captured.activations), gradients=as_host(captured.gradients),
+                             guided_backprop=as_host(captured.guided_backprop))  # the scores are not needed
     fields = grad_cam_fields(host)
     check_finite(fields.weights, "grad_cam", gradients=host.gradients)
     check_finite(fields.signed, "grad_cam", activations=host.activations, gradients=host.gradients)
     dtype = captured.activations.dtype
     as_tensor = lambda v: None if v is None else tf.convert_to_tensor(v, dtype=dtype)  # noqa: E731
     return Explanation.from_capture(captured, fields._replace(
-        weights=as_tensor(fields.weights), signed=as_tensor(fields.signed),
-        maps=as_tensor(fields.maps), guided_grad_cam=as_tensor(fields.guided_grad_cam)))
+        weights=as_tensor(fields.weights), maps=as_tensor(fields.maps),
+        guided_grad_cam=as_tensor(fields.guided_grad_cam)))
 
 
 # --- the program: features without a tape, head under one ---------------------------------------
@@ -169,13 +170,18 @@ class _Program:
         self._traced: dict[Any, Callable] = {}
         self.guided: dict[Any, Any] = {}  # the guided pass's traced functions, by target kind
 
-    def get(self, kind: Any, compiled: bool) -> Callable:
+    def get(self, kind: Any, compiled: bool, axis: int) -> Callable:
         def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
-            return _forward_backward(self.features, self.head, x, indices, kind, self.where)
+            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where)
+            if g is None:
+                return a, g, scores, chosen, y, None
+            lead = 2 if len(g.shape) == len(a.shape) + 1 else 1  # (N,) or (N, T) before A's axes
+            g_max = tf.reduce_max(tf.abs(g), axis=list(range(lead, len(g.shape))))  # the zero check's input
+            return _channels_first(a, axis, 1), _channels_first(g, axis, lead), scores, chosen, y, g_max
 
         if not compiled:
             return run
-        key = ("fn", id(kind), kind) if callable(kind) else kind
+        key = (("fn", id(kind), kind) if callable(kind) else kind, axis)
         if key not in self._traced:
             self._traced[key] = tf.function(run, reduce_retracing=True)
         return self._traced[key]
@@ -189,7 +195,7 @@ def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices:
     if not isinstance(a, tf.Tensor) or not a.dtype.is_floating:
         got = f"a {a.dtype.name} tensor" if isinstance(a, tf.Tensor) else type(a).__name__
         raise TypeError(f"{where} must be one floating-point tensor (N, *spatial, K), got {got}")
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
+    with tf.GradientTape(watch_accessed_variables=False, persistent=kind == "multi") as tape:
         tape.watch(a)
         scores = head([a, *rest]) if rest else head(a)
         if not isinstance(scores, tf.Tensor):
@@ -212,7 +218,10 @@ def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices:
                 chosen = tf.clip_by_value(indices, 0, last)
             y = tf.gather(scores, chosen, batch_dims=1)  # (N,) or (N, T): y[n, t] = scores[n, c_nt]
     if kind == "multi":
-        g = tape.batch_jacobian(y, a, experimental_use_pfor=True)  # (N, T, *A): T pull-backs at once
+        try:
+            g = tape.batch_jacobian(y, a, experimental_use_pfor=True)  # (N, T, *A): T pull-backs at once
+        except (ValueError, NotImplementedError, TypeError):  # an op pfor cannot vectorise: a loop (persistent tape)
+            g = tape.batch_jacobian(y, a, experimental_use_pfor=False)
     else:
         g = tape.gradient(y, a)
     return a, g, scores, chosen, y
@@ -230,14 +239,19 @@ def _host_proxy(y: Any) -> Any:
     return y.numpy() if isinstance(y, tf.Tensor) else y
 
 
-_PROGRAMS: weakref.WeakKeyDictionary[Any, dict[Any, _Program]] = weakref.WeakKeyDictionary()
-"""The programs of each model (or features callable), by layer (or head): freed with the model."""
+_PROGRAMS: collections.OrderedDict[tuple[Any, ...], tuple[Any, _Program]] = collections.OrderedDict()
+"""The last :data:`CACHED` programs, by (id of the model or of features, layer name or id of head),
+each with the object it was built for (held, so that its id cannot be reused while cached)."""
+
+CACHED = 8
+"""How many (model, layer) programs stay traced; the oldest is dropped first."""
 
 
 def _program_for(model: Any, layer: Any) -> tuple[_Program, str]:
     if isinstance(model, (tuple, list)):
         features, head = _split_form(model, layer)
-        key_object, key = features, ("split", id(head))
+        key: tuple[Any, ...] = ("split", id(features), id(head))
+        owner: Any = (features, head)
     else:
         if not isinstance(model, keras.Model):
             raise TypeError(
@@ -245,23 +259,22 @@ def _program_for(model: Any, layer: Any) -> tuple[_Program, str]:
                 f"got {type(model).__name__}"
             )
         resolved = _resolve_layer(model, layer)
-        key_object, key = model, ("layer", resolved.name)
-    try:
-        cached = _PROGRAMS.setdefault(key_object, {})
-    except TypeError:  # not weak-referenceable: no cache
-        cached = {}
-    program = cached.get(key)
-    if program is None or (key[0] == "split" and program.head is not model[1]):
-        if isinstance(model, (tuple, list)):
-            features, head = model
+        key, owner = ("layer", id(model), resolved.name), model
+    cached = _PROGRAMS.get(key)
+    if cached is not None:
+        _PROGRAMS.move_to_end(key)
+        return cached[1], cached[1].where
+    if isinstance(model, (tuple, list)):
 
-            def whole(v: Any, features: Callable = features, head: Callable = head) -> Any:
-                return head(features(v))
+        def whole(v: Any, features: Callable = features, head: Callable = head) -> Any:
+            return head(features(v))
 
-            program = _Program(features, head, whole, "the output of features")
-        else:
-            program = _split_keras(model, resolved)
-        cached[key] = program
+        program = _Program(features, head, whole, "the output of features")
+    else:
+        program = _split_keras(model, resolved)
+    _PROGRAMS[key] = (owner, program)
+    while len(_PROGRAMS) > CACHED:
+        _PROGRAMS.popitem(last=False)
     return program, program.where
 
 
@@ -412,10 +425,11 @@ def _channels_first(x: tf.Tensor, axis: int, lead: int) -> tf.Tensor:
     return tf.transpose(x, perm)
 
 
-def _warn_zero_gradients(gradients: tf.Tensor, rank: int, where: str) -> None:
-    """Warn about examples (and targets) whose gradients are zero everywhere."""
-    lead = len(gradients.shape) - rank + 1  # 1 (N,) or 2 (N, T)
-    zero = (tf.reduce_max(tf.abs(gradients), axis=list(range(lead, len(gradients.shape)))) == 0).numpy()
+def _warn_zero_gradients(g_max: np.ndarray, where: str) -> None:
+    """Warn about examples (and targets) whose gradients are zero everywhere (``g_max``: max |g|
+    per example, ``(N,)``, or per example and target, ``(N, T)``)."""
+    lead = g_max.ndim
+    zero = g_max == 0
     if zero.any():
         bad = [b[0] if lead == 1 else tuple(int(i) for i in b) for b in np.argwhere(zero).tolist()]
         warnings.warn(

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     given, result = argv
     with np.load(given) as data:
         arrays = efficientnet_explain(data["batch"], data["target"])
-    np.savez(result, **arrays)
+    np.savez(result, maps=arrays["maps"], scores=arrays["scores"], targets=arrays["targets"])
 
 
 if __name__ == "__main__":
