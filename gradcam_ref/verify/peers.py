@@ -129,9 +129,16 @@ PEERS = (
 
 
 def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[str]]:
-    """Each installed peer against its convention on every case."""
+    """Each installed peer against its convention on every case.
+
+    When TensorFlow is already imported (and ``cases`` is None), the torch peers run in a fresh
+    interpreter: torch's backward and torchvision have crashed processes that imported TensorFlow
+    first (torch 2.14.1, torchvision 0.29.1, tensorflow 2.21.0).
+    """
     if not installed("torch"):
         return [], ["peers: torch is not installed, so no peer ran"]
+    if cases is None and "tensorflow" in sys.modules:
+        return _isolated()
     peers = [p for p in PEERS if installed(p.module)]
     notes = [f"peers: {p.distribution} is not installed, so the {p.convention!r} convention was not "
              "compared with it" for p in PEERS if p not in peers]
@@ -150,3 +157,25 @@ def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[
             checks.append(compare(f"{peer.convention} on {case.name}", what,
                                   to_numpy(ours), expected, PEER_RTOL))
     return checks, notes
+
+
+def _isolated() -> tuple[list[Check], list[str]]:
+    """:func:`peer_checks` in a fresh interpreter (``python -m gradcam_ref.verify.peers``)."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "gradcam_ref.verify.peers"], capture_output=True, text=True)
+    note = "peers: run in a fresh interpreter, TensorFlow being imported in this one"
+    if out.returncode != 0:
+        tail = " | ".join(out.stderr.strip().splitlines()[-3:])
+        return [Check("torch peers (subprocess)", f"exit status {out.returncode}: {tail}", float("inf"), 0.0)], [note]
+    result = json.loads(out.stdout)
+    return [Check(**c) for c in result["checks"]], [note, *result["notes"]]
+
+
+if __name__ == "__main__":
+    import json
+
+    found, written = peer_checks()
+    json.dump({"checks": [dataclasses.asdict(c) for c in found], "notes": written}, sys.stdout)
+
