@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,jax,flax,equinox,test,viz,models,peers,experiments,metrics,metrics-peers
+EXTRAS ?= torch,jax,flax,equinox,tensorflow,test,viz,models,peers,experiments,metrics,metrics-peers
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick clean
@@ -11,7 +11,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(if $(findstring tensorflow,$(EXTRAS)),$(PY) -m pip install -q --no-deps -c constraints.txt $(XPLIQUE))
 	touch $@
+
+# xplique 2.0.2 declares tensorflow<=2.20, scipy<=1.15.3 and scikit-image<=0.25.2, which pip cannot
+# resolve with the pinned tensorflow 2.21.0 and scipy 1.17.1; it runs on them (tests/backends/test_tf_peers.py),
+# so it is installed without its declared dependencies, with those it imports.
+XPLIQUE := xplique tensorflow-probability tf-keras einops dm-tree decorator
 
 demo: $(STAMP)
 	$(VENV)/bin/gradcam-ref demo

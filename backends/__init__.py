@@ -1,6 +1,6 @@
 """Backends: framework adapters that run a model and capture what Grad-CAM needs at a layer.
 
-Each backend (``numpy_backend``, ``torch``, ``jax``) satisfies the Protocol
+Each backend (``numpy_backend``, ``torch``, ``jax``, ``tensorflow``) satisfies the Protocol
 :class:`gradcam_ref.backends._contract.Backend`. A framework is imported only when its backend
 is used: detection looks at the frameworks the caller has already imported (``sys.modules``),
 as einops does, since a torch model cannot exist unless torch was imported.
@@ -14,8 +14,8 @@ from typing import Any
 
 from gradcam_ref.backends._contract import Backend
 
-BACKENDS = ("numpy", "torch", "jax")
-_MODULES = {"numpy": "numpy_backend", "torch": "torch", "jax": "jax"}
+BACKENDS = ("numpy", "torch", "jax", "tensorflow")
+_MODULES = {"numpy": "numpy_backend", "torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
 
 __all__ = ["BACKENDS", "Backend", "load", "select"]
 
@@ -68,4 +68,17 @@ def _is_jax(model: Any, inputs: Any) -> bool:
     return models.is_model(model)  # a Flax (linen, NNX) or Equinox model, whatever the inputs
 
 
-_DETECTORS = {"numpy": _is_numpy, "torch": _is_torch, "jax": _is_jax}
+def _is_tensorflow(model: Any, inputs: Any) -> bool:
+    """A Keras model on the TensorFlow backend, a ``tf.Module``, or TF tensors as inputs."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    if isinstance(inputs, (tf.Tensor, tf.Variable)):
+        return True
+    keras = sys.modules.get("keras")
+    if keras is None or keras.backend.backend() != "tensorflow":
+        return any(isinstance(p, tf.Module) for p in _parts(model))
+    return any(isinstance(p, (tf.Module, keras.Layer)) for p in _parts(model))
+
+
+_DETECTORS = {"numpy": _is_numpy, "torch": _is_torch, "jax": _is_jax, "tensorflow": _is_tensorflow}

@@ -18,6 +18,9 @@ Suites (all by default):
   perturbation metrics per forward, ROAD's imputation), when Quantus is installed.
 - ``family``: each CAM method of ours and of pytorch-grad-cam (ResNet-18 layer4, batch 1)
   against a no-grad forward (:mod:`benchmarks.bench_family`).
+- ``tensorflow``: the TensorFlow backend against a compiled no-grad forward of EfficientNet-Lite0
+  in Keras, tf-keras-vis and xplique beside, time and memory, in its own interpreter
+  (``benchmarks/bench_tensorflow.py``).
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -41,7 +44,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax", "gain", "metrics", "family")
+SUITES = ("time", "memory", "core", "overhead", "jax", "gain", "metrics", "family", "tensorflow")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -51,6 +54,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "setup_rounds": 5, "memory_batches": (8,), "memory_multi_models": ("resnet50",),
         "core_rounds": 40, "overhead_rounds": 30, "jax_rounds": 20,
         "family_budget_s": 60.0, "family_max_rounds": 15, "family_min_rounds": 5, "family_costly_min_rounds": 3,
+        "tensorflow_quick": False,
     },
     "quick": {
         "models": ("resnet18",), "batches": (1, 8), "multi_targets": 10,
@@ -58,6 +62,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "setup_rounds": 3, "memory_batches": (8,), "memory_multi_models": (),
         "core_rounds": 10, "overhead_rounds": 10, "jax_rounds": 5,
         "family_budget_s": 10.0, "family_max_rounds": 5, "family_min_rounds": 3, "family_costly_min_rounds": 1,
+        "tensorflow_quick": True,
     },
 }
 
@@ -214,6 +219,16 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
         if log:
             log(new)
         lap("family")
+    if "tensorflow" in suites:
+        from benchmarks import bench_tensorflow
+
+        new, more = bench_tensorflow.run_isolated(quick=plan["tensorflow_quick"], threads=threads)
+        rows += new
+        notes += more
+        if log and new:
+            log(new)
+        if new:
+            lap("tensorflow")
     if not torch_ok:
         notes.append("torch is not installed: time, memory and family suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,

@@ -10,7 +10,7 @@ the reasons, in words, why its maps differ from the paper's. :func:`postprocess`
 :func:`describe`, which reads the same records. There is one place for each fact.
 
 The conventions are :data:`CONVENTIONS` (``"paper"``, ``"pytorch-grad-cam"``, ``"captum"``,
-``"torchcam"``, ``"tf-keras-vis"``); each one's steps and reasons are in its record, in words in
+``"torchcam"``, ``"tf-keras-vis"``, ``"xplique"``); each one's steps and reasons are in its record, in words in
 docs/conventions.md.
 
 Maps are channels-first arrays ``(N, *spatial)`` or ``(N, T, *spatial)`` of any library the
@@ -119,6 +119,8 @@ class Resize:
             "linear-half-pixel": "bilinear with half-pixel centres ([0, 1] doubled: [0, .25, .75, 1])",
             "linear-corner": "linear with aligned corners ([0, 1] doubled: [0, 1/3, 2/3, 1])",
             "nearest-floor": "nearest neighbour, output i copies input floor(i * n_in / n_out)",
+            "cubic-tf": "bicubic (Keys, a = -0.5) with half-pixel centres, TensorFlow's table of 1/1024 "
+                        "fractions and edge taps dropped; it overshoots (values below 0 and above the max)",
         }[self.kernel]
         return f"resize to the requested size: {words}, by {self.by}"
 
@@ -315,15 +317,21 @@ TORCHCAM = Convention(
 
 TF_KERAS_VIS = Convention(
     name="tf-keras-vis",
-    library="tf-keras-vis 0.8 (TensorFlow only: read from its source, not run here)",
-    call="tf_keras_vis.gradcam.Gradcam(model)(score, x), expand_cam=True and normalize_cam=True (defaults)",
+    library="tf-keras-vis 0.8.7 (Keras 3, TensorFlow 2.21)",
+    call="tf_keras_vis.gradcam.Gradcam(model, clone=False)(CategoricalScore(targets), x, "
+         "penultimate_layer=name), expand_cam=True and normalize_cam=True (defaults)",
     steps=(
         Relu(),
         Resize("linear-corner", by="scipy.ndimage.zoom(order=1)"),
         MinMax(eps=1e-7),
     ),
-    returns="NumPy (N, *size), channels-last models",
+    returns="NumPy (N, *size) of the model's dtype, channels-last models",
     differences=(
+        (8, "penultimate_layer names a hint, not the tensor: with seek_penultimate_conv_layer=True "
+            "(the default) find_layer walks model.layers backwards from the named layer and takes "
+            "the first convolution (the named layer itself only if it is one), so "
+            "penultimate_layer='relu1' explains conv1's output, before its ReLU; explain here at "
+            "the layer it resolves to (verify names it in each check)"),
         (7, "it resizes with scipy.ndimage.zoom(order=1): linear with aligned corners, so "
             "[0, 1] doubled gives [0, 1/3, 2/3, 1] instead of [0, .25, .75, 1]; the heatmap is "
             "stretched towards the borders by up to half a layer cell"),
@@ -333,13 +341,38 @@ TF_KERAS_VIS = Convention(
             "softmax score pass a callable target returning softmax(scores)[:, c]"),
         (11, "models and inputs are channels-last (NHWC); the map is the same"),
     ),
-    checked="against scipy.ndimage.zoom(order=1) and the formula above; not against tf-keras-vis "
-            "itself (TensorFlow is not installed)",
+    checked="against tf_keras_vis.gradcam.Gradcam itself (gradcam-ref verify, in a TensorFlow "
+            "subprocess) on Keras twins of the verify nets, at the layer its find_layer resolves",
     aliases=("tf_keras_vis", "keras-vis"),
 )
 
+XPLIQUE = Convention(
+    name="xplique",
+    library="xplique 2.0.2 (Keras 3, TensorFlow 2.21)",
+    call="xplique.attributions.GradCAM(model, conv_layer=name).explain(x, one_hot(targets))",
+    steps=(
+        Relu(),
+        Resize("cubic-tf", by="tf.image.resize(method='bicubic')", ranks=(2,)),
+    ),
+    returns="a tf.Tensor (N, H, W, 1) float32: a trailing channel axis of 1, always at the input's size",
+    differences=(
+        (7, "it resizes with tf.image.resize(method='bicubic'): Keys' cubic kernel overshoots, so "
+            "the heatmap has negative values next to strong peaks and exceeds the layer's maximum"),
+        (5, "no normalisation: values keep the units of the score times the activations"),
+        (2, "the score is the model's output times the one-hot target (logits for a plain "
+            "classifier; output_layer= picks another layer's output)"),
+        (3, "targets are required, one-hot (N, C)"),
+        (8, "without conv_layer it takes the last layer that has a `filters` attribute (a "
+            "convolution's output, before any separate activation layer)"),
+        (10, "inputs are cast to float32 and processed in batches of batch_size (32)"),
+        (11, "models and inputs are channels-last (NHWC); the map is the same"),
+    ),
+    checked="against xplique.attributions.GradCAM itself (gradcam-ref verify, in a TensorFlow "
+            "subprocess) on Keras twins of the verify nets",
+)
+
 CONVENTIONS: dict[str, Convention] = {
-    c.name: c for c in (PAPER, PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM, TF_KERAS_VIS)
+    c.name: c for c in (PAPER, PYTORCH_GRAD_CAM, CAPTUM, TORCHCAM, TF_KERAS_VIS, XPLIQUE)
 }
 """Every convention by name."""
 

@@ -262,3 +262,37 @@ def test_family_suite_rows_and_goals_on_a_tiny_model():
     lines = report.family_goals_text({"rows": rows}).splitlines()
     assert [line.split(" | ")[1] for line in lines] == ["tiny b1 hirescam", "tiny b1 ablation-cam"]
     assert "| gradcam_ref | pytorch-grad-cam 1.5.7 |" in report.family_table(rows)
+def tiny_keras_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10, 10, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.ReLU(max_value=6.0, name="head")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5, name="fc")(x), name="tiny")
+
+
+def test_tensorflow_rows_of_a_tiny_model_and_the_peers_explain_what_we_do():
+    """The TF suite's rows, and its peers' calls give our maps under their conventions (same
+    layer, same targets; T targets as the image repeated)."""
+    from benchmarks import bench_tensorflow
+
+    model = tiny_keras_model()
+    rows = bench_tensorflow.run(rounds=2, configs=[(2, 1), (1, 3)], model=model, name="tiny")
+    methods_run = [r["method"] for r in rows if r["batch"] == 2]
+    assert methods_run == [bench_tensorflow.FORWARD, bench_tensorflow.EXPLAIN, "tf-keras-vis Gradcam",
+                           "xplique GradCAM"]
+    for r in rows:
+        assert r["suite"] == "tensorflow" and r["seconds"] > 0 and r["memory_mib"] >= 0
+        assert r["ratio"] == 1.0 if r["method"] == bench_tensorflow.FORWARD else r["ratio"] > 0
+    assert "gradcam_ref.explain" in report.tensorflow_table(rows)
+    x = np.random.default_rng(1).standard_normal((1, 10, 10, 3)).astype(np.float32)
+    targets = np.array([[0, 2, 4]])
+    calls = bench_tensorflow._methods(model, x, targets)
+    ours = gradcam_ref.explain(model, x, targets, layer="head")
+    for method, convention in (("tf-keras-vis Gradcam", "tf-keras-vis"), ("xplique GradCAM", "xplique")):
+        theirs = np.asarray(calls[method]())
+        theirs = theirs[..., 0] if theirs.ndim == 4 else theirs
+        expected = ours.heatmap((10, 10), convention)[0]
+        assert np.abs(theirs - expected).max() <= 1e-5 * np.abs(expected).max(), method

@@ -174,7 +174,7 @@ def test_multi_target_heatmaps_are_one_per_target():
 
 def test_unknown_convention_names_the_known_ones():
     with pytest.raises(ValueError, match=r"convention must be one of \['captum', 'paper', 'pytorch-grad-cam', "
-                                         r"'tf-keras-vis', 'torchcam'\], got 'gradcam\+\+'"):
+                                         r"'tf-keras-vis', 'torchcam', 'xplique'\], got 'gradcam\+\+'"):
         postprocess(np.ones((1, 2, 2)), "gradcam++")
     assert get_convention("PGC") is CONVENTIONS["pytorch-grad-cam"]
     assert get_convention(" tf_keras_vis ") is CONVENTIONS["tf-keras-vis"]

@@ -39,7 +39,7 @@ def test_backend_is_detected_or_forced():
     assert backends.select(object(), x, backend="numpy") is numpy_backend
     with pytest.raises(TypeError, match=r"cannot tell which framework model of type builtins.object.*pass backend="):
         gradcam_ref.explain(object(), x)
-    with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'torch', 'jax'\), got 'tf'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('numpy', 'torch', 'jax', 'tensorflow'\), got 'tf'"):
         gradcam_ref.explain(model, x, backend="tf")
 
 

@@ -4,7 +4,7 @@ same promise is the model): checked in a fresh interpreter, where nothing is imp
 import subprocess
 import sys
 
-FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "tensorflow")
+FRAMEWORKS = ("torch", "jax", "jaxlib", "flax", "tensorflow", "keras", "tf_keras_vis", "xplique")
 
 SCRIPT = """
 import sys
@@ -32,7 +32,11 @@ def test_core_and_backend_registry_import_no_framework():
 
 
 def test_the_frameworks_are_importable_so_the_check_above_means_something():
-    """The same interpreter can import torch and jax: the empty list above is not for lack of them."""
+    """The same interpreter can import torch and jax (and find tensorflow and keras): the empty list
+    above is not for lack of them."""
+    import importlib.util
+
+    assert importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("keras") is not None
     out = subprocess.run(
         [sys.executable, "-c", "import torch, jax, sys; print('torch' in sys.modules and 'jax' in sys.modules)"],
         capture_output=True, text=True, check=True,

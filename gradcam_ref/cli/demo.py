@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                   f"Grad-CAM = ReLU(CAM)/Z:\n  max |alpha - w/Z| = {gap:.1e}, "
                   f"max |L - ReLU(CAM)/Z| = {float(np.max(np.abs(e.maps - cam))):.1e} (float32 network)")
         print(f"torch vs JAX: {_demo_jax(loaded, batch, e)}")
+        print(f"torch vs TensorFlow: {_demo_tensorflow(batch, e)}")
     print(f"\nwrote {', '.join(written)} to {out}/ in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -151,6 +152,19 @@ def _demo_jax(loaded: Any, batch: np.ndarray, e: Any) -> str:
     scores = float(np.max(np.abs(j.scores - e.scores)))
     return (f"the same weights in jax.numpy (one jax.jit): max |L_torch - L_jax| = {maps:.1e} "
             f"(maps up to {float(np.max(e.maps)):.2f}), max |y_torch - y_jax| = {scores:.1e}")
+
+
+def _demo_tensorflow(batch: np.ndarray, e: Any) -> str:
+    """The torch vs TensorFlow (Keras) difference of the demo's maps, or why it was not computed."""
+    from gradcam_ref.cli import _tensorflow
+
+    t = _tensorflow.efficientnet_explain_isolated(batch, np.asarray(e.targets))
+    if isinstance(t, str):
+        return t
+    maps = float(np.max(np.abs(t["maps"] - e.maps)))
+    scores = float(np.max(np.abs(t["scores"] - e.scores)))
+    return (f"the same weights in Keras 3 (channels-last, a separate interpreter): max |L_torch - L_tf| = "
+            f"{maps:.1e} (maps up to {float(np.max(e.maps)):.2f}), max |y_torch - y_tf| = {scores:.1e}")
 
 
 def _demo_oracle(args: argparse.Namespace) -> int:

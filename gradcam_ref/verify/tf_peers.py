@@ -1,0 +1,218 @@
+"""The TensorFlow half of ``verify``: goldens on the TensorFlow backend, tf-keras-vis and xplique themselves.
+
+It runs in its own interpreter (:func:`run_isolated`, ``python -m gradcam_ref.verify.tf_peers``),
+because importing torchvision after TensorFlow crashes the process (torch 2.14.1, torchvision
+0.29.1, tensorflow 2.21.0: a segmentation fault); the parent, which runs the torch peers, never
+imports TensorFlow. The child imports torchvision first when it is installed (the safe order) and
+prints its checks as JSON.
+
+Each library runs on Keras twins of the nets ``verify`` uses (:func:`keras_cases`) and is compared
+with ``Explanation.heatmap(convention=...)`` of the same model, input and targets, at the layer the
+library actually differentiates: tf-keras-vis resolves ``penultimate_layer`` with its
+``find_layer`` (:func:`tf_keras_vis_layer`), and the check's name says which layer that was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from gradcam_ref.verify._checks import Check, compare, installed
+
+__all__ = ["KerasCase", "keras_cases", "main", "peer_checks", "run_isolated", "tf_keras_vis_layer"]
+
+PEER_RTOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasCase:
+    """A Keras model (channels-last), a layer name, inputs ``(N, H, W, C)`` and one target per example."""
+
+    name: str
+    model: Any
+    layer: str
+    inputs: np.ndarray
+    targets: list[int]
+
+
+def keras_cases() -> list[KerasCase]:
+    """Keras twins of the verify nets: the random_gap_2d oracle (float64, float32), a conv-BN-pool
+    CNN (float32) and a random-init MobileNetV2 (ReLU6, batch norm; float32)."""
+    import keras
+
+    from gradcam_ref.backends.numpy_backend import Oracle
+    from gradcam_ref.verify import goldens
+    from gradcam_ref.verify.twins import keras_oracle
+
+    golden = goldens.load("random_gap_2d")
+    x = np.ascontiguousarray(np.moveaxis(golden.inputs, 1, -1))
+    targets = [int(t) for t in golden.targets]
+    cases = [KerasCase("random_gap_2d (float64)", keras_oracle(Oracle(*golden.oracle()), "float64"), "relu1",
+                       x, targets),
+             KerasCase("random_gap_2d (float32)", keras_oracle(Oracle(*golden.oracle()), "float32"), "relu1",
+                       x.astype(np.float32), targets)]
+    keras.utils.set_random_seed(0)
+    cnn = keras.Sequential([
+        keras.Input((19, 19, 3)),
+        keras.layers.Conv2D(8, 3, padding="same", name="conv0"), keras.layers.BatchNormalization(name="bn0"),
+        keras.layers.ReLU(name="relu0"), keras.layers.MaxPooling2D(2, name="pool0"),
+        keras.layers.Conv2D(16, 3, name="conv1"), keras.layers.ReLU(name="relu1"),
+        keras.layers.GlobalAveragePooling2D(name="gap"), keras.layers.Dense(10, name="fc"),
+    ], name="cnn_bn_pool")
+    rng = np.random.default_rng(1)
+    bn = cnn.get_layer("bn0")  # statistics that are not the identity
+    gamma, beta, _, _ = bn.get_weights()
+    bn.set_weights([gamma, beta, rng.uniform(-0.5, 0.5, 8).astype(np.float32),
+                    rng.uniform(0.5, 2.0, 8).astype(np.float32)])
+    x = rng.standard_normal((3, 19, 19, 3)).astype(np.float32)
+    cases.append(KerasCase("cnn-bn-pool 19x19 -> 7x7 (float32, Keras)", cnn, "relu1", x, [1, 7, 4]))
+    keras.utils.set_random_seed(0)
+    mobilenet = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, weights=None, classes=10,
+                                               classifier_activation=None)
+    x = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    cases.append(KerasCase("MobileNetV2 a=0.35 random init (float32)", mobilenet, "out_relu", x, [3, 8]))
+    return cases
+
+
+def tf_keras_vis_layer(model: Any, name: str) -> str:
+    """The layer tf-keras-vis 0.8.7 differentiates for ``penultimate_layer=name`` (the default
+    ``seek_penultimate_conv_layer=True``): walking ``model.layers`` backwards from the named layer
+    (nested models searched too), the first convolution, the named layer included."""
+    from keras.src.layers.convolutional.base_conv import BaseConv
+
+    def walk(layers: list[Any], started: bool) -> tuple[Any, bool]:
+        for layer in reversed(layers):
+            started = started or layer.name == name
+            if started and isinstance(layer, BaseConv):
+                return layer, started
+            if hasattr(layer, "layers"):
+                found, started = walk(layer.layers, started)
+                if found is not None:
+                    return found, started
+        return None, started
+
+    found, _ = walk(model.layers, False)
+    if found is None:
+        raise ValueError(f"tf-keras-vis finds no convolution at or before layer {name!r}")
+    return str(found.name)
+
+
+def _tf_keras_vis(case: KerasCase) -> tuple[np.ndarray, str]:
+    from tf_keras_vis.gradcam import Gradcam
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    maps = Gradcam(case.model)(CategoricalScore(case.targets), case.inputs, penultimate_layer=case.layer)
+    return np.asarray(maps), tf_keras_vis_layer(case.model, case.layer)
+
+
+def _xplique(case: KerasCase) -> tuple[np.ndarray, str]:
+    from xplique.attributions import GradCAM
+
+    classes = int(case.model.output_shape[-1])
+    one_hot = np.eye(classes, dtype=np.float32)[case.targets]
+    maps = GradCAM(case.model, conv_layer=case.layer).explain(case.inputs, one_hot)
+    return np.asarray(maps)[..., 0], case.layer
+
+
+PEERS = (("tf-keras-vis", "tf_keras_vis", "tf-keras-vis", _tf_keras_vis),
+         ("xplique", "xplique", "xplique", _xplique))
+"""(convention, module, distribution, run): ``run(case) -> (maps (N, H, W), layer explained)``."""
+
+
+def peer_checks(cases: list[KerasCase] | None = None) -> tuple[list[Check], list[str]]:
+    """tf-keras-vis and xplique (those installed) against their conventions on the Keras cases."""
+    import gradcam_ref
+
+    peers = [p for p in PEERS if installed(p[1])]
+    notes = [f"peers: {dist} is not installed, so the {conv!r} convention was not compared with it"
+             for conv, module, dist, _ in PEERS if not installed(module)]
+    notes += [
+        "tf-keras-vis GradcamPlusPlus: not reproduced; it multiplies the weights by exp(score) and "
+        "divides each channel's alphas by their spatial sum (a per-channel factor no convention of "
+        "the Grad-CAM map can undo), which gradcam_ref.grad_cam_plus_plus does not do",
+    ]
+    checks = []
+    for case in cases if cases is not None else keras_cases():
+        size = tuple(int(s) for s in case.inputs.shape[1:-1])
+        float32 = case.inputs.dtype == np.float32
+        if not float32:
+            notes.append(f"xplique on {case.name}: not run, xplique casts inputs and targets to float32 and "
+                         "a float64 model then fails in tf.multiply(predictions, targets)")
+        for convention, _, dist, run in peers:
+            if convention == "xplique" and not float32:
+                continue
+            expected, layer = run(case)
+            e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=layer)
+            ours = e.heatmap(size, convention)
+            where = f"layer {case.layer!r}" + (f" -> {layer!r}" if layer != case.layer else "")
+            what = f"{dist} {importlib.metadata.version(dist)}"
+            checks.append(compare(f"{convention} on {case.name}, {where}", what, np.asarray(ours), expected,
+                                  PEER_RTOL))
+        if installed("xplique") and float32:
+            checks.append(_xplique_plus_plus(case, size))
+    return checks, notes
+
+
+def _xplique_plus_plus(case: KerasCase, size: tuple[int, ...]) -> Check:
+    r"""xplique's GradCAMPP: :math:`\sum_{ab} A` of the paper's alpha is its spatial *mean*, so its
+    map is ``grad_cam_plus_plus(A / Z, dA)`` (Z the layer's spatial size), then its resize."""
+    from xplique.attributions import GradCAMPP
+
+    import gradcam_ref
+
+    classes = int(case.model.output_shape[-1])
+    one_hot = np.eye(classes, dtype=np.float32)[case.targets]
+    expected = np.asarray(GradCAMPP(case.model, conv_layer=case.layer).explain(case.inputs, one_hot))[..., 0]
+    e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer).numpy()
+    z = int(np.prod(e.activations.shape[2:]))
+    signed = gradcam_ref.grad_cam_plus_plus(e.activations / z, e.gradients, relu=False)
+    ours = gradcam_ref.conventions.postprocess(signed, "xplique", size=size)
+    return compare(f"xplique GradCAMPP on {case.name}, layer {case.layer!r}",
+                   f"xplique {importlib.metadata.version('xplique')}: grad_cam_plus_plus(A / Z, dA)",
+                   ours, expected, PEER_RTOL)
+
+
+def golden_checks(directory: str | None = None) -> tuple[list[Check], list[str]]:
+    """Every golden on the TensorFlow backend (and, where installed, against torch on the same weights)."""
+    from gradcam_ref.verify import golden_checks as all_golden_checks
+
+    return all_golden_checks(directory, backends=["tensorflow"], heatmaps=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print ``{"checks": [...], "notes": [...]}`` as JSON: what :func:`run_isolated` reads.
+
+    ``argv``: ``[goldens directory]`` or nothing (the shipped goldens).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if installed("torchvision"):
+        import torchvision  # noqa: F401  (before TensorFlow: the other order crashes)
+    checks, notes = golden_checks(argv[0] if argv else None)
+    more, more_notes = peer_checks()
+    json.dump({"checks": [dataclasses.asdict(c) for c in checks + more], "notes": notes + more_notes}, sys.stdout)
+
+
+def run_isolated(goldens_directory: Any = None, timeout: float = 1800) -> tuple[list[Check], list[str]]:
+    """``main()`` (``python -m gradcam_ref.verify.tf_peers``) in a fresh interpreter: its checks and
+    notes (a failing check if it crashed, a note if TensorFlow is not installed)."""
+    if not installed("tensorflow") or not installed("keras"):
+        return [], ["tensorflow: not installed, so the TensorFlow backend, tf-keras-vis and xplique were not run"]
+    args = [] if goldens_directory is None else [str(goldens_directory)]
+    out = subprocess.run([sys.executable, "-m", "gradcam_ref.verify.tf_peers", *args], capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-3:]
+        return [Check("tensorflow checks (subprocess)", f"exit status {out.returncode}: {' | '.join(tail)}",
+                      float("inf"), 0.0)], []
+    result = json.loads(out.stdout)
+    return [Check(**c) for c in result["checks"]], result["notes"]
+
+
+if __name__ == "__main__":
+    main()

