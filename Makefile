@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,jax,test,viz,models,peers
+EXTRAS ?= torch,jax,test,viz,models,peers,dataset,dask,ray
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick clean

@@ -11,6 +11,7 @@ from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_impor
 from gradcam_ref._guided import guided_grad_cam, guided_image
 from gradcam_ref._postprocess import normalize, upsample
 from gradcam_ref._warnings import NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
+from gradcam_ref.dataset import explain_dataset
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "cam",
     "conventions",
     "explain",
+    "explain_dataset",
     "grad_cam",
     "grad_cam_plus_plus",
     "guided_grad_cam",

@@ -46,7 +46,7 @@ def test_backend_is_detected_or_forced():
 def test_public_namespace_is_small_and_explicit():
     assert sorted(gradcam_ref.__all__) == sorted(
         ["Capture", "Explanation", "NoGuidedReLUWarning", "TrainingModeWarning", "ZeroGradientWarning",
-         "cam", "conventions", "explain", "grad_cam", "grad_cam_plus_plus",
+         "cam", "conventions", "explain", "explain_dataset", "grad_cam", "grad_cam_plus_plus",
          "guided_grad_cam", "guided_image", "neuron_importance", "normalize", "upsample"]
     )
     assert all(hasattr(gradcam_ref, name) for name in gradcam_ref.__all__)
