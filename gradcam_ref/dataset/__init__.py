@@ -150,6 +150,7 @@ def parse_shard(shard: Any) -> tuple[int, int] | None:
     """``None``, ``(i, n)`` or ``"i/n"`` (0 <= i < n) -> ``(i, n)``."""
     if shard is None:
         return None
+    given = shard
     if isinstance(shard, str):
         parts = shard.split("/")
         try:
@@ -159,7 +160,7 @@ def parse_shard(shard: Any) -> tuple[int, int] | None:
     if (not isinstance(shard, (tuple, list)) or len(shard) != 2
             or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard)
             or not 0 <= shard[0] < shard[1]):
-        raise ValueError(f"shard must be (i, n) or 'i/n' with 0 <= i < n, got {shard!r}")
+        raise ValueError(f"shard must be (i, n) or 'i/n' with 0 <= i < n, got {given!r}")
     return int(shard[0]), int(shard[1])
 
 
@@ -335,6 +336,8 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
 
 def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, scheduler: Any,
              num_workers: int | None, stopper: _Stopper) -> Iterator[dict[str, Any]]:
+    if not pending:  # nothing to do: start no cluster
+        return iter(())
     if engine == "dask":
         from gradcam_ref.dataset import _engines
 

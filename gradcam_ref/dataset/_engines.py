@@ -43,16 +43,23 @@ def _trim_threshold() -> str | None:
     return os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
+def local_cluster(workers: int) -> Any:
+    """A Dask ``LocalCluster`` of ``workers`` one-thread processes whose nanny leaves
+    ``MALLOC_TRIM_THRESHOLD_`` unset (glibc's default applies, or the value in this environment)."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
 def dask_units(job: Job, pending: list[int], *, workers: int, scheduler: Any, stopper: Any) -> Iterator[dict[str, Any]]:
     """Run ``pending`` units as Dask tasks on ``scheduler`` (a Client or an address) or a local cluster."""
-    import dask
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     owned: list[Any] = []
     if scheduler is None:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
+        cluster = local_cluster(workers)
         client = Client(cluster)
         owned += [client, cluster]
     elif isinstance(scheduler, str):

@@ -296,7 +296,8 @@ def fingerprint(model: Any) -> dict[str, Any]:
     import hashlib
 
     parts = tuple(model) if isinstance(model, (tuple, list)) else (model,)
-    names = [f"{type(p).__module__}.{type(p).__qualname__}" for p in parts]
+    names = [f"{kind.__module__}.{kind.__qualname__}" for kind in
+             (p if inspect.isfunction(p) or isinstance(p, type) else type(p) for p in parts)]
     torch = sys.modules.get("torch")
     if torch is None or not all(isinstance(p, torch.nn.Module) for p in parts):
         params = getattr(model, "params", None)
