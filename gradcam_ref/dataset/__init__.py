@@ -69,7 +69,8 @@ class Preprocess:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSummary:
-    """What a run did: ``failed`` lists ``(path, reason)`` of the images that could not be read."""
+    """What a run did: ``failed`` lists ``(path, reason)`` of the images that could not be read;
+    ``startup_seconds``: from the call to the first unit (checks, probe, store), within ``seconds``."""
 
     out: str
     images: int
@@ -82,6 +83,7 @@ class DatasetSummary:
     seconds: float
     engine: str
     interrupted: bool = False
+    startup_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -309,11 +311,13 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
     bar = tqdm(total=total_images, unit="img", desc=f"explain_dataset ({engine})", disable=not progress or None,
                file=sys.stderr, smoothing=0.1)
 
+    startup = time.perf_counter() - start  # arguments, probe, store: until the first unit starts
+
     def summary(interrupted: bool = False) -> DatasetSummary:
         return DatasetSummary(out=job.out, images=len(job.paths), units=job.n_units, units_in_shard=len(units),
                               skipped_units=skipped, computed_units=computed, computed_images=images_done,
                               failed=tuple(failed), seconds=time.perf_counter() - start, engine=engine,
-                              interrupted=interrupted)
+                              interrupted=interrupted, startup_seconds=startup)
 
     results = _results(job, pending, engine=engine, workers=workers, scheduler=scheduler,
                        num_workers=num_workers, stopper=stopper)

@@ -312,7 +312,7 @@ def fingerprint(model: Any) -> dict[str, Any]:
         for key, tensor in part.state_dict().items():
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return {"class": names, "sha256": digest.hexdigest()}
 
 

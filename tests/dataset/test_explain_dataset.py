@@ -160,6 +160,24 @@ def test_model_is_left_as_it_was(images, tmp_path):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_the_model_fingerprint_covers_every_weight_and_buffer():
+    from gradcam_ref.dataset._job import fingerprint
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+
+    a, b = net(0), net(0)
+    assert fingerprint(a) == fingerprint(b) and len(fingerprint(a)["sha256"]) == 64
+    b[1].num_batches_tracked += 1  # a 0-d int64 buffer
+    assert fingerprint(a) != fingerprint(b)
+    c = net(0)
+    with torch.no_grad():
+        c[0].weight[0, 0, 0, 0] += 1e-7
+    assert fingerprint(a) != fingerprint(c)
+    assert fingerprint((a, b))["class"] == ["torch.nn.modules.container.Sequential"] * 2
+
+
 # --- resuming and shards ----------------------------------------------------------------------
 
 
