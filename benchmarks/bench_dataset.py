@@ -39,6 +39,13 @@ RECOMMENDED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRE
                       "MALLOC_TOP_PAD_": str(256 << 20)}
 """glibc settings measured here (docs/scale.md): big blocks from the heap, kept, grown in large steps."""
 DASK_TRIM = {"MALLOC_TRIM_THRESHOLD_": "65536"}
+PARTS = ("local", "memory", "malloc", "dask", "ray")
+
+
+def _row(what: str, ratio: float, detail: str, batch: int, **extra: Any) -> dict[str, Any]:
+    """A row of the benchmark report (``suite`` "dataset")."""
+    return {"suite": "dataset", "method": "explain_dataset", "model": "efficientnet_lite0", "batch": batch,
+            "targets": 1, "what": what, "ratio": ratio, "detail": detail, **extra}
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
@@ -228,10 +235,10 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
                 startups.append(mine["startup_s"])
                 ours.append(mine["images_per_s"])
                 base.append(loop["images_per_s"])
-            rows.append({"suite": "dataset", "what": "local explain_dataset / no-grad loop", "images": images,
-                         "batch": batch, "ratio": statistics.median(ratios), "ratios": ratios,
-                         "images_per_s": statistics.median(ours), "baseline_images_per_s": statistics.median(base),
-                         "startup_s": statistics.median(startups)})
+            rows.append(_row("local: explain_dataset / no-grad loop, images/s", statistics.median(ratios),
+                             f"{statistics.median(ours):.1f} vs {statistics.median(base):.1f} images/s, "
+                             f"{images} images; startup {statistics.median(startups):.2f} s; rounds {ratios}",
+                             batch, startup_s=statistics.median(startups)))
             log(rows[-1])
         if "memory" in parts:
             small = work / "small.txt"
@@ -241,8 +248,8 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
             big.write_text("\n".join(tiny * 20) + "\n")
             a = run_child("dataset", small, batch, model="tiny")
             b = run_child("dataset", big, batch, model="tiny")
-            rows.append({"suite": "dataset", "what": "peak memory, 10x the images (640 vs 64)", "batch": batch,
-                         "ratio": b["peak_mib"] / a["peak_mib"], "peak_mib": [a["peak_mib"], b["peak_mib"]]})
+            rows.append(_row("peak memory, 640 images / 64 images", b["peak_mib"] / a["peak_mib"],
+                             f"{a['peak_mib']:.0f} vs {b['peak_mib']:.0f} MiB (tiny model, 64 x 64)", batch))
             log(rows[-1])
         if "malloc" in parts:
             for name, env in (("Dask's MALLOC_TRIM_THRESHOLD_=65536", DASK_TRIM),
@@ -252,8 +259,8 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
                     plain = run_child("loop", listing, batch)
                     tuned = run_child("loop", listing, batch, env=env)
                     ratios.append(tuned["images_per_s"] / plain["images_per_s"])
-                rows.append({"suite": "dataset", "what": f"no-grad loop with {name} / glibc defaults",
-                             "batch": batch, "ratio": statistics.median(ratios), "ratios": ratios, "env": env})
+                rows.append(_row(f"no-grad loop with {name} / glibc defaults, images/s", statistics.median(ratios),
+                                 f"rounds {[round(r, 2) for r in ratios]}; {env}", batch))
                 log(rows[-1])
         for engine in ("dask", "ray"):
             if engine not in parts:
@@ -262,13 +269,15 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
             for workers in (1, 2):
                 figures[workers] = {what: run_child(f"{engine}-{what}", listing, batch, workers=workers)
                                     for what in ("infer", "explain")}
-            rows.append({"suite": "dataset", "what": f"{engine} explain_dataset / {engine} inference, 2 workers",
-                         "batch": batch, "ratio": figures[2]["explain"]["images_per_s"]
-                         / figures[2]["infer"]["images_per_s"], "figures": figures})
+            rate = {w: {k: v["images_per_s"] for k, v in f.items()} for w, f in figures.items()}
+            rows.append(_row(f"{engine}: explain_dataset / inference only, 2 workers",
+                             rate[2]["explain"] / rate[2]["infer"],
+                             f"{rate[2]['explain']:.1f} vs {rate[2]['infer']:.1f} images/s", batch))
             log(rows[-1])
-            rows.append({"suite": "dataset", "what": f"{engine} explain_dataset, 2 workers / 1 worker",
-                         "batch": batch, "ratio": figures[2]["explain"]["images_per_s"]
-                         / figures[1]["explain"]["images_per_s"]})
+            rows.append(_row(f"{engine}: explain_dataset, 2 workers / 1 worker",
+                             rate[2]["explain"] / rate[1]["explain"],
+                             f"{rate[2]['explain']:.1f} vs {rate[1]['explain']:.1f} images/s; inference only "
+                             f"{rate[2]['infer'] / rate[1]['infer']:.2f}x", batch))
             log(rows[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--parts", default="local,memory,malloc,dask,ray")
+    parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--list", help=argparse.SUPPRESS)
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1) + "\n")
     for row in rows:
-        print(f"{row['what']}: {row['ratio']:.2f}x")
+        print(f"{row['what']}: {row['ratio']:.2f}x ({row['detail']})")
     return 0
 
 

@@ -178,7 +178,15 @@ def markdown(result: dict) -> str:
                   overhead_table(rows)]
     if "jax" in suites:
         parts += ["### JAX: jitted explain against the jitted forward", jax_table(rows)]
+    if "dataset" in suites:
+        parts += ["### Data sets (EfficientNet-Lite0, batch 16, 1 thread per process)", dataset_table(rows)]
     return "\n\n".join(parts)
+
+
+def dataset_table(rows: list[dict]) -> str:
+    """explain_dataset's ratios (benchmarks/bench_dataset.py), one line each."""
+    body = [[r["what"], f"{r['ratio']:.2f}x", r.get("detail", "")] for r in rows if r["suite"] == "dataset"]
+    return _table(["measure", "ratio", "detail"], body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@ Suites (all by default):
 - ``core``: the Grad-CAM math alone against a streaming pass over the same arrays;
 - ``overhead``: the fixed cost of one explanation (torch and JAX), on a model that is all head;
 - ``jax``: jitted explain against the jitted forward of the same model (when the JAX backend
-  and JAX are installed).
+  and JAX are installed);
+- ``dataset``: explain_dataset against a plain no-grad loop over the same files, on one machine,
+  Dask and Ray (``benchmarks/bench_dataset.py``).
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -35,7 +37,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax")
+SUITES = ("time", "memory", "core", "overhead", "jax", "dataset")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -175,6 +177,15 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
                 lap("jax")
             else:
                 notes.append(f"jax suite not run: {reason}")
+    if "dataset" in suites and torch_ok:
+        from benchmarks import bench_dataset
+
+        parts = ("local", "memory") if quick else bench_dataset.PARTS
+        new = bench_dataset.run(parts, images=32 if quick else 96, batch=16, rounds=1 if quick else 2)
+        rows += new
+        if log:
+            log(new)
+        lap("dataset")
     if not torch_ok:
         notes.append("torch is not installed: time and memory suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,

@@ -184,3 +184,20 @@ def test_overhead_rows():
         assert r["suite"] == "overhead" and r["library"] == "torch" and r["seconds"] > 0
         assert r["extra_ms"] == 0.0 if r["method"] == "forward" else r["extra_ms"] > 0
     assert "gradcam_ref.explain" in report.overhead_table(rows)
+
+
+@pytest.mark.slow
+def test_dataset_benchmark_measures_peak_memory_and_throughput_in_fresh_processes(tmp_path):
+    """bench_dataset's children run explain_dataset and the plain loop on real files (tiny model)."""
+    pytest.importorskip("zarr")
+    from benchmarks import bench_dataset
+
+    paths = bench_dataset.make_images(tmp_path / "images", 8)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(paths * 2) + "\n")
+    ours = bench_dataset.run_child("dataset", listing, 4, model="tiny")
+    loop = bench_dataset.run_child("loop", listing, 4, model="tiny")
+    assert ours["images_per_s"] > 0 and loop["images_per_s"] > 0
+    assert 0 < ours["startup_s"] < ours["seconds"] and ours["peak_mib"] > 50
+    [row] = bench_dataset.run(("memory",), images=8, batch=4, rounds=1, log=lambda row: None)
+    assert row["suite"] == "dataset" and row["what"].startswith("peak memory") and row["ratio"] > 0.5

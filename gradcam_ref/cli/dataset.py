@@ -44,6 +44,8 @@ def add_parser(commands: Any, floats: Any, size: Any, positive: Any) -> None:
     command.add_argument("--workers", type=positive, default=2, metavar="N",
                          help="workers of a local Dask cluster or Ray actors (default 2)")
     command.add_argument("--scheduler", metavar="ADDR", help="a Dask scheduler or Ray cluster address")
+    command.add_argument("--num-gpus", type=float, metavar="G",
+                         help="GPUs per Ray actor (default: 1 with --device cuda, else 0)")
     command.add_argument("--size", type=size, metavar="N|HxW", help="model input size (default 224)")
     command.add_argument("--mean", type=floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
     command.add_argument("--std", type=floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
@@ -62,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = gradcam_ref.explain_dataset(
             loaded.explained, args.images, layer=loaded.layer, target=args.target, method=args.method, out=args.out,
-            batch_size=args.batch_size, resume=args.resume, shard=args.shard, num_workers=args.num_workers,
+            batch_size=args.batch_size, device=args.device, resume=args.resume, shard=args.shard,
+            num_workers=args.num_workers,
             size=size, mean=args.mean or zoo.IMAGENET_MEAN, std=args.std or zoo.IMAGENET_STD,
             on_error=args.on_error, threads=args.threads, engine=args.engine, workers=args.workers,
-            scheduler=args.scheduler, progress=not args.quiet, **options)
+            scheduler=args.scheduler, num_gpus=args.num_gpus, progress=not args.quiet, **options)
     except Interrupted as stop:
         print(stop.summary)
         return 128 + stop.signal

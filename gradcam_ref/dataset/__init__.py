@@ -198,6 +198,7 @@ def explain_dataset(
     engine: str = "local",
     workers: int = 2,
     scheduler: Any = None,
+    num_gpus: float | None = None,
     progress: bool = True,
     **options: Any,
 ) -> DatasetSummary:
@@ -234,7 +235,8 @@ def explain_dataset(
       evaluate: ``(model, inputs, explanation) -> {name: (n, ...) array}``, run on every unit in
         the same pass and stored as ``metrics/<name>``.
       engine: ``"local"`` (this process), ``"dask"`` or ``"ray"`` (see docs/scale.md); ``workers``
-        for a local cluster, ``scheduler``: a Dask ``Client``/scheduler address or a Ray address.
+        for a local cluster, ``scheduler``: a Dask ``Client``/scheduler address or a Ray address;
+        ``num_gpus``: GPUs per Ray actor (None: 1 when ``device`` is CUDA, else 0).
       progress: a tqdm bar with images/s and ETA on stderr.
       **options: passed to :func:`gradcam_ref.explain` (e.g. ``call=``, ``at=``).
 
@@ -256,6 +258,8 @@ def explain_dataset(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
+    if num_gpus is not None and (not isinstance(num_gpus, (int, float)) or num_gpus < 0):
+        raise ValueError(f"num_gpus must be None or a number >= 0, got {num_gpus!r}")
     target = _check_target(target)
     _job.check_method(method)
     shard_ = parse_shard(shard)
@@ -287,8 +291,9 @@ def explain_dataset(
         done = _store.done_units(out_path, group)
         pending = [u for u in units if u not in done]
         skipped = len(units) - len(pending)
+        gpus = num_gpus if num_gpus is not None else float(str(device or "").startswith("cuda"))
         return _run(job, pending, units=units, skipped=skipped, engine=engine, workers=workers,
-                    scheduler=scheduler, num_workers=num_workers, progress=progress, start=start)
+                    scheduler=scheduler, num_workers=num_workers, progress=progress, start=start, gpus=gpus)
 
 
 def _record_run(group: Any, *, device: Any, on_error: str, layout: Any) -> None:
@@ -301,7 +306,7 @@ def _record_run(group: Any, *, device: Any, on_error: str, layout: Any) -> None:
 
 
 def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engine: str, workers: int,
-         scheduler: Any, num_workers: int | None, progress: bool, start: float) -> DatasetSummary:
+         scheduler: Any, num_workers: int | None, progress: bool, start: float, gpus: float) -> DatasetSummary:
     from tqdm import tqdm
 
     failed: list[tuple[str, str]] = []
@@ -320,7 +325,7 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
                               interrupted=interrupted, startup_seconds=startup)
 
     results = _results(job, pending, engine=engine, workers=workers, scheduler=scheduler,
-                       num_workers=num_workers, stopper=stopper)
+                       num_workers=num_workers, stopper=stopper, gpus=gpus)
     try:
         with stopper, bar:
             for result in results:
@@ -339,7 +344,7 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
 
 
 def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, scheduler: Any,
-             num_workers: int | None, stopper: _Stopper) -> Iterator[dict[str, Any]]:
+             num_workers: int | None, stopper: _Stopper, gpus: float) -> Iterator[dict[str, Any]]:
     if not pending:  # nothing to do: start no cluster
         return iter(())
     if engine == "dask":
@@ -349,7 +354,7 @@ def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, sc
     if engine == "ray":
         from gradcam_ref.dataset import _engines
 
-        return _engines.ray_units(job, pending, workers=workers, address=scheduler, stopper=stopper)
+        return _engines.ray_units(job, pending, workers=workers, address=scheduler, stopper=stopper, num_gpus=gpus)
     return _local_units(job, pending, num_workers)
 
 

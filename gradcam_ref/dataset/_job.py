@@ -111,7 +111,7 @@ class Job:
 
                 if self.threads is not None:
                     torch.set_num_threads(self.threads)
-                if self.device is not None and _torch_device(model) != torch.device(self.device):
+                if self.device is not None and not _same_device(_torch_device(model), torch.device(self.device)):
                     model = copy.deepcopy(model)
                     for part in model if isinstance(model, (tuple, list)) else (model,):
                         part.to(self.device)
@@ -263,6 +263,11 @@ def framework_of(model: Any) -> str:
         return "jax"
     raise TypeError(f"model must be a torch nn.Module, a (features, head) pair of torch modules or JAX callables, "
                     f"or a NumPy Oracle; got {type(model).__module__}.{type(model).__qualname__}")
+
+
+def _same_device(have: Any, want: Any) -> bool:
+    """``cuda:0`` is ``cuda`` (the current device) when no index is asked for."""
+    return bool(have.type == want.type and (want.index is None or have.index == want.index))
 
 
 def _torch_device(model: Any) -> Any:
