@@ -217,6 +217,8 @@ def explain_dataset(
       model: a torch ``nn.Module`` (or ``(features, head)`` pair), a JAX ``(features, head)``
         pair, or a NumPy ``Oracle``. It is left as it is (moved copies run on ``device``).
       images: a folder (recursive), a list file (``.txt``: one path a line) or a sequence of paths.
+      layer: where to take :math:`A`, as :func:`gradcam_ref.explain` takes it.
+      method: the CAM method, passed to :func:`gradcam_ref.explain` (default ``"grad-cam"``).
       target: None (each image's top class), a class index, or a sequence of T indices.
       out: a local directory; created if absent, resumed if it is a store of the same job.
       batch_size: images per unit and per chunk (maps depend on it in the last bits on torch CPU).
@@ -225,8 +227,10 @@ def explain_dataset(
       shard: ``(i, n)`` or ``"i/n"``: run only the i-th of n contiguous blocks of units (job arrays).
       num_workers: processes decoding images (torch's DataLoader; threads for other models);
         None: ``min(4, cpus - 1)``; 0 decodes in this process.
-      size, mean, std: the default preprocessing (:class:`Preprocess`); ``load`` replaces it by
-        any picklable ``path -> (C, ...) array``.
+      size: the default preprocessing's input size, an int or ``(height, width)`` (:class:`Preprocess`).
+      mean: its per-channel mean, for pixels scaled to [0, 1].
+      std: its per-channel standard deviation.
+      load: replaces the default preprocessing: any picklable ``path -> (C, ...) array``.
       dtype: dtype of the stored maps (None: the model's, e.g. float32).
       on_error: ``"record"`` (default): an unreadable image gets a NaN map, target -1 and its
         reason in ``errors``, and the run goes on (the rest of its batch is explained as usual,
@@ -234,9 +238,10 @@ def explain_dataset(
       threads: torch threads in every process running units (None: leave as set).
       evaluate: ``(model, inputs, explanation) -> {name: (n, ...) array}``, run on every unit in
         the same pass and stored as ``metrics/<name>``.
-      engine: ``"local"`` (this process), ``"dask"`` or ``"ray"`` (see docs/scale.md); ``workers``
-        for a local cluster, ``scheduler``: a Dask ``Client``/scheduler address or a Ray address;
-        ``num_gpus``: GPUs per Ray actor (None: 1 when ``device`` is CUDA, else 0).
+      engine: ``"local"`` (this process), ``"dask"`` or ``"ray"`` (see docs/scale.md).
+      workers: the workers of a local Dask cluster, or the Ray actors.
+      scheduler: a Dask ``Client`` or scheduler address, or a Ray address (None: start a local one).
+      num_gpus: GPUs per Ray actor (None: 1 when ``device`` is CUDA, else 0).
       progress: a tqdm bar with images/s and ETA on stderr.
       **options: passed to :func:`gradcam_ref.explain` (e.g. ``call=``, ``at=``).
 
@@ -426,9 +431,11 @@ def _read_ahead(job: _job.Job, units: list[int], num_workers: int | None) -> Ite
     if job.framework == "torch":
         from torch.utils.data import DataLoader
 
+        # Forking a process that runs JAX's threads can deadlock (JAX warns): spawn workers then.
+        context = "spawn" if "jax" in sys.modules else None
         loader: Any = DataLoader(_UnitReader(job, units), batch_size=None,  # type: ignore[arg-type]
                                  num_workers=workers, collate_fn=_as_is, prefetch_factor=2,
-                                 worker_init_fn=_ignore_sigint)
+                                 worker_init_fn=_ignore_sigint, multiprocessing_context=context)
         yield from loader
         return
     from concurrent.futures import ThreadPoolExecutor
