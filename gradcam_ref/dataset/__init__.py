@@ -379,6 +379,7 @@ def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> 
         writing: tuple[Any, dict[str, Any]] | None = None
         try:
             for unit, batch, errors in _read_ahead(job, pending, num_workers):
+                job.raise_unreadable(unit, errors)
                 arrays = job.outputs(batch, errors)
                 if writing is not None:
                     future, done = writing

@@ -70,6 +70,7 @@ class Job:
 
         An unreadable image is replaced by zeros, so the batch keeps its size (torch CPU maps
         change in the last bits with the batch size); its outputs are then marked as missing.
+        Readers always record; :meth:`raise_unreadable` stops there with ``on_error="raise"``.
         """
         images: list[np.ndarray | None] = []
         errors: list[str] = []
@@ -80,8 +81,6 @@ class Job:
                     raise ValueError(f"preprocessed to shape {image.shape}, not {tuple(self.input_shape)} "
                                      "like the others")
             except Exception as error:  # noqa: BLE001 - any failure to decode is recorded with its reason
-                if self.on_error == "raise":
-                    raise UnreadableImage(f"image {self.paths[i]!r}: {error}") from error
                 images.append(None)
                 errors.append(f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
             else:
@@ -197,9 +196,17 @@ class Job:
     def write(self, unit: int, arrays: Mapping[str, np.ndarray]) -> None:
         _store.write_unit(self.group(), unit, self.batch_size, arrays)
 
+    def raise_unreadable(self, unit: int, errors: list[str]) -> None:
+        """With ``on_error="raise"``, :class:`UnreadableImage` for the first image ``read`` recorded."""
+        if self.on_error == "raise":
+            for i, error in zip(self.indices(unit), errors, strict=True):
+                if error:
+                    raise UnreadableImage(f"image {self.paths[i]!r}: {error}")
+
     def run_unit(self, unit: int) -> dict[str, Any]:
         """Read, explain and write unit ``unit``; what an engine's worker calls."""
         batch, errors = self.read(unit)
+        self.raise_unreadable(unit, errors)
         self.write(unit, self.outputs(batch, errors))
         return {"unit": unit, "images": len(errors), "failed": [(self.paths[i], e) for i, e in
                                                                zip(self.indices(unit), errors, strict=True) if e]}

@@ -303,10 +303,11 @@ def test_an_unreadable_image_is_recorded_and_the_run_goes_on(broken, model, refe
     assert not np.isnan(g["maps"][:][others]).any()
 
 
-def test_on_error_raise_stops_at_the_unreadable_image_keeping_earlier_units(broken, model, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_on_error_raise_stops_at_the_unreadable_image_keeping_earlier_units(broken, model, tmp_path, num_workers):
     out = tmp_path / "s.zarr"
-    with pytest.raises(UnreadableImage, match=r"image '.*bad.png': cannot identify image file"):
-        gradcam_ref.explain_dataset(model, broken, out=out, on_error="raise", **KW)
+    with pytest.raises(UnreadableImage, match=r"^image '.*bad.png': UnidentifiedImageError: cannot identify image file"):
+        gradcam_ref.explain_dataset(model, broken, out=out, on_error="raise", **{**KW, "num_workers": num_workers})
     assert _store.done_units(out, zarr.open_group(out)) == {0, 1}
 
 
