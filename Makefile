@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= torch,jax,flax,equinox,tensorflow,test,viz,models,peers,experiments,metrics,metrics-peers
+EXTRAS ?= torch,jax,flax,equinox,tensorflow,test,viz,models,peers,experiments,metrics,metrics-peers,dataset,dask,ray
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-quick clean

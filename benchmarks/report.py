@@ -249,7 +249,15 @@ def markdown(result: dict) -> str:
     if "tensorflow" in suites:
         parts += ["### TensorFlow: explain against a compiled no-grad forward (Keras EfficientNet-Lite0)",
                   tensorflow_table(rows)]
+    if "dataset" in suites:
+        parts += ["### Data sets (EfficientNet-Lite0, batch 16, 1 thread per process)", dataset_table(rows)]
     return "\n\n".join(parts)
+
+
+def dataset_table(rows: list[dict]) -> str:
+    """explain_dataset's ratios (benchmarks/bench_dataset.py), one line each."""
+    body = [[r["what"], f"{r['ratio']:.2f}x", r.get("detail", "")] for r in rows if r["suite"] == "dataset"]
+    return _table(["measure", "ratio", "detail"], body)
 
 
 def main(argv: list[str] | None = None) -> int:

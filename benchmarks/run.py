@@ -21,6 +21,8 @@ Suites (all by default):
 - ``tensorflow``: the TensorFlow backend against a compiled no-grad forward of EfficientNet-Lite0
   in Keras, tf-keras-vis and xplique beside, time and memory, in its own interpreter
   (``benchmarks/bench_tensorflow.py``).
+- ``dataset``: explain_dataset against a plain no-grad loop over the same files, on one machine,
+  Dask and Ray (``benchmarks/bench_dataset.py``).
 
 ``--quick`` (under 2 minutes): ResNet-18 only, fewer rounds, memory at batch 8 only.
 Every figure is a median of per-round ratios; absolute times are for orientation only.
@@ -44,7 +46,7 @@ from typing import Any
 
 from benchmarks import report
 
-SUITES = ("time", "memory", "core", "overhead", "jax", "gain", "metrics", "family", "tensorflow")
+SUITES = ("time", "memory", "core", "overhead", "jax", "gain", "metrics", "family", "tensorflow", "dataset")
 
 # name -> settings of each mode
 PLANS: dict[str, dict[str, Any]] = {
@@ -229,6 +231,15 @@ def run(quick: bool = False, threads: int = 1, suites: tuple[str, ...] = SUITES,
             log(new)
         if new:
             lap("tensorflow")
+    if "dataset" in suites and torch_ok:
+        from benchmarks import bench_dataset
+
+        parts = ("local", "memory") if quick else bench_dataset.PARTS
+        new = bench_dataset.run(parts, images=32 if quick else 96, batch=16, rounds=1 if quick else 2)
+        rows += new
+        if log:
+            log(new)
+        lap("dataset")
     if not torch_ok:
         notes.append("torch is not installed: time, memory and family suites not run")
     return {"machine": info, "plan": {"mode": "quick" if quick else "full", **plan}, "rows": rows,

@@ -34,6 +34,7 @@ from gradcam_ref._warnings import (
     TrainingModeWarning,
     ZeroGradientWarning,
 )
+from gradcam_ref.dataset import explain_dataset
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "eigen_cam",
     "eigen_grad_cam",
     "explain",
+    "explain_dataset",
     "fuse_maps",
     "grad_cam",
     "grad_cam_plus_plus",

@@ -296,3 +296,19 @@ def test_tensorflow_rows_of_a_tiny_model_and_the_peers_explain_what_we_do():
         theirs = theirs[..., 0] if theirs.ndim == 4 else theirs
         expected = ours.heatmap((10, 10), convention)[0]
         assert np.abs(theirs - expected).max() <= 1e-5 * np.abs(expected).max(), method
+@pytest.mark.slow
+def test_dataset_benchmark_measures_peak_memory_and_throughput_in_fresh_processes(tmp_path):
+    """bench_dataset's children run explain_dataset and the plain loop on real files (tiny model)."""
+    import zarr  # noqa: F401  (part of make test: no skip)
+
+    from benchmarks import bench_dataset
+
+    paths = bench_dataset.make_images(tmp_path / "images", 8)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(paths * 2) + "\n")
+    ours = bench_dataset.run_child("dataset", listing, 4, model="tiny")
+    loop = bench_dataset.run_child("loop", listing, 4, model="tiny")
+    assert ours["images_per_s"] > 0 and loop["images_per_s"] > 0
+    assert 0 < ours["startup_s"] < ours["seconds"] and ours["peak_mib"] > 50
+    [row] = bench_dataset.run(("memory",), images=8, batch=4, rounds=1, log=lambda row: None)
+    assert row["suite"] == "dataset" and row["what"].startswith("peak memory") and row["ratio"] > 0.5

