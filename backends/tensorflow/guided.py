@@ -38,17 +38,29 @@ GUIDED_OPS = {"Relu": "GradcamRefGuidedRelu", "Relu6": "GradcamRefGuidedRelu6"}
 _LOOKALIKES = ("Maximum", "ClipByValue", "LeakyRelu")
 
 
-@tf.RegisterGradient(GUIDED_OPS["Relu"])
 def _guided_relu(op: Any, g: tf.Tensor) -> tf.Tensor:
     keep = (op.outputs[0] > 0) & (g > 0)
     return tf.where(keep, g, tf.zeros_like(g))
 
 
-@tf.RegisterGradient(GUIDED_OPS["Relu6"])
 def _guided_relu6(op: Any, g: tf.Tensor) -> tf.Tensor:
     y = op.outputs[0]
     keep = (y > 0) & (y < 6) & (g > 0)
     return tf.where(keep, g, tf.zeros_like(g))
+
+
+def _register(name: str, gradient: Any) -> None:
+    """``tf.RegisterGradient(name)(gradient)``, once per process: TensorFlow refuses a second
+    registration, which a second import of this module (a reload, a test runner importing the
+    source tree under another name) would otherwise make."""
+    try:
+        tf.RegisterGradient(name)(gradient)
+    except KeyError:  # already registered by an earlier import of this module: the same rule
+        pass
+
+
+_register(GUIDED_OPS["Relu"], _guided_relu)
+_register(GUIDED_OPS["Relu6"], _guided_relu6)
 
 
 class _Record:
