@@ -57,7 +57,6 @@ __all__ = [
     "gain",
     "eigen_cam",
     "eigen_grad_cam",
-    "explain",
     "explain_dataset",
     "fuse_maps",
     "grad_cam",

@@ -178,7 +178,7 @@ def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = Tru
     with :math:`g = \partial S^c / \partial A^k` the gradient of the logit :math:`S^c`
     (``gradients``) and :math:`a_{ij}^{kc} = 0` where the denominator is 0. The products
     :math:`a_{ij}^{kc}\,\mathrm{ReLU}(g_{ij})` are computed without powers of g that could
-    overflow or underflow (:func:`plus_plus_weights`).
+    overflow or underflow (``plus_plus_weights``).
 
     The closed form assumes the explained score is the exponential of the logit,
     :math:`Y^c = \exp(S^c)`: only then are the second and third derivatives of :math:`Y^c`

@@ -46,7 +46,8 @@ def test_backend_is_detected_or_forced():
 def test_public_namespace_is_small_and_explicit():
     assert sorted(gradcam_ref.__all__) == sorted(
         ["Capture", "Evaluation", "Explanation", "MetricWarning", "NoGuidedReLUWarning", "TrainingModeWarning",
-         "ZeroGradientWarning", "cam", "conventions", "evaluate", "explain", "explain_dataset", "gain", "grad_cam", "grad_cam_plus_plus",
+         "ZeroGradientWarning", "cam", "conventions", "evaluate", "explain", "explain_dataset", "gain", "grad_cam",
+         "grad_cam_plus_plus",
          "guided_grad_cam", "guided_image", "metrics", "neuron_importance", "normalize", "upsample",
          # the CAM family (issue 14)
          "METHODS", "NonPositiveScoreWarning", "ablated_activations", "ablation_cam_weights", "eigen_cam",

@@ -118,7 +118,8 @@ def test_perturb_leaves_the_model_as_it_was(oracle):
     model.train()
     model.head[1].weight.requires_grad_(False)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.warns(gradcam_ref.TrainingModeWarning):
+    with warnings.catch_warnings():  # training mode changes nothing in conv/ReLU/linear: no warning
+        warnings.simplefilter("error", gradcam_ref.TrainingModeWarning)
         for method in ("score-cam", "ablation-cam"):
             gradcam_ref.explain(model, torch.from_numpy(x), [0, 1], layer="relu1", method=method,
                                 denominator="abs") if method == "ablation-cam" else \
