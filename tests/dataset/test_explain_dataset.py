@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
 import errno
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
