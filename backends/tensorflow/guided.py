@@ -3,8 +3,8 @@ r"""Guided backpropagation in TensorFlow: every ``Relu`` and ``Relu6`` op of the
 The model runs inside a ``tf.function`` under ``graph.gradient_override_map``, which tags each
 ``Relu`` and ``Relu6`` op it creates with a registered gradient; ``tf.gradients`` of the score
 w.r.t. the input then passes the gradient g arriving at such an op with output y back as
-:math:`g \cdot [0 < y < b] \cdot [g > 0]` (b = 6 for ``Relu6``, :math:`\infty` for ``Relu``; Springenberg et al. 2015, arXiv 1412.6806),
-the rule of the torch and JAX backends. Everything else keeps its ordinary gradient; the forward
+:math:`g \cdot [0 < y < b] \cdot [g > 0]` (b = 6 for ``Relu6``, :math:`\infty` for ``Relu``;
+Springenberg et al. 2015, arXiv 1412.6806), the rule of the torch and JAX backends. Everything else keeps its ordinary gradient; the forward
 numbers are unchanged, and nothing global is modified (the tags live in the traced graph only).
 
 Recognised: whatever emits a ``Relu``/``Relu6`` op: ``tf.nn.relu``, ``tf.nn.relu6``, Keras'
