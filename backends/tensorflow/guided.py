@@ -4,8 +4,9 @@ The model runs inside a ``tf.function`` under ``graph.gradient_override_map``, w
 ``Relu`` and ``Relu6`` op it creates with a registered gradient; ``tf.gradients`` of the score
 w.r.t. the input then passes the gradient g arriving at such an op with output y back as
 :math:`g \cdot [0 < y < b] \cdot [g > 0]` (b = 6 for ``Relu6``, :math:`\infty` for ``Relu``;
-Springenberg et al. 2015, arXiv 1412.6806), the rule of the torch and JAX backends. Everything else keeps its ordinary gradient; the forward
-numbers are unchanged, and nothing global is modified (the tags live in the traced graph only).
+Springenberg et al. 2015, arXiv 1412.6806), the rule of the torch and JAX backends. Everything
+else keeps its ordinary gradient; the forward numbers are unchanged, and nothing global is
+modified (the tags live in the traced graph only).
 
 Recognised: whatever emits a ``Relu``/``Relu6`` op: ``tf.nn.relu``, ``tf.nn.relu6``, Keras'
 ``activation="relu"``, ``keras.layers.ReLU()`` (``max_value=6``: ``Relu6``; another cap: ``Relu``
