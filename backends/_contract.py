@@ -25,7 +25,14 @@ from gradcam_ref._explain import (
     grad_cam_fields,
 )
 from gradcam_ref._guided import guided_grad_cam
-from gradcam_ref._targets import Target, check_scores, check_target_scores, class_indices, resolve_targets
+from gradcam_ref._targets import (
+    Target,
+    check_same_batch,
+    check_scores,
+    check_target_scores,
+    class_indices,
+    resolve_targets,
+)
 from gradcam_ref._warnings import NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
 
 __all__ = [
@@ -40,6 +47,7 @@ __all__ = [
     "ZeroGradientWarning",
     "check_feature_maps",
     "check_finite",
+    "check_same_batch",
     "check_scores",
     "check_target_scores",
     "class_indices",

@@ -81,6 +81,25 @@ def check_scores(scores: Array) -> None:
         )
 
 
+def check_same_batch(activations: Array, scores: Array, inputs: Array, where: str, layout: str) -> None:
+    """A captured layer and the model's output must both be batches of the inputs' N examples.
+
+    ``where`` names the layer in the message; ``layout`` is the backend's, e.g. ``(N, K, *spatial)``.
+    """
+    n, a = shape_of(inputs)[0], shape_of(activations)
+    if len(a) < 2 or a[0] != n:
+        raise ValueError(
+            f"{where} has shape {a}, which is not a batch of N = {n} examples like inputs "
+            f"{shape_of(inputs)}: Grad-CAM needs activations {layout}; check the rank of inputs "
+            "(a batch axis first)"
+        )
+    s = shape_of(scores)
+    if len(s) < 1 or s[0] != n:
+        raise ValueError(
+            f"the model's output has shape {s}, not a batch of N = {n} examples like inputs {shape_of(inputs)}"
+        )
+
+
 def check_target_scores(y: Array, n: int) -> None:
     """A callable target's output must be one floating score per example, shape ``(N,)``."""
     shape = shape_of(y) if hasattr(y, "shape") else None

@@ -3,16 +3,8 @@ tensorflow 2.21.0; torch's backward crashed such a process too, once in a few ru
 does it: verify's TensorFlow half runs in its own interpreter, and the torch peers run in a fresh
 one when TensorFlow came first. Checked in fresh interpreters, in the order that crashes."""
 
-import importlib.util
 import subprocess
 import sys
-
-import pytest
-
-pytestmark = pytest.mark.skipif(
-    not all(importlib.util.find_spec(m) for m in ("tensorflow", "keras", "torchvision")),
-    reason="needs tensorflow, keras and torchvision",
-)
 
 BAD_ORDER = """
 import sys

@@ -38,6 +38,7 @@ from gradcam_ref.backends._contract import (
     ZeroGradientWarning,
     check_feature_maps,
     check_finite,
+    check_same_batch,
     check_scores,
     check_target_scores,
     class_indices,
@@ -417,19 +418,7 @@ def _as_inputs(inputs: Any) -> tf.Tensor:
 
 
 def _check_captured(a: tf.Tensor, scores: tf.Tensor, x: tf.Tensor, where: str) -> None:
-    n = int(x.shape[0])
-    shape = shape_of(a)
-    if len(shape) < 2 or shape[0] != n:
-        raise ValueError(
-            f"{where} has shape {shape}, which is not a batch of N = {n} examples like inputs "
-            f"{shape_of(x)}: Grad-CAM needs activations (N, *spatial, K); check the rank of inputs "
-            "(a batch axis first)"
-        )
-    if scores.shape.rank < 1 or int(scores.shape[0]) != n:
-        raise ValueError(
-            f"the model's output has shape {shape_of(scores)}, not a batch of N = {n} examples "
-            f"like inputs {shape_of(x)}"
-        )
+    check_same_batch(a, scores, x, where, "(N, *spatial, K)")
 
 
 def _channel_axis(channel_axis: int) -> int:

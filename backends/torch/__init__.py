@@ -43,6 +43,7 @@ from gradcam_ref.backends._contract import (
     TrainingModeWarning,
     ZeroGradientWarning,
     check_feature_maps,
+    check_same_batch,
     check_target_scores,
     differentiable_mode,
     grad_cam_fields,
@@ -358,24 +359,12 @@ def _run(model: nn.Module, inputs: torch.Tensor) -> Any:
 
 
 def _check_captured(leaf: torch.Tensor, scores: Any, inputs: torch.Tensor, where: str) -> None:
-    n = int(inputs.shape[0])
-    a = shape_of(leaf)
-    if len(a) < 2 or a[0] != n:
-        raise ValueError(
-            f"{where} has shape {a}, which is not a batch of N = {n} examples like inputs "
-            f"{shape_of(inputs)}: Grad-CAM needs activations (N, K, *spatial); "
-            "check the rank of inputs (a batch axis first)"
-        )
     if not isinstance(scores, torch.Tensor):
         raise TypeError(
             f"the model must return one tensor of scores, got {type(scores).__name__}; "
             "wrap it in a module that returns the tensor to explain"
         )
-    if scores.ndim < 1 or int(scores.shape[0]) != n:
-        raise ValueError(
-            f"the model's output has shape {shape_of(scores)}, not a batch of N = {n} examples "
-            f"like inputs {shape_of(inputs)}"
-        )
+    check_same_batch(leaf, scores, inputs, where, "(N, K, *spatial)")
 
 
 # --- the backward pass --------------------------------------------------------------------------
