@@ -51,7 +51,7 @@ def seam(
     if kind != "split" and params is not None:
         raise ValueError(
             f"params= is for the split form (features(params, x), head(params, A)); a {type(model).__name__} "
-            "model carries its own parameters"
+            f"model carries its own parameters: differentiate it with {_HOW_TO_DIFFERENTIATE.get(kind, 'jax.grad')}"
         )
     if kind == "split":
         if layer is not None or call is not None:
@@ -74,6 +74,14 @@ def seam(
         f"a flax.linen module (bound, or with variables=), an nnx.Module or an eqx.Module; "
         f"got {type(model).__name__}"
     )
+
+
+_HOW_TO_DIFFERENTIATE = {
+    "linen": "jax.grad over the variables of module.bind(variables) (or of variables=)",
+    "nnx": "nnx.grad over the model",
+    "equinox": "eqx.filter_grad over the model",
+}
+"""How each library's users differentiate w.r.t. a model's parameters: the model carries them."""
 
 
 def is_model(model: Any) -> bool:
