@@ -13,7 +13,9 @@ program (``_program``). The maps are differentiable (``jax.grad`` through the ba
 Guided backpropagation re-interprets the jaxpr of the whole model
 (:mod:`gradcam_ref.backends.jax.guided`). The models and the rest of the story: docs/backends.md.
 ``differentiable="stop"`` puts ``lax.stop_gradient`` on dy/dA (alpha held constant, GAIN);
-``"full"`` is what the program always is. ``params`` (split form) calls the model as
+``"full"`` is what the program always is. A Flax or Equinox model carries its parameters (they
+are the program's argument): ``jax.grad`` over linen ``variables``, ``nnx.grad``,
+``eqx.filter_grad`` differentiate them; ``params`` (split form only) calls the model as
 ``features(params, x)``, ``head(params, A)``, for ``jax.grad`` w.r.t. the weights.
 """
 
@@ -97,8 +99,13 @@ def capture(
       variables: the variables of an unbound linen ``model``.
       differentiable: False or ``"full"`` (the program is differentiable end to end, second
         order through alpha), or ``"stop"`` (``lax.stop_gradient`` on dy/dA: alpha constant).
+        W.r.t. the parameters of a model at a named layer, differentiate the model with its
+        library's transform: ``jax.grad`` over the ``variables`` of ``module.bind(variables)``
+        (or of ``variables=``), ``nnx.grad`` over an NNX model, ``eqx.filter_grad`` over an
+        Equinox model; the input's gradient comes the same way (``jax.grad`` w.r.t. ``inputs``).
       params: split form only: None, or a pytree of parameters; then ``features(params, x)`` and
-        ``head(params, A)``, and ``jax.grad`` w.r.t. ``params`` flows through the program.
+        ``head(params, A)``, and ``jax.grad`` w.r.t. ``params`` flows through the program. A
+        Flax or Equinox model carries its own (``params=`` with one is refused, by name).
 
     Returns:
       JAX arrays on the default device, ``activations`` and ``gradients`` moved to channels-first

@@ -51,7 +51,7 @@ def seam(
     if kind != "split" and params is not None:
         raise ValueError(
             f"params= is for the split form (features(params, x), head(params, A)); a {type(model).__name__} "
-            f"model carries its own parameters: differentiate it with {_HOW_TO_DIFFERENTIATE.get(kind, 'jax.grad')}"
+            f"model carries its own parameters: differentiate it with {_HOW_TO_DIFFERENTIATE.get(kind or '', 'jax.grad')}"
         )
     if kind == "split":
         if layer is not None or call is not None:
