@@ -138,9 +138,9 @@ class Case:
                                        **options)
         return gradcam_ref.explain(self.model(weights), x, target, layer="body", differentiable=mode, **options)
 
-    def by_split(self, params, x, target, mode):
+    def by_split(self, params, x, target, mode, **options):
         return gradcam_ref.explain(self.split, x, target, params=params, differentiable=mode,
-                                   channel_axis=self.channel_axis)
+                                   channel_axis=self.channel_axis, **options)
 
     def x(self, rng, n):
         x = rng.standard_normal((n, 2, 7, 7))
@@ -192,11 +192,12 @@ def build(library, seed=0):
 LIBRARIES = ["linen", "linen-unbound", "nnx", "equinox"]
 
 
-def _explain_model(case, model, x, target, mode):
+def _explain_model(case, model, x, target, mode, **options):
     """explain on what the library's transform hands the loss: a model (an unbound module and variables)."""
     if isinstance(model, tuple):
-        return gradcam_ref.explain(model[0], x, target, layer="body", differentiable=mode, variables=model[1])
-    return gradcam_ref.explain(model, x, target, layer="body", differentiable=mode)
+        return gradcam_ref.explain(model[0], x, target, layer="body", differentiable=mode, variables=model[1],
+                                   **options)
+    return gradcam_ref.explain(model, x, target, layer="body", differentiable=mode, **options)
 
 
 def _head_leaves(case, tree):
@@ -272,9 +273,12 @@ def _agree(named, split):
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3), mode=st.sampled_from(["stop", "full"]),
        targets=st.sampled_from(["argmax", "per-example", "multi"]),
-       values=st.sampled_from(["normal", "normal", "zeros", "ties", "huge", "tiny"]))
-def test_named_layer_gives_the_split_forms_maps_and_parameter_gradients(library, seed, n, mode, targets, values):
-    """Maps, scores and d(loss)/dparams: the library's own transform at the named layer == jax.grad of the split form."""
+       values=st.sampled_from(["normal", "normal", "zeros", "ties", "huge", "tiny"]),
+       method=st.sampled_from(["grad-cam", "grad-cam", "grad-cam++", "hirescam", "layercam", "xgrad-cam"]))
+def test_named_layer_gives_the_split_forms_maps_and_parameter_gradients(library, seed, n, mode, targets, values,
+                                                                        method):
+    """Maps, scores and d(loss)/dparams: the library's own transform at the named layer == jax.grad of the
+    split form, for Grad-CAM and the gradient methods of the CAM family."""
     case = build(library, seed % 1000)
     rng = np.random.default_rng(seed)
     x = case.x(rng, n)
@@ -284,16 +288,19 @@ def test_named_layer_gives_the_split_forms_maps_and_parameter_gradients(library,
               "multi": jnp.asarray(rng.integers(0, CLASSES, (n, 2)))}[targets]
     probe = jnp.asarray(rng.standard_normal((n, 2, 4, 4) if targets == "multi" else (n, 4, 4)))
 
-    named = case.named(case.params, x, target, mode)
-    split = case.by_split(case.params, x, target, mode)
+    named = case.named(case.params, x, target, mode, method=method)
+    split = case.by_split(case.params, x, target, mode, method=method)
     for field in ("maps", "weights", "activations", "gradients", "scores"):
         _agree(getattr(named, field), getattr(split, field))
 
     def loss(model):
-        return jnp.sum(probe * _explain_model(case, model, x, target, mode).maps)
+        return jnp.sum(probe * _explain_model(case, model, x, target, mode, method=method).maps)
+
+    def split_loss(params):
+        return jnp.sum(probe * case.by_split(params, x, target, mode, method=method).maps)
 
     grads_named = jax.jit(case.native_grad(loss))(case.params)
-    grads_split = jax.jit(jax.grad(lambda p: jnp.sum(probe * case.by_split(p, x, target, mode).maps)))(case.params)
+    grads_split = jax.jit(jax.grad(split_loss))(case.params)
     _agree(grads_named, grads_split)
     if values == "normal":
         assert max(float(jnp.abs(g).max()) for g in grads_named) > 0
@@ -437,6 +444,7 @@ def test_one_program_per_shape_under_the_libraries_transforms(library):
 
     grad = case.native_grad(loss)
     other = jax.tree.map(lambda v: 1.5 * v, case.params)
+    jax.clear_caches()  # other tests compiled this very program: start from none
     TRACES.clear()
     first = grad(case.params)
     count = len(TRACES)
@@ -474,3 +482,23 @@ def test_bad_differentiable_arguments_give_one_line_errors(library, options, err
     with pytest.raises(error, match=message) as info:
         case.named(case.params, x, [0, 1], mode, **options)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("library", ["linen", "nnx", "equinox"])
+@pytest.mark.parametrize("stop", [False, True])
+def test_without_an_outer_transform_the_part_before_the_layer_is_not_linearised(library, stop):
+    """The program of each library's model, either mode: the three forward convolutions (c0, c1 = A,
+    then the head's 1x1) and one more, the head's pulled back to A; differentiating c0 or c1 would add
+    convolutions. Only an outer jax.grad / nnx.grad / eqx.filter_grad differentiates the rest."""
+    from gradcam_ref.backends import jax as jax_backend
+
+    case = build(library)
+    x = case.x(np.random.default_rng(0), 2)
+    seam, params, axis = jax_backend.jax_models.seam(case.model(case.params), "body")
+
+    def program(x, params):
+        return jax_backend._program_impl(x, params, None, seam=seam, target_fn=None, channel_axis=axis, stop=stop)
+
+    assert str(jax.make_jaxpr(program)(x, params)).count("conv_general_dilated[") == 4
+    outer = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(program(x, p)[1].maps)))(params)
+    assert str(outer).count("conv_general_dilated[") > 4  # with a transform on top, the layers before A too
