@@ -49,9 +49,10 @@ def seam(
     if kind != "linen" and variables is not None:
         raise ValueError(f"variables= is for an unbound flax.linen module; got a {type(model).__name__} model")
     if kind != "split" and params is not None:
+        how = _HOW_TO_DIFFERENTIATE.get(kind or "", "jax.grad")
         raise ValueError(
             f"params= is for the split form (features(params, x), head(params, A)); a {type(model).__name__} "
-            f"model carries its own parameters: differentiate it with {_HOW_TO_DIFFERENTIATE.get(kind or '', 'jax.grad')}"
+            f"model carries its own parameters: differentiate it with {how}"
         )
     if kind == "split":
         if layer is not None or call is not None:
