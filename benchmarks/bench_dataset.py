@@ -13,6 +13,8 @@ worker process, batch 16 for every engine. Parts:
 - ``memory``: peak resident memory of explain_dataset on N and on 10 N images (tiny model);
 - ``malloc``: the plain loop with glibc's defaults, with Dask's ``MALLOC_TRIM_THRESHOLD_=65536``,
   and with the settings docs/scale.md recommends;
+- ``split``: one unit's CPU seconds, step by step, in one process (what an engine's worker does
+  per unit): read and decode, no-grad forward, explain, write;
 - ``dask`` / ``ray``: explain_dataset on the engine over the same engine running inference
   only (same units: read and decode the same files in the workers, ``model(x)`` under no-grad;
   nothing written), and 2 workers over 1 worker; each on half of the images and on all of them,
@@ -43,7 +45,7 @@ RECOMMENDED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRE
                       "MALLOC_TOP_PAD_": str(256 << 20)}
 """glibc settings measured here (docs/scale.md): big blocks from the heap, kept, grown in large steps."""
 DASK_TRIM = {"MALLOC_TRIM_THRESHOLD_": "65536"}
-PARTS = ("local", "memory", "malloc", "dask", "ray")
+PARTS = ("local", "memory", "malloc", "split", "dask", "ray")
 
 
 def _row(what: str, ratio: float, detail: str, batch: int, **extra: Any) -> dict[str, Any]:
@@ -134,7 +136,50 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"images_per_s": summary.images_per_second, "seconds": summary.seconds,
                 "startup_s": summary.startup_seconds, "peak_mib": own}
+    if args.mode == "split":
+        return split_child(model, layer, paths, size, args.batch)
     return engine_child(args, model, layer, paths, size)
+
+
+def split_child(model: Any, layer: Any, paths: list[str], size: int, batch_size: int) -> dict[str, Any]:
+    """CPU seconds (``time.process_time``) per unit of each step a worker runs, medians over the
+    units after the first two (warm-up); the explained unit is written to a real store."""
+    import statistics
+
+    import torch
+
+    import gradcam_ref
+    from gradcam_ref.dataset import Preprocess, _job
+
+    work = Path(tempfile.mkdtemp())
+    try:
+        out = work / "maps.zarr"
+        gradcam_ref.explain_dataset(model, paths[:batch_size], layer=layer, out=out, batch_size=batch_size,
+                                    size=size, num_workers=0, threads=1, progress=False)
+        job = _job.Job(model=model, paths=paths, out=str(out), batch_size=batch_size, layer=layer, target=None,
+                       method="grad-cam", options={}, load=Preprocess((size, size)), on_error="record",
+                       device=None, threads=1, evaluate=None, dtype=None, framework="torch")
+        job.input_shape = (3, size, size)
+        steps: dict[str, list[float]] = {"read": [], "forward_no_grad": [], "explain": [], "write": []}
+
+        def timed(step: str, f: Any, *args: Any) -> Any:
+            before = time.process_time()
+            result = f(*args)
+            steps[step].append(time.process_time() - before)
+            return result
+
+        def forward(batch: Any) -> None:
+            with torch.no_grad():
+                _forward(model, torch.from_numpy(batch))
+
+        for unit in range(job.n_units):
+            batch, errors = timed("read", job.read, unit)
+            timed("forward_no_grad", forward, batch)
+            arrays = timed("explain", job.outputs, batch, errors)
+            timed("write", job.write, 0, arrays)  # into chunk 0, rewritten each time
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {step: statistics.median(values[2:]) for step, values in steps.items()}
 
 
 def _infer_unit(job: Any, unit: int) -> int:
@@ -346,6 +391,15 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
                 rows.append(_row(f"no-grad loop with {name} / glibc defaults, images/s", statistics.median(ratios),
                                  f"rounds {[round(r, 2) for r in ratios]}; {env}", batch))
                 log(rows[-1])
+        if "split" in parts:
+            split = run_child("split", listing, batch)
+            unit_explain = split["read"] + split["explain"] + split["write"]
+            unit_infer = split["read"] + split["forward_no_grad"]
+            rows.append(_row("one unit in a worker: CPU s explain (read, explain, write) / inference only "
+                             "(read, no-grad forward)", unit_explain / unit_infer,
+                             ", ".join(f"{k} {v:.3f} s" for k, v in split.items()) + f"; {images} images, "
+                             f"load {os.getloadavg()[0]:.1f}", batch, cpu_s_per_unit=split))
+            log(rows[-1])
         for engine in ("dask", "ray"):
             if engine in parts:
                 rows += engine_rows(engine, paths, work, batch, rounds, log)
