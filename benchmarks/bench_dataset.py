@@ -291,6 +291,10 @@ def run_child(mode: str, listing: Path, batch: int, model: str = "efficientnet-l
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _times(ratio: float | None) -> str:
+    return "n/a (the larger run was not the longer one: load)" if ratio is None else f"{ratio:.2f}x"
+
+
 def engine_rows(engine: str, paths: list[str], work: Path, batch: int, rounds: int, log: Any) -> list[dict[str, Any]]:
     """explain_dataset on ``engine`` against the same engine running inference only, 1 and 2 workers.
 
@@ -314,16 +318,19 @@ def engine_rows(engine: str, paths: list[str], work: Path, batch: int, rounds: i
                 cpu = {k: v / len(paths) for k, v in got[len(paths)]["cpu_s"].items()}
                 measured.setdefault((workers, what), []).append({"cpu": cpu,
                     "end_to_end": len(paths) / t[len(paths)],
-                    "marginal": (len(paths) - half) / (t[len(paths)] - t[half]),
+                    # T(all) <= T(half) happens only when the load swamps the run: no rate then
+                    "marginal": (len(paths) - half) / (t[len(paths)] - t[half]) if t[len(paths)] > t[half] else None,
                     "fixed_s": 2 * t[half] - t[len(paths)], "load": os.getloadavg()[0]})
     rows = []
     for kind in ("end_to_end", "marginal"):
-        def ratio(a: tuple[int, str], b: tuple[int, str], kind: str = kind) -> tuple[float, list[float]]:
-            each = [x[kind] / y[kind] for x, y in zip(measured[a], measured[b], strict=True)]
-            return statistics.median(each), [round(r, 2) for r in each]
+        def ratio(a: tuple[int, str], b: tuple[int, str], kind: str = kind) -> tuple[float | None, list[float]]:
+            each = [x[kind] / y[kind] for x, y in zip(measured[a], measured[b], strict=True)
+                    if x[kind] is not None and y[kind] is not None]
+            return (statistics.median(each) if each else None), [round(r, 2) for r in each]
 
         def rate(key: tuple[int, str], kind: str = kind) -> float:
-            return statistics.median(x[kind] for x in measured[key])
+            valid = [x[kind] for x in measured[key] if x[kind] is not None]
+            return statistics.median(valid) if valid else float("nan")
 
         label = (f"{len(paths)} images, start-up included" if kind == "end_to_end"
                  else f"marginal: {len(paths) - half} more images over {half}, start-up excluded")
@@ -342,7 +349,7 @@ def engine_rows(engine: str, paths: list[str], work: Path, batch: int, rounds: i
         infer, _ = ratio((2, "infer"), (1, "infer"))
         rows.append(_row(f"{engine}: explain_dataset, 2 workers / 1 worker ({label})", value,
                          f"{rate((2, 'explain')):.1f} vs {rate((1, 'explain')):.1f} images/s; rounds {each}; "
-                         f"inference only {infer:.2f}x; fixed cost {fixed[(2, 'explain')]:.1f} vs "
+                         f"inference only {_times(infer)}; fixed cost {fixed[(2, 'explain')]:.1f} vs "
                          f"{fixed[(1, 'explain')]:.1f} s; load {loads[0]}-{loads[-1]}", batch, kind=kind))
         log(rows[-1])
     return rows
@@ -429,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1) + "\n")
     for row in rows:
-        print(f"{row['what']}: {row['ratio']:.2f}x ({row['detail']})")
+        print(f"{row['what']}: {_times(row['ratio'])} ({row['detail']})")
     return 0
 
 
