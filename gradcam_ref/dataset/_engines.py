@@ -6,10 +6,11 @@ batches keep their size), each worker holding one copy of the model and writing 
 Each yields ``{"unit", "images", "failed"}`` as units finish, and stops handing out units when
 the run is asked to stop.
 
-Dask: the job is scattered to every worker once (one model per worker). Dask's nanny sets
-``MALLOC_TRIM_THRESHOLD_=65536`` in its workers, which made torch CPU inference 2.3x slower per
-image; a local cluster made here leaves glibc's default (docs/scale.md), and a warning names
-the setting when a given cluster's workers have it.
+Dask: the job is scattered to every worker once (one model per worker); for a new store the
+client is connected before the probe and every worker warms up meanwhile (:func:`warm_up`).
+Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in its workers, which made torch CPU
+inference 2.3x slower per image; a local cluster made here leaves glibc's default
+(docs/scale.md), and a warning names the setting when a given cluster's workers have it.
 
 Ray Data: a callable class for ``map_batches`` with ``compute=ActorPoolStrategy(size=workers)``
 (``concurrency=`` is deprecated in Ray 2.60), ``num_gpus`` per actor, and a fraction of a CPU per
