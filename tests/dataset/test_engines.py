@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -104,6 +105,30 @@ def test_dask_workers_warm_up_before_their_first_unit_and_a_new_store_equals_the
             assert client.run(os.getpid) == pids  # the same workers did the units
     finally:
         cluster.close()
+
+
+@pytest.mark.slow
+def test_dask_without_a_scheduler_starts_its_own_cluster_and_closes_it_when_done_or_when_the_probe_fails(
+        images, model, reference, tmp_path):
+    import psutil
+
+    def workers() -> set[int]:
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if "spawn_main" in " ".join(p.cmdline())}
+
+    before = workers()
+    out = tmp_path / "own.zarr"
+    summary = gradcam_ref.explain_dataset(model, images, out=out, engine="dask", workers=1, **KW)
+    assert (summary.computed_units, summary.computed_images) == (6, N)
+    assert_same_store(reference, zarr.open_group(out, mode="r"))
+    with pytest.raises(ValueError, match="layer"):
+        gradcam_ref.explain_dataset(model, images, out=tmp_path / "bad.zarr", engine="dask", workers=1,
+                                    **{**KW, "layer": "no-such-layer"})
+    assert not (tmp_path / "bad.zarr").exists()
+    deadline = time.monotonic() + 30
+    while workers() - before and time.monotonic() < deadline:  # a closed cluster's processes exit
+        time.sleep(0.2)
+    assert workers() - before == set()
 
 
 @pytest.mark.slow
