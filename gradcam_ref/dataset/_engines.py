@@ -97,7 +97,7 @@ class DaskConnection:
         else:
             self.client = scheduler
         try:
-            addresses = list(self.client.scheduler_info()["workers"])
+            addresses = list(self.client.nthreads())  # every worker (scheduler_info may list only a few)
             self.warm = [self.client.submit(warm_up, framework, key=f"gradcam-ref-warm-up-{uuid.uuid4().hex[:8]}",
                                             workers=[address], allow_other_workers=False, pure=False)
                          for address in addresses]
