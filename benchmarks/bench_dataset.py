@@ -13,8 +13,14 @@ worker process, batch 16 for every engine. Parts:
 - ``memory``: peak resident memory of explain_dataset on N and on 10 N images (tiny model);
 - ``malloc``: the plain loop with glibc's defaults, with Dask's ``MALLOC_TRIM_THRESHOLD_=65536``,
   and with the settings docs/scale.md recommends;
+- ``split``: one unit's CPU seconds, step by step, in one process (what an engine's worker does
+  per unit): read and decode, no-grad forward, explain, write;
 - ``dask`` / ``ray``: explain_dataset on the engine over the same engine running inference
-  only (same units), and 2 workers over 1 worker.
+  only (same units: read and decode the same files in the workers, ``model(x)`` under no-grad;
+  nothing written), and 2 workers over 1 worker; each on half of the images and on all of them,
+  giving the end-to-end rate (start-up included) and the marginal rate (start-up excluded: what
+  a large data set sees), and the CPU seconds per image of the driver, the engine's workers and
+  the rest of the process tree (Ray's raylet, ...).
 
 Absolute figures depend on the machine (and on a shared machine, on its load): the ratios are
 what the goals are about.
@@ -39,7 +45,7 @@ RECOMMENDED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRE
                       "MALLOC_TOP_PAD_": str(256 << 20)}
 """glibc settings measured here (docs/scale.md): big blocks from the heap, kept, grown in large steps."""
 DASK_TRIM = {"MALLOC_TRIM_THRESHOLD_": "65536"}
-PARTS = ("local", "memory", "malloc", "dask", "ray")
+PARTS = ("local", "memory", "malloc", "split", "dask", "ray")
 
 
 def _row(what: str, ratio: float, detail: str, batch: int, **extra: Any) -> dict[str, Any]:
@@ -130,7 +136,50 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"images_per_s": summary.images_per_second, "seconds": summary.seconds,
                 "startup_s": summary.startup_seconds, "peak_mib": own}
+    if args.mode == "split":
+        return split_child(model, layer, paths, size, args.batch)
     return engine_child(args, model, layer, paths, size)
+
+
+def split_child(model: Any, layer: Any, paths: list[str], size: int, batch_size: int) -> dict[str, Any]:
+    """CPU seconds (``time.process_time``) per unit of each step a worker runs, medians over the
+    units after the first two (warm-up); the explained unit is written to a real store."""
+    import statistics
+
+    import torch
+
+    import gradcam_ref
+    from gradcam_ref.dataset import Preprocess, _job
+
+    work = Path(tempfile.mkdtemp())
+    try:
+        out = work / "maps.zarr"
+        gradcam_ref.explain_dataset(model, paths[:batch_size], layer=layer, out=out, batch_size=batch_size,
+                                    size=size, num_workers=0, threads=1, progress=False)
+        job = _job.Job(model=model, paths=paths, out=str(out), batch_size=batch_size, layer=layer, target=None,
+                       method="grad-cam", options={}, load=Preprocess((size, size)), on_error="record",
+                       device=None, threads=1, evaluate=None, dtype=None, framework="torch")
+        job.input_shape = (3, size, size)
+        steps: dict[str, list[float]] = {"read": [], "forward_no_grad": [], "explain": [], "write": []}
+
+        def timed(step: str, f: Any, *args: Any) -> Any:
+            before = time.process_time()
+            result = f(*args)
+            steps[step].append(time.process_time() - before)
+            return result
+
+        def forward(batch: Any) -> None:
+            with torch.no_grad():
+                _forward(model, torch.from_numpy(batch))
+
+        for unit in range(job.n_units):
+            batch, errors = timed("read", job.read, unit)
+            timed("forward_no_grad", forward, batch)
+            arrays = timed("explain", job.outputs, batch, errors)
+            timed("write", job.write, 0, arrays)  # into chunk 0, rewritten each time
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {step: statistics.median(values[2:]) for step, values in steps.items()}
 
 
 def _infer_unit(job: Any, unit: int) -> int:
@@ -152,6 +201,25 @@ class _RayInfer:
         return {"images": np.array([_infer_unit(self.job, int(u)) for u in batch["unit"]])}
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process ("driver"), of the engine's worker processes (Dask's
+    spawned workers, Ray's worker and actor processes) and of the rest of its process tree (Ray's
+    raylet, GCS, ...), to see who uses the cores during a run."""
+    import psutil
+
+    me = psutil.Process()
+    split = {"driver": sum(me.cpu_times()[:2]), "workers": 0.0, "system": 0.0}
+    for child in me.children(recursive=True):
+        try:
+            line = " ".join(child.cmdline())
+            used = sum(child.cpu_times()[:2])
+        except psutil.Error:
+            continue
+        worker = "spawn_main" in line or "default_worker" in line or child.name().startswith("ray::")
+        split["workers" if worker else "system"] += used
+    return split
+
+
 def engine_child(args: argparse.Namespace, model: Any, layer: Any, paths: list[str], size: int) -> dict[str, Any]:
     import gradcam_ref
     from gradcam_ref.dataset import Preprocess, _engines, _job
@@ -169,6 +237,7 @@ def engine_child(args: argparse.Namespace, model: Any, layer: Any, paths: list[s
             cluster = _engines.local_cluster(args.workers)
             client = Client(cluster)
             client.run(lambda: __import__("torch"))  # imports before the clock, for both
+            cpu = cpu_seconds()
             start = time.perf_counter()
             if what == "infer":
                 [scattered] = client.scatter([job], broadcast=True, hash=False)
@@ -177,6 +246,7 @@ def engine_child(args: argparse.Namespace, model: Any, layer: Any, paths: list[s
                 gradcam_ref.explain_dataset(model, paths, layer=layer, out=out, batch_size=args.batch, size=size,
                                             threads=1, engine="dask", scheduler=client, progress=False)
             seconds = time.perf_counter() - start
+            cpu = {k: v - cpu[k] for k, v in cpu_seconds().items()}
             client.close()
             cluster.close()
         else:
@@ -185,6 +255,7 @@ def engine_child(args: argparse.Namespace, model: Any, layer: Any, paths: list[s
 
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
+            cpu = cpu_seconds()
             start = time.perf_counter()
             if what == "infer":
                 items = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
@@ -195,10 +266,11 @@ def engine_child(args: argparse.Namespace, model: Any, layer: Any, paths: list[s
                 gradcam_ref.explain_dataset(model, paths, layer=layer, out=out, batch_size=args.batch, size=size,
                                             threads=1, engine="ray", workers=args.workers, progress=False)
             seconds = time.perf_counter() - start
+            cpu = {k: v - cpu.get(k, 0.0) for k, v in cpu_seconds().items()}
             ray.shutdown()
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
-    return {"images_per_s": len(paths) / seconds, "seconds": seconds}
+    return {"images_per_s": len(paths) / seconds, "seconds": seconds, "cpu_s": cpu}
 
 
 # --- the parent: start children, pair rounds ----------------------------------------------------
@@ -217,6 +289,70 @@ def run_child(mode: str, listing: Path, batch: int, model: str = "efficientnet-l
     if done.returncode:
         raise RuntimeError(f"{mode} failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a (the larger run was not the longer one: load)" if ratio is None else f"{ratio:.2f}x"
+
+
+def engine_rows(engine: str, paths: list[str], work: Path, batch: int, rounds: int, log: Any) -> list[dict[str, Any]]:
+    """explain_dataset on ``engine`` against the same engine running inference only, 1 and 2 workers.
+
+    Each configuration runs on the first half of the images and on all of them, in fresh processes:
+    the end-to-end rate (all images, start-up included: cluster connection, probe, store, actor or
+    worker start, first units) and the marginal rate, ``half / (T(all) - T(half))``, what a data set
+    many times larger sees, with the fixed cost ``2 T(half) - T(all)`` beside it. Rounds alternate
+    explain and inference; the medians of the rounds' ratios are reported.
+    """
+    half = len(paths) // 2
+    lists = {}
+    for n in (half, len(paths)):
+        lists[n] = work / f"{engine}-{n}.txt"
+        lists[n].write_text("\n".join(paths[:n]) + "\n")
+    measured: dict[tuple[int, str], list[dict[str, float]]] = {}
+    for _ in range(rounds):
+        for workers in (1, 2):
+            for what in ("infer", "explain"):
+                got = {n: run_child(f"{engine}-{what}", lists[n], batch, workers=workers) for n in lists}
+                t = {n: r["seconds"] for n, r in got.items()}
+                cpu = {k: v / len(paths) for k, v in got[len(paths)]["cpu_s"].items()}
+                measured.setdefault((workers, what), []).append({"cpu": cpu,
+                    "end_to_end": len(paths) / t[len(paths)],
+                    # T(all) <= T(half) happens only when the load swamps the run: no rate then
+                    "marginal": (len(paths) - half) / (t[len(paths)] - t[half]) if t[len(paths)] > t[half] else None,
+                    "fixed_s": 2 * t[half] - t[len(paths)], "load": os.getloadavg()[0]})
+    rows = []
+    for kind in ("end_to_end", "marginal"):
+        def ratio(a: tuple[int, str], b: tuple[int, str], kind: str = kind) -> tuple[float | None, list[float]]:
+            each = [x[kind] / y[kind] for x, y in zip(measured[a], measured[b], strict=True)
+                    if x[kind] is not None and y[kind] is not None]
+            return (statistics.median(each) if each else None), [round(r, 2) for r in each]
+
+        def rate(key: tuple[int, str], kind: str = kind) -> float:
+            valid = [x[kind] for x in measured[key] if x[kind] is not None]
+            return statistics.median(valid) if valid else float("nan")
+
+        label = (f"{len(paths)} images, start-up included" if kind == "end_to_end"
+                 else f"marginal: {len(paths) - half} more images over {half}, start-up excluded")
+        fixed = {k: statistics.median(x["fixed_s"] for x in v) for k, v in measured.items()}
+        cpu = {f"{w} worker{'s' * (w > 1)}, {what}": {k: round(statistics.median(x["cpu"][k] for x in v), 3)
+                                                     for k in v[0]["cpu"]}
+               for (w, what), v in measured.items()}
+        loads = sorted({round(x["load"], 1) for v in measured.values() for x in v})
+        value, each = ratio((2, "explain"), (2, "infer"))
+        rows.append(_row(f"{engine}: explain_dataset / inference only, 2 workers ({label})", value,
+                         f"{rate((2, 'explain')):.1f} vs {rate((2, 'infer')):.1f} images/s; rounds {each}; "
+                         f"fixed cost {fixed[(2, 'explain')]:.1f} vs {fixed[(2, 'infer')]:.1f} s; "
+                         f"load {loads[0]}-{loads[-1]}", batch, kind=kind, cpu_s_per_image=cpu))
+        log(rows[-1])
+        value, each = ratio((2, "explain"), (1, "explain"))
+        infer, _ = ratio((2, "infer"), (1, "infer"))
+        rows.append(_row(f"{engine}: explain_dataset, 2 workers / 1 worker ({label})", value,
+                         f"{rate((2, 'explain')):.1f} vs {rate((1, 'explain')):.1f} images/s; rounds {each}; "
+                         f"inference only {_times(infer)}; fixed cost {fixed[(2, 'explain')]:.1f} vs "
+                         f"{fixed[(1, 'explain')]:.1f} s; load {loads[0]}-{loads[-1]}", batch, kind=kind))
+        log(rows[-1])
+    return rows
 
 
 def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any = print) -> list[dict[str, Any]]:
@@ -262,23 +398,18 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
                 rows.append(_row(f"no-grad loop with {name} / glibc defaults, images/s", statistics.median(ratios),
                                  f"rounds {[round(r, 2) for r in ratios]}; {env}", batch))
                 log(rows[-1])
+        if "split" in parts:
+            split = run_child("split", listing, batch)
+            unit_explain = split["read"] + split["explain"] + split["write"]
+            unit_infer = split["read"] + split["forward_no_grad"]
+            rows.append(_row("one unit in a worker: CPU s explain (read, explain, write) / inference only "
+                             "(read, no-grad forward)", unit_explain / unit_infer,
+                             ", ".join(f"{k} {v:.3f} s" for k, v in split.items()) + f"; {images} images, "
+                             f"load {os.getloadavg()[0]:.1f}", batch, cpu_s_per_unit=split))
+            log(rows[-1])
         for engine in ("dask", "ray"):
-            if engine not in parts:
-                continue
-            figures = {}
-            for workers in (1, 2):
-                figures[workers] = {what: run_child(f"{engine}-{what}", listing, batch, workers=workers)
-                                    for what in ("infer", "explain")}
-            rate = {w: {k: v["images_per_s"] for k, v in f.items()} for w, f in figures.items()}
-            rows.append(_row(f"{engine}: explain_dataset / inference only, 2 workers",
-                             rate[2]["explain"] / rate[2]["infer"],
-                             f"{rate[2]['explain']:.1f} vs {rate[2]['infer']:.1f} images/s", batch))
-            log(rows[-1])
-            rows.append(_row(f"{engine}: explain_dataset, 2 workers / 1 worker",
-                             rate[2]["explain"] / rate[1]["explain"],
-                             f"{rate[2]['explain']:.1f} vs {rate[1]['explain']:.1f} images/s; inference only "
-                             f"{rate[2]['infer'] / rate[1]['infer']:.2f}x", batch))
-            log(rows[-1])
+            if engine in parts:
+                rows += engine_rows(engine, paths, work, batch, rounds, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -305,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1) + "\n")
     for row in rows:
-        print(f"{row['what']}: {row['ratio']:.2f}x ({row['detail']})")
+        print(f"{row['what']}: {_times(row['ratio'])} ({row['detail']})")
     return 0
 
 

@@ -256,7 +256,8 @@ def markdown(result: dict) -> str:
 
 def dataset_table(rows: list[dict]) -> str:
     """explain_dataset's ratios (benchmarks/bench_dataset.py), one line each."""
-    body = [[r["what"], f"{r['ratio']:.2f}x", r.get("detail", "")] for r in rows if r["suite"] == "dataset"]
+    body = [[r["what"], "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x", r.get("detail", "")]
+            for r in rows if r["suite"] == "dataset"]
     return _table(["measure", "ratio", "detail"], body)
 
 

@@ -311,3 +311,34 @@ def test_dataset_benchmark_measures_peak_memory_and_throughput_in_fresh_processe
     assert 0 < ours["startup_s"] < ours["seconds"] and ours["peak_mib"] > 50
     [row] = bench_dataset.run(("memory",), images=8, batch=4, rounds=1, log=lambda row: None)
     assert row["suite"] == "dataset" and row["what"].startswith("peak memory") and row["ratio"] > 0.5
+
+
+def test_dataset_engine_rows_separate_the_fixed_cost_from_the_marginal_rate(tmp_path, monkeypatch):
+    """engine_rows' arithmetic on children whose times are known: T(n) = fixed + n / rate."""
+    from benchmarks import bench_dataset
+
+    fixed = {("infer", 1): 2.0, ("infer", 2): 3.0, ("explain", 1): 4.0, ("explain", 2): 6.0}
+    rates = {("infer", 1): 20.0, ("infer", 2): 36.0, ("explain", 1): 19.0, ("explain", 2): 34.0}
+
+    def child(mode, listing, batch, workers=1):
+        what = mode.split("-")[1]
+        n = len(Path(listing).read_text().split())
+        seconds = fixed[what, workers] + n / rates[what, workers]
+        return {"seconds": seconds, "images_per_s": n / seconds, "cpu_s": {"driver": 1.0, "workers": n, "system": 0.0}}
+
+    monkeypatch.setattr(bench_dataset, "run_child", child)
+    paths = [f"{i}.jpg" for i in range(128)]
+    rows = {r["what"].split(" (")[0] + "/" + r["kind"]: r
+            for r in bench_dataset.engine_rows("dask", paths, tmp_path, 16, 1, log=lambda row: None)}
+    assert rows["dask: explain_dataset / inference only, 2 workers/marginal"]["ratio"] == pytest.approx(34 / 36)
+    assert rows["dask: explain_dataset, 2 workers / 1 worker/marginal"]["ratio"] == pytest.approx(34 / 19)
+    end = rows["dask: explain_dataset / inference only, 2 workers/end_to_end"]
+    assert end["ratio"] == pytest.approx((3 + 128 / 36) / (6 + 128 / 34))
+    assert "fixed cost 6.0 vs 3.0 s" in end["detail"]
+    assert end["cpu_s_per_image"]["2 workers, explain"] == {"driver": round(1 / 128, 3), "workers": 1.0, "system": 0.0}
+
+    # A run swamped by the load (the larger one not the longer one) gives no marginal rate, not a negative one.
+    rates["explain", 2] = -1e9
+    rows = bench_dataset.engine_rows("dask", paths, tmp_path, 16, 1, log=lambda row: None)
+    marginal = [r for r in rows if r["kind"] == "marginal"]
+    assert [r["ratio"] for r in marginal] == [None, None]

@@ -287,7 +287,9 @@ def explain_dataset(
         "options": {k: repr(v) for k, v in sorted(options.items())},
         "dtype": dtype,
     }
-    with _threads(framework, threads):
+    # A new store: a Dask engine is connected first, so that its workers warm up during the probe.
+    early = engine == "dask" and not out_path.exists()
+    with _threads(framework, threads), _connect(early, workers, scheduler, framework) as connection:
         layout = None if out_path.exists() else job.probe()
         group = _store.open_or_create(out_path, settings, layout, paths, resume)
         _record_run(group, device=device, on_error=on_error, layout=layout)
@@ -298,7 +300,16 @@ def explain_dataset(
         skipped = len(units) - len(pending)
         gpus = num_gpus if num_gpus is not None else float(str(device or "").startswith("cuda"))
         return _run(job, pending, units=units, skipped=skipped, engine=engine, workers=workers,
-                    scheduler=scheduler, num_workers=num_workers, progress=progress, start=start, gpus=gpus)
+                    scheduler=scheduler, num_workers=num_workers, progress=progress, start=start, gpus=gpus,
+                    connection=connection)
+
+
+def _connect(early: bool, workers: int, scheduler: Any, framework: str) -> Any:
+    if not early:
+        return contextlib.nullcontext()
+    from gradcam_ref.dataset import _engines
+
+    return _engines.connect("dask", workers=workers, scheduler=scheduler, framework=framework)
 
 
 def _record_run(group: Any, *, device: Any, on_error: str, layout: Any) -> None:
@@ -311,7 +322,8 @@ def _record_run(group: Any, *, device: Any, on_error: str, layout: Any) -> None:
 
 
 def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engine: str, workers: int,
-         scheduler: Any, num_workers: int | None, progress: bool, start: float, gpus: float) -> DatasetSummary:
+         scheduler: Any, num_workers: int | None, progress: bool, start: float, gpus: float,
+         connection: Any = None) -> DatasetSummary:
     from tqdm import tqdm
 
     failed: list[tuple[str, str]] = []
@@ -330,7 +342,7 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
                               interrupted=interrupted, startup_seconds=startup)
 
     results = _results(job, pending, engine=engine, workers=workers, scheduler=scheduler,
-                       num_workers=num_workers, stopper=stopper, gpus=gpus)
+                       num_workers=num_workers, stopper=stopper, gpus=gpus, connection=connection)
     try:
         with stopper, bar:
             for result in results:
@@ -349,13 +361,15 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
 
 
 def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, scheduler: Any,
-             num_workers: int | None, stopper: _Stopper, gpus: float) -> Iterator[dict[str, Any]]:
+             num_workers: int | None, stopper: _Stopper, gpus: float,
+             connection: Any = None) -> Iterator[dict[str, Any]]:
     if not pending:  # nothing to do: start no cluster
         return iter(())
     if engine == "dask":
         from gradcam_ref.dataset import _engines
 
-        return _engines.dask_units(job, pending, workers=workers, scheduler=scheduler, stopper=stopper)
+        return _engines.dask_units(job, pending, workers=workers, scheduler=scheduler, stopper=stopper,
+                                   connection=connection)
     if engine == "ray":
         from gradcam_ref.dataset import _engines
 

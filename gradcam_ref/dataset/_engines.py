@@ -6,10 +6,11 @@ batches keep their size), each worker holding one copy of the model and writing 
 Each yields ``{"unit", "images", "failed"}`` as units finish, and stops handing out units when
 the run is asked to stop.
 
-Dask: the job is scattered to every worker once (one model per worker). Dask's nanny sets
-``MALLOC_TRIM_THRESHOLD_=65536`` in its workers, which made torch CPU inference 2.3x slower per
-image; a local cluster made here leaves glibc's default (docs/scale.md), and a warning names
-the setting when a given cluster's workers have it.
+Dask: the job is scattered to every worker once (one model per worker); for a new store the
+client is connected before the probe and every worker warms up meanwhile (:func:`warm_up`).
+Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in its workers, which made torch CPU
+inference 2.3x slower per image; a local cluster made here leaves glibc's default
+(docs/scale.md), and a warning names the setting when a given cluster's workers have it.
 
 Ray Data: a callable class for ``map_batches`` with ``compute=ActorPoolStrategy(size=workers)``
 (``concurrency=`` is deprecated in Ray 2.60), ``num_gpus`` per actor, and a fraction of a CPU per
@@ -19,6 +20,7 @@ actors, a pipeline can wait forever.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -53,20 +55,85 @@ def local_cluster(workers: int) -> Any:
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
 
 
-def dask_units(job: Job, pending: list[int], *, workers: int, scheduler: Any, stopper: Any) -> Iterator[dict[str, Any]]:
-    """Run ``pending`` units as Dask tasks on ``scheduler`` (a Client or an address) or a local cluster."""
-    from distributed import Client, as_completed
+def warm_up(framework: str) -> str:
+    """Import what a unit needs beyond the model (the backend, zarr) and run the framework's first
+    gradient once, in a worker, before its first unit.
 
-    owned: list[Any] = []
-    if scheduler is None:
-        cluster = local_cluster(workers)
-        client = Client(cluster)
-        owned += [client, cluster]
-    elif isinstance(scheduler, str):
-        client = Client(scheduler)
-        owned.append(client)
-    else:
-        client = scheduler
+    torch's first ``autograd.grad`` with ``grad_outputs`` imports sympy (through
+    ``torch.fx.experimental.symbolic_shapes``): about 1 s of CPU per process, which the first unit
+    of every worker would otherwise pay. Nothing of the model is touched. Returns the process id.
+    """
+    import importlib
+
+    import zarr  # noqa: F401  (the first write would import it)
+
+    if framework in ("torch", "jax"):
+        importlib.import_module(f"gradcam_ref.backends.{framework}")
+    if framework == "torch":
+        import torch
+
+        x = torch.ones(1, requires_grad=True)
+        torch.autograd.grad(x * 2.0, [x], grad_outputs=torch.ones(1))
+    return str(os.getpid())
+
+
+class DaskConnection:
+    """The client of one run: connects to ``scheduler`` (a Client or an address) or starts a local
+    cluster of ``workers``, and starts :func:`warm_up` on every worker at once, so that the workers
+    import and warm up while this process checks the arguments, probes the model and makes the store.
+    """
+
+    def __init__(self, workers: int, scheduler: Any, framework: str) -> None:
+        from distributed import Client
+
+        self.owned: list[Any] = []
+        if scheduler is None:
+            cluster = local_cluster(workers)
+            self.client = Client(cluster)
+            self.owned += [self.client, cluster]
+        elif isinstance(scheduler, str):
+            self.client = Client(scheduler)
+            self.owned.append(self.client)
+        else:
+            self.client = scheduler
+        try:
+            addresses = list(self.client.nthreads())  # every worker (scheduler_info may list only a few)
+            self.warm = [self.client.submit(warm_up, framework, key=f"gradcam-ref-warm-up-{uuid.uuid4().hex[:8]}",
+                                            workers=[address], allow_other_workers=False, pure=False)
+                         for address in addresses]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for thing in self.owned:
+            thing.close()
+        self.owned = []
+
+
+@contextlib.contextmanager
+def connect(engine: str, *, workers: int, scheduler: Any, framework: str) -> Iterator[DaskConnection | None]:
+    """A :class:`DaskConnection` for ``engine="dask"`` (closed at the end), else None."""
+    if engine != "dask":
+        yield None
+        return
+    connection = DaskConnection(workers, scheduler, framework)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def dask_units(job: Job, pending: list[int], *, workers: int, scheduler: Any, stopper: Any,
+               connection: DaskConnection | None = None) -> Iterator[dict[str, Any]]:
+    """Run ``pending`` units as Dask tasks on ``connection`` (else on ``scheduler``, a Client or an
+    address, or a local cluster of ``workers``)."""
+    from distributed import as_completed
+
+    own = connection is None
+    if connection is None:
+        connection = DaskConnection(workers, scheduler, job.framework)
+    client = connection.client
     futures: list[Any] = []
     try:
         trims = {v for v in client.run(_trim_threshold).values() if v is not None}
@@ -88,8 +155,8 @@ def dask_units(job: Job, pending: list[int], *, workers: int, scheduler: Any, st
     finally:
         if futures:
             client.cancel(futures)
-        for thing in owned:
-            thing.close()
+        if own:
+            connection.close()
 
 
 class RayUnits:

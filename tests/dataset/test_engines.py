@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -70,6 +71,64 @@ def test_dask_on_a_local_cluster_resumes_and_equals_the_local_loop(images, model
                                             scheduler=client, **KW)
     finally:
         cluster.close()
+
+
+def _loaded() -> list[str]:
+    """What a worker has of the warm-up's imports (zarr is not asked: this module imports it)."""
+    return sorted(m for m in ("gradcam_ref.backends.torch", "sympy") if m in sys.modules)
+
+
+@pytest.mark.slow
+def test_dask_workers_warm_up_before_their_first_unit_and_a_new_store_equals_the_local_loop(images, model, reference,
+                                                                                           tmp_path):
+    """A new store on Dask: the connection is made before the probe and each worker imports the
+    backend, zarr and what torch's first autograd.grad imports (sympy) at once, not in its first unit."""
+    from distributed import Client
+
+    from gradcam_ref.dataset import _engines
+
+    cluster = _engines.local_cluster(2)
+    try:
+        with Client(cluster) as client:
+            pids = client.run(os.getpid)
+            assert list(client.run(_loaded).values()) == [[], []]  # fresh workers: nothing of it yet
+            connection = _engines.DaskConnection(2, client, "torch")
+            assert sorted(map(int, client.gather(connection.warm))) == sorted(pids.values())  # once on each
+            assert list(client.run(_loaded).values()) == [["gradcam_ref.backends.torch", "sympy"]] * 2
+            connection.close()
+            assert client.status == "running"  # a given client is the caller's: left open
+
+            out = tmp_path / "new.zarr"
+            summary = gradcam_ref.explain_dataset(model, images, out=out, engine="dask", scheduler=client, **KW)
+            assert (summary.skipped_units, summary.computed_units, summary.computed_images) == (0, 6, N)
+            assert_same_store(reference, zarr.open_group(out, mode="r"))
+            assert client.run(os.getpid) == pids  # the same workers did the units
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+def test_dask_without_a_scheduler_starts_its_own_cluster_and_closes_it_when_done_or_when_the_probe_fails(
+        images, model, reference, tmp_path):
+    import psutil
+
+    def workers() -> set[int]:
+        return {p.pid for p in psutil.Process().children(recursive=True)
+                if "spawn_main" in " ".join(p.cmdline())}
+
+    before = workers()
+    out = tmp_path / "own.zarr"
+    summary = gradcam_ref.explain_dataset(model, images, out=out, engine="dask", workers=1, **KW)
+    assert (summary.computed_units, summary.computed_images) == (6, N)
+    assert_same_store(reference, zarr.open_group(out, mode="r"))
+    with pytest.raises(ValueError, match="layer"):
+        gradcam_ref.explain_dataset(model, images, out=tmp_path / "bad.zarr", engine="dask", workers=1,
+                                    **{**KW, "layer": "no-such-layer"})
+    assert not (tmp_path / "bad.zarr").exists()
+    deadline = time.monotonic() + 30
+    while workers() - before and time.monotonic() < deadline:  # a closed cluster's processes exit
+        time.sleep(0.2)
+    assert workers() - before == set()
 
 
 @pytest.mark.slow
