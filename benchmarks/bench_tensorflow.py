@@ -14,10 +14,12 @@ last ReLU6, the layer ``"head"`` (A is ``(N, 7, 7, 1280)``). Methods, per (batch
 - ``xplique GradCAM``: ``GradCAM(model, conv_layer="head").explain(x, one_hot)``.
 
 The peers take one target per example: T targets for one image are the image repeated T times.
-Memory: in the same process after every method has run (warm), with glibc's malloc told to give
-freed blocks of 64 KiB and more back (``benchmarks.memory``), the peak resident set during one
-call above the resident set before it (``benchmarks.memory.peak_growth``), as a ratio to the
-forward's: the working memory of a warm call.
+Memory: TensorFlow's own allocator statistics on the CPU (``tf.config.experimental.get_memory_info``,
+which TF 2.21 keeps for ``CPU:0``): after two warm-up calls, the bytes held are read, the peak is
+reset (``reset_memory_stats``), one call runs, and its working memory is the peak minus the bytes
+held before (what the call allocated at its worst, its outputs included), as a ratio to the
+forward's. The resident set cannot say it: TensorFlow keeps freed buffers for reuse, so a warm
+call's resident set hardly grows (:func:`allocator_peak_mib`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -82,8 +85,6 @@ def run(quick: bool = False, rounds: int | None = None, configs: list[tuple[int,
     """Rows for each ``(batch, targets per image)`` (default (1, 1), (8, 1), (1, 10); quick: no batch 8)."""
     import tensorflow as tf
 
-    from benchmarks.memory import peak_growth
-
     rounds = rounds if rounds is not None else (5 if quick else 15)
     if configs is None:
         configs = [(1, 1), (1, 10)] if quick else [(1, 1), (8, 1), (1, 10)]
@@ -100,15 +101,32 @@ def run(quick: bool = False, rounds: int | None = None, configs: list[tuple[int,
         grid = (np.arange(batch)[:, None] * 7 + 3 + np.arange(per_image)[None, :] * step) % classes
         targets = grid[:, 0] if per_image == 1 else grid
         calls = _methods(model, x, targets)
+        load_before = os.getloadavg()
         results = paired_ratios(calls, FORWARD, rounds=rounds, warmup=2)
-        memory = {method: peak_growth(fn) for method, fn in calls.items()}
+        load = [round(max(a, b), 2) for a, b in zip(load_before, os.getloadavg(), strict=True)]
+        memory = {method: allocator_peak_mib(fn) for method, fn in calls.items()}
         for method, r in results.items():
             rows.append({"suite": "tensorflow", "model": name, "batch": batch, "targets": per_image,
                          "method": method, "library": method.split()[0], **r,
                          "memory_mib": memory[method],
                          "memory_ratio": memory[method] / max(memory[FORWARD], 1e-9),
+                         "memory_source": "tensorflow allocator peak", "load_average": load,
                          "device": "CPU" if not tf.config.list_physical_devices("GPU") else "GPU"})
     return rows
+
+
+def allocator_peak_mib(fn: Any, device: str = "CPU:0") -> float:
+    """The peak of TensorFlow's allocator during one warm call of ``fn``, above what it held before (MiB)."""
+    import tensorflow as tf
+
+    fn()
+    fn()
+    before = tf.config.experimental.get_memory_info(device)["current"]
+    tf.config.experimental.reset_memory_stats(device)
+    out = fn()
+    peak = tf.config.experimental.get_memory_info(device)["peak"]
+    del out
+    return (peak - before) / 2**20
 
 
 def run_isolated(quick: bool = False, threads: int = 1, timeout: float = 3600) -> tuple[list[dict], list[str]]:
@@ -131,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import warnings
 
-    from benchmarks.memory import _fix_malloc
-
-    _fix_malloc()  # before TensorFlow allocates: freed blocks go back, the resident set follows use
     import tensorflow as tf
 
     warnings.filterwarnings("ignore")

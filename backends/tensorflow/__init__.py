@@ -16,8 +16,10 @@ How a call runs (the full account, with examples: docs/backends.md):
    ``(N, K, *spatial)`` for the core (``channel_axis=-1``; pass 1 for a channels-first model).
 
 The model is called with ``training=False``. ``guided=True`` runs one more pass with guided
-ReLUs (:mod:`gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``; the
-core computes Eq. 1 and Eq. 2 in float64 NumPy and its results are returned as tensors of A's dtype.
+ReLUs (:mod:`gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``: the
+core's math runs on them (:mod:`gradcam_ref._tf_array_api`), Eq. 1-2 inside the compiled program.
+:func:`perturb` re-scores perturbed copies (Score-CAM: inputs through the whole model;
+Ablation-CAM: activations through ``head`` only).
 """
 
 from __future__ import annotations
