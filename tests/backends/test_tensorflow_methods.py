@@ -304,3 +304,24 @@ def test_the_core_on_tf_tensors_equals_numpy(data):
 def test_mixed_libraries_are_refused_by_name():
     with pytest.raises(TypeError, match="arrays must all come from one library"):
         gradcam_ref.grad_cam(tf.ones((1, 1, 2, 2), tf.float64), np.ones((1, 1, 2, 2)))
+
+
+def test_relaxed_shapes_fall_back_to_the_core_outside_the_program(oracle):
+    """A third batch size makes tf.function relax N to None: Eq. 1-2 then run on the tensors after
+    the program (the core's own checks), with the same numbers."""
+    net, x, model = oracle
+    for n in (1, 2, 1, 2):
+        e = gradcam_ref.explain(model, last(x[:n]), [1] * n, layer="relu1")
+        ref = gradcam_ref.explain(net, x[:n], [1] * n, layer="relu1")
+        assert isinstance(e.maps, tf.Tensor) and e.maps.dtype == tf.float64
+        np.testing.assert_allclose(e.maps.numpy(), ref.maps, rtol=0, atol=TOL * np.abs(ref.maps).max())
+    program, _ = tf_backend._program_for(model, "relu1")
+    traced = program._traced[("single", -1, True)]
+    assert traced.experimental_get_tracing_count() == 2  # one exact trace, then one with N relaxed
+
+
+def test_non_finite_values_are_named_by_the_core():
+    x = np.ones((1, 4, 4, 2))
+    x[0, 1, 1, 0] = np.nan
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        gradcam_ref.explain((lambda v: v, lambda a: tf.reduce_sum(a, axis=(1, 2))), tf.constant(x), [0])
