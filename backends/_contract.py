@@ -4,8 +4,8 @@ A backend is a module (``numpy_backend``, ``torch``, ``jax``) that satisfies :cl
 it runs a model and hands the core a :class:`~gradcam_ref.Capture` (activations, gradients,
 scores, targets, optionally guided backpropagation). ``gradcam_ref.explain`` talks to every
 backend through this Protocol and nothing else; the core does the math
-(:meth:`~gradcam_ref.Explanation.from_capture`). A backend that compiles whole programs (JAX)
-may run the core's ``grad_cam_fields`` inside its program and pass the result along.
+(:meth:`~gradcam_ref.Explanation.from_capture`). A backend that compiles whole programs (JAX,
+TensorFlow) may run the core's ``grad_cam_fields`` inside its program and pass the result along.
 
 Backends import core functions from here only, so that this module lists everything a backend
 depends on (tests/backends/test_contract.py checks it).

@@ -14,10 +14,13 @@ last ReLU6, the layer ``"head"`` (A is ``(N, 7, 7, 1280)``). Methods, per (batch
 - ``xplique GradCAM``: ``GradCAM(model, conv_layer="head").explain(x, one_hot)``.
 
 The peers take one target per example: T targets for one image are the image repeated T times.
-Memory: in the same process after every method has run (warm), with glibc's malloc told to give
-freed blocks of 64 KiB and more back (``benchmarks.memory``), the peak resident set during one
-call above the resident set before it (``benchmarks.memory.peak_growth``), as a ratio to the
-forward's: the working memory of a warm call.
+Memory: TensorFlow's own allocator statistics on the CPU (``tf.config.experimental.get_memory_info``,
+which TF 2.21 keeps for ``CPU:0``): after two warm-up calls, the bytes held are read, the peak is
+reset (``reset_memory_stats``), one call runs, and its working memory is the peak minus the bytes
+held before (what the call allocated at its worst, its outputs included), as a ratio to the
+forward's. The resident set cannot say it: TensorFlow keeps freed buffers for reuse, so a warm
+call's resident set hardly grows (:func:`allocator_peak_mib`). Each method is measured alone in a
+fresh interpreter (``--memory METHOD BATCH TARGETS``), so that no other method's leftovers count.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -82,33 +86,63 @@ def run(quick: bool = False, rounds: int | None = None, configs: list[tuple[int,
     """Rows for each ``(batch, targets per image)`` (default (1, 1), (8, 1), (1, 10); quick: no batch 8)."""
     import tensorflow as tf
 
-    from benchmarks.memory import peak_growth
-
     rounds = rounds if rounds is not None else (5 if quick else 15)
     if configs is None:
         configs = [(1, 1), (1, 10)] if quick else [(1, 1), (8, 1), (1, 10)]
+    isolated = name == "efficientnet_lite0" and model is None
     if model is None:
         from gradcam_ref.zoo import efficientnet_lite0
 
         model = efficientnet_lite0.load_keras("float32")
-    classes = int(model.output_shape[-1])
-    shape = tuple(int(s) for s in model.input_shape[1:])
     rows = []
     for batch, per_image in configs:
-        x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
-        step = max(1, classes // per_image)
-        grid = (np.arange(batch)[:, None] * 7 + 3 + np.arange(per_image)[None, :] * step) % classes
-        targets = grid[:, 0] if per_image == 1 else grid
+        x, targets = _inputs(model, batch, per_image)
         calls = _methods(model, x, targets)
+        load_before = os.getloadavg()
         results = paired_ratios(calls, FORWARD, rounds=rounds, warmup=2)
-        memory = {method: peak_growth(fn) for method, fn in calls.items()}
+        load = [round(max(a, b), 2) for a, b in zip(load_before, os.getloadavg(), strict=True)]
+        if isolated:  # each method alone in a fresh interpreter: nothing another method left behind
+            memory = {method: _memory_isolated(method, batch, per_image) for method in calls}
+        else:
+            memory = {method: allocator_peak_mib(fn) for method, fn in calls.items()}
         for method, r in results.items():
             rows.append({"suite": "tensorflow", "model": name, "batch": batch, "targets": per_image,
                          "method": method, "library": method.split()[0], **r,
                          "memory_mib": memory[method],
                          "memory_ratio": memory[method] / max(memory[FORWARD], 1e-9),
+                         "memory_source": "tensorflow allocator peak", "load_average": load,
                          "device": "CPU" if not tf.config.list_physical_devices("GPU") else "GPU"})
     return rows
+
+
+def _inputs(model: Any, batch: int, per_image: int) -> tuple[np.ndarray, np.ndarray]:
+    classes = int(model.output_shape[-1])
+    shape = tuple(int(s) for s in model.input_shape[1:])
+    x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+    step = max(1, classes // per_image)
+    grid = (np.arange(batch)[:, None] * 7 + 3 + np.arange(per_image)[None, :] * step) % classes
+    return x, (grid[:, 0] if per_image == 1 else grid)
+
+
+def _memory_isolated(method: str, batch: int, per_image: int, timeout: float = 900) -> float:
+    """:func:`allocator_peak_mib` of one method on EfficientNet-Lite0 in a fresh interpreter."""
+    args = [sys.executable, "-m", "benchmarks.bench_tensorflow", "--memory", method, str(batch), str(per_image)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def allocator_peak_mib(fn: Any, device: str = "CPU:0") -> float:
+    """The peak of TensorFlow's allocator during one warm call of ``fn``, above what it held before (MiB)."""
+    import tensorflow as tf
+
+    fn()
+    fn()
+    before = tf.config.experimental.get_memory_info(device)["current"]
+    tf.config.experimental.reset_memory_stats(device)
+    out = fn()
+    peak = tf.config.experimental.get_memory_info(device)["peak"]
+    del out
+    return (peak - before) / 2**20
 
 
 def run_isolated(quick: bool = False, threads: int = 1, timeout: float = 3600) -> tuple[list[dict], list[str]]:
@@ -128,17 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory", nargs=3, metavar=("METHOD", "BATCH", "TARGETS"),
+                        help="print one method's allocator peak (MiB) on EfficientNet-Lite0, and exit")
     args = parser.parse_args(argv)
     import warnings
 
-    from benchmarks.memory import _fix_malloc
-
-    _fix_malloc()  # before TensorFlow allocates: freed blocks go back, the resident set follows use
     import tensorflow as tf
 
     warnings.filterwarnings("ignore")
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+    if args.memory:
+        from gradcam_ref.zoo import efficientnet_lite0
+
+        model = efficientnet_lite0.load_keras("float32")
+        x, targets = _inputs(model, int(args.memory[1]), int(args.memory[2]))
+        print(allocator_peak_mib(_methods(model, x, targets)[args.memory[0]]))
+        return 0
     json.dump(run(quick=args.quick), sys.stdout, default=float)
     return 0
 

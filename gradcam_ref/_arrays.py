@@ -1,6 +1,8 @@
 """Argument checks shared by the core functions: one place for every error message.
 
-The core accepts NumPy, torch and JAX arrays (anything array-api-compat knows). NumPy input
+The core accepts NumPy, torch and JAX arrays (anything array-api-compat knows) and ``tf.Tensor``
+(:mod:`gradcam_ref._tf_array_api`, looked up here: use :func:`namespace`, :func:`is_array` and
+:func:`device`, not array-api-compat's functions, in the core). NumPy input
 (and plain Python sequences) is computed in float64; other libraries keep their floating dtype,
 device and autograd graph. Nothing here imports a framework.
 """
@@ -11,6 +13,8 @@ from typing import Any
 
 import array_api_compat
 import numpy as np
+
+from gradcam_ref import _tf_array_api
 
 Array = Any
 """Any array the core accepts: ``numpy.ndarray``, ``torch.Tensor``, ``jax.Array``."""
@@ -38,10 +42,25 @@ def namespace(*arrays: Array) -> Any:
     xp = _NAMESPACES.get(kind)
     if xp is not None and all(type(x) is kind for x in arrays):
         return xp
-    xp = array_api_compat.array_namespace(*arrays)
+    if any(_tf_array_api.is_tensorflow_array(x) for x in arrays):
+        if not all(_tf_array_api.is_tensorflow_array(x) for x in arrays):
+            raise TypeError(f"Multiple namespaces for array inputs: {sorted({type(x).__name__ for x in arrays})}")
+        xp = _tf_array_api.namespace()
+    else:
+        xp = array_api_compat.array_namespace(*arrays)
     if all(type(x) is kind for x in arrays) and not kind.__module__.startswith("numpy"):
         _NAMESPACES[kind] = xp
     return xp
+
+
+def is_array(x: Any) -> bool:
+    """``array_api_compat.is_array_api_obj``, ``tf.Tensor`` included."""
+    return array_api_compat.is_array_api_obj(x) or _tf_array_api.is_tensorflow_array(x)
+
+
+def device_of(x: Array) -> Any:
+    """``array_api_compat.device``; None for ``tf.Tensor`` (TensorFlow places ops itself)."""
+    return None if _tf_array_api.is_tensorflow_array(x) else array_api_compat.device(x)
 
 
 def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
@@ -60,7 +79,7 @@ def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
         return xp, values
     arrays = {}
     for name, value in named.items():
-        if not array_api_compat.is_array_api_obj(value):
+        if not is_array(value):
             try:
                 value = np.asarray(value)
             except (TypeError, ValueError) as error:
@@ -93,7 +112,7 @@ def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
 
 def _default_float(xp: Any, x: Array) -> Any:
     info = xp.__array_namespace_info__()
-    return info.default_dtypes(device=array_api_compat.device(x))["real floating"]
+    return info.default_dtypes(device=device_of(x))["real floating"]
 
 
 def check_feature_maps(name: str, x: Array, layout: str = "(N, K, *spatial)") -> None:
@@ -190,7 +209,7 @@ def check_finite(result: Array, what: str, **inputs: Array) -> None:
 
 def _overflow_hint(result: Array) -> str:
     """What to do about an overflow: a wider dtype, unless the result already has the widest."""
-    xp = array_api_compat.array_namespace(result)
+    xp = namespace(result)
     if xp.isdtype(result.dtype, "real floating") and xp.finfo(result.dtype).bits >= 64:
         return f"the values exceed {xp.finfo(result.dtype).max:.3g}: rescale the inputs (the maps scale with them)"
     return "compute in a wider dtype (e.g. float64)"

@@ -11,10 +11,9 @@ import math
 import warnings
 from typing import Any, NamedTuple
 
-import array_api_compat
 import numpy as np
 
-from gradcam_ref._arrays import Array, shape_of, to_numpy
+from gradcam_ref._arrays import Array, device_of, is_array, namespace, shape_of, to_numpy
 from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
 from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._methods import (
@@ -325,17 +324,17 @@ def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer:
         raise ValueError(f"n_samples must be an int >= 1, got {n!r}")
     if not std >= 0:
         raise ValueError(f"std must be >= 0, got {std!r}")
-    if not array_api_compat.is_array_api_obj(inputs):
+    if not is_array(inputs):
         inputs = np.asarray(inputs, dtype=np.float64)
-    xp = array_api_compat.array_namespace(inputs)
+    xp = namespace(inputs)
     rng = np.random.default_rng(seed)
     targets = target if capture.targets is None else capture.targets
     gradients = []
     for _ in range(n):
         noise = xp.asarray(std * rng.standard_normal(shape_of(inputs)), dtype=inputs.dtype,
-                           device=array_api_compat.device(inputs))
+                           device=device_of(inputs))
         gradients.append(chosen.capture(model, inputs + noise, targets, layer=layer, **options).gradients)
-    gx = array_api_compat.array_namespace(capture.activations)
+    gx = namespace(capture.activations)
     weights = _smooth_weights(gx, capture.activations, gx.stack(gradients, axis=0))
     return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights,
                                     n_samples=n, std=std, seed=seed)
@@ -354,7 +353,7 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
 
         def make(x: Any, a: Any, n: int, start: int, stop: int) -> Any:
             masks = score_cam_masks(a[n:n + 1, start:stop], shape_of(x)[2:], variant=variant)[0]
-            xp = array_api_compat.array_namespace(masks)
+            xp = namespace(masks)
             return x[n:n + 1] * xp.expand_dims(masks, axis=1)  # (stop - start, C, *S)
 
         where = "inputs"
@@ -374,7 +373,7 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
     yk = _target_scores(rows, targets)  # (N, K) or (N, T, K)
     if method == "score-cam":
         if ours.get("variant") == "official":  # the authors' code: the class probability itself
-            xp = array_api_compat.array_namespace(rows)
+            xp = namespace(rows)
             probabilities = xp.exp(rows - xp.max(rows, axis=-1, keepdims=True))
             probabilities = probabilities / xp.sum(probabilities, axis=-1, keepdims=True)
             weights = _target_scores(probabilities, targets) * _not_flat(a, yk)
@@ -382,7 +381,7 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
             weights = score_cam_weights(yk)
     else:
         weights = ablation_cam_weights(y, yk, denominator=ours.get("denominator", "score"))
-        if bool(array_api_compat.array_namespace(y).any(y < 0)) and ours.get("denominator", "score") == "score":
+        if bool(namespace(y).any(y < 0)) and ours.get("denominator", "score") == "score":
             warnings.warn(
                 "Ablation-CAM divides by the target score y^c, which is negative for some example: the "
                 "paper's weights (y - y_k) / y then change sign; pass denominator='abs' to divide by |y|",
@@ -393,26 +392,25 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
 
 def _target_scores(scores: Any, targets: Any) -> Any:
     """``scores`` ``(N, [M,] C)`` at the targets: ``(N, [M])``, ``(N, T, [M])``, or a callable's."""
-    xp = array_api_compat.array_namespace(scores)
+    xp = namespace(scores)
     shape = shape_of(scores)
     if callable(targets):
         flat = xp.reshape(scores, (math.prod(shape[:-1]), shape[-1]))
         return xp.reshape(targets(flat), shape[:-1])
     index = np.asarray(targets)
-    if index.ndim == 1:
-        index = index[:, None]
-    t = index.shape[1]
-    if len(shape) == 2:
-        out = xp.stack([scores[np.arange(shape[0]), index[:, j]] for j in range(t)], axis=1)  # (N, T)
-    else:
-        out = xp.stack([xp.stack([scores[i, :, int(index[i, j])] for j in range(t)], axis=0)
-                        for i in range(shape[0])], axis=0)  # (N, T, M)
-    return out if np.asarray(targets).ndim == 2 else out[:, 0]
+    multi = index.ndim == 2
+    index = index if multi else index[:, None]  # (N, T)
+    if len(shape) == 3:  # (N, M, C): every one of the M rows at the T targets, as (N, M, T)
+        index = np.broadcast_to(index[:, None, :], (shape[0], shape[1], index.shape[1]))
+    out = xp.take_along_axis(scores, xp.asarray(index, device=device_of(scores)), axis=-1)  # (N, [M,] T)
+    if len(shape) == 3:
+        out = xp.permute_dims(out, (0, 2, 1))  # (N, T, M)
+    return out if multi else out[:, 0]
 
 
 def _not_flat(a: Any, like: Any) -> Any:
     """1 for channels whose activations are not constant over space, else 0 (the official Score-CAM skips them)."""
-    xp = array_api_compat.array_namespace(a)
+    xp = namespace(a)
     flat = xp.reshape(a, (*shape_of(a)[:2], -1))
     keep = xp.astype(xp.max(flat, axis=-1) > xp.min(flat, axis=-1), like.dtype)
     return keep if like.ndim == keep.ndim else xp.expand_dims(keep, axis=1)

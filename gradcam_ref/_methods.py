@@ -29,6 +29,8 @@ from gradcam_ref._arrays import (
     check_feature_maps,
     check_finite,
     check_gradients_match,
+    device_of,
+    namespace,
     quiet_numpy,
     shape_of,
     to_numpy,
@@ -487,7 +489,7 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
     _finite_and_nonempty("ablated_activations", activations=a)
     row = a[example]
     k = shape_of(row)[0]
-    device = array_api_compat.device(a)
+    device = device_of(a)
     index = xp.asarray(list(channels), device=device)
     onehot = xp.expand_dims(index, axis=1) == xp.expand_dims(xp.arange(k, device=device), axis=0)
     onehot = xp.reshape(onehot, (len(channels), k) + (1,) * (row.ndim - 1))  # (R, K, 1, ...), bool
@@ -504,7 +506,7 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
                 v = np.float32(v - np.float32(1e7))
                 seq.append(float(v))
             fill_np = np.asarray(seq)[place]
-        fill = xp.reshape(xp.asarray(fill_np, dtype=a.dtype, device=array_api_compat.device(a)),
+        fill = xp.reshape(xp.asarray(fill_np, dtype=a.dtype, device=device_of(a)),
                           (len(channels),) + (1,) * row.ndim)
     return xp.where(onehot, fill, xp.expand_dims(row, axis=0))  # (R, K, *spatial)
 
@@ -595,7 +597,7 @@ def method_fields(method: str, activations: Array, gradients: Array | None, **op
     if method == "eigen-cam":
         signed = eigen_cam(a, relu=False, **options)
         if g is not None and g.ndim == a.ndim + 1:  # one class-agnostic map per target
-            xp = array_api_compat.array_namespace(signed)
+            xp = namespace(signed)
             signed = xp.broadcast_to(xp.expand_dims(signed, axis=1), (shape_of(g)[0], shape_of(g)[1],
                                                                       *shape_of(signed)[1:]))
         return MethodFields(None, signed)
@@ -687,7 +689,7 @@ def _numpy_orientation(xp: Any, x: Array, n_lead: int, centre: bool, p: Array) -
     reference = np.stack([m @ np.linalg.svd(m, full_matrices=True)[2][0] for m in flat])
     agree = np.sum(reference.astype(np.float64) * to_numpy(p).reshape(reference.shape), axis=-1) >= 0
     signs = np.where(agree, 1.0, -1.0).reshape(shape[:n_lead] + (1,))
-    return xp.asarray(signs, dtype=p.dtype, device=array_api_compat.device(p))
+    return xp.asarray(signs, dtype=p.dtype, device=device_of(p))
 
 
 def _orientation(xp: Any, p: Array) -> Array:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
-from gradcam_ref._arrays import Array, shape_of
+from gradcam_ref._arrays import Array, device_of, shape_of
 
 KERNELS = ("linear-half-pixel", "linear-corner", "nearest-floor", "cubic-tf")
 """Bilinear with half-pixel centres, linear with aligned corners, torch's nearest, TensorFlow's bicubic."""
@@ -55,7 +54,7 @@ def resize_axis(xp: Any, x: Array, axis: int, n_out: int, kernel: str) -> Array:
     if n_in == n_out:
         return x
     source = source_positions(n_in, n_out, kernel)
-    device = array_api_compat.device(x)
+    device = device_of(x)
     take = lambda index: xp.take(x, xp.asarray(index, device=device), axis=axis)  # noqa: E731
     if kernel == "nearest-floor":
         return take(source)

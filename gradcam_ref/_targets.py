@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
-from gradcam_ref._arrays import Array, shape_of, to_numpy
+from gradcam_ref._arrays import Array, is_array, namespace, shape_of, to_numpy
 
 Target = Any
 """``None`` | int | sequence of N ints | int array ``(N, T)`` | callable ``scores -> (N,)``."""
@@ -39,7 +38,7 @@ def class_indices(target: Target, scores: Array) -> np.ndarray:
     check_scores(scores)
     n, c = shape_of(scores)
     if target is None:
-        xp = array_api_compat.array_namespace(scores)
+        xp = namespace(scores)
         return to_numpy(xp.argmax(scores, axis=1)).astype(np.int64)
     if isinstance(target, (bool, np.bool_)):
         raise TypeError(
@@ -103,8 +102,8 @@ def check_same_batch(activations: Array, scores: Array, inputs: Array, where: st
 def check_target_scores(y: Array, n: int) -> None:
     """A callable target's output must be one floating score per example, shape ``(N,)``."""
     shape = shape_of(y) if hasattr(y, "shape") else None
-    floating = shape is not None and array_api_compat.is_array_api_obj(y) and \
-        array_api_compat.array_namespace(y).isdtype(y.dtype, "real floating")
+    floating = shape is not None and is_array(y) and \
+        namespace(y).isdtype(y.dtype, "real floating")
     if shape != (n,) or not floating:
         got = f"shape {shape} {y.dtype}" if shape is not None else type(y).__name__
         raise ValueError(
@@ -119,7 +118,7 @@ def _as_index_array(target: Target) -> np.ndarray:
     them as they are.
     """
     try:
-        indices = to_numpy(target) if array_api_compat.is_array_api_obj(target) else np.asarray(target)
+        indices = to_numpy(target) if is_array(target) else np.asarray(target)
     except (TypeError, ValueError, OverflowError):
         raise TypeError(f"target must be ints, got {target!r}") from None
     if indices.size == 0:

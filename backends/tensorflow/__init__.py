@@ -16,8 +16,10 @@ How a call runs (the full account, with examples: docs/backends.md):
    ``(N, K, *spatial)`` for the core (``channel_axis=-1``; pass 1 for a channels-first model).
 
 The model is called with ``training=False``. ``guided=True`` runs one more pass with guided
-ReLUs (:mod:`gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``; the
-core computes Eq. 1 and Eq. 2 in float64 NumPy and its results are returned as tensors of A's dtype.
+ReLUs (:mod:`gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``: the
+core's math runs on them (:mod:`gradcam_ref._tf_array_api`), Eq. 1-2 inside the compiled program.
+:func:`perturb` re-scores perturbed copies (Score-CAM: inputs through the whole model;
+Ablation-CAM: activations through ``head`` only).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import tensorflow as tf
 from gradcam_ref.backends._contract import (
     Capture,
     Explanation,
+    GradCamFields,
+    Perturbed,
     ZeroGradientWarning,
     check_feature_maps,
     check_finite,
@@ -43,6 +47,7 @@ from gradcam_ref.backends._contract import (
     check_target_scores,
     class_indices,
     grad_cam_fields,
+    guided_grad_cam,
     resolve_targets,
     shape_of,
 )
@@ -84,6 +89,13 @@ def capture(
       returns them; ``targets`` int64 NumPy (None for a callable); ``guided_backprop`` of the
       inputs' shape with their channels moved like A's (``(N, C, *S)``, or ``(N, T, C, *S)``), or None.
     """
+    return _capture(model, inputs, target, layer, guided, channel_axis, compiled, with_fields=False)[0]
+
+
+def _capture(model: Any, inputs: Any, target: Any, layer: Any, guided: bool, channel_axis: int, compiled: bool,
+             *, with_fields: bool) -> tuple[Capture, GradCamFields | None, Any]:
+    """:func:`capture`; with ``with_fields``, also the core's ``grad_cam_fields`` computed inside the
+    program and whether they are all finite (a boolean tensor)."""
     x = _as_inputs(inputs)
     program, where = _program_for(model, layer)
     axis = _channel_axis(channel_axis)
@@ -102,7 +114,7 @@ def capture(
                 raise
             checked = class_indices(np.abs(np.asarray(target)), proxy)  # negative: refused after the run
         kind, indices = ("multi" if checked.ndim == 2 else "single"), tf.convert_to_tensor(checked)
-    a, g, scores, chosen, y, g_max = program.get(kind, compiled, axis)(x, indices)
+    a, g, scores, chosen, y, g_max, fields, finite = program.get(kind, compiled, axis, with_fields)(x, indices)
     _check_captured(a, scores, x, where)
     if callable(target):
         check_target_scores(_host_proxy(y), n)
@@ -127,7 +139,7 @@ def capture(
             )
         gb = tf_guided.guided_backprop(program.guided, program.whole, x, target if callable(target) else targets_out)
         guided_backprop = _channels_first(gb, axis, 2 if len(gb.shape) == len(x.shape) + 1 else 1)
-    return Capture(activations, gradients, scores, targets_out, guided_backprop)
+    return Capture(activations, gradients, scores, targets_out, guided_backprop), fields, finite
 
 
 def explain(
@@ -140,25 +152,23 @@ def explain(
     channel_axis: int = -1,
     compiled: bool = True,
 ) -> Explanation:
-    """The :class:`~gradcam_ref.Explanation` of :func:`capture`: the core's math on its arrays, as tensors.
+    """The :class:`~gradcam_ref.Explanation` of :func:`capture`: the core's math on its tensors.
 
-    Eq. 1, Eq. 2 and Guided Grad-CAM are the core's :func:`~gradcam_ref.backends._contract.grad_cam_fields`
-    run on float64 NumPy copies of the captured tensors (array-api-compat has no TensorFlow
-    namespace); the results are returned as ``tf.Tensor`` of the activations' dtype.
+    Eq. 1 and Eq. 2 are the core's :func:`~gradcam_ref.backends._contract.grad_cam_fields`, run on
+    the tensors inside the compiled program (``gradcam_ref._tf_array_api``: no host copies), in the
+    activations' dtype. Should a value come out non-finite, the core runs again outside the program
+    (its overflow-safe mean) and its checks name the culprit. Guided Grad-CAM is the core's too.
     """
-    captured = capture(model, inputs, target, layer=layer, guided=guided,
-                       channel_axis=channel_axis, compiled=compiled)
-    as_host = lambda v: None if v is None else np.asarray(v, dtype=np.float64)  # noqa: E731
-    host = captured._replace(activations=as_host(captured.activations), gradients=as_host(captured.gradients),
-                             guided_backprop=as_host(captured.guided_backprop))  # the scores are not needed
-    fields = grad_cam_fields(host)
-    check_finite(fields.weights, "grad_cam", gradients=host.gradients)
-    check_finite(fields.signed, "grad_cam", activations=host.activations, gradients=host.gradients)
-    dtype = captured.activations.dtype
-    as_tensor = lambda v: None if v is None else tf.convert_to_tensor(v, dtype=dtype)  # noqa: E731
-    return Explanation.from_capture(captured, fields._replace(
-        weights=as_tensor(fields.weights), maps=as_tensor(fields.maps),
-        guided_grad_cam=as_tensor(fields.guided_grad_cam)))
+    captured, fields, finite = _capture(model, inputs, target, layer, guided, channel_axis, compiled,
+                                        with_fields=True)
+    if fields is None or not bool(finite):
+        fields = grad_cam_fields(captured._replace(guided_backprop=None))
+        check_finite(fields.weights, "grad_cam", gradients=captured.gradients)
+        check_finite(fields.signed, "grad_cam", activations=captured.activations, gradients=captured.gradients)
+    if captured.guided_backprop is not None:
+        fields = fields._replace(guided_grad_cam=guided_grad_cam(
+            captured.guided_backprop, fields.maps, spatial_rank=len(captured.activations.shape) - 2))
+    return Explanation.from_capture(captured, fields)
 
 
 # --- the program: features without a tape, head under one ---------------------------------------
@@ -172,20 +182,43 @@ class _Program:
         self._traced: dict[Any, Callable] = {}
         self.guided: dict[Any, Any] = {}  # the guided pass's traced functions, by target kind
 
-    def get(self, kind: Any, compiled: bool, axis: int) -> Callable:
-        def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
-            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where)
-            if g is None:
-                return a, g, scores, chosen, y, None
-            lead = 2 if len(g.shape) == len(a.shape) + 1 else 1  # (N,) or (N, T) before A's axes
-            g_max = tf.reduce_max(tf.abs(g), axis=list(range(lead, len(g.shape))))  # the zero check's input
-            return _channels_first(a, axis, 1), _channels_first(g, axis, lead), scores, chosen, y, g_max
+    def perturbed(self, where: str, compiled: bool) -> Callable:
+        """``batch, skipping -> scores``: ``head([batch, *skipping])`` or the whole model on ``batch``."""
+
+        def run(batch: tf.Tensor, skipping: list[tf.Tensor]) -> Any:
+            if where == "inputs":
+                return self.whole(batch)
+            return self.head([batch, *skipping]) if skipping else self.head(batch)
 
         if not compiled:
             return run
-        key = (("fn", id(kind), kind) if callable(kind) else kind, axis)
+        key = ("perturb", where)
         if key not in self._traced:
             self._traced[key] = tf.function(run, reduce_retracing=True)
+        return self._traced[key]
+
+    def get(self, kind: Any, compiled: bool, axis: int, with_fields: bool = False) -> Callable:
+        def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
+            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where)
+            if g is None:
+                return a, g, scores, chosen, y, None, None, None
+            lead = 2 if len(g.shape) == len(a.shape) + 1 else 1  # (N,) or (N, T) before A's axes
+            g_max = tf.reduce_max(tf.abs(g), axis=list(range(lead, len(g.shape))))  # the zero check's input
+            a, g = _channels_first(a, axis, 1), _channels_first(g, axis, lead)
+            fields = finite = None
+            # known shapes only (reduce_retracing may relax them to None): else the core runs after the program
+            if with_fields and a.dtype.is_floating and len(a.shape) >= 3 and g.shape.is_fully_defined():
+                fields = grad_cam_fields(Capture(a, g, scores, None))
+                finite = tf.reduce_all(tf.math.is_finite(fields.weights)) & tf.reduce_all(
+                    tf.math.is_finite(fields.signed))
+            return a, g, scores, chosen, y, g_max, fields, finite
+
+        if not compiled:
+            return run
+        key = (("fn", id(kind), kind) if callable(kind) else kind, axis, with_fields)
+        if key not in self._traced:
+            # autograph off: the core's Python stays Python (its value checks see symbolic tensors and wait)
+            self._traced[key] = tf.function(run, reduce_retracing=True, autograph=False)
         return self._traced[key]
 
 
@@ -255,6 +288,11 @@ def _program_for(model: Any, layer: Any) -> tuple[_Program, str]:
         key: tuple[Any, ...] = ("split", id(features), id(head))
         owner: Any = (features, head)
     else:
+        if isinstance(layer, str):  # the cached program of a name already resolved: no walk over the layers
+            cached = _PROGRAMS.get(("layer", id(model), layer))
+            if cached is not None and cached[0] is model:
+                _PROGRAMS.move_to_end(("layer", id(model), layer))
+                return cached[1], cached[1].where
         if not isinstance(model, keras.Model):
             raise TypeError(
                 f"model must be a keras.Model or a (features, head) pair of TF callables, "
@@ -397,12 +435,74 @@ def score(model: Any, inputs: Any) -> tf.Tensor:
     return out
 
 
-def perturb(model: Any, inputs: Any, make: Any, **options: Any) -> Any:
-    """Not available in this backend: Score-CAM and Ablation-CAM re-score through torch, JAX or NumPy."""
-    raise TypeError(
-        "the tensorflow backend does not re-score perturbed copies: method='score-cam' and "
-        "method='ablation-cam' run on the torch, jax and numpy backends"
-    )
+def perturb(
+    model: Any,
+    inputs: Any,
+    make: Callable[..., Any],
+    *,
+    layer: str | keras.Layer | None = None,
+    where: str = "activations",
+    batch_size: int = 32,
+    channel_axis: int = -1,
+    compiled: bool = True,
+) -> Perturbed:
+    """Score perturbed copies of each example without a tape (the Protocol's ``perturb``).
+
+    One forward pass of ``features`` gives A (and the tensors that skip over the layer) and
+    ``head`` the scores. ``where="activations"`` then runs only ``head`` (the Keras model's part
+    after the layer, built from its graph as in :func:`capture`, or the split form's ``head``) on
+    each batch of perturbed activations, with the skipping tensors of the example repeated;
+    ``where="inputs"`` runs the whole model. Batches are scored by one ``tf.function`` per
+    (model, layer, where) (``compiled=True``), ``batch_size`` rows each (the last one padded).
+
+    ``make`` (a core function, running on the tensors through :mod:`gradcam_ref._tf_array_api`)
+    gets A channels-first ``(N, K, *spatial)`` and, with ``channel_axis=-1``, the inputs with their
+    channels moved like A's (as ``guided=True`` takes them); its batches are moved back. Returns
+    ``Perturbed`` of tensors: A (channels-first), the scores and ``(N, K, C)`` perturbed scores.
+    """
+    if where not in ("activations", "inputs"):
+        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    x = _as_inputs(inputs)
+    program, where_name = _program_for(model, layer)
+    axis = _channel_axis(channel_axis)
+    parts = program.features(x)
+    a, rest = (parts[0], list(parts[1:])) if isinstance(parts, (list, tuple)) else (parts, [])
+    if not isinstance(a, tf.Tensor) or not a.dtype.is_floating:
+        got = f"a {a.dtype.name} tensor" if isinstance(a, tf.Tensor) else type(a).__name__
+        raise TypeError(f"{where_name} must be one floating-point tensor (N, *spatial, K), got {got}")
+    scores = program.head([a, *rest]) if rest else program.head(a)
+    if not isinstance(scores, tf.Tensor):
+        raise TypeError(f"the model must return one tensor of scores, got {type(scores).__name__}")
+    _check_captured(a, scores, x, where_name)
+    check_scores(scores)
+    activations = _channels_first(a, axis, 1)
+    check_feature_maps("activations", activations)
+    if where == "inputs" and axis == -1 and len(x.shape) != len(a.shape):
+        raise ValueError(
+            f"where='inputs' with channel_axis={channel_axis}: the inputs are taken to have their channels "
+            f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
+        )
+    x_first = _channels_first(x, axis, 1) if where == "inputs" else x
+    score_batch = program.perturbed(where, compiled)
+    n, k = (int(d) for d in activations.shape[:2])
+    rows = []
+    for i in range(n):
+        skipping = [tf.repeat(r[i:i + 1], batch_size, axis=0) for r in rest]
+        for start in range(0, k, batch_size):
+            stop = min(start + batch_size, k)
+            batch = make(x_first, activations, i, start, stop)
+            if not isinstance(batch, tf.Tensor) or int(batch.shape[0]) != stop - start:
+                raise ValueError(f"make must return a tensor of {stop - start} perturbed copies, got "
+                                 f"{type(batch).__name__} {shape_of(batch)}")
+            if axis == -1:
+                batch = _channels_last(batch)
+            if stop - start < batch_size:  # one traced shape for every batch
+                batch = tf.concat([batch, tf.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)], 0)
+            rows.append(score_batch(batch, skipping)[: stop - start])
+    perturbed = tf.reshape(tf.concat(rows, axis=0), (n, k, *scores.shape[1:]))
+    return Perturbed(activations, scores, perturbed)
 
 
 def _as_inputs(inputs: Any) -> tf.Tensor:
@@ -437,6 +537,12 @@ def _channels_first(x: tf.Tensor, axis: int, lead: int) -> tf.Tensor:
         return x
     perm = list(range(lead)) + [rank - 1] + list(range(lead, rank - 1))
     return tf.transpose(x, perm)
+
+
+def _channels_last(x: tf.Tensor) -> tf.Tensor:
+    """``(b, K, *spatial)`` -> ``(b, *spatial, K)``."""
+    rank = len(x.shape)
+    return x if rank <= 2 else tf.transpose(x, [0, *range(2, rank), 1])
 
 
 def _warn_zero_gradients(g_max: np.ndarray, where: str) -> None:
