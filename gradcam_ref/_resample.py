@@ -73,7 +73,10 @@ def resize_axis(xp: Any, x: Array, axis: int, n_out: int, kernel: str) -> Array:
     shape = (n_out,) + (1,) * (x.ndim - axis - 1)
     w_hi = xp.reshape(xp.asarray(source - lo, dtype=x.dtype, device=device), shape)
     w_lo = xp.reshape(xp.asarray(1.0 - (source - lo), dtype=x.dtype, device=device), shape)
-    return w_lo * take(lo) + w_hi * take(hi)
+    a, b = take(lo), take(hi)
+    # (1 - t) a + t b cannot overflow, but its rounding can leave [min(a, b), max(a, b)] (two halves
+    # of a subnormal round to 0): clamp to the neighbours, which the exact value never leaves.
+    return xp.minimum(xp.maximum(w_lo * a + w_hi * b, xp.minimum(a, b)), xp.maximum(a, b))
 
 
 def cubic_taps(source: np.ndarray, n_in: int) -> tuple[np.ndarray, np.ndarray]:
