@@ -195,6 +195,10 @@ def explain_dataset(
     on_error: str = "record",
     threads: int | None = None,
     evaluate: Callable[..., Mapping[str, Any]] | None = None,
+    metrics: Sequence[str] = (),
+    masks: Any = None,
+    boxes: Any = None,
+    metric_options: Mapping[str, Any] | None = None,
     engine: str = "local",
     workers: int = 2,
     scheduler: Any = None,
@@ -238,6 +242,18 @@ def explain_dataset(
       threads: torch threads in every process running units (None: leave as set).
       evaluate: ``(model, inputs, explanation) -> {name: (n, ...) array}``, run on every unit in
         the same pass and stored as ``metrics/<name>``.
+      metrics: metric names of :func:`gradcam_ref.evaluate`, scored in the same pass and stored as
+        ``metrics/<name>`` (float64, ``(N,)`` or ``(N, T)``; NaN for unreadable images), written
+        with the unit's maps: localisation (``gradcam_ref._evaluate.LOCALISATION``, needing
+        ``masks`` or ``boxes``; ``weakly_supervised_localisation`` needs ``boxes``) and
+        faithfulness (``FAITHFULNESS``, re-scoring ``model``). Each value is
+        :func:`gradcam_ref.evaluate` on the unit's stored maps upsampled to the input size.
+      masks: the images' ground-truth masks at the model's input size: an ``(N, H, W)`` array-like
+        read a unit at a time (NumPy, memmap, zarr), or a picklable ``path -> (H, W)`` callable.
+      boxes: the images' boxes ``(x0, y0, x1, y1)`` in input pixels, half-open: an ``(N, 4)``
+        array-like or a picklable ``path -> 4 ints`` callable.
+      metric_options: passed to :func:`gradcam_ref.evaluate`: ``steps``, ``batch_size`` (inputs per
+        re-scoring call), ``seed``, ``road_percentages`` (its defaults otherwise).
       engine: ``"local"`` (this process), ``"dask"`` or ``"ray"`` (see docs/scale.md).
       workers: the workers of a local Dask cluster, or the Ray actors.
       scheduler: a Dask ``Client`` or scheduler address, or a Ray address (None: start a local one).
@@ -269,13 +285,15 @@ def explain_dataset(
     _job.check_method(method)
     shard_ = parse_shard(shard)
     paths = list_images(images)
+    metric_names, metric_options_ = _check_metrics(metrics, masks, boxes, metric_options, len(paths))
     if load is None:
         load = Preprocess(_size(size), _stats("mean", mean), _stats("std", std, positive=True))
     framework = _job.framework_of(model)
     out_path = _job.as_path(out)
     job = _job.Job(model=model, paths=paths, out=str(out_path), batch_size=int(batch_size), layer=layer,
                    target=target, method=method, options=dict(options), load=load, on_error=on_error,
-                   device=device, threads=threads, evaluate=evaluate, dtype=dtype, framework=framework)
+                   device=device, threads=threads, evaluate=evaluate, dtype=dtype, framework=framework,
+                   metrics=metric_names, metric_options=metric_options_, masks=masks, boxes=boxes)
     settings = {
         "images": {"count": len(paths), "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
         "model": _job.fingerprint(model),
@@ -286,12 +304,19 @@ def explain_dataset(
         "preprocess": load.describe() if hasattr(load, "describe") else {"load": _qualname(load)},
         "options": {k: repr(v) for k, v in sorted(options.items())},
         "dtype": dtype,
+        "metrics": None if not metric_names and evaluate is None else {
+            "names": list(metric_names), "options": metric_options_, "masks": _describe(masks),
+            "boxes": _describe(boxes), "evaluate": None if evaluate is None else _qualname(evaluate)},
     }
     with _threads(framework, threads):
         layout = None if out_path.exists() else job.probe()
+        if layout is not None:  # before the store is made
+            _check_masks_and_boxes(masks, boxes, tuple(layout["input"]))
         group = _store.open_or_create(out_path, settings, layout, paths, resume)
         _record_run(group, device=device, on_error=on_error, layout=layout)
         job.input_shape = tuple(group.attrs["gradcam_ref"]["layout"]["input"])
+        if layout is None:
+            _check_masks_and_boxes(masks, boxes, job.input_shape)
         units = shard_units(job.n_units, shard_)
         done = _store.done_units(out_path, group)
         pending = [u for u in units if u not in done]
@@ -380,7 +405,7 @@ def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> 
         try:
             for unit, batch, errors in _read_ahead(job, pending, num_workers):
                 job.raise_unreadable(unit, errors)
-                arrays = job.outputs(batch, errors)
+                arrays = job.outputs(batch, errors, unit)
                 if writing is not None:
                     future, done = writing
                     writing = None
@@ -520,6 +545,87 @@ def _stats(name: str, values: Sequence[float], positive: bool = False) -> tuple[
     if len(out) not in (1, 3) or not all(np.isfinite(out)) or (positive and min(out) <= 0):
         raise ValueError(f"{name} must be 1 or 3 finite numbers{' > 0' if positive else ''}, got {values!r}")
     return out
+
+
+def _check_metrics(names: Any, masks: Any, boxes: Any, options: Mapping[str, Any] | None,
+                   n: int) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``metrics=`` as sorted unique names, and the options of :func:`gradcam_ref.evaluate` they use."""
+    import inspect
+
+    from gradcam_ref._evaluate import FAITHFULNESS, LOCALISATION, evaluate
+
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"metrics must be a sequence of metric names, got {names!r}")
+    unknown = [m for m in names if m not in LOCALISATION + FAITHFULNESS]
+    if unknown:
+        raise ValueError(f"metrics must name metrics among {LOCALISATION + FAITHFULNESS}, got {unknown}")
+    chosen = tuple(sorted(set(names)))
+    localisation = [m for m in chosen if m in LOCALISATION]
+    if localisation and masks is None and boxes is None:
+        raise ValueError(f"metrics={list(localisation)} need masks= or boxes= (the images' ground truth), got neither")
+    if "weakly_supervised_localisation" in chosen and boxes is None:
+        raise ValueError("metrics=['weakly_supervised_localisation'] needs boxes=, got None")
+    if (masks is not None or boxes is not None) and not localisation:
+        given = "masks" if masks is not None else "boxes"
+        raise ValueError(f"{given}= is given but metrics={list(chosen)} names no localisation metric "
+                         f"(among {LOCALISATION})")
+    for name, source, tail in (("masks", masks, None), ("boxes", boxes, (4,))):
+        if source is None or callable(source):
+            continue
+        shape = getattr(source, "shape", None)
+        if shape is None or len(shape) < 1 or shape[0] != n or (tail is not None and tuple(shape[1:]) != tail):
+            want = f"({n}, 4)" if tail else f"({n}, H, W)"
+            raise ValueError(f"{name} must be a callable or an array-like of shape {want} (one row per image), "
+                             f"got {type(source).__name__} of shape {shape}")
+    defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()
+                if k in ("steps", "batch_size", "seed", "road_percentages")}
+    options = dict(options or {})
+    bad = sorted(set(options) - set(defaults))
+    if bad:
+        raise ValueError(f"metric_options takes {sorted(defaults)}, got {bad}")
+    if not any(m in FAITHFULNESS for m in chosen):
+        return chosen, {}
+    resolved = {**defaults, **options}
+    resolved["road_percentages"] = [float(p) for p in resolved["road_percentages"]]
+    for key in ("steps", "batch_size"):
+        value = resolved[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"metric_options[{key!r}] must be a positive int, got {value!r}")
+        resolved[key] = int(value)
+    return chosen, resolved
+
+
+def _check_masks_and_boxes(masks: Any, boxes: Any, input_shape: tuple[int, ...]) -> None:
+    """Array masks at the input's spatial size; array boxes of integers inside it (checked once, up front)."""
+    spatial = tuple(input_shape[1:])
+    if masks is not None and not callable(masks) and tuple(masks.shape[1:]) != spatial:
+        raise ValueError(f"masks must be at the model's input size (N, {', '.join(map(str, spatial))}), "
+                         f"got shape {tuple(masks.shape)}")
+    if boxes is not None and not callable(boxes):
+        if len(spatial) != 2:
+            raise ValueError(f"boxes need 2-D inputs, got input shape {input_shape}")
+        b = np.asarray(boxes)
+        if b.dtype.kind not in "iuf":
+            raise TypeError(f"boxes must hold integer pixel coordinates, got {b.dtype}")
+        bad = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]) | (b[:, :2] < 0).any(axis=1) | \
+            (b[:, 2] > spatial[1]) | (b[:, 3] > spatial[0]) | (b != np.round(b)).any(axis=1)
+        if bad.any():  # metrics.boxes_to_masks's checks on every row, without building N masks
+            raise ValueError(f"boxes must be integers with 0 <= x0 < x1 <= {spatial[1]}, 0 <= y0 < y1 <= {spatial[0]} "
+                             f"(input pixels); rows {np.flatnonzero(bad)[:10].tolist()} are not: "
+                             f"{b[bad][:3].tolist()}")
+
+
+def _describe(source: Any) -> Any:
+    """What identifies masks or boxes in the store's settings: a callable's name, an array's digest."""
+    if source is None:
+        return None
+    if callable(source):
+        described = source.describe() if hasattr(source, "describe") else {}
+        return {"callable": _qualname(source), **described}
+    found = {"type": _qualname(source), "shape": [int(v) for v in source.shape], "dtype": str(source.dtype)}
+    if isinstance(source, np.ndarray):
+        found["sha256"] = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
+    return found
 
 
 def _qualname(obj: Any) -> str:
