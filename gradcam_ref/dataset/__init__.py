@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import signal
 import sys
@@ -308,22 +309,34 @@ def explain_dataset(
             "names": list(metric_names), "options": metric_options_, "masks": _describe(masks),
             "boxes": _describe(boxes), "evaluate": None if evaluate is None else _qualname(evaluate)},
     }
+    units = shard_units(job.n_units, shard_)
+    reading: _ReadAhead | None = None
     with _threads(framework, threads):
-        layout = None if out_path.exists() else job.probe()
-        if layout is not None:  # before the store is made
-            _check_masks_and_boxes(masks, boxes, tuple(layout["input"]))
-        group = _store.open_or_create(out_path, settings, layout, paths, resume)
-        _record_run(group, device=device, on_error=on_error, layout=layout)
-        job.input_shape = tuple(group.attrs["gradcam_ref"]["layout"]["input"])
-        if layout is None:
-            _check_masks_and_boxes(masks, boxes, job.input_shape)
-        units = shard_units(job.n_units, shard_)
-        done = _store.done_units(out_path, group)
+        try:
+            layout = None
+            if not out_path.exists():
+                first = job.first_image()
+                if engine == "local":
+                    # A new store: decoding starts now, while the model is probed and the store made.
+                    reading = _ReadAhead(job, list(units), num_workers)
+                layout = job.probe(first)
+                _check_masks_and_boxes(masks, boxes, tuple(layout["input"]))  # before the store is made
+            group = _store.open_or_create(out_path, settings, layout, paths, resume)
+            _record_run(group, device=device, on_error=on_error, layout=layout)
+            job.input_shape = tuple(group.attrs["gradcam_ref"]["layout"]["input"])
+            if layout is None:
+                _check_masks_and_boxes(masks, boxes, job.input_shape)
+            done = _store.done_units(out_path, group)
+        except BaseException:
+            if reading is not None:
+                reading.close()
+            raise
         pending = [u for u in units if u not in done]
         skipped = len(units) - len(pending)
         gpus = num_gpus if num_gpus is not None else float(str(device or "").startswith("cuda"))
         return _run(job, pending, units=units, skipped=skipped, engine=engine, workers=workers,
-                    scheduler=scheduler, num_workers=num_workers, progress=progress, start=start, gpus=gpus)
+                    scheduler=scheduler, num_workers=num_workers, progress=progress, start=start, gpus=gpus,
+                    reading=reading)
 
 
 def _record_run(group: Any, *, device: Any, on_error: str, layout: Any) -> None:
@@ -336,7 +349,8 @@ def _record_run(group: Any, *, device: Any, on_error: str, layout: Any) -> None:
 
 
 def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engine: str, workers: int,
-         scheduler: Any, num_workers: int | None, progress: bool, start: float, gpus: float) -> DatasetSummary:
+         scheduler: Any, num_workers: int | None, progress: bool, start: float, gpus: float,
+         reading: _ReadAhead | None = None) -> DatasetSummary:
     from tqdm import tqdm
 
     failed: list[tuple[str, str]] = []
@@ -355,7 +369,7 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
                               interrupted=interrupted, startup_seconds=startup)
 
     results = _results(job, pending, engine=engine, workers=workers, scheduler=scheduler,
-                       num_workers=num_workers, stopper=stopper, gpus=gpus)
+                       num_workers=num_workers, stopper=stopper, gpus=gpus, reading=reading)
     try:
         with stopper, bar:
             for result in results:
@@ -374,8 +388,11 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
 
 
 def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, scheduler: Any,
-             num_workers: int | None, stopper: _Stopper, gpus: float) -> Iterator[dict[str, Any]]:
+             num_workers: int | None, stopper: _Stopper, gpus: float,
+             reading: _ReadAhead | None = None) -> Iterator[dict[str, Any]]:
     if not pending:  # nothing to do: start no cluster
+        if reading is not None:
+            reading.close()
         return iter(())
     if engine == "dask":
         from gradcam_ref.dataset import _engines
@@ -385,14 +402,16 @@ def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, sc
         from gradcam_ref.dataset import _engines
 
         return _engines.ray_units(job, pending, workers=workers, address=scheduler, stopper=stopper, num_gpus=gpus)
-    return _local_units(job, pending, num_workers)
+    return _local_units(job, pending, num_workers, reading)
 
 
-def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> Iterator[dict[str, Any]]:
+def _local_units(job: _job.Job, pending: list[int], num_workers: int | None,
+                 reading: _ReadAhead | None = None) -> Iterator[dict[str, Any]]:
     """Read ahead in workers, explain here, write in a thread while the next unit is explained.
 
     At most one write is in flight; it is waited for before the next one starts and when the
     loop ends for any reason, so a unit is reported only once its maps chunk is in place.
+    ``reading``: a read-ahead started earlier (it may hold units that are not pending: skipped).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -400,10 +419,14 @@ def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> 
         return {"unit": unit, "images": len(errors),
                 "failed": [(job.paths[i], e) for i, e in zip(job.indices(unit), errors, strict=True) if e]}
 
+    reader = reading if reading is not None else _ReadAhead(job, pending, num_workers)
+    wanted = set(pending)
     with ThreadPoolExecutor(1, thread_name_prefix="gradcam-ref-writer") as writer:
         writing: tuple[Any, dict[str, Any]] | None = None
         try:
-            for unit, batch, errors in _read_ahead(job, pending, num_workers):
+            for unit, batch, errors in reader:
+                if unit not in wanted:
+                    continue
                 job.raise_unreadable(unit, errors)
                 arrays = job.outputs(batch, errors, unit)
                 if writing is not None:
@@ -418,6 +441,7 @@ def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> 
                 future.result()
                 yield done
         finally:
+            reader.close()
             if writing is not None:  # stopped or failed: let the write in flight finish whole
                 writing[0].exception()
 
@@ -445,37 +469,60 @@ def _ignore_sigint(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
 
 
-def _read_ahead(job: _job.Job, units: list[int], num_workers: int | None) -> Iterator[tuple[int, Any, list[str]]]:
-    """Decoded units in order, read ahead by worker processes (torch) or threads (otherwise)."""
-    workers = _job.default_workers() if num_workers is None else num_workers
-    workers = min(workers, len(units))
-    if workers == 0:
-        for unit in units:
-            batch, errors = job.read(unit)
-            yield unit, batch, errors
-        return
-    if job.framework == "torch":
-        from torch.utils.data import DataLoader
+class _ReadAhead:
+    """Decoded units ``(unit, batch, errors)`` in order, read ahead by worker processes (torch's
+    DataLoader) or threads (other models), ``num_workers`` of them (0: read when asked for).
 
-        # Forking a process that runs JAX's threads can deadlock (JAX warns): spawn workers then.
-        context = "spawn" if "jax" in sys.modules else None
-        loader: Any = DataLoader(_UnitReader(job, units), batch_size=None,  # type: ignore[arg-type]
-                                 num_workers=workers, collate_fn=_as_is, prefetch_factor=2,
-                                 worker_init_fn=_ignore_sigint, multiprocessing_context=context)
-        yield from loader
-        return
-    from concurrent.futures import ThreadPoolExecutor
+    Started at once: the workers decode while the caller still probes the model and makes the
+    store. :meth:`close` stops them (unread units are dropped).
+    """
 
-    with ThreadPoolExecutor(workers) as pool:
-        ahead: list[Any] = []
+    def __init__(self, job: _job.Job, units: list[int], num_workers: int | None) -> None:
+        workers = min(_job.default_workers() if num_workers is None else num_workers, len(units))
+        self._pool: Any = None
+        self._items: Iterator[tuple[int, Any, list[str]]]
+        if workers == 0:
+            self._items = ((unit, *job.read(unit)) for unit in units)
+        elif job.framework == "torch":
+            from torch.utils.data import DataLoader
+
+            # Forking a process that runs JAX's threads can deadlock (JAX warns): spawn workers then.
+            context = "spawn" if "jax" in sys.modules else None
+            loader: Any = DataLoader(_UnitReader(job, units), batch_size=None,  # type: ignore[arg-type]
+                                     num_workers=workers, collate_fn=_as_is, prefetch_factor=2,
+                                     worker_init_fn=_ignore_sigint, multiprocessing_context=context)
+            self._items = iter(loader)  # the workers start and are sent their first units
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="gradcam-ref-reader")
+            self._items = self._threaded(job, units, 2 * workers)
+
+    def _threaded(self, job: _job.Job, units: list[int], ahead: int) -> Iterator[tuple[int, Any, list[str]]]:
         queue = iter(units)
-        for unit in queue:
-            ahead.append((unit, pool.submit(job.read, unit)))
-            if len(ahead) > 2 * workers:
-                u, future = ahead.pop(0)
-                yield (u, *future.result())
-        for u, future in ahead:
-            yield (u, *future.result())
+        futures = [(unit, self._pool.submit(job.read, unit)) for unit in itertools.islice(queue, ahead + 1)]
+
+        def results() -> Iterator[tuple[int, Any, list[str]]]:
+            while futures:
+                unit, future = futures.pop(0)
+                following = next(queue, None)
+                if following is not None:
+                    futures.append((following, self._pool.submit(job.read, following)))
+                yield (unit, *future.result())
+
+        return results()
+
+    def __iter__(self) -> _ReadAhead:
+        return self
+
+    def __next__(self) -> tuple[int, Any, list[str]]:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop reading: a DataLoader's workers exit once its iterator is dropped; threads finish their image."""
+        self._items = iter(())
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Stopper:

@@ -267,14 +267,21 @@ class Job:
         return {"unit": unit, "images": len(errors), "failed": [(self.paths[i], e) for i, e in
                                                                zip(self.indices(unit), errors, strict=True) if e]}
 
-    def probe(self) -> dict[str, Any]:
-        """Shapes and dtypes of the outputs, from the first readable image explained alone."""
+    def first_image(self) -> tuple[int, np.ndarray]:
+        """The first readable image and its number; sets ``input_shape`` (what every image must have)."""
         for i, path in enumerate(self.paths[:256]):
             try:
                 image = np.asarray(self.load(path), dtype=np.float32)
             except Exception:  # noqa: BLE001 - skip unreadable images here; read() records them
                 continue
             self.input_shape = tuple(image.shape)
+            return i, image
+        raise ValueError(f"images: none of the first {min(256, len(self.paths))} images could be read "
+                         f"(the first: {self.paths[0]!r})")
+
+    def probe(self, first: tuple[int, np.ndarray] | None = None) -> dict[str, Any]:
+        """Shapes and dtypes of the outputs, from the first readable image (``first``) explained alone."""
+        for i, image in [first or self.first_image()]:
             batch = image[None]
             explanation, extra = self.explain(batch)
             from gradcam_ref._arrays import to_numpy
@@ -300,8 +307,7 @@ class Job:
                             **{name: [list(targets.shape[1:]), "float64"] for name in self.metrics}},
                 "probe_image": i,
             }
-        raise ValueError(f"images: none of the first {min(256, len(self.paths))} images could be read "
-                         f"(the first: {self.paths[0]!r})")
+        raise AssertionError("unreachable")
 
 
 def check_method(method: str) -> None:
