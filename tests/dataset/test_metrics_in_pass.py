@@ -251,3 +251,18 @@ def test_a_hook_metric_named_like_a_named_metric_is_refused(images, model, boxes
         gradcam_ref.explain_dataset(model, images[:4], out=tmp_path / "h.zarr", evaluate=evaluate,
                                     metrics=["deletion"], **KW)
     assert not Path(tmp_path / "h.zarr").exists()
+
+
+def test_masks_from_a_zarr_array_read_a_unit_at_a_time_equal_masks_from_numpy(images, model, tmp_path):
+    masks = np.stack([mask_of(str(p)) for p in images])
+    on_disk = zarr.open_array(tmp_path / "masks.zarr", mode="w", shape=masks.shape, chunks=(5, SIZE, SIZE),
+                              dtype=bool)
+    on_disk[:] = masks
+    names = ("relevance_mass", "localisation_auc")
+    for source, out in ((masks, "n.zarr"), (zarr.open_array(tmp_path / "masks.zarr", mode="r"), "z.zarr")):
+        gradcam_ref.explain_dataset(model, images, out=tmp_path / out, metrics=names, masks=source, **KW)
+    a, b = zarr.open_group(tmp_path / "n.zarr", mode="r"), zarr.open_group(tmp_path / "z.zarr", mode="r")
+    for name in names:
+        assert np.array_equal(a[f"metrics/{name}"][:], b[f"metrics/{name}"][:]), name
+        assert np.isfinite(a[f"metrics/{name}"][:]).all()
+    assert b.attrs["gradcam_ref"]["metrics"]["masks"]["shape"] == [N, SIZE, SIZE]
