@@ -1,6 +1,7 @@
 """Data sets: explain_dataset against a plain no-grad inference loop over the same files, same run.
 
-    python -m benchmarks.bench_dataset [--images 96] [--batch 16] [--rounds 2] [--parts local,memory,malloc,dask,ray]
+    python -m benchmarks.bench_dataset [--images 96] [--batch 16] [--rounds 2]
+        [--parts local,memory,malloc,dask,ray,metrics]
 
 Every measurement runs in a fresh process (so glibc's malloc settings can be set before it starts
 and peak memory is its own), model EfficientNet-Lite0 (ImageNet weights, 224 x 224, explained at
@@ -21,6 +22,8 @@ worker process, batch 16 for every engine. Parts:
   giving the end-to-end rate (start-up included) and the marginal rate (start-up excluded: what
   a large data set sees), and the CPU seconds per image of the driver, the engine's workers and
   the rest of the process tree (Ray's raylet, ...).
+- ``metrics``: explain_dataset scoring the localisation metrics in the same pass (a box per
+  image, maps upsampled to 224 x 224) over explain_dataset alone.
 
 Absolute figures depend on the machine (and on a shared machine, on its load): the ratios are
 what the goals are about.
@@ -45,7 +48,9 @@ RECOMMENDED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRE
                       "MALLOC_TOP_PAD_": str(256 << 20)}
 """glibc settings measured here (docs/scale.md): big blocks from the heap, kept, grown in large steps."""
 DASK_TRIM = {"MALLOC_TRIM_THRESHOLD_": "65536"}
-PARTS = ("local", "memory", "malloc", "split", "dask", "ray")
+PARTS = ("local", "memory", "malloc", "split", "dask", "ray", "metrics")
+LOCALISATION = ("pointing_game", "relevance_mass", "relevance_rank", "localisation_auc",
+                "weakly_supervised_localisation")
 
 
 def _row(what: str, ratio: float, detail: str, batch: int, **extra: Any) -> dict[str, Any]:
@@ -126,11 +131,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         return {"images_per_s": len(paths) / seconds, "seconds": seconds}
     import gradcam_ref
 
-    if args.mode == "dataset":
+    if args.mode in ("dataset", "dataset-scored"):
         out = Path(tempfile.mkdtemp()) / "maps.zarr"
+        scoring: dict[str, Any] = {}
+        if args.mode == "dataset-scored":  # localisation in the same pass: a centred box per image
+            import numpy as np
+
+            scoring = {"metrics": LOCALISATION, "boxes": np.tile([size // 4, size // 4, 3 * size // 4, 3 * size // 4],
+                                                                 (len(paths), 1))}
         try:
             summary = gradcam_ref.explain_dataset(model, paths, layer=layer, out=out, batch_size=args.batch,
-                                                  size=size, num_workers=1, threads=1, progress=False)
+                                                  size=size, num_workers=1, threads=1, progress=False, **scoring)
         finally:
             shutil.rmtree(out.parent, ignore_errors=True)
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -375,6 +386,19 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
                              f"{statistics.median(ours):.1f} vs {statistics.median(base):.1f} images/s, "
                              f"{images} images; startup {statistics.median(startups):.2f} s; rounds {ratios}",
                              batch, startup_s=statistics.median(startups)))
+            log(rows[-1])
+        if "metrics" in parts:
+            ratios, ours, base = [], [], []
+            for _ in range(rounds):
+                plain = run_child("dataset", listing, batch)
+                scored = run_child("dataset-scored", listing, batch)
+                ratios.append(scored["images_per_s"] / plain["images_per_s"])
+                ours.append(scored["images_per_s"])
+                base.append(plain["images_per_s"])
+            rows.append(_row("explain_dataset scoring the 5 localisation metrics in the same pass / not scoring",
+                             statistics.median(ratios),
+                             f"{statistics.median(ours):.1f} vs {statistics.median(base):.1f} images/s, {images} "
+                             f"images; rounds {ratios}", batch))
             log(rows[-1])
         if "memory" in parts:
             small = work / "small.txt"

@@ -307,7 +307,8 @@ def test_dataset_benchmark_measures_peak_memory_and_throughput_in_fresh_processe
     listing.write_text("\n".join(paths * 2) + "\n")
     ours = bench_dataset.run_child("dataset", listing, 4, model="tiny")
     loop = bench_dataset.run_child("loop", listing, 4, model="tiny")
-    assert ours["images_per_s"] > 0 and loop["images_per_s"] > 0
+    scored = bench_dataset.run_child("dataset-scored", listing, 4, model="tiny")
+    assert ours["images_per_s"] > 0 and loop["images_per_s"] > 0 and scored["images_per_s"] > 0
     assert 0 < ours["startup_s"] < ours["seconds"] and ours["peak_mib"] > 50
     [row] = bench_dataset.run(("memory",), images=8, batch=4, rounds=1, log=lambda row: None)
     assert row["suite"] == "dataset" and row["what"].startswith("peak memory") and row["ratio"] > 0.5

@@ -403,10 +403,18 @@ def _grad(
     create = attached == "full"
     if y.grad_fn is None:
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
+    outputs = y
+    grad_outputs: torch.Tensor | None = seed
+    if not batched:
+        # The scalar sum(seed * y) has the same vector-Jacobian product, to the bit (its backward
+        # hands y exactly 1.0 * seed), and needs no grad_outputs tensor, whose shape check makes
+        # torch import torch.fx's symbolic shapes (sympy: 1-2 s) on a process's first backward.
+        with torch.enable_grad():  # explain may be called under torch.no_grad()
+            outputs, grad_outputs = (y * seed).sum(), None
     try:
         (g,) = torch.autograd.grad(
-            y, [leaf], grad_outputs=seed, retain_graph=retain, create_graph=create, allow_unused=True,
-            is_grads_batched=batched,
+            outputs, [leaf], grad_outputs=grad_outputs, retain_graph=retain, create_graph=create,
+            allow_unused=True, is_grads_batched=batched,
         )
     except RuntimeError:
         if not batched:

@@ -3,12 +3,21 @@
 A thin layer over :func:`gradcam_ref.explain_dataset`: the model is loaded as ``gradcam-ref
 explain`` loads it; progress (images/s, ETA) goes to stderr and a summary to stdout. Ctrl-C or
 SIGTERM stops after the current unit (exit status 130 or 143); ``--resume`` continues.
+``--metrics`` scores the maps in the same pass (``--boxes FILE.json`` / ``--masks DIR`` for the
+localisation metrics) and prints each metric's mean at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from gradcam_ref import zoo
 from gradcam_ref.cli._common import UsageError, import_torch_cli
@@ -49,8 +58,116 @@ def add_parser(commands: Any, floats: Any, size: Any, positive: Any) -> None:
     command.add_argument("--size", type=size, metavar="N|HxW", help="model input size (default 224)")
     command.add_argument("--mean", type=floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
     command.add_argument("--std", type=floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
+    command.add_argument("--metrics", metavar="NAMES",
+                         help="comma-separated metrics of gradcam_ref.evaluate scored in the same pass and stored as "
+                         "metrics/<name> (e.g. deletion,insertion,average_drop; localisation ones need --boxes or "
+                         "--masks)")
+    command.add_argument("--boxes", metavar="FILE.json",
+                         help='one box per image, {"name.jpg": [x0, y0, x1, y1], ...} in the image\'s own pixels '
+                         "(keys: file name, path relative to DIR|LIST's folder, or absolute path)")
+    command.add_argument("--masks", metavar="DIR",
+                         help="one mask image per image, DIR/<path relative to DIR|LIST's folder> with suffix .png "
+                         "(non-zero: inside), resized to the input size (nearest)")
+    command.add_argument("--steps", type=positive, metavar="N", help="deletion/insertion steps (default 100)")
+    command.add_argument("--metric-batch-size", type=positive, metavar="N",
+                         help="inputs per re-scoring forward pass of the metrics (default 64)")
+    command.add_argument("--seed", type=int, help="seed of the metrics' baselines and ROAD's noise (default 0)")
     command.add_argument("--quiet", action="store_true", help="no progress bar")
     command.set_defaults(run=run)
+
+
+class ImageBoxes:
+    """``path -> box`` in input pixels: a box in the image's own pixels scaled to ``size`` (H, W) as the
+    default preprocessing resizes (aspect not kept): floor of the start, ceiling of the end, clipped."""
+
+    def __init__(self, table: dict[str, Any], file: str, root: Path, size: tuple[int, int]) -> None:
+        self.table, self.file, self.root, self.size = table, file, root, size
+        self.sha256 = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+
+    def key(self, path: str) -> str | None:
+        """The table's key for ``path``: its absolute path, its path under the root, or its file name."""
+        found = Path(path)
+        relative = os.path.relpath(found, self.root)
+        return next((k for k in (str(found), relative, found.name) if k in self.table), None)
+
+    def __call__(self, path: str) -> list[int]:
+        from PIL import Image
+
+        key = self.key(path)
+        if key is None:
+            raise ValueError(f"--boxes {self.file} has no box for {path}")
+        with Image.open(path) as image:
+            width, height = image.size  # the header only
+        h, w = self.size
+        sy, sx = h / height, w / width
+        x0, y0, x1, y1 = (float(v) for v in self.table[key])
+        box = [math.floor(x0 * sx), math.floor(y0 * sy), math.ceil(x1 * sx), math.ceil(y1 * sy)]
+        return [min(max(v, 0), limit) for v, limit in zip(box, (w, h, w, h), strict=True)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": list(self.size)}  # the content, wherever the file lies
+
+
+class MaskFiles:
+    """``path -> (H, W)`` bool: the mask image for ``path`` under ``folder`` (same relative path, ``.png``),
+    non-zero inside, resized to ``size`` by nearest neighbour."""
+
+    def __init__(self, folder: str, root: Path, size: tuple[int, int]) -> None:
+        self.folder, self.root, self.size = folder, root, size
+
+    def file(self, path: str) -> Path:
+        return (Path(self.folder) / os.path.relpath(path, self.root)).with_suffix(".png")
+
+    def __call__(self, path: str) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.file(path)) as image:
+            mask = image.convert("L").resize((self.size[1], self.size[0]), Image.Resampling.NEAREST)
+        return np.asarray(mask) > 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"folder": str(Path(self.folder).resolve()), "size": list(self.size)}
+
+
+def _ground_truth(args: argparse.Namespace, size: tuple[int, int]) -> dict[str, Any]:
+    """``metrics``, ``boxes``, ``masks`` and ``metric_options`` of explain_dataset from the options."""
+    from gradcam_ref.dataset import list_images
+
+    given = {"boxes": args.boxes, "masks": args.masks, "steps": args.steps,
+             "metric-batch-size": args.metric_batch_size, "seed": args.seed}
+    if not args.metrics:
+        unused = [f"--{k}" for k, v in given.items() if v is not None]
+        if unused:
+            raise UsageError(f"{', '.join(unused)} need --metrics")
+        return {}
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    options = {k: v for k, v in (("steps", args.steps), ("batch_size", args.metric_batch_size),
+                                 ("seed", args.seed)) if v is not None}
+    found: dict[str, Any] = {"metrics": names, "metric_options": options}
+    source = Path(args.images)
+    root = (source if source.is_dir() else source.parent).resolve()
+    paths = list_images(args.images) if args.boxes or args.masks else []
+    if args.boxes:
+        try:
+            table = json.loads(Path(args.boxes).read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--boxes {args.boxes}: cannot read a JSON object of boxes ({error})") from None
+        if not isinstance(table, dict):
+            raise UsageError(f"--boxes {args.boxes}: expected a JSON object {{name: [x0, y0, x1, y1]}}, "
+                             f"got a {type(table).__name__}")
+        boxes = ImageBoxes(table, args.boxes, root, size)
+        missing = [p for p in paths if boxes.key(p) is None]
+        if missing:
+            raise UsageError(f"--boxes {args.boxes} has no box for {len(missing)} images, e.g. {missing[0]}")
+        found["boxes"] = boxes
+    if args.masks:
+        masks = MaskFiles(args.masks, root, size)
+        missing = [p for p in paths if not masks.file(p).is_file()]
+        if missing:
+            raise UsageError(f"--masks {args.masks} has no mask for {len(missing)} images, e.g. "
+                             f"{masks.file(missing[0])} for {missing[0]}")
+        found["masks"] = masks
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,13 +179,14 @@ def run(args: argparse.Namespace) -> int:
     options = {} if loaded.call is None else {"call": loaded.call}
     size = args.size or (zoo.IMAGENET_SIZE, zoo.IMAGENET_SIZE)
     try:
+        scoring = _ground_truth(args, size)
         summary = gradcam_ref.explain_dataset(
             loaded.explained, args.images, layer=loaded.layer, target=args.target, method=args.method, out=args.out,
             batch_size=args.batch_size, device=args.device, resume=args.resume, shard=args.shard,
             num_workers=args.num_workers,
             size=size, mean=args.mean or zoo.IMAGENET_MEAN, std=args.std or zoo.IMAGENET_STD,
             on_error=args.on_error, threads=args.threads, engine=args.engine, workers=args.workers,
-            scheduler=args.scheduler, num_gpus=args.num_gpus, progress=not args.quiet, **options)
+            scheduler=args.scheduler, num_gpus=args.num_gpus, progress=not args.quiet, **scoring, **options)
     except Interrupted as stop:
         print(stop.summary)
         return 128 + stop.signal
@@ -81,4 +199,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"  unreadable: {path}: {reason}")
     if len(summary.failed) > 10:
         print(f"  ... and {len(summary.failed) - 10} more (the store's 'errors' array lists them all)")
+    if scoring:
+        print(_means(args.out, scoring["metrics"]))
     return 0
+
+
+def _means(out: str, names: list[str]) -> str:
+    """Each metric's mean over the store's images (all of them, resumed ones too), NaN ones left out."""
+    import zarr
+
+    rows = []
+    for name in sorted(set(names)):
+        values = np.asarray(zarr.open_array(f"{out}/metrics/{name}", mode="r")[...], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        mean = f"{finite.mean():.4f}" if finite.size else "nan"
+        rows.append(f"  {name}: mean {mean} over {finite.size} values" +
+                    (f" ({values.size - finite.size} NaN)" if finite.size < values.size else ""))
+    return "metrics (whole store):\n" + "\n".join(rows)

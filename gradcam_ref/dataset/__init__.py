@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import signal
 import sys
@@ -195,6 +196,10 @@ def explain_dataset(
     on_error: str = "record",
     threads: int | None = None,
     evaluate: Callable[..., Mapping[str, Any]] | None = None,
+    metrics: Sequence[str] = (),
+    masks: Any = None,
+    boxes: Any = None,
+    metric_options: Mapping[str, Any] | None = None,
     engine: str = "local",
     workers: int = 2,
     scheduler: Any = None,
@@ -238,6 +243,18 @@ def explain_dataset(
       threads: torch threads in every process running units (None: leave as set).
       evaluate: ``(model, inputs, explanation) -> {name: (n, ...) array}``, run on every unit in
         the same pass and stored as ``metrics/<name>``.
+      metrics: metric names of :func:`gradcam_ref.evaluate`, scored in the same pass and stored as
+        ``metrics/<name>`` (float64, ``(N,)`` or ``(N, T)``; NaN for unreadable images), written
+        with the unit's maps: localisation (``gradcam_ref._evaluate.LOCALISATION``, needing
+        ``masks`` or ``boxes``; ``weakly_supervised_localisation`` needs ``boxes``) and
+        faithfulness (``FAITHFULNESS``, re-scoring ``model``). Each value is
+        :func:`gradcam_ref.evaluate` on the unit's stored maps upsampled to the input size.
+      masks: the images' ground-truth masks at the model's input size: an ``(N, H, W)`` array-like
+        read a unit at a time (NumPy, memmap, zarr), or a picklable ``path -> (H, W)`` callable.
+      boxes: the images' boxes ``(x0, y0, x1, y1)`` in input pixels, half-open: an ``(N, 4)``
+        array-like or a picklable ``path -> 4 ints`` callable.
+      metric_options: passed to :func:`gradcam_ref.evaluate`: ``steps``, ``batch_size`` (inputs per
+        re-scoring call), ``seed``, ``road_percentages`` (its defaults otherwise).
       engine: ``"local"`` (this process), ``"dask"`` or ``"ray"`` (see docs/scale.md).
       workers: the workers of a local Dask cluster, or the Ray actors.
       scheduler: a Dask ``Client`` or scheduler address, or a Ray address (None: start a local one).
@@ -269,13 +286,15 @@ def explain_dataset(
     _job.check_method(method)
     shard_ = parse_shard(shard)
     paths = list_images(images)
+    metric_names, metric_options_ = _check_metrics(metrics, masks, boxes, metric_options, len(paths))
     if load is None:
         load = Preprocess(_size(size), _stats("mean", mean), _stats("std", std, positive=True))
     framework = _job.framework_of(model)
     out_path = _job.as_path(out)
     job = _job.Job(model=model, paths=paths, out=str(out_path), batch_size=int(batch_size), layer=layer,
                    target=target, method=method, options=dict(options), load=load, on_error=on_error,
-                   device=device, threads=threads, evaluate=evaluate, dtype=dtype, framework=framework)
+                   device=device, threads=threads, evaluate=evaluate, dtype=dtype, framework=framework,
+                   metrics=metric_names, metric_options=metric_options_, masks=masks, boxes=boxes)
     settings = {
         "images": {"count": len(paths), "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()},
         "model": _job.fingerprint(model),
@@ -286,22 +305,40 @@ def explain_dataset(
         "preprocess": load.describe() if hasattr(load, "describe") else {"load": _qualname(load)},
         "options": {k: repr(v) for k, v in sorted(options.items())},
         "dtype": dtype,
+        "metrics": None if not metric_names and evaluate is None else {
+            "names": list(metric_names), "options": metric_options_, "masks": _describe(masks),
+            "boxes": _describe(boxes), "evaluate": None if evaluate is None else _qualname(evaluate)},
     }
+    units = shard_units(job.n_units, shard_)
+    reading: _ReadAhead | None = None
     # A new store: a Dask engine is connected first, so that its workers warm up during the probe.
     early = engine == "dask" and not out_path.exists()
     with _threads(framework, threads), _connect(early, workers, scheduler, framework) as connection:
-        layout = None if out_path.exists() else job.probe()
-        group = _store.open_or_create(out_path, settings, layout, paths, resume)
-        _record_run(group, device=device, on_error=on_error, layout=layout)
-        job.input_shape = tuple(group.attrs["gradcam_ref"]["layout"]["input"])
-        units = shard_units(job.n_units, shard_)
-        done = _store.done_units(out_path, group)
+        try:
+            layout = None
+            if not out_path.exists():
+                first = job.first_image()
+                if engine == "local":
+                    # A new store: decoding starts now, while the model is probed and the store made.
+                    reading = _ReadAhead(job, list(units), num_workers)
+                layout = job.probe(first)
+                _check_masks_and_boxes(masks, boxes, tuple(layout["input"]))  # before the store is made
+            group = _store.open_or_create(out_path, settings, layout, paths, resume)
+            _record_run(group, device=device, on_error=on_error, layout=layout)
+            job.input_shape = tuple(group.attrs["gradcam_ref"]["layout"]["input"])
+            if layout is None:
+                _check_masks_and_boxes(masks, boxes, job.input_shape)
+            done = _store.done_units(out_path, group)
+        except BaseException:
+            if reading is not None:
+                reading.close()
+            raise
         pending = [u for u in units if u not in done]
         skipped = len(units) - len(pending)
         gpus = num_gpus if num_gpus is not None else float(str(device or "").startswith("cuda"))
         return _run(job, pending, units=units, skipped=skipped, engine=engine, workers=workers,
                     scheduler=scheduler, num_workers=num_workers, progress=progress, start=start, gpus=gpus,
-                    connection=connection)
+                    connection=connection, reading=reading)
 
 
 def _connect(early: bool, workers: int, scheduler: Any, framework: str) -> Any:
@@ -323,7 +360,7 @@ def _record_run(group: Any, *, device: Any, on_error: str, layout: Any) -> None:
 
 def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engine: str, workers: int,
          scheduler: Any, num_workers: int | None, progress: bool, start: float, gpus: float,
-         connection: Any = None) -> DatasetSummary:
+         connection: Any = None, reading: _ReadAhead | None = None) -> DatasetSummary:
     from tqdm import tqdm
 
     failed: list[tuple[str, str]] = []
@@ -342,7 +379,8 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
                               interrupted=interrupted, startup_seconds=startup)
 
     results = _results(job, pending, engine=engine, workers=workers, scheduler=scheduler,
-                       num_workers=num_workers, stopper=stopper, gpus=gpus, connection=connection)
+                       num_workers=num_workers, stopper=stopper, gpus=gpus, connection=connection,
+                       reading=reading)
     try:
         with stopper, bar:
             for result in results:
@@ -362,8 +400,10 @@ def _run(job: _job.Job, pending: list[int], *, units: range, skipped: int, engin
 
 def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, scheduler: Any,
              num_workers: int | None, stopper: _Stopper, gpus: float,
-             connection: Any = None) -> Iterator[dict[str, Any]]:
+             connection: Any = None, reading: _ReadAhead | None = None) -> Iterator[dict[str, Any]]:
     if not pending:  # nothing to do: start no cluster
+        if reading is not None:
+            reading.close()
         return iter(())
     if engine == "dask":
         from gradcam_ref.dataset import _engines
@@ -374,14 +414,16 @@ def _results(job: _job.Job, pending: list[int], *, engine: str, workers: int, sc
         from gradcam_ref.dataset import _engines
 
         return _engines.ray_units(job, pending, workers=workers, address=scheduler, stopper=stopper, num_gpus=gpus)
-    return _local_units(job, pending, num_workers)
+    return _local_units(job, pending, num_workers, reading)
 
 
-def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> Iterator[dict[str, Any]]:
+def _local_units(job: _job.Job, pending: list[int], num_workers: int | None,
+                 reading: _ReadAhead | None = None) -> Iterator[dict[str, Any]]:
     """Read ahead in workers, explain here, write in a thread while the next unit is explained.
 
     At most one write is in flight; it is waited for before the next one starts and when the
     loop ends for any reason, so a unit is reported only once its maps chunk is in place.
+    ``reading``: a read-ahead started earlier (it may hold units that are not pending: skipped).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -389,12 +431,16 @@ def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> 
         return {"unit": unit, "images": len(errors),
                 "failed": [(job.paths[i], e) for i, e in zip(job.indices(unit), errors, strict=True) if e]}
 
+    reader = reading if reading is not None else _ReadAhead(job, pending, num_workers)
+    wanted = set(pending)
     with ThreadPoolExecutor(1, thread_name_prefix="gradcam-ref-writer") as writer:
         writing: tuple[Any, dict[str, Any]] | None = None
         try:
-            for unit, batch, errors in _read_ahead(job, pending, num_workers):
+            for unit, batch, errors in reader:
+                if unit not in wanted:
+                    continue
                 job.raise_unreadable(unit, errors)
-                arrays = job.outputs(batch, errors)
+                arrays = job.outputs(batch, errors, unit)
                 if writing is not None:
                     future, done = writing
                     writing = None
@@ -407,6 +453,7 @@ def _local_units(job: _job.Job, pending: list[int], num_workers: int | None) -> 
                 future.result()
                 yield done
         finally:
+            reader.close()
             if writing is not None:  # stopped or failed: let the write in flight finish whole
                 writing[0].exception()
 
@@ -434,37 +481,60 @@ def _ignore_sigint(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
 
 
-def _read_ahead(job: _job.Job, units: list[int], num_workers: int | None) -> Iterator[tuple[int, Any, list[str]]]:
-    """Decoded units in order, read ahead by worker processes (torch) or threads (otherwise)."""
-    workers = _job.default_workers() if num_workers is None else num_workers
-    workers = min(workers, len(units))
-    if workers == 0:
-        for unit in units:
-            batch, errors = job.read(unit)
-            yield unit, batch, errors
-        return
-    if job.framework == "torch":
-        from torch.utils.data import DataLoader
+class _ReadAhead:
+    """Decoded units ``(unit, batch, errors)`` in order, read ahead by worker processes (torch's
+    DataLoader) or threads (other models), ``num_workers`` of them (0: read when asked for).
 
-        # Forking a process that runs JAX's threads can deadlock (JAX warns): spawn workers then.
-        context = "spawn" if "jax" in sys.modules else None
-        loader: Any = DataLoader(_UnitReader(job, units), batch_size=None,  # type: ignore[arg-type]
-                                 num_workers=workers, collate_fn=_as_is, prefetch_factor=2,
-                                 worker_init_fn=_ignore_sigint, multiprocessing_context=context)
-        yield from loader
-        return
-    from concurrent.futures import ThreadPoolExecutor
+    Started at once: the workers decode while the caller still probes the model and makes the
+    store. :meth:`close` stops them (unread units are dropped).
+    """
 
-    with ThreadPoolExecutor(workers) as pool:
-        ahead: list[Any] = []
+    def __init__(self, job: _job.Job, units: list[int], num_workers: int | None) -> None:
+        workers = min(_job.default_workers() if num_workers is None else num_workers, len(units))
+        self._pool: Any = None
+        self._items: Iterator[tuple[int, Any, list[str]]]
+        if workers == 0:
+            self._items = ((unit, *job.read(unit)) for unit in units)
+        elif job.framework == "torch":
+            from torch.utils.data import DataLoader
+
+            # Forking a process that runs JAX's threads can deadlock (JAX warns): spawn workers then.
+            context = "spawn" if "jax" in sys.modules else None
+            loader: Any = DataLoader(_UnitReader(job, units), batch_size=None,  # type: ignore[arg-type]
+                                     num_workers=workers, collate_fn=_as_is, prefetch_factor=2,
+                                     worker_init_fn=_ignore_sigint, multiprocessing_context=context)
+            self._items = iter(loader)  # the workers start and are sent their first units
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="gradcam-ref-reader")
+            self._items = self._threaded(job, units, 2 * workers)
+
+    def _threaded(self, job: _job.Job, units: list[int], ahead: int) -> Iterator[tuple[int, Any, list[str]]]:
         queue = iter(units)
-        for unit in queue:
-            ahead.append((unit, pool.submit(job.read, unit)))
-            if len(ahead) > 2 * workers:
-                u, future = ahead.pop(0)
-                yield (u, *future.result())
-        for u, future in ahead:
-            yield (u, *future.result())
+        futures = [(unit, self._pool.submit(job.read, unit)) for unit in itertools.islice(queue, ahead + 1)]
+
+        def results() -> Iterator[tuple[int, Any, list[str]]]:
+            while futures:
+                unit, future = futures.pop(0)
+                following = next(queue, None)
+                if following is not None:
+                    futures.append((following, self._pool.submit(job.read, following)))
+                yield (unit, *future.result())
+
+        return results()
+
+    def __iter__(self) -> _ReadAhead:
+        return self
+
+    def __next__(self) -> tuple[int, Any, list[str]]:
+        return next(self._items)
+
+    def close(self) -> None:
+        """Stop reading: a DataLoader's workers exit once its iterator is dropped; threads finish their image."""
+        self._items = iter(())
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Stopper:
@@ -534,6 +604,87 @@ def _stats(name: str, values: Sequence[float], positive: bool = False) -> tuple[
     if len(out) not in (1, 3) or not all(np.isfinite(out)) or (positive and min(out) <= 0):
         raise ValueError(f"{name} must be 1 or 3 finite numbers{' > 0' if positive else ''}, got {values!r}")
     return out
+
+
+def _check_metrics(names: Any, masks: Any, boxes: Any, options: Mapping[str, Any] | None,
+                   n: int) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``metrics=`` as sorted unique names, and the options of :func:`gradcam_ref.evaluate` they use."""
+    import inspect
+
+    from gradcam_ref._evaluate import FAITHFULNESS, LOCALISATION, evaluate
+
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"metrics must be a sequence of metric names, got {names!r}")
+    unknown = [m for m in names if m not in LOCALISATION + FAITHFULNESS]
+    if unknown:
+        raise ValueError(f"metrics must name metrics among {LOCALISATION + FAITHFULNESS}, got {unknown}")
+    chosen = tuple(sorted(set(names)))
+    localisation = [m for m in chosen if m in LOCALISATION]
+    if localisation and masks is None and boxes is None:
+        raise ValueError(f"metrics={list(localisation)} need masks= or boxes= (the images' ground truth), got neither")
+    if "weakly_supervised_localisation" in chosen and boxes is None:
+        raise ValueError("metrics=['weakly_supervised_localisation'] needs boxes=, got None")
+    if (masks is not None or boxes is not None) and not localisation:
+        given = "masks" if masks is not None else "boxes"
+        raise ValueError(f"{given}= is given but metrics={list(chosen)} names no localisation metric "
+                         f"(among {LOCALISATION})")
+    for name, source, tail in (("masks", masks, None), ("boxes", boxes, (4,))):
+        if source is None or callable(source):
+            continue
+        shape = getattr(source, "shape", None)
+        if shape is None or len(shape) < 1 or shape[0] != n or (tail is not None and tuple(shape[1:]) != tail):
+            want = f"({n}, 4)" if tail else f"({n}, H, W)"
+            raise ValueError(f"{name} must be a callable or an array-like of shape {want} (one row per image), "
+                             f"got {type(source).__name__} of shape {shape}")
+    defaults = {k: p.default for k, p in inspect.signature(evaluate).parameters.items()
+                if k in ("steps", "batch_size", "seed", "road_percentages")}
+    options = dict(options or {})
+    bad = sorted(set(options) - set(defaults))
+    if bad:
+        raise ValueError(f"metric_options takes {sorted(defaults)}, got {bad}")
+    if not any(m in FAITHFULNESS for m in chosen):
+        return chosen, {}
+    resolved = {**defaults, **options}
+    resolved["road_percentages"] = [float(p) for p in resolved["road_percentages"]]
+    for key in ("steps", "batch_size"):
+        value = resolved[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"metric_options[{key!r}] must be a positive int, got {value!r}")
+        resolved[key] = int(value)
+    return chosen, resolved
+
+
+def _check_masks_and_boxes(masks: Any, boxes: Any, input_shape: tuple[int, ...]) -> None:
+    """Array masks at the input's spatial size; array boxes of integers inside it (checked once, up front)."""
+    spatial = tuple(input_shape[1:])
+    if masks is not None and not callable(masks) and tuple(masks.shape[1:]) != spatial:
+        raise ValueError(f"masks must be at the model's input size (N, {', '.join(map(str, spatial))}), "
+                         f"got shape {tuple(masks.shape)}")
+    if boxes is not None and not callable(boxes):
+        if len(spatial) != 2:
+            raise ValueError(f"boxes need 2-D inputs, got input shape {input_shape}")
+        b = np.asarray(boxes)
+        if b.dtype.kind not in "iuf":
+            raise TypeError(f"boxes must hold integer pixel coordinates, got {b.dtype}")
+        bad = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]) | (b[:, :2] < 0).any(axis=1) | \
+            (b[:, 2] > spatial[1]) | (b[:, 3] > spatial[0]) | (b != np.round(b)).any(axis=1)
+        if bad.any():  # metrics.boxes_to_masks's checks on every row, without building N masks
+            raise ValueError(f"boxes must be integers with 0 <= x0 < x1 <= {spatial[1]}, 0 <= y0 < y1 <= {spatial[0]} "
+                             f"(input pixels); rows {np.flatnonzero(bad)[:10].tolist()} are not: "
+                             f"{b[bad][:3].tolist()}")
+
+
+def _describe(source: Any) -> Any:
+    """What identifies masks or boxes in the store's settings: a callable's name, an array's digest."""
+    if source is None:
+        return None
+    if callable(source):
+        described = source.describe() if hasattr(source, "describe") else {}
+        return {"callable": _qualname(source), **described}
+    found = {"type": _qualname(source), "shape": [int(v) for v in source.shape], "dtype": str(source.dtype)}
+    if isinstance(source, np.ndarray):
+        found["sha256"] = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
+    return found
 
 
 def _qualname(obj: Any) -> str:

@@ -49,6 +49,10 @@ class Job:
     framework: str
     shard_devices: bool = True
     input_shape: tuple[int, ...] | None = None
+    metrics: tuple[str, ...] = ()
+    metric_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    masks: Any = None
+    boxes: Any = None
     _cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -145,8 +149,11 @@ class Job:
             extra = {} if self.evaluate is None else dict(self.evaluate(model, inputs, explanation))
         return explanation, extra
 
-    def outputs(self, batch: np.ndarray | None, errors: list[str]) -> dict[str, np.ndarray]:
-        """The unit's arrays as stored: maps, targets, scores, top classes, metrics, errors."""
+    def outputs(self, batch: np.ndarray | None, errors: list[str], unit: int | None = None) -> dict[str, np.ndarray]:
+        """The unit's arrays as stored: maps, targets, scores, top classes, metrics, errors.
+
+        ``unit`` (which images these are) is needed for the named ``metrics`` with masks or boxes.
+        """
         from gradcam_ref._arrays import to_numpy
 
         n = len(errors)
@@ -171,6 +178,9 @@ class Job:
         }
         for name, values in extra.items():
             arrays[f"metrics/{name}"] = np.asarray(to_numpy(values))[:n_real]
+        if self.metrics:
+            for name, values in self.evaluations(unit, batch, maps, targets, errors).items():
+                arrays[f"metrics/{name}"] = values
         arrays["maps"] = maps
         bad = np.array([e != "" for e in errors])
         if bad.any():
@@ -180,6 +190,54 @@ class Job:
                     values[bad] = -1 if values.dtype.kind in "iu" else np.nan
                     arrays[name] = values
         return arrays
+
+    def evaluations(self, unit: int | None, batch: np.ndarray, maps: np.ndarray, targets: np.ndarray,
+                    errors: list[str]) -> dict[str, np.ndarray]:
+        """The named ``metrics`` of the unit's readable images (NaN for the others), float64.
+
+        Exactly :func:`gradcam_ref.evaluate` on the stored ``maps`` of those images upsampled to
+        the input size (:func:`gradcam_ref.upsample`), with their inputs, targets, masks and boxes:
+        recomputing that from the store gives the same numbers to the bit. T targets per image
+        are T examples each; the values are stored ``(n, T)``.
+        """
+        import gradcam_ref
+        from gradcam_ref._evaluate import FAITHFULNESS, LOCALISATION
+
+        n, tail = len(errors), targets.shape[1:]
+        per_image = int(np.prod(tail, dtype=np.int64))
+        values = {name: np.full((n, *tail), np.nan) for name in self.metrics}
+        ok = np.flatnonzero([not error for error in errors])
+        if ok.size == 0:
+            return values
+        spatial = tuple(batch.shape[2:])
+        upsampled = np.asarray(gradcam_ref.upsample(maps[ok], spatial)).reshape(ok.size * per_image, *spatial)
+        kwargs: dict[str, Any] = {"faithfulness": tuple(m for m in self.metrics if m in FAITHFULNESS)}
+        if any(m in LOCALISATION for m in self.metrics):
+            if unit is None:
+                raise ValueError("internal: localisation metrics need the unit's number")
+            rows = [self.indices(unit)[i] for i in ok]
+            if self.boxes is not None:
+                kwargs["boxes"] = np.repeat(self._rows(self.boxes, rows, "boxes"), per_image, axis=0)
+            if self.masks is not None:
+                kwargs["masks"] = np.repeat(self._rows(self.masks, rows, "masks"), per_image, axis=0)
+        with _EXPLAIN_LOCK:
+            if kwargs["faithfulness"]:
+                from gradcam_ref import metrics
+
+                kwargs.update(self.metric_options, inputs=np.repeat(batch[ok], per_image, axis=0),
+                              targets=targets[ok].reshape(-1),
+                              score=metrics.scorer(self.prepared_model(), backend=self.framework))
+            result = gradcam_ref.evaluate(upsampled, **kwargs)
+        for name in self.metrics:
+            values[name][ok] = result.values[name].reshape(ok.size, *tail)
+        return values
+
+    def _rows(self, source: Any, rows: list[int], what: str) -> np.ndarray:
+        """Rows ``rows`` (ascending) of an array-like, or ``source(path)`` of each of their images."""
+        if callable(source):
+            return np.stack([np.asarray(source(self.paths[i])) for i in rows])
+        block = np.asarray(source[rows[0]:rows[-1] + 1])  # one slice: numpy, zarr, memmap alike
+        return block[np.asarray(rows) - rows[0]]
 
     def _missing(self, n: int, errors: list[str]) -> dict[str, np.ndarray]:
         group = self.group()
@@ -205,18 +263,25 @@ class Job:
         """Read, explain and write unit ``unit``; what an engine's worker calls."""
         batch, errors = self.read(unit)
         self.raise_unreadable(unit, errors)
-        self.write(unit, self.outputs(batch, errors))
+        self.write(unit, self.outputs(batch, errors, unit))
         return {"unit": unit, "images": len(errors), "failed": [(self.paths[i], e) for i, e in
                                                                zip(self.indices(unit), errors, strict=True) if e]}
 
-    def probe(self) -> dict[str, Any]:
-        """Shapes and dtypes of the outputs, from the first readable image explained alone."""
+    def first_image(self) -> tuple[int, np.ndarray]:
+        """The first readable image and its number; sets ``input_shape`` (what every image must have)."""
         for i, path in enumerate(self.paths[:256]):
             try:
                 image = np.asarray(self.load(path), dtype=np.float32)
             except Exception:  # noqa: BLE001 - skip unreadable images here; read() records them
                 continue
             self.input_shape = tuple(image.shape)
+            return i, image
+        raise ValueError(f"images: none of the first {min(256, len(self.paths))} images could be read "
+                         f"(the first: {self.paths[0]!r})")
+
+    def probe(self, first: tuple[int, np.ndarray] | None = None) -> dict[str, Any]:
+        """Shapes and dtypes of the outputs, from the first readable image (``first``) explained alone."""
+        for i, image in [first or self.first_image()]:
             batch = image[None]
             explanation, extra = self.explain(batch)
             from gradcam_ref._arrays import to_numpy
@@ -226,6 +291,9 @@ class Job:
             targets = np.asarray(explanation.targets)
             if scores.ndim != 2:
                 raise ValueError(f"explain_dataset needs a model whose scores are (N, C), got shape {scores.shape}")
+            both = sorted(set(extra) & set(self.metrics))
+            if both:
+                raise ValueError(f"evaluate returned {both}, which metrics= also names; rename them in the hook")
             return {
                 "input": list(image.shape),
                 "maps": list(maps.shape[1:]),
@@ -234,12 +302,12 @@ class Job:
                 "scores_dtype": str(scores.dtype),
                 "classes": int(scores.shape[1]),
                 "top_k": min(_store.TOP_K, int(scores.shape[1])),
-                "metrics": {name: [list(np.shape(to_numpy(v))[1:]), str(np.asarray(to_numpy(v)).dtype)]
-                            for name, v in extra.items()},
+                "metrics": {**{name: [list(np.shape(to_numpy(v))[1:]), str(np.asarray(to_numpy(v)).dtype)]
+                               for name, v in extra.items()},
+                            **{name: [list(targets.shape[1:]), "float64"] for name in self.metrics}},
                 "probe_image": i,
             }
-        raise ValueError(f"images: none of the first {min(256, len(self.paths))} images could be read "
-                         f"(the first: {self.paths[0]!r})")
+        raise AssertionError("unreachable")
 
 
 def check_method(method: str) -> None:

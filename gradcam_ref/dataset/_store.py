@@ -8,7 +8,7 @@ Layout (a zarr v3 group on a local directory)::
     targets  (N,) / (N,T)  int64, the explained classes
     scores   (N,) / (N,T)  the model's score of each explained class
     top_classes, top_scores (N, k)  the k highest-scoring classes (k = min(5, C))
-    metrics/<name> (N,...) what an ``evaluate`` hook returned for the unit
+    metrics/<name> (N,...) the ``metrics=`` named (float64), or what an ``evaluate`` hook returned
     maps     (N, *spatial) / (N, T, *spatial)  at the layer's resolution, written LAST
 
 Every array is chunked by ``batch_size`` along the first axis: unit ``u`` is chunk ``u`` of each.
@@ -30,7 +30,7 @@ import numpy as np
 
 FORMAT = "gradcam_ref.explain_dataset/1"
 TOP_K = 5
-CHECKED = ("images", "model", "layer", "method", "target", "batch_size", "preprocess", "options", "dtype")
+CHECKED = ("images", "model", "layer", "method", "target", "batch_size", "preprocess", "options", "dtype", "metrics")
 """Settings that decide the maps: resuming with any of them changed is an error naming it."""
 
 
@@ -123,9 +123,16 @@ def check(out: Path, settings: Mapping[str, Any]) -> Any:
             f"(its attrs have no 'gradcam_ref' entry of format {FORMAT!r}); choose another path")
     wanted = json.loads(json.dumps(dict(settings)))
     for key in CHECKED:
-        if attrs.get(key) != wanted.get(key):
+        have, want = attrs.get(key), wanted.get(key)
+        if have != want:
+            parts = ""
+            if isinstance(have, dict) or isinstance(want, dict):  # name the entries that differ
+                a, b = (v if isinstance(v, dict) else {} for v in (have, want))
+                differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                parts = "; they differ in " + ", ".join(f"{k} ({_short(a.get(k))} vs {_short(b.get(k))})"
+                                                         for k in differ)
             raise StoreMismatch(
-                f"out={str(out)!r} was made with {key}={_short(attrs.get(key))}, not {_short(wanted.get(key))}: "
+                f"out={str(out)!r} was made with {key}={_short(have)}, not {_short(want)}{parts}: "
                 "resume with the same settings, or choose another out")
     return group
 

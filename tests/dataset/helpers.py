@@ -49,3 +49,18 @@ class SlowPreprocess(Preprocess):
     def __call__(self, path: str) -> np.ndarray:
         time.sleep(self.delay)
         return super().__call__(path)
+
+
+def box_of(path: str) -> list[int]:
+    """A box ``(x0, y0, x1, y1)`` inside SIZE x SIZE, drawn from the image's file name (picklable)."""
+    rng = np.random.default_rng(int(Path(path).stem))
+    x0, y0 = rng.integers(0, SIZE - 4, 2)
+    return [int(x0), int(y0), int(x0 + rng.integers(1, SIZE - x0 + 1)), int(y0 + rng.integers(1, SIZE - y0 + 1))]
+
+
+def mask_of(path: str) -> np.ndarray:
+    """A ring-shaped boolean mask of SIZE x SIZE from the image's file name (not a box)."""
+    i = int(Path(path).stem)
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    r = np.hypot(y - (4 + i % 8), x - (3 + i % 9))
+    return (r >= 2) & (r < 4 + i % 3)

@@ -19,7 +19,7 @@ import pytest
 import zarr  # noqa: E402
 
 import gradcam_ref  # noqa: E402
-from tests.dataset.helpers import SIZE, make_images, tiny_model  # noqa: E402
+from tests.dataset.helpers import SIZE, box_of, make_images, tiny_model  # noqa: E402
 from tests.dataset.test_explain_dataset import KW, N, assert_same_store, chunk_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +42,30 @@ def reference(images, model, tmp_path_factory):
     return zarr.open_group(out, mode="r")
 
 
+@pytest.fixture(scope="module")
+def scoring(images):
+    """Metrics scored in the same pass (boxes as an array: nothing for a worker to import)."""
+    return {"metrics": ("deletion", "relevance_mass", "average_drop"), "metric_options": {"steps": 6},
+            "boxes": np.array([box_of(str(p)) for p in images])}
+
+
+@pytest.fixture(scope="module")
+def scored(images, model, scoring, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scored") / "maps.zarr"
+    gradcam_ref.explain_dataset(model, images, out=out, **scoring, **KW)
+    return zarr.open_group(out, mode="r")
+
+
+def assert_same_scores(a, b, names):
+    assert_same_store(a, b)
+    for name in names:
+        x, y = a[f"metrics/{name}"][:], b[f"metrics/{name}"][:]
+        assert np.isfinite(x).all() and np.array_equal(x, y), name
+
+
 @pytest.mark.slow
-def test_dask_on_a_local_cluster_resumes_and_equals_the_local_loop(images, model, reference, tmp_path):
+def test_dask_on_a_local_cluster_resumes_and_equals_the_local_loop(images, model, reference, scoring, scored,
+                                                                    tmp_path):
     import distributed  # noqa: F401  (part of make test: no skip)
     from distributed import Client
 
@@ -63,6 +85,14 @@ def test_dask_on_a_local_cluster_resumes_and_equals_the_local_loop(images, model
             assert (summary.skipped_units, summary.computed_units) == (first.computed_units, 6 - first.computed_units)
             assert all(chunk_stats(out)[k] == v for k, v in finished.items())
             assert_same_store(reference, zarr.open_group(out, mode="r"))
+
+            # Scored in the same pass on the workers: the local loop's scores to the bit, resumed too.
+            scores = tmp_path / "dask-scores.zarr"
+            gradcam_ref.explain_dataset(model, images, out=scores, shard=(1, 2), **scoring, **KW)
+            again = gradcam_ref.explain_dataset(model, images, out=scores, engine="dask", scheduler=client,
+                                                **scoring, **KW)
+            assert (again.skipped_units, again.computed_units) == (3, 3)
+            assert_same_scores(scored, zarr.open_group(scores, mode="r"), scoring["metrics"])
 
             # Workers started with Dask's own default (65536) are named in a warning.
             client.run(lambda: os.environ.__setitem__("MALLOC_TRIM_THRESHOLD_", "65536"))
@@ -132,7 +162,7 @@ def test_dask_without_a_scheduler_starts_its_own_cluster_and_closes_it_when_done
 
 
 @pytest.mark.slow
-def test_ray_data_actors_equal_the_local_loop(images, model, reference, tmp_path):
+def test_ray_data_actors_equal_the_local_loop(images, model, reference, scoring, scored, tmp_path):
     import ray
     import ray.data  # noqa: F401
     out = tmp_path / "ray.zarr"
@@ -143,6 +173,9 @@ def test_ray_data_actors_equal_the_local_loop(images, model, reference, tmp_path
         assert_same_store(reference, zarr.open_group(out, mode="r"))
         again = gradcam_ref.explain_dataset(model, images, out=out, engine="ray", workers=2, **KW)
         assert (again.skipped_units, again.computed_units) == (6, 0)
+        scores = tmp_path / "ray-scores.zarr"
+        gradcam_ref.explain_dataset(model, images, out=scores, engine="ray", workers=2, **scoring, **KW)
+        assert_same_scores(scored, zarr.open_group(scores, mode="r"), scoring["metrics"])
     finally:
         ray.shutdown()
 

@@ -338,9 +338,10 @@ def test_a_full_disk_fails_the_unit_and_nothing_half_written_counts(images, mode
 # --- kill -9, SIGTERM, Ctrl-C (subprocesses) ----------------------------------------------------
 
 
-def _start(images, out, delay=0.15):
+def _start(images, out, delay=0.15, extra=()):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tests.dataset.run_job", str(images[0].parent), str(out), str(delay)],
+    return subprocess.Popen([sys.executable, "-m", "tests.dataset.run_job", str(images[0].parent), str(out), str(delay),
+                             *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
