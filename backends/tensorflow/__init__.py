@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import difflib
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,6 @@ import tensorflow as tf
 from gradcam_ref.backends._contract import (
     Capture,
     Explanation,
-    ZeroGradientWarning,
     check_feature_maps,
     check_finite,
     check_same_batch,
@@ -44,7 +42,9 @@ from gradcam_ref.backends._contract import (
     class_indices,
     grad_cam_fields,
     resolve_targets,
+    same_parameters,
     shape_of,
+    warn_zero_gradients,
 )
 from gradcam_ref.backends.tensorflow import guided as tf_guided
 
@@ -130,24 +130,15 @@ def capture(
     return Capture(activations, gradients, scores, targets_out, guided_backprop)
 
 
-def explain(
-    model: Any,
-    inputs: Any,
-    target: Any = None,
-    *,
-    layer: str | keras.Layer | None = None,
-    guided: bool = False,
-    channel_axis: int = -1,
-    compiled: bool = True,
-) -> Explanation:
+@same_parameters(capture)
+def explain(*args: Any, **kwargs: Any) -> Explanation:
     """The :class:`~gradcam_ref.Explanation` of :func:`capture`: the core's math on its arrays, as tensors.
 
     Eq. 1, Eq. 2 and Guided Grad-CAM are the core's :func:`~gradcam_ref.backends._contract.grad_cam_fields`
     run on float64 NumPy copies of the captured tensors (array-api-compat has no TensorFlow
     namespace); the results are returned as ``tf.Tensor`` of the activations' dtype.
     """
-    captured = capture(model, inputs, target, layer=layer, guided=guided,
-                       channel_axis=channel_axis, compiled=compiled)
+    captured = capture(*args, **kwargs)
     as_host = lambda v: None if v is None else np.asarray(v, dtype=np.float64)  # noqa: E731
     host = captured._replace(activations=as_host(captured.activations), gradients=as_host(captured.gradients),
                              guided_backprop=as_host(captured.guided_backprop))  # the scores are not needed
@@ -442,15 +433,4 @@ def _channels_first(x: tf.Tensor, axis: int, lead: int) -> tf.Tensor:
 def _warn_zero_gradients(g_max: np.ndarray, where: str) -> None:
     """Warn about examples (and targets) whose gradients are zero everywhere (``g_max``: max |g|
     per example, ``(N,)``, or per example and target, ``(N, T)``)."""
-    lead = g_max.ndim
-    zero = g_max == 0
-    if zero.any():
-        bad = [b[0] if lead == 1 else tuple(int(i) for i in b) for b in np.argwhere(zero).tolist()]
-        warnings.warn(
-            f"the gradients of the score at {where} are exactly zero for "
-            f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}"
-            f"{' ...' if len(bad) > 10 else ''}: the score does not depend on the layer there, "
-            "so the map is zero",
-            ZeroGradientWarning,
-            stacklevel=4,
-        )
+    warn_zero_gradients(g_max == 0, where, stacklevel=4)
