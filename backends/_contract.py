@@ -13,7 +13,9 @@ depends on (tests/backends/test_contract.py checks it).
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import inspect
+from collections.abc import Callable
+from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from gradcam_ref._arrays import check_feature_maps, check_finite, shape_of
 from gradcam_ref._explain import (
@@ -33,7 +35,12 @@ from gradcam_ref._targets import (
     class_indices,
     resolve_targets,
 )
-from gradcam_ref._warnings import NoGuidedReLUWarning, TrainingModeWarning, ZeroGradientWarning
+from gradcam_ref._warnings import (
+    NoGuidedReLUWarning,
+    TrainingModeWarning,
+    ZeroGradientWarning,
+    warn_zero_gradients,
+)
 
 __all__ = [
     "Backend",
@@ -55,8 +62,13 @@ __all__ = [
     "grad_cam_fields",
     "guided_grad_cam",
     "resolve_targets",
+    "same_parameters",
     "shape_of",
+    "warn_zero_gradients",
 ]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @runtime_checkable
@@ -119,12 +131,28 @@ class Backend(Protocol):
         ...
 
 
-def explaining(capture: Any) -> Any:
+def same_parameters(source: Callable[_P, Any]) -> Callable[[Callable[..., _R]], Callable[_P, _R]]:
+    """Decorator: the decorated ``f(*args, **kwargs)`` takes exactly ``source``'s parameters.
+
+    A backend's ``explain`` takes its ``capture``'s arguments: the signature is written once, on
+    ``capture``, and ``help()``, IDEs (``__signature__``) and type checkers (``ParamSpec``) show
+    it on both. ``f`` keeps its own name, docstring and return annotation.
+    """
+
+    def decorate(function: Callable[..., _R]) -> Callable[_P, _R]:
+        returns = inspect.signature(function).return_annotation
+        function.__signature__ = inspect.signature(source).replace(return_annotation=returns)  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+def explaining(capture: Callable[_P, Capture]) -> Callable[_P, Explanation]:
     """The ``explain`` of a backend whose ``capture`` returns plain arrays: the core does the math."""
 
-    def explain(model: Any, inputs: Any, target: Target = None, *, layer: Any = None,
-                guided: bool = False, **options: Any) -> Explanation:
-        return Explanation.from_capture(capture(model, inputs, target, layer=layer, guided=guided, **options))
+    @same_parameters(capture)
+    def explain(*args: Any, **kwargs: Any) -> Explanation:
+        return Explanation.from_capture(capture(*args, **kwargs))
 
     explain.__doc__ = f"``Explanation.from_capture(capture(...))`` of ``{capture.__module__}.capture``."
     return explain

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,10 +27,10 @@ import numpy as np
 from gradcam_ref.backends._contract import (
     Capture,
     Perturbed,
-    ZeroGradientWarning,
     class_indices,
     explaining,
     shape_of,
+    warn_zero_gradients,
 )
 
 NAME = "numpy"
@@ -264,15 +263,7 @@ def _warn_zero_gradients(gradients: np.ndarray, rank: int, layer: str) -> None:
     """Warn, as every backend does, about examples (and targets) whose gradients are zero everywhere."""
     lead = gradients.ndim - rank + 1  # 1 (N,) or 2 (N, T)
     zero = np.max(np.abs(gradients), axis=tuple(range(lead, gradients.ndim))) == 0
-    if zero.any():
-        bad = [int(b[0]) if lead == 1 else tuple(int(v) for v in b) for b in np.argwhere(zero)]
-        warnings.warn(
-            f"the gradients of the score at layer {layer!r} are exactly zero for "
-            f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
-            "the score does not depend on the layer there, so the map is zero",
-            ZeroGradientWarning,
-            stacklevel=4,
-        )
+    warn_zero_gradients(zero, f"layer {layer!r}", stacklevel=4)
 
 
 explain = explaining(capture)

@@ -152,9 +152,16 @@ def grad_cam_parts(activations: Array, gradients: Array) -> tuple[Array, Array]:
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
     check_feature_maps("activations", a)
     multi = check_gradients_match(a, g)
-    alpha = _spatial_mean(xp, g, lead=3 if multi else 2)
+    lead = 3 if multi else 2
+    alpha = _plain_mean(xp, g, lead)
     maps = _weighted_sum(xp, a, alpha)
-    if all_finite(alpha, maps) is False:  # one read-back when all is well; else name the culprit
+    # One read-back when all is well: a non-finite alpha_k makes every value of its map
+    # non-finite (inf * x, NaN * x and inf - inf never are finite), so finite maps prove
+    # finite weights. Else the mean is redone safely (a sum that overflowed although the mean
+    # fits) and the culprit named.
+    if all_finite(maps) is False:
+        alpha = _spatial_mean(xp, g, lead)
+        maps = _weighted_sum(xp, a, alpha)
         check_finite(alpha, "grad_cam", gradients=g)
         check_finite(maps, "grad_cam", activations=a, gradients=g)
     return alpha, maps
@@ -265,6 +272,12 @@ def _spatial_mean(xp, x: Array, lead: int) -> Array:
         scale = xp.where(scale > 0, scale, xp.ones_like(scale))
         return scale[..., 0] * xp.mean(flat / scale, axis=-1)
     return mean
+
+
+def _plain_mean(xp, x: Array, lead: int) -> Array:
+    """Mean over every axis after the first ``lead`` ones, unchecked (:func:`_spatial_mean` checks)."""
+    shape = shape_of(x)
+    return xp.mean(xp.reshape(x, shape[:lead] + (math.prod(shape[lead:]),)), axis=-1)
 
 
 def _weighted_sum(xp, a: Array, w: Array) -> Array:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
+
 __all__ = [
     "MetricWarning", "NoGuidedReLUWarning", "NonPositiveScoreWarning", "TrainingModeWarning", "ZeroGradientWarning",
 ]
@@ -25,3 +29,22 @@ class MetricWarning(UserWarning):
     everything): their value is NaN, and the message names them and says why."""
 class NonPositiveScoreWarning(UserWarning):
     """Ablation-CAM divides by the target score, which is negative here: its weights change sign."""
+
+
+def warn_zero_gradients(zero: np.ndarray, where: str, stacklevel: int) -> None:
+    """Warn :class:`ZeroGradientWarning` (one message for every backend) when ``zero`` has a True.
+
+    ``zero``: a NumPy bool array, ``(N,)`` (example n's gradients at the layer are all exactly
+    zero) or ``(N, T)`` (per example and target); ``where`` names the layer, e.g.
+    ``"layer 'conv'"``; ``stacklevel`` counts from the caller, as for ``warnings.warn``.
+    """
+    if not zero.any():
+        return
+    bad = [int(b[0]) if zero.ndim == 1 else tuple(int(i) for i in b) for b in np.argwhere(zero)]
+    warnings.warn(
+        f"the gradients of the score at {where} are exactly zero for "
+        f"{'example' if zero.ndim == 1 else '(example, target)'} {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
+        "the score does not depend on the layer there, so the map is zero",
+        ZeroGradientWarning,
+        stacklevel=stacklevel + 1,
+    )

@@ -441,8 +441,10 @@ def _inputs(inputs: Array, maps: np.ndarray) -> np.ndarray:
 
 
 def _rescore(score: Score, batches: Iterator[np.ndarray], rows: np.ndarray, targets: np.ndarray,
-             softmax: bool, total: int, progress: bool, what: str) -> np.ndarray:
-    """Score every input the generator yields (chunks of at most batch_size); one value per input."""
+             softmax: bool, total: int, progress: bool, what: str, accuracy: bool = False) -> np.ndarray:
+    """Score every input the generator yields (chunks of at most batch_size); one value per input:
+    the target's score (its probability with ``softmax``), or with ``accuracy`` 1.0 where the
+    target is the top class, else 0.0."""
     out = np.empty(total)
     done = 0
     bar = _progress(total, progress, what)
@@ -453,9 +455,12 @@ def _rescore(score: Score, batches: Iterator[np.ndarray], rows: np.ndarray, targ
                 raise ValueError(f"score must return (B, classes) for B = {chunk.shape[0]} inputs, got {raw.shape}")
             if not np.isfinite(raw).all():
                 raise ValueError("score returned NaN or Inf")
-            probabilities = _softmax(raw) if softmax else raw
             b = chunk.shape[0]
-            out[done:done + b] = probabilities[np.arange(b), targets[rows[done:done + b]]]
+            if accuracy:
+                out[done:done + b] = np.argmax(raw, axis=1) == targets[rows[done:done + b]]
+            else:
+                probabilities = _softmax(raw) if softmax else raw
+                out[done:done + b] = probabilities[np.arange(b), targets[rows[done:done + b]]]
             done += b
             if bar is not None:
                 bar.update(b)
@@ -795,30 +800,9 @@ def road(score: Score, inputs: Array, maps: Array, targets: Any, *,
                     yield x[i]
 
     rows = np.repeat(np.arange(n), p.size)
-    if measure == "accuracy":
-        values = _road_accuracy(score, _chunks(images(), batch_size), rows, t, progress)
-    else:
-        values = _rescore(score, _chunks(images(), batch_size), rows, t, softmax, rows.size, progress, "ROAD")
+    values = _rescore(score, _chunks(images(), batch_size), rows, t, softmax, rows.size, progress, "ROAD",
+                      accuracy=measure == "accuracy")
     return Curve(p / 100, values.reshape(n, p.size))
-
-
-def _road_accuracy(score: Score, batches: Iterator[np.ndarray], rows: np.ndarray, targets: np.ndarray,
-                   progress: bool) -> np.ndarray:
-    out = np.empty(rows.size)
-    done = 0
-    bar = _progress(rows.size, progress, "ROAD")
-    try:
-        for chunk in batches:
-            raw = np.asarray(to_numpy(score(chunk)), dtype=np.float64)
-            b = chunk.shape[0]
-            out[done:done + b] = np.argmax(raw, axis=1) == targets[rows[done:done + b]]
-            done += b
-            if bar is not None:
-                bar.update(b)
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
 
 
 # --- Sanity checks ---------------------------------------------------------------------------

@@ -61,3 +61,13 @@ def feature_maps(draw, elements=values, multi=None):
     multi = draw(st.booleans()) if multi is None else multi
     g_shape = (n, draw(st.integers(1, 2)), k, *spatial) if multi else (n, k, *spatial)
     return a, draw(edgy_arrays(g_shape, elements))
+
+
+resize_cases = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**32 - 1),
+    "n": st.integers(1, 2),
+    "shape_in": st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    "shape_out": st.lists(st.integers(1, 23), min_size=3, max_size=3),
+})
+"""A resize: seeded maps ``(n, *shape_in)`` (1 to 3 spatial axes) and sizes to take the first
+``len(shape_in)`` of ``shape_out`` (smaller or larger than the input)."""

@@ -23,6 +23,7 @@ from gradcam_ref.conventions import (
     get_convention,
     postprocess,
 )
+from tests.strategies import resize_cases
 
 # --- each convention on hand-computed maps ------------------------------------------------------
 
@@ -86,18 +87,11 @@ def test_a_flat_map_gives_no_nan(name):
 
 # --- resize kernels against their libraries ------------------------------------------------------
 
-sizes = st.fixed_dictionaries({
-    "seed": st.integers(0, 2**32 - 1),
-    "shape_in": st.lists(st.integers(1, 9), min_size=1, max_size=3),
-    "shape_out": st.lists(st.integers(1, 23), min_size=3, max_size=3),
-})
-
-
-@given(sizes)
+@given(resize_cases)
 def test_tf_keras_vis_resize_equals_scipy_zoom_order_1(p):
     rank = len(p["shape_in"])
     out = tuple(p["shape_out"][:rank])
-    x = np.random.default_rng(p["seed"]).random((2, *p["shape_in"]))
+    x = np.random.default_rng(p["seed"]).random((p["n"], *p["shape_in"]))
     ours = Resize("linear-corner", by="zoom")(np, x, out, rank)
     # tf-keras-vis: zoom(cam, zoom_factor(cam.shape, input.shape), order=1), the batch axis by 1
     ref = scipy.ndimage.zoom(x, (1.0, *(o / i for o, i in zip(out, p["shape_in"], strict=True))), order=1)
@@ -105,11 +99,11 @@ def test_tf_keras_vis_resize_equals_scipy_zoom_order_1(p):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-13)
 
 
-@given(sizes)
+@given(resize_cases)
 def test_captum_resize_equals_torch_nearest_interpolate(p):
     rank = len(p["shape_in"])
     out = tuple(p["shape_out"][:rank])
-    x = np.random.default_rng(p["seed"]).random((2, *p["shape_in"]))
+    x = np.random.default_rng(p["seed"]).random((p["n"], *p["shape_in"]))
     ref = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None], size=out, mode="nearest")[:, 0].numpy()
     np.testing.assert_array_equal(postprocess(x, "captum", size=out), ref)
 

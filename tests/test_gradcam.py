@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import gradcam_ref
 from gradcam_ref import cam, grad_cam, grad_cam_plus_plus, neuron_importance
 from gradcam_ref._arrays import all_finite
+from gradcam_ref._gradcam import grad_cam_parts
 from gradcam_ref.backends import numpy_backend
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +254,8 @@ def test_overflow_is_reported_as_such():
 
 
 def test_finite_results_whose_sum_overflows_are_not_an_error():
-    # The finiteness check adds up alpha and the map once; here that sum overflows although
+    # The finiteness check adds up the map once (finite maps prove finite alpha); here the sum
+    # of alpha would overflow, and the map's sum must not be mistaken for a NaN or Inf although
     # every value is finite, so the values themselves must settle it.
     a = np.array([[[[1e-300]], [[3e-300]]]])  # (1, 2, 1, 1): Z = 1
     g = np.full((1, 2, 1, 1), 1e308)  # alpha = [1e308, 1e308]: finite, their sum is not
@@ -282,6 +284,26 @@ def test_all_finite_says_whether_every_value_is_finite(values, library):
         arrays = [torch.tensor(vs, dtype=dtype) for vs in values]
         expected = all(bool(torch.isfinite(x).all()) for x in arrays)  # float32 rounds 1e308 to inf
     assert all_finite(*arrays) is expected
+
+
+@given(st.lists(_values, min_size=4, max_size=4), st.lists(_values, min_size=4, max_size=4),
+       st.sampled_from([(1, 2, 2), (2, 2, 1), (1, 4, 1)]))
+def test_grad_cam_parts_never_returns_a_non_finite_weight(a_values, g_values, shape):
+    """The one finiteness check reads the map only: a NaN or Inf weight must still be refused
+    (it makes every value of its map non-finite); with finite inputs of moderate size the weights
+    are the spatial means."""
+    a = np.asarray(a_values, dtype=np.float64).reshape(1, *shape)
+    g = np.asarray(g_values, dtype=np.float64).reshape(1, *shape)
+    moderate = bool(np.all(np.abs(np.concatenate([a.ravel(), g.ravel()])) < 1e150))
+    try:
+        alpha, maps = grad_cam_parts(a, g)
+    except ValueError as error:
+        assert not moderate, error  # NaN/Inf inputs, or an overflow of huge values
+        assert "NaN" in str(error) or "Inf" in str(error) or "overflow" in str(error)
+        return
+    assert np.isfinite(alpha).all() and np.isfinite(maps).all()
+    if moderate:
+        np.testing.assert_allclose(alpha, g.mean(axis=(2, 3)), rtol=1e-15, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

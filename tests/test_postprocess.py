@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradcam_ref import normalize, upsample
-from tests.strategies import edgy_arrays, map_shapes
+from tests.strategies import edgy_arrays, map_shapes, resize_cases
 
 # ---------------------------------------------------------------------------------------------
 # upsample
@@ -31,16 +31,6 @@ def test_upsample_multi_target_maps_keep_their_leading_axes():
     out = upsample(x, (8, 8))
     assert out.shape == (2, 3, 8, 8)
     np.testing.assert_array_equal(out[1, 2], upsample(x[1, 2][None], (8, 8))[0])
-
-
-resize_cases = st.fixed_dictionaries(
-    {
-        "seed": st.integers(0, 2**32 - 1),
-        "n": st.integers(1, 2),
-        "shape_in": st.lists(st.integers(1, 9), min_size=1, max_size=3),
-        "shape_out": st.lists(st.integers(1, 17), min_size=3, max_size=3),
-    }
-)
 
 
 @given(resize_cases)

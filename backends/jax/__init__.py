@@ -39,7 +39,6 @@ from gradcam_ref.backends._contract import (
     GradCamFields,
     NoGuidedReLUWarning,
     Perturbed,
-    ZeroGradientWarning,
     check_feature_maps,
     check_finite,
     check_scores,
@@ -47,7 +46,9 @@ from gradcam_ref.backends._contract import (
     class_indices,
     differentiable_mode,
     grad_cam_fields,
+    same_parameters,
     shape_of,
+    warn_zero_gradients,
 )
 from gradcam_ref.backends.jax import guided as jax_guided
 from gradcam_ref.backends.jax import models as jax_models
@@ -118,22 +119,15 @@ def capture(
     return _run(model, inputs, target, layer, guided, channel_axis, call, variables, differentiable, params)[0]
 
 
-def explain(
-    model: Any,
-    inputs: Any,
-    target: Any = None,
-    *,
-    layer: Any = None,
-    guided: bool = False,
-    channel_axis: int | None = None,
-    call: int | None = None,
-    variables: Any = None,
-    differentiable: bool | str = False,
-    params: Any = None,
-) -> Explanation:
+@same_parameters(capture)
+def explain(*args: Any, **kwargs: Any) -> Explanation:
     """The :class:`~gradcam_ref.Explanation` of :func:`capture`, its core math run inside the same program."""
-    return Explanation.from_capture(
-        *_run(model, inputs, target, layer, guided, channel_axis, call, variables, differentiable, params))
+    arguments = _CAPTURE.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    return Explanation.from_capture(*_run(**arguments.arguments))
+
+
+_CAPTURE = inspect.signature(capture)
 
 
 def score(model: Any, inputs: Any, *, params: Any = None) -> jax.Array:
@@ -380,14 +374,7 @@ def _warn_zero_gradients(gradients: jax.Array, rank: int, what: str) -> None:
     g = np.asarray(gradients)
     lead = g.ndim - rank + 1  # 1 (N,) or 2 (N, T)
     zero = np.max(np.abs(g), axis=tuple(range(lead, g.ndim))) == 0
-    bad = [int(b[0]) if lead == 1 else tuple(int(v) for v in b) for b in np.argwhere(zero)]
-    warnings.warn(
-        f"the gradients of the score at {what} are exactly zero for "
-        f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}{' ...' if len(bad) > 10 else ''}: "
-        "the score does not depend on the layer there, so the map is zero",
-        ZeroGradientWarning,
-        stacklevel=4,
-    )
+    warn_zero_gradients(zero, what, stacklevel=4)
 
 
 def _warn_unguided(record: jax_guided.Record | None) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import difflib
-import warnings
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +39,6 @@ from gradcam_ref.backends._contract import (
     Explanation,
     GradCamFields,
     Perturbed,
-    ZeroGradientWarning,
     check_feature_maps,
     check_finite,
     check_same_batch,
@@ -49,7 +48,9 @@ from gradcam_ref.backends._contract import (
     grad_cam_fields,
     guided_grad_cam,
     resolve_targets,
+    same_parameters,
     shape_of,
+    warn_zero_gradients,
 )
 from gradcam_ref.backends.tensorflow import guided as tf_guided
 
@@ -142,25 +143,18 @@ def _capture(model: Any, inputs: Any, target: Any, layer: Any, guided: bool, cha
     return Capture(activations, gradients, scores, targets_out, guided_backprop), fields, finite
 
 
-def explain(
-    model: Any,
-    inputs: Any,
-    target: Any = None,
-    *,
-    layer: str | keras.Layer | None = None,
-    guided: bool = False,
-    channel_axis: int = -1,
-    compiled: bool = True,
-) -> Explanation:
-    """The :class:`~gradcam_ref.Explanation` of :func:`capture`: the core's math on its tensors.
+@same_parameters(capture)
+def explain(*args: Any, **kwargs: Any) -> Explanation:
+    """The :class:`~gradcam_ref.Explanation` of :func:`capture`: the core's math on its arrays, as tensors.
 
     Eq. 1 and Eq. 2 are the core's :func:`~gradcam_ref.backends._contract.grad_cam_fields`, run on
     the tensors inside the compiled program (``gradcam_ref._tf_array_api``: no host copies), in the
     activations' dtype. Should a value come out non-finite, the core runs again outside the program
     (its overflow-safe mean) and its checks name the culprit. Guided Grad-CAM is the core's too.
     """
-    captured, fields, finite = _capture(model, inputs, target, layer, guided, channel_axis, compiled,
-                                        with_fields=True)
+    arguments = _CAPTURE.bind(*args, **kwargs)
+    arguments.apply_defaults()
+    captured, fields, finite = _capture(**arguments.arguments, with_fields=True)
     if fields is None or not bool(finite):
         fields = grad_cam_fields(captured._replace(guided_backprop=None))
         check_finite(fields.weights, "grad_cam", gradients=captured.gradients)
@@ -169,6 +163,9 @@ def explain(
         fields = fields._replace(guided_grad_cam=guided_grad_cam(
             captured.guided_backprop, fields.maps, spatial_rank=len(captured.activations.shape) - 2))
     return Explanation.from_capture(captured, fields)
+
+
+_CAPTURE = inspect.signature(capture)
 
 
 # --- the program: features without a tape, head under one ---------------------------------------
@@ -548,15 +545,4 @@ def _channels_last(x: tf.Tensor) -> tf.Tensor:
 def _warn_zero_gradients(g_max: np.ndarray, where: str) -> None:
     """Warn about examples (and targets) whose gradients are zero everywhere (``g_max``: max |g|
     per example, ``(N,)``, or per example and target, ``(N, T)``)."""
-    lead = g_max.ndim
-    zero = g_max == 0
-    if zero.any():
-        bad = [b[0] if lead == 1 else tuple(int(i) for i in b) for b in np.argwhere(zero).tolist()]
-        warnings.warn(
-            f"the gradients of the score at {where} are exactly zero for "
-            f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}"
-            f"{' ...' if len(bad) > 10 else ''}: the score does not depend on the layer there, "
-            "so the map is zero",
-            ZeroGradientWarning,
-            stacklevel=4,
-        )
+    warn_zero_gradients(g_max == 0, where, stacklevel=4)

@@ -23,6 +23,7 @@ The split form ``(features, head)`` takes :math:`A` = ``features(inputs)``, scor
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import itertools
 import math
@@ -41,14 +42,15 @@ from gradcam_ref.backends._contract import (
     NoGuidedReLUWarning,
     Perturbed,
     TrainingModeWarning,
-    ZeroGradientWarning,
     check_feature_maps,
     check_same_batch,
     check_target_scores,
     differentiable_mode,
     grad_cam_fields,
     resolve_targets,
+    same_parameters,
     shape_of,
+    warn_zero_gradients,
 )
 from gradcam_ref.backends.torch.guided import GuidedReLUs
 
@@ -58,6 +60,13 @@ DIFFERENTIABLE = True
 AT = ("output", "input")
 
 __all__ = ["AT", "DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "perturb", "score"]
+
+
+_ZERO_CHECKS: contextvars.ContextVar[list[tuple[torch.Tensor, int, str]] | None] = contextvars.ContextVar(
+    "_ZERO_CHECKS", default=None)
+"""Set by :func:`explain` around its :func:`capture`: the zero-gradient checks it runs itself,
+once Eq. 1's weights are known, instead of capture's search of the gradients."""
+
 
 
 def capture(
@@ -97,31 +106,31 @@ def capture(
       or None.
     """
     captured, where = _capture(model, inputs, target, layer, at, call, reshape, guided, differentiable)
-    _warn_zero_gradients(captured.gradients, int(captured.activations.ndim), where, stacklevel=3)
+    deferred = _ZERO_CHECKS.get()
+    if deferred is None:
+        _warn_zero_gradients(captured.gradients, int(captured.activations.ndim), where, stacklevel=3)
+    else:
+        deferred.append((captured.gradients, int(captured.activations.ndim), where))
     return captured
 
 
-def explain(
-    model: nn.Module | tuple[nn.Module, nn.Module],
-    inputs: torch.Tensor,
-    target: Any = None,
-    *,
-    layer: str | nn.Module | None = None,
-    at: str = "output",
-    call: int | None = None,
-    reshape: Sequence[int] | Callable[[torch.Tensor], torch.Tensor] | None = None,
-    guided: bool = False,
-    differentiable: bool | str = False,
-) -> Explanation:
+@same_parameters(capture)
+def explain(*args: Any, **kwargs: Any) -> Explanation:
     """``Explanation.from_capture(capture(...))``, same arguments (see :func:`capture`).
 
     The zero-gradient check reads the weights :math:`\\alpha` first: a non-zero weight proves
     its gradients non-zero, so the gradients themselves are searched only when a row of weights
     is all zero (one small read-back instead of a pass over ``(N, T, K, *spatial)``).
     """
-    captured, where = _capture(model, inputs, target, layer, at, call, reshape, guided, differentiable)
+    deferred: list[tuple[torch.Tensor, int, str]] = []
+    token = _ZERO_CHECKS.set(deferred)
+    try:
+        captured = capture(*args, **kwargs)
+    finally:
+        _ZERO_CHECKS.reset(token)
     fields = grad_cam_fields(captured)
-    _warn_zero_gradients(captured.gradients, int(captured.activations.ndim), where, fields.weights)
+    for gradients, rank, where in deferred:
+        _warn_zero_gradients(gradients, rank, where, fields.weights)
     return Explanation.from_capture(captured, fields)
 
 
@@ -163,7 +172,7 @@ def _capture(
     # differentiable: this forward pass is the user's training step (GAIN), so the model is not
     # restored and training mode is expected; otherwise it is left exactly as it was.
     training = False if attached else _warn_if_training(*parts)
-    with _kept_as_it_was(parts, inputs.device, training) as rewind:
+    with _kept_as_it_was(parts, inputs.device) if training else contextlib.nullcontext(_nothing) as rewind:
         if isinstance(model, (tuple, list)):
             leaf, scores = _forward_split(features, head, inputs, bool(attached))
             where = "the output of features"
@@ -450,16 +459,7 @@ def _warn_zero_gradients(
     dims = tuple(range(lead, int(gradients.ndim)))
     zero = (gradients.amax(dim=dims) == 0) & (gradients.amin(dim=dims) == 0)
     if bool(zero.any()):
-        bad = torch.nonzero(zero).tolist()
-        bad = [b[0] if lead == 1 else tuple(b) for b in bad]
-        warnings.warn(
-            f"the gradients of the score at {where} are exactly zero for "
-            f"{'example' if lead == 1 else '(example, target)'} {bad[:10]}"
-            f"{' ...' if len(bad) > 10 else ''}: the score does not depend on the layer there, "
-            "so the map is zero",
-            ZeroGradientWarning,
-            stacklevel=stacklevel,
-        )
+        warn_zero_gradients(zero.cpu().numpy(), where, stacklevel)
 
 
 # --- guided backpropagation --------------------------------------------------------------------
@@ -581,22 +581,21 @@ def _warn_if_training(*models: nn.Module) -> bool:
     return False
 
 
+def _nothing() -> None:
+    """``rewind`` of a model in eval mode: nothing to set back."""
+
+
 @contextlib.contextmanager
-def _kept_as_it_was(
-    models: tuple[nn.Module, ...], device: torch.device, training: bool
-) -> Iterator[Callable[[], None]]:
+def _kept_as_it_was(models: tuple[nn.Module, ...], device: torch.device) -> Iterator[Callable[[], None]]:
     """Leave the models' buffers and torch's random state exactly as they were; yield ``rewind``.
 
-    Only for a model in training mode (in eval mode nothing is done and nothing is copied): batch
-    norm then updates its running statistics and ``num_batches_tracked`` on every forward pass,
-    and dropout draws from the global generator. The buffers are copied before and copied back
+    For a model in training mode (in eval mode the caller skips it: nothing to do, nothing
+    copied): batch norm then updates its running statistics and ``num_batches_tracked`` on every
+    forward pass, and dropout draws from the global generator. The buffers are copied before and copied back
     (into the same tensors) after; the generator of the inputs' device is forked, and
     ``rewind()`` sets it back to its state at the start, so that every forward pass of one call
     (Grad-CAM, guided) draws the same dropout masks and two calls give the same maps.
     """
-    if not training:
-        yield lambda: None
-        return
     saved = [
         (module, name, buffer, buffer.clone())
         for model in models for module in model.modules()

@@ -125,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
         "float64, before upsampling and normalisation).",
     )
     command.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    _add_model_arguments(command)
+    command.add_argument("--target", default="auto", metavar="auto|INT|LABEL",
+                         help="class to explain: auto (each image's top class), an index or a class name")
+    command.add_argument("--labels", metavar="FILE",
+                         help="class names, one per line (default: the 1000 ImageNet names)")
+    command.add_argument("--out", default="out/explain", help="output folder (default: out/explain)")
+    command.add_argument("--batch-size", type=_positive, default=16, metavar="N",
+                         help="images per forward pass (default 16)")
+    command.add_argument("--guided", action="store_true",
+                         help="add a guided Grad-CAM panel (one more forward and backward pass, to the input)")
+    command.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmap (default jet)")
+    command.add_argument("--alpha", type=_unit, default=0.5,
+                         help="heatmap weight in the blend, in [0, 1] (default 0.5)")
+    command.set_defaults(run=explain_command.run)
+    dataset_command.add_parser(commands, _add_model_arguments, _positive)
+    _add_verify(commands)
+    _add_gain(commands)
+    _add_evaluate(commands)
+    return parser
+
+
+def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+    """The options that load a torch model and prepare its inputs, for explain and explain-dataset."""
     command.add_argument("--model", default=efficientnet_lite0.MODEL_NAME,
                          help=f"{efficientnet_lite0.MODEL_NAME} (default) or module:factory / path/file.py:factory, "
                          "a function returning a torch nn.Module")
@@ -136,28 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default for {efficientnet_lite0.MODEL_NAME}: its last convolutional features)")
     command.add_argument("--call", type=int, metavar="I",
                          help="which call of a layer module that runs more than once per forward pass (-1: last)")
-    command.add_argument("--target", default="auto", metavar="auto|INT|LABEL",
-                         help="class to explain: auto (each image's top class), an index or a class name")
-    command.add_argument("--labels", metavar="FILE",
-                         help="class names, one per line (default: the 1000 ImageNet names)")
-    command.add_argument("--out", default="out/explain", help="output folder (default: out/explain)")
     command.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
-    command.add_argument("--batch-size", type=_positive, default=16, metavar="N",
-                         help="images per forward pass (default 16)")
-    command.add_argument("--guided", action="store_true",
-                         help="add a guided Grad-CAM panel (one more forward and backward pass, to the input)")
     command.add_argument("--size", type=_size, metavar="N|HxW", help="model input size (default 224)")
     command.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
     command.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
-    command.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmap (default jet)")
-    command.add_argument("--alpha", type=_unit, default=0.5,
-                         help="heatmap weight in the blend, in [0, 1] (default 0.5)")
-    command.set_defaults(run=explain_command.run)
-    dataset_command.add_parser(commands, _floats, _size, _positive)
-    _add_verify(commands)
-    _add_gain(commands)
-    _add_evaluate(commands)
-    return parser
 
 
 def _masks(text: str) -> list[int]:

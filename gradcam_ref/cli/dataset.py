@@ -21,10 +21,9 @@ import numpy as np
 
 from gradcam_ref import zoo
 from gradcam_ref.cli._common import UsageError, import_torch_cli
-from gradcam_ref.zoo import efficientnet_lite0
 
 
-def add_parser(commands: Any, floats: Any, size: Any, positive: Any) -> None:
+def add_parser(commands: Any, model_arguments: Any, positive: Any) -> None:
     command = commands.add_parser(
         "explain-dataset",
         help="Grad-CAM of a torch model over a folder or list of images into a zarr store (resumable).",
@@ -33,18 +32,13 @@ def add_parser(commands: Any, floats: Any, size: Any, positive: Any) -> None:
         "one chunk; a rerun with --resume skips the finished batches. Details: docs/scale.md.",
     )
     command.add_argument("images", metavar="DIR|LIST", help="a folder of images or a list file (.txt)")
-    command.add_argument("--model", default=efficientnet_lite0.MODEL_NAME,
-                         help=f"{efficientnet_lite0.MODEL_NAME} (default) or module:factory / path/file.py:factory")
-    command.add_argument("--weights", metavar="FILE", help="a state dict (torch.load(weights_only=True))")
-    command.add_argument("--layer", metavar="NAME", help="dotted submodule name whose output is A")
-    command.add_argument("--call", type=int, metavar="I", help="which call of a layer that runs more than once")
+    model_arguments(command)  # --model, --weights, --layer, --call, --device, --size, --mean, --std
     command.add_argument("--method", default="grad-cam", help="the CAM method (default grad-cam)")
     command.add_argument("--target", type=int, metavar="INT", help="class to explain (default: each image's top)")
     command.add_argument("--out", default="maps.zarr", help="the zarr store (default maps.zarr)")
     command.add_argument("--resume", action="store_true", help="continue the store OUT if it exists")
     command.add_argument("--shard", metavar="I/N", help="run only the I-th of N blocks of batches (0 <= I < N)")
     command.add_argument("--batch-size", type=positive, default=16, metavar="N", help="images per batch (default 16)")
-    command.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
     command.add_argument("--num-workers", type=int, metavar="N", help="processes decoding images (local engine)")
     command.add_argument("--threads", type=positive, metavar="N", help="torch threads per process")
     command.add_argument("--on-error", default="record", choices=("record", "raise"),
@@ -55,9 +49,6 @@ def add_parser(commands: Any, floats: Any, size: Any, positive: Any) -> None:
     command.add_argument("--scheduler", metavar="ADDR", help="a Dask scheduler or Ray cluster address")
     command.add_argument("--num-gpus", type=float, metavar="G",
                          help="GPUs per Ray actor (default: 1 with --device cuda, else 0)")
-    command.add_argument("--size", type=size, metavar="N|HxW", help="model input size (default 224)")
-    command.add_argument("--mean", type=floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
-    command.add_argument("--std", type=floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
     command.add_argument("--metrics", metavar="NAMES",
                          help="comma-separated metrics of gradcam_ref.evaluate scored in the same pass and stored as "
                          "metrics/<name> (e.g. deletion,insertion,average_drop; localisation ones need --boxes or "

@@ -11,6 +11,22 @@ import numpy as np
 
 from gradcam_ref.verify import goldens
 
+PEER_RTOL = 1e-5
+"""A peer's map must match its convention within this fraction of the map's largest magnitude."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCase:
+    """What a peer library is run on: a model of its framework, a layer (dotted name for torch,
+    layer name for Keras), inputs (channels-first for torch, ``(N, H, W, C)`` for Keras) and one
+    target per example."""
+
+    name: str
+    model: Any
+    layer: str
+    inputs: Any
+    targets: list[int]
+
 
 @dataclasses.dataclass(frozen=True)
 class Check:

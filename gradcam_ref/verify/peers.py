@@ -20,22 +20,8 @@ import gradcam_ref
 from gradcam_ref._arrays import to_numpy
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify import goldens
-from gradcam_ref.verify._checks import Check, compare, installed
+from gradcam_ref.verify._checks import PEER_RTOL, Check, PeerCase, compare, installed
 from gradcam_ref.verify.twins import torch_oracle
-
-PEER_RTOL = 1e-5
-"""A peer's map must match its convention within this fraction of the map's largest magnitude."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PeerCase:
-    """A torch model, a layer (dotted name), inputs and one target per example."""
-
-    name: str
-    model: Any
-    layer: str
-    inputs: Any
-    targets: list[int]
 
 
 def peer_cases() -> list[PeerCase]:

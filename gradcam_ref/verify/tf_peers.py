@@ -23,22 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref.verify._checks import Check, compare, installed
+from gradcam_ref.verify._checks import PEER_RTOL, Check, compare, installed
+from gradcam_ref.verify._checks import PeerCase as KerasCase
 
 __all__ = ["KerasCase", "keras_cases", "main", "peer_checks", "run_isolated", "tf_keras_vis_layer"]
-
-PEER_RTOL = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class KerasCase:
-    """A Keras model (channels-last), a layer name, inputs ``(N, H, W, C)`` and one target per example."""
-
-    name: str
-    model: Any
-    layer: str
-    inputs: np.ndarray
-    targets: list[int]
 
 
 def keras_cases() -> list[KerasCase]:

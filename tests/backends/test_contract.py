@@ -59,6 +59,18 @@ def test_every_backend_implements_the_protocol(name):
     assert isinstance(backend.GUIDED, bool) and isinstance(backend.DIFFERENTIABLE, bool)
 
 
+@pytest.mark.parametrize("name", backends.BACKENDS)
+def test_explain_takes_exactly_the_parameters_of_capture(name):
+    """The signature is written once, on capture; help(), IDEs and type checkers see it on explain."""
+    import inspect
+
+    backend = backends.load(name)
+    capture, explain = inspect.signature(backend.capture), inspect.signature(backend.explain)
+    assert list(explain.parameters.values()) == list(capture.parameters.values())
+    assert explain.return_annotation in ("Explanation", gradcam_ref.Explanation)
+    assert capture.return_annotation in ("Capture", gradcam_ref.Capture)
+
+
 def test_backends_use_the_core_only_through_the_contract():
     modules = _modules()
     for name, path in modules.items():

@@ -168,11 +168,7 @@ def test_jit_and_vmap_of_the_guided_pull_back(data):
 
 @pytest.fixture(scope="module", params=["gap", "deep-head"])
 def twin(request, tmp_path_factory):
-    net = {"gap": twins.GAP_NET, "deep-head": twins.DEEP_HEAD_NET}[request.param]
-    path = tmp_path_factory.mktemp("twins") / f"{request.param}.npz"
-    twins.write_weights(path, net, seed=7)
-    x = np.random.default_rng(8).standard_normal((3, *net["input"]))
-    return net, twins.read_weights(path), x
+    return twins.case(request.param, tmp_path_factory.mktemp("twins"), seed=7)
 
 
 TARGETS = {

@@ -47,12 +47,18 @@ nets = st.fixed_dictionaries(
 )
 
 
-@given(nets)
-def test_hand_written_gradients_equal_central_differences(p):
+def _oracle(p: dict) -> tuple[np.random.Generator, Oracle, int]:
+    """The random oracle that ``nets`` describes (2 input channels, 3 classes), its generator and input size."""
     rng = np.random.default_rng(p["seed"])
     size = 5 if p["rank"] < 3 else 4
     model = Oracle.random(rng, in_channels=2, widths=[3] * p["depth"], kernel_sizes=[2] * p["depth"],
                           num_classes=3, spatial_rank=p["rank"], head=p["head"], input_size=size)
+    return rng, model, size
+
+
+@given(nets)
+def test_hand_written_gradients_equal_central_differences(p):
+    rng, model, size = _oracle(p)
     x = rng.standard_normal((2,) + (2,) + (size,) * p["rank"])
     layer = model.layers[p["layer"] % len(model.layers)]
     target = 1
@@ -147,10 +153,7 @@ def test_guided_backward_golden():
 @given(nets)
 def test_guided_backward_is_the_gradient_when_every_weight_is_positive(p):
     """With positive weights everywhere, every gradient reaching a ReLU is >= 0: guiding changes nothing."""
-    rng = np.random.default_rng(p["seed"])
-    size = 5 if p["rank"] < 3 else 4
-    model = Oracle.random(rng, in_channels=2, widths=[3] * p["depth"], kernel_sizes=[2] * p["depth"],
-                          num_classes=3, spatial_rank=p["rank"], head=p["head"], input_size=size)
+    rng, model, size = _oracle(p)
     model.convs = [(np.abs(w), b) for w, b in model.convs]
     model.head_params = [(np.abs(w), b) for w, b in model.head_params]
     x = rng.standard_normal((2, 2) + (size,) * p["rank"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import array_api_compat
@@ -65,6 +66,15 @@ def write_weights(path: Any, net: dict, seed: int) -> None:
         arrays[f"{name}.weight"] = rng.standard_normal(shape) / math.sqrt(fan_in)
         arrays[f"{name}.bias"] = 0.1 * rng.standard_normal(shape[0])
     np.savez(path, **arrays)
+
+
+def case(name: str, folder: Any, seed: int) -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
+    """``(net, weights, inputs)`` for ``name`` ``"gap"`` or ``"deep-head"``: weights seeded
+    ``seed`` written to ``folder`` and read back, and 3 inputs from ``seed + 1``."""
+    net = {"gap": GAP_NET, "deep-head": DEEP_HEAD_NET}[name]
+    path = Path(folder) / f"{name}.npz"
+    write_weights(path, net, seed=seed)
+    return net, read_weights(path), np.random.default_rng(seed + 1).standard_normal((3, *net["input"]))
 
 
 def read_weights(path: Any) -> dict[str, np.ndarray]:

@@ -10,6 +10,9 @@ import numpy as np
 from gradcam_ref.dataset import Preprocess
 
 SIZE = 16
+KW = {"layer": "2", "batch_size": 4, "size": SIZE, "num_workers": 0, "threads": 1, "progress": False}
+"""explain_dataset's arguments in the data set tests (with the tiny model and images)."""
+N = 22  # images: 6 units of 4, the last one of 2
 
 
 def make_images(folder: Path, n: int = 24, seed: int = 0) -> list[Path]:

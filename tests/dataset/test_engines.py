@@ -19,27 +19,10 @@ import pytest
 import zarr  # noqa: E402
 
 import gradcam_ref  # noqa: E402
-from tests.dataset.helpers import SIZE, box_of, make_images, tiny_model  # noqa: E402
-from tests.dataset.test_explain_dataset import KW, N, assert_same_store, chunk_stats  # noqa: E402
+from tests.dataset.helpers import KW, SIZE, N, box_of  # noqa: E402
+from tests.dataset.test_explain_dataset import assert_same_store, chunk_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"), N)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def reference(images, model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "maps.zarr"
-    gradcam_ref.explain_dataset(model, images, out=out, **KW)
-    return zarr.open_group(out, mode="r")
 
 
 @pytest.fixture(scope="module")

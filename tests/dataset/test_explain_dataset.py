@@ -26,29 +26,9 @@ from gradcam_ref.dataset import (  # noqa: E402
     parse_shard,
     shard_units,
 )
-from tests.dataset.helpers import SIZE, make_images, tiny_model  # noqa: E402
+from tests.dataset.helpers import KW, SIZE, N, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-KW = {"layer": "2", "batch_size": 4, "size": SIZE, "num_workers": 0, "threads": 1, "progress": False}
-N = 22  # 6 units, the last one of 2 images
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"), N)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def reference(images, model, tmp_path_factory):
-    """One uninterrupted run: the store every other run must equal bit for bit."""
-    out = tmp_path_factory.mktemp("ref") / "maps.zarr"
-    gradcam_ref.explain_dataset(model, images, out=out, **KW)
-    return zarr.open_group(out, mode="r")
 
 
 def arrays(group):

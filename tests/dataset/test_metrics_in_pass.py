@@ -17,22 +17,12 @@ import zarr
 import gradcam_ref
 from gradcam_ref._evaluate import FAITHFULNESS, LOCALISATION
 from gradcam_ref.dataset import Preprocess, StoreMismatch, _store
-from tests.dataset.helpers import SIZE, box_of, make_images, mask_of, tiny_model
+from tests.dataset.helpers import KW, SIZE, N, box_of, mask_of
 from tests.dataset.run_job import METRICS
-from tests.dataset.test_explain_dataset import KW, N, _start, _wait_for_units, chunk_stats
+from tests.dataset.test_explain_dataset import _start, _wait_for_units, chunk_stats
 
 OPTIONS = {"steps": 6, "batch_size": 8, "seed": 3}
 ALL = LOCALISATION + FAITHFULNESS
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"), N)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
 
 
 @pytest.fixture(scope="module")
