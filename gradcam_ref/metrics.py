@@ -33,6 +33,7 @@ from gradcam_ref._arrays import Array, to_numpy
 from gradcam_ref._warnings import MetricWarning
 
 __all__ = [
+    "SANITY_CONVENTIONS",
     "Curve",
     "average_drop",
     "box_iou",
@@ -46,6 +47,7 @@ __all__ = [
     "model_randomisation",
     "noisy_linear_imputation",
     "pointing_game",
+    "random_classes",
     "random_logit",
     "region_perturbation",
     "relevance_mass",
@@ -869,9 +871,51 @@ def similarity(maps: Array, others: Array, *, measure: str = "spearman") -> np.n
     raise ValueError(f"measure must be 'spearman', 'abs-spearman' or 'ssim', got {measure!r}")
 
 
+SANITY_CONVENTIONS = ("ours", "quantus")
+"""How :func:`model_randomisation` and :func:`random_logit` take the maps: as they are (``'ours'``), or as
+Quantus 0.6's ``MPRT`` and ``RandomLogit`` do (``'quantus'``; see :func:`model_randomisation`)."""
+
+
+def _check_convention(convention: str, batch_size: int) -> None:
+    if convention not in SANITY_CONVENTIONS:
+        raise ValueError(f"convention must be one of {SANITY_CONVENTIONS}, got {convention!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _quantus_maps(m: np.ndarray, absolute: bool, batch_size: int) -> np.ndarray:
+    """Quantus's ``normalise_by_max`` (one max of |values| per batch of ``batch_size``, an all-zero batch
+    left as it is), then ``np.abs`` if ``absolute``."""
+    out = m.copy()
+    for start in range(0, m.shape[0], batch_size):
+        chunk = out[start:start + batch_size]
+        top = np.abs(chunk).max()
+        if top > 0:
+            chunk /= top
+    return np.abs(out) if absolute else out
+
+
+def _quantus_similarity(a: np.ndarray, b: np.ndarray, measure: str, name: str) -> np.ndarray:
+    """Quantus's ``correlation_spearman`` (SciPy's, as :func:`similarity`) or ``ssim``: scikit-image's SSIM
+    of the *flattened* maps (a 1-D window of 7), ``data_range`` = the pair's max - min."""
+    if measure != "ssim":
+        return _named_similarity(a, b, measure, name)
+    from skimage.metrics import structural_similarity
+
+    n = a.shape[0]
+    fa, fb = a.reshape(n, -1), b.reshape(n, -1)
+    values = np.empty(n)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(n):
+            both = np.concatenate([fa[i], fb[i]])
+            values[i] = structural_similarity(fa[i], fb[i], data_range=float(abs(both.max() - both.min())))
+    return _undefined(values, ~np.isfinite(values), f"{name}: SSIM of two equal constant maps (data_range 0)")
+
+
 def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[str, Any]], *,
-                        reference: Array | None = None, measure: str = "spearman",
-                        progress: bool = False) -> dict[str, np.ndarray]:
+                        reference: Array | None = None, measure: str = "spearman", convention: str = "ours",
+                        batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
     r"""Model parameter randomisation (Adebayo et al. 2018): the similarity of the maps of the trained
     model to those of each randomised copy; a map that depends on what the model learnt falls.
 
@@ -881,13 +925,23 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
         ``gradcam_ref.backends.torch.randomise.randomised`` or ``gradcam_ref.backends.jax.randomise``.
       reference: the trained model's maps, ``explain(model)`` (required).
       measure: as in :func:`similarity`.
+      convention: ``'ours'`` (default): the maps as they are. ``'quantus'``: as Quantus 0.6's ``MPRT``
+        (``abs=True, normalise=True``): every map divided by the max of |values| over its batch of
+        ``batch_size`` (``normalise_by_max``), then its absolute value; ``'ssim'`` on the flattened
+        maps. With the copies of ``randomised(model, seed=42, scheme='quantus')`` this is
+        ``quantus.MPRT(layer_order='top_down' or 'independent')`` without its ``'original'`` entry.
+        A constant map is NaN with a warning in both (Quantus aborts when a batch is all zero).
+      batch_size: Quantus's ``batch_size`` (only the ``'quantus'`` normalisation depends on it).
 
     Returns:
       ``{name: (N,) similarity}``, in the order of ``models``: one explanation per model.
     """
     if reference is None:
         raise ValueError("reference must be the trained model's maps, explain(model)")
+    _check_convention(convention, batch_size)
     ref = _maps(reference, "reference")
+    if convention == "quantus":
+        ref = _quantus_maps(ref, True, batch_size)
     results = {}
     bar = _progress(None, progress, "randomised models")  # models may be a generator: one copy at a time
     try:
@@ -895,7 +949,12 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MetricWarning)
                 maps = _maps(explain(model), f"maps of {name}")
-            results[name] = _named_similarity(ref, maps, measure, name)
+            if maps.shape != ref.shape:
+                raise ValueError(f"maps of {name} must have the reference's shape {ref.shape}, got {maps.shape}")
+            if convention == "quantus":
+                results[name] = _quantus_similarity(ref, _quantus_maps(maps, True, batch_size), measure, name)
+            else:
+                results[name] = _named_similarity(ref, maps, measure, name)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -913,23 +972,63 @@ def _named_similarity(a: np.ndarray, b: np.ndarray, measure: str, name: str) -> 
     return values
 
 
+def random_classes(targets: Any, num_classes: int, *, seed: int = 0, convention: str = "ours",
+                   batch_size: int = 64) -> np.ndarray:
+    r"""The other class of each example for :func:`random_logit`, drawn uniformly among the
+    ``num_classes - 1`` classes that are not its target.
+
+    - ``'ours'``: :math:`c' = (c + u) \bmod C`, :math:`u \sim U\{1, .., C-1\}` from
+      ``numpy.random.default_rng(seed)``, once for the batch.
+    - ``'quantus'``: Quantus 0.6's ``RandomLogit``: for each batch of ``batch_size`` examples,
+      ``numpy.random.seed(seed)`` then ``u = randint(0, C - 1, size)`` and :math:`c' = u + [u \ge c]`
+      (the legacy generator; NumPy's global state is not touched here).
+
+    Returns:
+      ``(N,)`` int64.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_convention(convention, batch_size)
+    given = np.asarray(to_numpy(targets))
+    if given.ndim != 1:
+        raise ValueError(f"targets must be (N,) class indices, got shape {given.shape}")
+    t = _targets(given, given.shape[0])
+    if (t < 0).any() or (t >= num_classes).any():
+        raise ValueError(f"targets must be class indices in [0, {num_classes}), got {t.tolist()[:8]}")
+    if convention == "ours":
+        return (t + np.random.default_rng(seed).integers(1, num_classes, size=t.shape[0])) % num_classes
+    draws = np.concatenate([np.random.RandomState(seed).randint(0, num_classes - 1, t[s:s + batch_size].size)
+                            for s in range(0, t.size, batch_size)])
+    return (draws + (draws >= t)).astype(np.int64)
+
+
 def random_logit(explain: Callable[[Any], Array], targets: Any, num_classes: int, *, seed: int = 0,
-                 measure: str = "ssim", reference: Array | None = None) -> np.ndarray:
+                 measure: str = "ssim", reference: Array | None = None, convention: str = "ours",
+                 batch_size: int = 64) -> np.ndarray:
     r"""The random logit test (Sixt et al., "When explanations lie", 2020): the similarity of the map
-    of the target class to the map of another class drawn uniformly (seeded, once for the batch),
-    :math:`c' = (c + u) \bmod C`, :math:`u \sim U\{1, .., C-1\}`. Low is good.
+    of the target class to the map of another class (:func:`random_classes`, seeded). Low is good.
 
     Args:
       explain: ``targets (N,) -> maps (N, *spatial)`` on fixed inputs.
       targets: N class indices; num_classes: C >= 2.
       reference: the maps of ``targets`` if already computed.
+      convention: ``'ours'`` (default): the maps as they are, :func:`similarity`. ``'quantus'``: as
+        Quantus 0.6's ``RandomLogit(seed=seed, num_classes=C)`` (``abs=False, normalise=True``): its
+        classes, every map divided by the max of |values| over its batch of ``batch_size``, SSIM of the
+        flattened maps (``measure='spearman'`` for its ``correlation_spearman``).
+      batch_size: Quantus's ``batch_size`` (the ``'quantus'`` classes and normalisation depend on it).
 
     Returns:
       ``(N,)`` float64.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_convention(convention, batch_size)
     ref = _maps(reference if reference is not None else explain(targets), "reference")
-    t = _targets(targets, ref.shape[0])
-    other = (t + np.random.default_rng(seed).integers(1, num_classes, size=t.shape[0])) % num_classes
-    return similarity(ref, _maps(explain(other), "maps of the random classes"), measure=measure)
+    other = random_classes(_targets(targets, ref.shape[0]), num_classes, seed=seed, convention=convention,
+                           batch_size=batch_size)
+    maps = _maps(explain(other), "maps of the random classes")
+    if convention == "quantus":
+        return _quantus_similarity(_quantus_maps(ref, False, batch_size), _quantus_maps(maps, False, batch_size),
+                                   measure, "random logit")
+    return similarity(ref, maps, measure=measure)
