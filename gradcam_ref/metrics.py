@@ -271,8 +271,9 @@ def localisation_auc(maps: Array, masks: Array, *, empty: str = "raise") -> np.n
         \big([L_{ip} > L_{iq}] + \tfrac12 [L_{ip} = L_{iq}]\big)
 
     with :math:`P = |S_i|`, :math:`Q` the pixels outside (the Mann-Whitney U statistic: average ranks
-    for ties, equal to scikit-learn's ``roc_auc_score``). 0.5 is chance. Computed exactly by one
-    sort of the outside values and a binary search of the inside ones.
+    for ties, equal to scikit-learn's ``roc_auc_score``). 0.5 is chance. Exact (integer counts, one
+    rounding): the inside and outside values are sorted once each, and two stable merges of the
+    sorted runs count, for every inside value, the outside values below it and at or below it.
 
     Returns:
       ``(N,)`` float64 in [0, 1]. A mask covering the whole map (Q = 0) is undefined like an empty one.
@@ -283,13 +284,26 @@ def localisation_auc(maps: Array, masks: Array, *, empty: str = "raise") -> np.n
     flat, inside = m.reshape(n, -1), s.reshape(n, -1)
     result = np.full(n, np.nan)
     for i in range(n):
-        positives, negatives = np.sort(flat[i, inside[i]]), np.sort(flat[i, ~inside[i]])  # sorted keys: a fast search
-        if positives.size and negatives.size:
-            below = np.searchsorted(negatives, positives, side="left")
-            tied = np.searchsorted(negatives, positives, side="right") - below
-            result[i] = (below.sum() + 0.5 * tied.sum()) / (positives.size * negatives.size)
+        row, mask = flat[i], inside[i]
+        positives, negatives = np.sort(row[mask]), np.sort(row[~mask])
+        p, q = positives.size, negatives.size
+        if p and q:
+            result[i] = _mann_whitney_u2(positives, negatives) / (2 * p * q)
     p = inside.sum(axis=1)
     return _undefined(result, (p == 0) | (p == inside.shape[1]), "the mask is empty or covers the whole map")
+
+
+def _mann_whitney_u2(positives: np.ndarray, negatives: np.ndarray) -> int:
+    r"""``2 U`` for sorted ``positives`` and ``negatives``: :math:`\sum_v \#\{q < v\} + \#\{q \le v\}`.
+
+    In a stable merge of the two sorted runs, the k-th positive at merged position j has j - k
+    negatives before it: all those at or below it when the negatives come first among equal values,
+    those strictly below it when the positives come first. The sum of positions is an integer:
+    no rounding until the one division by 2PQ."""
+    p, q = positives.size, negatives.size
+    at_or_below = np.flatnonzero(np.argsort(np.concatenate([negatives, positives]), kind="stable") >= q)
+    below = np.flatnonzero(np.argsort(np.concatenate([positives, negatives]), kind="stable") < p)
+    return int(at_or_below.sum()) + int(below.sum()) - p * (p - 1)
 
 
 def boxes_to_masks(boxes: Array, shape: tuple[int, int]) -> np.ndarray:
@@ -846,17 +860,7 @@ def similarity(maps: Array, others: Array, *, measure: str = "spearman") -> np.n
         raise ValueError(f"others must have the shape of maps {a.shape}, got {b.shape}")
     n = a.shape[0]
     if measure in ("spearman", "abs-spearman"):
-        from scipy.stats import rankdata
-
-        ra = rankdata(a.reshape(n, -1), axis=1)
-        rb = rankdata(b.reshape(n, -1), axis=1)
-        ra -= ra.mean(axis=1, keepdims=True)
-        rb -= rb.mean(axis=1, keepdims=True)
-        denominator = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
-        constant = denominator == 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rho = (ra * rb).sum(axis=1) / denominator
-        rho = _undefined(rho, constant, "a map is constant (e.g. all zero), so its ranks carry no order")
+        rho = _spearman(_centred_ranks(a), b)
         return np.abs(rho) if measure == "abs-spearman" else rho
     if measure == "ssim":
         from skimage.metrics import structural_similarity
@@ -913,6 +917,24 @@ def _quantus_similarity(a: np.ndarray, b: np.ndarray, measure: str, name: str) -
     return _undefined(values, ~np.isfinite(values), f"{name}: SSIM of two equal constant maps (data_range 0)")
 
 
+def _centred_ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks of each flattened map (SciPy's ``rankdata``), minus their mean."""
+    from scipy.stats import rankdata
+
+    r = rankdata(a.reshape(a.shape[0], -1), axis=1)
+    return r - r.mean(axis=1, keepdims=True)
+
+
+def _spearman(ra: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho of maps whose centred ranks are ``ra`` with the maps ``b``: Pearson of the ranks."""
+    rb = _centred_ranks(b)
+    denominator = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    constant = denominator == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(axis=1) / denominator
+    return _undefined(rho, constant, "a map is constant (e.g. all zero), so its ranks carry no order")
+
+
 def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[str, Any]], *,
                         reference: Array | None = None, measure: str = "spearman", convention: str = "ours",
                         batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
@@ -942,7 +964,12 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
     ref = _maps(reference, "reference")
     if convention == "quantus":
         ref = _quantus_maps(ref, True, batch_size)
+    if measure not in ("spearman", "abs-spearman", "ssim"):
+        raise ValueError(f"measure must be 'spearman', 'abs-spearman' or 'ssim', got {measure!r}")
+    if measure == "ssim" and convention == "ours" and ref.ndim != 3:
+        raise ValueError(f"SSIM needs 2-D maps (N, H, W), got shape {ref.shape}")
     results = {}
+    ranks = None
     bar = _progress(None, progress, "randomised models")  # models may be a generator: one copy at a time
     try:
         for name, model in models:
@@ -952,7 +979,14 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
             if maps.shape != ref.shape:
                 raise ValueError(f"maps of {name} must have the reference's shape {ref.shape}, got {maps.shape}")
             if convention == "quantus":
-                results[name] = _quantus_similarity(ref, _quantus_maps(maps, True, batch_size), measure, name)
+                maps = _quantus_maps(maps, True, batch_size)
+            if measure in ("spearman", "abs-spearman"):  # the reference's ranks once, not once per model
+                if ranks is None:
+                    ranks = _centred_ranks(ref)
+                rho = _named(lambda r=ranks, b=maps: _spearman(r, b), name)
+                results[name] = np.abs(rho) if measure == "abs-spearman" else rho
+            elif convention == "quantus":
+                results[name] = _quantus_similarity(ref, maps, measure, name)
             else:
                 results[name] = _named_similarity(ref, maps, measure, name)
             if bar is not None:
@@ -964,11 +998,16 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
 
 
 def _named_similarity(a: np.ndarray, b: np.ndarray, measure: str, name: str) -> np.ndarray:
+    return _named(lambda: similarity(a, b, measure=measure), name)
+
+
+def _named(compute: Callable[[], np.ndarray], name: str) -> np.ndarray:
+    """``compute()``, its MetricWarnings re-issued with ``name`` in front."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
-        values = similarity(a, b, measure=measure)
+        values = compute()
     for warning in caught:
-        warnings.warn(f"{name}: {warning.message}", MetricWarning, stacklevel=3)
+        warnings.warn(f"{name}: {warning.message}", MetricWarning, stacklevel=4)
     return values
 
 

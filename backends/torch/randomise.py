@@ -1,6 +1,6 @@
 """Randomised copies of a torch model for the model parameter randomisation test (Adebayo et al. 2018).
 
-The user's model is never touched: every copy is a ``copy.deepcopy``. Two schemes:
+The user's model is never touched: the randomised model is one ``copy.deepcopy`` of it. Two schemes:
 
 - ``'redraw'`` (default): a layer is a module with parameters of its own (``recurse=False``):
   convolutions, linear layers, normalisation layers. Modules without parameters (ReLU, pooling,
@@ -73,9 +73,10 @@ def randomised(model: nn.Module, *, order: str = "cascading", seed: int = 0,
 
     Args:
       model: left exactly as it is.
-      order: ``'cascading'`` (layer k and every layer above it randomised; one copy, changed between
-        yields: use each before asking for the next; Quantus's ``'top_down'``) or ``'independent'``
-        (only layer k; a fresh copy each time).
+      order: ``'cascading'`` (layer k and every layer above it randomised; Quantus's ``'top_down'``)
+        or ``'independent'`` (only layer k; the previous layer is restored from a saved copy of its own
+        state, so no model is copied per layer). One copy, changed between yields: use each before
+        asking for the next.
       seed: ``'redraw'``: layer k (in forward order) is redrawn with seed ``seed + k``, in both orders.
         ``'quantus'``: Quantus's ``seed`` (default 42 there): every layer with ``seed + 1``.
       names: the layers to randomise (default: :func:`layers`), in forward order.
@@ -94,9 +95,12 @@ def randomised(model: nn.Module, *, order: str = "cascading", seed: int = 0,
             what = "has no parameters of its own" if scheme == "redraw" else "has no reset_parameters"
             raise ValueError(f"layer {name!r} {what} to randomise; layers of scheme {scheme!r}: "
                              f"{available[:8]}{' ...' if len(available) > 8 else ''}")
-    copy_ = copy.deepcopy(model) if order == "cascading" else None
+    target = copy.deepcopy(model)
     for k in reversed(range(len(chosen))):
         name = chosen[k]
-        target = copy_ if copy_ is not None else copy.deepcopy(model)
-        randomise_module(target.get_submodule(name), seed + k if scheme == "redraw" else seed, scheme=scheme)
+        module = target.get_submodule(name)
+        saved = {key: value.clone() for key, value in module.state_dict().items()} if order == "independent" else None
+        randomise_module(module, seed + k if scheme == "redraw" else seed, scheme=scheme)
         yield name, target
+        if saved is not None:  # independent: the layer back as it was, for the next one
+            module.load_state_dict(saved)
