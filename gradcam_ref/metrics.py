@@ -23,6 +23,7 @@ pytorch-grad-cam and torchcam, with numbers: docs/evaluation.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -983,7 +984,7 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
             if measure in ("spearman", "abs-spearman"):  # the reference's ranks once, not once per model
                 if ranks is None:
                     ranks = _centred_ranks(ref)
-                rho = _named(lambda r=ranks, b=maps: _spearman(r, b), name)
+                rho = _named(functools.partial(_spearman, ranks, maps), name)
                 results[name] = np.abs(rho) if measure == "abs-spearman" else rho
             elif convention == "quantus":
                 results[name] = _quantus_similarity(ref, maps, measure, name)
