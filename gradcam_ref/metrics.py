@@ -385,12 +385,17 @@ def map_boxes(maps: Array, *, threshold: float = 0.15, connectivity: int = 2) ->
 def weakly_supervised_localisation(maps: Array, boxes: Array, *, threshold: float = 0.15,
                                    connectivity: int = 2) -> np.ndarray:
     """IoU of the map's box (:func:`map_boxes`) with the ground-truth ``boxes`` ``(N, 4)``; the paper
-    counts IoU >= 0.5 as localised (Selvaraju et al. 2017, Table 1). Returns ``(N,)`` float64."""
+    counts IoU >= 0.5 as localised (Selvaraju et al. 2017, Table 1). Returns ``(N,)`` float64; NaN
+    (with a :class:`~gradcam_ref.MetricWarning`) for a map with no positive value, which has no box."""
     m = _maps(maps)
     b = _boxes(boxes, m.shape[1:3] if m.ndim == 3 else None)
     if b.shape[0] != m.shape[0]:
         raise ValueError(f"boxes must have one row per map: N = {m.shape[0]}, got {b.shape[0]}")
-    return box_iou(map_boxes(m, threshold=threshold, connectivity=connectivity), b)
+    live = m.reshape(m.shape[0], -1).max(axis=1) > 0
+    result = np.full(m.shape[0], np.nan)
+    if live.any():
+        result[live] = box_iou(map_boxes(m[live], threshold=threshold, connectivity=connectivity), b[live])
+    return _undefined(result, ~live, "the map has no positive value, so no box")
 
 
 # --- Re-scoring ------------------------------------------------------------------------------
