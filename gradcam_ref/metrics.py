@@ -23,6 +23,7 @@ pytorch-grad-cam and torchcam, with numbers: docs/evaluation.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ from gradcam_ref._arrays import Array, to_numpy
 from gradcam_ref._warnings import MetricWarning
 
 __all__ = [
+    "SANITY_CONVENTIONS",
     "Curve",
     "average_drop",
     "box_iou",
@@ -46,6 +48,7 @@ __all__ = [
     "model_randomisation",
     "noisy_linear_imputation",
     "pointing_game",
+    "random_classes",
     "random_logit",
     "region_perturbation",
     "relevance_mass",
@@ -269,8 +272,9 @@ def localisation_auc(maps: Array, masks: Array, *, empty: str = "raise") -> np.n
         \big([L_{ip} > L_{iq}] + \tfrac12 [L_{ip} = L_{iq}]\big)
 
     with :math:`P = |S_i|`, :math:`Q` the pixels outside (the Mann-Whitney U statistic: average ranks
-    for ties, equal to scikit-learn's ``roc_auc_score``). 0.5 is chance. Computed exactly by one
-    sort of the outside values and a binary search of the inside ones.
+    for ties, equal to scikit-learn's ``roc_auc_score``). 0.5 is chance. Exact (integer counts, one
+    rounding): the inside and outside values are sorted once each, and two stable merges of the
+    sorted runs count, for every inside value, the outside values below it and at or below it.
 
     Returns:
       ``(N,)`` float64 in [0, 1]. A mask covering the whole map (Q = 0) is undefined like an empty one.
@@ -281,13 +285,26 @@ def localisation_auc(maps: Array, masks: Array, *, empty: str = "raise") -> np.n
     flat, inside = m.reshape(n, -1), s.reshape(n, -1)
     result = np.full(n, np.nan)
     for i in range(n):
-        positives, negatives = np.sort(flat[i, inside[i]]), np.sort(flat[i, ~inside[i]])  # sorted keys: a fast search
-        if positives.size and negatives.size:
-            below = np.searchsorted(negatives, positives, side="left")
-            tied = np.searchsorted(negatives, positives, side="right") - below
-            result[i] = (below.sum() + 0.5 * tied.sum()) / (positives.size * negatives.size)
+        row, mask = flat[i], inside[i]
+        positives, negatives = np.sort(row[mask]), np.sort(row[~mask])
+        p, q = positives.size, negatives.size
+        if p and q:
+            result[i] = _mann_whitney_u2(positives, negatives) / (2 * p * q)
     p = inside.sum(axis=1)
     return _undefined(result, (p == 0) | (p == inside.shape[1]), "the mask is empty or covers the whole map")
+
+
+def _mann_whitney_u2(positives: np.ndarray, negatives: np.ndarray) -> int:
+    r"""``2 U`` for sorted ``positives`` and ``negatives``: :math:`\sum_v \#\{q < v\} + \#\{q \le v\}`.
+
+    In a stable merge of the two sorted runs, the k-th positive at merged position j has j - k
+    negatives before it: all those at or below it when the negatives come first among equal values,
+    those strictly below it when the positives come first. The sum of positions is an integer:
+    no rounding until the one division by 2PQ."""
+    p, q = positives.size, negatives.size
+    at_or_below = np.flatnonzero(np.argsort(np.concatenate([negatives, positives]), kind="stable") >= q)
+    below = np.flatnonzero(np.argsort(np.concatenate([positives, negatives]), kind="stable") < p)
+    return int(at_or_below.sum()) + int(below.sum()) - p * (p - 1)
 
 
 def boxes_to_masks(boxes: Array, shape: tuple[int, int]) -> np.ndarray:
@@ -368,12 +385,17 @@ def map_boxes(maps: Array, *, threshold: float = 0.15, connectivity: int = 2) ->
 def weakly_supervised_localisation(maps: Array, boxes: Array, *, threshold: float = 0.15,
                                    connectivity: int = 2) -> np.ndarray:
     """IoU of the map's box (:func:`map_boxes`) with the ground-truth ``boxes`` ``(N, 4)``; the paper
-    counts IoU >= 0.5 as localised (Selvaraju et al. 2017, Table 1). Returns ``(N,)`` float64."""
+    counts IoU >= 0.5 as localised (Selvaraju et al. 2017, Table 1). Returns ``(N,)`` float64; NaN
+    (with a :class:`~gradcam_ref.MetricWarning`) for a map with no positive value, which has no box."""
     m = _maps(maps)
     b = _boxes(boxes, m.shape[1:3] if m.ndim == 3 else None)
     if b.shape[0] != m.shape[0]:
         raise ValueError(f"boxes must have one row per map: N = {m.shape[0]}, got {b.shape[0]}")
-    return box_iou(map_boxes(m, threshold=threshold, connectivity=connectivity), b)
+    live = m.reshape(m.shape[0], -1).max(axis=1) > 0
+    result = np.full(m.shape[0], np.nan)
+    if live.any():
+        result[live] = box_iou(map_boxes(m[live], threshold=threshold, connectivity=connectivity), b[live])
+    return _undefined(result, ~live, "the map has no positive value, so no box")
 
 
 # --- Re-scoring ------------------------------------------------------------------------------
@@ -828,17 +850,7 @@ def similarity(maps: Array, others: Array, *, measure: str = "spearman") -> np.n
         raise ValueError(f"others must have the shape of maps {a.shape}, got {b.shape}")
     n = a.shape[0]
     if measure in ("spearman", "abs-spearman"):
-        from scipy.stats import rankdata
-
-        ra = rankdata(a.reshape(n, -1), axis=1)
-        rb = rankdata(b.reshape(n, -1), axis=1)
-        ra -= ra.mean(axis=1, keepdims=True)
-        rb -= rb.mean(axis=1, keepdims=True)
-        denominator = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
-        constant = denominator == 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rho = (ra * rb).sum(axis=1) / denominator
-        rho = _undefined(rho, constant, "a map is constant (e.g. all zero), so its ranks carry no order")
+        rho = _spearman(_centred_ranks(a), b)
         return np.abs(rho) if measure == "abs-spearman" else rho
     if measure == "ssim":
         from skimage.metrics import structural_similarity
@@ -853,9 +865,69 @@ def similarity(maps: Array, others: Array, *, measure: str = "spearman") -> np.n
     raise ValueError(f"measure must be 'spearman', 'abs-spearman' or 'ssim', got {measure!r}")
 
 
+SANITY_CONVENTIONS = ("ours", "quantus")
+"""How :func:`model_randomisation` and :func:`random_logit` take the maps: as they are (``'ours'``), or as
+Quantus 0.6's ``MPRT`` and ``RandomLogit`` do (``'quantus'``; see :func:`model_randomisation`)."""
+
+
+def _check_convention(convention: str, batch_size: int) -> None:
+    if convention not in SANITY_CONVENTIONS:
+        raise ValueError(f"convention must be one of {SANITY_CONVENTIONS}, got {convention!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+def _quantus_maps(m: np.ndarray, absolute: bool, batch_size: int) -> np.ndarray:
+    """Quantus's ``normalise_by_max`` (one max of |values| per batch of ``batch_size``, an all-zero batch
+    left as it is), then ``np.abs`` if ``absolute``."""
+    out = m.copy()
+    for start in range(0, m.shape[0], batch_size):
+        chunk = out[start:start + batch_size]
+        top = np.abs(chunk).max()
+        if top > 0:
+            chunk /= top
+    return np.abs(out) if absolute else out
+
+
+def _quantus_similarity(a: np.ndarray, b: np.ndarray, measure: str, name: str) -> np.ndarray:
+    """Quantus's ``correlation_spearman`` (SciPy's, as :func:`similarity`) or ``ssim``: scikit-image's SSIM
+    of the *flattened* maps (a 1-D window of 7), ``data_range`` = the pair's max - min."""
+    if measure != "ssim":
+        return _named_similarity(a, b, measure, name)
+    from skimage.metrics import structural_similarity
+
+    n = a.shape[0]
+    fa, fb = a.reshape(n, -1), b.reshape(n, -1)
+    values = np.empty(n)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(n):
+            both = np.concatenate([fa[i], fb[i]])
+            values[i] = structural_similarity(fa[i], fb[i], data_range=float(abs(both.max() - both.min())))
+    return _undefined(values, ~np.isfinite(values), f"{name}: SSIM of two equal constant maps (data_range 0)")
+
+
+def _centred_ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks of each flattened map (SciPy's ``rankdata``), minus their mean."""
+    from scipy.stats import rankdata
+
+    r = rankdata(a.reshape(a.shape[0], -1), axis=1)
+    return r - r.mean(axis=1, keepdims=True)
+
+
+def _spearman(ra: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho of maps whose centred ranks are ``ra`` with the maps ``b``: Pearson of the ranks."""
+    rb = _centred_ranks(b)
+    denominator = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    constant = denominator == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(axis=1) / denominator
+    return _undefined(rho, constant, "a map is constant (e.g. all zero), so its ranks carry no order")
+
+
 def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[str, Any]], *,
-                        reference: Array | None = None, measure: str = "spearman",
-                        progress: bool = False) -> dict[str, np.ndarray]:
+                        reference: Array | None = None, measure: str = "spearman", convention: str = "ours",
+                        batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
     r"""Model parameter randomisation (Adebayo et al. 2018): the similarity of the maps of the trained
     model to those of each randomised copy; a map that depends on what the model learnt falls.
 
@@ -865,21 +937,48 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
         ``gradcam_ref.backends.torch.randomise.randomised`` or ``gradcam_ref.backends.jax.randomise``.
       reference: the trained model's maps, ``explain(model)`` (required).
       measure: as in :func:`similarity`.
+      convention: ``'ours'`` (default): the maps as they are. ``'quantus'``: as Quantus 0.6's ``MPRT``
+        (``abs=True, normalise=True``): every map divided by the max of |values| over its batch of
+        ``batch_size`` (``normalise_by_max``), then its absolute value; ``'ssim'`` on the flattened
+        maps. With the copies of ``randomised(model, seed=42, scheme='quantus')`` this is
+        ``quantus.MPRT(layer_order='top_down' or 'independent')`` without its ``'original'`` entry.
+        A constant map is NaN with a warning in both (Quantus aborts when a batch is all zero).
+      batch_size: Quantus's ``batch_size`` (only the ``'quantus'`` normalisation depends on it).
 
     Returns:
       ``{name: (N,) similarity}``, in the order of ``models``: one explanation per model.
     """
     if reference is None:
         raise ValueError("reference must be the trained model's maps, explain(model)")
+    _check_convention(convention, batch_size)
     ref = _maps(reference, "reference")
+    if convention == "quantus":
+        ref = _quantus_maps(ref, True, batch_size)
+    if measure not in ("spearman", "abs-spearman", "ssim"):
+        raise ValueError(f"measure must be 'spearman', 'abs-spearman' or 'ssim', got {measure!r}")
+    if measure == "ssim" and convention == "ours" and ref.ndim != 3:
+        raise ValueError(f"SSIM needs 2-D maps (N, H, W), got shape {ref.shape}")
     results = {}
+    ranks = None
     bar = _progress(None, progress, "randomised models")  # models may be a generator: one copy at a time
     try:
         for name, model in models:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MetricWarning)
                 maps = _maps(explain(model), f"maps of {name}")
-            results[name] = _named_similarity(ref, maps, measure, name)
+            if maps.shape != ref.shape:
+                raise ValueError(f"maps of {name} must have the reference's shape {ref.shape}, got {maps.shape}")
+            if convention == "quantus":
+                maps = _quantus_maps(maps, True, batch_size)
+            if measure in ("spearman", "abs-spearman"):  # the reference's ranks once, not once per model
+                if ranks is None:
+                    ranks = _centred_ranks(ref)
+                rho = _named(functools.partial(_spearman, ranks, maps), name)
+                results[name] = np.abs(rho) if measure == "abs-spearman" else rho
+            elif convention == "quantus":
+                results[name] = _quantus_similarity(ref, maps, measure, name)
+            else:
+                results[name] = _named_similarity(ref, maps, measure, name)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -889,31 +988,76 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
 
 
 def _named_similarity(a: np.ndarray, b: np.ndarray, measure: str, name: str) -> np.ndarray:
+    return _named(lambda: similarity(a, b, measure=measure), name)
+
+
+def _named(compute: Callable[[], np.ndarray], name: str) -> np.ndarray:
+    """``compute()``, its MetricWarnings re-issued with ``name`` in front."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MetricWarning)
-        values = similarity(a, b, measure=measure)
+        values = compute()
     for warning in caught:
-        warnings.warn(f"{name}: {warning.message}", MetricWarning, stacklevel=3)
+        warnings.warn(f"{name}: {warning.message}", MetricWarning, stacklevel=4)
     return values
 
 
+def random_classes(targets: Any, num_classes: int, *, seed: int = 0, convention: str = "ours",
+                   batch_size: int = 64) -> np.ndarray:
+    r"""The other class of each example for :func:`random_logit`, drawn uniformly among the
+    ``num_classes - 1`` classes that are not its target.
+
+    - ``'ours'``: :math:`c' = (c + u) \bmod C`, :math:`u \sim U\{1, .., C-1\}` from
+      ``numpy.random.default_rng(seed)``, once for the batch.
+    - ``'quantus'``: Quantus 0.6's ``RandomLogit``: for each batch of ``batch_size`` examples,
+      ``numpy.random.seed(seed)`` then ``u = randint(0, C - 1, size)`` and :math:`c' = u + [u \ge c]`
+      (the legacy generator; NumPy's global state is not touched here).
+
+    Returns:
+      ``(N,)`` int64.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_convention(convention, batch_size)
+    given = np.asarray(to_numpy(targets))
+    if given.ndim != 1:
+        raise ValueError(f"targets must be (N,) class indices, got shape {given.shape}")
+    t = _targets(given, given.shape[0])
+    if (t < 0).any() or (t >= num_classes).any():
+        raise ValueError(f"targets must be class indices in [0, {num_classes}), got {t.tolist()[:8]}")
+    if convention == "ours":
+        return (t + np.random.default_rng(seed).integers(1, num_classes, size=t.shape[0])) % num_classes
+    draws = np.concatenate([np.random.RandomState(seed).randint(0, num_classes - 1, t[s:s + batch_size].size)
+                            for s in range(0, t.size, batch_size)])
+    return (draws + (draws >= t)).astype(np.int64)
+
+
 def random_logit(explain: Callable[[Any], Array], targets: Any, num_classes: int, *, seed: int = 0,
-                 measure: str = "ssim", reference: Array | None = None) -> np.ndarray:
+                 measure: str = "ssim", reference: Array | None = None, convention: str = "ours",
+                 batch_size: int = 64) -> np.ndarray:
     r"""The random logit test (Sixt et al., "When explanations lie", 2020): the similarity of the map
-    of the target class to the map of another class drawn uniformly (seeded, once for the batch),
-    :math:`c' = (c + u) \bmod C`, :math:`u \sim U\{1, .., C-1\}`. Low is good.
+    of the target class to the map of another class (:func:`random_classes`, seeded). Low is good.
 
     Args:
       explain: ``targets (N,) -> maps (N, *spatial)`` on fixed inputs.
       targets: N class indices; num_classes: C >= 2.
       reference: the maps of ``targets`` if already computed.
+      convention: ``'ours'`` (default): the maps as they are, :func:`similarity`. ``'quantus'``: as
+        Quantus 0.6's ``RandomLogit(seed=seed, num_classes=C)`` (``abs=False, normalise=True``): its
+        classes, every map divided by the max of |values| over its batch of ``batch_size``, SSIM of the
+        flattened maps (``measure='spearman'`` for its ``correlation_spearman``).
+      batch_size: Quantus's ``batch_size`` (the ``'quantus'`` classes and normalisation depend on it).
 
     Returns:
       ``(N,)`` float64.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_convention(convention, batch_size)
     ref = _maps(reference if reference is not None else explain(targets), "reference")
-    t = _targets(targets, ref.shape[0])
-    other = (t + np.random.default_rng(seed).integers(1, num_classes, size=t.shape[0])) % num_classes
-    return similarity(ref, _maps(explain(other), "maps of the random classes"), measure=measure)
+    other = random_classes(_targets(targets, ref.shape[0]), num_classes, seed=seed, convention=convention,
+                           batch_size=batch_size)
+    maps = _maps(explain(other), "maps of the random classes")
+    if convention == "quantus":
+        return _quantus_similarity(_quantus_maps(ref, False, batch_size), _quantus_maps(maps, False, batch_size),
+                                   measure, "random logit")
+    return similarity(ref, maps, measure=measure)

@@ -219,7 +219,12 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--weights", metavar="FILE", help="a state dict for the model")
     evaluate.add_argument("--layer", metavar="NAME", help="dotted submodule name whose output is A")
     evaluate.add_argument("--target", default="auto", metavar="auto|INT|LABEL", help="class (default: top-1)")
-    evaluate.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, among {', '.join(METHODS)}")
+    evaluate.add_argument("--methods", default="gradcam,gradcam++",
+                          help=f"comma-separated, among {', '.join(METHODS)}; or all (default: gradcam,gradcam++)")
+    evaluate.add_argument("--lesions", action="store_true",
+                          help="SYNTHETIC lesions with exact masks and the GAIN experiment's plain model (JAX)")
+    evaluate.add_argument("--test", type=_positive, default=200, metavar="N", help="lesion images (default 200)")
+    evaluate.add_argument("--out", default="out/evaluate", help="where --lesions caches its model (out/evaluate)")
     evaluate.add_argument("--faithfulness", default="deletion,insertion,average_drop,increase_in_confidence",
                           help="comma-separated faithfulness metrics ('' for none), among deletion, insertion, "
                           "region_perturbation_morf, region_perturbation_lerf, average_drop, "

@@ -108,7 +108,7 @@ def load(
 
 
 def explain(
-    loaded: LoadedModel, batch: np.ndarray, target: Any = None, *, guided: bool = False
+    loaded: LoadedModel, batch: np.ndarray, target: Any = None, *, guided: bool = False, method: str = "grad-cam"
 ) -> gradcam_ref.Explanation:
     """Grad-CAM of ``loaded`` on ``batch`` ``(N, C, H, W)`` (NumPy, preprocessed), as NumPy float64.
 
@@ -121,6 +121,8 @@ def explain(
     """
     inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(loaded.device)
     options: dict[str, Any] = {"guided": True} if guided else {}
+    if method != "grad-cam":  # one of gradcam_ref.METHODS
+        options["method"] = method
     if loaded.layer is not None:
         options["layer"] = loaded.layer
     if loaded.call is not None:

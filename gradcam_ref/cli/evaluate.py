@@ -10,7 +10,13 @@ Two sources of examples:
 - ``IMAGE... --boxes FILE.json``: one box per image, ``{"name.jpg": [x0, y0, x1, y1], ...}`` in the
   image's own pixels (scaled to the model's input size); classes by ``--target``.
 
-For each method (``--methods``) the maps are upsampled to the input (half-pixel bilinear) and scored;
+- ``--lesions``: SYNTHETIC lesions with exact masks (:mod:`gradcam_ref.experiments.comparison`): the GAIN
+  experiment's network trained in its plain mode (JAX, seeded, cached in ``--out``), every method's
+  map of the true class against the lesion mask and its box, faithfulness re-scored through the
+  JAX backend, and (``--sanity``) cascading randomisation of its parameter tensors.
+
+For each method (``--methods``: names of ``gradcam_ref.METHODS``, ``all``, or the aliases ``gradcam``
+and ``gradcam++``) the maps are upsampled to the input (half-pixel bilinear) and scored;
 a table (metric x method, means over examples) is printed and ``--json`` gets every per-example value,
 written atomically.
 """
@@ -25,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from gradcam_ref._methods import METHODS as _METHODS
 from gradcam_ref.cli._common import UsageError, class_names, import_torch_cli, load_image, parse_target, preprocess
 
-METHODS = ("gradcam", "gradcam++")
+ALIASES = {"gradcam": "grad-cam", "gradcam++": "grad-cam++"}
+"""The names this command took before it knew every method, kept (they name the table's columns)."""
+METHODS = (*ALIASES, *_METHODS)
 DEMO = (("chelsea", "chelsea"), ("coffee", "coffee"), ("motorcycle", "stereo_motorcycle"), ("rocket", "rocket"))
 """The photos of the comparison: the demo's, with rocket for astronaut (ImageNet has no person class)."""
 
@@ -37,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
     start = time.perf_counter()
-    methods = _names(args.methods, METHODS, "--methods")
+    methods = _METHODS if args.methods == "all" else _names(args.methods, METHODS, "--methods")
     faithfulness = _names(args.faithfulness, _evaluate.FAITHFULNESS, "--faithfulness") if args.faithfulness else ()
+    if args.lesions:
+        return _lesions(args, methods, faithfulness, start)
     torch_cli = import_torch_cli()
     loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, device=args.device)
     size = args.size or (zoo.IMAGE_SIZE, zoo.IMAGE_SIZE)
@@ -61,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
     score = None if not faithfulness else _scorer(loaded)
     for method in methods:
         print(f"\n{method}: scoring ...", flush=True)
+        if ALIASES.get(method, method) not in ("grad-cam", "grad-cam++"):  # its own capture
+            e = torch_cli.explain(loaded, batch, targets, method=ALIASES.get(method, method))
+            e_alone = e if alone is batch else torch_cli.explain(loaded, alone, targets,
+                                                                  method=ALIASES.get(method, method))
         maps = _maps(e, method, batch.shape[2:])
         result = _evaluate.evaluate(maps, boxes=boxes)
         if faithfulness or args.sanity:
@@ -86,11 +101,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _maps(e: Any, method: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The method's maps from one Grad-CAM capture, upsampled (half-pixel bilinear) to ``shape``."""
+    """The method's maps upsampled (half-pixel bilinear) to ``shape``: Grad-CAM++ from the Grad-CAM
+    capture ``e`` (the same activations and gradients), any other method's from its own ``e``."""
     import gradcam_ref
 
-    raw = e.maps if method == "gradcam" else gradcam_ref.grad_cam_plus_plus(e.activations, e.gradients)
+    raw = (gradcam_ref.grad_cam_plus_plus(e.activations, e.gradients) if ALIASES.get(method, method) == "grad-cam++"
+           else e.maps)
     return np.asarray(gradcam_ref.upsample(np.asarray(raw), tuple(shape)))
+
+
+def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: tuple[str, ...], start: float) -> int:
+    from gradcam_ref.experiments import comparison
+    from gradcam_ref.experiments.lesions import SYNTHETIC_NOTE
+
+    print(f"{args.test} {SYNTHETIC_NOTE}, unbiased set, exact lesion masks")
+    results, data = comparison.lesion_comparison(
+        [ALIASES.get(m, m) for m in methods], args.out, test=args.test, faithfulness=faithfulness,
+        steps=args.steps, sanity=args.sanity, seed=args.seed, progress=not args.quiet)
+    results = {m: results[ALIASES.get(m, m)] for m in methods}
+    print("\n" + _table(results))
+    if args.json:
+        document = {"examples": {"note": SYNTHETIC_NOTE, "n": len(data), "labels": data.labels.tolist(),
+                                 "has_cue": data.has_cue.tolist()},
+                    "methods": {m: r.to_json() for m, r in results.items()},
+                    "model": "GAIN experiment, plain mode", "elapsed_s": time.perf_counter() - start}
+        _write_json(Path(args.json), document)
+        print(f"\nwrote {args.json}")
+    return 0
 
 
 def _names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -166,7 +203,9 @@ def _sanity(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray,
             explained: Any = efficientnet_lite0.split_torch(model)
         else:
             explained = model
-        e = torch_cli.explain(dataclasses.replace(loaded, model=model, explained=explained), batch, targets)
+        name = ALIASES.get(method, method)
+        e = torch_cli.explain(dataclasses.replace(loaded, model=model, explained=explained), batch, targets,
+                              method="grad-cam" if name == "grad-cam++" else name)
         return _maps(e, method, batch.shape[2:])
 
     copies = randomise.randomised(loaded.model, order="cascading")

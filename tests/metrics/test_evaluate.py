@@ -96,6 +96,7 @@ def test_the_command_line_on_a_factory_model(capsys, tmp_path):
 
 def test_the_command_line_refuses_bad_input(capsys, tmp_path):
     assert cli.main(["evaluate", "--methods", "scorecam", "--demo"]) == 2
-    assert "--methods takes comma-separated names among gradcam, gradcam++" in capsys.readouterr().err
+    assert "--methods takes comma-separated names among gradcam, gradcam++, grad-cam, grad-cam++, hirescam" in (
+        capsys.readouterr().err)
     assert cli.main(["evaluate", str(tmp_path / "a.png")]) == 2
     assert "give --demo, or IMAGE... with --boxes FILE.json" in capsys.readouterr().err

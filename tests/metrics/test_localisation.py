@@ -167,3 +167,11 @@ def test_properties(pair):
     # Scaling a map by a positive number changes no localisation metric.
     np.testing.assert_array_equal(metrics.pointing_game(maps * 0.5, masks), pointing)
     np.testing.assert_array_equal(metrics.relevance_rank(maps * 0.5, masks), rank)
+
+
+def test_weakly_supervised_localisation_of_an_all_zero_map_is_nan_not_a_crash():
+    heat = np.zeros((2, 6, 8))
+    heat[0, 1:3, 1:4] = 1.0
+    with pytest.warns(MetricWarning, match=r"the map has no positive value, so no box for examples \[1\]"):
+        iou = metrics.weakly_supervised_localisation(heat, np.array([[0, 0, 4, 3], [0, 0, 4, 3]]))
+    assert iou[0] == 0.5 and np.isnan(iou[1])
