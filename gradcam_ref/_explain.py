@@ -76,8 +76,8 @@ class Perturbed(NamedTuple):
     Attributes:
       activations: :math:`A` of ``inputs``, ``(N, K, *spatial)``, channels first.
       scores: the model's output for ``inputs``, ``(N, C)``.
-      perturbed_scores: the model's output for each of the ``count`` perturbed versions of
-        each example, ``(N, count, C)``.
+      perturbed_scores: the model's output for each of the perturbed versions of each example,
+        ``(N, K, C)``; with ``perturb(count=...)``, rows ``count(A, n):`` of example n are NaN.
     """
 
     activations: Array
@@ -352,9 +352,16 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
         if variant not in SCORE_CAM_VARIANTS:
             raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
 
+        shared: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # example -> (distinct channels, position of each)
+
+        def count(a: Any, n: int) -> int:
+            shared[n] = distinct_channels(a[n])
+            return len(shared[n][0])
+
         def make(x: Any, a: Any, n: int, start: int, stop: int) -> Any:
-            masks = score_cam_masks(a[n:n + 1, start:stop], shape_of(x)[2:], variant=variant)[0]
-            xp = array_api_compat.array_namespace(masks)
+            xp = array_api_compat.array_namespace(a)
+            channels = xp.asarray(shared[n][0][start:stop], device=array_api_compat.device(a))
+            masks = score_cam_masks(xp.take(a[n:n + 1], channels, axis=1), shape_of(x)[2:], variant=variant)[0]
             return x[n:n + 1] * xp.expand_dims(masks, axis=1)  # (stop - start, C, *S)
 
         where = "inputs"
@@ -367,8 +374,13 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
             return ablated_activations(a, n, range(start, stop), value=value, chunk=int(batch_size))
 
         where = "activations"
-    perturbed = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size, **options)
-    a, scores, rows = perturbed
+    if method == "score-cam":  # channels with identical activations have identical masks: one run each
+        a, scores, rows = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size,
+                                         count=count, **options)
+        rows = _spread(rows, [shared[n][1] for n in range(shape_of(a)[0])])
+    else:
+        a, scores, rows = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size,
+                                         **options)
     targets = resolve_targets(target, scores)
     y = _target_scores(scores, targets)  # (N,) or (N, T)
     yk = _target_scores(rows, targets)  # (N, K) or (N, T, K)
@@ -389,6 +401,30 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
                 NonPositiveScoreWarning, stacklevel=3)
     capture = Capture(a, None, scores, None if callable(targets) else targets)
     return Explanation.from_capture(capture, method=method, weights=weights, **ours)
+
+
+def distinct_channels(activations: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The channels of one example's ``activations`` ``(K, *spatial)`` that differ bit for bit.
+
+    Returns ``(channels, position)``: the first channel of each set of bit-identical channels,
+    in increasing order, and for each of the K channels the index of its set in ``channels``.
+    Score-CAM's mask of a channel depends on that channel alone, so identical channels (after a
+    ReLU, typically the all-zero ones) give one masked input, scored once.
+    """
+    rows = np.ascontiguousarray(to_numpy(activations)).reshape(shape_of(activations)[0], -1)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1])))[:, 0]  # bytes: -0.0 != 0.0
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order], rank[np.reshape(inverse, -1)]
+
+
+def _spread(rows: Any, positions: list[np.ndarray]) -> Any:
+    """``rows[n, positions[n]]`` for each example n: ``(N, count, C)`` scores back to ``(N, K, C)``."""
+    xp = array_api_compat.array_namespace(rows)
+    device = array_api_compat.device(rows)
+    return xp.stack([xp.take(rows[n], xp.asarray(p, device=device), axis=0) for n, p in enumerate(positions)])
 
 
 def _target_scores(scores: Any, targets: Any) -> Any:

@@ -488,9 +488,6 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
     row = a[example]
     k = shape_of(row)[0]
     device = array_api_compat.device(a)
-    index = xp.asarray(list(channels), device=device)
-    onehot = xp.expand_dims(index, axis=1) == xp.expand_dims(xp.arange(k, device=device), axis=0)
-    onehot = xp.reshape(onehot, (len(channels), k) + (1,) * (row.ndim - 1))  # (R, K, 1, ...), bool
     if value == "zero":
         fill = xp.zeros((len(channels),) + (1,) * row.ndim, dtype=a.dtype, device=device)
     else:
@@ -506,7 +503,20 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
             fill_np = np.asarray(seq)[place]
         fill = xp.reshape(xp.asarray(fill_np, dtype=a.dtype, device=array_api_compat.device(a)),
                           (len(channels),) + (1,) * row.ndim)
-    return xp.where(onehot, fill, xp.expand_dims(row, axis=0))  # (R, K, *spatial)
+    rows = len(channels)
+    if array_api_compat.is_jax_array(a):  # immutable: a select over the whole batch
+        index = xp.asarray(list(channels), device=device)
+        onehot = xp.expand_dims(index, axis=1) == xp.expand_dims(xp.arange(k, device=device), axis=0)
+        onehot = xp.reshape(onehot, (rows, k) + (1,) * (row.ndim - 1))  # (R, K, 1, ...), bool
+        return xp.where(onehot, fill, xp.expand_dims(row, axis=0))  # (R, K, *spatial)
+    # mutable arrays: R plain copies of the row (a memory copy), then one channel written per copy
+    out = xp.asarray(xp.broadcast_to(xp.expand_dims(row, axis=0), (rows, *shape_of(row))), copy=True)
+    index = np.asarray(list(channels), dtype=np.int64)
+    kept = np.flatnonzero((index >= 0) & (index < k))  # a channel outside range(K) ablates nothing
+    values = xp.reshape(fill, (rows,) + (1,) * (row.ndim - 1))
+    at = xp.asarray(kept, device=device)
+    out[at, xp.asarray(index[kept], device=device)] = values[at, ...]
+    return out  # (R, K, *spatial)
 
 
 @quiet_numpy
