@@ -361,3 +361,20 @@ def test_numpy_copies_keep_method_and_options():
     oracle = Oracle.random(np.random.default_rng(0), in_channels=1, widths=[2], kernel_sizes=[2], num_classes=2)
     e = gradcam_ref.explain(oracle, np.ones((1, 1, 4, 4)), method="eigen-cam", centre=True).numpy()
     assert e.method == "eigen-cam" and e.options == (("centre", True),) and e.weights is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(patterns=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+                           elements=st.sampled_from([0.0, -0.0, 1.0, 5e-324, 1e300, -2.5])),
+       picks=st.lists(st.integers(0, 3), min_size=1, max_size=12))
+def test_distinct_channels_groups_bit_identical_channels_in_order(patterns, picks):
+    from gradcam_ref._explain import distinct_channels
+
+    rows = patterns[[p % patterns.shape[0] for p in picks]]  # (K, H, W), channels repeat
+    channels, position = distinct_channels(rows)
+    assert list(channels) == sorted(channels) and len(position) == len(rows)
+    for k in range(len(rows)):  # each channel's set starts at the first channel with its bytes
+        first = channels[position[k]]
+        assert rows[first].tobytes() == rows[k].tobytes()
+        assert all(rows[j].tobytes() != rows[k].tobytes() for j in range(first))
+    assert len(channels) == len({r.tobytes() for r in rows})  # -0.0 and 0.0 differ in bits: two sets
