@@ -27,6 +27,7 @@ from gradcam_ref._methods import (
     method_fields,
     score_cam_masks,
     score_cam_weights,
+    torchcam_smooth_weights,
 )
 from gradcam_ref._targets import Target, resolve_targets
 from gradcam_ref._warnings import NonPositiveScoreWarning
@@ -309,7 +310,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "xgrad-cam": ("eps",),
     "eigen-cam": ("centre", "sign"),
     "eigen-grad-cam": ("centre", "sign"),
-    "smooth-grad-cam++": ("n_samples", "std", "seed"),
+    "smooth-grad-cam++": ("n_samples", "std", "seed", "variant", "noise"),
     "score-cam": ("variant", "batch_size"),
     "ablation-cam": ("value", "denominator", "batch_size"),
 }
@@ -319,8 +320,13 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, capture: Capture,
                     ours: dict[str, Any], options: dict[str, Any]) -> Explanation:
     """Smooth Grad-CAM++: ``n_samples`` captures at ``inputs + N(0, std^2)`` noise (NumPy's
-    generator seeded by ``seed``), the clean capture's targets, then the core's reduction."""
+    generator seeded by ``seed``, or the given ``noise`` draws), the clean capture's targets,
+    then the core's reduction: the paper's, or torchcam's (``variant="torchcam"``: its weights,
+    and the last noisy capture's activations in the map, as torchcam's hook keeps them)."""
     n, std, seed = ours.get("n_samples", 4), ours.get("std", 0.3), ours.get("seed", 0)
+    variant, given = ours.get("variant", "paper"), ours.get("noise")
+    if variant not in ("paper", "torchcam"):
+        raise ValueError(f"variant must be 'paper' or 'torchcam', got {variant!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n!r}")
     if not std >= 0:
@@ -328,17 +334,29 @@ def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer:
     if not array_api_compat.is_array_api_obj(inputs):
         inputs = np.asarray(inputs, dtype=np.float64)
     xp = array_api_compat.array_namespace(inputs)
+    if given is not None:
+        given = list(given)
+        if not given or any(tuple(shape_of(d)) != tuple(shape_of(inputs)) for d in given):
+            raise ValueError(f"noise must be n >= 1 draws of the inputs' shape {tuple(shape_of(inputs))}, got "
+                             f"shapes {[tuple(shape_of(d)) for d in given]}")
+        n = len(given)
     rng = np.random.default_rng(seed)
     targets = target if capture.targets is None else capture.targets
-    gradients = []
-    for _ in range(n):
-        noise = xp.asarray(std * rng.standard_normal(shape_of(inputs)), dtype=inputs.dtype,
-                           device=array_api_compat.device(inputs))
-        gradients.append(chosen.capture(model, inputs + noise, targets, layer=layer, **options).gradients)
+    gradients, last = [], capture
+    for s in range(n):
+        draw = std * rng.standard_normal(shape_of(inputs)) if given is None else given[s]
+        noise = xp.asarray(draw, dtype=inputs.dtype, device=array_api_compat.device(inputs))
+        last = chosen.capture(model, inputs + noise, targets, layer=layer, **options)
+        gradients.append(last.gradients)
     gx = array_api_compat.array_namespace(capture.activations)
+    recorded = {"n_samples": n, "std": std, "seed": seed} if given is None else {"n_samples": n, "noise": "given"}
+    if variant == "torchcam":
+        weights = torchcam_smooth_weights(capture.activations, gx.stack(gradients, axis=0))
+        capture = Capture(last.activations, last.gradients, capture.scores, capture.targets)
+        return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights,
+                                        variant=variant, **recorded)
     weights = _smooth_weights(gx, capture.activations, gx.stack(gradients, axis=0))
-    return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights,
-                                    n_samples=n, std=std, seed=seed)
+    return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights, **recorded)
 
 
 def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, method: str,

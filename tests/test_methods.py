@@ -378,3 +378,17 @@ def test_distinct_channels_groups_bit_identical_channels_in_order(patterns, pick
         assert rows[first].tobytes() == rows[k].tobytes()
         assert all(rows[j].tobytes() != rows[k].tobytes() for j in range(first))
     assert len(channels) == len({r.tobytes() for r in rows})  # -0.0 and 0.0 differ in bits: two sets
+
+
+def test_torchcam_smooth_weights_by_hand_and_for_target_columns():
+    a = np.array([[[[1.0, 2.0]], [[0.0, 3.0]]]])  # (1, 2, 1, 2)
+    g = np.array([[[[[1.0, -1.0]], [[2.0, 0.0]]]], [[[[3.0, 1.0]], [[0.0, 1.0]]]]])  # (n=2, 1, 2, 1, 2)
+    d2 = (g ** 2).mean(axis=0)[0]  # channel 0: [5, 1]; channel 1: [2, .5]
+    d3 = (g ** 3).mean(axis=0)[0]  # channel 0: [14, 0]; channel 1: [4, .5]
+    pair = (a[0] * d3).sum(axis=(1, 2))  # [14, 1.5]: A paired with D3 position by position
+    alpha = d2 / (2 * d2 + pair[:, None, None] + 1e-8)
+    expected = (alpha * np.maximum(g[-1, 0], 0)).sum(axis=(1, 2))  # ReLU of the last sample
+    np.testing.assert_allclose(gradcam_ref.torchcam_smooth_weights(a, g), [expected], rtol=1e-15)
+    both = gradcam_ref.torchcam_smooth_weights(a, np.stack([g, 2 * g], axis=2))  # (n, N, T=2, K, ...)
+    np.testing.assert_allclose(both[:, 0], [expected], rtol=1e-15)
+    np.testing.assert_allclose(both[:, 1], gradcam_ref.torchcam_smooth_weights(a, 2 * g), rtol=1e-15)

@@ -230,3 +230,35 @@ def test_score_cam_in_channels_last_leaves_the_model_as_it_was():
     np.testing.assert_allclose(fast.weights.numpy(), plain.weights.numpy(), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="memory_format must be 'channels_last' or 'preserve', got 'nhwc'"):
         gradcam_ref.explain(model, x, [1], layer="relu", method="score-cam", memory_format="nhwc")
+
+
+# --- torchcam's SmoothGradCAMpp: its noise, its weights, its last sample ---------------------------
+
+
+def test_torchcam_smooth_grad_cam_plus_plus_is_reproduced_with_its_own_noise():
+    case = peers.peer_cases()[0]  # float64
+    expected = peers._torchcam_smooth(case)  # torch seeded with SMOOTH_SEED, its defaults n=4, std=0.3
+    assert expected.max() > 0.99 and (expected > 0).mean() > 0.2  # a real map, not a flat one
+
+    def ours(noise, variant="torchcam"):
+        e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
+                                method="smooth-grad-cam++", variant=variant, noise=noise)
+        return np.asarray(e.heatmap(None, "torchcam" if variant == "torchcam" else "paper")), e
+
+    same, e = ours(peers.torchcam_noise(case))
+    np.testing.assert_allclose(same, expected, rtol=0, atol=1e-12)
+    assert dict(e.options)["noise"] == "given" and dict(e.options)["n_samples"] == 4
+    # each departure matters: the paper's reduction on the same draws, or other draws, miss it
+    paper, _ = ours(peers.torchcam_noise(case), variant="paper")
+    assert np.abs(paper - expected).max() > 0.05
+    torch.manual_seed(peers.SMOOTH_SEED + 1)
+    other = [torch.distributions.Normal(0, 0.3).sample(case.inputs.size()) for _ in range(4)]
+    assert np.abs(ours(other)[0] - expected).max() > 0.05
+    with pytest.raises(ValueError, match="explain\\(..., method='smooth-grad-cam\\+\\+', variant='torchcam'\\)"):
+        _.heatmap(None, "torchcam")  # a paper-variant explanation is refused under torchcam's convention
+    with pytest.raises(ValueError, match="noise must be n >= 1 draws of the inputs' shape"):
+        gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
+                            method="smooth-grad-cam++", noise=[case.inputs[:1]])
+    with pytest.raises(ValueError, match="variant must be 'paper' or 'torchcam', got 'pgc'"):
+        gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
+                            method="smooth-grad-cam++", variant="pgc")
