@@ -68,7 +68,10 @@ def run(model_name: str = "resnet18", names: Sequence[str] = METHODS, *, budget_
         min_rounds: int, costly_min_rounds: int, peers: bool = True) -> list[dict]:
     """Rows ``{"suite": "family", "model", "batch": 1, "targets": 1, "method", "library", "ratio", ...}``."""
     model, layer = models.build(model_name)
-    x = photo()
+    x = models.inputs(model_name, 1)
+    source = "N(0, 1)"
+    if tuple(x.shape[1:]) == (3, 224, 224):  # the ImageNet models: a real photo
+        x, source = photo(), "chelsea"
     target = int(models.targets(model_name, 1, 1)[0])
     calls: dict[str, Callable[[], object]] = {"forward": lambda: _forward(model, x)}
     closers = []
@@ -91,7 +94,7 @@ def run(model_name: str = "resnet18", names: Sequence[str] = METHODS, *, budget_
     for name, r in results.items():
         library, _, method = name.partition(" ")
         extra = {"distinct_channels": distinct, "channels": channels} if method == "score-cam" else {}
-        rows.append({"suite": "family", "model": model_name, "batch": 1, "targets": 1, "input": "chelsea",
+        rows.append({"suite": "family", "model": model_name, "batch": 1, "targets": 1, "input": source,
                      "method": method or "forward", "library": library, **r, **extra,
                      "loadavg_1min_before_after": load})
     return rows
