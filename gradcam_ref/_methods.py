@@ -329,6 +329,7 @@ def torchcam_smooth_weights(activations: Array, noisy_gradients: Array, *, eps: 
       array([[0.33333333]])
     """
     xp, (a, g) = as_float_arrays(activations=activations, gradients=noisy_gradients)
+    _finite_and_nonempty("torchcam_smooth_weights", activations=a, noisy_gradients=g)
     check_feature_maps("activations", a)
     if g.ndim < 1 or shape_of(g)[0] < 1:
         raise ValueError(f"noisy_gradients must have a leading axis of n >= 1 samples, got shape {shape_of(g)}")
