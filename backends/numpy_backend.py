@@ -276,7 +276,7 @@ def score(model: Oracle, inputs: Any) -> np.ndarray:
     return model.forward(np.asarray(inputs, dtype=np.float64))[1]
 def perturb(
     model: Oracle, inputs: Any, make: Any, *, layer: str | None = None, where: str = "activations",
-    batch_size: int = 32,
+    batch_size: int = 32, count: Any = None,
 ) -> Perturbed:
     """The oracle scored on perturbed copies (see the Protocol's ``perturb``).
 
@@ -293,10 +293,11 @@ def perturb(
     outputs, scores = model.forward(x)
     a = outputs[layer]
     n, k = a.shape[:2]
-    rows = np.empty((n, k, scores.shape[1]))
+    rows = np.full((n, k, scores.shape[1]), np.nan)
     for i in range(n):
-        for start in range(0, k, batch_size):
-            stop = min(start + batch_size, k)
+        copies = k if count is None else count(a, i)
+        for start in range(0, copies, batch_size):
+            stop = min(start + batch_size, copies)
             batch = make(x, a, i, start, stop)
             if where == "activations":
                 rows[i, start:stop] = model.forward_from(layer, batch)  # only the layers after `layer`

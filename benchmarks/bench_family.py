@@ -1,6 +1,8 @@
 """The CAM family: each method of ours and of pytorch-grad-cam against a no-grad forward pass.
 
-ResNet-18 at ``layer4`` (512 channels), batch 1, one target, the run's threads (one by default).
+ResNet-18 at ``layer4`` (512 channels), batch 1, one target, the run's threads (one by default),
+on a real photo (``skimage.data.chelsea()`` through the zoo's preprocessing: Score-CAM's cost
+depends on how many channels are identical, see :func:`distinct_channels`).
 Each method is timed interleaved with the baseline (``forward``) by
 :func:`benchmarks.timing.tiered_ratios`; the perturbation methods cost hundreds of forward
 passes, so they get the short "costly" series. Ours runs each library's variant where the two
@@ -11,6 +13,7 @@ both sides compute the same maps (``tests/test_benchmarks.py`` checks that on a 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,6 +69,9 @@ def run(model_name: str = "resnet18", names: Sequence[str] = METHODS, *, budget_
     """Rows ``{"suite": "family", "model", "batch": 1, "targets": 1, "method", "library", "ratio", ...}``."""
     model, layer = models.build(model_name)
     x = models.inputs(model_name, 1)
+    source = "N(0, 1)"
+    if tuple(x.shape[1:]) == (3, 224, 224):  # the ImageNet models: a real photo
+        x, source = photo(), "chelsea"
     target = int(models.targets(model_name, 1, 1)[0])
     calls: dict[str, Callable[[], object]] = {"forward": lambda: _forward(model, x)}
     closers = []
@@ -75,18 +81,43 @@ def run(model_name: str = "resnet18", names: Sequence[str] = METHODS, *, budget_
             call, cam = pytorch_grad_cam(model, layer, x, target, method)
             calls[f"pytorch-grad-cam {method}"] = call
             closers.append(cam)
+    load_before = os.getloadavg()
     try:
         results = tiered_ratios(calls, "forward", budget_s=budget_s, max_rounds=max_rounds,
                                 min_rounds=min_rounds, costly_min_rounds=costly_min_rounds)
     finally:
         for cam in closers:
             cam.activations_and_grads.release()
+    load = [round(v, 2) for v in (*load_before[:1], *os.getloadavg()[:1])]
+    distinct, channels = distinct_channels(model, layer, x)
     rows = []
     for name, r in results.items():
         library, _, method = name.partition(" ")
-        rows.append({"suite": "family", "model": model_name, "batch": 1, "targets": 1,
-                     "method": method or "forward", "library": library, **r})
+        extra = {"distinct_channels": distinct, "channels": channels} if method == "score-cam" else {}
+        rows.append({"suite": "family", "model": model_name, "batch": 1, "targets": 1, "input": source,
+                     "method": method or "forward", "library": library, **r, **extra,
+                     "loadavg_1min_before_after": load})
     return rows
+
+
+def photo() -> Any:
+    """``skimage.data.chelsea()`` through the zoo's preprocessing: ``(1, 3, 224, 224)`` float32."""
+    import numpy as np
+    import skimage.data
+    import torch
+
+    from gradcam_ref.zoo.efficientnet_lite0 import preprocess
+
+    return torch.from_numpy(preprocess(skimage.data.chelsea()).astype(np.float32)[None])
+
+
+def distinct_channels(model: Any, layer: str, x: Any) -> tuple[int, int]:
+    """How many of the layer's channels differ bit for bit on ``x`` (Score-CAM scores each once), of how many."""
+    import gradcam_ref
+    from gradcam_ref._explain import distinct_channels as distinct
+
+    a = gradcam_ref.explain(model, x, [0], layer=layer).activations
+    return len(distinct(a[0])[0]), int(a.shape[1])
 
 
 def _forward(model: Any, x: Any) -> object:

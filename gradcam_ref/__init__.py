@@ -23,6 +23,7 @@ from gradcam_ref._methods import (
     score_cam_masks,
     score_cam_weights,
     smooth_grad_cam_plus_plus,
+    torchcam_smooth_weights,
     xgrad_cam,
     xgrad_cam_weights,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "score_cam_masks",
     "score_cam_weights",
     "smooth_grad_cam_plus_plus",
+    "torchcam_smooth_weights",
     "upsample",
     "xgrad_cam",
     "xgrad_cam_weights",

@@ -26,6 +26,7 @@ from gradcam_ref._methods import (
     method_fields,
     score_cam_masks,
     score_cam_weights,
+    torchcam_smooth_weights,
 )
 from gradcam_ref._targets import Target, resolve_targets
 from gradcam_ref._warnings import NonPositiveScoreWarning
@@ -75,8 +76,8 @@ class Perturbed(NamedTuple):
     Attributes:
       activations: :math:`A` of ``inputs``, ``(N, K, *spatial)``, channels first.
       scores: the model's output for ``inputs``, ``(N, C)``.
-      perturbed_scores: the model's output for each of the ``count`` perturbed versions of
-        each example, ``(N, count, C)``.
+      perturbed_scores: the model's output for each of the perturbed versions of each example,
+        ``(N, K, C)``; with ``perturb(count=...)``, rows ``count(A, n):`` of example n are NaN.
     """
 
     activations: Array
@@ -308,7 +309,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "xgrad-cam": ("eps",),
     "eigen-cam": ("centre", "sign"),
     "eigen-grad-cam": ("centre", "sign"),
-    "smooth-grad-cam++": ("n_samples", "std", "seed"),
+    "smooth-grad-cam++": ("n_samples", "std", "seed", "variant", "noise"),
     "score-cam": ("variant", "batch_size"),
     "ablation-cam": ("value", "denominator", "batch_size"),
 }
@@ -318,8 +319,13 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, capture: Capture,
                     ours: dict[str, Any], options: dict[str, Any]) -> Explanation:
     """Smooth Grad-CAM++: ``n_samples`` captures at ``inputs + N(0, std^2)`` noise (NumPy's
-    generator seeded by ``seed``), the clean capture's targets, then the core's reduction."""
+    generator seeded by ``seed``, or the given ``noise`` draws), the clean capture's targets,
+    then the core's reduction: the paper's, or torchcam's (``variant="torchcam"``: its weights,
+    and the last noisy capture's activations in the map, as torchcam's hook keeps them)."""
     n, std, seed = ours.get("n_samples", 4), ours.get("std", 0.3), ours.get("seed", 0)
+    variant, given = ours.get("variant", "paper"), ours.get("noise")
+    if variant not in ("paper", "torchcam"):
+        raise ValueError(f"variant must be 'paper' or 'torchcam', got {variant!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n!r}")
     if not std >= 0:
@@ -327,17 +333,29 @@ def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer:
     if not is_array(inputs):
         inputs = np.asarray(inputs, dtype=np.float64)
     xp = namespace(inputs)
+    if given is not None:
+        given = list(given)
+        if not given or any(tuple(shape_of(d)) != tuple(shape_of(inputs)) for d in given):
+            raise ValueError(f"noise must be n >= 1 draws of the inputs' shape {tuple(shape_of(inputs))}, got "
+                             f"shapes {[tuple(shape_of(d)) for d in given]}")
+        n = len(given)
     rng = np.random.default_rng(seed)
     targets = target if capture.targets is None else capture.targets
-    gradients = []
-    for _ in range(n):
-        noise = xp.asarray(std * rng.standard_normal(shape_of(inputs)), dtype=inputs.dtype,
-                           device=device_of(inputs))
-        gradients.append(chosen.capture(model, inputs + noise, targets, layer=layer, **options).gradients)
+    gradients, last = [], capture
+    for s in range(n):
+        draw = std * rng.standard_normal(shape_of(inputs)) if given is None else given[s]
+        noise = xp.asarray(draw, dtype=inputs.dtype, device=device_of(inputs))
+        last = chosen.capture(model, inputs + noise, targets, layer=layer, **options)
+        gradients.append(last.gradients)
     gx = namespace(capture.activations)
+    recorded = {"n_samples": n, "std": std, "seed": seed} if given is None else {"n_samples": n, "noise": "given"}
+    if variant == "torchcam":
+        weights = torchcam_smooth_weights(capture.activations, gx.stack(gradients, axis=0))
+        capture = Capture(last.activations, last.gradients, capture.scores, capture.targets)
+        return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights,
+                                        variant=variant, **recorded)
     weights = _smooth_weights(gx, capture.activations, gx.stack(gradients, axis=0))
-    return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights,
-                                    n_samples=n, std=std, seed=seed)
+    return Explanation.from_capture(capture, method="smooth-grad-cam++", weights=weights, **recorded)
 
 
 def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, method: str,
@@ -351,9 +369,16 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
         if variant not in SCORE_CAM_VARIANTS:
             raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
 
+        shared: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # example -> (distinct channels, position of each)
+
+        def count(a: Any, n: int) -> int:
+            shared[n] = distinct_channels(a[n])
+            return len(shared[n][0])
+
         def make(x: Any, a: Any, n: int, start: int, stop: int) -> Any:
-            masks = score_cam_masks(a[n:n + 1, start:stop], shape_of(x)[2:], variant=variant)[0]
-            xp = namespace(masks)
+            xp = namespace(a)
+            channels = xp.asarray(shared[n][0][start:stop], device=device_of(a))
+            masks = score_cam_masks(xp.take(a[n:n + 1], channels, axis=1), shape_of(x)[2:], variant=variant)[0]
             return x[n:n + 1] * xp.expand_dims(masks, axis=1)  # (stop - start, C, *S)
 
         where = "inputs"
@@ -366,8 +391,13 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
             return ablated_activations(a, n, range(start, stop), value=value, chunk=int(batch_size))
 
         where = "activations"
-    perturbed = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size, **options)
-    a, scores, rows = perturbed
+    if method == "score-cam":  # channels with identical activations have identical masks: one run each
+        a, scores, rows = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size,
+                                         count=count, **options)
+        rows = _spread(rows, [shared[n][1] for n in range(shape_of(a)[0])])
+    else:
+        a, scores, rows = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size,
+                                         **options)
     targets = resolve_targets(target, scores)
     y = _target_scores(scores, targets)  # (N,) or (N, T)
     yk = _target_scores(rows, targets)  # (N, K) or (N, T, K)
@@ -388,6 +418,30 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
                 NonPositiveScoreWarning, stacklevel=3)
     capture = Capture(a, None, scores, None if callable(targets) else targets)
     return Explanation.from_capture(capture, method=method, weights=weights, **ours)
+
+
+def distinct_channels(activations: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The channels of one example's ``activations`` ``(K, *spatial)`` that differ bit for bit.
+
+    Returns ``(channels, position)``: the first channel of each set of bit-identical channels,
+    in increasing order, and for each of the K channels the index of its set in ``channels``.
+    Score-CAM's mask of a channel depends on that channel alone, so identical channels (after a
+    ReLU, typically the all-zero ones) give one masked input, scored once.
+    """
+    rows = np.ascontiguousarray(to_numpy(activations)).reshape(shape_of(activations)[0], -1)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1])))[:, 0]  # bytes: -0.0 != 0.0
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order], rank[np.reshape(inverse, -1)]
+
+
+def _spread(rows: Any, positions: list[np.ndarray]) -> Any:
+    """``rows[n, positions[n]]`` for each example n: ``(N, count, C)`` scores back to ``(N, K, C)``."""
+    xp = namespace(rows)
+    device = device_of(rows)
+    return xp.stack([xp.take(rows[n], xp.asarray(p, device=device), axis=0) for n, p in enumerate(positions)])
 
 
 def _target_scores(scores: Any, targets: Any) -> Any:

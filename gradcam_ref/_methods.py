@@ -273,9 +273,9 @@ def smooth_grad_cam_plus_plus(
         L^c = \mathrm{ReLU}\Big(\sum_k w^c_k A^k\Big)
 
     (:math:`a = 0` where the denominator is 0), with :math:`A` the clean input's activations.
-    With one sample and no noise it is Grad-CAM++. torchcam averages :math:`D^2, D^3` but
-    takes :math:`\mathrm{ReLU}` of the *last* sample's gradient and that sample's activations
-    for the map, and draws unseeded noise: not reproduced.
+    With one sample and no noise it is Grad-CAM++. torchcam 0.5's ``SmoothGradCAMpp`` differs
+    (``explain(..., method="smooth-grad-cam++", variant="torchcam")``, see
+    :func:`torchcam_smooth_weights`).
 
     Args:
       activations: :math:`A` of the clean input, ``(N, K, *spatial)``.
@@ -298,6 +298,53 @@ def smooth_grad_cam_plus_plus(
     check_finite(weights, "smooth_grad_cam_plus_plus", activations=a, noisy_gradients=g)
     maps = _weighted_sum(xp, a, weights)
     return _relu(xp, maps) if relu else maps
+
+
+def torchcam_smooth_weights(activations: Array, noisy_gradients: Array, *, eps: float = 1e-8) -> Array:
+    r"""torchcam 0.5's ``SmoothGradCAMpp`` weights, read from its code (methods/gradient.py).
+
+    .. math::
+
+        a^{kc}_{ij} = \frac{D^2_{ij}}{2 D^2_{ij} + \sum_{ab} A^k_{ab} D^3_{ab} + \epsilon}, \quad
+        w^c_k = \sum_{ij} a^{kc}_{ij}\, \mathrm{ReLU}(g_{n,ij})
+
+    Three departures from :func:`smooth_grad_cam_plus_plus`: the sum in the denominator pairs
+    :math:`A_{ab}` with :math:`D^3_{ab}` (one number per channel, not :math:`S_k D^3_{ij}`);
+    the ReLU is of the *last* sample's gradient :math:`g_n`, not of the average; and torchcam
+    weights the *last* noisy forward's activations in the map (its forward hook keeps them).
+    Its noise is ``torch.distributions.Normal(0, std).sample(x.shape)`` per sample, drawn from
+    torch's global generator: seed torch, draw the same way, and pass the draws as ``noise``.
+
+    Args:
+      activations: :math:`A` of the clean input, ``(N, K, *spatial)``.
+      noisy_gradients: :math:`g_s`, ``(n, N, K, *spatial)`` or ``(n, N, T, K, *spatial)``.
+      eps: torchcam's 1e-8.
+
+    Returns:
+      ``(N, K)`` or ``(N, T, K)``.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 1.0]]]])
+      >>> g = np.array([[[[[1.0, 0.0]]]], [[[[1.0, 0.0]]]]])  # D2 = [1, 0], D3 = [1, 0]: sum A D3 = 1
+      >>> torchcam_smooth_weights(a, g, eps=0.0)  # 1 / (2 + 1) * 1 + 0
+      array([[0.33333333]])
+    """
+    xp, (a, g) = as_float_arrays(activations=activations, gradients=noisy_gradients)
+    _finite_and_nonempty("torchcam_smooth_weights", activations=a, noisy_gradients=g)
+    check_feature_maps("activations", a)
+    if g.ndim < 1 or shape_of(g)[0] < 1:
+        raise ValueError(f"noisy_gradients must have a leading axis of n >= 1 samples, got shape {shape_of(g)}")
+    check_gradients_match(a, g[0])
+    spatial = tuple(range(g.ndim - (a.ndim - 2), g.ndim))
+    d2 = xp.mean(g * g, axis=0)
+    d3 = xp.mean(g * g * g, axis=0)
+    aa = a if d3.ndim == a.ndim else xp.expand_dims(a, axis=1)  # (N, [1,] K, *spatial)
+    pair = xp.sum(aa * d3, axis=tuple(i - 1 for i in spatial), keepdims=True)
+    alpha = d2 / (2 * d2 + pair + eps)
+    weights = xp.sum(alpha * _relu(xp, g[-1]), axis=tuple(i - 1 for i in spatial))
+    check_finite(weights, "torchcam_smooth_weights", activations=a, noisy_gradients=g)
+    return weights
 
 
 def _smooth_weights(xp: Any, a: Array, g: Array) -> Array:
@@ -490,9 +537,6 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
     row = a[example]
     k = shape_of(row)[0]
     device = device_of(a)
-    index = xp.asarray(list(channels), device=device)
-    onehot = xp.expand_dims(index, axis=1) == xp.expand_dims(xp.arange(k, device=device), axis=0)
-    onehot = xp.reshape(onehot, (len(channels), k) + (1,) * (row.ndim - 1))  # (R, K, 1, ...), bool
     if value == "zero":
         fill = xp.zeros((len(channels),) + (1,) * row.ndim, dtype=a.dtype, device=device)
     else:
@@ -508,7 +552,20 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
             fill_np = np.asarray(seq)[place]
         fill = xp.reshape(xp.asarray(fill_np, dtype=a.dtype, device=device_of(a)),
                           (len(channels),) + (1,) * row.ndim)
-    return xp.where(onehot, fill, xp.expand_dims(row, axis=0))  # (R, K, *spatial)
+    rows = len(channels)
+    if not (array_api_compat.is_numpy_array(a) or array_api_compat.is_torch_array(a)):  # immutable (JAX, TF)
+        index = xp.asarray(list(channels), device=device)
+        onehot = xp.expand_dims(index, axis=1) == xp.expand_dims(xp.arange(k, device=device), axis=0)
+        onehot = xp.reshape(onehot, (rows, k) + (1,) * (row.ndim - 1))  # (R, K, 1, ...), bool
+        return xp.where(onehot, fill, xp.expand_dims(row, axis=0))  # (R, K, *spatial)
+    # mutable arrays: R plain copies of the row (a memory copy), then one channel written per copy
+    out = xp.asarray(xp.broadcast_to(xp.expand_dims(row, axis=0), (rows, *shape_of(row))), copy=True)
+    index = np.asarray(list(channels), dtype=np.int64)
+    kept = np.flatnonzero((index >= 0) & (index < k))  # a channel outside range(K) ablates nothing
+    values = xp.reshape(fill, (rows,) + (1,) * (row.ndim - 1))
+    at = xp.asarray(kept, device=device)
+    out[at, xp.asarray(index[kept], device=device)] = values[at, ...]
+    return out  # (R, K, *spatial)
 
 
 @quiet_numpy

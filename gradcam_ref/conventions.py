@@ -197,7 +197,7 @@ PAPER = Convention(
     methods={
         "grad-cam": {}, "grad-cam++": {"eps": 0.0}, "hirescam": {}, "xgrad-cam": {"eps": 0.0}, "layercam": {},
         "eigen-cam": {"centre": False, "sign": "fixed"}, "eigen-grad-cam": {"centre": False, "sign": "fixed"},
-        "smooth-grad-cam++": {}, "score-cam": {"variant": "paper"}, "ablation-cam": {"value": "zero"},
+        "smooth-grad-cam++": {"variant": "paper"}, "score-cam": {"variant": "paper"}, "ablation-cam": {"value": "zero"},
     },
 )
 
@@ -304,7 +304,8 @@ TORCHCAM = Convention(
     ),
     checked="against torchcam.methods.GradCAM on small CNNs and a random-init resnet18; "
             "XGradCAM, LayerCAM and ScoreCAM the same way",
-    methods={"grad-cam": {}, "xgrad-cam": {"eps": 1e-8}, "layercam": {}, "score-cam": {"variant": "torchcam"}},
+    methods={"grad-cam": {}, "xgrad-cam": {"eps": 1e-8}, "layercam": {}, "score-cam": {"variant": "torchcam"},
+             "smooth-grad-cam++": {"variant": "torchcam"}},
     method_differences={
         "xgrad-cam": ((5, "XGradCAM adds 1e-8 to sum A in the weights' denominator"),),
         "layercam": ((9, "fuse_cams applies tanh(2 x) to every layer's normalised map, then takes "
@@ -312,6 +313,12 @@ TORCHCAM = Convention(
         "score-cam": ((6, "ScoreCAM min-max normalises A (eps 1e-8) at the layer's resolution, then "
                           "upsamples (half-pixel); the unmasked input's score is subtracted, which "
                           "the softmax over channels cannot see; chunks of 32 masked inputs"),),
+        "smooth-grad-cam++": ((12, "SmoothGradCAMpp draws its noise from torch's global generator "
+                                   "(Normal(0, std).sample per sample: seed torch and pass the same draws "
+                                   "as noise=); its weights pair A with the averaged third derivative "
+                                   "position by position, take the ReLU of the last sample's gradient, and "
+                                   "its map weights the last noisy forward's activations "
+                                   "(explain(..., variant='torchcam'))"),),
     },
 )
 

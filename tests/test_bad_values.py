@@ -269,6 +269,7 @@ PUBLIC = {
     "eigen_cam": lambda bad: gradcam_ref.eigen_cam(bad),
     "eigen_grad_cam": lambda bad: gradcam_ref.eigen_grad_cam(FEATURES, bad),
     "smooth_grad_cam_plus_plus": lambda bad: gradcam_ref.smooth_grad_cam_plus_plus(bad, FEATURES[None]),
+    "torchcam_smooth_weights": lambda bad: gradcam_ref.torchcam_smooth_weights(bad, FEATURES[None]),
     "layercam_scale": lambda bad: gradcam_ref.layercam_scale(bad),
     "fuse_maps": lambda bad: gradcam_ref.fuse_maps([bad, MAPS]),
     "score_cam_masks": lambda bad: gradcam_ref.score_cam_masks(bad, (4, 4)),
@@ -281,7 +282,8 @@ ARGUMENT = {"neuron_importance": "gradients", "grad_cam": "gradients", "grad_cam
             "guided_image": "guided", "postprocess": "signed_maps",
             "hires_cam": "gradients", "xgrad_cam": "gradients", "xgrad_cam_weights": "gradients",
             "layer_cam": "gradients", "eigen_cam": "activations", "eigen_grad_cam": "gradients",
-            "smooth_grad_cam_plus_plus": "activations", "layercam_scale": "maps", "fuse_maps": "maps",
+            "smooth_grad_cam_plus_plus": "activations", "torchcam_smooth_weights": "activations",
+            "layercam_scale": "maps", "fuse_maps": "maps",
             "score_cam_masks": "activations", "score_cam_weights": "mask_scores",
             "ablated_activations": "activations", "ablation_cam_weights": "ablated_scores"}
 

@@ -361,3 +361,34 @@ def test_numpy_copies_keep_method_and_options():
     oracle = Oracle.random(np.random.default_rng(0), in_channels=1, widths=[2], kernel_sizes=[2], num_classes=2)
     e = gradcam_ref.explain(oracle, np.ones((1, 1, 4, 4)), method="eigen-cam", centre=True).numpy()
     assert e.method == "eigen-cam" and e.options == (("centre", True),) and e.weights is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(patterns=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+                           elements=st.sampled_from([0.0, -0.0, 1.0, 5e-324, 1e300, -2.5])),
+       picks=st.lists(st.integers(0, 3), min_size=1, max_size=12))
+def test_distinct_channels_groups_bit_identical_channels_in_order(patterns, picks):
+    from gradcam_ref._explain import distinct_channels
+
+    rows = patterns[[p % patterns.shape[0] for p in picks]]  # (K, H, W), channels repeat
+    channels, position = distinct_channels(rows)
+    assert list(channels) == sorted(channels) and len(position) == len(rows)
+    for k in range(len(rows)):  # each channel's set starts at the first channel with its bytes
+        first = channels[position[k]]
+        assert rows[first].tobytes() == rows[k].tobytes()
+        assert all(rows[j].tobytes() != rows[k].tobytes() for j in range(first))
+    assert len(channels) == len({r.tobytes() for r in rows})  # -0.0 and 0.0 differ in bits: two sets
+
+
+def test_torchcam_smooth_weights_by_hand_and_for_target_columns():
+    a = np.array([[[[1.0, 2.0]], [[0.0, 3.0]]]])  # (1, 2, 1, 2)
+    g = np.array([[[[[1.0, -1.0]], [[2.0, 0.0]]]], [[[[3.0, 1.0]], [[0.0, 1.0]]]]])  # (n=2, 1, 2, 1, 2)
+    d2 = (g ** 2).mean(axis=0)[0]  # channel 0: [5, 1]; channel 1: [2, .5]
+    d3 = (g ** 3).mean(axis=0)[0]  # channel 0: [14, 0]; channel 1: [4, .5]
+    pair = (a[0] * d3).sum(axis=(1, 2))  # [14, 1.5]: A paired with D3 position by position
+    alpha = d2 / (2 * d2 + pair[:, None, None] + 1e-8)
+    expected = (alpha * np.maximum(g[-1, 0], 0)).sum(axis=(1, 2))  # ReLU of the last sample
+    np.testing.assert_allclose(gradcam_ref.torchcam_smooth_weights(a, g), [expected], rtol=1e-15)
+    both = gradcam_ref.torchcam_smooth_weights(a, np.stack([g, 2 * g], axis=2))  # (n, N, T=2, K, ...)
+    np.testing.assert_allclose(both[:, 0], [expected], rtol=1e-15)
+    np.testing.assert_allclose(both[:, 1], gradcam_ref.torchcam_smooth_weights(a, 2 * g), rtol=1e-15)

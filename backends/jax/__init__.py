@@ -411,6 +411,7 @@ def perturb(
     layer: Any = None,
     where: str = "activations",
     batch_size: int = 32,
+    count: Callable[[Any, int], int] | None = None,
     channel_axis: int = 1,
 ) -> Perturbed:
     """Score perturbed copies of each example (the Protocol's ``perturb``), jitted per batch shape.
@@ -436,11 +437,14 @@ def perturb(
     score = _score_activations if where == "activations" else _score_inputs
     rows = []
     for i in range(n):
-        for start in range(0, k, batch_size):
-            stop = min(start + batch_size, k)
+        copies = k if count is None else count(a, i)
+        for start in range(0, copies, batch_size):
+            stop = min(start + batch_size, copies)
             batch = make(x, a, i, start, stop)
             padded = jnp.concatenate([batch, jnp.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)])
             rows.append(score(padded, features=features, head=head, axis=axis)[: stop - start])
+        if copies < k:  # the rows no copy was asked for
+            rows.append(jnp.full((k - copies, *scores.shape[1:]), jnp.nan, scores.dtype))
     perturbed = jnp.concatenate(rows).reshape(n, k, *scores.shape[1:])
     return Perturbed(a, scores, perturbed)
 

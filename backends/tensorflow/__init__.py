@@ -440,6 +440,7 @@ def perturb(
     layer: str | keras.Layer | None = None,
     where: str = "activations",
     batch_size: int = 32,
+    count: Callable[[Any, int], int] | None = None,
     channel_axis: int = -1,
     compiled: bool = True,
 ) -> Perturbed:
@@ -454,7 +455,8 @@ def perturb(
 
     ``make`` (a core function, running on the tensors through :mod:`gradcam_ref._tf_array_api`)
     gets A channels-first ``(N, K, *spatial)`` and, with ``channel_axis=-1``, the inputs with their
-    channels moved like A's (as ``guided=True`` takes them); its batches are moved back. Returns
+    channels moved like A's (as ``guided=True`` takes them); its batches are moved back. With
+    ``count``, example n gets ``count(A, n)`` copies and NaN rows after them (the Protocol's). Returns
     ``Perturbed`` of tensors: A (channels-first), the scores and ``(N, K, C)`` perturbed scores.
     """
     if where not in ("activations", "inputs"):
@@ -487,8 +489,9 @@ def perturb(
     rows = []
     for i in range(n):
         skipping = [tf.repeat(r[i:i + 1], batch_size, axis=0) for r in rest]
-        for start in range(0, k, batch_size):
-            stop = min(start + batch_size, k)
+        copies = k if count is None else count(activations, i)
+        for start in range(0, copies, batch_size):
+            stop = min(start + batch_size, copies)
             batch = make(x_first, activations, i, start, stop)
             if not isinstance(batch, tf.Tensor) or int(batch.shape[0]) != stop - start:
                 raise ValueError(f"make must return a tensor of {stop - start} perturbed copies, got "
@@ -498,6 +501,8 @@ def perturb(
             if stop - start < batch_size:  # one traced shape for every batch
                 batch = tf.concat([batch, tf.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)], 0)
             rows.append(score_batch(batch, skipping)[: stop - start])
+        if copies < k:  # the rows no copy was asked for
+            rows.append(tf.fill((k - copies, *scores.shape[1:]), tf.constant(np.nan, scores.dtype)))
     perturbed = tf.reshape(tf.concat(rows, axis=0), (n, k, *scores.shape[1:]))
     return Perturbed(activations, scores, perturbed)
 

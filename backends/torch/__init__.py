@@ -715,8 +715,10 @@ def perturb(
     layer: str | nn.Module | None = None,
     where: str = "activations",
     batch_size: int = 32,
+    count: Callable[[torch.Tensor, int], int] | None = None,
     at: str = "output",
     call: int | None = None,
+    memory_format: str = "channels_last",
 ) -> Perturbed:
     """Score perturbed copies of each example without autograd (the Protocol's ``perturb``).
 
@@ -726,11 +728,18 @@ def perturb(
     the layer. Else (untraceable models, skip connections around the layer) it falls back to
     the whole model on the example repeated, with a forward hook substituting the perturbed
     activations (the part before the layer then runs again for every batch).
+
+    ``where="inputs"`` on a CPU with images ``(N, C, H, W)`` scores the copies with a copy of
+    the model in ``memory_format="channels_last"`` (oneDNN's fast layout; the user's model is
+    not touched), all under ``torch.inference_mode``; ``memory_format="preserve"`` runs the
+    model as it is. The layout changes the last bits of float32 scores, as the batch size does.
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, ...), got {type(inputs).__name__}")
     if where not in ("activations", "inputs"):
         raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    if memory_format not in ("channels_last", "preserve"):
+        raise ValueError(f"memory_format must be 'channels_last' or 'preserve', got {memory_format!r}")
     if at not in AT:
         raise ValueError(f"at must be one of {AT}, got {at!r}")
     with torch.no_grad():
@@ -751,12 +760,20 @@ def perturb(
         _check_captured(a, scores, inputs, f"the {at} of layer {name!r}")
         check_feature_maps("activations", a)
         n, k = int(a.shape[0]), int(a.shape[1])
-        rows = torch.empty((n, k, *scores.shape[1:]), dtype=scores.dtype, device=scores.device)
+        rows = torch.full((n, k, *scores.shape[1:]), torch.nan, dtype=scores.dtype, device=scores.device)
+        layout = torch.channels_last if (where == "inputs" and memory_format == "channels_last"
+                                         and inputs.ndim == 4 and inputs.device.type == "cpu") else None
+        if layout is not None:
+            whole = _in_layout(model, layout, whole)
+    with torch.inference_mode():
         for i in range(n):
-            for start in range(0, k, batch_size):
-                stop = min(start + batch_size, k)
+            copies = k if count is None else count(a, i)
+            for start in range(0, copies, batch_size):
+                stop = min(start + batch_size, copies)
                 batch = make(inputs, a, i, start, stop)
                 if where == "inputs":
+                    if layout is not None:
+                        batch = batch.contiguous(memory_format=layout)
                     out = _run(whole, batch)  # type: ignore[arg-type]
                 elif tail is not None:
                     out = tail(batch)
@@ -765,6 +782,25 @@ def perturb(
                     out = _substituted(model, module, at, call, repeated, batch)  # type: ignore[arg-type]
                 rows[i, start:stop] = out
     return Perturbed(a, scores, rows)
+
+
+def _in_layout(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch.memory_format,
+               whole: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """A copy of ``model`` (or of both halves of the split form) with its parameters in ``layout``.
+
+    ``whole`` (the model as it is) when the model cannot be copied.
+    """
+    import copy
+
+    try:
+        parts = copy.deepcopy(tuple(model) if isinstance(model, (tuple, list)) else (model,))
+    except (TypeError, RuntimeError, copy.Error):  # e.g. tensors that are not graph leaves
+        return whole
+    parts = tuple(p.to(memory_format=layout) for p in parts)
+    if len(parts) == 2:
+        features, head = parts
+        return lambda v: head(features(v))
+    return parts[0]
 
 
 def _forward_taken(

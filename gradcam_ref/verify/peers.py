@@ -147,6 +147,36 @@ def _torchcam_method(class_name: str) -> Callable[[PeerCase], np.ndarray]:
     return run
 
 
+SMOOTH_SEED = 0
+"""torch's global seed before torchcam's SmoothGradCAMpp draws its noise (and before ours draws the same)."""
+
+
+def torchcam_noise(case: PeerCase, n_samples: int = 4, std: float = 0.3) -> list[Any]:
+    """The noise torchcam's ``SmoothGradCAMpp`` (defaults n=4, std=0.3) draws after ``torch.manual_seed(SMOOTH_SEED)``.
+
+    It calls ``torch.distributions.Normal(0, std).sample(x.shape)`` once per sample on torch's
+    global generator, and nothing between the draws uses that generator (eval-mode models).
+    """
+    import torch
+
+    torch.manual_seed(SMOOTH_SEED)
+    normal = torch.distributions.Normal(0, std)
+    return [normal.sample(case.inputs.size()).to(device=case.inputs.device) for _ in range(n_samples)]
+
+
+def _torchcam_smooth(case: PeerCase) -> np.ndarray:
+    import torch
+    from torchcam.methods import SmoothGradCAMpp
+
+    torch.manual_seed(SMOOTH_SEED)
+    with SmoothGradCAMpp(case.model, target_layer=case.layer, input_shape=tuple(case.inputs.shape[1:])) as extractor, \
+            torch.enable_grad():
+        case.model(case.inputs)
+        (maps,) = extractor(class_idx=list(case.targets))
+    case.model.zero_grad(set_to_none=True)
+    return maps.detach().numpy()
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodPeer:
     """One CAM method of a peer library, compared with ``explain(method=...)`` under its convention.
@@ -183,15 +213,17 @@ METHOD_PEERS = tuple(
 ) + tuple(
     MethodPeer("torchcam", method, f"torchcam.methods.{cls}", "torchcam", "torchcam",
                _torchcam_method(cls), False, method in _PERTURBATION) for method, cls in _TORCHCAM.items()
-)
+) + (MethodPeer("torchcam", "smooth-grad-cam++", "torchcam.methods.SmoothGradCAMpp", "torchcam", "torchcam",
+                _torchcam_smooth, False),)
 """Every CAM method of pytorch-grad-cam 1.5.7 and torchcam 0.5 that a convention reproduces."""
 
 
 def method_options(convention: str, method: str) -> dict[str, Any]:
-    """The ``explain`` options that select ``convention``'s variant of a perturbation method."""
+    """The ``explain`` options that select ``convention``'s variant of a method fixed at ``explain`` time."""
     from gradcam_ref.conventions import get_convention
 
-    return dict(get_convention(convention).methods[method]) if method in _PERTURBATION else {}
+    fixed = method in _PERTURBATION or method == "smooth-grad-cam++"
+    return dict(get_convention(convention).methods[method]) if fixed else {}
 
 
 def method_peer_checks(
@@ -216,8 +248,11 @@ def method_peer_checks(
                 continue
             with warnings.catch_warnings():  # the library divides by negative scores too: reproduced
                 warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+                options = method_options(peer.convention, peer.method)
+                if peer.method == "smooth-grad-cam++":  # torch's generator, seeded as before torchcam's run
+                    options["noise"] = torchcam_noise(case)
                 e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
-                                        method=peer.method, **method_options(peer.convention, peer.method))
+                                        method=peer.method, **options)
             expected = peer.run(case)
             ours = e.heatmap(input_size if peer.at_input_size else None, peer.convention)
             what = f"{peer.call} ({peer.distribution} {importlib.metadata.version(peer.distribution)})"

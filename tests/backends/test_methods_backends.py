@@ -175,3 +175,90 @@ def test_every_method_matches_its_library_on_resnet18():
     assert len(checks) == len(peers.METHOD_PEERS)
     failed = [c for c in checks if not c.passed]
     assert not failed, failed
+
+
+# --- Score-CAM: one model run per distinct channel ------------------------------------------------
+
+
+class Duplicated(nn.Module):
+    """A conv layer whose channels 1 and 3 are one filter, and whose channels 2 and 4 are zero
+    after the ReLU (bias -1e3), then a linear head: 5 channels, 3 distinct masks per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(2, 5, 3, padding=1).double()
+        with torch.no_grad():
+            self.conv.weight[3] = self.conv.weight[1]
+            self.conv.bias[3] = self.conv.bias[1]
+            self.conv.bias[2] = self.conv.bias[4] = -1e3
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(5 * 36, 4).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("variant", ["paper", "pytorch-grad-cam", "torchcam"])
+def test_score_cam_runs_each_distinct_mask_once_with_the_same_weights(variant):
+    model = Duplicated().eval()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    seen: list[int] = []
+    handle = model.conv.register_forward_hook(lambda m, args, out: seen.append(int(args[0].shape[0])))
+    try:
+        e = gradcam_ref.explain(model, x, [0, 3], layer="relu", method="score-cam", variant=variant, batch_size=2)
+    finally:
+        handle.remove()
+    a = e.activations
+    assert torch.equal(a[:, 1], a[:, 3]) and not a[:, 2].any() and not a[:, 4].any()
+    assert seen == [2, 2, 1, 2, 1]  # the batch once, then channels (0, 1), (2,) per image: 3 runs of 5
+    masks = gradcam_ref.score_cam_masks(a, (6, 6), variant=variant)
+    with torch.no_grad():  # by hand: every channel's masked input scored by the model itself
+        for n, c in enumerate([0, 3]):
+            s = torch.stack([model(x[n:n + 1] * masks[n, k])[0, c] for k in range(5)])
+            np.testing.assert_allclose(e.weights[n].numpy(), torch.softmax(s, 0).numpy(), rtol=1e-13, atol=0)
+
+
+def test_score_cam_in_channels_last_leaves_the_model_as_it_was():
+    model = Duplicated().eval().float()
+    x = torch.randn(1, 2, 6, 6)
+    before = {name: (p.detach().clone(), p.stride()) for name, p in model.named_parameters()}
+    fast = gradcam_ref.explain(model, x, [1], layer="relu", method="score-cam")
+    plain = gradcam_ref.explain(model, x, [1], layer="relu", method="score-cam", memory_format="preserve")
+    for name, p in model.named_parameters():  # same values, same layout (the copy took channels_last)
+        assert torch.equal(p, before[name][0]) and p.stride() == before[name][1] and p.grad is None
+    np.testing.assert_allclose(fast.weights.numpy(), plain.weights.numpy(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="memory_format must be 'channels_last' or 'preserve', got 'nhwc'"):
+        gradcam_ref.explain(model, x, [1], layer="relu", method="score-cam", memory_format="nhwc")
+
+
+# --- torchcam's SmoothGradCAMpp: its noise, its weights, its last sample ---------------------------
+
+
+def test_torchcam_smooth_grad_cam_plus_plus_is_reproduced_with_its_own_noise():
+    case = peers.peer_cases()[0]  # float64
+    expected = peers._torchcam_smooth(case)  # torch seeded with SMOOTH_SEED, its defaults n=4, std=0.3
+    assert expected.max() > 0.99 and (expected > 0).mean() > 0.2  # a real map, not a flat one
+
+    def ours(noise, variant="torchcam"):
+        e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
+                                method="smooth-grad-cam++", variant=variant, noise=noise)
+        return np.asarray(e.heatmap(None, "torchcam" if variant == "torchcam" else "paper")), e
+
+    same, e = ours(peers.torchcam_noise(case))
+    np.testing.assert_allclose(same, expected, rtol=0, atol=1e-12)
+    assert dict(e.options)["noise"] == "given" and dict(e.options)["n_samples"] == 4
+    # each departure matters: the paper's reduction on the same draws, or other draws, miss it
+    paper, _ = ours(peers.torchcam_noise(case), variant="paper")
+    assert np.abs(paper - expected).max() > 0.05
+    torch.manual_seed(peers.SMOOTH_SEED + 1)
+    other = [torch.distributions.Normal(0, 0.3).sample(case.inputs.size()) for _ in range(4)]
+    assert np.abs(ours(other)[0] - expected).max() > 0.05
+    with pytest.raises(ValueError, match="explain\\(..., method='smooth-grad-cam\\+\\+', variant='torchcam'\\)"):
+        _.heatmap(None, "torchcam")  # a paper-variant explanation is refused under torchcam's convention
+    with pytest.raises(ValueError, match="noise must be n >= 1 draws of the inputs' shape"):
+        gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
+                            method="smooth-grad-cam++", noise=[case.inputs[:1]])
+    with pytest.raises(ValueError, match="variant must be 'paper' or 'torchcam', got 'pgc'"):
+        gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
+                            method="smooth-grad-cam++", variant="pgc")
