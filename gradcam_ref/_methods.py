@@ -753,12 +753,13 @@ def _orientation(xp: Any, p: Array) -> Array:
     """+1 or -1 per row of ``p`` ``(..., Z)``: largest magnitude positive, then sum, then first non-zero.
 
     Ties are judged up to rounding: values closer than ``1000 eps`` times the row's largest
-    magnitude count as equal (as zero for the sum and the first non-zero value), so that the
+    magnitude (at least the smallest normal number: below it rounding is absolute) count as equal (as zero for the sum and the first non-zero value), so that the
     SVD's last bits cannot choose the sign.
     """
     top, bottom = xp.max(p, axis=-1), xp.min(p, axis=-1)
-    scale = xp.maximum(top, -bottom)
-    tol = 1000 * xp.finfo(p.dtype).eps * scale
+    info = xp.finfo(p.dtype)
+    scale = xp.maximum(xp.maximum(top, -bottom), info.smallest_normal)  # subnormals round absolutely
+    tol = 1000 * info.eps * scale
     total = xp.sum(p, axis=-1)
     significant = xp.abs(p) > xp.expand_dims(tol, axis=-1)
     first_index = xp.argmax(xp.astype(significant, xp.int32), axis=-1)
