@@ -412,53 +412,59 @@ def perturb(
     where: str = "activations",
     batch_size: int = 32,
     count: Callable[[Any, int], int] | None = None,
-    channel_axis: int = 1,
+    channel_axis: int | None = None,
+    call: int | None = None,
+    variables: Any = None,
+    params: Any = None,
 ) -> Perturbed:
     """Score perturbed copies of each example (the Protocol's ``perturb``), jitted per batch shape.
 
-    ``where="activations"``: only ``head`` runs on the perturbed activations (moved back to
-    ``channel_axis``); ``where="inputs"``: ``head(features(.))``. Every batch is padded to
-    ``batch_size`` rows, so one compiled program scores them all.
+    ``model``, ``layer``, ``channel_axis``, ``call``, ``variables`` and ``params`` as in
+    :func:`capture`. ``where="activations"``: the layer's output is replaced by each perturbed copy
+    (moved back to ``channel_axis``) and only the part after it runs (the split form's ``head``; a
+    named layer's model under ``jax.vmap`` over the copies, which leaves the part before the layer
+    unbatched: it runs once). ``where="inputs"``: the whole model on masked inputs, given to
+    ``make`` with their channels moved like A's. Every batch is padded to ``batch_size`` rows, so
+    one compiled program scores them all. ``count`` as in the Protocol (NaN rows after
+    ``count(A, n)`` copies).
     """
     if where not in ("activations", "inputs"):
         raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
-    seam, params, _ = jax_models.seam(model, layer)
-    if not isinstance(seam, jax_models.Split) or seam.takes_params:
-        raise TypeError(
-            "the jax backend re-scores perturbed copies (score-cam, ablation-cam) of a model in the split "
-            f"form (features, head) without params=; got a {type(model).__name__} model"
-        )
-    features, head = seam.features, seam.head
+    seam, params, default_axis = jax_models.seam(model, layer, variables=variables, call=call, params=params)
+    channel_axis = default_axis if channel_axis is None else channel_axis
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
     a_raw, scores = _forward(x, params, seam=seam, channel_axis=channel_axis)
     axis = _channel_axis(channel_axis, a_raw.ndim)
     a = jnp.moveaxis(a_raw, axis, 1)
+    if where == "inputs" and axis != 1 and x.ndim != a_raw.ndim:
+        raise ValueError(
+            f"where='inputs' with channel_axis={channel_axis}: the inputs are taken to have their channels "
+            f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
+        )
+    x_first = jnp.moveaxis(x, axis, 1) if where == "inputs" else x
+    index = seam.index(params, x[:1])
     n, k = int(a.shape[0]), int(a.shape[1])
-    score = _score_activations if where == "activations" else _score_inputs
     rows = []
     for i in range(n):
         copies = k if count is None else count(a, i)
         for start in range(0, copies, batch_size):
             stop = min(start + batch_size, copies)
-            batch = make(x, a, i, start, stop)
+            batch = jnp.moveaxis(make(x_first, a, i, start, stop), 1, axis)
             padded = jnp.concatenate([batch, jnp.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)])
-            rows.append(score(padded, features=features, head=head, axis=axis)[: stop - start])
+            if where == "activations":
+                out = _score_replaced(params, x[i:i + 1], padded, seam=seam, index=index)
+            else:
+                out = _score_inputs(params, padded, seam=seam)
+            rows.append(out[: stop - start])
         if copies < k:  # the rows no copy was asked for
             rows.append(jnp.full((k - copies, *scores.shape[1:]), jnp.nan, scores.dtype))
     perturbed = jnp.concatenate(rows).reshape(n, k, *scores.shape[1:])
     return Perturbed(a, scores, perturbed)
 
 
-def _score_activations_impl(batch: jax.Array, *, features: Callable, head: Callable, axis: int) -> Any:
-    return head(jnp.moveaxis(batch, 1, axis))
-
-
-def _score_inputs_impl(batch: jax.Array, *, features: Callable, head: Callable, axis: int) -> Any:
-    return head(features(batch))
-
-
-_score_activations = jax.jit(_score_activations_impl, static_argnames=("features", "head", "axis"))
-_score_inputs = jax.jit(_score_inputs_impl, static_argnames=("features", "head", "axis"))
+_score_replaced = jax.jit(lambda params, x, a, *, seam, index: seam.replaced(params, x, a, index),
+                          static_argnames=("seam", "index"))
+_score_inputs = jax.jit(lambda params, batch, *, seam: seam.forward(params, batch), static_argnames=("seam",))
 
 
 # --- Checks -----------------------------------------------------------------------------------

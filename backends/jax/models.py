@@ -149,6 +149,13 @@ class Split:
         scores, vjp = jax.vjp(head, a)
         return a, scores, vjp
 
+    def index(self, params: Any, x: jax.Array) -> int:
+        return 0
+
+    def replaced(self, params: Any, x: jax.Array, a: jax.Array, index: int) -> Any:
+        """The scores ``(b, C)`` of ``head(a)``: ``a`` holds ``b`` replacements of the layer's output."""
+        return self._halves(params)[1](a)
+
 
 # --- Models at a named layer -----------------------------------------------------------------------
 
@@ -156,15 +163,15 @@ class Split:
 class _Tap:
     """The layer's outputs, one per call; the ``index``-th call's gets ``+ delta`` (when given)."""
 
-    def __init__(self, delta: Any = None, index: int = 0) -> None:
-        self.delta, self.index = delta, index
+    def __init__(self, delta: Any = None, index: int = 0, replace: bool = False) -> None:
+        self.delta, self.index, self.replace = delta, index, replace
         self.outputs: list[Any] = []
 
     def __call__(self, out: Any) -> Any:
         this = len(self.outputs)
         self.outputs.append(out)
         if self.delta is not None and this == self.index:
-            return out + self.delta
+            return self.delta if self.replace else out + self.delta  # replace: A' itself, bit for bit
         return out
 
     def chosen(self, call: int | None, what: str, names: Callable[[], Sequence[str]]) -> Any:
@@ -206,15 +213,8 @@ class _AtLayer:
         return check(a), scores
 
     def linearize(self, params: Any, x: jax.Array, check: Callable) -> tuple[Any, Any, Callable]:
-        taps: list[_Tap] = []
-
-        def shape_pass() -> Any:
-            taps.append(_Tap())
-            return self.run(params, x, taps[-1])[1]
-
-        a_struct = check(jax.eval_shape(shape_pass))  # traced only: nothing runs twice
-        runs = len(taps[0].outputs)
-        index = (self.call if self.call is not None else 0) % runs
+        a_struct, index = self._shape_pass(params, x)
+        check(a_struct)
 
         def rest(delta: jax.Array) -> tuple[Any, Any]:
             return self.run(params, x, _Tap(delta, index))
@@ -222,6 +222,31 @@ class _AtLayer:
         zero = jnp.zeros(a_struct.shape, a_struct.dtype)
         scores, vjp, a = jax.vjp(rest, zero, has_aux=True)
         return a, scores, vjp
+
+    def index(self, params: Any, x: jax.Array) -> int:
+        """Which call of the layer is A (``call``, resolved against the number of calls)."""
+        return self._shape_pass(params, x)[1]
+
+    def replaced(self, params: Any, x: jax.Array, a: jax.Array, index: int) -> Any:
+        """The scores ``(b, C)`` of the model on the one example ``x`` ``(1, ...)`` with the layer's
+        output replaced by each row of ``a`` ``(b, *A.shape[1:])``. ``jax.vmap`` over the rows
+        leaves what does not depend on them unbatched: the part before the layer runs once."""
+
+        def one(row: jax.Array) -> Any:
+            return self.run(params, x, _Tap(row[None], index, replace=True))[0][0]
+
+        return jax.vmap(one)(a)
+
+    def _shape_pass(self, params: Any, x: jax.Array) -> tuple[Any, int]:
+        taps: list[_Tap] = []
+
+        def shape_pass() -> Any:
+            taps.append(_Tap())
+            return self.run(params, x, taps[-1])[1]
+
+        a_struct = jax.eval_shape(shape_pass)  # traced only: nothing runs
+        runs = len(taps[0].outputs)
+        return a_struct, (self.call if self.call is not None else 0) % runs
 
 
 def _path(layer: Any, kind: str) -> tuple[str, ...]:

@@ -173,6 +173,53 @@ def test_the_split_form_gives_the_same_explanation(library):
 
 
 @pytest.mark.parametrize("library", ["linen", "nnx", "equinox"])
+@pytest.mark.parametrize(("method", "options"), [("ablation-cam", {}), ("ablation-cam", {"value": "pgc"}),
+                                                 ("score-cam", {}), ("score-cam", {"variant": "pytorch-grad-cam"})])
+def test_perturbation_methods_at_a_named_layer_equal_the_split_forms(library, method, options):
+    """Score-CAM (masked inputs, channels-last ones too) and Ablation-CAM (the layer's output
+    replaced, the part after it re-run) at a named layer: the split form's numbers."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        model, named_options, split, _, channels_last = build(library, P)
+        x = inputs(rng, {**P, "values": "normal"}, channels_last)
+        named = gradcam_ref.explain(model, x, [0, 4, 2], method=method, batch_size=3, **named_options, **options)
+        by_split = gradcam_ref.explain(split, x, [0, 4, 2], method=method, batch_size=3,
+                                       channel_axis=-1 if channels_last else 1, **options)
+    for field in ("maps", "activations", "weights", "scores"):
+        np.testing.assert_allclose(getattr(named, field), getattr(by_split, field), rtol=1e-13, atol=1e-14,
+                                   err_msg=field)
+    assert np.asarray(named.maps).max() > 0 and np.ptp(np.asarray(named.weights)) > 0
+
+
+def test_ablation_cam_at_a_named_layer_runs_the_part_before_it_once_per_example():
+    """The copies replace the layer's output under jax.vmap: no convolution before it is batched."""
+    with jax.enable_x64(True):
+        model, _, _, _, _ = build("linen", P)
+        x = inputs(np.random.default_rng(2), {**P, "values": "normal"}, True)
+        a = np.moveaxis(np.asarray(gradcam_ref.explain(model, x[:1], layer="body").activations), 1, -1)
+        seam, params, _ = jax_backend.jax_models.seam(model, "body")
+        copies = jnp.zeros((7, *a.shape[1:]), F64)
+        text = jax.jit(lambda p, x1, c: seam.replaced(p, x1, c, 0)).lower(params, x[:1], copies).as_text()
+    convs = [line for line in text.splitlines() if "convolution" in line]
+    assert not any("tensor<7x" in line for line in convs), convs
+
+
+def test_perturbation_methods_in_the_split_form_with_params():
+    """``params=`` reaches features and head when re-scoring too."""
+    with jax.enable_x64(True):
+        model, _, split, _, _ = build("linen", P)
+        variables = model.unbind()[1]
+        module = model.unbind()[0]
+        features = lambda v, x: module.apply(v, x, method=LinenGap.features)  # noqa: E731
+        head = lambda v, a: module.apply(v, a, method=LinenGap.head)  # noqa: E731
+        x = inputs(np.random.default_rng(3), {**P, "values": "normal"}, True)
+        for method in ("score-cam", "ablation-cam"):
+            with_params = gradcam_ref.explain((features, head), x, method=method, params=variables, channel_axis=-1)
+            closed = gradcam_ref.explain(split, x, method=method, channel_axis=-1)
+            np.testing.assert_array_equal(with_params.maps, closed.maps)
+
+
+@pytest.mark.parametrize("library", ["linen", "nnx", "equinox"])
 def test_guided_backprop_equals_the_split_forms(library):
     rng = np.random.default_rng(1)
     with jax.enable_x64(True):
