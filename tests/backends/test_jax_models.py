@@ -173,7 +173,7 @@ def test_the_split_form_gives_the_same_explanation(library):
 
 
 @pytest.mark.parametrize("library", ["linen", "nnx", "equinox"])
-@pytest.mark.parametrize(("method", "options"), [("ablation-cam", {}), ("ablation-cam", {"value": "pgc"}),
+@pytest.mark.parametrize(("method", "options"), [("ablation-cam", {}), ("ablation-cam", {"value": "pytorch-grad-cam"}),
                                                  ("score-cam", {}), ("score-cam", {"variant": "pytorch-grad-cam"})])
 def test_perturbation_methods_at_a_named_layer_equal_the_split_forms(library, method, options):
     """Score-CAM (masked inputs, channels-last ones too) and Ablation-CAM (the layer's output
@@ -191,17 +191,43 @@ def test_perturbation_methods_at_a_named_layer_equal_the_split_forms(library, me
     assert np.asarray(named.maps).max() > 0 and np.ptp(np.asarray(named.weights)) > 0
 
 
-def test_ablation_cam_at_a_named_layer_runs_the_part_before_it_once_per_example():
-    """The copies replace the layer's output under jax.vmap: no convolution before it is batched."""
+class Skip(nn.Module):
+    """stem -> block, and the stem's output skips over the block to the head."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(3, (2, 2), name="stem", param_dtype=F64)(x))
+        a = nn.relu(nn.Conv(3, (2, 2), name="block", param_dtype=F64)(h))
+        return nn.Dense(4, name="fc", param_dtype=F64)((a + h).mean(axis=(1, 2)))
+
+
+def test_ablation_cam_at_a_named_layer_holds_the_skip_and_runs_the_part_before_it_once():
+    """The copies replace the layer's output under jax.vmap: the stem, which also feeds the head
+    past the layer, is computed once (not batched over the copies) and held for every copy."""
     with jax.enable_x64(True):
-        model, _, _, _, _ = build("linen", P)
-        x = inputs(np.random.default_rng(2), {**P, "values": "normal"}, True)
-        a = np.moveaxis(np.asarray(gradcam_ref.explain(model, x[:1], layer="body").activations), 1, -1)
-        seam, params, _ = jax_backend.jax_models.seam(model, "body")
-        copies = jnp.zeros((7, *a.shape[1:]), F64)
+        x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 5, 2)))
+        variables = Skip().init(jax.random.key(0), x)
+        model = Skip().bind(variables)
+        e = gradcam_ref.explain(model, x, [1, 3], layer="block", method="ablation-cam", batch_size=2,
+                                denominator="abs")
+        seam, params, _ = jax_backend.jax_models.seam(model, "block")
+        copies = jnp.zeros((7, 5, 5, 3), F64)
         text = jax.jit(lambda p, x1, c: seam.replaced(p, x1, c, 0)).lower(params, x[:1], copies).as_text()
+        stem = nn.Conv(3, (2, 2), param_dtype=F64).apply({"params": variables["params"]["stem"]}, x)
+        h = np.asarray(nn.relu(stem))
+        fc = jax.tree.map(np.asarray, variables["params"]["fc"])
+    scores, weights = np.asarray(e.scores), np.asarray(e.weights)
     convs = [line for line in text.splitlines() if "convolution" in line]
-    assert not any("tensor<7x" in line for line in convs), convs
+    assert len(convs) == 1 and "tensor<1x5x5x2x" in convs[0], convs  # the stem, once; the block is replaced
+    # by hand: y_k = fc(mean(ReLU(A with channel k zeroed) + h)), w_k = (y - y_k) / y (A: the conv's output)
+    a = np.asarray(e.activations)  # (N, K, 5, 5)
+    for n, t in enumerate([1, 3]):
+        y = scores[n, t]
+        for k in range(3):
+            ablated = np.moveaxis(a[n], 0, -1).copy()
+            ablated[..., k] = 0
+            y_k = ((np.maximum(ablated, 0) + h[n]).mean(axis=(0, 1)) @ fc["kernel"] + fc["bias"])[t]
+            np.testing.assert_allclose(weights[n, k], (y - y_k) / abs(y), rtol=1e-12)
 
 
 def test_perturbation_methods_in_the_split_form_with_params():
