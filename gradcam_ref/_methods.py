@@ -753,8 +753,9 @@ def _orientation(xp: Any, p: Array) -> Array:
     """+1 or -1 per row of ``p`` ``(..., Z)``: largest magnitude positive, then sum, then first non-zero.
 
     Ties are judged up to rounding: values closer than ``1000 eps`` times the row's largest
-    magnitude (at least the smallest normal number: below it rounding is absolute) count as equal (as zero for the sum and the first non-zero value), so that the
-    SVD's last bits cannot choose the sign.
+    magnitude (at least the smallest normal number: below it rounding is absolute) count as
+    equal (as zero for the sum and the first non-zero value), so that the SVD's last bits cannot
+    choose the sign.
     """
     top, bottom = xp.max(p, axis=-1), xp.min(p, axis=-1)
     info = xp.finfo(p.dtype)
