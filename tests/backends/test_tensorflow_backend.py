@@ -231,13 +231,19 @@ def model_state(model):
             [sorted(vars(layer)) for layer in model.layers], model.trainable)
 
 
-def test_the_model_is_left_as_it_was_and_batch_norm_stays_in_inference():
+def batch_norm_model():
+    """conv -> batch norm -> ReLU -> GAP -> dropout -> dense, and a batch of 3 inputs."""
     keras.utils.set_random_seed(6)
     model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, name="conv"),
                               keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(name="relu"),
                               keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(0.5),
                               keras.layers.Dense(4)])
     x = np.random.default_rng(6).standard_normal((3, 6, 6, 2)).astype(np.float32) * 5
+    return model, x
+
+
+def test_the_model_is_left_as_it_was_and_batch_norm_stays_in_inference():
+    model, x = batch_norm_model()
     before = model_state(model)
     first = gradcam_ref.explain(model, x, layer="conv", guided=True).numpy()
     second = gradcam_ref.explain(model, x, layer="conv", guided=True, compiled=False).numpy()

@@ -24,6 +24,7 @@ from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends import tensorflow as tf_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify.twins import keras_oracle, torch_oracle
+from tests.backends.test_tensorflow_backend import batch_norm_model, model_state
 
 TOL = 1e-10
 PERTURBATION = ("score-cam", "ablation-cam")
@@ -194,18 +195,8 @@ def test_split_form_and_channels_first_equal_the_keras_model(oracle):
             np.testing.assert_allclose(e.weights, ref.weights, rtol=0, atol=TOL * np.abs(ref.weights).max())
 
 
-def model_state(model):
-    return ([v.numpy().copy() for v in model.variables], [layer.call for layer in model.layers],
-            [sorted(vars(layer)) for layer in model.layers], model.trainable)
-
-
 def test_perturbation_leaves_the_model_as_it_was_and_batch_norm_in_inference():
-    keras.utils.set_random_seed(6)
-    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, name="conv"),
-                              keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(name="relu"),
-                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dropout(0.5),
-                              keras.layers.Dense(4)])
-    x = np.random.default_rng(6).standard_normal((3, 6, 6, 2)).astype(np.float32) * 5
+    model, x = batch_norm_model()
     before = model_state(model)
     first = gradcam_ref.explain(model, x, layer="relu", method="score-cam")
     second = gradcam_ref.explain(model, x, layer="conv", method="ablation-cam", denominator="abs")
