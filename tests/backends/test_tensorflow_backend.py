@@ -102,11 +102,14 @@ def test_torch_twins_agree_in_float64(head):
 # --- the graph split ----------------------------------------------------------------------------
 
 
-def residual_net():
-    """conv a -> ReLU -> conv b (layer 'b') -> add(a, b) -> ReLU6 -> GAP -> dense: 'a' skips over 'b'."""
+def residual_net(counting=None):
+    """conv a -> ReLU -> conv b (layer 'b') -> add(a, b) -> ReLU6 -> GAP -> dense: 'a' skips over 'b'.
+
+    ``counting``: a layer applied to the input first (to count the passes before the layer)."""
     keras.utils.set_random_seed(11)
     x = keras.Input((7, 7, 3), dtype="float64")
-    a = keras.layers.Conv2D(4, 3, padding="same", dtype="float64", name="a")(x)
+    h = x if counting is None else counting(x)
+    a = keras.layers.Conv2D(4, 3, padding="same", dtype="float64", name="a")(h)
     r = keras.layers.ReLU(dtype="float64", name="r")(a)
     b = keras.layers.Conv2D(4, 3, padding="same", dtype="float64", name="b")(r)
     s = keras.layers.Add(dtype="float64", name="add")([a, b])

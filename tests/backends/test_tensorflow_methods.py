@@ -24,7 +24,7 @@ from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends import tensorflow as tf_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify.twins import keras_oracle, torch_oracle
-from tests.backends.test_tensorflow_backend import batch_norm_model, model_state
+from tests.backends.test_tensorflow_backend import batch_norm_model, model_state, residual_net
 
 TOL = 1e-10
 PERTURBATION = ("score-cam", "ablation-cam")
@@ -114,20 +114,6 @@ class Counting(keras.layers.Layer):
         if x.shape[0] is not None:  # not while the functional model is built
             self.seen.append(int(x.shape[0]))
         return x
-
-
-def residual_net(counting=None):
-    """conv a -> ReLU -> conv b (layer 'b') -> add(a, b) -> ReLU6 -> GAP -> dense: 'a' skips over 'b'."""
-    keras.utils.set_random_seed(11)
-    x = keras.Input((7, 7, 3), dtype="float64")
-    h = x if counting is None else counting(x)
-    a = keras.layers.Conv2D(4, 3, padding="same", dtype="float64", name="a")(h)
-    r = keras.layers.ReLU(dtype="float64", name="r")(a)
-    b = keras.layers.Conv2D(4, 3, padding="same", dtype="float64", name="b")(r)
-    s = keras.layers.Add(dtype="float64", name="add")([a, b])
-    y = keras.layers.ReLU(max_value=6.0, dtype="float64", name="r6")(s)
-    y = keras.layers.GlobalAveragePooling2D(dtype="float64", name="gap")(y)
-    return keras.Model(x, keras.layers.Dense(5, dtype="float64", name="fc")(y), name="residual")
 
 
 def test_ablation_cam_runs_the_part_after_the_layer_only_and_holds_the_skip_fixed():
