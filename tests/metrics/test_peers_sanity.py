@@ -24,21 +24,7 @@ import torch
 import gradcam_ref
 from gradcam_ref import MetricWarning, metrics
 from gradcam_ref.backends.torch import randomise
-
-
-def net_with_batchnorm() -> torch.nn.Module:
-    """A float64 network whose BatchNorm has learnt-looking weights and statistics."""
-    torch.manual_seed(0)
-    nn = torch.nn
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                          nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(8, 5)).double()
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-0.5, 0.5)
-        model[1].running_var.uniform_(0.5, 2.0)
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.2, 0.2)
-    return model.eval()
+from tests.metrics.test_sanity import net_with_batchnorm
 
 
 def inputs(n: int = 4, size: int = 12, seed: int = 1) -> np.ndarray:
@@ -74,7 +60,7 @@ def assert_same_scores(theirs: dict, ours: dict) -> None:
 @pytest.mark.parametrize("order, layer_order", [("cascading", "top_down"), ("independent", "independent")])
 @pytest.mark.parametrize("measure", ["spearman", "ssim"])
 def test_mprt_equals_quantus(order, layer_order, measure):
-    net = net_with_batchnorm()
+    net = net_with_batchnorm(classes=5, learnt_affine=True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng_state = torch.get_rng_state()
     x, y = inputs(), np.array([0, 3, 4, 1])
@@ -97,7 +83,7 @@ def test_mprt_equals_quantus(order, layer_order, measure):
 @pytest.mark.parametrize("batch_size", [64, 3])
 @pytest.mark.parametrize("measure", ["ssim", "spearman"])
 def test_random_logit_equals_quantus(batch_size, measure):
-    net = net_with_batchnorm()
+    net = net_with_batchnorm(classes=5, learnt_affine=True)
     x, y = inputs(n=5), np.array([0, 3, 4, 1, 4])
     similarity_func = quantus.ssim if measure == "ssim" else quantus.similarity_func.correlation_spearman
     theirs = quantus.RandomLogit(num_classes=5, seed=42, similarity_func=similarity_func, disable_warnings=True)(
@@ -135,7 +121,7 @@ def copy_of(copies, layer: str) -> torch.nn.Module:
 
 def test_quantus_batchnorm_randomisation_is_the_identity_ours_is_random():
     """docs/evaluation.md: BatchNorm under Quantus's reset_parameters, and under our redraw."""
-    net = net_with_batchnorm()
+    net = net_with_batchnorm(classes=5, learnt_affine=True)
     quantus_copy = copy_of(randomise.randomised(net, order="independent", seed=42, scheme="quantus"), "1")
     our_copy = copy_of(randomise.randomised(net, order="independent"), "1")
     z = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 6, 5, 5)))

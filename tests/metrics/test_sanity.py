@@ -44,15 +44,19 @@ def test_an_all_zero_map_is_a_value_not_a_crash():
     assert metrics.similarity(zeros, zeros, measure="ssim").tolist() == [1.0]
 
 
-def net_with_batchnorm() -> torch.nn.Module:
+def net_with_batchnorm(classes: int = 4, learnt_affine: bool = False) -> torch.nn.Module:
+    """A float64 network whose BatchNorm has learnt-looking statistics (and weights, with ``learnt_affine``)."""
     torch.manual_seed(0)
     nn = torch.nn
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
                           nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(8, 4)).double()
-    with torch.no_grad():  # a BatchNorm with learnt-looking statistics
+                          nn.Linear(8, classes)).double()
+    with torch.no_grad():
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 2.0)
+        if learnt_affine:
+            model[1].weight.uniform_(0.5, 1.5)
+            model[1].bias.uniform_(-0.2, 0.2)
     return model.eval()
 
 
