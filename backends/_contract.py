@@ -14,7 +14,8 @@ depends on (tests/backends/test_contract.py checks it).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from gradcam_ref._arrays import check_feature_maps, check_finite, shape_of
@@ -57,10 +58,12 @@ __all__ = [
     "check_same_batch",
     "check_scores",
     "check_target_scores",
+    "check_where",
     "class_indices",
     "differentiable_mode",
     "grad_cam_fields",
     "guided_grad_cam",
+    "perturb_chunks",
     "resolve_targets",
     "same_parameters",
     "shape_of",
@@ -158,3 +161,32 @@ def explaining(capture: Callable[_P, Capture]) -> Callable[_P, Explanation]:
 
     explain.__doc__ = f"``Explanation.from_capture(capture(...))`` of ``{capture.__module__}.capture``."
     return explain
+
+
+WHERE = ("activations", "inputs")
+"""What ``perturb(where=...)`` may perturb."""
+
+
+def check_where(where: str) -> None:
+    """``perturb``'s ``where``, checked before any work (one message for every backend)."""
+    if where not in WHERE:
+        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+
+
+def perturb_chunks(
+    activations: Any, batch_size: int, count: Any = None
+) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """The Protocol's chunking of ``perturb``, written once: ``(n, copies, spans)`` for each example n.
+
+    ``copies`` is ``count(activations, n)`` (K, the channels of ``activations`` ``(N, K, ...)``,
+    without ``count``); ``spans`` are the ``[start, stop)`` chunks of ``range(copies)``, each
+    ``batch_size`` long but the last. A backend scores ``make(inputs, A, n, start, stop)`` for
+    each span and leaves rows ``copies:`` of example n NaN.
+    """
+    n, k = shape_of(activations)[:2]
+    for i in range(n):
+        given = k if count is None else count(activations, i)
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or not 0 <= int(given) <= k:
+            raise ValueError(f"count(A, {i}) must be an int in [0, {k}] (A's channels), got {given!r}")
+        copies = int(given)
+        yield i, copies, [(start, min(start + batch_size, copies)) for start in range(0, copies, batch_size)]

@@ -27,8 +27,10 @@ import numpy as np
 from gradcam_ref.backends._contract import (
     Capture,
     Perturbed,
+    check_where,
     class_indices,
     explaining,
+    perturb_chunks,
     shape_of,
     warn_zero_gradients,
 )
@@ -284,20 +286,16 @@ def perturb(
     """
     if not isinstance(model, Oracle):
         raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
-    if where not in ("activations", "inputs"):
-        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    check_where(where)
     x = np.asarray(inputs, dtype=np.float64)
     layer = model.layers[-1] if layer is None else layer
     if layer not in model.layers:
         raise ValueError(f"layer must be one of {model.layers}, got {layer!r}")
     outputs, scores = model.forward(x)
     a = outputs[layer]
-    n, k = a.shape[:2]
-    rows = np.full((n, k, scores.shape[1]), np.nan)
-    for i in range(n):
-        copies = k if count is None else count(a, i)
-        for start in range(0, copies, batch_size):
-            stop = min(start + batch_size, copies)
+    rows = np.full((*a.shape[:2], scores.shape[1]), np.nan)
+    for i, _, spans in perturb_chunks(a, batch_size, count):
+        for start, stop in spans:
             batch = make(x, a, i, start, stop)
             if where == "activations":
                 rows[i, start:stop] = model.forward_from(layer, batch)  # only the layers after `layer`

@@ -43,9 +43,11 @@ from gradcam_ref.backends._contract import (
     check_finite,
     check_scores,
     check_target_scores,
+    check_where,
     class_indices,
     differentiable_mode,
     grad_cam_fields,
+    perturb_chunks,
     same_parameters,
     shape_of,
     warn_zero_gradients,
@@ -428,8 +430,7 @@ def perturb(
     one compiled program scores them all. ``count`` as in the Protocol (NaN rows after
     ``count(A, n)`` copies).
     """
-    if where not in ("activations", "inputs"):
-        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    check_where(where)
     seam, params, default_axis = jax_models.seam(model, layer, variables=variables, call=call, params=params)
     channel_axis = default_axis if channel_axis is None else channel_axis
     x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
@@ -445,10 +446,8 @@ def perturb(
     index = seam.index(params, x[:1])
     n, k = int(a.shape[0]), int(a.shape[1])
     rows = []
-    for i in range(n):
-        copies = k if count is None else count(a, i)
-        for start in range(0, copies, batch_size):
-            stop = min(start + batch_size, copies)
+    for i, copies, spans in perturb_chunks(a, batch_size, count):
+        for start, stop in spans:
             batch = jnp.moveaxis(make(x_first, a, i, start, stop), 1, axis)
             padded = jnp.concatenate([batch, jnp.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)])
             if where == "activations":

@@ -44,9 +44,11 @@ from gradcam_ref.backends._contract import (
     check_same_batch,
     check_scores,
     check_target_scores,
+    check_where,
     class_indices,
     grad_cam_fields,
     guided_grad_cam,
+    perturb_chunks,
     resolve_targets,
     same_parameters,
     shape_of,
@@ -54,6 +56,8 @@ from gradcam_ref.backends._contract import (
 )
 from gradcam_ref.backends.tensorflow import guided as tf_guided
 
+# (duplicates pairs this header with the JAX backend's: the contract names both import and the
+# Protocol's attributes, declarations that each backend states, not logic.)
 NAME = "tensorflow"
 GUIDED = True
 DIFFERENTIABLE = False
@@ -459,8 +463,7 @@ def perturb(
     ``count``, example n gets ``count(A, n)`` copies and NaN rows after them (the Protocol's). Returns
     ``Perturbed`` of tensors: A (channels-first), the scores and ``(N, K, C)`` perturbed scores.
     """
-    if where not in ("activations", "inputs"):
-        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    check_where(where)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     x = _as_inputs(inputs)
@@ -487,11 +490,9 @@ def perturb(
     score_batch = program.perturbed(where, compiled)
     n, k = (int(d) for d in activations.shape[:2])
     rows = []
-    for i in range(n):
+    for i, copies, spans in perturb_chunks(activations, batch_size, count):
         skipping = [tf.repeat(r[i:i + 1], batch_size, axis=0) for r in rest]
-        copies = k if count is None else count(activations, i)
-        for start in range(0, copies, batch_size):
-            stop = min(start + batch_size, copies)
+        for start, stop in spans:
             batch = make(x_first, activations, i, start, stop)
             if not isinstance(batch, tf.Tensor) or int(batch.shape[0]) != stop - start:
                 raise ValueError(f"make must return a tensor of {stop - start} perturbed copies, got "

@@ -45,8 +45,10 @@ from gradcam_ref.backends._contract import (
     check_feature_maps,
     check_same_batch,
     check_target_scores,
+    check_where,
     differentiable_mode,
     grad_cam_fields,
+    perturb_chunks,
     resolve_targets,
     same_parameters,
     shape_of,
@@ -736,8 +738,7 @@ def perturb(
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, ...), got {type(inputs).__name__}")
-    if where not in ("activations", "inputs"):
-        raise ValueError(f"where must be 'activations' or 'inputs', got {where!r}")
+    check_where(where)
     if memory_format not in ("channels_last", "preserve"):
         raise ValueError(f"memory_format must be 'channels_last' or 'preserve', got {memory_format!r}")
     if at not in AT:
@@ -759,17 +760,14 @@ def perturb(
             tail = _tail(model, name) if where == "activations" and at == "output" and call is None else None
         _check_captured(a, scores, inputs, f"the {at} of layer {name!r}")
         check_feature_maps("activations", a)
-        n, k = int(a.shape[0]), int(a.shape[1])
-        rows = torch.full((n, k, *scores.shape[1:]), torch.nan, dtype=scores.dtype, device=scores.device)
+        rows = torch.full((*a.shape[:2], *scores.shape[1:]), torch.nan, dtype=scores.dtype, device=scores.device)
         layout = torch.channels_last if (where == "inputs" and memory_format == "channels_last"
                                          and inputs.ndim == 4 and inputs.device.type == "cpu") else None
         if layout is not None:
             whole = _in_layout(model, layout, whole)
     with torch.inference_mode():
-        for i in range(n):
-            copies = k if count is None else count(a, i)
-            for start in range(0, copies, batch_size):
-                stop = min(start + batch_size, copies)
+        for i, _, spans in perturb_chunks(a, batch_size, count):
+            for start, stop in spans:
                 batch = make(inputs, a, i, start, stop)
                 if where == "inputs":
                     if layout is not None:

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradcam_ref
 from gradcam_ref import backends
-from gradcam_ref.backends._contract import Backend
+from gradcam_ref.backends._contract import Backend, check_where, perturb_chunks
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"gradcam_ref": ROOT / "gradcam_ref", "gradcam_ref.backends": ROOT / "backends"}
@@ -131,3 +134,33 @@ def test_warnings_and_conventions_are_public():
         assert issubclass(getattr(gradcam_ref, name), UserWarning)
     assert {"paper", "pytorch-grad-cam", "captum", "torchcam", "tf-keras-vis"} <= set(gradcam_ref.conventions.CONVENTIONS)
     assert callable(gradcam_ref.conventions.postprocess) and callable(gradcam_ref.conventions.describe)
+
+
+def test_perturb_chunks_cover_each_examples_copies_in_batches():
+    a = np.zeros((3, 5, 1, 1))
+    counts = {0: 5, 1: 2, 2: 0}
+    got = list(perturb_chunks(a, 2, lambda a, n: counts[n]))
+    assert got == [(0, 5, [(0, 2), (2, 4), (4, 5)]), (1, 2, [(0, 2)]), (2, 0, [])]
+    assert list(perturb_chunks(a, 8)) == [(i, 5, [(0, 5)]) for i in range(3)]
+    assert list(perturb_chunks(a, 2, lambda a, n: np.int64(1))) == [(i, 1, [(0, 1)]) for i in range(3)]
+    with pytest.raises(ValueError, match=r"count\(A, 0\) must be an int in \[0, 5\] \(A's channels\), got 6"):
+        list(perturb_chunks(a, 2, lambda a, n: 6))
+    with pytest.raises(ValueError, match=r"count\(A, 0\) must be an int in \[0, 5\] \(A's channels\), got 2.0"):
+        list(perturb_chunks(a, 2, lambda a, n: 2.0))
+    with pytest.raises(ValueError, match="where must be 'activations' or 'inputs', got 'outputs'"):
+        check_where("outputs")
+    check_where("inputs")
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 4), k=st.integers(1, 40), batch_size=st.integers(1, 50), data=st.data())
+def test_perturb_chunks_partition_range_of_copies(n, k, batch_size, data):
+    counts = data.draw(st.lists(st.integers(0, k), min_size=n, max_size=n))
+    got = list(perturb_chunks(np.zeros((n, k, 2)), batch_size, lambda a, i: counts[i]))
+    assert [i for i, _, _ in got] == list(range(n))
+    for (_, copies, spans), count in zip(got, counts, strict=True):
+        assert copies == count
+        covered = [j for start, stop in spans for j in range(start, stop)]
+        assert covered == list(range(count))  # in order, each copy once
+        assert all(0 < stop - start <= batch_size for start, stop in spans)
+        assert all(stop - start == batch_size for start, stop in spans[:-1])
