@@ -14,23 +14,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import gradcam_ref
-from gradcam_ref import (
-    ablated_activations,
-    ablation_cam_weights,
-    eigen_cam,
-    eigen_grad_cam,
-    fuse_maps,
-    grad_cam,
-    grad_cam_plus_plus,
-    hires_cam,
-    layer_cam,
-    layercam_scale,
-    score_cam_masks,
-    score_cam_weights,
-    smooth_grad_cam_plus_plus,
-    xgrad_cam,
-    xgrad_cam_weights,
-)
 from gradcam_ref._methods import method_fields
 from gradcam_ref.backends.numpy_backend import Oracle
 
@@ -44,28 +27,28 @@ G = np.array([[[[1.0, -1.0], [2.0, 0.0]],
 
 def test_hirescam_golden():
     # sum_k G^k A^k: [1*1 + 0*-2, 2*-1 + 3*1; 0*2 + 1*0, 1*0 + 0*4] = [[1, 1], [0, 0]]
-    np.testing.assert_array_equal(hires_cam(A, G, relu=False), [[[1.0, 1.0], [0.0, 0.0]]])
+    np.testing.assert_array_equal(gradcam_ref.hires_cam(A, G, relu=False), [[[1.0, 1.0], [0.0, 0.0]]])
 
 
 def test_xgrad_cam_golden():
     # channel 0: sum GA = 1 - 2 + 0 + 0 = -1, sum A = 4 -> -1/4; channel 1: 0 + 3 + 0 + 0 = 3, sum A = 4 -> 3/4
-    np.testing.assert_array_equal(xgrad_cam_weights(A, G), [[-0.25, 0.75]])
+    np.testing.assert_array_equal(gradcam_ref.xgrad_cam_weights(A, G), [[-0.25, 0.75]])
     # map: -1/4 A^0 + 3/4 A^1 = [[-0.25, 1.75], [0.75, -0.25]] -> ReLU
-    np.testing.assert_array_equal(xgrad_cam(A, G), [[[0.0, 1.75], [0.75, 0.0]]])
-    np.testing.assert_allclose(xgrad_cam_weights(A, G, eps=1e-7), [[-1 / 4.0000001, 3 / 4.0000001]], rtol=1e-15)
+    np.testing.assert_array_equal(gradcam_ref.xgrad_cam(A, G), [[[0.0, 1.75], [0.75, 0.0]]])
+    np.testing.assert_allclose(gradcam_ref.xgrad_cam_weights(A, G, eps=1e-7), [[-1 / 4.0000001, 3 / 4.0000001]], rtol=1e-15)
 
 
 def test_xgrad_cam_zero_sum_channel_gets_no_weight_not_nan():
     a = np.array([[[[0.0, 0.0]], [[1.0, -1.0]], [[2.0, 0.0]]]])  # channel 0 zero, channel 1 sums to 0
     g = np.array([[[[5.0, 5.0]], [[1.0, 2.0]], [[1.0, 1.0]]]])
-    np.testing.assert_array_equal(xgrad_cam_weights(a, g), [[0.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(gradcam_ref.xgrad_cam_weights(a, g), [[0.0, 0.0, 1.0]])
     # with pytorch-grad-cam's eps the zero-sum channel gets sum(GA) / eps = -1e7
-    np.testing.assert_allclose(xgrad_cam_weights(a, g, eps=1e-7), [[0.0, -1e7, 2 / (2 + 1e-7)]], rtol=1e-12)
+    np.testing.assert_allclose(gradcam_ref.xgrad_cam_weights(a, g, eps=1e-7), [[0.0, -1e7, 2 / (2 + 1e-7)]], rtol=1e-12)
 
 
 def test_layer_cam_golden():
     # ReLU(G) * A summed: [1*1 + 0, 0 + 1*3; 2*0 + 0, 0 + 4*0] = [[1, 3], [0, 0]]
-    np.testing.assert_array_equal(layer_cam(A, G), [[[1.0, 3.0], [0.0, 0.0]]])
+    np.testing.assert_array_equal(gradcam_ref.layer_cam(A, G), [[[1.0, 3.0], [0.0, 0.0]]])
 
 
 def test_grad_cam_plus_plus_through_the_dispatch_golden_and_eps():
@@ -81,14 +64,14 @@ def test_grad_cam_plus_plus_through_the_dispatch_golden_and_eps():
 def test_eigen_cam_golden_rank_one():
     # O (Z x K) = [[3, 4], [0, 0], [6, 8]] = u v^T with v = [3, 4] / 5: the projection O v = [5, 0, 10]
     a = np.array([[[[3.0, 0.0, 6.0]], [[4.0, 0.0, 8.0]]]])
-    np.testing.assert_allclose(eigen_cam(a), [[[5.0, 0.0, 10.0]]], rtol=1e-14)
+    np.testing.assert_allclose(gradcam_ref.eigen_cam(a), [[[5.0, 0.0, 10.0]]], rtol=1e-14)
     # centred: O - mean = [[0, 0], [-3, -4], [3, 4]] -> projections [0, -5, 5]; orientation: max |.| tie,
     # sum 0, first non-zero (-5) made positive -> [0, 5, -5]
-    np.testing.assert_allclose(eigen_cam(a, centre=True, relu=False), [[[0.0, 5.0, -5.0]]], atol=1e-14)
+    np.testing.assert_allclose(gradcam_ref.eigen_cam(a, centre=True, relu=False), [[[0.0, 5.0, -5.0]]], atol=1e-14)
 
 
 def test_eigen_grad_cam_is_eigen_cam_of_the_product():
-    np.testing.assert_allclose(eigen_grad_cam(A, G), eigen_cam(A * G), rtol=1e-14)
+    np.testing.assert_allclose(gradcam_ref.eigen_grad_cam(A, G), gradcam_ref.eigen_cam(A * G), rtol=1e-14)
 
 
 def test_smooth_grad_cam_plus_plus_golden():
@@ -96,67 +79,67 @@ def test_smooth_grad_cam_plus_plus_golden():
     # D3 = [14, 0]: a_11 = 5 / (10 + 28) = 5/38, w = 5/38 * 2 = 5/19
     a = np.array([[[[1.0, 1.0]]]])
     g = np.array([[[[[1.0, 0.0]]]], [[[[3.0, 0.0]]]]])
-    np.testing.assert_allclose(smooth_grad_cam_plus_plus(a, g), [[[5 / 19, 5 / 19]]], rtol=1e-15)
+    np.testing.assert_allclose(gradcam_ref.smooth_grad_cam_plus_plus(a, g), [[[5 / 19, 5 / 19]]], rtol=1e-15)
 
 
 def test_score_cam_masks_golden_per_variant():
     a = np.array([[[[0.0, 2.0]]]])  # N=1, K=1, 1x2 -> 1x4
-    paper = score_cam_masks(a, (1, 4))
+    paper = gradcam_ref.score_cam_masks(a, (1, 4))
     np.testing.assert_allclose(paper, [[[[0.0, 0.25, 0.75, 1.0]]]])
-    corner = score_cam_masks(a, (1, 4), variant="pytorch-grad-cam")  # [0, 2/3, 4/3, 2] / (2 + 1e-8)
+    corner = gradcam_ref.score_cam_masks(a, (1, 4), variant="pytorch-grad-cam")  # [0, 2/3, 4/3, 2] / (2 + 1e-8)
     np.testing.assert_allclose(corner, np.array([[[[0.0, 2 / 3, 4 / 3, 2.0]]]]) / (2 + 1e-8), rtol=1e-15)
-    before = score_cam_masks(a, (1, 4), variant="torchcam")  # [0, 2 / (2 + 1e-8)] upsampled
+    before = gradcam_ref.score_cam_masks(a, (1, 4), variant="torchcam")  # [0, 2 / (2 + 1e-8)] upsampled
     np.testing.assert_allclose(before, np.array([[[[0.0, 0.25, 0.75, 1.0]]]]) * (2 / (2 + 1e-8)), rtol=1e-15)
-    flat = score_cam_masks(np.ones((1, 1, 1, 2)), (1, 4))
+    flat = gradcam_ref.score_cam_masks(np.ones((1, 1, 1, 2)), (1, 4))
     np.testing.assert_array_equal(flat, np.zeros((1, 1, 1, 4)))  # never NaN
 
 
 def test_score_cam_weights_golden_and_baseline_invariance():
-    np.testing.assert_allclose(score_cam_weights(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]], rtol=1e-15)
+    np.testing.assert_allclose(gradcam_ref.score_cam_weights(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]], rtol=1e-15)
     s = np.array([[1.0, -2.0, 3.0], [-700.0, -710.0, -705.0]])  # huge negative scores: no underflow to 0/0
-    w = score_cam_weights(s)
-    np.testing.assert_allclose(w, score_cam_weights(s, baseline=np.array([5.0, -700.0])), rtol=1e-14)
+    w = gradcam_ref.score_cam_weights(s)
+    np.testing.assert_allclose(w, gradcam_ref.score_cam_weights(s, baseline=np.array([5.0, -700.0])), rtol=1e-14)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-15)
 
 
 def test_ablation_golden_and_the_sign_of_the_score():
-    np.testing.assert_array_equal(ablation_cam_weights(np.array([2.0]), np.array([[1.0, 3.0]])), [[0.5, -0.5]])
+    np.testing.assert_array_equal(gradcam_ref.ablation_cam_weights(np.array([2.0]), np.array([[1.0, 3.0]])), [[0.5, -0.5]])
     # y < 0: the paper's formula flips the signs; "abs" keeps "a drop is evidence"
-    np.testing.assert_array_equal(ablation_cam_weights(np.array([-2.0]), np.array([[-3.0, -1.0]])), [[-0.5, 0.5]])
+    np.testing.assert_array_equal(gradcam_ref.ablation_cam_weights(np.array([-2.0]), np.array([[-3.0, -1.0]])), [[-0.5, 0.5]])
     np.testing.assert_array_equal(
-        ablation_cam_weights(np.array([-2.0]), np.array([[-3.0, -1.0]]), denominator="abs"), [[0.5, -0.5]])
+        gradcam_ref.ablation_cam_weights(np.array([-2.0]), np.array([[-3.0, -1.0]]), denominator="abs"), [[0.5, -0.5]])
     with pytest.raises(ValueError, match="exactly 0 for 1 example"):
-        ablation_cam_weights(np.array([0.0, 1.0]), np.array([[1.0], [0.0]]))
+        gradcam_ref.ablation_cam_weights(np.array([0.0, 1.0]), np.array([[1.0], [0.0]]))
 
 
 def test_ablated_activations_values():
-    rows = ablated_activations(A, 0, [1, 0])
+    rows = gradcam_ref.ablated_activations(A, 0, [1, 0])
     np.testing.assert_array_equal(rows[0, 0], A[0, 0])
     np.testing.assert_array_equal(rows[0, 1], 0.0)
     np.testing.assert_array_equal(rows[1, 0], 0.0)
     np.testing.assert_array_equal(rows[1, 1], A[0, 1])
     # pytorch-grad-cam: min is -1, not 0: channel c is set to the float32 sequence min - (1 + c % chunk) * 1e7
     signed = A - 1.0
-    rows = ablated_activations(signed, 0, [0, 1, 2], value="pytorch-grad-cam", chunk=2)  # K = 2: 2 -> 0
+    rows = gradcam_ref.ablated_activations(signed, 0, [0, 1, 2], value="pytorch-grad-cam", chunk=2)  # K = 2: 2 -> 0
     first = np.float32(np.float32(-1.0) - np.float32(1e7))
     second = np.float32(first - np.float32(1e7))
     assert rows[0, 0, 0, 0] == first and rows[1, 1, 0, 0] == second and rows[2, 0, 0, 0] == signed[0, 0, 0, 0]
-    zero_min = ablated_activations(A, 0, [1], value="pytorch-grad-cam")  # min 0: plain zeros
-    np.testing.assert_array_equal(zero_min, ablated_activations(A, 0, [1]))
+    zero_min = gradcam_ref.ablated_activations(A, 0, [1], value="pytorch-grad-cam")  # min 0: plain zeros
+    np.testing.assert_array_equal(zero_min, gradcam_ref.ablated_activations(A, 0, [1]))
 
 
 def test_layercam_scale_and_fusion_goldens():
     m = np.array([[0.0, 1.0, 2.0]])
-    np.testing.assert_allclose(layercam_scale(m), np.tanh(2 * m / 2))
-    np.testing.assert_array_equal(layercam_scale(np.zeros((1, 3))), np.zeros((1, 3)))  # max 0 stays 0
+    np.testing.assert_allclose(gradcam_ref.layercam_scale(m), np.tanh(2 * m / 2))
+    np.testing.assert_array_equal(gradcam_ref.layercam_scale(np.zeros((1, 3))), np.zeros((1, 3)))  # max 0 stays 0
     small, big = np.array([[0.0, 1.0]]), np.array([[2.0, 2.0, 0.0, 0.0]])  # small upsampled: [0, .25, .75, 1]
-    np.testing.assert_allclose(fuse_maps([small, big], "mean"), [[1.0, 1.125, 0.375, 0.5]])
-    np.testing.assert_allclose(fuse_maps([small, big], "max"), [[2.0, 2.0, 0.75, 1.0]])
+    np.testing.assert_allclose(gradcam_ref.fuse_maps([small, big], "mean"), [[1.0, 1.125, 0.375, 0.5]])
+    np.testing.assert_allclose(gradcam_ref.fuse_maps([small, big], "max"), [[2.0, 2.0, 0.75, 1.0]])
     # scaled at each map's own resolution, then resized (torchcam's order): tanh(2) [0, .25, .75, 1]
     expected = np.maximum(np.tanh(2.0) * np.array([0.0, 0.25, 0.75, 1.0]), np.tanh(2 * np.array([1.0, 1.0, 0, 0])))
-    np.testing.assert_allclose(fuse_maps([small, big], "layercam"), [expected])
+    np.testing.assert_allclose(gradcam_ref.fuse_maps([small, big], "layercam"), [expected])
     with pytest.raises(ValueError, match="rule must be one of"):
-        fuse_maps([small], "median")
+        gradcam_ref.fuse_maps([small], "median")
 
 
 # --- identities (hypothesis) -------------------------------------------------------------------
@@ -177,11 +160,11 @@ def gap_layers(draw):
 @given(gap_layers())
 def test_hirescam_and_xgrad_cam_equal_grad_cam_when_the_gradient_is_constant_over_space(layer):
     a, g = layer
-    expected = grad_cam(a, g)
+    expected = gradcam_ref.grad_cam(a, g)
     scale = max(np.abs(expected).max(), 1e-300)
-    np.testing.assert_allclose(hires_cam(a, g), expected, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(xgrad_cam(a, g), expected, rtol=0, atol=1e-12 * scale)
-    np.testing.assert_allclose(hires_cam(a, g[:, 0]), grad_cam(a, g[:, 0]), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(gradcam_ref.hires_cam(a, g), expected, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(gradcam_ref.xgrad_cam(a, g), expected, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(gradcam_ref.hires_cam(a, g[:, 0]), gradcam_ref.grad_cam(a, g[:, 0]), rtol=0, atol=1e-12 * scale)
 
 
 @settings(max_examples=40, deadline=None)
@@ -216,14 +199,14 @@ def test_eigen_cam_is_invariant_to_channel_order_and_positive_scale(data):
         m = m - m.mean(axis=1, keepdims=True) if centre else m
         sv = np.linalg.svd(m, compute_uv=False)
         assume(all(len(v) < 2 or v[0] - v[1] > 1e-6 * v[0] for v in sv))
-        base = eigen_cam(a, centre=centre, relu=False)
+        base = gradcam_ref.eigen_cam(a, centre=centre, relu=False)
         scale = max(np.abs(base).max(), np.abs(a).max(), 1e-300)  # rounding is relative to A
         # permuting channels or scaling A may flip the SVD's sign; the fixed orientation may not move
-        np.testing.assert_allclose(eigen_cam(a[:, list(perm)], centre=centre, relu=False), base,
+        np.testing.assert_allclose(gradcam_ref.eigen_cam(a[:, list(perm)], centre=centre, relu=False), base,
                                    rtol=0, atol=1e-9 * scale)
-        np.testing.assert_allclose(eigen_cam(c * a, centre=centre, relu=False), c * base, rtol=0,
+        np.testing.assert_allclose(gradcam_ref.eigen_cam(c * a, centre=centre, relu=False), c * base, rtol=0,
                                    atol=1e-9 * c * scale)
-        raw = eigen_cam(a, centre=centre, sign="svd", relu=False)
+        raw = gradcam_ref.eigen_cam(a, centre=centre, sign="svd", relu=False)
         for i in range(n):  # the raw projection is +-the fixed one
             assert np.allclose(raw[i], base[i], atol=1e-9 * scale) or np.allclose(raw[i], -base[i], atol=1e-9 * scale)
         top, bottom = base.reshape(n, -1).max(axis=1), base.reshape(n, -1).min(axis=1)
@@ -236,10 +219,10 @@ def test_smooth_with_identical_samples_is_grad_cam_plus_plus_and_layercam_with_p
     n, k, z, s = (data.draw(st.integers(1, 3)) for _ in range(4))
     a = data.draw(hnp.arrays(np.float64, (n, k, z), elements=st.floats(0, 100)))
     g = data.draw(hnp.arrays(np.float64, (n, k, z), elements=st.one_of(st.just(0.0), st.floats(-10, 10))))
-    expected = grad_cam_plus_plus(a, g)
-    np.testing.assert_allclose(smooth_grad_cam_plus_plus(a, np.stack([g] * s)), expected,
+    expected = gradcam_ref.grad_cam_plus_plus(a, g)
+    np.testing.assert_allclose(gradcam_ref.smooth_grad_cam_plus_plus(a, np.stack([g] * s)), expected,
                                rtol=1e-12, atol=1e-12 * max(np.abs(expected).max(), 1e-300))
-    np.testing.assert_array_equal(layer_cam(a, np.abs(g)), hires_cam(a, np.abs(g)))
+    np.testing.assert_array_equal(gradcam_ref.layer_cam(a, np.abs(g)), gradcam_ref.hires_cam(a, np.abs(g)))
 
 
 # --- the oracle: Ablation-CAM on a GAP head has a closed form -----------------------------------
@@ -267,7 +250,7 @@ def test_score_cam_on_the_oracle_is_a_softmax_of_masked_scores():
     oracle = Oracle.random(rng, in_channels=2, widths=[3], kernel_sizes=[3], num_classes=4)
     x = rng.standard_normal((2, 2, 6, 7))
     e = gradcam_ref.explain(oracle, x, [1, 3], method="score-cam", batch_size=2)
-    masks = score_cam_masks(e.activations, (6, 7))
+    masks = gradcam_ref.score_cam_masks(e.activations, (6, 7))
     for n, c in enumerate([1, 3]):
         scores = np.array([oracle.forward(x[n:n + 1] * masks[n, k])[1][0, c] for k in range(3)])
         expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
@@ -299,7 +282,7 @@ def test_smooth_grad_cam_plus_plus_is_seeded_and_averages_noisy_gradients():
     noise = np.random.default_rng(1)
     grads = np.stack([gradcam_ref.explain(oracle, x + 0.3 * noise.standard_normal(x.shape), [0, 2],
                                           layer="relu0").gradients for _ in range(3)])
-    np.testing.assert_allclose(e1.maps, smooth_grad_cam_plus_plus(e1.activations, grads), rtol=1e-13)
+    np.testing.assert_allclose(e1.maps, gradcam_ref.smooth_grad_cam_plus_plus(e1.activations, grads), rtol=1e-13)
     zero = gradcam_ref.explain(oracle, x, [0, 2], layer="relu0", method="smooth-grad-cam++", std=0.0)
     np.testing.assert_allclose(zero.maps, gradcam_ref.explain(oracle, x, [0, 2], layer="relu0",
                                                               method="grad-cam++").maps, rtol=1e-13)
@@ -332,7 +315,7 @@ def test_heatmap_uses_each_librarys_variant_of_the_method():
     x = rng.standard_normal((2, 2, 7, 7))
     e = gradcam_ref.explain(oracle, x, [0, 1], method="xgrad-cam")
     pgc = e.heatmap(None, "pytorch-grad-cam")
-    signed = gradcam_ref.cam(e.activations, xgrad_cam_weights(e.activations, e.gradients, eps=1e-7))
+    signed = gradcam_ref.cam(e.activations, gradcam_ref.xgrad_cam_weights(e.activations, e.gradients, eps=1e-7))
     np.testing.assert_array_equal(pgc, gradcam_ref.conventions.postprocess(signed, "pytorch-grad-cam"))
     with pytest.raises(ValueError, match=r"does not implement 'xgrad-cam': convention must be one of"):
         e.heatmap(None, "captum")
