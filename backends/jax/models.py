@@ -249,6 +249,16 @@ class _AtLayer:
         return a_struct, (self.call if self.call is not None else 0) % runs
 
 
+class _AtPath(_AtLayer):
+    """A Flax model tapped at the submodule named by the dotted ``path`` (linen and NNX)."""
+
+    path: tuple[str, ...]
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return f"layer {'.'.join(self.path)!r}"
+
+
 def _path(layer: Any, kind: str) -> tuple[str, ...]:
     if not isinstance(layer, str) or not layer:
         raise TypeError(f"layer must be the dotted name of a submodule of the {kind} model (e.g. 'backbone.conv'), "
@@ -260,16 +270,12 @@ def _path(layer: Any, kind: str) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Linen(_AtLayer):
+class Linen(_AtPath):
     """An unbound linen module (hashable by its fields) tapped at the submodule ``path``'s ``__call__``."""
 
     module: Any
     path: tuple[str, ...]
     call: int | None
-
-    @property
-    def what(self) -> str:  # type: ignore[override]
-        return f"layer {'.'.join(self.path)!r}"
 
     def forward(self, variables: Any, x: jax.Array) -> Any:
         return self.module.apply(variables, x)
@@ -349,17 +355,14 @@ def _resolve(model: Any, path: tuple[str, ...], names: Callable[[], list[str]]) 
     return node
 
 
+# (duplicates pairs these fields with Linen's: each dataclass declares its own hashable fields.)
 @dataclasses.dataclass(frozen=True)
-class Nnx(_AtLayer):
+class Nnx(_AtPath):
     """An NNX model as ``nnx.split`` gives it: the graphdef (static), the state (``params``)."""
 
     graphdef: Any
     path: tuple[str, ...]
     call: int | None
-
-    @property
-    def what(self) -> str:  # type: ignore[override]
-        return f"layer {'.'.join(self.path)!r}"
 
     def forward(self, state: Any, x: jax.Array) -> Any:
         from flax import nnx
