@@ -366,6 +366,24 @@ def engine_rows(engine: str, paths: list[str], work: Path, batch: int, rounds: i
     return rows
 
 
+def _paired(ours: str, base: str, listing: Path, batch: int,
+            rounds: int) -> tuple[list[float], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``rounds`` alternating runs of the children ``base`` then ``ours``: the ratios of their images/s
+    (ours / base) and each child's results."""
+    ratios, mine, theirs = [], [], []
+    for _ in range(rounds):
+        theirs.append(run_child(base, listing, batch))
+        mine.append(run_child(ours, listing, batch))
+        ratios.append(mine[-1]["images_per_s"] / theirs[-1]["images_per_s"])
+    return ratios, mine, theirs
+
+
+def _speeds(ours: list[dict[str, Any]], base: list[dict[str, Any]]) -> str:
+    """The medians of both sides' images/s, as the rows print them."""
+    return (f"{statistics.median(r['images_per_s'] for r in ours):.1f} vs "
+            f"{statistics.median(r['images_per_s'] for r in base):.1f} images/s")
+
+
 def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any = print) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="bench-dataset-"))
@@ -374,31 +392,17 @@ def run(parts: tuple[str, ...], images: int, batch: int, rounds: int, log: Any =
         listing = work / "list.txt"
         listing.write_text("\n".join(paths) + "\n")
         if "local" in parts:
-            ratios, startups, ours, base = [], [], [], []
-            for _ in range(rounds):
-                loop = run_child("loop", listing, batch)
-                mine = run_child("dataset", listing, batch)
-                ratios.append(mine["images_per_s"] / loop["images_per_s"])
-                startups.append(mine["startup_s"])
-                ours.append(mine["images_per_s"])
-                base.append(loop["images_per_s"])
+            ratios, ours, base = _paired("dataset", "loop", listing, batch, rounds)
+            startup = statistics.median(r["startup_s"] for r in ours)
             rows.append(_row("local: explain_dataset / no-grad loop, images/s", statistics.median(ratios),
-                             f"{statistics.median(ours):.1f} vs {statistics.median(base):.1f} images/s, "
-                             f"{images} images; startup {statistics.median(startups):.2f} s; rounds {ratios}",
-                             batch, startup_s=statistics.median(startups)))
+                             f"{_speeds(ours, base)}, {images} images; startup {startup:.2f} s; rounds {ratios}",
+                             batch, startup_s=startup))
             log(rows[-1])
         if "metrics" in parts:
-            ratios, ours, base = [], [], []
-            for _ in range(rounds):
-                plain = run_child("dataset", listing, batch)
-                scored = run_child("dataset-scored", listing, batch)
-                ratios.append(scored["images_per_s"] / plain["images_per_s"])
-                ours.append(scored["images_per_s"])
-                base.append(plain["images_per_s"])
+            ratios, ours, base = _paired("dataset-scored", "dataset", listing, batch, rounds)
             rows.append(_row("explain_dataset scoring the 5 localisation metrics in the same pass / not scoring",
-                             statistics.median(ratios),
-                             f"{statistics.median(ours):.1f} vs {statistics.median(base):.1f} images/s, {images} "
-                             f"images; rounds {ratios}", batch))
+                             statistics.median(ratios), f"{_speeds(ours, base)}, {images} images; rounds {ratios}",
+                             batch))
             log(rows[-1])
         if "memory" in parts:
             small = work / "small.txt"

@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 MODEL_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "efficientnet_lite0": "EfficientNet-Lite0",
                "efficientnet_lite0_linen": "EfficientNet-Lite0 (Flax linen)", "tiny": "tiny"}
@@ -217,6 +217,29 @@ def tensorflow_table(rows: list[dict]) -> str:
                    "memory ratio", "memory MiB"], body)
 
 
+def _metrics_table(rows: list[dict]) -> str:
+    from benchmarks.bench_metrics import table  # imports gradcam_ref.metrics: only for that suite
+
+    return table(rows)
+
+
+def _sections() -> list[tuple[str, str, Callable[[list[dict]], str]]]:
+    """(suite, heading, table) of every suite after "time", in the report's order."""
+    return [
+        ("setup", "Peers' setup cost", setup_table),
+        ("memory", "Peak working memory (ratio to the no-grad forward's; MiB above the loaded model)", memory_table),
+        ("core", "Core math against a streaming pass over the same arrays", core_table),
+        ("overhead", "Fixed cost of one explanation (a model that is all head: A (1, 1280, 7, 7) -> 1000 scores)",
+         overhead_table),
+        ("jax", "JAX: jitted explain against the jitted forward", jax_table),
+        ("metrics", "Metrics against Quantus 0.6 (same run)", _metrics_table),
+        ("family", "The CAM family, ResNet-18 layer4, batch 1 (ratio to a no-grad forward)", family_table),
+        ("tensorflow", "TensorFlow: explain against a compiled no-grad forward (Keras EfficientNet-Lite0)",
+         tensorflow_table),
+        ("dataset", "Data sets (EfficientNet-Lite0, batch 16, 1 thread per process)", dataset_table),
+    ]
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     parts = []
@@ -228,29 +251,9 @@ def markdown(result: dict) -> str:
         for t in multi:
             parts += [f"### Time, {t} targets for one image (ratio to a no-grad forward of that image)",
                       time_table(rows, t)]
-    if "setup" in suites:
-        parts += ["### Peers' setup cost", setup_table(rows)]
-    if "memory" in suites:
-        parts += ["### Peak working memory (ratio to the no-grad forward's; MiB above the loaded model)",
-                  memory_table(rows)]
-    if "core" in suites:
-        parts += ["### Core math against a streaming pass over the same arrays", core_table(rows)]
-    if "overhead" in suites:
-        parts += ["### Fixed cost of one explanation (a model that is all head: A (1, 1280, 7, 7) -> 1000 scores)",
-                  overhead_table(rows)]
-    if "jax" in suites:
-        parts += ["### JAX: jitted explain against the jitted forward", jax_table(rows)]
-    if "metrics" in suites:
-        from benchmarks.bench_metrics import table
-
-        parts += ["### Metrics against Quantus 0.6 (same run)", table(rows)]
-    if "family" in suites:
-        parts += ["### The CAM family, ResNet-18 layer4, batch 1 (ratio to a no-grad forward)", family_table(rows)]
-    if "tensorflow" in suites:
-        parts += ["### TensorFlow: explain against a compiled no-grad forward (Keras EfficientNet-Lite0)",
-                  tensorflow_table(rows)]
-    if "dataset" in suites:
-        parts += ["### Data sets (EfficientNet-Lite0, batch 16, 1 thread per process)", dataset_table(rows)]
+    for suite, heading, table in _sections():
+        if suite in suites:
+            parts += [f"### {heading}", table(rows)]
     return "\n\n".join(parts)
 
 

@@ -343,3 +343,26 @@ def test_dataset_engine_rows_separate_the_fixed_cost_from_the_marginal_rate(tmp_
     rows = bench_dataset.engine_rows("dask", paths, tmp_path, 16, 1, log=lambda row: None)
     marginal = [r for r in rows if r["kind"] == "marginal"]
     assert [r["ratio"] for r in marginal] == [None, None]
+
+
+def test_dataset_local_and_metrics_rows_pair_alternating_children(tmp_path, monkeypatch):
+    """run("local", "metrics"): each round runs the baseline child then ours; medians of the ratios."""
+    from benchmarks import bench_dataset
+
+    speeds = {"loop": [10.0, 20.0, 40.0], "dataset": [9.0, 19.0, 30.0, 8.0, 18.0, 33.0],
+              "dataset-scored": [4.0, 19.0, 15.0]}
+    calls = []
+
+    def child(mode, listing, batch, **_):
+        calls.append(mode)
+        return {"images_per_s": speeds[mode].pop(0), "startup_s": 0.5 * len(calls)}
+
+    monkeypatch.setattr(bench_dataset, "run_child", child)
+    monkeypatch.setattr(bench_dataset, "make_images", lambda folder, n: [f"{i}.jpg" for i in range(n)])
+    local, metrics = bench_dataset.run(("local", "metrics"), images=4, batch=2, rounds=3, log=lambda row: None)
+    assert calls == ["loop", "dataset"] * 3 + ["dataset", "dataset-scored"] * 3
+    assert local["ratio"] == pytest.approx(0.9)  # median of 9/10, 19/20, 30/40
+    assert local["startup_s"] == 2.0  # ours started at calls 2, 4, 6: 1.0, 2.0, 3.0
+    assert local["detail"].startswith("19.0 vs 20.0 images/s, 4 images; startup 2.00 s; rounds [0.9, 0.95, 0.75]")
+    assert metrics["ratio"] == pytest.approx(0.5)  # median of 4/8, 19/18, 15/33
+    assert metrics["detail"].startswith("15.0 vs 18.0 images/s, 4 images; rounds")
