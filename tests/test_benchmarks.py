@@ -23,6 +23,8 @@ import gradcam_ref
 from benchmarks import bench_core, bench_jax, bench_overhead, bench_torch, memory, methods, models, report, timing
 from benchmarks.timing import paired_ratios, tiered_ratios
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 class FakeClock:
     """``time.perf_counter`` for the harness: a method "takes" its cost, times the machine's load.
@@ -366,3 +368,27 @@ def test_dataset_local_and_metrics_rows_pair_alternating_children(tmp_path, monk
     assert local["detail"].startswith("19.0 vs 20.0 images/s, 4 images; startup 2.00 s; rounds [0.9, 0.95, 0.75]")
     assert metrics["ratio"] == pytest.approx(0.5)  # median of 4/8, 19/18, 15/33
     assert metrics["detail"].startswith("15.0 vs 18.0 images/s, 4 images; rounds")
+
+
+def test_overhead_steps_time_each_step_and_restore_the_functions(capsys):
+    """bench_overhead_steps on the all-head model, this tree against a copy of itself as the base."""
+    import gradcam_ref.backends.torch as torch_backend
+    from benchmarks import bench_overhead_steps
+
+    before = {name: getattr(torch_backend, name) for name in ("_forward_hooked", "_gradients", "grad_cam_fields")}
+    from_capture = torch_backend.Explanation.__dict__["from_capture"]
+    select, threads = gradcam_ref.backends.select, torch.get_num_threads()
+    try:
+        bench_overhead_steps.main(["--rounds", "3", "--step-rounds", "2", "--targets", "1", "--base", str(ROOT)])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "floor (autograd_alone):" in out and "explain, this tree:" in out and "explain, base:" in out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for step, *_ in bench_overhead_steps.STEPS:
+        values = rows[step].strip(" |").split(" | ")[1:]
+        assert len(values) == 2 and all(float(v) >= 0 for v in values), rows[step]
+    assert {name: getattr(torch_backend, name) for name in before} == before
+    assert torch_backend.Explanation.__dict__["from_capture"] is from_capture
+    assert gradcam_ref.backends.select is select
+    assert not any(m.startswith("gradcam_ref_base") for m in sys.modules)
