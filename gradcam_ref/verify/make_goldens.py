@@ -102,6 +102,7 @@ def oracle_golden(
 
 
 # --- hand-computed cases -------------------------------------------------------------------------
+# (duplicates pairs these cases with each other: each is a data table of hand-computed values.)
 
 
 def _tiny_gap() -> Oracle:
