@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_arguments(command: argparse.ArgumentParser) -> None:
-    """The options that load a torch model and prepare its inputs, for explain and explain-dataset."""
+    """The options that load a torch model and prepare its inputs, for explain, explain-dataset and evaluate."""
     command.add_argument("--model", default=efficientnet_lite0.MODEL_NAME,
                          help=f"{efficientnet_lite0.MODEL_NAME} (default) or module:factory / path/file.py:factory, "
                          "a function returning a torch nn.Module")
@@ -214,10 +214,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
                           help="the demo's photos as a 2 x 2 collage, each photo's tile as its box")
     evaluate.add_argument("--boxes", metavar="FILE",
                           help='JSON {"image name": [x0, y0, x1, y1], ...} in the image\'s pixels')
-    evaluate.add_argument("--model", default=efficientnet_lite0.MODEL_NAME,
-                          help=f"{efficientnet_lite0.MODEL_NAME} (default) or module:factory")
-    evaluate.add_argument("--weights", metavar="FILE", help="a state dict for the model")
-    evaluate.add_argument("--layer", metavar="NAME", help="dotted submodule name whose output is A")
+    _add_model_arguments(evaluate)
     evaluate.add_argument("--target", default="auto", metavar="auto|INT|LABEL", help="class (default: top-1)")
     evaluate.add_argument("--methods", default="gradcam,gradcam++",
                           help=f"comma-separated, among {', '.join(METHODS)}; or all (default: gradcam,gradcam++)")
@@ -233,10 +230,6 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--sanity", action="store_true", help="also run the cascading model randomisation test")
     evaluate.add_argument("--sanity-layers", type=_positive, metavar="K",
                           help="randomise only the top K layers (default: all)")
-    evaluate.add_argument("--size", type=_size, metavar="N|HxW", help="model input size (default 224)")
-    evaluate.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
-    evaluate.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
-    evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
     evaluate.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="inputs per forward pass")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of baselines and ROAD's noise (default 0)")
     evaluate.add_argument("--json", metavar="FILE", help="write every per-example value here (atomically)")

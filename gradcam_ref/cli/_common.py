@@ -28,6 +28,24 @@ class UsageError(Exception):
     """A problem with what the command was given: exit status 2, a one-line message, no traceback."""
 
 
+def model_inputs(args: Any) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
+    """``--size``, ``--mean``, ``--std`` of the shared model options (ImageNet's by default), checked.
+
+    Raises:
+      UsageError: a mean or std that is not 1 or 3 numbers, or a std that is not positive.
+    """
+    from gradcam_ref import zoo
+
+    size = args.size or (zoo.IMAGENET_SIZE, zoo.IMAGENET_SIZE)
+    mean, std = args.mean or zoo.IMAGENET_MEAN, args.std or zoo.IMAGENET_STD
+    for option, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, 3) or (option == "--std" and min(values) <= 0):
+            raise UsageError(
+                f"{option} must be 1 or 3 comma-separated numbers (std > 0), got {','.join(f'{v:g}' for v in values)}"
+            )
+    return size, mean, std
+
+
 def class_names() -> list[str]:
     """The 1000 ImageNet class names, index order (``names[285] == "Egyptian cat"``).
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref import zoo
-from gradcam_ref.cli._common import UsageError, import_torch_cli
+from gradcam_ref.cli._common import UsageError, import_torch_cli, model_inputs
 
 
 def add_parser(commands: Any, model_arguments: Any, positive: Any) -> None:
+    # (duplicates pairs this with the explain command's declaration: each command declares its own
+    # options, a table; the options they share are declared once, in model_arguments.)
     command = commands.add_parser(
         "explain-dataset",
         help="Grad-CAM of a torch model over a folder or list of images into a zarr store (resumable).",
@@ -165,17 +166,17 @@ def run(args: argparse.Namespace) -> int:
     import gradcam_ref
     from gradcam_ref.dataset import Interrupted, StoreMismatch, UnreadableImage
 
+    size, mean, std = model_inputs(args)
     torch_cli = import_torch_cli()
     loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, call=args.call, device=args.device)
     options = {} if loaded.call is None else {"call": loaded.call}
-    size = args.size or (zoo.IMAGENET_SIZE, zoo.IMAGENET_SIZE)
     try:
         scoring = _ground_truth(args, size)
         summary = gradcam_ref.explain_dataset(
             loaded.explained, args.images, layer=loaded.layer, target=args.target, method=args.method, out=args.out,
             batch_size=args.batch_size, device=args.device, resume=args.resume, shard=args.shard,
             num_workers=args.num_workers,
-            size=size, mean=args.mean or zoo.IMAGENET_MEAN, std=args.std or zoo.IMAGENET_STD,
+            size=size, mean=mean, std=std,
             on_error=args.on_error, threads=args.threads, engine=args.engine, workers=args.workers,
             scheduler=args.scheduler, num_gpus=args.num_gpus, progress=not args.quiet, **scoring, **options)
     except Interrupted as stop:

@@ -32,7 +32,15 @@ from typing import Any
 import numpy as np
 
 from gradcam_ref._methods import METHODS as _METHODS
-from gradcam_ref.cli._common import UsageError, class_names, import_torch_cli, load_image, parse_target, preprocess
+from gradcam_ref.cli._common import (
+    UsageError,
+    class_names,
+    import_torch_cli,
+    load_image,
+    model_inputs,
+    parse_target,
+    preprocess,
+)
 
 ALIASES = {"gradcam": "grad-cam", "gradcam++": "grad-cam++"}
 """The names this command took before it knew every method, kept (they name the table's columns)."""
@@ -51,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.lesions:
         return _lesions(args, methods, faithfulness, start)
     torch_cli = import_torch_cli()
-    loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, device=args.device)
-    size = args.size or (zoo.IMAGE_SIZE, zoo.IMAGE_SIZE)
-    mean, std = args.mean or zoo.MEAN, args.std or zoo.STD
+    size, mean, std = model_inputs(args)
+    loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, call=args.call, device=args.device)
     if args.demo:
         batch, boxes, targets, labels, alone = _demo(torch_cli, loaded, size, mean, std)
     else:

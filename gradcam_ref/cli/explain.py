@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gradcam_ref import zoo
 from gradcam_ref.cli._common import (
     UsageError,
     guided_panel,
     heat_on,
     import_torch_cli,
     load_image,
+    model_inputs,
     parse_target,
     peak_of,
     preprocess,
@@ -40,13 +40,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(f"--cmap: {error}") from None
     torch_cli = import_torch_cli()
-    size, mean, std = args.size, args.mean, args.std
-    size, mean, std = size or (zoo.IMAGENET_SIZE, zoo.IMAGENET_SIZE), mean or zoo.IMAGENET_MEAN, std or zoo.IMAGENET_STD
-    for option, values in (("--mean", mean), ("--std", std)):
-        if len(values) not in (1, 3) or (option == "--std" and min(values) <= 0):
-            raise UsageError(
-                f"{option} must be 1 or 3 comma-separated numbers (std > 0), got {','.join(f'{v:g}' for v in values)}"
-            )
+    size, mean, std = model_inputs(args)
     loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, call=args.call, device=args.device)
 
     stems = _unique_stems(paths)

@@ -615,3 +615,18 @@ def test_sigterm_mid_run_cleans_up_like_ctrl_c(setup):
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     assert not setup["out"].exists()  # the folder it created, staging included, is gone
+
+
+@pytest.mark.parametrize("command", [("evaluate", "--demo"), ("explain-dataset", "images"), ("explain", "a.png")])
+def test_every_model_command_checks_mean_and_std_before_loading_the_model(capsys, tmp_path, command):
+    """--size/--mean/--std are declared once for the commands that load a torch model, and checked once."""
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    argv = [command[0], str(image) if command[1] == "a.png" else str(tmp_path), "--model", "no_such_module:factory",
+            "--std", "0,1,1", "--out", str(tmp_path / "out")]
+    if command[0] == "evaluate":
+        argv[1:2] = ["--demo"]
+    status, _, err = run(capsys, *argv)
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"gradcam-ref {command[0]}: error: --std must be 1 or 3 comma-separated numbers (std > 0)")
+    assert not (tmp_path / "out").exists()
