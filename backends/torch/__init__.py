@@ -27,6 +27,7 @@ import contextvars
 import difflib
 import itertools
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -416,10 +417,12 @@ def _grad(
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
     outputs = y
     grad_outputs: torch.Tensor | None = seed
-    if not batched:
+    if not batched and not _symbolic_shapes_imported():
         # The scalar sum(seed * y) has the same vector-Jacobian product, to the bit (its backward
         # hands y exactly 1.0 * seed), and needs no grad_outputs tensor, whose shape check makes
         # torch import torch.fx's symbolic shapes (sympy: 1-2 s) on a process's first backward.
+        # Once that module is imported (by anything), grad_outputs costs less: no product, no sum,
+        # no two more nodes in the backward pass.
         with torch.enable_grad():  # explain may be called under torch.no_grad()
             outputs, grad_outputs = (y * seed).sum(), None
     try:
@@ -442,6 +445,11 @@ def _grad(
     if g is None:
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
     return g
+
+
+def _symbolic_shapes_imported() -> bool:
+    """Whether ``torch.autograd.grad(..., grad_outputs=...)`` would import nothing more (see :func:`_grad`)."""
+    return "torch.fx.experimental.symbolic_shapes" in sys.modules
 
 
 def _warn_zero_gradients(

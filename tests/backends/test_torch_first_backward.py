@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -34,9 +35,11 @@ def test_the_scalar_form_equals_grad_outputs_to_the_bit(n, k, c, seed, fill, dty
     targets = torch.randint(0, c, (n,), generator=generator).numpy()
     one_hot = torch.zeros_like(scores).scatter_(1, torch.as_tensor(targets[:, None]), 1.0)
     (expected,) = torch.autograd.grad(scores, [a], grad_outputs=one_hot, retain_graph=True)
-    got = torch_backend._gradients(scores, a, targets, "A")
-    assert got.dtype == expected.dtype and torch.equal(got, expected)
-    assert np.array_equal(got.numpy().view(np.uint8), expected.numpy().view(np.uint8))  # -0.0 too
+    for imported in (False, True):  # the scalar form, then grad_outputs (once symbolic shapes are imported)
+        with mock.patch.object(torch_backend, "_symbolic_shapes_imported", lambda imported=imported: imported):
+            got = torch_backend._gradients(scores, a, targets, "A", attached="stop")  # "stop": keep the graph
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+        assert np.array_equal(got.numpy().view(np.uint8), expected.numpy().view(np.uint8))  # -0.0 too
 
 
 def test_a_first_explanation_imports_no_symbolic_shapes():
