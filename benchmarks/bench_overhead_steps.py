@@ -9,8 +9,9 @@ out) minus the no-grad forward's of the same round: the floor
 package name ``gradcam_ref_base`` and imported into the same process). Each round runs every
 call once in a fresh random order. Then each step of one explain call, timed the same way right
 after a forward pass of the model (as in real use, with the caches that pass leaves), this tree's
-and the base's calls alternating in random order: medians in microseconds. One torch thread;
-``os.getloadavg()`` is printed.
+and the base's calls alternating in random order: medians in microseconds. ``--floor-variants``:
+ways of computing the floor itself (the same gradients to the bit), against it. One torch
+thread; ``os.getloadavg()`` is printed.
 """
 
 from __future__ import annotations
@@ -145,6 +146,49 @@ def steps(packages: dict[str, Any], model: Any, forward: Callable[[], object], i
             for label, found in per_round.items()}
 
 
+def floor_variants(rounds: int) -> dict[str, float]:
+    """Ways of computing the floor's 1-target gradients on the all-head model, each checked to equal
+    the floor to the bit: paired medians of thread CPU time minus the floor's (same round), in us."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(K, CLASSES)).eval()
+    a = torch.randn(1, K, SIZE, SIZE)
+    index = torch.as_tensor([[3]])
+
+    def run(copy: bool, backward: str) -> Any:
+        leaf = a.detach().requires_grad_(True)
+        scores = head(leaf.clone() if copy else leaf)
+        seed = torch.zeros_like(scores).scatter_(1, index, 1.0)
+        if backward == "grad_outputs":
+            return torch.autograd.grad(scores, [leaf], seed)[0]
+        if backward == "sum(seed * y)":
+            return torch.autograd.grad((scores * seed).sum(), [leaf])[0]
+        if backward == "dot(seed, y)":
+            return torch.autograd.grad(torch.dot(scores.reshape(-1), seed.reshape(-1)), [leaf])[0]
+        return torch.autograd.grad(scores.gather(1, index).sum(), [leaf])[0]
+
+    calls = {"floor (leaf copy, grad_outputs=seed)": lambda: run(True, "grad_outputs"),
+             "no leaf copy": lambda: run(False, "grad_outputs"),
+             "sum(seed * y), no grad_outputs": lambda: run(True, "sum(seed * y)"),
+             "dot(seed, y), no grad_outputs": lambda: run(True, "dot(seed, y)"),
+             "y.gather(targets).sum(), no grad_outputs": lambda: run(True, "gather")}
+    expected = calls["floor (leaf copy, grad_outputs=seed)"]()
+    for name, call in calls.items():
+        assert torch.equal(call(), expected), name
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
+            times[name].append(_cpu(calls[name]))
+    base = times["floor (leaf copy, grad_outputs=seed)"]
+    return {name: statistics.median(t - b for t, b in zip(values, base, strict=True)) * 1e6
+            for name, values in times.items()}
+
+
 def _model(kind: str) -> tuple[Any, Any, str, Any]:
     import torch
     from torch import nn
@@ -168,7 +212,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=200, help="paired rounds (default 200)")
     parser.add_argument("--step-rounds", type=int, default=60, help="rounds of the step timing (default 60)")
     parser.add_argument("--base", type=Path, help="a checkout to compare with (e.g. /work/main)")
+    parser.add_argument("--floor-variants", action="store_true",
+                        help="instead, time ways of computing the floor's 1-target gradients (all-head model)")
     args = parser.parse_args(argv)
+    if args.floor_variants:
+        import torch
+
+        torch.set_num_threads(1)
+        load = os.getloadavg()[0]
+        found = floor_variants(args.rounds)
+        print(f"## floor variants, 1 target, {args.rounds} rounds, load {load:.1f} -> {os.getloadavg()[0]:.1f}")
+        for name, us in found.items():
+            print(f"{name}: {us:+.1f} us against the floor (paired median)")
+        return
 
     import torch
 
