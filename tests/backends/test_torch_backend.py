@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -86,6 +86,8 @@ def gap_nets(draw):
 
 @settings(max_examples=10)
 @given(gap_nets(), st.sampled_from([torch.float64, torch.float32]))
+@example(dict(seed=10412, rank=1, widths=[3, 4], kernels=[3, 2], size=5, n=1, classes=1, in_channels=1),
+         torch.float32)
 def test_gap_net_maps_are_relu_cam_over_z_and_match_the_oracle(spec, dtype):
     rng = np.random.default_rng(spec["seed"])
     oracle = Oracle.random(
@@ -106,7 +108,9 @@ def test_gap_net_maps_are_relu_cam_over_z_and_match_the_oracle(spec, dtype):
     expected = np.maximum(gradcam_ref.cam(a, w), 0.0) / z
     oracle_maps = gradcam_ref.explain(oracle, x64, target, layer=layer).maps
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    scale = max(float(np.abs(expected).max()), 1e-30)
+    # rounding is relative to the terms summed, not to their (possibly cancelling) sum: the scale is
+    # sum_k |w_k| |A^k| / Z (float32 failed 1e-5 of the map's max at 1.5e-5 on seed 10412, widths [3, 4])
+    scale = max(float((gradcam_ref.cam(np.abs(a), np.abs(w)) / z).max()), 1e-30)
     np.testing.assert_allclose(got.maps, expected, rtol=0, atol=tol * scale)
     np.testing.assert_allclose(oracle_maps, expected, rtol=0, atol=1e-12 * scale)
     np.testing.assert_array_equal(got.targets, target)
