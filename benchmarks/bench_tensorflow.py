@@ -1,6 +1,7 @@
 """TensorFlow: explain against a compiled no-grad forward of the same Keras model; tf-keras-vis and xplique beside.
 
     python -m benchmarks.bench_tensorflow [--quick] [--threads N]   (prints the rows as JSON)
+    python -m benchmarks.bench_tensorflow --no-peers --rounds 41 --configs 1x1,8x1,1x10   (ours only)
 
 Runs in its own interpreter (:func:`run_isolated`; importing torchvision after TensorFlow crashes
 a process, and the torch suites import torchvision). Model: EfficientNet-Lite0 ported to Keras
@@ -50,7 +51,7 @@ def why_unavailable() -> str | None:
     return None
 
 
-def _methods(model: Any, x: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+def _methods(model: Any, x: np.ndarray, targets: np.ndarray, peers: bool = True) -> dict[str, Any]:
     import tensorflow as tf
 
     import gradcam_ref
@@ -61,6 +62,8 @@ def _methods(model: Any, x: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
         FORWARD: lambda: forward(xt).numpy(),
         EXPLAIN: lambda: gradcam_ref.explain(model, xt, targets, layer=LAYER).maps.numpy(),
     }
+    if not peers:
+        return calls
     # the peers: one target per example, the image repeated for several targets
     flat = targets.reshape(-1)
     tiled = np.repeat(x, targets.shape[1], axis=0) if targets.ndim == 2 else x
@@ -82,8 +85,9 @@ def _methods(model: Any, x: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
 
 
 def run(quick: bool = False, rounds: int | None = None, configs: list[tuple[int, int]] | None = None,
-        model: Any = None, name: str = "efficientnet_lite0") -> list[dict]:
-    """Rows for each ``(batch, targets per image)`` (default (1, 1), (8, 1), (1, 10); quick: no batch 8)."""
+        model: Any = None, name: str = "efficientnet_lite0", peers: bool = True) -> list[dict]:
+    """Rows for each ``(batch, targets per image)`` (default (1, 1), (8, 1), (1, 10); quick: no batch 8);
+    ``peers=False``: the forward and ``explain`` only (more rounds in the same time)."""
     import tensorflow as tf
 
     rounds = rounds if rounds is not None else (5 if quick else 15)
@@ -97,7 +101,7 @@ def run(quick: bool = False, rounds: int | None = None, configs: list[tuple[int,
     rows = []
     for batch, per_image in configs:
         x, targets = _inputs(model, batch, per_image)
-        calls = _methods(model, x, targets)
+        calls = _methods(model, x, targets, peers)
         load_before = os.getloadavg()
         results = paired_ratios(calls, FORWARD, rounds=rounds, warmup=2)
         load = [round(max(a, b), 2) for a, b in zip(load_before, os.getloadavg(), strict=True)]
@@ -162,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 15; 5 with --quick)")
+    parser.add_argument("--configs", help="BATCHxTARGETS,... (default 1x1,8x1,1x10; --quick: 1x1,1x10)")
+    parser.add_argument("--no-peers", action="store_true", help="the forward and explain only")
     parser.add_argument("--memory", nargs=3, metavar=("METHOD", "BATCH", "TARGETS"),
                         help="print one method's allocator peak (MiB) on EfficientNet-Lite0, and exit")
     args = parser.parse_args(argv)
@@ -179,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         x, targets = _inputs(model, int(args.memory[1]), int(args.memory[2]))
         print(allocator_peak_mib(_methods(model, x, targets)[args.memory[0]]))
         return 0
-    json.dump(run(quick=args.quick), sys.stdout, default=float)
+    configs = None
+    if args.configs:
+        configs = [(int(b), int(t)) for b, t in (c.split("x") for c in args.configs.split(","))]
+    json.dump(run(quick=args.quick, rounds=args.rounds, configs=configs, peers=not args.no_peers), sys.stdout,
+              default=float)
     return 0
 
 

@@ -9,7 +9,8 @@ How a call runs (the full account, with examples: docs/backends.md):
    those models alive until they drop out); nothing of the model is changed.
 2. ``tf.GradientTape`` watches A only and records ``head``: :math:`\partial y^c/\partial A` is one
    backward pass from the score to the layer; no variable is watched. ``(N, T)`` targets are one
-   vectorised ``batch_jacobian`` of the ``(N, T)`` selected scores (pfor), not T passes.
+   pull-back of the T seeds of the ``(N, T)`` selected scores, vectorised (``tf.vectorized_map``,
+   pfor: the head's backward runs once on T rows), not T passes.
 3. Steps 1-2 run as one ``tf.function`` (``compiled=True``, the default), traced once per
    (model, layer, target kind, input signature); ``compiled=False`` runs them eagerly.
 4. Keras is channels-last: A is ``(N, *spatial, K)`` and is moved to channels-first
@@ -119,7 +120,7 @@ def _capture(model: Any, inputs: Any, target: Any, layer: Any, guided: bool, cha
                 raise
             checked = class_indices(np.abs(np.asarray(target)), proxy)  # negative: refused after the run
         kind, indices = ("multi" if checked.ndim == 2 else "single"), tf.convert_to_tensor(checked)
-    a, g, scores, chosen, y, g_max, fields, finite = program.get(kind, compiled, axis, with_fields)(x, indices)
+    a, g, scores, chosen, y, cleared, fields, finite = program.get(kind, compiled, axis, with_fields)(x, indices)
     _check_captured(a, scores, x, where)
     if callable(target):
         check_target_scores(_host_proxy(y), n)
@@ -133,7 +134,7 @@ def _capture(model: Any, inputs: Any, target: Any, layer: Any, guided: bool, cha
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
     activations, gradients = a, g  # moved channels-first inside the program
     check_feature_maps("activations", activations)
-    _warn_zero_gradients(g_max.numpy(), where)
+    _warn_zero_gradients(gradients, len(gradients.shape) - len(activations.shape) + 1, cleared, where)
     guided_backprop = None
     if guided:
         if len(x.shape) != len(activations.shape) and axis != 1:
@@ -203,16 +204,17 @@ class _Program:
             a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where)
             if g is None:
                 return a, g, scores, chosen, y, None, None, None
-            lead = 2 if len(g.shape) == len(a.shape) + 1 else 1  # (N,) or (N, T) before A's axes
-            g_max = tf.reduce_max(tf.abs(g), axis=list(range(lead, len(g.shape))))  # the zero check's input
-            a, g = _channels_first(a, axis, 1), _channels_first(g, axis, lead)
+            multi = len(g.shape) == len(a.shape) + 1  # g is (T, N, *A): one transpose to (N, T, K, *spatial)
+            lead = 2 if multi else 1  # (N,) or (N, T) before A's axes
+            a, g = _channels_first(a, axis, 1), _channels_first(g, axis, lead, swap=multi)
             fields = finite = None
             # known shapes only (reduce_retracing may relax them to None): else the core runs after the program
             if with_fields and a.dtype.is_floating and len(a.shape) >= 3 and g.shape.is_fully_defined():
                 fields = grad_cam_fields(Capture(a, g, scores, None))
                 finite = tf.reduce_all(tf.math.is_finite(fields.weights)) & tf.reduce_all(
                     tf.math.is_finite(fields.signed))
-            return a, g, scores, chosen, y, g_max, fields, finite
+            cleared = None if fields is None else tf.reduce_any(tf.not_equal(fields.weights, 0), axis=-1)
+            return a, g, scores, chosen, y, cleared, fields, finite
 
         if not compiled:
             return run
@@ -221,6 +223,21 @@ class _Program:
             # autograph off: the core's Python stays Python (its value checks see symbolic tensors and wait)
             self._traced[key] = tf.function(run, reduce_retracing=True, autograph=False)
         return self._traced[key]
+
+
+def _warn_zero_gradients(g: tf.Tensor, lead: int, cleared: tf.Tensor | None, where: str) -> None:
+    """Warn about examples (and targets) whose gradients ``g`` are zero everywhere (``g.shape[:lead]``).
+
+    ``cleared`` (computed in the program from Eq. 1's weights, the spatial means of ``g``): True
+    where a row of weights has a non-zero value, which needs a non-zero gradient. ``g`` itself is
+    searched, by a max and a min (no temporary of its size, as ``abs`` would make), only when some
+    row is not cleared or the weights are unknown.
+    """
+    if cleared is not None and bool(np.all(cleared.numpy())):
+        return
+    axes = list(range(lead, len(g.shape)))
+    zero = tf.equal(tf.reduce_max(g, axis=axes), 0) & tf.equal(tf.reduce_min(g, axis=axes), 0)
+    warn_zero_gradients(zero.numpy(), where, stacklevel=4)
 
 
 def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices: tf.Tensor | None,
@@ -253,13 +270,18 @@ def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices:
             else:  # out-of-range indices are refused after the run, against the real C
                 chosen = tf.clip_by_value(indices, 0, last)
             y = tf.gather(scores, chosen, batch_dims=1)  # (N,) or (N, T): y[n, t] = scores[n, c_nt]
-    if kind == "multi":
-        try:
-            g = tape.batch_jacobian(y, a, experimental_use_pfor=True)  # (N, T, *A): T pull-backs at once
-        except (ValueError, NotImplementedError, TypeError):  # an op pfor cannot vectorise: a loop (persistent tape)
-            g = tape.batch_jacobian(y, a, experimental_use_pfor=False)
+    # The seeds wait for the scores: the pull-back of a head linear in A (pooling, dense) needs none
+    # of the forward's values, and run first it would hold the gradients through the whole forward.
+    with tf.control_dependencies([y]):
+        seeds = tf.ones_like(y) if kind != "multi" else tf.eye(tf.shape(y)[1], dtype=y.dtype)
+    if kind == "multi":  # T pull-backs at once: the seeds e_t of y (N, T), vectorised over t (pfor)
+
+        def pull_back(seed: tf.Tensor) -> tf.Tensor:
+            return tape.gradient(y, a, output_gradients=tf.broadcast_to(seed, tf.shape(y)))
+
+        g = tf.vectorized_map(pull_back, seeds)  # (T, N, *A); ops pfor cannot vectorise run as a loop
     else:
-        g = tape.gradient(y, a)
+        g = tape.gradient(y, a, output_gradients=seeds)
     return a, g, scores, chosen, y
 
 
@@ -533,12 +555,22 @@ def _channel_axis(channel_axis: int) -> int:
     return int(channel_axis)
 
 
-def _channels_first(x: tf.Tensor, axis: int, lead: int) -> tf.Tensor:
-    """Move the channel axis (last when ``axis == -1``) to position ``lead`` (after N, or N and T)."""
+def _channels_first(x: tf.Tensor, axis: int, lead: int, *, swap: bool = False) -> tf.Tensor:
+    """Move the channel axis (last when ``axis == -1``) to position ``lead`` (after N, or N and T);
+    with ``swap``, also the first two axes (``(T, N, ...)`` to ``(N, T, ...)``), in the same copy.
+
+    A move that only shifts axes of size 1 is a reshape (no copy)."""
     rank = len(x.shape)
-    if axis == 1 or rank <= lead + 1:
+    perm = list(range(rank))
+    if axis == -1 and rank > lead + 1:
+        perm = list(range(lead)) + [rank - 1] + list(range(lead, rank - 1))
+    if swap:
+        perm[:2] = perm[1::-1]
+    if perm == list(range(rank)):
         return x
-    perm = list(range(lead)) + [rank - 1] + list(range(lead, rank - 1))
+    moved = [d for d in perm if x.shape[d] != 1]
+    if x.shape.is_fully_defined() and moved == sorted(moved):
+        return tf.reshape(x, [x.shape[d] for d in perm])
     return tf.transpose(x, perm)
 
 
@@ -546,9 +578,3 @@ def _channels_last(x: tf.Tensor) -> tf.Tensor:
     """``(b, K, *spatial)`` -> ``(b, *spatial, K)``."""
     rank = len(x.shape)
     return x if rank <= 2 else tf.transpose(x, [0, *range(2, rank), 1])
-
-
-def _warn_zero_gradients(g_max: np.ndarray, where: str) -> None:
-    """Warn about examples (and targets) whose gradients are zero everywhere (``g_max``: max |g|
-    per example, ``(N,)``, or per example and target, ``(N, T)``)."""
-    warn_zero_gradients(g_max == 0, where, stacklevel=4)

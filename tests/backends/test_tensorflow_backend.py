@@ -7,6 +7,8 @@ torchvision is imported first by tests/conftest.py (importing it after TensorFlo
 
 from __future__ import annotations
 
+import warnings
+
 import keras  # noqa: E402
 import numpy as np
 import pytest
@@ -317,6 +319,27 @@ def test_zero_gradients_warn():
     x[1] = -1e6  # ReLU6 saturates at 0 or 6 everywhere for example 1
     with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"exactly zero for example \[1\]"):
         gradcam_ref.explain(model, x, layer="b")
+
+
+def test_zero_gradients_are_searched_where_the_weights_are_zero():
+    """A gradient whose spatial mean (Eq. 1) is 0 but whose values are not (+1 and -1) must not warn;
+    a score that does not depend on A warns for exactly its (example, target) pairs."""
+    pattern = tf.constant([1.0, -1.0], tf.float64)[None, :, None, None]  # (1, 2, 1, 1): mean 0
+
+    def head(a):  # (N, 2, 1, 1) channels-last -> class 0 cancels out in Eq. 1, class 1 ignores A
+        return tf.stack([tf.reduce_sum(a * pattern, axis=(1, 2, 3)), tf.zeros_like(a[:, 0, 0, 0])], axis=1)
+
+    x = tf.constant(np.random.default_rng(12).standard_normal((2, 2, 1, 1)))
+    for compiled in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", gradcam_ref.ZeroGradientWarning)
+            e = gradcam_ref.explain((tf.identity, head), x, 0, compiled=compiled).numpy()
+        np.testing.assert_array_equal(e.gradients, np.broadcast_to([[[[1.0], [-1.0]]]], (2, 1, 2, 1)))
+        np.testing.assert_array_equal(e.weights, np.zeros((2, 1)))
+        with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"\(example, target\) \[\(0, 1\), \(1, 1\)\]"):
+            multi = gradcam_ref.explain((tf.identity, head), x, [[0, 1], [0, 1]], compiled=compiled).numpy()
+        np.testing.assert_array_equal(multi.gradients[:, 1], np.zeros((2, 1, 2, 1)))
+        np.testing.assert_array_equal(multi.gradients[:, 0], e.gradients)
 
 
 # --- guided backpropagation ---------------------------------------------------------------------
