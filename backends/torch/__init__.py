@@ -732,7 +732,7 @@ def perturb(
     activations (the part before the layer then runs again for every batch).
 
     ``where="inputs"`` scores the copies under ``torch.inference_mode`` on a scoring copy of the
-    model (:mod:`gradcam_ref.backends.torch._scoring`; the user's model is not touched): eval-mode
+    model (``backends/torch/_scoring.py``; the user's model is not touched): eval-mode
     batch norms folded into the convolutions before them (``fold_batch_norms=True``) and, on a
     CPU with images ``(N, C, H, W)``, ``memory_format="channels_last"`` (oneDNN's fast layout).
     Both change the last bits of float32 scores, as the batch size does; a copy whose scores on
