@@ -125,3 +125,59 @@ def _forward(model: Any, x: Any) -> object:
 
     with torch.no_grad():
         return model(x)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.bench_family [--methods score-cam] [--model resnet18] [--rounds 3] [--json FILE]``
+
+    The family suite alone, or some of its methods (each timed against the forward pass, ours
+    and pytorch-grad-cam's interleaved, ``--rounds`` rounds), on one thread unless ``--threads``;
+    prints the rows and the speed-ups. ``--json FILE`` replaces those methods' rows in FILE
+    (``benchmarks/results-family.json``), keeping the others.
+    """
+    import argparse
+    import json
+
+    from benchmarks.run import _has, set_threads
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_family", description=main.__doc__)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--model", default="resnet18", choices=(*models.MODELS, "tiny"))
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each method against the forward pass")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--no-peers", action="store_true", help="ours only (no pytorch-grad-cam)")
+    args = parser.parse_args(argv)
+    names = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}, expected some of {list(METHODS)}")
+    set_threads(args.threads)
+    rows = run(args.model, names, budget_s=0.0, max_rounds=args.rounds, min_rounds=args.rounds,
+               costly_min_rounds=args.rounds, peers=not args.no_peers and _has("pytorch_grad_cam"))
+    forward = next(r for r in rows if r["method"] == "forward")
+    for r in rows:
+        if r["method"] == "forward":
+            continue
+        peer = next((p for p in rows if p["method"] == r["method"] and p["library"] == "pytorch-grad-cam"), None)
+        r["forward_seconds"] = forward["seconds"]
+        speedup = "" if peer is None or r is peer else (
+            f", {peer['ratio'] / r['ratio']:.2f}x faster than pytorch-grad-cam "
+            f"({peer['seconds'] / r['seconds']:.2f}x in seconds)")
+        print(f"{args.model} {r['method']:15s} {r['library']:17s} {r['ratio']:8.2f}x ({r['q1']:.2f}-{r['q3']:.2f}) "
+              f"{r['seconds']:8.3f} s, {r['rounds']} rounds, load {r['loadavg_1min_before_after']}{speedup}")
+    if args.json:
+        try:
+            with open(args.json) as f:
+                kept = [r for r in json.load(f)
+                        if not (r.get("model") == args.model and r.get("method") in names)]
+        except FileNotFoundError:
+            kept = []
+        with open(args.json + ".tmp", "w") as f:  # never a half-written file
+            json.dump(kept + [r for r in rows if r["method"] != "forward"], f, indent=1, default=float)
+        os.replace(args.json + ".tmp", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

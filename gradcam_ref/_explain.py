@@ -361,7 +361,9 @@ def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer:
 def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, method: str,
                           ours: dict[str, Any], options: dict[str, Any]) -> Explanation:
     """Score-CAM and Ablation-CAM: the core makes the perturbed batches, the backend scores them."""
-    batch_size = ours.pop("batch_size", 32)
+    # Score-CAM's copies are whole inputs: 8 per forward pass is the fastest per image on a CPU
+    # (docs/benchmarks.md); Ablation-CAM's are activations through the end of the model only.
+    batch_size = ours.pop("batch_size", 8 if method == "score-cam" else 32)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if method == "score-cam":

@@ -9,6 +9,7 @@ called on the same layer and targets as ours (same maps).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -264,6 +265,27 @@ def test_family_suite_rows_and_goals_on_a_tiny_model():
     lines = report.family_goals_text({"rows": rows}).splitlines()
     assert [line.split(" | ")[1] for line in lines] == ["tiny b1 hirescam", "tiny b1 ablation-cam"]
     assert "| gradcam_ref | pytorch-grad-cam 1.5.7 |" in report.family_table(rows)
+
+
+def test_family_command_replaces_only_its_methods_rows(tmp_path, capsys):
+    """``python -m benchmarks.bench_family --methods ... --json FILE``: prints the rows, replaces
+    those methods' rows of that model in FILE and keeps every other row."""
+    from benchmarks import bench_family
+
+    path = tmp_path / "family.json"
+    kept = [{"suite": "family", "model": "tiny", "method": "grad-cam", "library": "gradcam_ref", "ratio": 1.0},
+            {"suite": "family", "model": "resnet18", "method": "score-cam", "library": "gradcam_ref", "ratio": 9.0}]
+    path.write_text(json.dumps([*kept, {**kept[1], "model": "tiny"}]))
+    assert bench_family.main(["--methods", "score-cam", "--model", "tiny", "--rounds", "2", "--no-peers",
+                              "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert rows[:2] == kept
+    (new,) = rows[2:]
+    assert (new["model"], new["method"], new["library"], new["rounds"]) == ("tiny", "score-cam", "gradcam_ref", 2)
+    assert new["ratio"] > 0 and new["forward_seconds"] > 0 and len(new["loadavg_1min_before_after"]) == 2
+    assert "tiny score-cam" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_family.main(["--methods", "score-kam"])
 def tiny_keras_model():
     import keras
 

@@ -55,6 +55,7 @@ from gradcam_ref.backends._contract import (
     shape_of,
     warn_zero_gradients,
 )
+from gradcam_ref.backends.torch import _scoring
 from gradcam_ref.backends.torch.guided import GuidedReLUs
 
 NAME = "torch"
@@ -729,6 +730,7 @@ def perturb(
     at: str = "output",
     call: int | None = None,
     memory_format: str = "channels_last",
+    fold_batch_norms: bool = True,
 ) -> Perturbed:
     """Score perturbed copies of each example without autograd (the Protocol's ``perturb``).
 
@@ -739,16 +741,22 @@ def perturb(
     the whole model on the example repeated, with a forward hook substituting the perturbed
     activations (the part before the layer then runs again for every batch).
 
-    ``where="inputs"`` on a CPU with images ``(N, C, H, W)`` scores the copies with a copy of
-    the model in ``memory_format="channels_last"`` (oneDNN's fast layout; the user's model is
-    not touched), all under ``torch.inference_mode``; ``memory_format="preserve"`` runs the
-    model as it is. The layout changes the last bits of float32 scores, as the batch size does.
+    ``where="inputs"`` scores the copies under ``torch.inference_mode`` on a scoring copy of the
+    model (``backends/torch/_scoring.py``; the user's model is not touched): eval-mode
+    batch norms folded into the convolutions before them (``fold_batch_norms=True``) and, on a
+    CPU with images ``(N, C, H, W)``, ``memory_format="channels_last"`` (oneDNN's fast layout).
+    Both change the last bits of float32 scores, as the batch size does; a copy whose scores on
+    the unmasked inputs differ from the model's by more than ``sqrt(eps)`` of their largest
+    magnitude is dropped for the unfolded one. ``memory_format="preserve"`` with
+    ``fold_batch_norms=False`` runs the model as it is.
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, ...), got {type(inputs).__name__}")
     check_where(where)
     if memory_format not in ("channels_last", "preserve"):
         raise ValueError(f"memory_format must be 'channels_last' or 'preserve', got {memory_format!r}")
+    if not isinstance(fold_batch_norms, bool):
+        raise TypeError(f"fold_batch_norms must be a bool, got {type(fold_batch_norms).__name__}")
     if at not in AT:
         raise ValueError(f"at must be one of {AT}, got {at!r}")
     with torch.no_grad():
@@ -771,15 +779,13 @@ def perturb(
         rows = torch.full((*a.shape[:2], *scores.shape[1:]), torch.nan, dtype=scores.dtype, device=scores.device)
         layout = torch.channels_last if (where == "inputs" and memory_format == "channels_last"
                                          and inputs.ndim == 4 and inputs.device.type == "cpu") else None
-        if layout is not None:
-            whole = _in_layout(model, layout, whole)
+        if where == "inputs":
+            whole = _scoring_model(model, layout, fold_batch_norms, whole, inputs, scores)
     with torch.inference_mode():
         for i, _, spans in perturb_chunks(a, batch_size, count):
             for start, stop in spans:
                 batch = make(inputs, a, i, start, stop)
                 if where == "inputs":
-                    if layout is not None:
-                        batch = batch.contiguous(memory_format=layout)
                     out = _run(whole, batch)  # type: ignore[arg-type]
                 elif tail is not None:
                     out = tail(batch)
@@ -790,23 +796,35 @@ def perturb(
     return Perturbed(a, scores, rows)
 
 
-def _in_layout(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch.memory_format,
-               whole: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
-    """A copy of ``model`` (or of both halves of the split form) with its parameters in ``layout``.
+def _scoring_model(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch.memory_format | None,
+                   fold_batch_norms: bool, whole: Callable[[torch.Tensor], Any], inputs: torch.Tensor,
+                   scores: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    """The scoring copy of ``model`` (:func:`_scoring.scoring_copy`), or ``whole`` (the model as it is).
 
-    ``whole`` (the model as it is) when the model cannot be copied.
+    A copy with folded batch norms is checked once on ``inputs`` against the model's ``scores``:
+    more than ``sqrt(eps)`` of their largest magnitude apart (a convolution subclass whose
+    ``forward`` ignores its bias, say), the unfolded copy is used instead.
     """
-    import copy
-
-    try:
-        parts = copy.deepcopy(tuple(model) if isinstance(model, (tuple, list)) else (model,))
-    except (TypeError, RuntimeError, copy.Error):  # e.g. tensors that are not graph leaves
+    parts = tuple(model) if isinstance(model, (tuple, list)) else (model,)
+    made = _scoring.scoring_copy(parts, layout=layout, fold_batch_norms=fold_batch_norms)
+    if made is None:
         return whole
-    parts = tuple(p.to(memory_format=layout) for p in parts)
-    if len(parts) == 2:
-        features, head = parts
-        return lambda v: head(features(v))
-    return parts[0]
+    copies, folded = made
+
+    def run(v: torch.Tensor) -> Any:
+        v = v if layout is None else v.contiguous(memory_format=layout)
+        for part in copies:
+            v = _run(part, v)
+        return v
+
+    if folded:
+        checked = run(inputs)
+        tolerance = math.sqrt(torch.finfo(scores.dtype).eps) * float(scores.abs().max())
+        if not (isinstance(checked, torch.Tensor) and checked.shape == scores.shape
+                and float((checked - scores).abs().max()) <= tolerance):
+            _scoring._LOG.debug("scoring copy: folding %d batch norms changed the scores; not folded", folded)
+            return _scoring_model(model, layout, False, whole, inputs, scores)
+    return run
 
 
 def _forward_taken(
