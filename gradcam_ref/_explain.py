@@ -187,7 +187,9 @@ class Explanation:
         if weights is not None:
             signed = cam(capture.activations, weights)
         elif signed is None:
-            weights, signed = method_fields(method, capture.activations, capture.gradients, **options)
+            y = method_target_scores(method, options, capture.scores, capture.targets)
+            weights, signed = method_fields(method, capture.activations, capture.gradients, target_scores=y,
+                                            **options)
         maps = relu_map(signed)
         guided = capture.guided_backprop
         ggc = None if guided is None else guided_grad_cam(
@@ -219,7 +221,8 @@ class Explanation:
         rank = len(self.activations.shape) - 2
         if self.method == "grad-cam":
             return postprocess(cam(self.activations, self.weights), convention, size=size, spatial_rank=rank)
-        return postprocess(method_signed_map(self, convention), convention, size=size, spatial_rank=rank)
+        return postprocess(method_signed_map(self, convention), convention, size=size, spatial_rank=rank,
+                           method=self.method)
 
     def numpy(self) -> Explanation:
         """A copy with every array as a float64 NumPy array on the host (targets stay int)."""
@@ -305,10 +308,11 @@ def explain(
 
 
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "grad-cam": (), "grad-cam++": ("eps",), "hirescam": (), "layercam": (),
+    "grad-cam": (), "grad-cam++": ("eps", "variant"), "hirescam": (), "layercam": (),
     "xgrad-cam": ("eps",),
     "eigen-cam": ("centre", "sign"),
     "eigen-grad-cam": ("centre", "sign"),
+    "fem": ("k",),
     "smooth-grad-cam++": ("n_samples", "std", "seed", "variant", "noise"),
     "score-cam": ("variant", "batch_size"),
     "ablation-cam": ("value", "denominator", "batch_size"),
@@ -402,11 +406,13 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
     y = _target_scores(scores, targets)  # (N,) or (N, T)
     yk = _target_scores(rows, targets)  # (N, K) or (N, T, K)
     if method == "score-cam":
-        if ours.get("variant") == "official":  # the authors' code: the class probability itself
+        if ours.get("variant") in ("official", "tf-keras-vis"):  # the class probability itself
             xp = namespace(rows)
             probabilities = xp.exp(rows - xp.max(rows, axis=-1, keepdims=True))
             probabilities = probabilities / xp.sum(probabilities, axis=-1, keepdims=True)
-            weights = _target_scores(probabilities, targets) * _not_flat(a, yk)
+            weights = _target_scores(probabilities, targets)
+            if ours.get("variant") == "official":  # the authors' code skips channels whose mask is flat
+                weights = weights * _not_flat(a, yk)
         else:
             weights = score_cam_weights(yk)
     else:
@@ -418,6 +424,17 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
                 NonPositiveScoreWarning, stacklevel=3)
     capture = Capture(a, None, scores, None if callable(targets) else targets)
     return Explanation.from_capture(capture, method=method, weights=weights, **ours)
+
+
+def method_target_scores(method: str, options: dict[str, Any], scores: Any, targets: Any) -> Any:
+    """:math:`y^c` ``(N,)`` or ``(N, T)`` where the method's variant needs them (Grad-CAM++'s
+    ``variant="tf-keras-vis"``: its :math:`\\exp(y^c)`), else None."""
+    if method != "grad-cam++" or options.get("variant") != "tf-keras-vis":
+        return None
+    if targets is None:
+        raise ValueError("variant='tf-keras-vis' multiplies the weights by exp(y^c) of the target's score: "
+                         "pass class targets (ints), not a callable")
+    return _target_scores(scores, targets)
 
 
 def distinct_channels(activations: Any) -> tuple[np.ndarray, np.ndarray]:

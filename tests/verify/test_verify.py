@@ -35,7 +35,7 @@ def oracle_goldens(tmp_path_factory):
 def tensorflow_in_process(monkeypatch):
     """verify's TensorFlow half run in this process (torchvision came first: tests/conftest.py),
     goldens only: the real subprocess and the TF peers run once, in the ``report`` fixture."""
-    monkeypatch.setattr(tf_peers, "run_isolated", lambda directory=None, timeout=0: tf_peers.golden_checks(directory))
+    monkeypatch.setattr(tf_peers, "run_isolated", lambda directory=None, timeout=0, perturbation="all": tf_peers.golden_checks(directory))
 
 
 def run_json(capsys, *args):
