@@ -380,9 +380,7 @@ TF_KERAS_VIS = Convention(
                       (10, "max_N (Faster-ScoreCAM) keeps the union over the batch of each example's "
                            "max_N channels of largest spatial standard deviation, so one example's map "
                            "depends on the others: not reproduced (the default max_N=None is, every "
-                           "channel)"),
-                      (11, "a float64 model fails in it (its weights are cast to float32 before "
-                           "K.batch_dot with the float64 activations)")),
+                           "channel); it fails on float64 models (verify notes why)")),
     },
 )
 
