@@ -271,9 +271,10 @@ def explain(
         jax (the NumPy oracle has no autograd); the cost of each: docs/gain.md.
       method: one of :data:`gradcam_ref.METHODS`: ``"grad-cam"`` (default), ``"grad-cam++"``,
         ``"hirescam"``, ``"xgrad-cam"``, ``"layercam"``, ``"eigen-cam"``, ``"eigen-grad-cam"``,
-        ``"smooth-grad-cam++"``, ``"score-cam"``, ``"ablation-cam"`` (docs/cam-family.md).
-      **options: the method's options (:data:`METHOD_OPTIONS`: ``eps``, ``centre``, ``sign``,
-        ``n_samples``/``std``/``seed``, ``variant``, ``value``/``denominator``, ``batch_size``);
+        ``"smooth-grad-cam++"``, ``"fem"``, ``"score-cam"``, ``"ablation-cam"`` (docs/cam-family.md).
+      **options: the method's options (:data:`METHOD_OPTIONS`: ``eps``, ``centre``, ``sign``, ``k``,
+        ``n_samples``/``std``/``seed``, ``variant``, ``value``/``denominator``, ``batch_size``,
+        ``max_n``);
         the rest are passed to the backend.
 
     Returns:
@@ -314,7 +315,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "eigen-grad-cam": ("centre", "sign"),
     "fem": ("k",),
     "smooth-grad-cam++": ("n_samples", "std", "seed", "variant", "noise"),
-    "score-cam": ("variant", "batch_size"),
+    "score-cam": ("variant", "batch_size", "max_n"),
     "ablation-cam": ("value", "denominator", "batch_size"),
 }
 """The keyword options of each method, taken out of ``explain``'s ``**options``."""
@@ -372,6 +373,9 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
         variant = ours.get("variant", "paper")
         if variant not in SCORE_CAM_VARIANTS:
             raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
+        max_n = ours.get("max_n")
+        if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or max_n < 1):
+            raise ValueError(f"max_n must be an int >= 1 (channels kept per example), got {max_n!r}")
 
         shared: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # example -> (distinct channels, position of each)
 
@@ -415,6 +419,8 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
                 weights = weights * _not_flat(a, yk)
         else:
             weights = score_cam_weights(yk)
+        if ours.get("max_n") is not None:
+            weights = weights * faster_score_cam_channels(a, ours["max_n"], like=weights)
     else:
         weights = ablation_cam_weights(y, yk, denominator=ours.get("denominator", "score"))
         if bool(namespace(y).any(y < 0)) and ours.get("denominator", "score") == "score":
@@ -435,6 +441,26 @@ def method_target_scores(method: str, options: dict[str, Any], scores: Any, targ
         raise ValueError("variant='tf-keras-vis' multiplies the weights by exp(y^c) of the target's score: "
                          "pass class targets (ints), not a callable")
     return _target_scores(scores, targets)
+
+
+def faster_score_cam_channels(activations: Any, max_n: int, *, like: Any) -> Any:
+    """1 for the channels Faster-ScoreCAM keeps, else 0, shaped and typed like ``like`` (``(N, K)`` or ``(N, T, K)``).
+
+    tf-keras-vis 0.8.7's ``Scorecam(max_N=...)``: each example's ``max_n`` channels of largest
+    spatial standard deviation (population; on a tie the lower channel first, as ``tf.math.top_k``),
+    then the union over the *batch*: every example's map uses the channels any example chose.
+    """
+    k = shape_of(activations)[1]
+    if isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or not 1 <= max_n <= k:
+        raise ValueError(f"max_n must be an int in [1, {k}] (the layer's channels), got {max_n!r}")
+    host = np.asarray(to_numpy(activations), dtype=np.float64)
+    spread = host.reshape(host.shape[0], k, -1).std(axis=-1)  # (N, K)
+    chosen = np.argsort(-spread, axis=1, kind="stable")[:, :max_n]
+    keep = np.zeros(k)
+    keep[np.unique(chosen)] = 1.0
+    xp = namespace(like)
+    mask = xp.asarray(keep, dtype=like.dtype, device=device_of(like))
+    return xp.broadcast_to(mask, shape_of(like))
 
 
 def distinct_channels(activations: Any) -> tuple[np.ndarray, np.ndarray]:

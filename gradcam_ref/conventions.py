@@ -379,8 +379,8 @@ TF_KERAS_VIS = Convention(
                           "(x - min) / (max - min + 1e-7); model.predict in batches of batch_size (32)"),
                       (10, "max_N (Faster-ScoreCAM) keeps the union over the batch of each example's "
                            "max_N channels of largest spatial standard deviation, so one example's map "
-                           "depends on the others: not reproduced (the default max_N=None is, every "
-                           "channel); it fails on float64 models (verify notes why)")),
+                           "depends on the others (explain(..., max_n=) does the same); it fails on "
+                           "float64 models (verify notes why)")),
     },
 )
 

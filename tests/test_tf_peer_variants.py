@@ -240,3 +240,34 @@ def test_tf_keras_vis_score_cam_weights_are_the_probabilities_of_masked_inputs()
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         np.testing.assert_allclose(e.weights[n], (p / p.sum(axis=1, keepdims=True))[:, c], rtol=1e-13)
     assert "score-cam:" in describe("tf-keras-vis") and "max_N (Faster-ScoreCAM)" in describe("tf-keras-vis")
+
+
+def test_faster_score_cam_keeps_the_union_over_the_batch_of_each_examples_top_channels():
+    from gradcam_ref._explain import faster_score_cam_channels
+
+    a = np.zeros((2, 4, 1, 3))
+    a[0, 2] = [0.0, 1.0, 2.0]  # example 0: channel 2 spreads most
+    a[1, 0] = [0.0, 0.0, 5.0]  # example 1: channel 0
+    a[1, 3] = [0.0, 0.0, 5.0]  # a tie with channel 0: the lower channel first (tf.math.top_k)
+    like = np.ones((2, 4))
+    np.testing.assert_array_equal(faster_score_cam_channels(a, 1, like=like), [[1, 0, 1, 0]] * 2)
+    np.testing.assert_array_equal(faster_score_cam_channels(a[:1], 1, like=like[:1]), [[0, 0, 1, 0]])
+    np.testing.assert_array_equal(faster_score_cam_channels(a, 4, like=np.ones((2, 3, 4))), np.ones((2, 3, 4)))
+    for bad in (0, 5, 1.0, True):
+        with pytest.raises(ValueError, match=r"max_n must be an int in \[1, 4\] \(the layer's channels\), got"):
+            faster_score_cam_channels(a, bad, like=like)
+
+
+def test_max_n_zeroes_the_weights_of_the_channels_left_out():
+    rng = np.random.default_rng(6)
+    oracle = Oracle.random(rng, in_channels=2, widths=[5], kernel_sizes=[3], num_classes=3)
+    x = rng.standard_normal((2, 2, 7, 7))
+    full = gradcam_ref.explain(oracle, x, [0, 1], method="score-cam", variant="tf-keras-vis")
+    fast = gradcam_ref.explain(oracle, x, [0, 1], method="score-cam", variant="tf-keras-vis", max_n=2)
+    spread = full.activations.reshape(2, 5, -1).std(axis=-1)
+    kept = np.zeros(5, dtype=bool)
+    kept[np.argsort(-spread, axis=1, kind="stable")[:, :2].ravel()] = True
+    np.testing.assert_array_equal(fast.weights, np.where(kept, full.weights, 0.0))
+    assert dict(fast.options)["max_n"] == 2
+    with pytest.raises(ValueError, match=r"max_n must be an int >= 1 \(channels kept per example\), got 0"):
+        gradcam_ref.explain(oracle, x, [0, 1], method="score-cam", max_n=0)

@@ -17,6 +17,7 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -172,14 +173,15 @@ def _xplique_plus_plus(case: KerasCase, size: tuple[int, ...]) -> Check:
 # --- the rest of the CAM family: each method of each library against its convention's variant ---
 
 
-def _tf_keras_vis_method(class_name: str, module: str) -> Callable[[KerasCase], np.ndarray]:
+def _tf_keras_vis_method(class_name: str, module: str, **options: Any) -> Callable[[KerasCase], np.ndarray]:
     def run(case: KerasCase) -> np.ndarray:
         import importlib
 
         from tf_keras_vis.utils.scores import CategoricalScore
 
         cls = getattr(importlib.import_module(module), class_name)
-        return np.asarray(cls(case.model)(CategoricalScore(case.targets), case.inputs, penultimate_layer=case.layer))
+        return np.asarray(cls(case.model)(CategoricalScore(case.targets), case.inputs, penultimate_layer=case.layer,
+                                          **options))
 
     return run
 
@@ -204,6 +206,8 @@ class KerasMethodPeer:
         (tf-keras-vis's ``find_layer``: :func:`tf_keras_vis_layer`) rather than the layer itself.
       float64: whether the library runs a float64 model (else a note says why not).
       perturbation: one model run per channel and image (Score-CAM).
+      options: more ``explain`` options than the convention's (e.g. Faster-ScoreCAM's ``max_n``),
+        named in the check.
     """
 
     convention: str
@@ -215,7 +219,11 @@ class KerasMethodPeer:
     resolves_layer: bool
     float64: bool | str = True
     perturbation: bool = False
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+
+SCORECAM_FLOAT64 = ("its Scorecam casts the weights to float32 and K.batch_dot then refuses the float64 "
+                    "activations (InvalidArgumentError)")
 
 METHOD_PEERS = (
     KerasMethodPeer("tf-keras-vis", "layercam", "tf_keras_vis.layercam.Layercam", "tf_keras_vis", "tf-keras-vis",
@@ -224,8 +232,10 @@ METHOD_PEERS = (
                     "tf-keras-vis", _tf_keras_vis_method("GradcamPlusPlus", "tf_keras_vis.gradcam_plus_plus"), True),
     KerasMethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam", "tf_keras_vis", "tf-keras-vis",
                     _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam"), True,
-                    float64="its Scorecam casts the weights to float32 and K.batch_dot then refuses the float64 "
-                            "activations (InvalidArgumentError)", perturbation=True),
+                    float64=SCORECAM_FLOAT64, perturbation=True),
+    KerasMethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam(max_N=2)", "tf_keras_vis",
+                    "tf-keras-vis", _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam", max_N=2), True,
+                    float64=SCORECAM_FLOAT64, perturbation=True, options={"max_n": 2}),
     KerasMethodPeer("xplique", "fem", "xplique.attributions.FEM", "xplique", "xplique", _xplique_fem, False,
                     float64="its k is a float32 tensor and k * std fails on float64 activations (TypeError)"),
 )
@@ -252,7 +262,8 @@ def method_peer_checks(cases: list[KerasCase] | None = None, *, perturbation: st
     peers = [p for p in METHOD_PEERS if installed(p.module)]
     notes = sorted({f"method peers: {p.distribution} is not installed, so its {p.method} was not compared"
                     for p in METHOD_PEERS if p not in peers})
-    notes += sorted({f"{p.call} on float64 models: not run, {p.float64}" for p in peers if p.float64 is not True})
+    notes += sorted({f"{p.call.split('(')[0]} on float64 models: not run, {p.float64}" for p in peers
+                     if p.float64 is not True})
     if perturbation != "all":
         notes.append(f"tf-keras-vis Scorecam compared on {perturbation} cases only"
                      + (f" (layers of at most {SMALL_CHANNELS} channels)" if perturbation == "small" else ""))
@@ -266,7 +277,7 @@ def method_peer_checks(cases: list[KerasCase] | None = None, *, perturbation: st
                     perturbation == "small" and case.model.get_layer(case.layer).output.shape[-1] > SMALL_CHANNELS)):
                 continue
             layer = tf_keras_vis_layer(case.model, case.layer) if peer.resolves_layer else case.layer
-            options = dict(get_convention(peer.convention).methods[peer.method])
+            options = {**get_convention(peer.convention).methods[peer.method], **peer.options}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
                 e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=layer, method=peer.method,
@@ -275,8 +286,9 @@ def method_peer_checks(cases: list[KerasCase] | None = None, *, perturbation: st
             ours = np.asarray(e.heatmap(size, peer.convention))
             where = f"layer {case.layer!r}" + (f" -> {layer!r}" if layer != case.layer else "")
             what = f"{peer.call} ({peer.distribution} {importlib.metadata.version(peer.distribution)})"
-            checks.append(compare(f"{peer.convention} {peer.method} on {case.name}, {where}", what, ours, expected,
-                                  PEER_RTOL))
+            named = "".join(f" ({k}={v})" for k, v in peer.options.items())
+            checks.append(compare(f"{peer.convention} {peer.method}{named} on {case.name}, {where}", what, ours,
+                                  expected, PEER_RTOL))
     return checks, notes
 
 
@@ -300,10 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         del argv[at:at + 2]
     if installed("torchvision"):
         import torchvision  # noqa: F401  (before TensorFlow: the other order crashes)
-    checks, notes = golden_checks(argv[0] if argv else None)
-    cases = keras_cases()
-    more, more_notes = peer_checks(cases)
-    methods, method_notes = method_peer_checks(cases, perturbation=perturbation)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON only (Keras's predict prints progress bars)
+        checks, notes = golden_checks(argv[0] if argv else None)
+        cases = keras_cases()
+        more, more_notes = peer_checks(cases)
+        methods, method_notes = method_peer_checks(cases, perturbation=perturbation)
     json.dump({"checks": [dataclasses.asdict(c) for c in checks + more + methods],
                "notes": notes + more_notes + method_notes}, sys.stdout)
 
@@ -322,7 +335,11 @@ def run_isolated(goldens_directory: Any = None, timeout: float = 1800, perturbat
         tail = out.stderr.strip().splitlines()[-3:]
         return [Check("tensorflow checks (subprocess)", f"exit status {out.returncode}: {' | '.join(tail)}",
                       float("inf"), 0.0)], []
-    result = json.loads(out.stdout)
+    try:
+        result = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return [Check("tensorflow checks (subprocess)", f"its output is not JSON: {out.stdout[:200]!r}",
+                      float("inf"), 0.0)], []
     return [Check(**c) for c in result["checks"]], result["notes"]
 
 

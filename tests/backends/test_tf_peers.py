@@ -59,7 +59,8 @@ def test_every_tf_peer_method_matches_its_convention_on_every_keras_case(cases):
     names = [c.check for c in checks]
     assert sum("tf-keras-vis layercam" in n for n in names) == 5
     assert sum("tf-keras-vis grad-cam++" in n for n in names) == 5
-    assert sum("tf-keras-vis score-cam" in n for n in names) == 3  # float32, <= 64 channels
+    assert sum("tf-keras-vis score-cam on" in n for n in names) == 3  # float32, <= 64 channels
+    assert sum("tf-keras-vis score-cam (max_n=2) on" in n for n in names) == 3  # Faster-ScoreCAM
     assert sum("xplique fem" in n for n in names) == 4  # float32
     failed = [(c.check, c.max_abs_diff, c.tolerance) for c in checks if not c.passed]
     assert not failed
@@ -73,12 +74,13 @@ def test_tf_keras_vis_score_cam_on_mobilenet_v2s_1280_channels(cases):
     """One masked forward pass per channel and image: 2560 MobileNetV2 runs in each library."""
     checks, _ = tf_peers.method_peer_checks([cases[3]], perturbation="all")
     score = [c for c in checks if "score-cam" in c.check]
-    assert len(score) == 1 and score[0].passed, score
+    assert len(score) == 2 and all(c.passed for c in score), score  # max_N=None and max_N=2
 
 
 def test_what_the_tf_method_peers_cannot_run_or_do_otherwise(cases):
     """The notes' reasons, shown on the libraries: Scorecam and FEM fail on float64 models;
-    GradcamPlusPlus is not the paper's closed form; Faster-ScoreCAM (max_N) couples the batch."""
+    GradcamPlusPlus is not the paper's closed form; Faster-ScoreCAM (max_N) couples the batch,
+    and explain(..., max_n=) couples it the same way."""
     from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
     from tf_keras_vis.scorecam import Scorecam
     from tf_keras_vis.utils.scores import CategoricalScore
@@ -101,12 +103,16 @@ def test_what_the_tf_method_peers_cannot_run_or_do_otherwise(cases):
     assert np.abs(e.heatmap(size, "tf-keras-vis") - theirs).max() <= 1e-5 * np.abs(theirs).max()  # its variant
 
     # max_N=1: the channels kept are the union over the batch of each image's top channel, so the
-    # first image's map changes when the others join it (our maps are per image)
+    # first image's map changes when the others join it; max_n=1 reproduces both
     alone = Scorecam(case.model)(CategoricalScore(case.targets[:1]), case.inputs[:1], penultimate_layer=case.layer,
                                  max_N=1)
     together = Scorecam(case.model)(CategoricalScore(case.targets), case.inputs, penultimate_layer=case.layer,
                                     max_N=1)
     assert np.abs(alone[0] - together[0]).max() > 1e-2
+    for batch, theirs in ((1, alone), (3, together)):
+        ours = gradcam_ref.explain(case.model, case.inputs[:batch], case.targets[:batch], layer="conv1",
+                                   method="score-cam", variant="tf-keras-vis", max_n=1).heatmap(size, "tf-keras-vis")
+        assert np.abs(np.asarray(ours) - theirs).max() <= 1e-5 * np.abs(theirs).max()
 
 
 @settings(max_examples=15)
