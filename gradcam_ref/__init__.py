@@ -8,7 +8,7 @@ supply the activations, gradients and scores that :func:`explain` turns into map
 from gradcam_ref import conventions, gain, metrics
 from gradcam_ref._evaluate import Evaluation, evaluate
 from gradcam_ref._explain import Capture, Explanation, explain
-from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_importance
+from gradcam_ref._gradcam import cam, grad_cam, grad_cam_plus_plus, neuron_importance, tf_keras_vis_plus_plus_weights
 from gradcam_ref._guided import guided_grad_cam, guided_image
 from gradcam_ref._methods import (
     METHODS,
@@ -16,6 +16,7 @@ from gradcam_ref._methods import (
     ablation_cam_weights,
     eigen_cam,
     eigen_grad_cam,
+    fem,
     fuse_maps,
     hires_cam,
     layer_cam,
@@ -59,6 +60,7 @@ __all__ = [
     "eigen_cam",
     "eigen_grad_cam",
     "explain_dataset",
+    "fem",
     "fuse_maps",
     "grad_cam",
     "grad_cam_plus_plus",
@@ -73,6 +75,7 @@ __all__ = [
     "score_cam_masks",
     "score_cam_weights",
     "smooth_grad_cam_plus_plus",
+    "tf_keras_vis_plus_plus_weights",
     "torchcam_smooth_weights",
     "upsample",
     "xgrad_cam",

@@ -187,7 +187,9 @@ class Explanation:
         if weights is not None:
             signed = cam(capture.activations, weights)
         elif signed is None:
-            weights, signed = method_fields(method, capture.activations, capture.gradients, **options)
+            y = method_target_scores(method, options, capture.scores, capture.targets)
+            weights, signed = method_fields(method, capture.activations, capture.gradients, target_scores=y,
+                                            **options)
         maps = relu_map(signed)
         guided = capture.guided_backprop
         ggc = None if guided is None else guided_grad_cam(
@@ -219,7 +221,8 @@ class Explanation:
         rank = len(self.activations.shape) - 2
         if self.method == "grad-cam":
             return postprocess(cam(self.activations, self.weights), convention, size=size, spatial_rank=rank)
-        return postprocess(method_signed_map(self, convention), convention, size=size, spatial_rank=rank)
+        return postprocess(method_signed_map(self, convention), convention, size=size, spatial_rank=rank,
+                           method=self.method)
 
     def numpy(self) -> Explanation:
         """A copy with every array as a float64 NumPy array on the host (targets stay int)."""
@@ -268,9 +271,10 @@ def explain(
         jax (the NumPy oracle has no autograd); the cost of each: docs/gain.md.
       method: one of :data:`gradcam_ref.METHODS`: ``"grad-cam"`` (default), ``"grad-cam++"``,
         ``"hirescam"``, ``"xgrad-cam"``, ``"layercam"``, ``"eigen-cam"``, ``"eigen-grad-cam"``,
-        ``"smooth-grad-cam++"``, ``"score-cam"``, ``"ablation-cam"`` (docs/cam-family.md).
-      **options: the method's options (:data:`METHOD_OPTIONS`: ``eps``, ``centre``, ``sign``,
-        ``n_samples``/``std``/``seed``, ``variant``, ``value``/``denominator``, ``batch_size``);
+        ``"smooth-grad-cam++"``, ``"fem"``, ``"score-cam"``, ``"ablation-cam"`` (docs/cam-family.md).
+      **options: the method's options (:data:`METHOD_OPTIONS`: ``eps``, ``centre``, ``sign``, ``k``,
+        ``n_samples``/``std``/``seed``, ``variant``, ``value``/``denominator``, ``batch_size``,
+        ``max_n``);
         the rest are passed to the backend.
 
     Returns:
@@ -305,12 +309,13 @@ def explain(
 
 
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "grad-cam": (), "grad-cam++": ("eps",), "hirescam": (), "layercam": (),
+    "grad-cam": (), "grad-cam++": ("eps", "variant"), "hirescam": (), "layercam": (),
     "xgrad-cam": ("eps",),
     "eigen-cam": ("centre", "sign"),
     "eigen-grad-cam": ("centre", "sign"),
+    "fem": ("k",),
     "smooth-grad-cam++": ("n_samples", "std", "seed", "variant", "noise"),
-    "score-cam": ("variant", "batch_size"),
+    "score-cam": ("variant", "batch_size", "max_n"),
     "ablation-cam": ("value", "denominator", "batch_size"),
 }
 """The keyword options of each method, taken out of ``explain``'s ``**options``."""
@@ -370,6 +375,9 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
         variant = ours.get("variant", "paper")
         if variant not in SCORE_CAM_VARIANTS:
             raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
+        max_n = ours.get("max_n")
+        if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or max_n < 1):
+            raise ValueError(f"max_n must be an int >= 1 (channels kept per example), got {max_n!r}")
 
         shared: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # example -> (distinct channels, position of each)
 
@@ -404,13 +412,17 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
     y = _target_scores(scores, targets)  # (N,) or (N, T)
     yk = _target_scores(rows, targets)  # (N, K) or (N, T, K)
     if method == "score-cam":
-        if ours.get("variant") == "official":  # the authors' code: the class probability itself
+        if ours.get("variant") in ("official", "tf-keras-vis"):  # the class probability itself
             xp = namespace(rows)
             probabilities = xp.exp(rows - xp.max(rows, axis=-1, keepdims=True))
             probabilities = probabilities / xp.sum(probabilities, axis=-1, keepdims=True)
-            weights = _target_scores(probabilities, targets) * _not_flat(a, yk)
+            weights = _target_scores(probabilities, targets)
+            if ours.get("variant") == "official":  # the authors' code skips channels whose mask is flat
+                weights = weights * _not_flat(a, yk)
         else:
             weights = score_cam_weights(yk)
+        if ours.get("max_n") is not None:
+            weights = weights * faster_score_cam_channels(a, ours["max_n"], like=weights)
     else:
         weights = ablation_cam_weights(y, yk, denominator=ours.get("denominator", "score"))
         if bool(namespace(y).any(y < 0)) and ours.get("denominator", "score") == "score":
@@ -420,6 +432,37 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
                 NonPositiveScoreWarning, stacklevel=3)
     capture = Capture(a, None, scores, None if callable(targets) else targets)
     return Explanation.from_capture(capture, method=method, weights=weights, **ours)
+
+
+def method_target_scores(method: str, options: dict[str, Any], scores: Any, targets: Any) -> Any:
+    """:math:`y^c` ``(N,)`` or ``(N, T)`` where the method's variant needs them (Grad-CAM++'s
+    ``variant="tf-keras-vis"``: its :math:`\\exp(y^c)`), else None."""
+    if method != "grad-cam++" or options.get("variant") != "tf-keras-vis":
+        return None
+    if targets is None:
+        raise ValueError("variant='tf-keras-vis' multiplies the weights by exp(y^c) of the target's score: "
+                         "pass class targets (ints), not a callable")
+    return _target_scores(scores, targets)
+
+
+def faster_score_cam_channels(activations: Any, max_n: int, *, like: Any) -> Any:
+    """1 for the channels Faster-ScoreCAM keeps, else 0, shaped and typed like ``like`` (``(N, K)`` or ``(N, T, K)``).
+
+    tf-keras-vis 0.8.7's ``Scorecam(max_N=...)``: each example's ``max_n`` channels of largest
+    spatial standard deviation (population; on a tie the lower channel first, as ``tf.math.top_k``),
+    then the union over the *batch*: every example's map uses the channels any example chose.
+    """
+    k = shape_of(activations)[1]
+    if isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or not 1 <= max_n <= k:
+        raise ValueError(f"max_n must be an int in [1, {k}] (the layer's channels), got {max_n!r}")
+    host = np.asarray(to_numpy(activations), dtype=np.float64)
+    spread = host.reshape(host.shape[0], k, -1).std(axis=-1)  # (N, K)
+    chosen = np.argsort(-spread, axis=1, kind="stable")[:, :max_n]
+    keep = np.zeros(k)
+    keep[np.unique(chosen)] = 1.0
+    xp = namespace(like)
+    mask = xp.asarray(keep, dtype=like.dtype, device=device_of(like))
+    return xp.broadcast_to(mask, shape_of(like))
 
 
 def distinct_channels(activations: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -173,7 +173,15 @@ def relu_map(maps: Array) -> Array:
 
 
 @quiet_numpy
-def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = True, eps: float = 0.0) -> Array:
+def grad_cam_plus_plus(
+    activations: Array,
+    gradients: Array,
+    *,
+    relu: bool = True,
+    eps: float = 0.0,
+    variant: str = "paper",
+    target_scores: Array | None = None,
+) -> Array:
     r"""Grad-CAM++ map in the closed form of Chattopadhay et al. (Eq. 19 of the paper).
 
     .. math::
@@ -201,6 +209,10 @@ def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = Tru
         ``(N, T, K, *spatial)``.
       relu: apply the final ReLU.
       eps: added to the denominator of :math:`a_{ij}^{kc}` (pytorch-grad-cam: 1e-6; the paper: 0).
+      variant: ``"paper"`` (above) or ``"tf-keras-vis"`` (tf-keras-vis 0.8.7's
+        ``GradcamPlusPlus``: the factor :math:`\exp(y^c)` kept and each channel's
+        :math:`a^{kc}` divided by their spatial sum, :func:`tf_keras_vis_plus_plus_weights`).
+      target_scores: :math:`y^c`, ``(N,)`` or ``(N, T)``: needed by ``"tf-keras-vis"`` only.
 
     Returns:
       The map, shape ``(N, *spatial)`` (or ``(N, T, *spatial)``).
@@ -215,8 +227,7 @@ def grad_cam_plus_plus(activations: Array, gradients: Array, *, relu: bool = Tru
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
     check_feature_maps("activations", a)
     check_gradients_match(a, g)
-    weights = plus_plus_weights(xp, a, g, eps=eps)
-    check_finite(weights, "grad_cam_plus_plus", activations=a, gradients=g)
+    weights = _plus_plus_variant_weights(xp, a, g, eps, variant, target_scores)
     maps = _weighted_sum(xp, a, weights)
     check_finite(maps, "grad_cam_plus_plus", activations=a, gradients=g)
     return _relu(xp, maps) if relu else maps
@@ -253,6 +264,92 @@ def plus_plus_weights(xp: Any, a: Array, g: Array, *, eps: float = 0.0, samples:
     safe = xp.where(denominator != 0, denominator, xp.full_like(denominator, math.inf))
     terms = d2 * _relu(xp, d1) / safe
     return xp.sum(terms, axis=tuple(range(terms.ndim - len(spatial), terms.ndim)))
+
+
+PLUS_PLUS_VARIANTS = ("paper", "tf-keras-vis")
+"""The variants of Grad-CAM++'s weights: the paper's closed form, and tf-keras-vis 0.8.7's."""
+
+
+def _plus_plus_variant_weights(xp: Any, a: Array, g: Array, eps: float, variant: str,
+                               target_scores: Array | None) -> Array:
+    """Grad-CAM++'s weights of ``variant`` (checked finite), for :func:`grad_cam_plus_plus` and ``method_fields``."""
+    if variant not in PLUS_PLUS_VARIANTS:
+        raise ValueError(f"variant must be one of {PLUS_PLUS_VARIANTS}, got {variant!r}")
+    if variant == "paper":
+        if target_scores is not None:
+            raise ValueError("target_scores is for variant='tf-keras-vis' (its exp(y^c) factor); "
+                             "the paper variant drops that factor: pass target_scores=None")
+        weights = plus_plus_weights(xp, a, g, eps=eps)
+        check_finite(weights, "grad_cam_plus_plus", activations=a, gradients=g)
+        return weights
+    if eps:
+        raise ValueError(f"eps is for variant='paper' (pytorch-grad-cam's 1e-6); variant='tf-keras-vis' has none, "
+                         f"got eps={eps!r}")
+    if target_scores is None:
+        raise ValueError("variant='tf-keras-vis' multiplies the weights by exp(y^c): pass target_scores, "
+                         "the target scores y^c of shape (N,) or (N, T)")
+    return tf_keras_vis_plus_plus_weights(a, g, target_scores)
+
+
+@quiet_numpy
+def tf_keras_vis_plus_plus_weights(activations: Array, gradients: Array, target_scores: Array) -> Array:
+    r"""tf-keras-vis 0.8.7's ``GradcamPlusPlus`` weights, read from its code (gradcam_plus_plus.py).
+
+    .. math::
+
+        a_{ij}^{kc} = \frac{g_{ij}^2}{2 g_{ij}^2 + S_k\, g_{ij}^3} = \frac{1}{2 + S_k\, g_{ij}}, \quad
+        w_k^c = e^{y^c}\, \frac{\sum_{ij} a_{ij}^{kc}\, \mathrm{ReLU}(g_{ij})}{\sum_{ij} a_{ij}^{kc}}
+
+    with :math:`S_k = \sum_{ab} A^k_{ab}`, :math:`g = \partial y^c / \partial A` and
+    :math:`a_{ij}^{kc} = 0` where :math:`g_{ij} = 0` (or :math:`2 + S_k g_{ij} = 0`, where
+    tf-keras-vis divides by 0). Two departures from :func:`grad_cam_plus_plus`'s closed form: it
+    keeps the paper's :math:`\mathrm{ReLU}(\partial Y^c / \partial A) = e^{y^c}\,\mathrm{ReLU}(g)`
+    of :math:`Y^c = \exp(y^c)` (one positive factor per map, seen only through the epsilon of its
+    min-max), and it divides each channel's :math:`a^{kc}` by their spatial sum (a sum of 0 is
+    left as it is): a per-channel factor that changes the map's shape. tf-keras-vis computes
+    :math:`e^{y^c} g^p` for p = 1, 2, 3, whose :math:`e^{y^c}` cancels in :math:`a`; here
+    :math:`a` is formed without it, so no power of g can overflow.
+
+    Args:
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      gradients: :math:`g`, ``(N, K, *spatial)`` or ``(N, T, K, *spatial)``.
+      target_scores: :math:`y^c`, ``(N,)`` or ``(N, T)``.
+
+    Returns:
+      :math:`w^c`, ``(N, K)`` or ``(N, T, K)``.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[1.0, 1.0]]]])  # S = 2
+      >>> g = np.array([[[[1.0, -0.25]]]])  # a = [1/4, 1/(2 - 0.5)] = [1/4, 2/3]
+      >>> tf_keras_vis_plus_plus_weights(a, g, np.array([0.0])).round(6)  # (1/4 * 1) / (1/4 + 2/3)
+      array([[0.272727]])
+    """
+    xp, (a, g, y) = as_float_arrays(activations=activations, gradients=gradients, target_scores=target_scores)
+    check_feature_maps("activations", a)
+    multi = check_gradients_match(a, g)
+    lead = 3 if multi else 2
+    if tuple(shape_of(y)) != tuple(shape_of(g)[:lead - 1]):
+        raise ValueError(f"target_scores must have shape {tuple(shape_of(g)[:lead - 1])} (one per map), "
+                         f"got {tuple(shape_of(y))}")
+    spatial = tuple(range(lead, g.ndim))
+    s = xp.sum(a, axis=tuple(range(2, a.ndim)), keepdims=True)  # (N, K, 1, ...)
+    check_finite(s, "tf_keras_vis_plus_plus_weights (the sum of each activation map)", activations=a)
+    if multi:
+        s = xp.expand_dims(s, axis=1)
+    denominator = 2 + s * g
+    defined = (g != 0) & (denominator != 0)
+    alpha = xp.where(defined, 1 / xp.where(defined, denominator, xp.ones_like(denominator)), xp.zeros_like(g))
+    total = xp.sum(alpha, axis=spatial)
+    total = xp.where(total != 0, total, xp.ones_like(total))
+    scale = xp.exp(y)
+    if all_finite(scale) is False and all_finite(y) is not False:
+        raise ValueError(
+            f"target_scores: exp(y^c) overflows {y.dtype} (largest score {float(xp.max(y)):.6g}); tf-keras-vis's "
+            "GradcamPlusPlus returns NaN maps there")
+    weights = xp.expand_dims(scale, axis=-1) * xp.sum(alpha * _relu(xp, g), axis=spatial) / total
+    check_finite(weights, "tf_keras_vis_plus_plus_weights", activations=a, gradients=g, target_scores=y)
+    return weights
 
 
 def _spatial_mean(xp, x: Array, lead: int) -> Array:

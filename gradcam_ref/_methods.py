@@ -36,12 +36,13 @@ from gradcam_ref._arrays import (
     shape_of,
     to_numpy,
 )
-from gradcam_ref._gradcam import _relu, _weighted_sum, grad_cam_parts, plus_plus_weights
+from gradcam_ref._gradcam import _plus_plus_variant_weights, _relu, _weighted_sum, grad_cam_parts, plus_plus_weights
 from gradcam_ref._resample import KERNELS, parse_size, resize
 
 GRADIENT_METHODS = ("grad-cam", "grad-cam++", "hirescam", "xgrad-cam", "layercam", "eigen-cam",
-                    "eigen-grad-cam", "smooth-grad-cam++")
-"""Methods computed from one capture of ``(A, G)`` (Smooth Grad-CAM++: several, averaged)."""
+                    "eigen-grad-cam", "smooth-grad-cam++", "fem")
+"""Methods computed from one capture of ``(A, G)`` (Smooth Grad-CAM++: several, averaged; Eigen-CAM
+and FEM read A only)."""
 
 PERTURBATION_METHODS = ("score-cam", "ablation-cam")
 """Methods whose weights come from re-scoring the model (a backend's ``rescore``)."""
@@ -258,6 +259,72 @@ def eigen_grad_cam(activations: Array, gradients: Array, *, centre: bool = False
 
 
 @quiet_numpy
+def fem(activations: Array, *, k: float = 2.0, relu: bool = True) -> Array:
+    r"""FEM, the Feature Explanation Method (Fuad et al., IPTA 2020, doi:10.1109/IPTA50016.2020.9286629).
+
+    Per example and channel l, the mean and the (population) standard deviation of
+    :math:`A^l` over its Z positions, a binary mask by the k-sigma rule, and the masks summed
+    with the means as weights:
+
+    .. math::
+
+        \mu_l = \frac1Z \sum_{ij} A^l_{ij}, \quad
+        \sigma_l = \Big(\frac1Z \sum_{ij} (A^l_{ij} - \mu_l)^2\Big)^{1/2}, \quad
+        B^l_{ij} = [A^l_{ij} \ge \mu_l + k\, \sigma_l], \quad
+        L_{\text{FEM}} = \mathrm{ReLU}\Big(\sum_l \mu_l B^l\Big)
+
+    No gradient and no target: the map is class-agnostic (after a ReLU layer every
+    :math:`\mu_l \ge 0` and the final ReLU changes nothing). A constant channel
+    (:math:`\sigma_l = 0`) is all ones in :math:`B^l`, whatever the rounding of its mean; the
+    statistics are taken on :math:`A^l` scaled by a power of two (exact), so huge and
+    subnormal activations neither overflow nor lose the comparison. xplique 2.0.2's ``FEM``
+    returns :math:`\sum_l \mu_l B^l` without the ReLU (its convention keeps the sign).
+
+    Args:
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      k: the number of standard deviations in the threshold (xplique: 2).
+      relu: apply the final ReLU.
+
+    Returns:
+      ``(N, *spatial)``.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[0.0, 0.0, 0.0, 4.0]], [[1.0, 1.0, 1.0, 1.0]]]])  # N=1, K=2, 1x4
+      >>> fem(a, k=1.0)  # mu = [1, 1], sigma = [sqrt(3), 0]: B = [[0, 0, 0, 1], [1, 1, 1, 1]]
+      array([[[1., 1., 1., 2.]]])
+    """
+    xp, (a,) = as_float_arrays(activations=activations)
+    _finite_and_nonempty("fem", activations=a)
+    check_feature_maps("activations", a)
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)) or not math.isfinite(k):
+        raise ValueError(f"k must be a finite number of standard deviations, got {k!r}")
+    shape = shape_of(a)
+    flat = xp.reshape(a, shape[:2] + (math.prod(shape[2:]),))  # (N, K, Z)
+    top, bottom = xp.max(flat, axis=-1, keepdims=True), xp.min(flat, axis=-1, keepdims=True)
+    scale = _power_of_two_at_least(xp, xp.maximum(top, -bottom))
+    u = flat / scale  # exact: |u| <= 1
+    mean = xp.mean(u, axis=-1, keepdims=True)
+    std = xp.sqrt(xp.mean((u - mean) ** 2, axis=-1, keepdims=True))
+    mask = (u >= mean + k * std) | (top == bottom)
+    signed = xp.sum(xp.astype(mask, a.dtype) * (mean * scale), axis=1)  # (N, Z)
+    maps = xp.reshape(signed, (shape[0],) + shape[2:])
+    check_finite(maps, "fem", activations=a)
+    return _relu(xp, maps) if relu else maps
+
+
+def _power_of_two_at_least(xp: Any, m: Array) -> Array:
+    r""":math:`2^e \ge m` elementwise (1 where m is 0): dividing by it is exact (no rounding)."""
+    info = xp.finfo(m.dtype)
+    safe = xp.where(m > 0, m, xp.ones_like(m))
+    e = xp.ceil(xp.log2(safe))
+    lowest, highest = math.frexp(float(info.smallest_normal))[1] - 1, math.frexp(float(info.max))[1] - 1
+    e = xp.clip(e, float(lowest), float(highest))  # powers of two that are normal numbers
+    two = xp.asarray(2.0, dtype=m.dtype, device=device_of(m))
+    return two ** e
+
+
+@quiet_numpy
 def smooth_grad_cam_plus_plus(
     activations: Array, noisy_gradients: Array, *, relu: bool = True
 ) -> Array:
@@ -423,7 +490,7 @@ def fuse_maps(maps: Sequence[Array], rule: str = "mean", *, size: Sequence[int] 
 # --- perturbation methods: the pure halves --------------------------------------------------
 
 
-SCORE_CAM_VARIANTS = ("paper", "pytorch-grad-cam", "torchcam", "official")
+SCORE_CAM_VARIANTS = ("paper", "pytorch-grad-cam", "torchcam", "official", "tf-keras-vis")
 
 
 @quiet_numpy
@@ -443,7 +510,10 @@ def score_cam_masks(activations: Array, size: Sequence[int], *, variant: str = "
     - ``"pytorch-grad-cam"``: bilinear with *aligned corners* (``UpsamplingBilinear2d``), then
       :math:`(X - \min)/(\max - \min + 10^{-8})`;
     - ``"torchcam"``: :math:`(X - \min)/(\max - \min + 10^{-8})` at the layer's resolution
-      first, then half-pixel bilinear.
+      first, then half-pixel bilinear;
+    - ``"tf-keras-vis"`` (0.8.7's ``Scorecam``): linear with aligned corners
+      (``scipy.ndimage.zoom(order=1)``), then :math:`(X - \min)/(\max - \min + 10^{-7})`
+      (``K.epsilon()``).
 
     Args:
       activations: :math:`A`, ``(N, K, *spatial)``.
@@ -468,8 +538,9 @@ def score_cam_masks(activations: Array, size: Sequence[int], *, variant: str = "
     axes = tuple(range(2, a.ndim))
     if variant == "torchcam":
         return resize(xp, _minmax(xp, a, axes, 1e-8), size, "linear-half-pixel")
-    kernel = "linear-corner" if variant == "pytorch-grad-cam" else "linear-half-pixel"
-    return _minmax(xp, resize(xp, a, size, kernel), axes, 1e-8 if variant == "pytorch-grad-cam" else None)
+    eps = {"pytorch-grad-cam": 1e-8, "tf-keras-vis": 1e-7}.get(variant)
+    kernel = "linear-half-pixel" if eps is None else "linear-corner"
+    return _minmax(xp, resize(xp, a, size, kernel), axes, eps)
 
 
 @quiet_numpy
@@ -485,7 +556,9 @@ def score_cam_weights(mask_scores: Array, *, baseline: Array | None = None) -> A
     unmasked input as baseline) get the same weights. :math:`y^c \le 0` needs no care here.
     The authors' code differs: ``"official"`` weights are the class probabilities
     :math:`\operatorname{softmax}_c(f(X \odot M_k))_c` themselves (pass those as
-    ``mask_scores`` and use :func:`gradcam_ref.cam`), and channels whose mask is flat get 0.
+    ``mask_scores`` and use :func:`gradcam_ref.cam`), and channels whose mask is flat get 0;
+    tf-keras-vis 0.8.7 (``"tf-keras-vis"``) weights by the same probabilities, flat channels
+    included (their zero mask scores the all-zero input).
 
     Args:
       mask_scores: :math:`y^c(X \odot M_k)`, ``(N, K)`` or ``(N, T, K)``.
@@ -621,12 +694,15 @@ class MethodFields(NamedTuple):
     signed: Array
 
 
-def method_fields(method: str, activations: Array, gradients: Array | None, **options: Any) -> MethodFields:
+def method_fields(method: str, activations: Array, gradients: Array | None, *,
+                  target_scores: Array | None = None, **options: Any) -> MethodFields:
     """The weights and the map before the final ReLU of a gradient method, from ``(A, G)``.
 
-    ``options`` are the method function's keyword arguments (``eps`` for Grad-CAM++ and
-    XGrad-CAM, ``centre`` and ``sign`` for the Eigen methods). Perturbation methods and Smooth Grad-CAM++ need
-    more than one capture: :func:`gradcam_ref.explain` computes them.
+    ``options`` are the method function's keyword arguments (``eps`` and ``variant`` for
+    Grad-CAM++, ``eps`` for XGrad-CAM, ``centre`` and ``sign`` for the Eigen methods, ``k`` for
+    FEM). ``target_scores`` (:math:`y^c`, ``(N,)`` or ``(N, T)``) are read by Grad-CAM++'s
+    ``variant="tf-keras-vis"`` only. Perturbation methods and Smooth Grad-CAM++ need more than
+    one capture: :func:`gradcam_ref.explain` computes them.
     """
     check_method(method)
     a, g = activations, gradients
@@ -641,8 +717,9 @@ def method_fields(method: str, activations: Array, gradients: Array | None, **op
         xp, (aa, gg) = as_float_arrays(activations=a, gradients=g)
         check_feature_maps("activations", aa)
         check_gradients_match(aa, gg)
-        weights = plus_plus_weights(xp, aa, gg, **options)
-        check_finite(weights, "grad_cam_plus_plus", activations=aa, gradients=gg)
+        variant = options.get("variant", "paper")
+        weights = _plus_plus_variant_weights(xp, aa, gg, options.get("eps", 0.0), variant,
+                                             target_scores if variant == "tf-keras-vis" else None)
         return MethodFields(weights, _weighted_sum(xp, aa, weights))
     if method == "xgrad-cam":
         weights = xgrad_cam_weights(a, g, **options)
@@ -653,23 +730,29 @@ def method_fields(method: str, activations: Array, gradients: Array | None, **op
     if method == "layercam":
         return MethodFields(None, layer_cam(a, g, relu=False))
     if method == "eigen-cam":
-        signed = eigen_cam(a, relu=False, **options)
-        if g is not None and g.ndim == a.ndim + 1:  # one class-agnostic map per target
-            xp = namespace(signed)
-            signed = xp.broadcast_to(xp.expand_dims(signed, axis=1), (shape_of(g)[0], shape_of(g)[1],
-                                                                      *shape_of(signed)[1:]))
-        return MethodFields(None, signed)
+        return MethodFields(None, _per_target(eigen_cam(a, relu=False, **options), g, a))
     if method == "eigen-grad-cam":
         return MethodFields(None, eigen_grad_cam(a, g, relu=False, **options))
+    if method == "fem":
+        return MethodFields(None, _per_target(fem(a, relu=False, **options), g, a))
     raise ValueError(f"method {method!r} is computed by gradcam_ref.explain, not from one capture")
 
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "grad-cam++": ("eps",),
+    "grad-cam++": ("eps", "variant"),
     "xgrad-cam": ("eps",),
     "eigen-cam": ("centre", "sign"),
     "eigen-grad-cam": ("centre", "sign"),
+    "fem": ("k",),
 }
+
+
+def _per_target(signed: Array, g: Array | None, a: Array) -> Array:
+    """A class-agnostic map ``(N, *spatial)`` repeated for each of T targets when ``g`` has them."""
+    if g is None or g.ndim != a.ndim + 1:
+        return signed
+    xp = namespace(signed)
+    return xp.broadcast_to(xp.expand_dims(signed, axis=1), (shape_of(g)[0], shape_of(g)[1], *shape_of(signed)[1:]))
 
 
 # --- helpers ---

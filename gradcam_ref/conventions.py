@@ -162,6 +162,8 @@ class Convention:
         signed map of that variant.
       method_differences: ``method -> ((reason, words), ...)``: how the library's variant of a
         method departs from the method's paper.
+      method_steps: ``method -> steps`` for the methods the library post-processes otherwise
+        than ``steps`` (e.g. xplique's FEM: no ReLU).
     """
 
     name: str
@@ -174,11 +176,16 @@ class Convention:
     aliases: tuple[str, ...] = ()
     methods: dict[str, dict[str, Any]] = dataclasses.field(default_factory=lambda: {"grad-cam": {}})
     method_differences: dict[str, tuple[tuple[int, str], ...]] = dataclasses.field(default_factory=dict)
+    method_steps: dict[str, tuple[Step, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def resizes(self) -> bool:
         """Whether the library resizes the map (else it stays at the layer's resolution)."""
         return any(isinstance(step, Resize) for step in self.steps)
+
+    def steps_for(self, method: str | None) -> tuple[Step, ...]:
+        """The steps applied to ``method``'s signed map (``steps`` unless ``method_steps`` has its own)."""
+        return self.method_steps.get(method, self.steps) if method is not None else self.steps
 
 
 PAPER = Convention(
@@ -198,6 +205,7 @@ PAPER = Convention(
         "grad-cam": {}, "grad-cam++": {"eps": 0.0}, "hirescam": {}, "xgrad-cam": {"eps": 0.0}, "layercam": {},
         "eigen-cam": {"centre": False, "sign": "fixed"}, "eigen-grad-cam": {"centre": False, "sign": "fixed"},
         "smooth-grad-cam++": {"variant": "paper"}, "score-cam": {"variant": "paper"}, "ablation-cam": {"value": "zero"},
+        "fem": {},
     },
 )
 
@@ -349,8 +357,31 @@ TF_KERAS_VIS = Convention(
         (11, "models and inputs are channels-last (NHWC); the map is the same"),
     ),
     checked="against tf_keras_vis.gradcam.Gradcam itself (gradcam-ref verify, in a TensorFlow "
-            "subprocess) on Keras twins of the verify nets, at the layer its find_layer resolves",
+            "subprocess) on Keras twins of the verify nets, at the layer its find_layer resolves; "
+            "Layercam, GradcamPlusPlus and Scorecam the same way",
     aliases=("tf_keras_vis", "keras-vis"),
+    methods={"grad-cam": {}, "grad-cam++": {"variant": "tf-keras-vis"}, "layercam": {},
+             "score-cam": {"variant": "tf-keras-vis"}},
+    method_differences={
+        "grad-cam++": ((2, "GradcamPlusPlus keeps the factor exp(score) of the paper's Y = exp(S) in "
+                           "the weights (seen only through the 1e-7 of its min-max); where exp(score) "
+                           "overflows (a float32 logit above 88.7) its maps are NaN"),
+                       (5, "it divides each channel's alphas by their spatial sum, which changes the "
+                           "map's shape; where 2 + sum(A) g = 0 it divides by 0 (NaN maps); "
+                           "explain(..., method='grad-cam++', variant='tf-keras-vis')")),
+        "layercam": ((8, "Layercam is LayerCAM at the convolution find_layer resolves, one layer "
+                         "(no fusion), then the steps above"),),
+        "score-cam": ((2, "Scorecam weights each channel by softmax(model(x * mask))[c], the class "
+                          "probability itself, not a softmax over channels, and applies that softmax "
+                          "to the model's output even when the model ends with one; channels whose "
+                          "mask is flat score the all-zero input"),
+                      (7, "its masks: scipy.ndimage.zoom(order=1) (aligned corners), then "
+                          "(x - min) / (max - min + 1e-7); model.predict in batches of batch_size (32)"),
+                      (10, "max_N (Faster-ScoreCAM) keeps the union over the batch of each example's "
+                           "max_N channels of largest spatial standard deviation, so one example's map "
+                           "depends on the others (explain(..., max_n=) does the same); it fails on "
+                           "float64 models (verify notes why)")),
+    },
 )
 
 XPLIQUE = Convention(
@@ -375,7 +406,15 @@ XPLIQUE = Convention(
         (11, "models and inputs are channels-last (NHWC); the map is the same"),
     ),
     checked="against xplique.attributions.GradCAM itself (gradcam-ref verify, in a TensorFlow "
-            "subprocess) on Keras twins of the verify nets",
+            "subprocess) on Keras twins of the verify nets; GradCAMPP and FEM the same way",
+    methods={"grad-cam": {}, "fem": {}},
+    method_differences={
+        "fem": ((1, "FEM returns sum_l mu_l B_l without a final ReLU: a layer whose channel means are "
+                    "negative (a convolution before its activation) gives negative values, which it "
+                    "keeps; then the bicubic resize"),
+                (3, "class-agnostic: targets are not used")),
+    },
+    method_steps={"fem": (Resize("cubic-tf", by="tf.image.resize(method='bicubic')", ranks=(2,)),)},
 )
 
 CONVENTIONS: dict[str, Convention] = {
@@ -404,6 +443,7 @@ def postprocess(
     *,
     size: int | Sequence[int] | None = None,
     spatial_rank: int | None = None,
+    method: str | None = None,
 ) -> Array:
     r"""The heatmap that ``convention``'s library returns, from the signed Grad-CAM map.
 
@@ -416,6 +456,8 @@ def postprocess(
       size: the output's spatial shape (an int for every axis), e.g. the input's ``(H, W)``;
         None keeps the layer's resolution (the libraries that resize are then not resizing).
       spatial_rank: how many trailing axes are spatial; default all but the first.
+      method: the CAM method whose map this is, for a library that post-processes some methods
+        otherwise (:meth:`Convention.steps_for`); None: the convention's ``steps``.
 
     Returns:
       The heatmap, ``signed_maps.shape[:-spatial_rank] + size``, same library and dtype.
@@ -449,7 +491,7 @@ def postprocess(
             f"does not resize its maps), got size={size!r}: pass size=None"
         )
     check_finite(x, f"the {chosen.name!r} convention", signed_maps=x)  # before a ReLU turns NaN into 0
-    for step in chosen.steps:
+    for step in chosen.steps_for(method):
         x = step(xp, x, target, int(rank))
     check_finite(x, f"the {chosen.name!r} convention", signed_maps=signed_maps)
     return x
@@ -466,6 +508,7 @@ def method_signed_map(explanation: Any, convention: str | Convention) -> Array:
     options; perturbation methods and Smooth Grad-CAM++ were fixed at ``explain`` time, so
     their options must already be the library's.
     """
+    from gradcam_ref._explain import method_target_scores
     from gradcam_ref._methods import GRADIENT_METHODS, method_fields
 
     c = get_convention(convention)
@@ -479,7 +522,9 @@ def method_signed_map(explanation: Any, convention: str | Convention) -> Array:
     if method in GRADIENT_METHODS and method != "smooth-grad-cam++":
         if all(given.get(k) == v for k, v in wanted.items()) and explanation.signed is not None:
             return explanation.signed
-        return method_fields(method, explanation.activations, explanation.gradients, **wanted).signed
+        y = method_target_scores(method, wanted, explanation.scores, explanation.targets)
+        return method_fields(method, explanation.activations, explanation.gradients, target_scores=y,
+                             **wanted).signed
     defaults = PAPER.methods[method]
     mismatch = {k: v for k, v in wanted.items() if given.get(k, defaults.get(k)) != v}
     if mismatch:
@@ -511,6 +556,8 @@ def describe(name: str | Convention) -> str:
             lines.append(f"    - {words} [reason {reason}: {REASONS[reason]}]")
     for method, differences in c.method_differences.items():
         lines.append(f"  {method}:")
+        if method in c.method_steps:
+            lines.append("    its steps: " + "; ".join(step.describe() for step in c.method_steps[method]))
         for reason, words in differences:
             lines.append(f"    - {words} [reason {reason}: {REASONS[reason]}]")
     if len(c.methods) > 1:

@@ -320,6 +320,22 @@ def test_tensorflow_rows_of_a_tiny_model_and_the_peers_explain_what_we_do():
         theirs = theirs[..., 0] if theirs.ndim == 4 else theirs
         expected = ours.heatmap((10, 10), convention)[0]
         assert np.abs(theirs - expected).max() <= 1e-5 * np.abs(expected).max(), method
+def test_tf_family_rows_of_a_tiny_model_compare_the_same_maps():
+    """bench_tf_family's pairs return the same map on both sides (ours under the library's convention)."""
+    from benchmarks import bench_tf_family
+
+    model = tiny_keras_model()
+    rows = bench_tf_family.run(rounds=2, model=model, name="tiny")
+    assert [r["method"] for r in rows] == [bench_tf_family.FORWARD, *(m for pair in bench_tf_family.PAIRS for m in pair)]
+    assert all(r["seconds"] > 0 and r["ratio"] > 0 and len(r["load_average"]) == 3 for r in rows)
+    x = np.random.default_rng(0).standard_normal((1, 10, 10, 3)).astype(np.float32)
+    calls = bench_tf_family._calls(model, x, 3)
+    for ours, theirs in bench_tf_family.PAIRS:
+        a, b = np.asarray(calls[ours]()), np.asarray(calls[theirs]())
+        b = b[..., 0] if b.ndim == 4 else b
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (ours, theirs)
+
+
 @pytest.mark.slow
 def test_dataset_benchmark_measures_peak_memory_and_throughput_in_fresh_processes(tmp_path):
     """bench_dataset's children run explain_dataset and the plain loop on real files (tiny model)."""

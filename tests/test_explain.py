@@ -52,6 +52,8 @@ def test_public_namespace_is_small_and_explicit():
          # the CAM family (issue 14)
          "METHODS", "NonPositiveScoreWarning", "ablated_activations", "ablation_cam_weights", "eigen_cam",
          "eigen_grad_cam", "fuse_maps", "hires_cam", "layer_cam", "layercam_scale", "score_cam_masks",
-         "score_cam_weights", "smooth_grad_cam_plus_plus", "torchcam_smooth_weights", "xgrad_cam", "xgrad_cam_weights"]
+         "score_cam_weights", "smooth_grad_cam_plus_plus", "torchcam_smooth_weights", "xgrad_cam", "xgrad_cam_weights",
+         # the TensorFlow peers' methods (issue 15)
+         "fem", "tf_keras_vis_plus_plus_weights"]
     )
     assert all(hasattr(gradcam_ref, name) for name in gradcam_ref.__all__)

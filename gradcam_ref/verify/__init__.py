@@ -238,7 +238,8 @@ def run(goldens_directory: str | Path | None = None, *, perturbation: str = "all
     more, more_notes = peer_checks()
     methods, method_notes = method_peer_checks(perturbation=perturbation)
     more, notes = more + methods, notes + more_notes + method_notes
-    isolated, isolated_notes = tf_peers.run_isolated(goldens_directory)  # ISOLATED: its own interpreter
+    isolated, isolated_notes = tf_peers.run_isolated(goldens_directory,  # ISOLATED: its own interpreter
+                                                     perturbation=perturbation)
     more, notes = more + isolated, notes + isolated_notes
     if not {"torch", "jax"} <= set(installed_backends()):
         notes.append("torch vs JAX on the same weights: not run, torch or jax is not installed")

@@ -10,15 +10,20 @@ Each library runs on Keras twins of the nets ``verify`` uses (:func:`keras_cases
 with ``Explanation.heatmap(convention=...)`` of the same model, input and targets, at the layer the
 library actually differentiates: tf-keras-vis resolves ``penultimate_layer`` with its
 ``find_layer`` (:func:`tf_keras_vis_layer`), and the check's name says which layer that was.
+The rest of their CAM family (:data:`METHOD_PEERS`: tf-keras-vis's Layercam, GradcamPlusPlus and
+Scorecam, xplique's FEM) is compared with ``explain(method=...)`` under the library's variant
+the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,12 +31,14 @@ import numpy as np
 from gradcam_ref.verify._checks import PEER_RTOL, Check, compare, installed
 from gradcam_ref.verify._checks import PeerCase as KerasCase
 
-__all__ = ["KerasCase", "keras_cases", "main", "peer_checks", "run_isolated", "tf_keras_vis_layer"]
+__all__ = ["METHOD_PEERS", "KerasCase", "KerasMethodPeer", "keras_cases", "main", "method_peer_checks", "peer_checks",
+           "run_isolated", "tf_keras_vis_layer"]
 
 
 def keras_cases() -> list[KerasCase]:
     """Keras twins of the verify nets: the random_gap_2d oracle (float64, float32), a conv-BN-pool
-    CNN (float32) and a random-init MobileNetV2 (ReLU6, batch norm; float32)."""
+    CNN (float32) and a random-init MobileNetV2 (ReLU6, batch norm; float32) at its last layer
+    (2x2) and at an 8x8 residual sum."""
     import keras
 
     from gradcam_ref.backends.numpy_backend import Oracle
@@ -65,6 +72,8 @@ def keras_cases() -> list[KerasCase]:
                                                classifier_activation=None)
     x = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
     cases.append(KerasCase("MobileNetV2 a=0.35 random init (float32)", mobilenet, "out_relu", x, [3, 8]))
+    # an 8x8 layer in the middle (a residual sum): out_relu is 2x2, where FEM's 2-sigma masks are empty
+    cases.append(KerasCase("MobileNetV2 a=0.35 random init, 8x8 block (float32)", mobilenet, "block_5_add", x, [3, 8]))
     return cases
 
 
@@ -120,11 +129,6 @@ def peer_checks(cases: list[KerasCase] | None = None) -> tuple[list[Check], list
     peers = [p for p in PEERS if installed(p[1])]
     notes = [f"peers: {dist} is not installed, so the {conv!r} convention was not compared with it"
              for conv, module, dist, _ in PEERS if not installed(module)]
-    notes += [
-        "tf-keras-vis GradcamPlusPlus: not reproduced; it multiplies the weights by exp(score) and "
-        "divides each channel's alphas by their spatial sum (a per-channel factor no convention of "
-        "the Grad-CAM map can undo), which gradcam_ref.grad_cam_plus_plus does not do",
-    ]
     checks = []
     for case in cases if cases is not None else keras_cases():
         size = tuple(int(s) for s in case.inputs.shape[1:-1])
@@ -166,6 +170,128 @@ def _xplique_plus_plus(case: KerasCase, size: tuple[int, ...]) -> Check:
                    ours, expected, PEER_RTOL)
 
 
+# --- the rest of the CAM family: each method of each library against its convention's variant ---
+
+
+def _tf_keras_vis_method(class_name: str, module: str, **options: Any) -> Callable[[KerasCase], np.ndarray]:
+    def run(case: KerasCase) -> np.ndarray:
+        import importlib
+
+        from tf_keras_vis.utils.scores import CategoricalScore
+
+        cls = getattr(importlib.import_module(module), class_name)
+        return np.asarray(cls(case.model)(CategoricalScore(case.targets), case.inputs, penultimate_layer=case.layer,
+                                          **options))
+
+    return run
+
+
+def _xplique_fem(case: KerasCase) -> np.ndarray:
+    from xplique.attributions import FEM
+
+    return np.asarray(FEM(case.model, conv_layer=case.layer).explain(case.inputs))[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasMethodPeer:
+    """One CAM method of a TensorFlow library, compared with ``explain(method=...)`` under its convention.
+
+    Attributes:
+      convention: the convention's name (its record holds the library's variant of the method).
+      method: the method's name in :data:`gradcam_ref.METHODS`.
+      call: the library's class.
+      module, distribution: what must be importable; its pip name.
+      run: ``case -> the library's maps (N, H, W)`` as NumPy.
+      resolves_layer: whether the library explains the convolution at or before the named layer
+        (tf-keras-vis's ``find_layer``: :func:`tf_keras_vis_layer`) rather than the layer itself.
+      float64: whether the library runs a float64 model (else a note says why not).
+      perturbation: one model run per channel and image (Score-CAM).
+      options: more ``explain`` options than the convention's (e.g. Faster-ScoreCAM's ``max_n``),
+        named in the check.
+    """
+
+    convention: str
+    method: str
+    call: str
+    module: str
+    distribution: str
+    run: Callable[[KerasCase], np.ndarray]
+    resolves_layer: bool
+    float64: bool | str = True
+    perturbation: bool = False
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+SCORECAM_FLOAT64 = ("its Scorecam casts the weights to float32 and K.batch_dot then refuses the float64 "
+                    "activations (InvalidArgumentError)")
+
+METHOD_PEERS = (
+    KerasMethodPeer("tf-keras-vis", "layercam", "tf_keras_vis.layercam.Layercam", "tf_keras_vis", "tf-keras-vis",
+                    _tf_keras_vis_method("Layercam", "tf_keras_vis.layercam"), True),
+    KerasMethodPeer("tf-keras-vis", "grad-cam++", "tf_keras_vis.gradcam_plus_plus.GradcamPlusPlus", "tf_keras_vis",
+                    "tf-keras-vis", _tf_keras_vis_method("GradcamPlusPlus", "tf_keras_vis.gradcam_plus_plus"), True),
+    KerasMethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam", "tf_keras_vis", "tf-keras-vis",
+                    _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam"), True,
+                    float64=SCORECAM_FLOAT64, perturbation=True),
+    KerasMethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam(max_N=2)", "tf_keras_vis",
+                    "tf-keras-vis", _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam", max_N=2), True,
+                    float64=SCORECAM_FLOAT64, perturbation=True, options={"max_n": 2}),
+    KerasMethodPeer("xplique", "fem", "xplique.attributions.FEM", "xplique", "xplique", _xplique_fem, False,
+                    float64="its k is a float32 tensor and k * std fails on float64 activations (TypeError)"),
+)
+"""Every CAM method of tf-keras-vis 0.8.7 and xplique 2.0.2 beyond Grad-CAM (and xplique's GradCAMPP,
+:func:`peer_checks`) that a convention reproduces."""
+
+
+SMALL_CHANNELS = 64
+"""``perturbation="small"``: Score-CAM is compared at layers of at most this many channels."""
+
+
+def method_peer_checks(cases: list[KerasCase] | None = None, *, perturbation: str = "all"
+                       ) -> tuple[list[Check], list[str]]:
+    """Each installed library's CAM methods (:data:`METHOD_PEERS`) against their conventions on every case.
+
+    ``perturbation``: ``"all"`` runs Score-CAM on every case, ``"small"`` only at layers of at most
+    :data:`SMALL_CHANNELS` channels (not MobileNetV2's last, 1280: a model run each), ``"none"`` nowhere.
+    """
+    import warnings
+
+    import gradcam_ref
+    from gradcam_ref.conventions import get_convention
+
+    peers = [p for p in METHOD_PEERS if installed(p.module)]
+    notes = sorted({f"method peers: {p.distribution} is not installed, so its {p.method} was not compared"
+                    for p in METHOD_PEERS if p not in peers})
+    notes += sorted({f"{p.call.split('(')[0]} on float64 models: not run, {p.float64}" for p in peers
+                     if p.float64 is not True})
+    if perturbation != "all":
+        notes.append(f"tf-keras-vis Scorecam compared on {perturbation} cases only"
+                     + (f" (layers of at most {SMALL_CHANNELS} channels)" if perturbation == "small" else ""))
+    checks = []
+    for case in cases if cases is not None else keras_cases():
+        size = tuple(int(s) for s in case.inputs.shape[1:-1])
+        for peer in peers:
+            if peer.float64 is not True and case.inputs.dtype != np.float32:
+                continue
+            if peer.perturbation and (perturbation == "none" or (
+                    perturbation == "small" and case.model.get_layer(case.layer).output.shape[-1] > SMALL_CHANNELS)):
+                continue
+            layer = tf_keras_vis_layer(case.model, case.layer) if peer.resolves_layer else case.layer
+            options = {**get_convention(peer.convention).methods[peer.method], **peer.options}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+                e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=layer, method=peer.method,
+                                        **options)
+            expected = peer.run(case)
+            ours = np.asarray(e.heatmap(size, peer.convention))
+            where = f"layer {case.layer!r}" + (f" -> {layer!r}" if layer != case.layer else "")
+            what = f"{peer.call} ({peer.distribution} {importlib.metadata.version(peer.distribution)})"
+            named = "".join(f" ({k}={v})" for k, v in peer.options.items())
+            checks.append(compare(f"{peer.convention} {peer.method}{named} on {case.name}, {where}", what, ours,
+                                  expected, PEER_RTOL))
+    return checks, notes
+
+
 def golden_checks(directory: str | None = None) -> tuple[list[Check], list[str]]:
     """Every golden on the TensorFlow backend (and, where installed, against torch on the same weights)."""
     from gradcam_ref.verify import golden_checks as all_golden_checks
@@ -176,29 +302,44 @@ def golden_checks(directory: str | None = None) -> tuple[list[Check], list[str]]
 def main(argv: list[str] | None = None) -> None:
     """Print ``{"checks": [...], "notes": [...]}`` as JSON: what :func:`run_isolated` reads.
 
-    ``argv``: ``[goldens directory]`` or nothing (the shipped goldens).
+    ``argv``: ``[goldens directory] [--perturbation all|small|none]`` (default: the shipped goldens, all).
     """
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    perturbation = "all"
+    if "--perturbation" in argv:
+        at = argv.index("--perturbation")
+        perturbation = argv[at + 1]
+        del argv[at:at + 2]
     if installed("torchvision"):
         import torchvision  # noqa: F401  (before TensorFlow: the other order crashes)
-    checks, notes = golden_checks(argv[0] if argv else None)
-    more, more_notes = peer_checks()
-    json.dump({"checks": [dataclasses.asdict(c) for c in checks + more], "notes": notes + more_notes}, sys.stdout)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON only (Keras's predict prints progress bars)
+        checks, notes = golden_checks(argv[0] if argv else None)
+        cases = keras_cases()
+        more, more_notes = peer_checks(cases)
+        methods, method_notes = method_peer_checks(cases, perturbation=perturbation)
+    json.dump({"checks": [dataclasses.asdict(c) for c in checks + more + methods],
+               "notes": notes + more_notes + method_notes}, sys.stdout)
 
 
-def run_isolated(goldens_directory: Any = None, timeout: float = 1800) -> tuple[list[Check], list[str]]:
+def run_isolated(goldens_directory: Any = None, timeout: float = 1800, perturbation: str = "all"
+                 ) -> tuple[list[Check], list[str]]:
     """``main()`` (``python -m gradcam_ref.verify.tf_peers``) in a fresh interpreter: its checks and
     notes (a failing check if it crashed, a note if TensorFlow is not installed)."""
     if not installed("tensorflow") or not installed("keras"):
         return [], ["tensorflow: not installed, so the TensorFlow backend, tf-keras-vis and xplique were not run"]
     args = [] if goldens_directory is None else [str(goldens_directory)]
+    args += ["--perturbation", perturbation]
     out = subprocess.run([sys.executable, "-m", "gradcam_ref.verify.tf_peers", *args], capture_output=True,
                          text=True, timeout=timeout)
     if out.returncode != 0:
         tail = out.stderr.strip().splitlines()[-3:]
         return [Check("tensorflow checks (subprocess)", f"exit status {out.returncode}: {' | '.join(tail)}",
                       float("inf"), 0.0)], []
-    result = json.loads(out.stdout)
+    try:
+        result = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return [Check("tensorflow checks (subprocess)", f"its output is not JSON: {out.stdout[:200]!r}",
+                      float("inf"), 0.0)], []
     return [Check(**c) for c in result["checks"]], result["notes"]
 
 

@@ -35,7 +35,7 @@ def oracle_goldens(tmp_path_factory):
 def tensorflow_in_process(monkeypatch):
     """verify's TensorFlow half run in this process (torchvision came first: tests/conftest.py),
     goldens only: the real subprocess and the TF peers run once, in the ``report`` fixture."""
-    monkeypatch.setattr(tf_peers, "run_isolated", lambda directory=None, timeout=0: tf_peers.golden_checks(directory))
+    monkeypatch.setattr(tf_peers, "run_isolated", lambda directory=None, timeout=0, perturbation="all": tf_peers.golden_checks(directory))
 
 
 def run_json(capsys, *args):
@@ -86,11 +86,17 @@ def test_every_golden_runs_on_every_installed_backend_and_every_peer_on_several_
             assert f"golden {name} [tensorflow] {key}" in checks
             assert f"golden {name} torch vs tensorflow {key}" in checks
     tkv = [c for c in checks if c.startswith("tf-keras-vis on ")]
-    assert len(tkv) == 4  # the oracle in float64 and float32, a BN/pool CNN, MobileNetV2
+    assert len(tkv) == 5  # the oracle in float64 and float32, a BN/pool CNN, MobileNetV2 at two layers
     assert "tf-keras-vis on random_gap_2d (float64), layer 'relu1' -> 'conv1'" in checks  # its find_layer
-    assert len([c for c in checks if c.startswith("xplique on ")]) == 3  # float32 only: noted
-    assert len([c for c in checks if c.startswith("xplique GradCAMPP on ")]) == 3
-    assert "xplique casts inputs and targets to float32" in notes and "GradcamPlusPlus: not reproduced" in notes
+    assert len([c for c in checks if c.startswith("xplique on ")]) == 4  # float32 only: noted
+    assert len([c for c in checks if c.startswith("xplique GradCAMPP on ")]) == 4
+    assert "xplique casts inputs and targets to float32" in notes
+    # the rest of their CAM family; --perturbation small: Scorecam at layers of <= 64 channels
+    counts = {"tf-keras-vis layercam": 5, "tf-keras-vis grad-cam++": 5, "tf-keras-vis score-cam": 3,
+              "tf-keras-vis score-cam (max_n=2)": 3, "xplique fem": 4}
+    for prefix, count in counts.items():
+        assert len([c for c in checks if c.startswith(f"{prefix} on ")]) == count, prefix
+    assert "Scorecam on float64 models: not run" in notes and "FEM on float64 models: not run" in notes
     assert "torch vs JAX" not in notes
     for peer in verify.METHOD_PEERS:  # each CAM method of each peer: both small CNNs (+ resnet18)
         on = [c for c in checks if c.startswith(f"{peer.convention} {peer.method} on ")]
@@ -188,6 +194,18 @@ def test_explain_prints_the_conventions_record(name, capsys):
     out = capsys.readouterr().out
     assert out == describe(name) + "\n"
     assert CONVENTIONS[name].library in out
+
+
+def test_explain_lists_each_method_deviation_of_the_tensorflow_peers(capsys):
+    assert main(["verify", "--explain", "tf-keras-vis"]) == 0
+    out = capsys.readouterr().out
+    for method in ("grad-cam++", "layercam", "score-cam"):
+        assert f"\n  {method}:\n    - " in out, method
+    assert "keeps the factor exp(score)" in out and "divides each channel's alphas by their spatial sum" in out
+    assert "max_N (Faster-ScoreCAM)" in out and "methods it implements: grad-cam, grad-cam++, layercam, score-cam" in out
+    assert main(["verify", "--explain", "xplique"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  fem:\n    its steps: resize to the requested size: bicubic" in out and "without a final ReLU" in out
 
 
 def test_explain_reads_the_same_records_the_heatmaps_use(capsys, monkeypatch):
