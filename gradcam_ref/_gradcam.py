@@ -333,6 +333,8 @@ def tf_keras_vis_plus_plus_weights(activations: Array, gradients: Array, target_
         raise ValueError(f"target_scores must have shape {tuple(shape_of(g)[:lead - 1])} (one per map), "
                          f"got {tuple(shape_of(y))}")
     spatial = tuple(range(lead, g.ndim))
+    # g reaches the weights through 1 / (2 + S g), which sends an infinite g to 0: checked itself
+    check_finite(g, "tf_keras_vis_plus_plus_weights", gradients=g)
     s = xp.sum(a, axis=tuple(range(2, a.ndim)), keepdims=True)  # (N, K, 1, ...)
     check_finite(s, "tf_keras_vis_plus_plus_weights (the sum of each activation map)", activations=a)
     if multi:

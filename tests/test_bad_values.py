@@ -276,6 +276,8 @@ PUBLIC = {
     "score_cam_weights": lambda bad: gradcam_ref.score_cam_weights(bad),
     "ablated_activations": lambda bad: gradcam_ref.ablated_activations(bad, 0, [0]),
     "ablation_cam_weights": lambda bad: gradcam_ref.ablation_cam_weights(np.ones(1), bad),
+    "fem": lambda bad: gradcam_ref.fem(bad),
+    "tf_keras_vis_plus_plus_weights": lambda bad: gradcam_ref.tf_keras_vis_plus_plus_weights(FEATURES, bad, np.ones(1)),
 }
 ARGUMENT = {"neuron_importance": "gradients", "grad_cam": "gradients", "grad_cam_plus_plus": "activations",
             "cam": "class_weights", "normalize": "maps", "upsample": "maps", "guided_grad_cam": "guided_backprop",
@@ -285,7 +287,8 @@ ARGUMENT = {"neuron_importance": "gradients", "grad_cam": "gradients", "grad_cam
             "smooth_grad_cam_plus_plus": "activations", "torchcam_smooth_weights": "activations",
             "layercam_scale": "maps", "fuse_maps": "maps",
             "score_cam_masks": "activations", "score_cam_weights": "mask_scores",
-            "ablated_activations": "activations", "ablation_cam_weights": "ablated_scores"}
+            "ablated_activations": "activations", "ablation_cam_weights": "ablated_scores",
+            "fem": "activations", "tf_keras_vis_plus_plus_weights": "gradients"}
 
 
 def test_every_public_core_function_is_listed_here():
