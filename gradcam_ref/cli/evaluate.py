@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         print(f"\n{method}: scoring ...", flush=True)
         if ALIASES.get(method, method) not in ("grad-cam", "grad-cam++"):  # its own capture
-            e = torch_cli.explain(loaded, batch, targets, method=ALIASES.get(method, method))
+            e = _explain(torch_cli, loaded, batch, targets, ALIASES.get(method, method))
             e_alone = e if alone is batch else torch_cli.explain(loaded, alone, targets,
                                                                   method=ALIASES.get(method, method))
         maps = _maps(e, method, batch.shape[2:])
@@ -98,6 +99,25 @@ def run(args: argparse.Namespace) -> int:
         _write_json(Path(args.json), document)
         print(f"\nwrote {args.json}")
     return 0
+
+
+PERTURBATION = ("score-cam", "ablation-cam")
+"""Methods that re-score the model on every channel's copy: all targets of an input from one run."""
+
+
+def _explain(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray, method: str) -> Any:
+    """``method``'s explanation of ``batch`` for ``targets`` (one per example).
+
+    When ``batch`` is one input repeated (the demo's collage: one example per target) and the method
+    re-scores perturbed copies (:data:`PERTURBATION`), the input is explained once with the N targets
+    as ``(1, N)`` targets: Score-CAM's thousands of forwards (Ablation-CAM's head runs) give every
+    class's score at once, so N times fewer. The maps equal the repeated batch's up to float32
+    rounding of the activations (a batch of one, not of N).
+    """
+    if method in PERTURBATION and len(batch) > 1 and bool((batch == batch[:1]).all()):
+        once = torch_cli.explain(loaded, batch[:1], np.asarray(targets)[None, :], method=method)
+        return types.SimpleNamespace(maps=np.asarray(once.maps)[0])
+    return torch_cli.explain(loaded, batch, targets, method=method)
 
 
 def _maps(e: Any, method: str, shape: tuple[int, ...]) -> np.ndarray:
