@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import types
 from pathlib import Path
@@ -47,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
     start = time.perf_counter()
+    load = os.getloadavg()  # recorded in --json beside the elapsed time: on a shared machine it explains it
     methods = _METHODS if args.methods == "all" else _names(args.methods, METHODS, "--methods")
     faithfulness = _names(args.faithfulness, _evaluate.FAITHFULNESS, "--faithfulness") if args.faithfulness else ()
     if args.lesions:
-        return _lesions(args, methods, faithfulness, start)
+        return _lesions(args, methods, faithfulness, start, load)
     torch_cli = import_torch_cli()
     loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, device=args.device)
     size = args.size or (zoo.IMAGE_SIZE, zoo.IMAGE_SIZE)
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         document = {"examples": [{"label": lb, "target": int(c), "box": b.tolist()}
                                  for lb, c, b in zip(labels, targets, boxes, strict=True)],
                     "methods": {m: r.to_json() for m, r in results.items()},
-                    "model": args.model, "elapsed_s": time.perf_counter() - start}
+                    "model": args.model, **_timing(start, load)}
         _write_json(Path(args.json), document)
         print(f"\nwrote {args.json}")
     return 0
@@ -130,7 +132,8 @@ def _maps(e: Any, method: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(gradcam_ref.upsample(np.asarray(raw), tuple(shape)))
 
 
-def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: tuple[str, ...], start: float) -> int:
+def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: tuple[str, ...], start: float,
+             load: tuple[float, float, float]) -> int:
     from gradcam_ref.experiments import comparison
     from gradcam_ref.experiments.lesions import SYNTHETIC_NOTE
 
@@ -144,10 +147,16 @@ def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: t
         document = {"examples": {"note": SYNTHETIC_NOTE, "n": len(data), "labels": data.labels.tolist(),
                                  "has_cue": data.has_cue.tolist()},
                     "methods": {m: r.to_json() for m, r in results.items()},
-                    "model": "GAIN experiment, plain mode", "elapsed_s": time.perf_counter() - start}
+                    "model": "GAIN experiment, plain mode", **_timing(start, load)}
         _write_json(Path(args.json), document)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _timing(start: float, load: tuple[float, float, float]) -> dict[str, Any]:
+    """The run's wall time and the load averages (1, 5, 15 minutes) at its start and end."""
+    return {"elapsed_s": time.perf_counter() - start,
+            "load_average": {"start": list(load), "end": list(os.getloadavg())}}
 
 
 def _names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -247,7 +256,6 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    import os
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,8 @@ def test_the_command_line_on_a_factory_model(capsys, tmp_path):
     assert header.split() == ["metric", "gradcam", "gradcam++", "better"]
     saved = json.loads(out.read_text())
     assert [e["box"] for e in saved["examples"]] == [[0, 0, 16, 16], [8, 8, 24, 24]]  # a.png scaled 32/60, 32/40
+    assert saved["elapsed_s"] > 0 and set(saved["load_average"]) == {"start", "end"}  # the run's timing line
+    assert all(len(v) == 3 and min(v) >= 0 for v in saved["load_average"].values())
     # The same numbers from the library on the same inputs.
     model = tiny_net()
     model.load_state_dict(torch.load(weights, weights_only=True))
