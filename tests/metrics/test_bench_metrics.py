@@ -63,3 +63,18 @@ def test_mprt_rows_pair_ours_with_quantus_against_the_explains():
     assert all(r["explanations"] == 42 and r["seconds"] > 0 for r in rows)
     assert next(r for r in rows if r["method"] == "42 explains")["ratio"] == 1.0
     assert "to 42 explains" in bench_metrics.table(rows)
+
+
+def test_batch_memory_rows_per_input():
+    import torch
+
+    from benchmarks import bench_batch_memory
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    rows = bench_batch_memory.rows(net, 16, [2, 4], rounds=2, total=8)
+    assert [(r["size"], r["batch"]) for r in rows] == [(16, 2), (16, 4)]
+    assert sorted(calls) == sorted([2] * 4 * 3 + [4] * 2 * 3)  # warm-up and 2 rounds: 8 inputs each time
+    assert all(r["user_s"] >= 0 and r["system_s"] >= 0 and r["faults"] >= 0 for r in rows)
+    assert "| 16 x 16 | 4 |" in bench_batch_memory.table(rows)
