@@ -76,15 +76,17 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         print(f"\n{method}: scoring ...", flush=True)
         if ALIASES.get(method, method) not in ("grad-cam", "grad-cam++"):  # its own capture
-            e = _explain(torch_cli, loaded, batch, targets, ALIASES.get(method, method))
+            e = _explain(torch_cli, loaded, batch, targets, ALIASES.get(method, method), args.batch_size)
             e_alone = e if alone is batch else torch_cli.explain(loaded, alone, targets,
-                                                                  method=ALIASES.get(method, method))
+                                                                  method=ALIASES.get(method, method),
+                                                                  batch_size=args.batch_size)
         maps = _maps(e, method, batch.shape[2:])
         result = _evaluate.evaluate(maps, boxes=boxes)
         if faithfulness or args.sanity:
             randomised, explain = (None, None)
             if args.sanity:
-                randomised, explain = _sanity(torch_cli, loaded, alone, targets, method, args.sanity_layers)
+                randomised, explain = _sanity(torch_cli, loaded, alone, targets, method, args.sanity_layers,
+                                              args.batch_size)
             more = _evaluate.evaluate(
                 _maps(e_alone, method, alone.shape[2:]), score=score, inputs=alone, targets=targets,
                 faithfulness=faithfulness, steps=args.steps, explain=explain, randomised=randomised,
@@ -107,8 +109,10 @@ PERTURBATION = ("score-cam", "ablation-cam")
 """Methods that re-score the model on every channel's copy: all targets of an input from one run."""
 
 
-def _explain(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray, method: str) -> Any:
-    """``method``'s explanation of ``batch`` for ``targets`` (one per example).
+def _explain(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray, method: str,
+             batch_size: int | None = None) -> Any:
+    """``method``'s explanation of ``batch`` for ``targets`` (one per example); ``batch_size``: the
+    perturbation methods' copies per forward (``--batch-size``).
 
     When ``batch`` is one input repeated (the demo's collage: one example per target) and the method
     re-scores perturbed copies (:data:`PERTURBATION`), the input is explained once with the N targets
@@ -117,9 +121,10 @@ def _explain(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray
     rounding of the activations (a batch of one, not of N).
     """
     if method in PERTURBATION and len(batch) > 1 and bool((batch == batch[:1]).all()):
-        once = torch_cli.explain(loaded, batch[:1], np.asarray(targets)[None, :], method=method)
+        once = torch_cli.explain(loaded, batch[:1], np.asarray(targets)[None, :], method=method,
+                                 batch_size=batch_size)
         return types.SimpleNamespace(maps=np.asarray(once.maps)[0])
-    return torch_cli.explain(loaded, batch, targets, method=method)
+    return torch_cli.explain(loaded, batch, targets, method=method, batch_size=batch_size)
 
 
 def _maps(e: Any, method: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -219,7 +224,7 @@ def _images(torch_cli: Any, loaded: Any, args: argparse.Namespace, size: tuple[i
 
 
 def _sanity(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray, method: str,
-            layers: int | None) -> tuple[Any, Any]:
+            layers: int | None, batch_size: int | None = None) -> tuple[Any, Any]:
     import dataclasses
     import itertools
 
@@ -234,7 +239,7 @@ def _sanity(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray,
             explained = model
         name = ALIASES.get(method, method)
         e = torch_cli.explain(dataclasses.replace(loaded, model=model, explained=explained), batch, targets,
-                              method="grad-cam" if name == "grad-cam++" else name)
+                              method="grad-cam" if name == "grad-cam++" else name, batch_size=batch_size)
         return _maps(e, method, batch.shape[2:])
 
     copies = randomise.randomised(loaded.model, order="cascading")

@@ -128,3 +128,9 @@ def test_a_repeated_input_is_explained_once_for_all_targets(method, monkeypatch)
     calls.clear()
     evaluate._explain(torch_cli, loaded, batch[:2] + np.array([0.0, 1.0])[:, None, None, None], targets[:2], method)
     assert calls == [(2, 3, SIZE, SIZE)]  # different inputs: explained as they are
+    sizes: list[int] = []  # --batch-size reaches the perturbed copies' forwards
+    hook = loaded.model.fc.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    small = evaluate._explain(torch_cli, loaded, batch, targets, method, batch_size=3)
+    hook.remove()
+    assert sizes[0] == 1 and sizes[1:] == [3, 1]  # the capture, then the 4 channels' copies by 3
+    np.testing.assert_allclose(small.maps, once.maps, rtol=1e-5, atol=1e-6 * np.abs(once.maps).max())
