@@ -237,9 +237,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
     evaluate.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
     evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs")
-    evaluate.add_argument("--batch-size", type=_positive, default=16, metavar="N",
-                          help="inputs per forward pass (the metrics' and Score-CAM's/Ablation-CAM's copies; "
-                          "small batches are cheaper on a CPU: benchmarks/bench_batch_memory.py)")
+    evaluate.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="inputs per forward pass")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of baselines and ROAD's noise (default 0)")
     evaluate.add_argument("--json", metavar="FILE", help="write every per-example value here (atomically)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
