@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import types
@@ -192,14 +193,53 @@ def imputation(rounds: int) -> list[dict]:
             for name, r in result.items()]
 
 
-def run(quick: bool = False) -> list[dict]:
+KINDS = ("localisation", "imputation", "mprt", "perturbation")
+"""The parts of the suite, in the order :func:`run` runs them."""
+
+LOCALISATION_GOAL_MS = 5.0
+"""Issue 17's goal: each localisation metric (NumPy) at most 5 ms per 224 x 224 map."""
+
+
+def run(quick: bool = False, kinds: tuple[str, ...] = KINDS) -> list[dict]:
     """Rows ``{"suite": "metrics", "kind", "method", "library", "ratio", "seconds", ...}``."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"kinds must be among {KINDS}, got {unknown}")
     _give_quantus_trapz()
-    rows = localisation(rounds=5 if quick else 15)
-    rows += imputation(rounds=3 if quick else 7)
-    rows += mprt(rounds=2 if quick else 5)
-    rows += perturbation(rounds=3 if quick else 7)
+    rounds = {"localisation": (5, 15), "imputation": (3, 7), "mprt": (2, 5), "perturbation": (3, 7)}
+    parts = {"localisation": localisation, "imputation": imputation, "mprt": mprt, "perturbation": perturbation}
+    rows: list[dict] = []
+    for kind in KINDS:
+        if kind in kinds:
+            rows += parts[kind](rounds=rounds[kind][0 if quick else 1])
     return rows
+
+
+def localisation_goals(rows: list[dict], limit_ms: float = LOCALISATION_GOAL_MS) -> list[dict]:
+    """Our localisation rows against the goal, in wall time (what a user waits: the load's share
+    included) and in thread CPU time (what the call costs), with the load average beside them."""
+    out = []
+    for r in rows:
+        if r["suite"] == "metrics" and r["kind"] == "localisation" and r["library"] == "gradcam_ref":
+            out.append({"method": r["method"], "wall_ms": r["ms_per_map"], "cpu_ms": r.get("cpu_ms_per_map"),
+                        "limit_ms": limit_ms, "met_wall": r["ms_per_map"] <= limit_ms,
+                        "met_cpu": r.get("cpu_ms_per_map", math.inf) <= limit_ms,
+                        "load_average": r.get("load_average")})
+    return out
+
+
+def localisation_goals_text(rows: list[dict]) -> str:
+    """One line per localisation metric: ``localisation_auc | wall 1.30 ms <= 5 ms, met | CPU ... | load ...``."""
+    lines = []
+    for g in localisation_goals(rows):
+        cpu = "n/a" if g["cpu_ms"] is None else (
+            f"{g['cpu_ms']:.2f} ms {'<=' if g['met_cpu'] else '>'} {g['limit_ms']:g} ms, "
+            f"{'met' if g['met_cpu'] else 'MISSED'}")
+        load = "n/a" if g["load_average"] is None else ", ".join(f"{v:.1f}" for v in g["load_average"])
+        lines.append(f"{g['method']} per 224 x 224 map | wall {g['wall_ms']:.2f} ms "
+                     f"{'<=' if g['met_wall'] else '>'} {g['limit_ms']:g} ms, {'met' if g['met_wall'] else 'MISSED'} "
+                     f"| CPU {cpu} | load {load}")
+    return "\n".join(lines)
 
 
 def _give_quantus_trapz() -> None:
@@ -217,11 +257,18 @@ def table(rows: list[dict]) -> str:
     lines = ["| kind | method | time | ratio (q1-q3) |", "|---|---|---|---|"]
     for r in chosen:
         if r["kind"] == "localisation":
-            when = f"{r['ms_per_map']:.2f} ms per map"
+            when = f"{r['ms_per_map']:.2f} ms per map (wall"
             if "cpu_ms_per_map" in r:
-                when += f" ({r['cpu_ms_per_map']:.2f} ms CPU)"
+                when += f"; {r['cpu_ms_per_map']:.2f} ms CPU"
+            if "load_average" in r:
+                when += f"; load {r['load_average'][0]:.1f}"
+            when += ")"
         else:
             when = f"{r['seconds']:.3f} s"
+        if r["kind"] == "localisation" and not any(o["kind"] == "localisation" and o["method"] == r["method"]
+                                                    and o["library"] == "quantus" for o in chosen):
+            lines.append(f"| {r['kind']} | {r['method']} ({r['library']}) | {when} | - (Quantus has none) |")
+            continue
         base = {"localisation": "to Quantus", "perturbation": "to the forwards", "imputation": "to ours",
                 "mprt": f"to {r.get('explanations')} explains"}[r["kind"]]
         lines.append(f"| {r['kind']} | {r['method']} ({r['library']}) | {when} | "
@@ -229,7 +276,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_metrics [--kinds localisation] [--full] [--json FILE]``: the rows'
+    table, then the localisation goal in wall and CPU time with the load average."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
+    parser.add_argument("--full", action="store_true", help="the full run's rounds (default: --quick's)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows here")
+    args = parser.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        parser.error(f"--kinds takes comma-separated names among {', '.join(KINDS)}; got {args.kinds!r}")
+    rows = run(quick=not args.full, kinds=kinds)
+    print(table(rows))
+    if "localisation" in kinds:
+        print(f"\ngoal: localisation <= {LOCALISATION_GOAL_MS:g} ms per 224 x 224 map (NumPy, one thread)")
+        print(localisation_goals_text(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+    return 0
+
+
 if __name__ == "__main__":
+    from benchmarks.run import set_threads
+
+    set_threads(1)  # one thread, as in `python -m benchmarks.run` (before NumPy's BLAS and torch start)
     import torchvision  # noqa: F401  (before quantus's tensorflow)
 
-    print(table(run(quick=True)))
+    raise SystemExit(main())

@@ -108,13 +108,15 @@ def load(
 
 
 def explain(
-    loaded: LoadedModel, batch: np.ndarray, target: Any = None, *, guided: bool = False, method: str = "grad-cam"
+    loaded: LoadedModel, batch: np.ndarray, target: Any = None, *, guided: bool = False, method: str = "grad-cam",
+    batch_size: int | None = None,
 ) -> gradcam_ref.Explanation:
     """Grad-CAM of ``loaded`` on ``batch`` ``(N, C, H, W)`` (NumPy, preprocessed), as NumPy float64.
 
     ``target`` is anything :func:`gradcam_ref.explain` takes (None, ints, a callable on the
     torch scores such as ``lambda s: -s[:, c]``); ``guided`` adds guided backpropagation and
-    Guided Grad-CAM (one more forward and backward pass, to the input).
+    Guided Grad-CAM (one more forward and backward pass, to the input). ``batch_size``: the
+    perturbed copies per forward of Score-CAM and Ablation-CAM (their default when None).
 
     Raises:
       UsageError: the layer, the target or the inputs do not fit the model.
@@ -123,6 +125,8 @@ def explain(
     options: dict[str, Any] = {"guided": True} if guided else {}
     if method != "grad-cam":  # one of gradcam_ref.METHODS
         options["method"] = method
+    if batch_size is not None and method in ("score-cam", "ablation-cam"):
+        options["batch_size"] = batch_size
     if loaded.layer is not None:
         options["layer"] = loaded.layer
     if loaded.call is not None:

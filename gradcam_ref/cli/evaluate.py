@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
     start = time.perf_counter()
+    load = os.getloadavg()  # recorded in --json beside the elapsed time: on a shared machine it explains it
     methods = _METHODS if args.methods == "all" else _names(args.methods, METHODS, "--methods")
     faithfulness = _names(args.faithfulness, _evaluate.FAITHFULNESS, "--faithfulness") if args.faithfulness else ()
     if args.lesions:
-        return _lesions(args, methods, faithfulness, start)
+        return _lesions(args, methods, faithfulness, start, load)
     torch_cli = import_torch_cli()
     size, mean, std = model_inputs(args)
     loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, call=args.call, device=args.device)
@@ -80,15 +83,17 @@ def run(args: argparse.Namespace) -> int:
     for method in methods:
         print(f"\n{method}: scoring ...", flush=True)
         if ALIASES.get(method, method) not in ("grad-cam", "grad-cam++"):  # its own capture
-            e = torch_cli.explain(loaded, batch, targets, method=ALIASES.get(method, method))
+            e = _explain(torch_cli, loaded, batch, targets, ALIASES.get(method, method), args.batch_size)
             e_alone = e if alone is batch else torch_cli.explain(loaded, alone, targets,
-                                                                  method=ALIASES.get(method, method))
+                                                                  method=ALIASES.get(method, method),
+                                                                  batch_size=args.batch_size)
         maps = _maps(e, method, batch.shape[2:])
         result = _evaluate.evaluate(maps, boxes=boxes)
         if faithfulness or args.sanity:
             randomised, explain = (None, None)
             if args.sanity:
-                randomised, explain = _sanity(torch_cli, loaded, alone, targets, method, args.sanity_layers)
+                randomised, explain = _sanity(torch_cli, loaded, alone, targets, method, args.sanity_layers,
+                                              args.batch_size)
             more = _evaluate.evaluate(
                 _maps(e_alone, method, alone.shape[2:]), score=score, inputs=alone, targets=targets,
                 faithfulness=faithfulness, steps=args.steps, explain=explain, randomised=randomised,
@@ -101,10 +106,32 @@ def run(args: argparse.Namespace) -> int:
         document = {"examples": [{"label": lb, "target": int(c), "box": b.tolist()}
                                  for lb, c, b in zip(labels, targets, boxes, strict=True)],
                     "methods": {m: r.to_json() for m, r in results.items()},
-                    "model": args.model, "elapsed_s": time.perf_counter() - start}
+                    "model": args.model, **_timing(start, load)}
         _write_json(Path(args.json), document)
         print(f"\nwrote {args.json}")
     return 0
+
+
+PERTURBATION = ("score-cam", "ablation-cam")
+"""Methods that re-score the model on every channel's copy: all targets of an input from one run."""
+
+
+def _explain(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray, method: str,
+             batch_size: int | None = None) -> Any:
+    """``method``'s explanation of ``batch`` for ``targets`` (one per example); ``batch_size``: the
+    perturbation methods' copies per forward (``--batch-size``).
+
+    When ``batch`` is one input repeated (the demo's collage: one example per target) and the method
+    re-scores perturbed copies (:data:`PERTURBATION`), the input is explained once with the N targets
+    as ``(1, N)`` targets: Score-CAM's thousands of forwards (Ablation-CAM's head runs) give every
+    class's score at once, so N times fewer. The maps equal the repeated batch's up to float32
+    rounding of the activations (a batch of one, not of N).
+    """
+    if method in PERTURBATION and len(batch) > 1 and bool((batch == batch[:1]).all()):
+        once = torch_cli.explain(loaded, batch[:1], np.asarray(targets)[None, :], method=method,
+                                 batch_size=batch_size)
+        return types.SimpleNamespace(maps=np.asarray(once.maps)[0])
+    return torch_cli.explain(loaded, batch, targets, method=method, batch_size=batch_size)
 
 
 def _maps(e: Any, method: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -117,7 +144,8 @@ def _maps(e: Any, method: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(gradcam_ref.upsample(np.asarray(raw), tuple(shape)))
 
 
-def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: tuple[str, ...], start: float) -> int:
+def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: tuple[str, ...], start: float,
+             load: tuple[float, float, float]) -> int:
     from gradcam_ref.experiments import comparison
     from gradcam_ref.experiments.lesions import SYNTHETIC_NOTE
 
@@ -131,10 +159,16 @@ def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: t
         document = {"examples": {"note": SYNTHETIC_NOTE, "n": len(data), "labels": data.labels.tolist(),
                                  "has_cue": data.has_cue.tolist()},
                     "methods": {m: r.to_json() for m, r in results.items()},
-                    "model": "GAIN experiment, plain mode", "elapsed_s": time.perf_counter() - start}
+                    "model": "GAIN experiment, plain mode", **_timing(start, load)}
         _write_json(Path(args.json), document)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _timing(start: float, load: tuple[float, float, float]) -> dict[str, Any]:
+    """The run's wall time and the load averages (1, 5, 15 minutes) at its start and end."""
+    return {"elapsed_s": time.perf_counter() - start,
+            "load_average": {"start": list(load), "end": list(os.getloadavg())}}
 
 
 def _names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -197,7 +231,7 @@ def _images(torch_cli: Any, loaded: Any, args: argparse.Namespace, size: tuple[i
 
 
 def _sanity(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray, method: str,
-            layers: int | None) -> tuple[Any, Any]:
+            layers: int | None, batch_size: int | None = None) -> tuple[Any, Any]:
     import dataclasses
     import itertools
 
@@ -212,7 +246,7 @@ def _sanity(torch_cli: Any, loaded: Any, batch: np.ndarray, targets: np.ndarray,
             explained = model
         name = ALIASES.get(method, method)
         e = torch_cli.explain(dataclasses.replace(loaded, model=model, explained=explained), batch, targets,
-                              method="grad-cam" if name == "grad-cam++" else name)
+                              method="grad-cam" if name == "grad-cam++" else name, batch_size=batch_size)
         return _maps(e, method, batch.shape[2:])
 
     copies = randomise.randomised(loaded.model, order="cascading")
@@ -234,7 +268,6 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    import os
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)

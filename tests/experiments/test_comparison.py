@@ -61,3 +61,41 @@ def test_lesion_comparison_equals_the_metrics_called_directly(tmp_path):
                                             sanity=False, progress=False, log=log.append)
     assert log[-2].startswith("plain model: loaded")  # the cached model, not a second training
     np.testing.assert_array_equal(again["grad-cam"].values["relevance_mass"], values["relevance_mass"])
+
+
+@pytest.mark.slow  # 4 images x 5 percentages x 2 orders re-scored by a jitted JAX model: about 40 s loaded
+def test_road_on_the_rgb_lesions_through_the_jax_model(tmp_path):
+    """ROAD in the comparison: the lesion images are RGB (3, 64, 64) and every channel of the
+    removed pixels is imputed (Quantus's ROAD fails on RGB); the values are metrics.road's, re-scored
+    through the JAX backend with the model's own sigmoid. An untrained model (init_params, stored
+    as the cached plain model) keeps it fast: the metric, not the model, is under test."""
+    from gradcam_ref.experiments.gain_experiment import init_params
+    from gradcam_ref.experiments.lesions import lesion_splits
+
+    config = Config()
+    path = tmp_path / "checkpoints" / f"plain-{config.key()}.npz"
+    path.parent.mkdir(parents=True)
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in init_params(3).items()}
+    np.savez(path, **params)
+    percentages = (10, 30, 50, 70, 90)
+    results, data = comparison.lesion_comparison(["grad-cam"], tmp_path, test=4, faithfulness=("road_morf", "road_lerf"),
+                                                 sanity=False, progress=False, log=lambda _: None)
+    assert data.images.shape == (4, 3, 64, 64)
+    np.testing.assert_array_equal(data.images, lesion_splits(config.seed, {"unbiased": 4}, size=64)["unbiased"].images)
+    values = results["grad-cam"].values
+    with jax.enable_x64(True):
+        p64 = {k: jnp.asarray(v, dtype=jnp.float64) for k, v in params.items()}
+        e = gradcam_ref.explain((features, two_classes), jnp.asarray(data.images), data.labels, params=p64,
+                                backend="jax")
+        maps = np.asarray(gradcam_ref.upsample(np.asarray(e.maps, dtype=np.float64), (64, 64)))
+        score = metrics.scorer((features, two_classes), backend="jax", params=p64)
+        for order in ("morf", "lerf"):
+            curve = metrics.road(score, data.images, maps, data.labels, percentages=percentages, order=order, seed=0)
+            np.testing.assert_array_equal(values[f"road_{order}"], curve.scores.mean(axis=1))
+            assert set(np.unique(curve.scores)) <= {0.0, 1.0}  # accuracy: the top class is still the label
+    removed = np.zeros(64 * 64, bool)
+    removed[np.argsort(-maps[0].ravel(), kind="stable")[:64 * 64 * 30 // 100]] = True
+    imputed = metrics.noisy_linear_imputation(data.images[0], removed.reshape(64, 64), rng=0)
+    changed = imputed != data.images[0]
+    np.testing.assert_array_equal(changed.any(axis=0), removed.reshape(64, 64))  # only the removed pixels ...
+    assert changed[:, removed.reshape(64, 64)].all()  # ... and in every one of the three channels

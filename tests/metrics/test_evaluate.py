@@ -79,6 +79,8 @@ def test_the_command_line_on_a_factory_model(capsys, tmp_path):
     assert header.split() == ["metric", "gradcam", "gradcam++", "better"]
     saved = json.loads(out.read_text())
     assert [e["box"] for e in saved["examples"]] == [[0, 0, 16, 16], [8, 8, 24, 24]]  # a.png scaled 32/60, 32/40
+    assert saved["elapsed_s"] > 0 and set(saved["load_average"]) == {"start", "end"}  # the run's timing line
+    assert all(len(v) == 3 and min(v) >= 0 for v in saved["load_average"].values())
     # The same numbers from the library on the same inputs.
     model = tiny_net()
     model.load_state_dict(torch.load(weights, weights_only=True))
@@ -100,3 +102,35 @@ def test_the_command_line_refuses_bad_input(capsys, tmp_path):
         capsys.readouterr().err)
     assert cli.main(["evaluate", str(tmp_path / "a.png")]) == 2
     assert "give --demo, or IMAGE... with --boxes FILE.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["score-cam", "ablation-cam"])
+def test_a_repeated_input_is_explained_once_for_all_targets(method, monkeypatch):
+    """The demo's collage (one input, one example per target): Score-CAM/Ablation-CAM run once, with
+    (1, N) targets, and give the maps of the repeated batch (up to float32 rounding)."""
+    from gradcam_ref.cli import _torch as torch_cli
+    from gradcam_ref.cli import evaluate
+
+    torch.manual_seed(2)
+    loaded = torch_cli.load("tests.cli.test_cli:tiny_net", layer="conv", device="cpu")
+    image = np.random.default_rng(3).standard_normal((1, 3, SIZE, SIZE))
+    batch, targets = np.repeat(image, 3, axis=0), np.array([2, 0, 1])
+    calls = []
+    explain = torch_cli.explain
+    monkeypatch.setattr(torch_cli, "explain", lambda *a, **k: calls.append(a[1].shape) or explain(*a, **k))
+    once = evaluate._explain(torch_cli, loaded, batch, targets, method)
+    assert calls == [(1, 3, SIZE, SIZE)]
+    repeated = explain(loaded, batch, targets, method=method)
+    assert once.maps.shape == repeated.maps.shape == (3, *repeated.maps.shape[1:])
+    np.testing.assert_allclose(once.maps, repeated.maps, rtol=1e-5, atol=1e-6 * np.abs(repeated.maps).max())
+    assert np.ptp(repeated.maps.reshape(3, -1), axis=1).min() > 0  # three real, distinct maps
+    assert not np.allclose(repeated.maps[0], repeated.maps[1])
+    calls.clear()
+    evaluate._explain(torch_cli, loaded, batch[:2] + np.array([0.0, 1.0])[:, None, None, None], targets[:2], method)
+    assert calls == [(2, 3, SIZE, SIZE)]  # different inputs: explained as they are
+    sizes: list[int] = []  # --batch-size reaches the perturbed copies' forwards
+    hook = loaded.model.fc.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    small = evaluate._explain(torch_cli, loaded, batch, targets, method, batch_size=3)
+    hook.remove()
+    assert sizes[0] == 1 and sizes[1:] == [3, 1]  # the capture, then the 4 channels' copies by 3
+    np.testing.assert_allclose(small.maps, once.maps, rtol=1e-5, atol=1e-6 * np.abs(once.maps).max())
