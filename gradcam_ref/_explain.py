@@ -500,7 +500,8 @@ def _target_scores(scores: Any, targets: Any) -> Any:
     multi = index.ndim == 2
     index = index if multi else index[:, None]  # (N, T)
     if len(shape) == 3:  # (N, M, C): every one of the M rows at the T targets, as (N, M, T)
-        index = np.broadcast_to(index[:, None, :], (shape[0], shape[1], index.shape[1]))
+        # a writable copy: torch warns on (and may write into) a read-only broadcast view
+        index = np.array(np.broadcast_to(index[:, None, :], (shape[0], shape[1], index.shape[1])))
     out = xp.take_along_axis(scores, xp.asarray(index, device=device_of(scores)), axis=-1)  # (N, [M,] T)
     if len(shape) == 3:
         out = xp.permute_dims(out, (0, 2, 1))  # (N, T, M)

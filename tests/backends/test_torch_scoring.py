@@ -310,3 +310,17 @@ def test_score_cam_folded_and_unfolded_agree_in_float32_under_pytorch_grad_cams_
 def test_fold_batch_norms_must_be_a_bool():
     with pytest.raises(TypeError, match="fold_batch_norms must be a bool, got str"):
         _score_cam(Pairs(), torch.randn(1, 2, 7, 7, dtype=torch.float64), [0], fold_batch_norms="yes")
+
+
+@pytest.mark.parametrize("targets", [[0, 1], [[0, 1], [1, 0]]])
+def test_score_cam_on_torch_warns_nothing(targets):
+    """Every warning is an error here: the (N, M, T) target index once reached torch as a read-only
+    NumPy broadcast view, and torch warned about writing into it (a user saw that warning; torch
+    says it once per process, so the first parametrisation is the one that caught it)."""
+    net = Pairs()
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+        e = gradcam_ref.explain(net, x, targets, layer="conv2", method="score-cam")
+    assert np.isfinite(e.maps.numpy()).all()
