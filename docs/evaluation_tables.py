@@ -18,7 +18,8 @@ DATA = Path(__file__).parent / "data"
 
 NAMES = {"grad-cam": "Grad-CAM", "grad-cam++": "Grad-CAM++", "hirescam": "HiResCAM", "xgrad-cam": "XGrad-CAM",
          "layercam": "LayerCAM", "eigen-cam": "Eigen-CAM", "eigen-grad-cam": "Eigen-Grad-CAM",
-         "fem": "FEM", "smooth-grad-cam++": "Smooth Grad-CAM++", "score-cam": "Score-CAM", "ablation-cam": "Ablation-CAM"}
+         "fem": "FEM", "smooth-grad-cam++": "Smooth Grad-CAM++", "score-cam": "Score-CAM",
+         "ablation-cam": "Ablation-CAM"}
 ORDER = tuple(NAMES)
 
 ROWS = {
