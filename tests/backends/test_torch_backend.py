@@ -16,18 +16,9 @@ import gradcam_ref
 from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify.twins import torch_oracle
-from tests.backends.torch_nets import assert_same_state, model_state
+from tests.backends.torch_nets import assert_same_state, model_state, one_thread  # noqa: F401  (autouse)
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets run fastest on one thread (and the test machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_net(seed: int = 0, head: str = "gap", dtype=torch.float64, rank: int = 2, size: int = 9):

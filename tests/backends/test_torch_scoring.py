@@ -21,16 +21,7 @@ from torch import nn
 
 import gradcam_ref
 from gradcam_ref.backends.torch import _scoring
-from tests.backends.torch_nets import assert_same_state, model_state
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests.backends.torch_nets import assert_same_state, model_state, one_thread  # noqa: F401  (autouse)
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

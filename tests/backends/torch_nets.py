@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets run fastest on one thread (and the test machine's cores are shared); a module that
+    imports this fixture runs its tests so."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def model_state(model: nn.Module) -> dict:
