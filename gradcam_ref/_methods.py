@@ -306,7 +306,7 @@ def fem(activations: Array, *, k: float = 2.0, relu: bool = True) -> Array:
     u = flat / scale  # exact: |u| <= 1
     mean = xp.mean(u, axis=-1, keepdims=True)
     std = xp.sqrt(xp.mean((u - mean) ** 2, axis=-1, keepdims=True))
-    mask = (u >= mean + k * std) | (top == bottom)
+    mask = (u - mean >= k * std) | (top == bottom)  # deviations against k sigma: a tie stays a tie
     signed = xp.sum(xp.astype(mask, a.dtype) * (mean * scale), axis=1)  # (N, Z)
     maps = xp.reshape(signed, (shape[0],) + shape[2:])
     check_finite(maps, "fem", activations=a)
