@@ -13,6 +13,7 @@ depends on (tests/backends/test_contract.py checks it).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 from collections.abc import Callable, Iterator
@@ -53,6 +54,7 @@ __all__ = [
     "Target",
     "TrainingModeWarning",
     "ZeroGradientWarning",
+    "arguments_of",
     "check_feature_maps",
     "check_finite",
     "check_same_batch",
@@ -161,6 +163,24 @@ def explaining(capture: Callable[_P, Capture]) -> Callable[_P, Explanation]:
 
     explain.__doc__ = f"``Explanation.from_capture(capture(...))`` of ``{capture.__module__}.capture``."
     return explain
+
+
+def arguments_of(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of the call ``function(*args, **kwargs)`` by name, defaults applied (a missing
+    or unknown one is the call's ``TypeError``).
+
+    For a backend whose ``explain`` (``@same_parameters(capture)``: capture's parameters) runs the
+    core's math inside the program that serves ``capture`` too: ``arguments_of(explain, args,
+    kwargs)`` hands that program capture's options by name, their list written once, on ``capture``.
+    """
+    bound = _signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+@functools.cache
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(function)
 
 
 WHERE = ("activations", "inputs")

@@ -20,20 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gradcam_ref._arrays import (
-    Array,
-    all_finite,
-    as_float_arrays,
-    check_feature_maps,
-    check_finite,
-    check_gradients_match,
-    namespace,
-    quiet_numpy,
-    shape_of,
-)
+from gradcam_ref import _arrays as arrays
+from gradcam_ref._arrays import Array
 
 
-@quiet_numpy
+@arrays.quiet_numpy
 def neuron_importance(gradients: Array) -> Array:
     r"""Neuron importance weights, Eq. 1 of Grad-CAM: the spatial mean of the gradients.
 
@@ -56,14 +47,14 @@ def neuron_importance(gradients: Array) -> Array:
       >>> neuron_importance(g)
       array([[3.]])
     """
-    xp, (g,) = as_float_arrays(gradients=gradients)
-    check_feature_maps("gradients", g)
+    xp, (g,) = arrays.as_float_arrays(gradients=gradients)
+    arrays.check_feature_maps("gradients", g)
     alpha = _spatial_mean(xp, g, lead=2)
-    check_finite(alpha, "neuron_importance", gradients=g)
+    arrays.check_finite(alpha, "neuron_importance", gradients=g)
     return alpha
 
 
-@quiet_numpy
+@arrays.quiet_numpy
 def cam(activations: Array, class_weights: Array) -> Array:
     r"""Class Activation Map of Zhou et al.: the feature maps weighted by the classifier.
 
@@ -89,18 +80,18 @@ def cam(activations: Array, class_weights: Array) -> Array:
       >>> cam(a, np.array([3.0, -1.0]))
       array([[[ 3., -2.]]])
     """
-    xp, (a, w) = as_float_arrays(activations=activations, class_weights=class_weights)
-    check_feature_maps("activations", a)
-    n, k = shape_of(a)[:2]
-    expected = {1: (k,), 2: (n, k)}.get(w.ndim, (n, shape_of(w)[1] if w.ndim == 3 else "T", k))
-    if shape_of(w) != expected or 0 in shape_of(w):
+    xp, (a, w) = arrays.as_float_arrays(activations=activations, class_weights=class_weights)
+    arrays.check_feature_maps("activations", a)
+    n, k = arrays.shape_of(a)[:2]
+    expected = {1: (k,), 2: (n, k)}.get(w.ndim, (n, arrays.shape_of(w)[1] if w.ndim == 3 else "T", k))
+    if arrays.shape_of(w) != expected or 0 in arrays.shape_of(w):
         raise ValueError(
             f"class_weights must have shape (K,) = ({k},), (N, K) = ({n}, {k}) "
-            f"or (N, T, K) = ({n}, T, {k}) to match activations {shape_of(a)}, "
-            f"got shape {shape_of(w)}"
+            f"or (N, T, K) = ({n}, T, {k}) to match activations {arrays.shape_of(a)}, "
+            f"got shape {arrays.shape_of(w)}"
         )
     maps = _weighted_sum(xp, a, w)
-    check_finite(maps, "cam", activations=a, class_weights=w)
+    arrays.check_finite(maps, "cam", activations=a, class_weights=w)
     return maps
 
 
@@ -142,16 +133,16 @@ def grad_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Arra
     return relu_map(maps) if relu else maps
 
 
-@quiet_numpy
+@arrays.quiet_numpy
 def grad_cam_parts(activations: Array, gradients: Array) -> tuple[Array, Array]:
     """``(alpha, signed_map)``: the two halves of :func:`grad_cam`, computed once each.
 
     ``alpha`` is ``(N, K)`` or ``(N, T, K)``; the map (before the ReLU) ``(N, *spatial)`` or
     ``(N, T, *spatial)``. Used by :func:`grad_cam` and :func:`gradcam_ref.explain`.
     """
-    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
-    check_feature_maps("activations", a)
-    multi = check_gradients_match(a, g)
+    xp, (a, g) = arrays.as_float_arrays(activations=activations, gradients=gradients)
+    arrays.check_feature_maps("activations", a)
+    multi = arrays.check_gradients_match(a, g)
     lead = 3 if multi else 2
     alpha = _plain_mean(xp, g, lead)
     maps = _weighted_sum(xp, a, alpha)
@@ -159,20 +150,20 @@ def grad_cam_parts(activations: Array, gradients: Array) -> tuple[Array, Array]:
     # non-finite (inf * x, NaN * x and inf - inf never are finite), so finite maps prove
     # finite weights. Else the mean is redone safely (a sum that overflowed although the mean
     # fits) and the culprit named.
-    if all_finite(maps) is False:
+    if arrays.all_finite(maps) is False:
         alpha = _spatial_mean(xp, g, lead)
         maps = _weighted_sum(xp, a, alpha)
-        check_finite(alpha, "grad_cam", gradients=g)
-        check_finite(maps, "grad_cam", activations=a, gradients=g)
+        arrays.check_finite(alpha, "grad_cam", gradients=g)
+        arrays.check_finite(maps, "grad_cam", activations=a, gradients=g)
     return alpha, maps
 
 
 def relu_map(maps: Array) -> Array:
     """The ReLU of Eq. 2, ``max(maps, 0)``, keeping the array's library and autograd graph."""
-    return _relu(namespace(maps), maps)
+    return _relu(arrays.namespace(maps), maps)
 
 
-@quiet_numpy
+@arrays.quiet_numpy
 def grad_cam_plus_plus(
     activations: Array,
     gradients: Array,
@@ -224,16 +215,16 @@ def grad_cam_plus_plus(
       >>> grad_cam_plus_plus(a, g)
       array([[[0.25, 0.25]]])
     """
-    xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
-    check_feature_maps("activations", a)
-    check_gradients_match(a, g)
+    xp, (a, g) = arrays.as_float_arrays(activations=activations, gradients=gradients)
+    arrays.check_feature_maps("activations", a)
+    arrays.check_gradients_match(a, g)
     weights = _plus_plus_variant_weights(xp, a, g, eps, variant, target_scores)
     maps = _weighted_sum(xp, a, weights)
-    check_finite(maps, "grad_cam_plus_plus", activations=a, gradients=g)
+    arrays.check_finite(maps, "grad_cam_plus_plus", activations=a, gradients=g)
     return _relu(xp, maps) if relu else maps
 
 
-@quiet_numpy
+@arrays.quiet_numpy
 def plus_plus_weights(xp: Any, a: Array, g: Array, *, eps: float = 0.0, samples: bool = False) -> Array:
     r"""Grad-CAM++'s weights :math:`w_k^c = \sum_{ij} a_{ij}^{kc}\, \mathrm{ReLU}(D^1_{ij})`.
 
@@ -249,7 +240,7 @@ def plus_plus_weights(xp: Any, a: Array, g: Array, *, eps: float = 0.0, samples:
     """
     spatial = tuple(range(2, a.ndim))
     sum_a = xp.sum(a, axis=spatial, keepdims=True)  # (N, K, 1, ...)
-    check_finite(sum_a, "grad_cam_plus_plus (the sum of each activation map)", activations=a)
+    arrays.check_finite(sum_a, "grad_cam_plus_plus (the sum of each activation map)", activations=a)
     gs = g if samples else xp.expand_dims(g, axis=0)  # (n, N, [T,] K, *spatial)
     if gs.ndim == a.ndim + 2:
         sum_a = xp.expand_dims(sum_a, axis=1)  # (N, 1, K, 1, ...)
@@ -280,7 +271,7 @@ def _plus_plus_variant_weights(xp: Any, a: Array, g: Array, eps: float, variant:
             raise ValueError("target_scores is for variant='tf-keras-vis' (its exp(y^c) factor); "
                              "the paper variant drops that factor: pass target_scores=None")
         weights = plus_plus_weights(xp, a, g, eps=eps)
-        check_finite(weights, "grad_cam_plus_plus", activations=a, gradients=g)
+        arrays.check_finite(weights, "grad_cam_plus_plus", activations=a, gradients=g)
         return weights
     if eps:
         raise ValueError(f"eps is for variant='paper' (pytorch-grad-cam's 1e-6); variant='tf-keras-vis' has none, "
@@ -291,7 +282,7 @@ def _plus_plus_variant_weights(xp: Any, a: Array, g: Array, eps: float, variant:
     return tf_keras_vis_plus_plus_weights(a, g, target_scores)
 
 
-@quiet_numpy
+@arrays.quiet_numpy
 def tf_keras_vis_plus_plus_weights(activations: Array, gradients: Array, target_scores: Array) -> Array:
     r"""tf-keras-vis 0.8.7's ``GradcamPlusPlus`` weights, read from its code (gradcam_plus_plus.py).
 
@@ -325,18 +316,18 @@ def tf_keras_vis_plus_plus_weights(activations: Array, gradients: Array, target_
       >>> tf_keras_vis_plus_plus_weights(a, g, np.array([0.0])).round(6)  # (1/4 * 1) / (1/4 + 2/3)
       array([[0.272727]])
     """
-    xp, (a, g, y) = as_float_arrays(activations=activations, gradients=gradients, target_scores=target_scores)
-    check_feature_maps("activations", a)
-    multi = check_gradients_match(a, g)
+    xp, (a, g, y) = arrays.as_float_arrays(activations=activations, gradients=gradients, target_scores=target_scores)
+    arrays.check_feature_maps("activations", a)
+    multi = arrays.check_gradients_match(a, g)
     lead = 3 if multi else 2
-    if tuple(shape_of(y)) != tuple(shape_of(g)[:lead - 1]):
-        raise ValueError(f"target_scores must have shape {tuple(shape_of(g)[:lead - 1])} (one per map), "
-                         f"got {tuple(shape_of(y))}")
+    if tuple(arrays.shape_of(y)) != tuple(arrays.shape_of(g)[:lead - 1]):
+        raise ValueError(f"target_scores must have shape {tuple(arrays.shape_of(g)[:lead - 1])} (one per map), "
+                         f"got {tuple(arrays.shape_of(y))}")
     spatial = tuple(range(lead, g.ndim))
     # g reaches the weights through 1 / (2 + S g), which sends an infinite g to 0: checked itself
-    check_finite(g, "tf_keras_vis_plus_plus_weights", gradients=g)
+    arrays.check_finite(g, "tf_keras_vis_plus_plus_weights", gradients=g)
     s = xp.sum(a, axis=tuple(range(2, a.ndim)), keepdims=True)  # (N, K, 1, ...)
-    check_finite(s, "tf_keras_vis_plus_plus_weights (the sum of each activation map)", activations=a)
+    arrays.check_finite(s, "tf_keras_vis_plus_plus_weights (the sum of each activation map)", activations=a)
     if multi:
         s = xp.expand_dims(s, axis=1)
     denominator = 2 + s * g
@@ -345,12 +336,12 @@ def tf_keras_vis_plus_plus_weights(activations: Array, gradients: Array, target_
     total = xp.sum(alpha, axis=spatial)
     total = xp.where(total != 0, total, xp.ones_like(total))
     scale = xp.exp(y)
-    if all_finite(scale) is False and all_finite(y) is not False:
+    if arrays.all_finite(scale) is False and arrays.all_finite(y) is not False:
         raise ValueError(
             f"target_scores: exp(y^c) overflows {y.dtype} (largest score {float(xp.max(y)):.6g}); tf-keras-vis's "
             "GradcamPlusPlus returns NaN maps there")
     weights = xp.expand_dims(scale, axis=-1) * xp.sum(alpha * _relu(xp, g), axis=spatial) / total
-    check_finite(weights, "tf_keras_vis_plus_plus_weights", activations=a, gradients=g, target_scores=y)
+    arrays.check_finite(weights, "tf_keras_vis_plus_plus_weights", activations=a, gradients=g, target_scores=y)
     return weights
 
 
@@ -362,11 +353,11 @@ def _spatial_mean(xp, x: Array, lead: int) -> Array:
     :math:`m`; that second pass runs only then (the first result is checked when it can be read:
     not under ``jax.jit``).
     """
-    shape = shape_of(x)
+    shape = arrays.shape_of(x)
     z = math.prod(shape[lead:])
     flat = xp.reshape(x, shape[:lead] + (z,))
     mean = xp.mean(flat, axis=-1)
-    if z > 1 and all_finite(mean) is False and all_finite(flat) is True:
+    if z > 1 and arrays.all_finite(mean) is False and arrays.all_finite(flat) is True:
         scale = xp.max(xp.abs(flat), axis=-1, keepdims=True)
         scale = xp.where(scale > 0, scale, xp.ones_like(scale))
         return scale[..., 0] * xp.mean(flat / scale, axis=-1)
@@ -375,7 +366,7 @@ def _spatial_mean(xp, x: Array, lead: int) -> Array:
 
 def _plain_mean(xp, x: Array, lead: int) -> Array:
     """Mean over every axis after the first ``lead`` ones, unchecked (:func:`_spatial_mean` checks)."""
-    shape = shape_of(x)
+    shape = arrays.shape_of(x)
     return xp.mean(xp.reshape(x, shape[:lead] + (math.prod(shape[lead:]),)), axis=-1)
 
 
@@ -386,13 +377,13 @@ def _weighted_sum(xp, a: Array, w: Array) -> Array:
     ``a`` and ``w`` share one dtype (``as_float_arrays``), so the ``@`` operator needs none of
     ``matmul``'s promotion wrappers.
     """
-    n, k, *spatial = shape_of(a)
+    n, k, *spatial = arrays.shape_of(a)
     a3 = xp.reshape(a, (n, k, math.prod(spatial)))  # (N, K, Z)
     if w.ndim == 1:
         w = xp.broadcast_to(w, (n, k))
     if w.ndim == 2:
         return xp.reshape(xp.reshape(w, (n, 1, k)) @ a3, (n, *spatial))
-    return xp.reshape(w @ a3, (n, shape_of(w)[1], *spatial))  # (N, T, K) @ (N, K, Z)
+    return xp.reshape(w @ a3, (n, arrays.shape_of(w)[1], *spatial))  # (N, T, K) @ (N, K, Z)
 
 
 def _relu(xp, x: Array) -> Array:

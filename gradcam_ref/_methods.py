@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 import array_api_compat
 import numpy as np
 
-# (duplicates pairs this import list with _gradcam.py's: the same helpers imported, no logic.)
 from gradcam_ref._arrays import (
     Array,
     all_finite,

@@ -39,6 +39,7 @@ from gradcam_ref.backends._contract import (
     GradCamFields,
     NoGuidedReLUWarning,
     Perturbed,
+    arguments_of,
     check_feature_maps,
     check_finite,
     check_scores,
@@ -124,12 +125,7 @@ def capture(
 @same_parameters(capture)
 def explain(*args: Any, **kwargs: Any) -> Explanation:
     """The :class:`~gradcam_ref.Explanation` of :func:`capture`, its core math run inside the same program."""
-    arguments = _CAPTURE.bind(*args, **kwargs)
-    arguments.apply_defaults()
-    return Explanation.from_capture(*_run(**arguments.arguments))
-
-
-_CAPTURE = inspect.signature(capture)
+    return Explanation.from_capture(*_run(**arguments_of(explain, args, kwargs)))
 
 
 def score(model: Any, inputs: Any, *, params: Any = None) -> jax.Array:

@@ -249,10 +249,13 @@ class _AtLayer:
         return a_struct, (self.call if self.call is not None else 0) % runs
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _AtPath(_AtLayer):
-    """A Flax model tapped at the submodule named by the dotted ``path`` (linen and NNX)."""
+    """A Flax model tapped at the submodule named by the dotted ``path`` (linen and NNX), at its
+    ``call``-th call; each library's dataclass adds how it holds the model."""
 
     path: tuple[str, ...]
+    call: int | None
 
     @property
     def what(self) -> str:  # type: ignore[override]
@@ -274,8 +277,6 @@ class Linen(_AtPath):
     """An unbound linen module (hashable by its fields) tapped at the submodule ``path``'s ``__call__``."""
 
     module: Any
-    path: tuple[str, ...]
-    call: int | None
 
     def forward(self, variables: Any, x: jax.Array) -> Any:
         return self.module.apply(variables, x)
@@ -314,7 +315,7 @@ def _linen(model: Any, layer: Any, variables: Any, call: int | None) -> tuple[Li
         raise ValueError(f"layer is required for a linen model: the dotted path of a submodule of "
                          f"{type(module).__name__} (e.g. 'backbone.conv'), as in module.path")
     check_hashable("the linen module", module)
-    return Linen(module, _path(layer, "linen"), call), variables, CHANNELS_LAST
+    return Linen(module, path=_path(layer, "linen"), call=call), variables, CHANNELS_LAST
 
 
 # Flax NNX ----------------------------------------------------------------------------------------
@@ -355,14 +356,11 @@ def _resolve(model: Any, path: tuple[str, ...], names: Callable[[], list[str]]) 
     return node
 
 
-# (duplicates pairs these fields with Linen's: each dataclass declares its own hashable fields.)
 @dataclasses.dataclass(frozen=True)
 class Nnx(_AtPath):
     """An NNX model as ``nnx.split`` gives it: the graphdef (static), the state (``params``)."""
 
     graphdef: Any
-    path: tuple[str, ...]
-    call: int | None
 
     def forward(self, state: Any, x: jax.Array) -> Any:
         from flax import nnx
@@ -405,7 +403,7 @@ def _nnx(model: Any, layer: Any, call: int | None) -> tuple[Nnx, Any, int]:
             f"batch statistics or dropout; call model.eval() first (the backend never changes the model's mode)"
         )
     graphdef, state = nnx.split(model)
-    return Nnx(graphdef, path, call), state, CHANNELS_LAST
+    return Nnx(graphdef, path=path, call=call), state, CHANNELS_LAST
 
 
 # Equinox -----------------------------------------------------------------------------------------

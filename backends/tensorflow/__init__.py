@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import difflib
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from gradcam_ref.backends._contract import (
     Explanation,
     GradCamFields,
     Perturbed,
+    arguments_of,
     check_feature_maps,
     check_finite,
     check_same_batch,
@@ -157,9 +157,7 @@ def explain(*args: Any, **kwargs: Any) -> Explanation:
     activations' dtype. Should a value come out non-finite, the core runs again outside the program
     (its overflow-safe mean) and its checks name the culprit. Guided Grad-CAM is the core's too.
     """
-    arguments = _CAPTURE.bind(*args, **kwargs)
-    arguments.apply_defaults()
-    captured, fields, finite = _capture(**arguments.arguments, with_fields=True)
+    captured, fields, finite = _capture(**arguments_of(explain, args, kwargs), with_fields=True)
     if fields is None or not bool(finite):
         fields = grad_cam_fields(captured._replace(guided_backprop=None))
         check_finite(fields.weights, "grad_cam", gradients=captured.gradients)
@@ -168,9 +166,6 @@ def explain(*args: Any, **kwargs: Any) -> Explanation:
         fields = fields._replace(guided_grad_cam=guided_grad_cam(
             captured.guided_backprop, fields.maps, spatial_rank=len(captured.activations.shape) - 2))
     return Explanation.from_capture(captured, fields)
-
-
-_CAPTURE = inspect.signature(capture)
 
 
 # --- the program: features without a tape, head under one ---------------------------------------

@@ -32,7 +32,7 @@ from gradcam_ref.cli import demo as demo_command
 from gradcam_ref.cli import explain as explain_command
 from gradcam_ref.cli import gain as gain_command
 from gradcam_ref.cli._common import UsageError
-from gradcam_ref.zoo import efficientnet_lite0
+from gradcam_ref.cli._options import MODEL_OPTIONS, add_shared, positive, positive_ints, unit
 
 PROG = "gradcam-ref"
 
@@ -54,43 +54,6 @@ EXTRAS = {
     "ray": "ray",
 }
 """Optional dependencies and the extra of gradcam-ref that installs each."""
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        parts = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or HxW with positive ints, got {text!r}")
-    return (parts[0], parts[-1])
-
-
-def _unit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,54 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
         "float64, before upsampling and normalisation).",
     )
     command.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    _add_model_arguments(command)
-    command.add_argument("--target", default="auto", metavar="auto|INT|LABEL",
-                         help="class to explain: auto (each image's top class), an index or a class name")
+    add_shared(command, *MODEL_OPTIONS, "--target", "--batch-size")
     command.add_argument("--labels", metavar="FILE",
                          help="class names, one per line (default: the 1000 ImageNet names)")
     command.add_argument("--out", default="out/explain", help="output folder (default: out/explain)")
-    command.add_argument("--batch-size", type=_positive, default=16, metavar="N",
-                         help="images per forward pass (default 16)")
     command.add_argument("--guided", action="store_true",
                          help="add a guided Grad-CAM panel (one more forward and backward pass, to the input)")
     command.add_argument("--cmap", default="jet", help="matplotlib colormap of the heatmap (default jet)")
-    command.add_argument("--alpha", type=_unit, default=0.5,
+    command.add_argument("--alpha", type=unit, default=0.5,
                          help="heatmap weight in the blend, in [0, 1] (default 0.5)")
     command.set_defaults(run=explain_command.run)
-    dataset_command.add_parser(commands, _add_model_arguments, _positive)
+    dataset_command.add_parser(commands)
     _add_verify(commands)
     _add_gain(commands)
     _add_evaluate(commands)
     return parser
-
-
-def _add_model_arguments(command: argparse.ArgumentParser) -> None:
-    """The options that load a torch model and prepare its inputs, for explain, explain-dataset and evaluate."""
-    command.add_argument("--model", default=efficientnet_lite0.MODEL_NAME,
-                         help=f"{efficientnet_lite0.MODEL_NAME} (default) or module:factory / path/file.py:factory, "
-                         "a function returning a torch nn.Module")
-    command.add_argument("--weights", metavar="FILE",
-                         help="a state dict saved with torch.save(model.state_dict(), FILE); read with "
-                         "torch.load(weights_only=True)")
-    command.add_argument("--layer", metavar="NAME",
-                         help="dotted submodule name whose output is A, e.g. layer4 or features.28 "
-                         f"(default for {efficientnet_lite0.MODEL_NAME}: its last convolutional features)")
-    command.add_argument("--call", type=int, metavar="I",
-                         help="which call of a layer module that runs more than once per forward pass (-1: last)")
-    command.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)")
-    command.add_argument("--size", type=_size, metavar="N|HxW", help="model input size (default 224)")
-    command.add_argument("--mean", type=_floats, metavar="R,G,B", help="per-channel mean (default ImageNet's)")
-    command.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default ImageNet's)")
-
-
-def _masks(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
-    return values
 
 
 def _add_gain(commands: argparse._SubParsersAction) -> None:
@@ -187,10 +117,10 @@ def _add_gain(commands: argparse._SubParsersAction) -> None:
     )
     gain.add_argument("--out", default="out/gain", help="output folder (default: out/gain)")
     gain.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the batches (default 0)")
-    gain.add_argument("--train", type=_positive, help="training images (default 640)")
-    gain.add_argument("--test", type=_positive, help="images per test set (default 200)")
-    gain.add_argument("--epochs", type=_positive, help="epochs (default 10)")
-    gain.add_argument("--masks", type=_masks, metavar="K[,K...]",
+    gain.add_argument("--train", type=positive, help="training images (default 640)")
+    gain.add_argument("--test", type=positive, help="images per test set (default 200)")
+    gain.add_argument("--epochs", type=positive, help="epochs (default 10)")
+    gain.add_argument("--masks", type=positive_ints, metavar="K[,K...]",
                       help="pixel-labelled training images of each GAIN_ext model (default 8,32)")
     gain.add_argument("--differentiable", choices=("stop", "full"), default="stop",
                       help="gradient mode through the maps: stop (alpha constant, GAIN's) or full (second order)")
@@ -214,26 +144,22 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
                           help="the demo's photos as a 2 x 2 collage, each photo's tile as its box")
     evaluate.add_argument("--boxes", metavar="FILE",
                           help='JSON {"image name": [x0, y0, x1, y1], ...} in the image\'s pixels')
-    _add_model_arguments(evaluate)
-    evaluate.add_argument("--target", default="auto", metavar="auto|INT|LABEL", help="class (default: top-1)")
+    add_shared(evaluate, *MODEL_OPTIONS, "--target", "--batch-size", "--seed", "--quiet")
     evaluate.add_argument("--methods", default="gradcam,gradcam++",
                           help=f"comma-separated, among {', '.join(METHODS)}; or all (default: gradcam,gradcam++)")
     evaluate.add_argument("--lesions", action="store_true",
                           help="SYNTHETIC lesions with exact masks and the GAIN experiment's plain model (JAX)")
-    evaluate.add_argument("--test", type=_positive, default=200, metavar="N", help="lesion images (default 200)")
+    evaluate.add_argument("--test", type=positive, default=200, metavar="N", help="lesion images (default 200)")
     evaluate.add_argument("--out", default="out/evaluate", help="where --lesions caches its model (out/evaluate)")
     evaluate.add_argument("--faithfulness", default="deletion,insertion,average_drop,increase_in_confidence",
                           help="comma-separated faithfulness metrics ('' for none), among deletion, insertion, "
                           "region_perturbation_morf, region_perturbation_lerf, average_drop, "
                           "increase_in_confidence, road_morf, road_lerf")
-    evaluate.add_argument("--steps", type=_positive, default=50, help="deletion/insertion steps (default 50)")
+    evaluate.add_argument("--steps", type=positive, default=50, help="deletion/insertion steps (default 50)")
     evaluate.add_argument("--sanity", action="store_true", help="also run the cascading model randomisation test")
-    evaluate.add_argument("--sanity-layers", type=_positive, metavar="K",
+    evaluate.add_argument("--sanity-layers", type=positive, metavar="K",
                           help="randomise only the top K layers (default: all)")
-    evaluate.add_argument("--batch-size", type=_positive, default=16, metavar="N", help="inputs per forward pass")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of baselines and ROAD's noise (default 0)")
     evaluate.add_argument("--json", metavar="FILE", help="write every per-example value here (atomically)")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
         from gradcam_ref.cli import evaluate

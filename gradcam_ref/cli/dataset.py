@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from gradcam_ref.cli._common import UsageError, import_torch_cli, model_inputs
+from gradcam_ref.cli._options import MODEL_OPTIONS, add_shared, positive
 
 
-def add_parser(commands: Any, model_arguments: Any, positive: Any) -> None:
-    # (duplicates pairs this with the explain command's declaration: each command declares its own
-    # options, a table; the options they share are declared once, in model_arguments.)
+def add_parser(commands: Any) -> None:
+    """``gradcam-ref explain-dataset``'s options (those it shares: :mod:`gradcam_ref.cli._options`)."""
+    # (duplicates pairs this header with demo's by shape alone: each command's own name and texts.)
     command = commands.add_parser(
         "explain-dataset",
         help="Grad-CAM of a torch model over a folder or list of images into a zarr store (resumable).",
@@ -33,13 +34,13 @@ def add_parser(commands: Any, model_arguments: Any, positive: Any) -> None:
         "one chunk; a rerun with --resume skips the finished batches. Details: docs/scale.md.",
     )
     command.add_argument("images", metavar="DIR|LIST", help="a folder of images or a list file (.txt)")
-    model_arguments(command)  # --model, --weights, --layer, --call, --device, --size, --mean, --std
+    add_shared(command, *MODEL_OPTIONS, "--batch-size", "--seed", "--quiet",
+               defaults={"--seed": None})  # None: not given (the metrics' own default)
     command.add_argument("--method", default="grad-cam", help="the CAM method (default grad-cam)")
     command.add_argument("--target", type=int, metavar="INT", help="class to explain (default: each image's top)")
     command.add_argument("--out", default="maps.zarr", help="the zarr store (default maps.zarr)")
     command.add_argument("--resume", action="store_true", help="continue the store OUT if it exists")
     command.add_argument("--shard", metavar="I/N", help="run only the I-th of N blocks of batches (0 <= I < N)")
-    command.add_argument("--batch-size", type=positive, default=16, metavar="N", help="images per batch (default 16)")
     command.add_argument("--num-workers", type=int, metavar="N", help="processes decoding images (local engine)")
     command.add_argument("--threads", type=positive, metavar="N", help="torch threads per process")
     command.add_argument("--on-error", default="record", choices=("record", "raise"),
@@ -63,8 +64,6 @@ def add_parser(commands: Any, model_arguments: Any, positive: Any) -> None:
     command.add_argument("--steps", type=positive, metavar="N", help="deletion/insertion steps (default 100)")
     command.add_argument("--metric-batch-size", type=positive, metavar="N",
                          help="inputs per re-scoring forward pass of the metrics (default 64)")
-    command.add_argument("--seed", type=int, help="seed of the metrics' baselines and ROAD's noise (default 0)")
-    command.add_argument("--quiet", action="store_true", help="no progress bar")
     command.set_defaults(run=run)
 
 

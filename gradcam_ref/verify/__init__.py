@@ -42,11 +42,10 @@ from gradcam_ref.backends import BACKENDS
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.conventions import get_convention, postprocess
 from gradcam_ref.verify import goldens
-from gradcam_ref.verify._checks import PEER_RTOL, Check, PeerCase, compare, installed
+from gradcam_ref.verify._checks import PEER_RTOL, Check, MethodPeer, PeerCase, compare, installed
 from gradcam_ref.verify.peers import (
     METHOD_PEERS,
     PEERS,
-    MethodPeer,
     Peer,
     method_peer_checks,
     peer_cases,

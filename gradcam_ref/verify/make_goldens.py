@@ -102,7 +102,6 @@ def oracle_golden(
 
 
 # --- hand-computed cases -------------------------------------------------------------------------
-# (duplicates pairs these cases with each other: each is a data table of hand-computed values.)
 
 
 def _tiny_gap() -> Oracle:
@@ -123,20 +122,23 @@ TINY_RELU0 = [[[0.5, 1.5], [1.5, 0.5]], [[0.0, 0.0], [1.5, 0.0]]]
 TINY_SCORES = [[0.25, -0.375]]
 
 
+def _tiny_gap_golden(description: str, layer: str, **by_hand: Any) -> dict:
+    """The tiny GAP network on ``TINY_X`` at ``layer``, target 0 (the argmax), heatmaps at 5x4;
+    ``by_hand``: the entries computed by hand besides the scores (``TINY_SCORES``)."""
+    return oracle_golden(description, _tiny_gap(), TINY_X, layer, [0], (5, 4),
+                         by_hand=dict(scores=TINY_SCORES, **by_hand))
+
+
 def tiny_gap_relu0() -> dict:
     # Target 0 (the argmax). At relu0, dy0/dA^k = W[0, k] / Z = [1, -2] / 4 everywhere.
     # Map: ReLU(.25 A^0 - .5 A^1) = ReLU([[.125, .375], [.375 - .75, .125]]).
     # CAM: W[0] . A = [[.5, 1.5], [1.5 - 3, .5]] and ReLU(CAM) / 4 is the map.
-    return oracle_golden(
+    return _tiny_gap_golden(
         "Hand-computed: 3x3 input, conv 2x2 (2 filters) -> ReLU -> GAP -> linear (2 classes); "
         "layer relu0 (after the ReLU), target 0. Grad-CAM == ReLU(CAM) / Z with Z = 4.",
-        _tiny_gap(), TINY_X, "relu0", [0], (5, 4),
-        by_hand=dict(
-            scores=TINY_SCORES, activations=[TINY_RELU0],
-            gradients=[[[[0.25, 0.25], [0.25, 0.25]], [[-0.5, -0.5], [-0.5, -0.5]]]],
-            weights=[[0.25, -0.5]], maps=[[[0.125, 0.375], [0.0, 0.125]]],
-            cam=[[[0.5, 1.5], [-1.5, 0.5]]],
-        ),
+        "relu0", activations=[TINY_RELU0],
+        gradients=[[[[0.25, 0.25], [0.25, 0.25]], [[-0.5, -0.5], [-0.5, -0.5]]]],
+        weights=[[0.25, -0.5]], maps=[[[0.125, 0.375], [0.0, 0.125]]], cam=[[[0.5, 1.5], [-1.5, 0.5]]],
     )
 
 
@@ -145,15 +147,12 @@ def tiny_gap_conv0() -> dict:
     # where conv0 > 0: filter 0 everywhere (.25), filter 1 only at (1, 0) (-.5).
     # alpha = [.25, -.5 / 4 = -.125]; map = .25 conv0^0 - .125 conv0^1
     #   = [[.125 + .0625, .375 + .0625], [.375 - .1875, .125 + .0625]], all positive.
-    return oracle_golden(
+    return _tiny_gap_golden(
         "Hand-computed: the tiny_gap_relu0 network and input at layer conv0 (before the ReLU): "
         "the layer's choice changes the map (reason 8).",
-        _tiny_gap(), TINY_X, "conv0", [0], (5, 4),
-        by_hand=dict(
-            scores=TINY_SCORES, activations=[TINY_CONV0],
-            gradients=[[[[0.25, 0.25], [0.25, 0.25]], [[0.0, 0.0], [-0.5, 0.0]]]],
-            weights=[[0.25, -0.125]], maps=[[[0.1875, 0.4375], [0.1875, 0.1875]]],
-        ),
+        "conv0", activations=[TINY_CONV0],
+        gradients=[[[[0.25, 0.25], [0.25, 0.25]], [[0.0, 0.0], [-0.5, 0.0]]]],
+        weights=[[0.25, -0.125]], maps=[[[0.1875, 0.4375], [0.1875, 0.1875]]],
     )
 
 

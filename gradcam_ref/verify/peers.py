@@ -20,7 +20,7 @@ import gradcam_ref
 from gradcam_ref._arrays import to_numpy
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify import goldens
-from gradcam_ref.verify._checks import PEER_RTOL, Check, PeerCase, compare, installed
+from gradcam_ref.verify._checks import PEER_RTOL, Check, MethodPeer, PeerCase, compare, installed
 from gradcam_ref.verify.twins import torch_oracle
 
 
@@ -177,30 +177,6 @@ def _torchcam_smooth(case: PeerCase) -> np.ndarray:
     return maps.detach().numpy()
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodPeer:
-    """One CAM method of a peer library, compared with ``explain(method=...)`` under its convention.
-
-    Attributes:
-      convention: the convention's name (its record holds the library's variant of the method).
-      method: the method's name in :data:`gradcam_ref.METHODS`.
-      call: the library's class.
-      module, distribution: what must be importable; its pip name.
-      run: ``case -> the library's maps`` as NumPy.
-      at_input_size: whether the library's map is at the input's size.
-      perturbation: Score-CAM or Ablation-CAM: one model run per channel and image.
-    """
-
-    convention: str
-    method: str
-    call: str
-    module: str
-    distribution: str
-    run: Callable[[PeerCase], np.ndarray]
-    at_input_size: bool
-    perturbation: bool = False
-
-
 _PGC = {"grad-cam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgrad-cam": "XGradCAM",
         "layercam": "LayerCAM", "eigen-cam": "EigenCAM", "eigen-grad-cam": "EigenGradCAM",
         "score-cam": "ScoreCAM", "ablation-cam": "AblationCAM"}
@@ -248,16 +224,12 @@ def method_peer_checks(
                 continue
             with warnings.catch_warnings():  # the library divides by negative scores too: reproduced
                 warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
-                options = method_options(peer.convention, peer.method)
+                options = {**method_options(peer.convention, peer.method), **peer.options}
                 if peer.method == "smooth-grad-cam++":  # torch's generator, seeded as before torchcam's run
                     options["noise"] = torchcam_noise(case)
                 e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
                                         method=peer.method, **options)
-            expected = peer.run(case)
-            ours = e.heatmap(input_size if peer.at_input_size else None, peer.convention)
-            what = f"{peer.call} ({peer.distribution} {importlib.metadata.version(peer.distribution)})"
-            checks.append(compare(f"{peer.convention} {peer.method} on {case.name}", what,
-                                  to_numpy(ours), expected, PEER_RTOL))
+            checks.append(peer.check(case, e, input_size))
     if perturbation != "all":
         notes.append(f"method peers: Score-CAM and Ablation-CAM compared on {perturbation} cases only")
     return checks, notes

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref.verify._checks import PEER_RTOL, Check, compare, installed
+from gradcam_ref.verify._checks import PEER_RTOL, Check, MethodPeer, compare, installed
 from gradcam_ref.verify._checks import PeerCase as KerasCase
 
-__all__ = ["METHOD_PEERS", "KerasCase", "KerasMethodPeer", "keras_cases", "main", "method_peer_checks", "peer_checks",
+__all__ = ["METHOD_PEERS", "KerasCase", "MethodPeer", "keras_cases", "main", "method_peer_checks", "peer_checks",
            "run_isolated", "tf_keras_vis_layer"]
 
 
@@ -192,52 +192,23 @@ def _xplique_fem(case: KerasCase) -> np.ndarray:
     return np.asarray(FEM(case.model, conv_layer=case.layer).explain(case.inputs))[..., 0]
 
 
-@dataclasses.dataclass(frozen=True)
-class KerasMethodPeer:
-    """One CAM method of a TensorFlow library, compared with ``explain(method=...)`` under its convention.
-
-    Attributes:
-      convention: the convention's name (its record holds the library's variant of the method).
-      method: the method's name in :data:`gradcam_ref.METHODS`.
-      call: the library's class.
-      module, distribution: what must be importable; its pip name.
-      run: ``case -> the library's maps (N, H, W)`` as NumPy.
-      resolves_layer: whether the library explains the convolution at or before the named layer
-        (tf-keras-vis's ``find_layer``: :func:`tf_keras_vis_layer`) rather than the layer itself.
-      float64: whether the library runs a float64 model (else a note says why not).
-      perturbation: one model run per channel and image (Score-CAM).
-      options: more ``explain`` options than the convention's (e.g. Faster-ScoreCAM's ``max_n``),
-        named in the check.
-    """
-
-    convention: str
-    method: str
-    call: str
-    module: str
-    distribution: str
-    run: Callable[[KerasCase], np.ndarray]
-    resolves_layer: bool
-    float64: bool | str = True
-    perturbation: bool = False
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
 SCORECAM_FLOAT64 = ("its Scorecam casts the weights to float32 and K.batch_dot then refuses the float64 "
                     "activations (InvalidArgumentError)")
 
 METHOD_PEERS = (
-    KerasMethodPeer("tf-keras-vis", "layercam", "tf_keras_vis.layercam.Layercam", "tf_keras_vis", "tf-keras-vis",
-                    _tf_keras_vis_method("Layercam", "tf_keras_vis.layercam"), True),
-    KerasMethodPeer("tf-keras-vis", "grad-cam++", "tf_keras_vis.gradcam_plus_plus.GradcamPlusPlus", "tf_keras_vis",
-                    "tf-keras-vis", _tf_keras_vis_method("GradcamPlusPlus", "tf_keras_vis.gradcam_plus_plus"), True),
-    KerasMethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam", "tf_keras_vis", "tf-keras-vis",
-                    _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam"), True,
-                    float64=SCORECAM_FLOAT64, perturbation=True),
-    KerasMethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam(max_N=2)", "tf_keras_vis",
-                    "tf-keras-vis", _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam", max_N=2), True,
-                    float64=SCORECAM_FLOAT64, perturbation=True, options={"max_n": 2}),
-    KerasMethodPeer("xplique", "fem", "xplique.attributions.FEM", "xplique", "xplique", _xplique_fem, False,
-                    float64="its k is a float32 tensor and k * std fails on float64 activations (TypeError)"),
+    MethodPeer("tf-keras-vis", "layercam", "tf_keras_vis.layercam.Layercam", "tf_keras_vis", "tf-keras-vis",
+               _tf_keras_vis_method("Layercam", "tf_keras_vis.layercam"), True, resolves_layer=True),
+    MethodPeer("tf-keras-vis", "grad-cam++", "tf_keras_vis.gradcam_plus_plus.GradcamPlusPlus", "tf_keras_vis",
+               "tf-keras-vis", _tf_keras_vis_method("GradcamPlusPlus", "tf_keras_vis.gradcam_plus_plus"), True,
+               resolves_layer=True),
+    MethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam", "tf_keras_vis", "tf-keras-vis",
+               _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam"), True, perturbation=True,
+               resolves_layer=True, float64=SCORECAM_FLOAT64),
+    MethodPeer("tf-keras-vis", "score-cam", "tf_keras_vis.scorecam.Scorecam(max_N=2)", "tf_keras_vis",
+               "tf-keras-vis", _tf_keras_vis_method("Scorecam", "tf_keras_vis.scorecam", max_N=2), True,
+               perturbation=True, resolves_layer=True, float64=SCORECAM_FLOAT64, options={"max_n": 2}),
+    MethodPeer("xplique", "fem", "xplique.attributions.FEM", "xplique", "xplique", _xplique_fem, True,
+               float64="its k is a float32 tensor and k * std fails on float64 activations (TypeError)"),
 )
 """Every CAM method of tf-keras-vis 0.8.7 and xplique 2.0.2 beyond Grad-CAM (and xplique's GradCAMPP,
 :func:`peer_checks`) that a convention reproduces."""
@@ -282,13 +253,8 @@ def method_peer_checks(cases: list[KerasCase] | None = None, *, perturbation: st
                 warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
                 e = gradcam_ref.explain(case.model, case.inputs, case.targets, layer=layer, method=peer.method,
                                         **options)
-            expected = peer.run(case)
-            ours = np.asarray(e.heatmap(size, peer.convention))
-            where = f"layer {case.layer!r}" + (f" -> {layer!r}" if layer != case.layer else "")
-            what = f"{peer.call} ({peer.distribution} {importlib.metadata.version(peer.distribution)})"
-            named = "".join(f" ({k}={v})" for k, v in peer.options.items())
-            checks.append(compare(f"{peer.convention} {peer.method}{named} on {case.name}, {where}", what, ours,
-                                  expected, PEER_RTOL))
+            where = f", layer {case.layer!r}" + (f" -> {layer!r}" if layer != case.layer else "")
+            checks.append(peer.check(case, e, size, where))
     return checks, notes
 
 

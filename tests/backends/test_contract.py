@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import gradcam_ref
 from gradcam_ref import backends
-from gradcam_ref.backends._contract import Backend, check_where, perturb_chunks
+from gradcam_ref.backends._contract import Backend, arguments_of, check_where, perturb_chunks, same_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = {"gradcam_ref": ROOT / "gradcam_ref", "gradcam_ref.backends": ROOT / "backends"}
@@ -164,3 +164,26 @@ def test_perturb_chunks_partition_range_of_copies(n, k, batch_size, data):
         assert covered == list(range(count))  # in order, each copy once
         assert all(0 < stop - start <= batch_size for start, stop in spans)
         assert all(stop - start == batch_size for start, stop in spans[:-1])
+
+
+def test_arguments_of_binds_a_call_to_captures_parameters_by_name():
+    """What the JAX and TensorFlow explains hand their program: capture's arguments by name, its
+    defaults applied; a call capture would refuse is refused with capture's TypeError."""
+
+    def capture(model, inputs, target=None, *, layer=None, guided=False, channel_axis=-1):
+        raise AssertionError("not called")
+
+    @same_parameters(capture)
+    def explain(*args, **kwargs):
+        return arguments_of(explain, args, kwargs)
+
+    assert explain("m", "x", [1, 2], layer="conv") == {
+        "model": "m", "inputs": "x", "target": [1, 2], "layer": "conv", "guided": False, "channel_axis": -1}
+    assert explain(model="m", inputs="x", guided=True) == {
+        "model": "m", "inputs": "x", "target": None, "layer": None, "guided": True, "channel_axis": -1}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'call'"):
+        explain("m", "x", call=1)
+    with pytest.raises(TypeError, match="missing a required argument: 'inputs'"):
+        explain("m")
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        explain("m", "x", None, "conv")  # layer is keyword-only, as in capture
