@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradcam_ref
+import gradcam_ref.backends.torch as torch_backend
 from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify.twins import torch_oracle
@@ -685,6 +686,7 @@ def test_matches_captum_layer_gradcam(head, layer, at):
 
 
 def test_multi_target_fallback_when_vmap_fails(monkeypatch):
+    monkeypatch.setattr(torch_backend, "_SPARSE_SEEDED", frozenset())  # the dense seeds' batched pass
     _, model = small_net(22, head="gap-mlp")
     x = inputs_for(22)
     targets = [[0, 1], [2, 3], [4, 0]]
