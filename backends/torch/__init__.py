@@ -486,13 +486,12 @@ def _sparse_seeded(y: torch.Tensor, leaf: torch.Tensor, columns: np.ndarray) -> 
             or y.device.type != "cpu"):
         return None
     n = int(y.shape[0])
-    rows = torch.arange(n, device=y.device)
-    ones = torch.ones(n, dtype=y.dtype, device=y.device)
+    ones = torch.ones(n, dtype=y.dtype)
     gradients = []
     try:
         for c in columns:  # indices (n, c_n) sorted by n, one per row: coalesced
-            seed = torch.sparse_coo_tensor(torch.stack([rows, torch.as_tensor(c, device=y.device)]), ones,
-                                           y.shape, is_coalesced=True, check_invariants=False)
+            indices = torch.from_numpy(np.stack([np.arange(n, dtype=np.int64), c.astype(np.int64, copy=False)]))
+            seed = torch.sparse_coo_tensor(indices, ones, y.shape, is_coalesced=True, check_invariants=False)
             (g,) = run((y,), (seed,), True, False, (leaf,), True, accumulate_grad=False)
             if g is None or g.layout != torch.strided:
                 return None
