@@ -198,6 +198,8 @@ def _capture(
         _check_captured(leaf, scores, inputs, where)
         targets = resolve_targets(target, scores)
         gradients = _gradients(scores, leaf, targets, where, attached)
+        if not attached:  # the graph's last reference: a retained graph (sparse seeds) goes now
+            scores = scores.detach()
         activations = leaf if attached else leaf.detach()
         if reshape is not None:
             activations, gradients = _reshape(activations, gradients, reshape)
@@ -207,7 +209,7 @@ def _capture(
             rewind()  # the guided pass draws the dropout masks of the Grad-CAM pass
             guided_backprop = _guided_backprop(model, inputs, targets)
     captured = Capture(
-        activations, gradients, scores if attached else scores.detach(), None if callable(targets) else targets,
+        activations, gradients, scores, None if callable(targets) else targets,
         guided_backprop,
     )
     return captured, where

@@ -211,3 +211,37 @@ def test_the_model_is_left_as_it_was_and_explain_agrees_with_the_dense_path(monk
     dense = gradcam_ref.explain(model, a, [[1, 6], [0, 0], [5, 2]], layer="0")
     for name in ("gradients", "weights", "maps"):
         assert torch.equal(getattr(sparse, name), getattr(dense, name)), name
+
+
+class _Held:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+@pytest.mark.parametrize("targets", [3, [[3, 1], [0, 2]]])
+def test_the_retained_graph_is_freed_before_the_guided_pass(monkeypatch, targets):
+    """The sparse passes retain the graph (for the fallback); it goes as soon as the gradients
+    are there: none of its saved tensors is alive when the guided pass starts."""
+    import weakref
+
+    held: list[weakref.ref] = []
+
+    def pack(tensor):
+        holder = _Held(tensor.detach())  # (an output held with its graph would make a cycle)
+        held.append(weakref.ref(holder))
+        return holder
+
+    alive: list[int] = []
+    guided = torch_backend._guided_backprop
+
+    def counting(*args):
+        alive.append(sum(ref() is not None for ref in held))
+        return guided(*args)
+
+    monkeypatch.setattr(torch_backend, "_guided_backprop", counting)
+    model = head(5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder.tensor):
+        e = gradcam_ref.explain(model, torch.randn(2, 4, 3, 3, dtype=torch.float64), targets, layer="0",
+                                guided=True)
+    assert e.guided_grad_cam is not None and held  # the Grad-CAM pass saved tensors (ReLU, addmm)
+    assert alive == [0]
