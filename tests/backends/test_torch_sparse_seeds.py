@@ -205,11 +205,11 @@ def test_the_model_is_left_as_it_was_and_explain_agrees_with_the_dense_path(monk
     a = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     model = head(7)
     before = model_state(model)
-    sparse = gradcam_ref.explain(model, a, [[1, 6], [0, 0], [5, 2]], layer="0")
+    sparse = gradcam_ref.explain(model, a, [[1, 6], [0, 0], [5, 2]], layer="0", guided=True)
     assert_same_state(before, model_state(model))
     monkeypatch.setattr(torch_backend, "_SPARSE_SEEDED", frozenset())
-    dense = gradcam_ref.explain(model, a, [[1, 6], [0, 0], [5, 2]], layer="0")
-    for name in ("gradients", "weights", "maps"):
+    dense = gradcam_ref.explain(model, a, [[1, 6], [0, 0], [5, 2]], layer="0", guided=True)
+    for name in ("gradients", "weights", "maps", "guided_backprop", "guided_grad_cam"):  # guided: to the inputs
         assert torch.equal(getattr(sparse, name), getattr(dense, name)), name
 
 
