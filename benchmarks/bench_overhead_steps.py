@@ -3,7 +3,7 @@
 ``python -m benchmarks.bench_overhead_steps [--model head|efficientnet] [--targets 1 10]
 [--rounds R] [--base CHECKOUT]`` prints, per number of targets, the median over rounds of each
 call's thread CPU time (``time.thread_time``: the time other processes hold the core is left
-out) minus the no-grad forward's of the same round: the floor
+out) minus the no-grad forward's of the same round (and the median of per-round ratios to it): the floor
 (:func:`benchmarks.bench_overhead.autograd_alone`, all-head model only), this tree's
 ``gradcam_ref.explain`` and, with ``--base``, the explain of another checkout (copied under the
 package name ``gradcam_ref_base`` and imported into the same process). Each round runs every
@@ -98,12 +98,17 @@ def _cpu(call: Callable[[], object]) -> float:
     return time.thread_time() - start
 
 
-def paired(calls: dict[str, Callable[[], object]], rounds: int, seed: int = 0) -> dict[str, float]:
-    """Medians over rounds of each call's thread CPU time minus the forward's (same round), in ms."""
+def paired(calls: dict[str, Callable[[], object]], rounds: int, seed: int = 0,
+           ratios: dict[str, float] | None = None) -> dict[str, float]:
+    """Medians over rounds of each call's thread CPU time minus the forward's (same round), in ms.
+
+    ``ratios``, when given, receives the medians of the per-round ratios to the forward's time.
+    """
     order = list(calls)
     for name in order:
         calls[name]()
     extra: dict[str, list[float]] = {name: [] for name in order if name != "forward"}
+    ratio: dict[str, list[float]] = {name: [] for name in extra}
     forward: list[float] = []
     shuffle = random.Random(seed).shuffle
     for _ in range(rounds):
@@ -112,6 +117,9 @@ def paired(calls: dict[str, Callable[[], object]], rounds: int, seed: int = 0) -
         forward.append(spent["forward"])
         for name in extra:
             extra[name].append(spent[name] - spent["forward"])
+            ratio[name].append(spent[name] / spent["forward"])
+    if ratios is not None:
+        ratios.update({n: statistics.median(v) for n, v in ratio.items()})
     return {"forward": statistics.median(forward) * 1e3, **{n: statistics.median(v) * 1e3 for n, v in extra.items()}}
 
 
@@ -253,12 +261,13 @@ def main(argv: list[str] | None = None) -> None:
                 calls[f"explain, {label}"] = lambda p=package, targets=targets: p.explain(model, inputs, targets,
                                                                                            layer=layer)
             load = os.getloadavg()
-            found = paired(calls, args.rounds)
+            ratios: dict[str, float] = {}
+            found = paired(calls, args.rounds, ratios=ratios)
             print(f"## {args.model}, {t} target(s), {args.rounds} rounds, load before {load[0]:.1f}, "
                   f"after {os.getloadavg()[0]:.1f}")
             print(f"forward: {found.pop('forward'):.3f} ms (thread CPU time, median)")
             for name, ms in found.items():
-                print(f"{name}: {ms:.3f} ms more than the forward")
+                print(f"{name}: {ms:.3f} ms more than the forward ({ratios[name]:.4f}x, median of per-round ratios)")
             table = steps(packages, model, forward, inputs, targets, layer, args.step_rounds)
             print(f"| step (us, median of {args.step_rounds}) | " + " | ".join(table) + " |")
             print("|---|" + "---|" * len(table))

@@ -423,6 +423,7 @@ def test_overhead_steps_time_each_step_and_restore_the_functions(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "floor (autograd_alone):" in out and "explain, this tree:" in out and "explain, base:" in out
+    assert "x, median of per-round ratios)" in out
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
     for step, *_ in bench_overhead_steps.STEPS:
         values = rows[step].strip(" |").split(" | ")[1:]
@@ -431,3 +432,16 @@ def test_overhead_steps_time_each_step_and_restore_the_functions(capsys):
     assert torch_backend.Explanation.__dict__["from_capture"] is from_capture
     assert gradcam_ref.backends.select is select
     assert not any(m.startswith("gradcam_ref_base") for m in sys.modules)
+
+
+def test_overhead_steps_pair_differences_and_ratios_by_round(monkeypatch):
+    """paired(): medians of per-round differences to the forward (ms) and of per-round ratios."""
+    from benchmarks import bench_overhead_steps
+
+    times = {"forward": iter([1.0, 2.0, 4.0]), "explain": iter([1.5, 2.2, 8.0])}
+    monkeypatch.setattr(bench_overhead_steps, "_cpu", lambda call: next(times[call()]))
+    ratios: dict[str, float] = {}
+    found = bench_overhead_steps.paired({"forward": lambda: "forward", "explain": lambda: "explain"}, 3,
+                                        ratios=ratios)
+    assert found == pytest.approx({"forward": 2000.0, "explain": 500.0})  # medians of 1, 2, 4 and .5, .2, 4 s
+    assert ratios == pytest.approx({"explain": 1.5})  # median of 1.5, 1.1, 2.0

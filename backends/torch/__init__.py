@@ -7,7 +7,9 @@ How a call runs, and why it costs about one forward pass (the full account: docs
    grad, turns grad mode on for the rest of the pass and hands the model a copy (so in-place ops
    downstream leave :math:`A` alone; no backward hook, so pytorch #61519 cannot arise).
 3. ``torch.autograd.grad(score, [A])`` runs the backward from the score to the layer only: no
-   parameter gets a ``.grad``. ``(N, T)`` targets are one batched backward (``is_grads_batched``).
+   parameter gets a ``.grad``. Scores straight out of a linear layer get sparse one-hot seeds (its
+   backward becomes a gather of rows, ``_sparse_seeded``), one pass per target; other ``(N, T)``
+   targets are one batched backward (``is_grads_batched``).
 4. Every hook, mode and flag is restored in ``finally`` blocks, also when the model raises.
 
 ``guided=True`` runs a second pass under :class:`~gradcam_ref.backends.torch.guided.GuidedReLUs`.
@@ -196,6 +198,8 @@ def _capture(
         _check_captured(leaf, scores, inputs, where)
         targets = resolve_targets(target, scores)
         gradients = _gradients(scores, leaf, targets, where, attached)
+        if not attached:  # the graph's last reference: a retained graph (sparse seeds) goes now
+            scores = scores.detach()
         activations = leaf if attached else leaf.detach()
         if reshape is not None:
             activations, gradients = _reshape(activations, gradients, reshape)
@@ -205,7 +209,7 @@ def _capture(
             rewind()  # the guided pass draws the dropout masks of the Grad-CAM pass
             guided_backprop = _guided_backprop(model, inputs, targets)
     captured = Capture(
-        activations, gradients, scores if attached else scores.detach(), None if callable(targets) else targets,
+        activations, gradients, scores, None if callable(targets) else targets,
         guided_backprop,
     )
     return captured, where
@@ -396,6 +400,10 @@ def _gradients(
         y = targets(scores)
         check_target_scores(y, n)
         return _grad(y, leaf, torch.ones_like(y), where, attached=attached)
+    if attached is None:  # scores straight out of a matrix product: one gathered row per target
+        rows = _sparse_seeded(scores, leaf, targets[None] if targets.ndim == 1 else targets.T)
+        if rows is not None:
+            return rows[0] if targets.ndim == 1 else torch.stack(rows, dim=1)
     if targets.ndim == 1:  # seed[n, c] = 1 where c = targets[n]: sum_n y_n^{c_n}
         index = torch.as_tensor(targets[:, None], device=scores.device)
         seed = torch.zeros_like(scores).scatter_(1, index, 1.0)
@@ -446,6 +454,53 @@ def _grad(
     if g is None:
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
     return g
+
+
+_SPARSE_SEEDED = frozenset({"AddmmBackward0", "MmBackward0"})
+"""Backward formulas that take a sparse seed and hand a dense gradient on: ``mm`` and ``addmm``
+(``nn.Linear``), whose gradient w.r.t. their first matrix is ``seed @ mat2^T``, a gather of
+``mat2``'s seeded columns when the seed is sparse. (Most others refuse sparse gradients:
+``reshape``, ``expand``, ``softmax``... are not implemented for them.)"""
+
+
+def _sparse_seeded(y: torch.Tensor, leaf: torch.Tensor, columns: np.ndarray) -> list[torch.Tensor] | None:
+    r""":math:`\partial y_{n, c_n} / \partial A` for each row ``c`` of ``columns`` ``(T, N)``, one backward
+    pass each with a sparse one-hot seed; None where that does not apply (the caller seeds densely).
+
+    Why: ``y = A' W^T + b`` (a linear head) has the backward ``seed @ W``, a dense
+    ``(N, C) @ (C, K)`` product, as costly as the forward's, though the seed has one non-zero per
+    row. torch's sparse ``mm`` turns it into a gather of the rows ``W[c_n]``: the same values (a
+    dense sum of one product ``1 * W[c_n, k]`` and exact zeros), except where another class's row
+    of ``W`` holds an Inf or NaN: there the dense product gives ``0 * inf = NaN``, the sparse one
+    the true derivative ``W[c_n, k]``. Only for scores straight out of ``mm``/``addmm``
+    (:data:`_SPARSE_SEEDED`); a pass that raises anyway or returns a sparse gradient gives None,
+    and the graph is retained, so the caller's dense backward finds it whole.
+
+    The seed goes to torch's engine directly (``torch.autograd.graph._engine_run_backward``,
+    what ``torch.autograd.grad`` calls once it has checked ``grad_outputs``): that check imports
+    ``torch.fx.experimental.symbolic_shapes`` (sympy, about a second on a process's first
+    backward), and the engine checks the seed's shape, dtype and device itself. CPU only for now:
+    the sparse product on other devices has not been checked against the dense one here.
+    """
+    run = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if (run is None or y.grad_fn is None or y.grad_fn.name() not in _SPARSE_SEEDED or y.ndim != 2
+            or type(y) is not torch.Tensor or type(leaf) is not torch.Tensor or y.layout != torch.strided
+            or y.device.type != "cpu"):
+        return None
+    n = int(y.shape[0])
+    ones = torch.ones(n, dtype=y.dtype)
+    gradients = []
+    try:
+        for c in columns:  # indices (n, c_n) sorted by n, one per row: coalesced
+            indices = torch.from_numpy(np.stack([np.arange(n, dtype=np.int64), c.astype(np.int64, copy=False)]))
+            seed = torch.sparse_coo_tensor(indices, ones, y.shape, is_coalesced=True, check_invariants=False)
+            (g,) = run((y,), (seed,), True, False, (leaf,), True, accumulate_grad=False)
+            if g is None or g.layout != torch.strided:
+                return None
+            gradients.append(g)
+    except (RuntimeError, TypeError):
+        return None
+    return gradients
 
 
 def _symbolic_shapes_imported() -> bool:
@@ -665,18 +720,23 @@ def _any_training(model: nn.Module) -> bool:
     """Whether a module of ``model`` whose result depends on the flag is in training mode.
 
     What ``any(m.training and _depends_on_mode(m) for m in model.modules())`` says, without
-    building every dotted name: a walk over the children, stopping at the first such module (a
-    fifth of the time on EfficientNet-Lite0's 185 modules, every call).
+    building every dotted name: a walk over ``_modules``, stopping at the first such module.
+    Only modules with children are remembered (each is expanded once, so shared containers and
+    cycles cost nothing more); a shared leaf may be looked at twice, which changes nothing. A
+    tenth of a millisecond on EfficientNet-Lite0's 185 modules right after its forward pass.
     """
-    stack, seen = [model], {id(model)}
+    stack: list[nn.Module | None] = [model]
+    expanded: set[int] = set()
     while stack:
         module = stack.pop()
+        if module is None:  # a child registered as None
+            continue
         if module.training and _depends_on_mode(module):
             return True
-        for child in module._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                stack.append(child)
+        children = module._modules
+        if children and id(module) not in expanded:
+            expanded.add(id(module))
+            stack += children.values()
     return False
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradcam_ref
+import gradcam_ref.backends.torch as torch_backend
 from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify.twins import torch_oracle
@@ -428,6 +429,18 @@ def test_training_check_sees_what_a_walk_over_modules_sees(flags):
     assert gradcam_ref.backends.torch._any_training(model) is _reference_any_training(model)
 
 
+def test_training_check_ends_on_a_cycle_of_modules():
+    """Containers are expanded once: a module registered inside its own child ends the walk too."""
+    dropout = nn.Dropout()
+    outer = nn.Sequential(nn.Sequential(nn.ReLU(), dropout))
+    for module in outer.modules():  # (outer.eval() itself would recurse forever on the cycle)
+        module.training = False
+    outer[0].add_module("back", outer)  # outer -> outer[0] -> outer
+    assert gradcam_ref.backends.torch._any_training(outer) is _reference_any_training(outer) is False
+    dropout.train()
+    assert gradcam_ref.backends.torch._any_training(outer) is _reference_any_training(outer) is True
+
+
 def test_training_mode_of_stateless_modules_changes_nothing_and_does_not_warn():
     """Convolutions and ReLUs in training mode compute what they compute in eval mode: no warning
     (training mode with dropout and batch norm: tests/backends/test_torch_reliability.py)."""
@@ -685,6 +698,7 @@ def test_matches_captum_layer_gradcam(head, layer, at):
 
 
 def test_multi_target_fallback_when_vmap_fails(monkeypatch):
+    monkeypatch.setattr(torch_backend, "_SPARSE_SEEDED", frozenset())  # the dense seeds' batched pass
     _, model = small_net(22, head="gap-mlp")
     x = inputs_for(22)
     targets = [[0, 1], [2, 3], [4, 0]]
