@@ -93,8 +93,8 @@ def test_the_sparse_path_is_taken_for_a_linear_head_and_not_for_others():
         patch.setattr(torch_backend, "_sparse_seeded", spy)
         for kind in KINDS:
             model = Last(kind, 3, 5, torch.float64).eval()
-            e = gradcam_ref.explain(nn.Sequential(nn.Identity(), model), a, [[1, 4], [0, 2]], layer="0")
-            assert e.maps.shape == (2, 2, 4, 4)
+            e = gradcam_ref.explain(nn.Sequential(nn.Identity(), model), a, [1, 4], layer="0")
+            assert e.maps.shape == (2, 4, 4)
     assert calls == [kind in SPARSE for kind in KINDS]
 
 
@@ -245,3 +245,32 @@ def test_the_retained_graph_is_freed_before_the_guided_pass(monkeypatch, targets
                                 guided=True)
     assert e.guided_grad_cam is not None and held  # the Grad-CAM pass saved tensors (ReLU, addmm)
     assert alive == [0]
+
+
+def test_t_targets_take_single_sparse_passes_only_when_no_product_lies_below_the_linear_layer():
+    """``(N, T)`` targets: T sparse passes repeat the part under the linear layer T times, so they
+    are taken for pooling and elementwise ops only; a convolution there keeps the batched pass
+    (1 target: one sparse pass either way). The gradients agree with the dense seeds' either way."""
+    calls = []
+    original = torch_backend._sparse_seeded
+
+    def spy(*args):
+        calls.append(args[2].shape[0])
+        return original(*args)
+
+    torch.manual_seed(0)
+    light = nn.Sequential(nn.Identity(), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(),
+                          nn.Linear(3, 5)).double().eval()
+    deep = nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 5)).double().eval()
+    a = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_backend, "_sparse_seeded", spy)
+        for model, targets, taken in ((light, [[1, 4], [0, 2]], [2]), (deep, [[1, 4], [0, 2]], []),
+                                      (deep, [1, 3], [1])):
+            calls.clear()
+            e = gradcam_ref.explain(model, a, targets, layer="0")
+            assert calls == taken
+            leaf = a.clone().requires_grad_(True)
+            expected = dense_reference(model[1:](leaf), leaf, np.asarray(targets))
+            torch.testing.assert_close(e.gradients, expected, rtol=0, atol=0)
