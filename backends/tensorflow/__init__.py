@@ -172,11 +172,18 @@ def explain(*args: Any, **kwargs: Any) -> Explanation:
 
 
 class _Program:
-    """``features``/``head`` of one (model, layer) and the traced functions per target kind."""
+    """``features``/``head`` of one (model, layer) and the traced functions per target kind.
 
-    def __init__(self, features: Callable, head: Callable, whole: Callable, where: str) -> None:
+    ``classifier``: ``(trunk, last, dense)`` when ``head`` ends in a linear ``keras.layers.Dense``
+    ``dense`` (``head = last(trunk(parts))``, ``last`` the model of that one layer), else None.
+    """
+
+    def __init__(self, features: Callable, head: Callable, whole: Callable, where: str,
+                 classifier: tuple[Callable, Callable, Any] | None = None) -> None:
         self.features, self.head, self.whole, self.where = features, head, whole, where
+        self.classifier = classifier
         self._traced: dict[Any, Callable] = {}
+        self._compiled: dict[Any, _Dispatch] = {}
         self.guided: dict[Any, Any] = {}  # the guided pass's traced functions, by target kind
 
     def perturbed(self, where: str, compiled: bool) -> Callable:
@@ -196,7 +203,8 @@ class _Program:
 
     def get(self, kind: Any, compiled: bool, axis: int, with_fields: bool = False) -> Callable:
         def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
-            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where)
+            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where,
+                                                        self.classifier)
             if g is None:
                 return a, g, scores, chosen, y, None, None, None
             multi = len(g.shape) == len(a.shape) + 1  # g is (T, N, *A): one transpose to (N, T, K, *spatial)
@@ -217,7 +225,37 @@ class _Program:
         if key not in self._traced:
             # autograph off: the core's Python stays Python (its value checks see symbolic tensors and wait)
             self._traced[key] = tf.function(run, reduce_retracing=True, autograph=False)
-        return self._traced[key]
+            self._compiled[key] = _Dispatch(self._traced[key])
+        return self._compiled[key]
+
+
+class _Dispatch:
+    """Calls a ``tf.function`` ``(x, indices)`` through the concrete function of their signature.
+
+    ``tf.function`` finds the concrete function of each call by hashing the types of its
+    arguments *and of every captured tensor* (one per weight: about 250 for EfficientNet-Lite0,
+    0.6 ms of Python per call); the signature here is the arguments' dtypes and shapes, each
+    looked up in ``tf.function``'s own cache once (:data:`SIGNATURES` kept), so tracing and its
+    relaxation (``reduce_retracing``) are ``tf.function``'s. The weights are captured by
+    reference: new values are read at each call, as by ``tf.function``.
+    """
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self._concrete: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+
+    def __call__(self, x: tf.Tensor, indices: tf.Tensor | None) -> Any:
+        key = (x.dtype, x.shape) if indices is None else (x.dtype, x.shape, indices.dtype, indices.shape)
+        concrete = self._concrete.get(key)
+        if concrete is None:
+            concrete = self._concrete[key] = self.function.get_concrete_function(x, indices)
+            while len(self._concrete) > SIGNATURES:
+                self._concrete.popitem(last=False)
+        return concrete(x, indices)
+
+
+SIGNATURES = 8
+"""How many input signatures (dtypes and shapes) each traced function keeps a concrete function for."""
 
 
 def _warn_zero_gradients(g: tf.Tensor, lead: int, cleared: tf.Tensor | None, where: str) -> None:
@@ -235,17 +273,31 @@ def _warn_zero_gradients(g: tf.Tensor, lead: int, cleared: tf.Tensor | None, whe
     warn_zero_gradients(zero.numpy(), where, stacklevel=4)
 
 
-def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices: tf.Tensor | None,
-                      kind: Any, where: str) -> tuple[Any, ...]:
-    r"""A = features(x) (no tape); scores = head(A) on a tape watching A; the pull-back of the seeds."""
+def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices: tf.Tensor | None, kind: Any,
+                      where: str, classifier: tuple[Callable, Callable, Any] | None = None) -> tuple[Any, ...]:
+    r"""A = features(x) (no tape); scores = head(A) on a tape watching A; the pull-back of the seeds.
+
+    With ``classifier = (trunk, last, dense)`` (``head`` ending in a linear Dense, class targets), the
+    tape records ``h = trunk(A)`` only and the scores are ``last(h)`` after it: the pull-back of a
+    one-hot seed :math:`e_c` through ``dense`` is :math:`W e_c`, the kernel's column c (a gather of
+    K values, where the tape's gradient would multiply :math:`e_c^\top` by all of W), and it is the
+    seed of ``h``'s pull-back to A.
+    """
     parts = features(x)
     a, rest = (parts[0], list(parts[1:])) if isinstance(parts, (list, tuple)) else (parts, [])
     if not isinstance(a, tf.Tensor) or not a.dtype.is_floating:
         got = f"a {a.dtype.name} tensor" if isinstance(a, tf.Tensor) else type(a).__name__
         raise TypeError(f"{where} must be one floating-point tensor (N, *spatial, K), got {got}")
+    linear = classifier is not None and not callable(kind)
     with tf.GradientTape(watch_accessed_variables=False, persistent=kind == "multi") as tape:
         tape.watch(a)
-        scores = head([a, *rest]) if rest else head(a)
+        if linear:
+            trunk, last, dense = classifier  # type: ignore[misc]
+            h = trunk([a, *rest]) if rest else trunk(a)
+            with tape.stop_recording():  # its pull-back is the gather below
+                scores = last(h)
+        else:
+            scores = head([a, *rest]) if rest else head(a)
         if not isinstance(scores, tf.Tensor):
             raise TypeError(
                 f"the model must return one tensor of scores, got {type(scores).__name__}; "
@@ -268,15 +320,29 @@ def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices:
     # The seeds wait for the scores: the pull-back of a head linear in A (pooling, dense) needs none
     # of the forward's values, and run first it would hold the gradients through the whole forward.
     with tf.control_dependencies([y]):
-        seeds = tf.ones_like(y) if kind != "multi" else tf.eye(tf.shape(y)[1], dtype=y.dtype)
-    if kind == "multi":  # T pull-backs at once: the seeds e_t of y (N, T), vectorised over t (pfor)
+        if linear:  # W[:, c_nt] as (N, K_h), or (T, N, K_h) for (N, T) targets
+            # a dense read of the kernel, then a gather: a gather *on the variable* (ResourceGather) would
+            # switch it to copy-on-read, and every later read of it (the model's own forward) would copy W
+            columns = tf.gather(tf.convert_to_tensor(dense.kernel), chosen, axis=1)  # (K_h, N) or (K_h, N, T)
+            seeds = tf.cast(tf.transpose(columns, [1, 0] if kind != "multi" else [2, 1, 0]), h.dtype)
+            out = h
+        else:
+            seeds = tf.ones_like(y) if kind != "multi" else tf.eye(tf.shape(y)[1], dtype=y.dtype)
+            out = y
+    if kind == "multi":  # T pull-backs at once, vectorised over t (pfor)
+        if linear:
 
-        def pull_back(seed: tf.Tensor) -> tf.Tensor:
-            return tape.gradient(y, a, output_gradients=tf.broadcast_to(seed, tf.shape(y)))
+            def pull_back(seed: tf.Tensor) -> tf.Tensor:
+                return tape.gradient(out, a, output_gradients=seed)
+
+        else:  # the seeds e_t of y (N, T)
+
+            def pull_back(seed: tf.Tensor) -> tf.Tensor:
+                return tape.gradient(out, a, output_gradients=tf.broadcast_to(seed, tf.shape(out)))
 
         g = tf.vectorized_map(pull_back, seeds)  # (T, N, *A); ops pfor cannot vectorise run as a loop
     else:
-        g = tape.gradient(y, a, output_gradients=seeds)
+        g = tape.gradient(out, a, output_gradients=seeds)
     return a, g, scores, chosen, y
 
 
@@ -382,7 +448,43 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
     def whole(x: Any) -> Any:
         return model(x, training=False)
 
-    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}")
+    classifier = None
+    dense = _linear_classifier(graph, outputs, a, after)
+    if dense is not None:
+        h = dense.input_tensors[0]
+        trunk: Callable = (lambda parts, training=False: parts) if h is a else keras.Model(  # noqa: E731
+            [a, *frontier] if frontier else a, h, name=f"{model.name}_from_{layer.name}_to_{dense.operation.name}")
+
+        last = keras.Model(h, outputs[0], name=f"{model.name}_{dense.operation.name}")
+
+        def run_trunk(parts: Any) -> Any:
+            return trunk(parts, training=False)
+
+        def run_last(v: Any) -> Any:
+            return last(v, training=False)
+
+        classifier = (run_trunk, run_last, dense.operation)
+    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}", classifier)
+
+
+def _linear_classifier(graph: Any, outputs: list[Any], a: Any, after: set[int]) -> Any:
+    """The node of the model's one output when it is a linear ``keras.layers.Dense`` on a tensor
+    computed from A (``a``; ``after``: the ids of the tensors that depend on it), else None.
+
+    Only the plain layer: no subclass (its ``call`` may differ), no quantized kernel, no
+    activation; its ``kernel`` (with LoRA, the sum it multiplies by) is read at each call.
+    """
+    if len(outputs) != 1 or outputs[0] is a:
+        return None
+    node = next((n for nodes in graph._nodes_by_depth.values() for n in nodes
+                 if any(t is outputs[0] for t in n.outputs)), None)
+    if node is None or type(node.operation) is not keras.layers.Dense or len(node.input_tensors) != 1:
+        return None
+    dense = node.operation
+    if (getattr(dense, "quantization_mode", None) is not None or dense.activation is not keras.activations.linear
+            or id(node.input_tensors[0]) not in after or len(node.input_tensors[0].shape) != 2):
+        return None
+    return node
 
 
 def _resolve_layer(model: keras.Model, layer: Any) -> keras.Layer:
