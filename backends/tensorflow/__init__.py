@@ -5,22 +5,24 @@ How a call runs (the full account, with examples: docs/backends.md):
 1. The part before the layer runs with no tape: a Keras model is split at ``layer`` into
    ``features = keras.Model(model.inputs, [A, *frontier])`` and ``head = keras.Model([A, *frontier],
    model.outputs)`` (``frontier``: tensors from before the layer that skip over it), built from
-   the model's own graph and kept for the last :data:`CACHED` (model, layer) pairs (which holds
-   those models alive until they drop out); nothing of the model is changed.
+   the model's own graph, kept for the last :data:`CACHED` (model, layer) pairs; nothing of the
+   model is changed.
 2. ``tf.GradientTape`` watches A only and records ``head``: :math:`\partial y^c/\partial A` is one
    backward pass from the score to the layer; no variable is watched. ``(N, T)`` targets are one
    pull-back of the T seeds of the ``(N, T)`` selected scores, vectorised (``tf.vectorized_map``,
-   pfor: the head's backward runs once on T rows), not T passes.
+   pfor: the head's backward runs once on T rows), not T passes. A head ending in a linear
+   ``Dense`` starts the pull-back at its input with the kernel's columns :math:`W_{:,c}` (after a
+   global average of A, spread as :math:`W_{kc}/Z` with no tape): :func:`_forward_backward`.
 3. Steps 1-2 run as one ``tf.function`` (``compiled=True``, the default), traced once per
-   (model, layer, target kind, input signature); ``compiled=False`` runs them eagerly.
+   (model, layer, target kind, input signature) and called through its concrete function
+   (:class:`_Dispatch`); ``compiled=False`` runs them eagerly.
 4. Keras is channels-last: A is ``(N, *spatial, K)`` and is moved to channels-first
    ``(N, K, *spatial)`` for the core (``channel_axis=-1``; pass 1 for a channels-first model).
 
-The model is called with ``training=False``. ``guided=True`` runs one more pass with guided
-ReLUs (:mod:`gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``: the
-core's math runs on them (:mod:`gradcam_ref._tf_array_api`), Eq. 1-2 inside the compiled program.
-:func:`perturb` re-scores perturbed copies (Score-CAM: inputs through the whole model;
-Ablation-CAM: activations through ``head`` only).
+The model is called with ``training=False``; ``guided=True`` runs one more pass with guided ReLUs
+(:mod:`~gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``: the core's math
+runs on them (:mod:`gradcam_ref._tf_array_api`), Eq. 1-2 inside the compiled program. :func:`perturb`
+re-scores perturbed copies (Score-CAM: inputs through the model; Ablation-CAM: A through ``head``).
 """
 
 from __future__ import annotations
@@ -172,11 +174,19 @@ def explain(*args: Any, **kwargs: Any) -> Explanation:
 
 
 class _Program:
-    """``features``/``head`` of one (model, layer) and the traced functions per target kind."""
+    """``features``/``head`` of one (model, layer) and the traced functions per target kind.
 
-    def __init__(self, features: Callable, head: Callable, whole: Callable, where: str) -> None:
+    ``classifier``: ``(trunk, last, dense, pooled)`` when ``head`` ends in a linear
+    ``keras.layers.Dense`` ``dense`` (``head = last(trunk(parts))``, ``last`` the model of that one
+    layer; ``pooled``: ``trunk`` is A's channels-last global average), else None.
+    """
+
+    def __init__(self, features: Callable, head: Callable, whole: Callable, where: str,
+                 classifier: tuple[Callable, Callable, Any, bool] | None = None) -> None:
         self.features, self.head, self.whole, self.where = features, head, whole, where
+        self.classifier = classifier
         self._traced: dict[Any, Callable] = {}
+        self._compiled: dict[Any, _Dispatch] = {}
         self.guided: dict[Any, Any] = {}  # the guided pass's traced functions, by target kind
 
     def perturbed(self, where: str, compiled: bool) -> Callable:
@@ -196,12 +206,17 @@ class _Program:
 
     def get(self, kind: Any, compiled: bool, axis: int, with_fields: bool = False) -> Callable:
         def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
-            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where)
+            pooled = axis == -1 and self.classifier is not None and self.classifier[3] and not callable(kind)
+            a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where,
+                                                        self.classifier, pooled)
             if g is None:
                 return a, g, scores, chosen, y, None, None, None
-            multi = len(g.shape) == len(a.shape) + 1  # g is (T, N, *A): one transpose to (N, T, K, *spatial)
-            lead = 2 if multi else 1  # (N,) or (N, T) before A's axes
-            a, g = _channels_first(a, axis, 1), _channels_first(g, axis, lead, swap=multi)
+            if pooled:  # g is already (N, K, *spatial) or (N, T, K, *spatial)
+                a = _channels_first(a, axis, 1)
+            else:
+                multi = len(g.shape) == len(a.shape) + 1  # g is (T, N, *A): one transpose to (N, T, K, *spatial)
+                lead = 2 if multi else 1  # (N,) or (N, T) before A's axes
+                a, g = _channels_first(a, axis, 1), _channels_first(g, axis, lead, swap=multi)
             fields = finite = None
             # known shapes only (reduce_retracing may relax them to None): else the core runs after the program
             if with_fields and a.dtype.is_floating and len(a.shape) >= 3 and g.shape.is_fully_defined():
@@ -217,7 +232,42 @@ class _Program:
         if key not in self._traced:
             # autograph off: the core's Python stays Python (its value checks see symbolic tensors and wait)
             self._traced[key] = tf.function(run, reduce_retracing=True, autograph=False)
-        return self._traced[key]
+            self._compiled[key] = _Dispatch(self._traced[key])
+        return self._compiled[key]
+
+
+class _Dispatch:
+    """Calls a ``tf.function`` ``(x, indices)`` through the concrete function of their signature.
+
+    ``tf.function`` finds the concrete function of each call by hashing the types of its
+    arguments *and of every captured tensor* (one per weight: about 250 for EfficientNet-Lite0,
+    0.6 ms of Python per call), and the concrete function's own call binds the arguments again
+    and lists its captures again (0.2 ms). Here the signature is the arguments' dtypes and shapes,
+    each looked up in ``tf.function``'s cache once (:data:`SIGNATURES` kept), so tracing and its
+    relaxation (``reduce_retracing``) stay ``tf.function``'s; the call is ``_call_flat`` (TF's
+    private entry point, pinned with TF in constraints.txt) on the tensors and the captures
+    listed then. The captures are the weights' resource handles: new values assigned to the
+    weights are read at each call, as by ``tf.function``.
+    """
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self._concrete: collections.OrderedDict[tuple[Any, ...], tuple[Any, list[Any]]] = collections.OrderedDict()
+
+    def __call__(self, x: tf.Tensor, indices: tf.Tensor | None) -> Any:
+        key = (x.dtype, x.shape) if indices is None else (x.dtype, x.shape, indices.dtype, indices.shape)
+        entry = self._concrete.get(key)
+        if entry is None:
+            concrete = self.function.get_concrete_function(x, indices)
+            entry = self._concrete[key] = (concrete, concrete.captured_inputs)
+            while len(self._concrete) > SIGNATURES:
+                self._concrete.popitem(last=False)
+        concrete, captures = entry
+        return concrete._call_flat([x] if indices is None else [x, indices], captures)
+
+
+SIGNATURES = 8
+"""How many input signatures (dtypes and shapes) each traced function keeps a concrete function for."""
 
 
 def _warn_zero_gradients(g: tf.Tensor, lead: int, cleared: tf.Tensor | None, where: str) -> None:
@@ -235,17 +285,36 @@ def _warn_zero_gradients(g: tf.Tensor, lead: int, cleared: tf.Tensor | None, whe
     warn_zero_gradients(zero.numpy(), where, stacklevel=4)
 
 
-def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices: tf.Tensor | None,
-                      kind: Any, where: str) -> tuple[Any, ...]:
-    r"""A = features(x) (no tape); scores = head(A) on a tape watching A; the pull-back of the seeds."""
+def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices: tf.Tensor | None, kind: Any,
+                      where: str, classifier: tuple[Callable, Callable, Any, bool] | None = None,
+                      pooled: bool = False) -> tuple[Any, ...]:
+    r"""A = features(x) (no tape); scores = head(A) on a tape watching A; the pull-back of the seeds.
+
+    With ``classifier = (trunk, last, dense)`` (``head`` ending in a linear Dense, class targets), the
+    tape records ``h = trunk(A)`` only and the scores are ``last(h)`` after it: the pull-back of a
+    one-hot seed :math:`e_c` through ``dense`` is :math:`W e_c`, the kernel's column c (a gather of
+    K values, where the tape's gradient would multiply :math:`e_c^\top` by all of W), and it is the
+    seed of ``h``'s pull-back to A. With ``pooled`` (``h`` is A's global average over its Z
+    positions, channels-last), that pull-back is the seed spread evenly, :math:`\partial y^c /
+    \partial A^k_{ij} = W_{kc} / Z`: TF's gradient of the mean (a tile, then a division by Z),
+    written here as a division of the K values, then a broadcast, channels-first: g is returned
+    ``(N, K, *spatial)`` or ``(N, T, K, *spatial)`` with no copy of it to transpose.
+    """
     parts = features(x)
     a, rest = (parts[0], list(parts[1:])) if isinstance(parts, (list, tuple)) else (parts, [])
     if not isinstance(a, tf.Tensor) or not a.dtype.is_floating:
         got = f"a {a.dtype.name} tensor" if isinstance(a, tf.Tensor) else type(a).__name__
         raise TypeError(f"{where} must be one floating-point tensor (N, *spatial, K), got {got}")
+    linear = classifier is not None and not callable(kind)
     with tf.GradientTape(watch_accessed_variables=False, persistent=kind == "multi") as tape:
         tape.watch(a)
-        scores = head([a, *rest]) if rest else head(a)
+        if linear:
+            trunk, last, dense, _ = classifier  # type: ignore[misc]
+            h = trunk([a, *rest]) if rest else trunk(a)
+            with tape.stop_recording():  # its pull-back is the gather below
+                scores = last(h)
+        else:
+            scores = head([a, *rest]) if rest else head(a)
         if not isinstance(scores, tf.Tensor):
             raise TypeError(
                 f"the model must return one tensor of scores, got {type(scores).__name__}; "
@@ -268,15 +337,37 @@ def _forward_backward(features: Callable, head: Callable, x: tf.Tensor, indices:
     # The seeds wait for the scores: the pull-back of a head linear in A (pooling, dense) needs none
     # of the forward's values, and run first it would hold the gradients through the whole forward.
     with tf.control_dependencies([y]):
-        seeds = tf.ones_like(y) if kind != "multi" else tf.eye(tf.shape(y)[1], dtype=y.dtype)
-    if kind == "multi":  # T pull-backs at once: the seeds e_t of y (N, T), vectorised over t (pfor)
+        if linear:  # W[:, c_nt] as (N, K_h), or (T, N, K_h) for (N, T) targets
+            # a dense read of the kernel, then a gather: a gather *on the variable* (ResourceGather) would
+            # switch it to copy-on-read, and every later read of it (the model's own forward) would copy W
+            columns = tf.gather(tf.convert_to_tensor(dense.kernel), chosen, axis=1)  # (K_h, N) or (K_h, N, T)
+            seeds = tf.cast(tf.transpose(columns, [1, 0] if kind != "multi" else [2, 1, 0]), h.dtype)
+            out = h
+        else:
+            seeds = tf.ones_like(y) if kind != "multi" else tf.eye(tf.shape(y)[1], dtype=y.dtype)
+            out = y
+    if linear and pooled:  # (N, [T,] K) / Z, spread over the spatial axes
+        if kind == "multi":
+            seeds = tf.transpose(seeds, [1, 0, 2])  # (T, N, K) -> (N, T, K)
+        spatial = tf.shape(a)[1:-1]
+        mean = seeds / tf.cast(tf.reduce_prod(spatial), seeds.dtype)
+        g = tf.broadcast_to(tf.reshape(mean, tf.concat([tf.shape(seeds), tf.ones_like(spatial)], 0)),
+                            tf.concat([tf.shape(seeds), spatial], 0))
+        return a, g, scores, chosen, y
+    if kind == "multi":  # T pull-backs at once, vectorised over t (pfor)
+        if linear:
 
-        def pull_back(seed: tf.Tensor) -> tf.Tensor:
-            return tape.gradient(y, a, output_gradients=tf.broadcast_to(seed, tf.shape(y)))
+            def pull_back(seed: tf.Tensor) -> tf.Tensor:
+                return tape.gradient(out, a, output_gradients=seed)
+
+        else:  # the seeds e_t of y (N, T)
+
+            def pull_back(seed: tf.Tensor) -> tf.Tensor:
+                return tape.gradient(out, a, output_gradients=tf.broadcast_to(seed, tf.shape(out)))
 
         g = tf.vectorized_map(pull_back, seeds)  # (T, N, *A); ops pfor cannot vectorise run as a loop
     else:
-        g = tape.gradient(y, a, output_gradients=seeds)
+        g = tape.gradient(out, a, output_gradients=seeds)
     return a, g, scores, chosen, y
 
 
@@ -382,7 +473,58 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
     def whole(x: Any) -> Any:
         return model(x, training=False)
 
-    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}")
+    classifier = None
+    dense = _linear_classifier(graph, outputs, a, after)
+    if dense is not None:
+        h = dense.input_tensors[0]
+        trunk: Callable = (lambda parts, training=False: parts) if h is a else keras.Model(  # noqa: E731
+            [a, *frontier] if frontier else a, h, name=f"{model.name}_from_{layer.name}_to_{dense.operation.name}")
+
+        last = keras.Model(h, outputs[0], name=f"{model.name}_{dense.operation.name}")
+
+        def run_trunk(parts: Any) -> Any:
+            return trunk(parts, training=False)
+
+        def run_last(v: Any) -> Any:
+            return last(v, training=False)
+
+        classifier = (run_trunk, run_last, dense.operation, _pools_a(graph, h, a, frontier))
+    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}", classifier)
+
+
+def _pools_a(graph: Any, h: Any, a: Any, frontier: list[Any]) -> bool:
+    """Whether ``h`` is A's channels-last global average: ``keras.layers.GlobalAveragePooling{1,2,3}D``
+    on A itself, then nothing but ``Dropout`` layers (the identity at inference), nothing else
+    after the layer."""
+    pools = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+             keras.layers.GlobalAveragePooling3D)
+    producer = {id(t): n for nodes in graph._nodes_by_depth.values() for n in nodes for t in n.outputs}
+    node = producer.get(id(h))
+    while node is not None and type(node.operation) is keras.layers.Dropout and len(node.input_tensors) == 1:
+        node = producer.get(id(node.input_tensors[0]))
+    return (node is not None and not frontier and type(node.operation) in pools
+            and node.operation.data_format == "channels_last" and not node.operation.keepdims
+            and len(node.input_tensors) == 1 and node.input_tensors[0] is a)
+
+
+def _linear_classifier(graph: Any, outputs: list[Any], a: Any, after: set[int]) -> Any:
+    """The node of the model's one output when it is a linear ``keras.layers.Dense`` on a tensor
+    computed from A (``a``; ``after``: the ids of the tensors that depend on it), else None.
+
+    Only the plain layer: no subclass (its ``call`` may differ), no quantized kernel, no
+    activation; its ``kernel`` (with LoRA, the sum it multiplies by) is read at each call.
+    """
+    if len(outputs) != 1 or outputs[0] is a:
+        return None
+    node = next((n for nodes in graph._nodes_by_depth.values() for n in nodes
+                 if any(t is outputs[0] for t in n.outputs)), None)
+    if node is None or type(node.operation) is not keras.layers.Dense or len(node.input_tensors) != 1:
+        return None
+    dense = node.operation
+    if (getattr(dense, "quantization_mode", None) is not None or dense.activation is not keras.activations.linear
+            or id(node.input_tensors[0]) not in after or len(node.input_tensors[0].shape) != 2):
+        return None
+    return node
 
 
 def _resolve_layer(model: keras.Model, layer: Any) -> keras.Layer:

@@ -260,6 +260,139 @@ def test_the_model_is_left_as_it_was_and_batch_norm_stays_in_inference():
     np.testing.assert_allclose(first.scores, model(x, training=False).numpy(), rtol=1e-6)
 
 
+# --- the last Dense's kernel column, the concrete-function dispatch ------------------------------
+
+
+def lora_net():
+    """conv -> ReLU -> GAP -> Dense with LoRA (its kernel is W + (alpha / r) A B), float64."""
+    keras.utils.set_random_seed(13)
+    x = keras.Input((5, 5, 2), dtype="float64")
+    h = keras.layers.ReLU(dtype="float64", name="relu")(keras.layers.Conv2D(3, 2, dtype="float64", name="conv")(x))
+    dense = keras.layers.Dense(4, dtype="float64", name="fc")
+    model = keras.Model(x, dense(keras.layers.GlobalAveragePooling2D(dtype="float64")(h)))
+    dense.enable_lora(2)
+    dense.lora_kernel_b.assign(np.random.default_rng(13).standard_normal((2, 4)))  # zero at first
+    return model
+
+
+def oracle_net(head, rank=2):
+    rng = np.random.default_rng(14)
+    widths = [3, 4] if head == "gap-mlp" else [3]
+    oracle = Oracle.random(rng, in_channels=2, widths=widths, kernel_sizes=[2] * len(widths), num_classes=5,
+                           head=head, input_size=5, spatial_rank=rank)
+    return keras_oracle(oracle), "relu0", rng.standard_normal((3, *(5,) * rank, 2))
+
+
+DENSE_HEADED = {  # name: (() -> (model, layer, inputs), pooled), the head ending in a linear keras.layers.Dense
+    "skip over the layer": (lambda: (residual_net(), "b", np.random.default_rng(14).standard_normal((3, 7, 7, 3))),
+                            False),
+    "conv, gap": (lambda: (residual_net(), "r", np.random.default_rng(14).standard_normal((3, 7, 7, 3))), False),
+    "gap, dense relu": (lambda: oracle_net("gap-mlp"), False),
+    "flatten": (lambda: oracle_net("flatten"), False),
+    "gap 1d": (lambda: oracle_net("gap", 1), True),
+    "gap 2d": (lambda: oracle_net("gap", 2), True),
+    "gap 3d": (lambda: oracle_net("gap", 3), True),
+    "gap, dropout, sequential float32": (lambda: (*batch_norm_model()[:1], "relu", batch_norm_model()[1]), True),
+    "gap, lora": (lambda: (lora_net(), "relu", np.random.default_rng(14).standard_normal((3, 5, 5, 2))), True),
+}
+
+
+@pytest.mark.parametrize("case", DENSE_HEADED)
+def test_a_linear_dense_head_is_pulled_back_by_its_kernel_column(case):
+    """The seed of A's pull-back is W[:, c] (a gather), not the tape's e_c^T W^T; after a global
+    average of A it is spread as W[:, c] / Z. Every array equals, bit for bit, the tape through the
+    whole head (the same split, in the split form), but for one case: eager, (N, T) targets and a
+    global average, where the tape's vectorised pull-back runs as a graph, whose optimiser turns
+    the division by Z into a product by 1/Z (within 1 ulp); the gradients are then W[:, c] / Z."""
+    make, pooled = DENSE_HEADED[case]
+    model, layer, x = make()
+    program, _ = tf_backend._program_for(model, layer)
+    assert program.classifier is not None and program.classifier[3] == pooled
+    n = x.shape[0]
+    classes = int(model.output_shape[-1])
+    kernel = model.layers[-1].kernel.numpy()
+    def margin(scores):  # a callable target: the tape through the whole head
+        return scores[:, 1] - scores[:, 0]
+
+    for target in (None, np.arange(n) % classes, (np.arange(2 * n).reshape(n, 2) * 3) % classes, margin):
+        for compiled in (True, False):
+            ours = gradcam_ref.explain(model, x, target, layer=layer, compiled=compiled).numpy()
+            tape = gradcam_ref.explain((program.features, program.head), tf.constant(x), target,
+                                       compiled=compiled).numpy()
+            np.testing.assert_array_equal(ours.targets, tape.targets)
+            if pooled and not compiled and np.ndim(target) == 2:
+                z = np.prod(ours.activations.shape[2:])
+                columns = np.moveaxis(kernel[:, ours.targets], 0, -1) / kernel.dtype.type(z)  # (N, T, K)
+                np.testing.assert_array_equal(ours.gradients, np.broadcast_to(
+                    columns.reshape(columns.shape + (1,) * (x.ndim - 2)), ours.gradients.shape))
+                np.testing.assert_array_max_ulp(ours.gradients, tape.gradients, maxulp=1)
+            for key in ("scores", "activations", "gradients", "weights", "maps"):
+                if pooled and not compiled and np.ndim(target) == 2 and key not in ("scores", "activations"):
+                    continue
+                np.testing.assert_array_equal(getattr(ours, key), getattr(tape, key), err_msg=key)
+    compiled_model = tf.function(lambda v: model(v, training=False))
+    np.testing.assert_array_equal(gradcam_ref.explain(model, x, 0, layer=layer).scores.numpy(),
+                                  compiled_model(tf.constant(x)).numpy())  # the compiled forward's own scores
+
+
+def test_other_heads_keep_the_tape_through_the_whole_head():
+    """A Dense with an activation, a subclass of Dense (its call may differ) and an output that is
+    not a Dense are pulled back by the tape; the maps are those of the split form."""
+    keras.utils.set_random_seed(15)
+
+    class Scaled(keras.layers.Dense):
+        def call(self, inputs, training=None):
+            return 2.0 * super().call(inputs)
+
+    x = np.random.default_rng(15).standard_normal((2, 6, 6, 2))
+    for last in (keras.layers.Dense(3, activation="softmax", dtype="float64"), Scaled(3, dtype="float64"),
+                 keras.layers.Activation("tanh", dtype="float64")):
+        inputs = keras.Input((6, 6, 2), dtype="float64")
+        h = keras.layers.Conv2D(3, 3, activation="relu", dtype="float64", name="conv")(inputs)
+        model = keras.Model(inputs, last(keras.layers.GlobalAveragePooling2D(dtype="float64")(h)))
+        program, _ = tf_backend._program_for(model, "conv")
+        assert program.classifier is None
+        ours = gradcam_ref.explain(model, x, [0, 2], layer="conv").numpy()
+        tape = gradcam_ref.explain((program.features, program.head), tf.constant(x), [0, 2]).numpy()
+        np.testing.assert_array_equal(ours.gradients, tape.gradients)
+        assert np.abs(ours.gradients).max() > 0
+
+
+def test_the_kernel_is_never_read_sparsely():
+    """A gather on a variable (ResourceGather) puts it in copy-on-read mode, in which every later
+    read copies it (the model's forward would copy its classifier's weights each call): after
+    explain, two reads of the kernel still share one buffer."""
+    model = residual_net()
+    kernel = model.get_layer("fc").kernel
+
+    def address():
+        return np.asarray(tf.convert_to_tensor(kernel)).ctypes.data
+
+    for compiled in (True, False):
+        gradcam_ref.explain(model, np.ones((2, 7, 7, 3)), [[1, 2], [0, 4]], layer="b", compiled=compiled)
+        gradcam_ref.explain(model, np.ones((2, 7, 7, 3)), [1, 2], layer="b", compiled=compiled)
+    assert address() == address()
+    tf.gather(kernel.value, [0])  # the detector works: a sparse read switches the mode
+    assert address() != address()
+
+
+def test_new_weights_are_read_by_the_cached_program():
+    """The program and its concrete functions are kept per (model, layer) and input signature; the
+    weights are read at each call, so weights assigned after the first call are the ones used."""
+    model, fresh = residual_net(), residual_net()
+    x = np.random.default_rng(16).standard_normal((2, 7, 7, 3))
+    gradcam_ref.explain(model, x, [1, 2], layer="b")
+    new = [np.random.default_rng(17).standard_normal(w.shape) for w in model.get_weights()]
+    model.set_weights(new)
+    fresh.set_weights(new)
+    again = gradcam_ref.explain(model, x, [1, 2], layer="b").numpy()
+    expected = gradcam_ref.explain(fresh, x, [1, 2], layer="b").numpy()
+    for key in ("scores", "gradients", "maps"):
+        np.testing.assert_array_equal(getattr(again, key), getattr(expected, key), err_msg=key)
+    program, _ = tf_backend._program_for(model, "b")
+    assert len(program._compiled[("single", -1, True)]._concrete) == 1
+
+
 # --- bad input: the torch backend's messages ----------------------------------------------------
 
 
