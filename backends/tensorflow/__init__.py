@@ -474,7 +474,8 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
         return model(x, training=False)
 
     classifier = None
-    dense = _linear_classifier(graph, outputs, a, after)
+    producer = {id(t): n for nodes in graph._nodes_by_depth.values() for n in nodes for t in n.outputs}
+    dense = _linear_classifier(producer, outputs, a, after)
     if dense is not None:
         h = dense.input_tensors[0]
         trunk: Callable = (lambda parts, training=False: parts) if h is a else keras.Model(  # noqa: E731
@@ -488,17 +489,16 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
         def run_last(v: Any) -> Any:
             return last(v, training=False)
 
-        classifier = (run_trunk, run_last, dense.operation, _pools_a(graph, h, a, frontier))
+        classifier = (run_trunk, run_last, dense.operation, _pools_a(producer, h, a, frontier))
     return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}", classifier)
 
 
-def _pools_a(graph: Any, h: Any, a: Any, frontier: list[Any]) -> bool:
+def _pools_a(producer: dict[int, Any], h: Any, a: Any, frontier: list[Any]) -> bool:
     """Whether ``h`` is A's channels-last global average: ``keras.layers.GlobalAveragePooling{1,2,3}D``
     on A itself, then nothing but ``Dropout`` layers (the identity at inference), nothing else
-    after the layer."""
+    after the layer. ``producer``: the node that outputs each tensor of the graph, by ``id``."""
     pools = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
              keras.layers.GlobalAveragePooling3D)
-    producer = {id(t): n for nodes in graph._nodes_by_depth.values() for n in nodes for t in n.outputs}
     node = producer.get(id(h))
     while node is not None and type(node.operation) is keras.layers.Dropout and len(node.input_tensors) == 1:
         node = producer.get(id(node.input_tensors[0]))
@@ -507,17 +507,17 @@ def _pools_a(graph: Any, h: Any, a: Any, frontier: list[Any]) -> bool:
             and len(node.input_tensors) == 1 and node.input_tensors[0] is a)
 
 
-def _linear_classifier(graph: Any, outputs: list[Any], a: Any, after: set[int]) -> Any:
+def _linear_classifier(producer: dict[int, Any], outputs: list[Any], a: Any, after: set[int]) -> Any:
     """The node of the model's one output when it is a linear ``keras.layers.Dense`` on a tensor
-    computed from A (``a``; ``after``: the ids of the tensors that depend on it), else None.
+    computed from A (``a``; ``after``: the ids of the tensors that depend on it; ``producer``: each
+    tensor's node, by ``id``), else None.
 
     Only the plain layer: no subclass (its ``call`` may differ), no quantized kernel, no
     activation; its ``kernel`` (with LoRA, the sum it multiplies by) is read at each call.
     """
     if len(outputs) != 1 or outputs[0] is a:
         return None
-    node = next((n for nodes in graph._nodes_by_depth.values() for n in nodes
-                 if any(t is outputs[0] for t in n.outputs)), None)
+    node = producer.get(id(outputs[0]))
     if node is None or type(node.operation) is not keras.layers.Dense or len(node.input_tensors) != 1:
         return None
     dense = node.operation
