@@ -7,9 +7,10 @@ How a call runs, and why it costs about one forward pass (the full account: docs
    grad, turns grad mode on for the rest of the pass and hands the model a copy (so in-place ops
    downstream leave :math:`A` alone; no backward hook, so pytorch #61519 cannot arise).
 3. ``torch.autograd.grad(score, [A])`` runs the backward from the score to the layer only: no
-   parameter gets a ``.grad``. Scores straight out of a linear layer get sparse one-hot seeds (its
-   backward becomes a gather of rows, ``_sparse_seeded``), one pass per target when only pooling
-   and elementwise ops lie between (``_light_below``); other ``(N, T)`` targets are one batched
+   parameter gets a ``.grad``. Through a linear layer of a global average the chain rule is taken
+   by hand down to the average's input (``_pooled_seeds``); other scores straight out of a linear
+   layer get sparse one-hot seeds (``_sparse_seeded``), one pass per target when only pooling and
+   elementwise ops lie between (``_light_below``); other ``(N, T)`` targets are one batched
    backward (``is_grads_batched``).
 4. Every hook, mode and flag is restored in ``finally`` blocks, also when the model raises.
 
@@ -401,6 +402,10 @@ def _gradients(
         y = targets(scores)
         check_target_scores(y, n)
         return _grad(y, leaf, torch.ones_like(y), where, attached=attached)
+    if attached is None:
+        pooled = _pooled_head(scores, leaf, targets, where)
+        if pooled is not None:
+            return pooled
     if attached is None and (targets.ndim == 1 or _light_below(scores)):  # a linear head: gathered rows
         rows = _sparse_seeded(scores, leaf, targets[None] if targets.ndim == 1 else targets.T)
         if rows is not None:
@@ -502,6 +507,104 @@ def _sparse_seeded(y: torch.Tensor, leaf: torch.Tensor, columns: np.ndarray) -> 
     except (RuntimeError, TypeError):
         return None
     return gradients
+
+
+_RESHAPES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
+                       "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0"})
+"""Backward nodes of pure reshapes: each hands its gradient on reshaped to its input's sizes."""
+
+
+def _pooled_head(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray, where: str) -> torch.Tensor | None:
+    r""":math:`\partial y^c / \partial A` through :func:`_pooled_seeds` when the scores are a linear layer
+    of a global average; None where they are not. From ``X`` on, torch's engine runs the rest: one
+    batched pass for ``(N, T)`` targets (one pass a target where vmap cannot batch an op)."""
+    found = _pooled_seeds(scores, leaf, targets)
+    if found is None:
+        return None
+    edge, seeds = found
+    if targets.ndim == 2:
+        with contextlib.suppress(RuntimeError):  # vmap cannot batch some op below: one pass a target
+            (g,) = torch.autograd.grad((edge,), [leaf], grad_outputs=(seeds,), retain_graph=True,
+                                       allow_unused=True, is_grads_batched=True)
+            return _reached(g, where).movedim(0, 1)
+    run = torch.autograd.graph._engine_run_backward
+    rows = [_reached(run((edge,), (seed,), True, False, (leaf,), True, accumulate_grad=False)[0], where)
+            for seed in seeds]
+    return rows[0] if targets.ndim == 1 else torch.stack(rows, dim=1)
+
+
+def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray) -> tuple[Any, torch.Tensor] | None:
+    r"""``(edge, seeds)``: :math:`\partial y_{n, c_n} / \partial X` ``(T, N, K, *S)`` and the edge into
+    the average it flows back from, when ``y = reshape(mean(X, spatial)) @ M (+ b)`` with ``X``
+    ``(N, K, *S)`` computed from ``leaf`` (ResNet's, EfficientNet's, DenseNet's heads); else None.
+
+    The chain rule through the linear layer, the reshapes and the average, taken by hand:
+
+    .. math::
+
+        \frac{\partial y_{n, c}}{\partial X_{n, k, s}} = \frac{M_{k, c}}{Z}, \qquad Z = \prod S
+
+    with ``M`` ``(K, C)`` (``W^T`` for ``nn.Linear``) the matrix ``mm``/``addmm`` saved
+    (``alpha = 1``): a gather of ``M``'s columns ``c_n``, divided by ``Z`` and broadcast, bit for
+    bit what the ``mm``, ``view`` and ``mean`` backward formulas give for a one-hot seed (the
+    sparse seeds' caveat aside: a NaN or Inf in another class's column, see :func:`_sparse_seeded`).
+    Why: torch's ``mean`` backward divides a broadcast view into a tensor of a mixed layout, and
+    the elementwise backward below it (ReLU6's) then runs slow loops, ~0.2 ms on EfficientNet-Lite0's
+    ``(1, 1280, 7, 7)``, as much again at 10 targets per target; the seeds here are contiguous.
+    (Below ``X``, an elementwise backward whose vectorised loop rounds differently from its
+    scalar one, SiLU's, may then differ from the dense path in the last bit.)
+    """
+    found = _linear_of_mean(scores, leaf)
+    if found is None:
+        return None
+    edge, sizes, matrix = found
+    columns = np.ascontiguousarray(targets.T).reshape(-1)  # (T N,): target t of example n at t N + n
+    rows = matrix.detach().t().index_select(0, torch.from_numpy(columns).to(matrix.device))  # M's columns c
+    z = math.prod(sizes[2:])
+    return edge, (rows / z).unsqueeze(-1).expand(*rows.shape, z).reshape(-1, *sizes).contiguous()
+
+
+def _reached(g: torch.Tensor | None, where: str) -> torch.Tensor:
+    if g is None:
+        raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
+    return g
+
+
+def _linear_of_mean(y: torch.Tensor, leaf: torch.Tensor) -> tuple[Any, tuple[int, ...], torch.Tensor] | None:
+    """``(edge into the mean, X's sizes, M)`` when ``y = reshape(mean(X, dims >= 2)) @ M (+ b)``
+    with ``M`` and ``b`` parameters (:func:`_is_parameter`), else None (:func:`_pooled_seeds`)."""
+    node: Any = y.grad_fn  # (the generated nodes' _saved_* attributes are not in torch's stubs)
+    if (node is None or node.name() not in _SPARSE_SEEDED or y.ndim != 2 or type(y) is not torch.Tensor
+            or y.layout != torch.strided or not y.is_floating_point()):
+        return None
+    addmm = node.name() == "AddmmBackward0"
+    if addmm and node._saved_alpha != 1:
+        return None
+    edges = node.next_functions  # addmm: (bias, mat1, mat2); mm: (mat1, mat2)
+    below: Any = edges[1 if addmm else 0][0]
+    if not all(_is_parameter(f, leaf) for f, _ in edges[2 if addmm else 1:] + edges[:1 if addmm else 0]):
+        return None
+    while below is not None and below.name() in _RESHAPES:
+        below = below.next_functions[0][0]
+    if below is None or below.name() != "MeanBackward1":
+        return None
+    sizes = tuple(below._saved_self_sym_sizes)
+    rank = len(sizes)
+    dims = [(d - 2**64 if d >= 2**63 else d) % rank for d in below._saved_dim or ()]  # int64 read as uint64
+    matrix = node._saved_mat2
+    producer, index = below.next_functions[0]
+    if (rank < 3 or sorted(dims) != list(range(2, rank))
+            or sizes[:2] != (y.shape[0], matrix.shape[0]) or producer is None):
+        return None
+    return torch.autograd.graph.GradientEdge(producer, index), sizes, matrix
+
+
+def _is_parameter(node: Any, leaf: torch.Tensor) -> bool:
+    """Whether a backward node leads nowhere or to a leaf other than ``leaf`` (a parameter, perhaps
+    transposed)."""
+    if node is not None and node.name() == "TBackward0":
+        node = node.next_functions[0][0]
+    return node is None or (node.name() == "torch::autograd::AccumulateGrad" and node.variable is not leaf)
 
 
 _HEAVY = frozenset({"AddmmBackward0", "MmBackward0", "BmmBackward0", "ConvolutionBackward0",

@@ -1,4 +1,5 @@
-"""The torch backend's sparse one-hot seeds (``_sparse_seeded``): the gradients of scores straight
+"""The torch backend's sparse one-hot seeds (``_sparse_seeded``; a linear layer of a global average
+goes by ``_pooled_head``, tests/backends/test_torch_pooled_head.py): the gradients of scores straight
 out of ``mm``/``addmm`` equal the dense seeds' ones; every other last op keeps the dense seed; a
 sparse pass that fails (or hands back a sparse gradient) falls back to the dense one on an intact
 graph; an Inf or NaN in another class's row of the linear layer no longer turns the gradient into
@@ -80,22 +81,31 @@ def test_sparse_seeds_give_the_dense_seeds_gradients(kind, n, k, c, t, seed, fil
 
 
 def test_the_sparse_path_is_taken_for_a_linear_head_and_not_for_others():
+    """A linear layer of a global average goes by hand (``_pooled_head``); ``addmm`` with
+    ``alpha != 1`` by sparse seeds; the rest densely."""
     calls = []
-    original = torch_backend._sparse_seeded
 
-    def spy(*args):
-        found = original(*args)
-        calls.append(found is not None)
-        return found
+    def spy(name):
+        original = getattr(torch_backend, name)
+
+        def call(*args):
+            found = original(*args)
+            if found is not None:
+                calls.append(name)
+            return found
+        return call
 
     a = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_backend, "_sparse_seeded", spy)
+        for name in ("_pooled_head", "_sparse_seeded"):
+            patch.setattr(torch_backend, name, spy(name))
         for kind in KINDS:
+            calls.append(kind)
             model = Last(kind, 3, 5, torch.float64).eval()
             e = gradcam_ref.explain(nn.Sequential(nn.Identity(), model), a, [1, 4], layer="0")
             assert e.maps.shape == (2, 4, 4)
-    assert calls == [kind in SPARSE for kind in KINDS]
+    assert calls == ["linear", "_pooled_head", "linear, no bias", "_pooled_head",
+                     "addmm, alpha and beta", "_sparse_seeded", "conv 1x1, flatten", "log_softmax of linear"]
 
 
 class _RefusesSparse(torch.autograd.Function):
@@ -259,9 +269,10 @@ def test_t_targets_take_single_sparse_passes_only_when_no_product_lies_below_the
         return original(*args)
 
     torch.manual_seed(0)
-    light = nn.Sequential(nn.Identity(), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(),
+    # (max pooling: a linear layer of an average goes by _pooled_head instead)
+    light = nn.Sequential(nn.Identity(), nn.ReLU6(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(),
                           nn.Linear(3, 5)).double().eval()
-    deep = nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    deep = nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                          nn.Linear(4, 5)).double().eval()
     a = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:
