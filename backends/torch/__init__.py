@@ -550,7 +550,8 @@ def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray)
     sparse seeds' caveat aside: a NaN or Inf in another class's column, see :func:`_sparse_seeded`).
     Why: torch's ``mean`` backward divides a broadcast view into a tensor of a mixed layout, and
     the elementwise backward below it (ReLU6's) then runs slow loops, ~0.2 ms on EfficientNet-Lite0's
-    ``(1, 1280, 7, 7)``, as much again at 10 targets per target; the seeds here are contiguous.
+    ``(1, 1280, 7, 7)``, as much again at 10 targets per target; the seeds here are contiguous (in
+    ``leaf``'s channels-last layout when it has one).
     (Below ``X``, an elementwise backward whose vectorised loop rounds differently from its
     scalar one, SiLU's, may then differ from the dense path in the last bit.)
     """
@@ -561,6 +562,11 @@ def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray)
     columns = np.ascontiguousarray(targets.T).reshape(-1)  # (T N,): target t of example n at t N + n
     rows = matrix.detach().t().index_select(0, torch.from_numpy(columns).to(matrix.device))  # M's columns c
     z = math.prod(sizes[2:])
+    if leaf.ndim == len(sizes) and not leaf.is_contiguous() and leaf.movedim(1, -1).is_contiguous():
+        # channels last, like A (and so, most likely, X): (T, N, *S, K) made, then K moved
+        spread = (rows / z).reshape(-1, *([1] * (len(sizes) - 2)), sizes[1])
+        return edge, spread.expand(-1, *sizes[2:], sizes[1]).reshape(-1, sizes[0], *sizes[2:], sizes[1]).contiguous(
+            ).movedim(-1, 2)
     return edge, (rows / z).unsqueeze(-1).expand(*rows.shape, z).reshape(-1, *sizes).contiguous()
 
 
@@ -586,6 +592,8 @@ def _linear_of_mean(y: torch.Tensor, leaf: torch.Tensor) -> tuple[Any, tuple[int
         return None
     while below is not None and below.name() in _RESHAPES:
         below = below.next_functions[0][0]
+    if below is not None and below.name() == "AsStridedBackward1" and _restrides_pooled(below):
+        below = below.next_functions[0][0]
     if below is None or below.name() != "MeanBackward1":
         return None
     sizes = tuple(below._saved_self_sym_sizes)
@@ -597,6 +605,17 @@ def _linear_of_mean(y: torch.Tensor, leaf: torch.Tensor) -> tuple[Any, tuple[int
             or sizes[:2] != (y.shape[0], matrix.shape[0]) or producer is None):
         return None
     return torch.autograd.graph.GradientEdge(producer, index), sizes, matrix
+
+
+def _restrides_pooled(node: Any) -> bool:
+    """Whether an ``as_strided`` node only relabels a fresh ``(N, K, 1, ..., 1)`` average (what
+    adaptive average pooling of a channels-last tensor does): offset 0 (or the input's), unit spatial sizes, and
+    the strides ``(K, 1)`` of N and K that the average's own output has, so its backward is a
+    reshape."""
+    size, stride = tuple(node._saved_size), tuple(node._saved_stride)
+    return (len(size) >= 3 and node._saved_storage_offset in (None, 0) and all(v == 1 for v in size[2:])
+            and stride[:2] == (size[1], 1) and node.next_functions[0][0] is not None
+            and node.next_functions[0][0].name() == "MeanBackward1")
 
 
 def _is_parameter(node: Any, leaf: torch.Tensor) -> bool:

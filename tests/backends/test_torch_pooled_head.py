@@ -110,6 +110,9 @@ class NotPooled(nn.Module):
             return self.linear(a.amax(dim=(2, 3)))
         if self.kind == "mean of part of the grid":
             return self.linear(a.mean(dim=2)[..., 0])
+        if self.kind == "as_strided, transposed":  # the average's (n, k) read as (k, n)
+            pooled = a.mean(dim=(2, 3), keepdim=True)
+            return self.linear(torch.as_strided(pooled, pooled.shape, (1, a.shape[0], 1, 1)).flatten(1))
         pooled = a.mean(dim=(2, 3))
         if self.kind == "dropout in training":
             return self.linear(nn.functional.dropout(pooled, 0.5, training=True))
@@ -125,7 +128,7 @@ class NotPooled(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["mean over channels", "max pool", "mean of part of the grid", "dropout in training",
-                                  "permuted", "weights from the layer", "weights are the layer", "addmm, alpha 2"])
+                                  "permuted", "as_strided, transposed", "weights from the layer", "weights are the layer", "addmm, alpha 2"])
 def test_other_heads_are_left_to_the_engine_and_agree_with_the_dense_seeds(kind):
     torch.manual_seed(0)
     model = NotPooled(kind)
@@ -201,3 +204,21 @@ def test_explain_on_efficientnet_style_head_leaves_the_model_as_it_was_and_agree
             for name in ("gradients", "weights", "maps"):
                 assert torch.equal(getattr(pooled, name), getattr(reference, name)), name
     assert len(calls) == 8
+
+
+@pytest.mark.parametrize("targets", [[3, 7], [[3, 9, 0], [7, 7, 1]]])
+def test_a_channels_last_model_gets_channels_last_seeds_and_the_dense_gradients(targets):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10)).double().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    leaf = model[0](x).detach().requires_grad_(True)
+    assert not leaf.is_contiguous() and leaf.is_contiguous(memory_format=torch.channels_last)
+    scores = model[1:](leaf.clone())
+    t = np.asarray(targets)
+    edge, seeds = torch_backend._pooled_seeds(scores, leaf, t)
+    assert all(s.is_contiguous(memory_format=torch.channels_last) for s in seeds)
+    expected = dense_reference(scores, leaf, t)
+    assert torch.equal(torch_backend._gradients(scores, leaf, t, "A"), expected)
+    e = gradcam_ref.explain(model, x, targets, layer="0")
+    assert torch.equal(e.gradients, expected)
