@@ -609,9 +609,9 @@ def _linear_of_mean(y: torch.Tensor, leaf: torch.Tensor) -> tuple[Any, tuple[int
 
 def _restrides_pooled(node: Any) -> bool:
     """Whether an ``as_strided`` node only relabels a fresh ``(N, K, 1, ..., 1)`` average (what
-    adaptive average pooling of a channels-last tensor does): offset 0 (or the input's), unit spatial sizes, and
-    the strides ``(K, 1)`` of N and K that the average's own output has, so its backward is a
-    reshape."""
+    adaptive average pooling of a channels-last tensor does): offset 0 (or the input's), unit
+    spatial sizes, and the strides ``(K, 1)`` of N and K that the average's own output has, so
+    its backward is a reshape."""
     size, stride = tuple(node._saved_size), tuple(node._saved_stride)
     return (len(size) >= 3 and node._saved_storage_offset in (None, 0) and all(v == 1 for v in size[2:])
             and stride[:2] == (size[1], 1) and node.next_functions[0][0] is not None
