@@ -246,6 +246,8 @@ def fuse(model: nn.Module) -> nn.Module | None:
         return None
     if any(_hooked(m) for m in model.modules()):
         return None  # a hook on a container sees its module's inputs and outputs; keep the model's forward
+    if not any(packable(m) for m in model.modules()):
+        return None
     try:
         graph_module = torch.fx.symbolic_trace(model)
     except Exception as error:  # noqa: BLE001 - any model fx cannot trace: not fused
