@@ -264,15 +264,16 @@ def fuse(model: nn.Module) -> nn.Module | None:
         if node.op != "call_module" or not packable(modules[node.target]):
             continue
         user = _only_user(node)
-        last, other, relu = node, None, False
+        chain, other, relu = [node], None, False  # the nodes the packed convolution replaces
         if user is not None and _is_relu(user, modules):
-            last, relu = user, True
+            chain, relu = [node, user], True
         elif user is not None and _is_add(user, node):
             other = user.args[1] if user.args[0] is node else user.args[0]
-            last = user
+            chain = [node, user]
             after = _only_user(user)
             if after is not None and _is_relu(after, modules):
-                last, relu = after, True
+                chain, relu = [node, user, after], True
+        last = chain[-1]
         order = {n: i for i, n in enumerate(graph.nodes)}
         in_place = other is not None and _writable(other, node.args[0], user, packed, modules, order)
         name = f"packed_{len(packed)}_" + node.target.replace(".", "_")
@@ -281,10 +282,8 @@ def fuse(model: nn.Module) -> nn.Module | None:
         with graph.inserting_after(last):
             new = graph.call_module(name, (node.args[0],) if other is None else (node.args[0], other))
         last.replace_all_uses_with(new)
-        for dead in (last, user, node):
-            if dead is not None and dead in order and not dead.users and dead is not new:
-                graph.erase_node(dead)
-                order.pop(dead)
+        for dead in reversed(chain):
+            graph.erase_node(dead)
         packed[new] = module
     if not packed:
         return None

@@ -4,7 +4,8 @@ The fused copy must score like the unfused (eager, folded, channels_last) copy o
 torchvision models (plain, residual, grouped and depthwise convolutions) at every batch size,
 never write into its input or into a tensor read later, leave the user's model as it was, and
 fall back to the unfused copy when it cannot be built (untraceable model, oneDNN missing), when
-its scores differ from the model's, and when a pass raises (a batch size oneDNN refuses).
+its scores differ from the model's, and when a pass raises (a batch size oneDNN refuses). Random
+graphs of convolutions, ReLUs, additions and poolings (hypothesis) check the rewrite itself.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradcam_ref
@@ -304,3 +307,88 @@ def test_fuse_convolutions_must_be_a_bool(resnet):
     model, x, _ = resnet
     with pytest.raises(TypeError, match="fuse_convolutions must be a bool, got int"):
         _score_cam(model, x, fuse_convolutions=1)
+
+
+# --- random graphs: the fused copy computes what the model computes -------------------------------
+
+OPS = ("conv3", "conv1", "depthwise", "relu_module", "relu_inplace", "relu_function", "relu_method", "add",
+       "maxpool")
+
+
+class Graph(nn.Module):
+    """A random graph of same-shape tensors: each step applies ``op`` to node ``source`` (and adds
+    node ``other`` for ``add``); the output sums the last node and the nodes in ``outputs`` (read
+    late, after additions that may have been written in place)."""
+
+    def __init__(self, channels: int, steps: list[tuple[str, int, int]], outputs: list[int]) -> None:
+        super().__init__()
+        self.steps, self.outputs = steps, outputs
+        self.layers = nn.ModuleList()
+        for op, _, _ in steps:
+            layer: nn.Module
+            if op == "conv3":
+                layer = nn.Conv2d(channels, channels, 3, padding=1)
+            elif op == "conv1":
+                layer = nn.Conv2d(channels, channels, 1, bias=False)
+            elif op == "depthwise":
+                layer = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+            elif op in ("relu_module", "relu_inplace"):
+                layer = nn.ReLU(inplace=op == "relu_inplace")
+            elif op == "maxpool":
+                layer = nn.MaxPool2d(3, stride=1, padding=1)
+            else:
+                layer = nn.Identity()
+            self.layers.append(layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nodes = [x]
+        for (op, source, other), layer in zip(self.steps, self.layers, strict=True):
+            v = nodes[source]
+            if op == "relu_function":
+                y = nn.functional.relu(v)
+            elif op == "relu_method":
+                y = v.relu()
+            elif op == "add":
+                y = v + nodes[other]
+            else:
+                y = layer(v)
+            nodes.append(y)
+        out = nodes[-1]
+        for i in self.outputs:
+            out = out + nodes[i]
+        return out
+
+
+@st.composite
+def graphs(draw):
+    n = draw(st.integers(2, 9))
+    steps = []
+    for i in range(n):
+        op = draw(st.sampled_from((*OPS, "conv3", "add", "add")))  # more residual additions
+        source = draw(st.sampled_from([i, i, *range(i + 1)]))  # mostly the node just before
+        other = draw(st.sampled_from([max(i - 2, 0), max(i - 2, 0), *range(i + 1)]))  # often a block's input
+        steps.append((op, source, other))
+    outputs = draw(st.lists(st.integers(0, n), max_size=2))
+    return steps, outputs
+
+
+@settings(max_examples=150, deadline=None)
+@given(graphs(), st.integers(0, 2 ** 16))
+def test_the_fused_graph_computes_what_the_model_computes(case, seed):
+    steps, outputs = case
+    torch.manual_seed(seed)
+    model = Graph(4, steps, outputs).eval()
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(seed)).contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x.clone())  # the model's own in-place ReLUs may write into x
+    fused = _scoring.fuse(model)
+    if fused is None:
+        assert not any(op.startswith(("conv", "depthwise")) for op, _, _ in steps)
+        return
+    kept = x.clone()
+    with torch.inference_mode():
+        got = fused(x if not any(op == "relu_inplace" for op, _, _ in steps) else x.clone())
+    assert torch.equal(x, kept)  # never written into by a fused addition
+    scale = max(1.0, float(expected.abs().max()))
+    assert float((got - expected).abs().max()) <= 1e-5 * scale
