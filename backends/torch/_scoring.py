@@ -9,10 +9,14 @@ Score-CAM runs the whole model once per distinct channel (hundreds of passes). T
   batch norms are leaves) but the copy keeps the model's own ``forward``: only two modules
   change per pair. Pairs with hooks, parametrised weights, shared modules or attribute reads are
   left alone; a model that does not trace is copied unfolded (a debug log line, nothing else);
-- on the CPU, images ``(N, C, H, W)`` run in ``channels_last`` (oneDNN's native layout).
+- on the CPU, images ``(N, C, H, W)`` run in ``channels_last`` (oneDNN's native layout), and
+  :func:`fuse` rewrites the copy's ``torch.fx`` graph so that each float32 ``nn.Conv2d`` is a
+  :class:`PackedConv2d` (weights reordered for oneDNN once, the ReLU and residual addition
+  after it in the same call); a model that does not trace keeps the eager copy.
 
 Both change the last bits of float32 scores, as the batch size does; :func:`scoring_copy`'s
-caller checks the copy's scores against the model's on the unmasked inputs once.
+caller checks the copy's scores against the model's on the unmasked inputs once, and falls
+back to the eager copy when a fused pass raises.
 """
 
 from __future__ import annotations
