@@ -940,6 +940,7 @@ def perturb(
     call: int | None = None,
     memory_format: str = "channels_last",
     fold_batch_norms: bool = True,
+    fuse_convolutions: bool = True,
 ) -> Perturbed:
     """Score perturbed copies of each example without autograd (the Protocol's ``perturb``).
 
@@ -956,8 +957,12 @@ def perturb(
     CPU with images ``(N, C, H, W)``, ``memory_format="channels_last"`` (oneDNN's fast layout).
     Both change the last bits of float32 scores, as the batch size does; a copy whose scores on
     the unmasked inputs differ from the model's by more than ``sqrt(eps)`` of their largest
-    magnitude is dropped for the unfolded one. ``memory_format="preserve"`` with
-    ``fold_batch_norms=False`` runs the model as it is.
+    magnitude is dropped for the unfolded one. In ``channels_last`` on a CPU,
+    ``fuse_convolutions=True`` also runs the copy's float32 ``nn.Conv2d`` through oneDNN with their
+    weights packed once and the ReLU and residual addition after them fused
+    (:func:`_scoring.fuse`; models that ``torch.fx`` traces), checked the same way; a copy that
+    fails the check, or whose fused pass raises on some batch, is dropped for the unfused one.
+    ``memory_format="preserve"`` with ``fold_batch_norms=False`` runs the model as it is.
     """
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, ...), got {type(inputs).__name__}")
@@ -966,6 +971,8 @@ def perturb(
         raise ValueError(f"memory_format must be 'channels_last' or 'preserve', got {memory_format!r}")
     if not isinstance(fold_batch_norms, bool):
         raise TypeError(f"fold_batch_norms must be a bool, got {type(fold_batch_norms).__name__}")
+    if not isinstance(fuse_convolutions, bool):
+        raise TypeError(f"fuse_convolutions must be a bool, got {type(fuse_convolutions).__name__}")
     if at not in AT:
         raise ValueError(f"at must be one of {AT}, got {at!r}")
     with torch.no_grad():
@@ -989,7 +996,8 @@ def perturb(
         layout = torch.channels_last if (where == "inputs" and memory_format == "channels_last"
                                          and inputs.ndim == 4 and inputs.device.type == "cpu") else None
         if where == "inputs":
-            whole = _scoring_model(model, layout, fold_batch_norms, whole, inputs, scores)
+            whole = _scoring_model(model, layout, fold_batch_norms, whole, inputs, scores,
+                                   fuse=fuse_convolutions and layout is not None)
     with torch.inference_mode():
         for i, _, spans in perturb_chunks(a, batch_size, count):
             for start, stop in spans:
@@ -1007,30 +1015,56 @@ def perturb(
 
 def _scoring_model(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch.memory_format | None,
                    fold_batch_norms: bool, whole: Callable[[torch.Tensor], Any], inputs: torch.Tensor,
-                   scores: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+                   scores: torch.Tensor, *, fuse: bool = False) -> Callable[[torch.Tensor], Any]:
     """The scoring copy of ``model`` (:func:`_scoring.scoring_copy`), or ``whole`` (the model as it is).
 
-    A copy with folded batch norms is checked once on ``inputs`` against the model's ``scores``:
-    more than ``sqrt(eps)`` of their largest magnitude apart (a convolution subclass whose
-    ``forward`` ignores its bias, say), the unfolded copy is used instead.
+    A copy with folded batch norms or fused convolutions (``fuse``: :func:`_scoring.fuse`) is
+    checked once on ``inputs`` against the model's ``scores``: more than ``sqrt(eps)`` of their
+    largest magnitude apart (a convolution subclass whose ``forward`` ignores its bias, say), the
+    unfused, then the unfolded copy is used instead. The fused copy's pass falls back to the
+    unfused copy for good the first time it raises (an op missing, a batch size oneDNN refuses).
     """
     parts = tuple(model) if isinstance(model, (tuple, list)) else (model,)
     made = _scoring.scoring_copy(parts, layout=layout, fold_batch_norms=fold_batch_norms)
     if made is None:
         return whole
     copies, folded = made
+    fused = tuple(_scoring.fuse(c) for c in copies) if fuse else ()
+    is_fused = any(f is not None for f in fused)
 
-    def run(v: torch.Tensor) -> Any:
+    def through(chain: tuple[Any, ...], v: torch.Tensor) -> Any:
         v = v if layout is None else v.contiguous(memory_format=layout)
-        for part in copies:
+        for part in chain:
             v = _run(part, v)
         return v
 
-    if folded:
+    run: Callable[[torch.Tensor], Any] = lambda v: through(copies, v)  # noqa: E731
+    if is_fused:
+        fast = tuple(c if f is None else f for f, c in zip(fused, copies, strict=True))
+        broken: list[Exception] = []
+
+        def run(v: torch.Tensor) -> Any:
+            if not broken:
+                try:
+                    out = through(fast, v)
+                    if not (isinstance(out, torch.Tensor) and out.shape[1:] == scores.shape[1:]
+                            and out.shape[0] == v.shape[0]):
+                        got = shape_of(out) if isinstance(out, torch.Tensor) else type(out).__name__
+                        raise ValueError(f"the fused pass returned {got} for a batch of {v.shape[0]}")
+                    return out
+                except Exception as error:  # noqa: BLE001 - private oneDNN ops: any failure, the eager copy
+                    broken.append(error)
+                    _scoring._LOG.debug("scoring copy: the fused pass raised %r; unfused from now on", error)
+            return through(copies, v)
+
+    if folded or is_fused:
         checked = run(inputs)
         tolerance = math.sqrt(torch.finfo(scores.dtype).eps) * float(scores.abs().max())
         if not (isinstance(checked, torch.Tensor) and checked.shape == scores.shape
                 and float((checked - scores).abs().max()) <= tolerance):
+            if is_fused:
+                _scoring._LOG.debug("scoring copy: fusing the convolutions changed the scores; not fused")
+                return _scoring_model(model, layout, fold_batch_norms, whole, inputs, scores, fuse=False)
             _scoring._LOG.debug("scoring copy: folding %d batch norms changed the scores; not folded", folded)
             return _scoring_model(model, layout, False, whole, inputs, scores)
     return run
