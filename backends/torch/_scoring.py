@@ -210,7 +210,6 @@ class PackedConv2d(nn.Module):
                                               "add", 1.0, None, [], "")
         return y.relu_() if self.relu else y
 
-
     def output_shape(self, x: torch.Tensor) -> torch.Size:
         """``(N, out, H', W')`` with ``H' = (H + 2 p - d (k - 1) - 1) // s + 1``, the same for ``W'``."""
         padding, stride, dilation, _ = self.geometry

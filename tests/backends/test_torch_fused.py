@@ -23,24 +23,17 @@ from torch import nn
 
 import gradcam_ref
 from gradcam_ref.backends.torch import _scoring
-from tests.backends.torch_nets import assert_same_state, model_state, one_thread  # noqa: F401  (autouse)
+from tests.backends.torch_nets import (  # noqa: F401  (one_thread: autouse)
+    assert_same_state,
+    model_state,
+    one_thread,
+    randomised_batch_norms,
+)
 
 
 def _copy(model: nn.Module) -> nn.Module:
     (copy,), _ = _scoring.scoring_copy((model,), layout=torch.channels_last, fold_batch_norms=True)
     return copy
-
-
-def _randomised(model: nn.Module) -> nn.Module:
-    """Batch-norm statistics away from (0, 1), so that folding them matters."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 def _kinds(fused: nn.Module) -> tuple[int, int, int, int]:
@@ -69,7 +62,7 @@ def _residual_blocks(model: nn.Module) -> int:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_the_fused_copy_scores_like_the_unfused_copy_at_every_batch_size(name):
     torch.manual_seed(0)
-    model = _randomised(getattr(torchvision.models, name)(weights=None))
+    model = randomised_batch_norms(getattr(torchvision.models, name)(weights=None))
     before = model_state(model)
     copy = _copy(model)
     fused = _scoring.fuse(copy)
@@ -231,7 +224,7 @@ def _score_cam(model, x, **options):
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(6)
-    model = _randomised(torchvision.models.resnet18(weights=None, num_classes=5))
+    model = randomised_batch_norms(torchvision.models.resnet18(weights=None, num_classes=5))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     unfused = _score_cam(model, x, fuse_convolutions=False)
     return model, x, unfused

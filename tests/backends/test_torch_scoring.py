@@ -21,7 +21,12 @@ from torch import nn
 
 import gradcam_ref
 from gradcam_ref.backends.torch import _scoring
-from tests.backends.torch_nets import assert_same_state, model_state, one_thread  # noqa: F401  (autouse)
+from tests.backends.torch_nets import (  # noqa: F401  (one_thread: autouse)
+    assert_same_state,
+    model_state,
+    one_thread,
+    randomised_batch_norms,
+)
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -181,12 +186,7 @@ class Pairs(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
         self.conv2, self.bn2 = nn.Conv2d(3, 3, 1, bias=False), nn.BatchNorm2d(3)
         self.fc = nn.Linear(3, 2)
-        with torch.no_grad():
-            for bn in (self.bn1, self.bn2):
-                bn.running_mean.uniform_(-1, 1)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.uniform_(-2, 2)
-                bn.bias.uniform_(-1, 1)
+        randomised_batch_norms(self, mean=(-1, 1), var=(0.5, 2), weight=(-2, 2), bias=(-1, 1))
         self.double().eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,14 +281,7 @@ def test_score_cam_folded_and_unfolded_agree_in_float32_under_pytorch_grad_cams_
         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
     )
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.2, 3)
-                m.weight.uniform_(0.5, 2)
-                m.bias.uniform_(-0.5, 0.5)
-    net.eval()
+    randomised_batch_norms(net, mean=(-1, 1), var=(0.2, 3), weight=(0.5, 2), bias=(-0.5, 0.5))
     assert len(_scoring.foldable_pairs(net)) == 3
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     fast = _score_cam(net, x, [1, 4], layer="8", variant="pytorch-grad-cam")

@@ -40,3 +40,18 @@ def assert_same_state(before: dict, after: dict) -> None:
     assert before["values"].keys() == after["values"].keys()
     for key, value in before["values"].items():
         assert torch.equal(value, after["values"][key]), key
+
+
+def randomised_batch_norms(model: nn.Module, mean: tuple[float, float] = (-0.5, 0.5),
+                           var: tuple[float, float] = (0.5, 2.0), weight: tuple[float, float] = (0.5, 1.5),
+                           bias: tuple[float, float] = (-0.2, 0.2)) -> nn.Module:
+    """``model`` in eval mode with each ``BatchNorm2d``'s statistics and affine parameters drawn
+    uniformly from the given ranges (away from (0, 1), so that folding them matters)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(*mean)
+                m.running_var.uniform_(*var)
+                m.weight.uniform_(*weight)
+                m.bias.uniform_(*bias)
+    return model.eval()
