@@ -402,14 +402,14 @@ def _gradients(
         y = targets(scores)
         check_target_scores(y, n)
         return _grad(y, leaf, torch.ones_like(y), where, attached=attached)
-    if attached is None:
+    if attached is None:  # a linear head: its chain rule by hand, or gathered rows
         pooled = _pooled_head(scores, leaf, targets, where)
         if pooled is not None:
             return pooled
-    if attached is None and (targets.ndim == 1 or _light_below(scores)):  # a linear head: gathered rows
-        rows = _sparse_seeded(scores, leaf, targets[None] if targets.ndim == 1 else targets.T)
-        if rows is not None:
-            return rows[0] if targets.ndim == 1 else torch.stack(rows, dim=1)
+        if targets.ndim == 1 or _light_below(scores):
+            rows = _sparse_seeded(scores, leaf, targets[None] if targets.ndim == 1 else targets.T)
+            if rows is not None:
+                return rows[0] if targets.ndim == 1 else torch.stack(rows, dim=1)
     if targets.ndim == 1:  # seed[n, c] = 1 where c = targets[n]: sum_n y_n^{c_n}
         index = torch.as_tensor(targets[:, None], device=scores.device)
         seed = torch.zeros_like(scores).scatter_(1, index, 1.0)
@@ -429,7 +429,7 @@ def _grad(
     retain = batched or attached is not None
     create = attached == "full"
     if y.grad_fn is None:
-        raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
+        return _reached(None, where)
     outputs = y
     grad_outputs: torch.Tensor | None = seed
     if not batched and not _symbolic_shapes_imported():
@@ -457,6 +457,11 @@ def _grad(
             )
             rows.append(torch.zeros_like(leaf) if row is None else row)
         return torch.stack(rows)
+    return _reached(g, where)
+
+
+def _reached(g: torch.Tensor | None, where: str) -> torch.Tensor:
+    """``g``, the gradient at ``where``; None (no autograd path from ``where`` to the score) is refused."""
     if g is None:
         raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
     return g
@@ -568,12 +573,6 @@ def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray)
         return edge, spread.expand(-1, *sizes[2:], sizes[1]).reshape(-1, sizes[0], *sizes[2:], sizes[1]).contiguous(
             ).movedim(-1, 2)
     return edge, (rows / z).unsqueeze(-1).expand(*rows.shape, z).reshape(-1, *sizes).contiguous()
-
-
-def _reached(g: torch.Tensor | None, where: str) -> torch.Tensor:
-    if g is None:
-        raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
-    return g
 
 
 def _linear_of_mean(y: torch.Tensor, leaf: torch.Tensor) -> tuple[Any, tuple[int, ...], torch.Tensor] | None:
