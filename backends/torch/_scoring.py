@@ -237,9 +237,10 @@ def fuse(model: nn.Module) -> nn.Module | None:
     tensor (``+``, ``+=``, ``torch.add`` without ``alpha``), itself read only by a ReLU or not.
     The addition writes into the other tensor when that is a new tensor (a convolution's or a max
     pooling's output) that nothing reads afterwards, and not the convolution's input (ResNet's
-    identity and downsample branches).
-    Hooked modules are left alone. None when the model does not trace with ``torch.fx``, has no
-    packable convolution, or oneDNN is not available.
+    identity and downsample branches). A convolution is fused only when nothing between it and its
+    addition or ReLU may write in place (:func:`_may_write`): fused, it runs there, and would read
+    what such a write left in its input. Hooked modules are left alone. None when the model does
+    not trace with ``torch.fx``, has no packable convolution, or oneDNN is not available.
     """
     import torch.fx
 
@@ -276,8 +277,10 @@ def fuse(model: nn.Module) -> nn.Module | None:
             after = _only_user(user)
             if after is not None and _is_relu(after, modules):
                 chain, relu = [node, user, after], True
-        last = chain[-1]
         order = {n: i for i, n in enumerate(graph.nodes)}
+        if any(_may_write(n, modules) for n in order if order[node] < order[n] < order[chain[-1]]):
+            chain, other, relu = [node], None, False  # the convolution moved past a write could read another input
+        last = chain[-1]
         in_place = other is not None and _writable(other, node.args[0], user, packed, modules, order)
         name = f"packed_{len(packed)}_" + node.target.replace(".", "_")
         module = PackedConv2d(modules[node.target], relu=relu, residual=other is not None, in_place=in_place)
@@ -320,6 +323,25 @@ def _writable(other: Any, x: Any, add: Any, packed: dict[Any, PackedConv2d], mod
         return False
     family = [n for n in order if _root(n, packed, modules) is root]
     return all(order[u] < order[add] for n in family for u in n.users if u is not add)
+
+
+def _may_write(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may write into a tensor in place: an ``inplace=True`` module, a function or
+    method whose name ends in ``_`` (``relu_``, ``add_``), an augmented assignment (``+=``),
+    ``setitem`` (:data:`_IN_PLACE`) or an ``inplace=True`` keyword."""
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return ((name.endswith("_") and not name.endswith("__")) or bool(node.kwargs.get("inplace"))
+            or (node.op == "call_function" and node.target in _IN_PLACE))
+
+
+_IN_PLACE = frozenset(getattr(operator, n) for n in (
+    "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "ior", "ipow", "irshift", "isub",
+    "itruediv", "ixor", "setitem"))
+"""``operator``'s augmented assignments and ``setitem`` (``a += b``, ``a[i] = b``): they write into ``a``."""
 
 
 def _only_user(node: Any) -> Any:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -367,6 +367,8 @@ def graphs(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(graphs(), st.integers(0, 2 ** 16))
+@example(([("conv3", 0, 0), ("conv3", 0, 0), ("relu_inplace", 0, 0), ("add", 3, 1)], []), 0)  # found by it
+@example(([("conv3", 0, 0), ("relu_method", 0, 0), ("add", 2, 1)], []), 0)
 def test_the_fused_graph_computes_what_the_model_computes(case, seed):
     steps, outputs = case
     torch.manual_seed(seed)
@@ -385,3 +387,32 @@ def test_the_fused_graph_computes_what_the_model_computes(case, seed):
     assert torch.equal(x, kept)  # never written into by a fused addition
     scale = max(1.0, float(expected.abs().max()))
     assert float((got - expected).abs().max()) <= 1e-5 * scale
+
+
+class _WritesBetween(nn.Module):
+    """``relu_`` of the convolution's input (through a view) between the convolution and its addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.pool(x)
+        y = self.conv(a)
+        a[:, :2].relu_()
+        return y + self.pool(x)
+
+
+def test_a_convolution_is_not_moved_past_a_write_into_its_input():
+    """Fusing moves a convolution to its addition; an in-place op between them (here on a view
+    of the convolution's input) would then change what it reads: it is packed alone there."""
+    torch.manual_seed(0)
+    model = _WritesBetween().eval()
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x)
+        fused = _scoring.fuse(model)
+        got = fused(x)
+    assert _kinds(fused) == (1, 0, 0, 0)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
