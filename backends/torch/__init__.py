@@ -531,11 +531,22 @@ def _pooled_head(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray, 
         with contextlib.suppress(RuntimeError):  # vmap cannot batch some op below: one pass a target
             (g,) = torch.autograd.grad((edge,), [leaf], grad_outputs=(seeds,), retain_graph=True,
                                        allow_unused=True, is_grads_batched=True)
-            return _reached(g, where).movedim(0, 1)
+            return _written(_reached(g, where), leaf).movedim(0, 1)
     run = torch.autograd.graph._engine_run_backward
-    rows = [_reached(run((edge,), (seed,), True, False, (leaf,), True, accumulate_grad=False)[0], where)
-            for seed in seeds]
+    rows = [_written(_reached(run((edge,), (seed,), True, False, (leaf,), True, accumulate_grad=False)[0], where),
+                     leaf) for seed in seeds]
     return rows[0] if targets.ndim == 1 else torch.stack(rows, dim=1)
+
+
+def _written(g: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """``g`` ``(N, K, *S)`` or ``(T, N, K, *S)`` itself, or a copy in ``leaf``'s layout when ``g`` is
+    the expanded seeds handed through (no op between ``leaf`` and the average wrote them out)."""
+    if 0 not in g.stride():
+        return g
+    like = torch.empty_like(leaf).stride()  # leaf's layout (dense)
+    size = math.prod(leaf.shape)
+    return torch.empty_strided(g.shape, (size,) * (g.ndim - leaf.ndim) + like, dtype=g.dtype,
+                               device=g.device).copy_(g)
 
 
 def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray) -> tuple[Any, torch.Tensor] | None:
@@ -555,8 +566,9 @@ def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray)
     sparse seeds' caveat aside: a NaN or Inf in another class's column, see :func:`_sparse_seeded`).
     Why: torch's ``mean`` backward divides a broadcast view into a tensor of a mixed layout, and
     the elementwise backward below it (ReLU6's) then runs slow loops, ~0.2 ms on EfficientNet-Lite0's
-    ``(1, 1280, 7, 7)``, as much again at 10 targets per target; the seeds here are contiguous (in
-    ``leaf``'s channels-last layout when it has one).
+    ``(1, 1280, 7, 7)``, as much again at 10 targets per target. The seeds here are ``M[:, c] / Z``
+    ``(T, N, K, 1, ...)`` expanded over the positions, never written out: the backward below
+    reads one value per channel, and its result takes the layout of what it saved (``X``'s).
     (Below ``X``, an elementwise backward whose vectorised loop rounds differently from its
     scalar one, SiLU's, may then differ from the dense path in the last bit.)
     """
@@ -564,15 +576,29 @@ def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray)
     if found is None:
         return None
     edge, sizes, matrix = found
-    columns = np.ascontiguousarray(targets.T).reshape(-1)  # (T N,): target t of example n at t N + n
-    rows = matrix.detach().t().index_select(0, torch.from_numpy(columns).to(matrix.device))  # M's columns c
-    z = math.prod(sizes[2:])
-    if leaf.ndim == len(sizes) and not leaf.is_contiguous() and leaf.movedim(1, -1).is_contiguous():
-        # channels last, like A (and so, most likely, X): (T, N, *S, K) made, then K moved
-        spread = (rows / z).reshape(-1, *([1] * (len(sizes) - 2)), sizes[1])
-        return edge, spread.expand(-1, *sizes[2:], sizes[1]).reshape(-1, sizes[0], *sizes[2:], sizes[1]).contiguous(
-            ).movedim(-1, 2)
-    return edge, (rows / z).unsqueeze(-1).expand(*rows.shape, z).reshape(-1, *sizes).contiguous()
+    m = matrix.detach()
+    if targets.size == 1:  # one column: a view, no gather
+        rows = m.select(1, int(targets.flat[0]))
+    else:  # M's columns c, target t of example n at t N + n
+        rows = m.t().index_select(0, torch.from_numpy(np.ascontiguousarray(targets.T).reshape(-1)).to(m.device))
+    t = 1 if targets.ndim == 1 else targets.shape[1]
+    spread = (rows / math.prod(sizes[2:])).view(t, sizes[0], sizes[1], *([1] * (len(sizes) - 2))).expand(t, *sizes)
+    return edge, spread if _builtin_below(edge.node, leaf) else spread.contiguous()
+
+
+def _builtin_below(node: Any, leaf: torch.Tensor, limit: int = 32) -> bool:
+    """Whether the graph from ``node`` down holds only torch's own backward formulas (which never
+    write into the gradient they are handed) within ``limit`` nodes. A custom ``autograd.Function``
+    may write into it (``grad_output[x < 0] = 0``): into expanded seeds that would write every
+    position of a channel at once, so those get the seeds written out (:func:`_pooled_seeds`)."""
+    stack, seen = [node], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit or isinstance(node, torch.autograd.function.BackwardCFunction):
+            return False
+        stack += [f for f, _ in node.next_functions if f is not None]
+    return True
 
 
 def _linear_of_mean(y: torch.Tensor, leaf: torch.Tensor) -> tuple[Any, tuple[int, ...], torch.Tensor] | None:

@@ -84,7 +84,7 @@ def test_the_pooled_head_gives_the_dense_seeds_gradients_to_the_bit(pool, activa
     at_x = torch.stack([torch.autograd.grad(scores, [model.x], torch.zeros_like(scores).scatter_(
         1, torch.as_tensor(columns[:, i:i + 1]), 1.0), retain_graph=True)[0] for i in range(columns.shape[1])])
     edge, seeds = torch_backend._pooled_seeds(scores, leaf, targets)
-    assert seeds.is_contiguous() and torch.equal(seeds, at_x)
+    assert torch.equal(seeds, at_x)  # (a view: one value per channel, expanded over the positions)
     # ... and so is the gradient at A where the ops below X round alike in any layout.
     expected = dense_reference(scores, leaf, targets)
     got = torch_backend._gradients(scores, leaf, targets, "A")
@@ -206,19 +206,58 @@ def test_explain_on_efficientnet_style_head_leaves_the_model_as_it_was_and_agree
     assert len(calls) == 8
 
 
+@pytest.mark.parametrize("activation", [nn.ReLU6(), nn.Identity()])
 @pytest.mark.parametrize("targets", [[3, 7], [[3, 9, 0], [7, 7, 1]]])
-def test_a_channels_last_model_gets_channels_last_seeds_and_the_dense_gradients(targets):
+def test_a_channels_last_model_gets_channels_last_gradients_equal_to_the_dense_ones(targets, activation):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), activation, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 10)).double().eval().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     leaf = model[0](x).detach().requires_grad_(True)
     assert not leaf.is_contiguous() and leaf.is_contiguous(memory_format=torch.channels_last)
     scores = model[1:](leaf.clone())
     t = np.asarray(targets)
-    edge, seeds = torch_backend._pooled_seeds(scores, leaf, t)
-    assert all(s.is_contiguous(memory_format=torch.channels_last) for s in seeds)
     expected = dense_reference(scores, leaf, t)
-    assert torch.equal(torch_backend._gradients(scores, leaf, t, "A"), expected)
+    got = torch_backend._gradients(scores, leaf, t, "A")
+    assert torch.equal(got, expected)
+    # written out (the expanded seeds, handed through by an identity, are copied), in A's layout
+    assert all((got[:, i] if t.ndim == 2 else got).is_contiguous(memory_format=torch.channels_last)
+               for i in range(t.shape[-1] if t.ndim == 2 else 1))
     e = gradcam_ref.explain(model, x, targets, layer="0")
     assert torch.equal(e.gradients, expected)
+
+
+class _WritesIntoItsGradient(torch.autograd.Function):
+    """A ReLU whose backward zeroes its incoming gradient in place (as some guided-backprop code does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad[x < 0] = 0
+        return grad
+
+
+class _CustomReLU(nn.Module):
+    def forward(self, x):
+        return _WritesIntoItsGradient.apply(x)
+
+
+@pytest.mark.parametrize("targets", [[1, 2], [[1, 2, 3], [0, 4, 1]]])
+def test_a_custom_function_that_writes_into_its_gradient_gets_written_seeds(targets):
+    # Expanded seeds hold one value per channel: a write into one position would be a write into all.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), _CustomReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).double().eval()
+    a = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    t = np.asarray(targets)
+    leaf = a.clone().requires_grad_(True)
+    scores = model[1:](leaf.clone())
+    assert not torch_backend._builtin_below(torch_backend._linear_of_mean(scores, leaf)[0].node, leaf)
+    expected = dense_reference(scores, leaf, t)
+    got = gradcam_ref.explain(model, a, targets, layer="0").gradients
+    assert torch.equal(got, expected) and bool((got == 0).any()) and bool((got != 0).any())
