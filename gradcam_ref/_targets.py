@@ -63,10 +63,15 @@ def class_indices(target: Target, scores: Array) -> np.ndarray:
 def _check_range(indices: np.ndarray, c: int) -> None:
     """Refuse indices outside ``[0, C)``, shown as the user gave them (before any cast to int64).
 
-    Two reductions decide (half the operations of a mask, on every call); the mask is built only
-    for the message.
+    Two reductions decide (half the operations of a mask, on every call; Python's own ``min`` and
+    ``max`` of the values for a few of them, cheaper than NumPy's); the mask is built only for
+    the message.
     """
-    if indices.min() >= 0 and indices.max() < c:
+    if indices.size <= 64:
+        values = indices.ravel().tolist()
+        if min(values) >= 0 and max(values) < c:
+            return
+    elif indices.min() >= 0 and indices.max() < c:
         return
     bad = (indices < 0) | (indices >= c)
     if bad.any():

@@ -528,6 +528,9 @@ def _pooled_head(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray, 
         return None
     edge, seeds = found
     if targets.ndim == 2:
+        selected = _selected(edge, leaf, seeds)
+        if selected is not None:
+            return selected.movedim(0, 1)
         with contextlib.suppress(RuntimeError):  # vmap cannot batch some op below: one pass a target
             (g,) = torch.autograd.grad((edge,), [leaf], grad_outputs=(seeds,), retain_graph=True,
                                        allow_unused=True, is_grads_batched=True)
@@ -536,6 +539,39 @@ def _pooled_head(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray, 
     rows = [_written(_reached(run((edge,), (seed,), True, False, (leaf,), True, accumulate_grad=False)[0], where),
                      leaf) for seed in seeds]
     return rows[0] if targets.ndim == 1 else torch.stack(rows, dim=1)
+
+
+_SELECTIONS = frozenset({"CloneBackward0", "ReluBackward0", "HardtanhBackward0", "ThresholdBackward0"})
+"""Backward nodes that hand each position its incoming gradient or 0, by a mask of their saved input
+or output alone (``where(mask, grad, 0)``): the identity, ReLU, ReLU6 and hardtanh, threshold."""
+
+
+def _selected(edge: Any, leaf: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor | None:
+    r"""The ``(T, N, K, *S)`` gradients at ``leaf`` of T finite ``seeds`` at ``edge`` when only
+    :data:`_SELECTIONS` lie between (EfficientNet's ReLU6, ResNet's identity); else None.
+
+    Each such backward is :math:`g \mapsto J \odot g` with the same 0/1 mask :math:`J` for every
+    seed, so one pass of a seed of ones gives :math:`J`, and the T gradients are :math:`J \odot s_t`:
+    one product instead of T passes (or one vmap-batched pass), each value the seed's or 0 as
+    those give it (a zero's sign aside). An infinite or NaN seed would make :math:`0 \cdot \infty`:
+    those take the passes.
+    """
+    node = edge.node
+    for _ in range(16):
+        if node.name() not in _SELECTIONS:
+            break
+        below = [f for f, _ in node.next_functions if f is not None]
+        if len(below) != 1:
+            return None
+        node = below[0]
+    if node.name() != "torch::autograd::AccumulateGrad" or node.variable is not leaf:
+        return None
+    if not bool(torch.isfinite(seeds[(..., *([0] * (leaf.ndim - 2)))]).all()):  # (T, N, K): one per channel
+        return None
+    ones = torch.ones((), dtype=seeds.dtype, device=seeds.device).expand(leaf.shape)
+    run = torch.autograd.graph._engine_run_backward
+    mask = run((edge,), (ones,), True, False, (leaf,), True, accumulate_grad=False)[0]
+    return _written(seeds, leaf) if 0 in mask.stride() else mask * seeds  # (the ones handed through)
 
 
 def _written(g: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ target at a time."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -261,3 +263,41 @@ def test_a_custom_function_that_writes_into_its_gradient_gets_written_seeds(targ
     expected = dense_reference(scores, leaf, t)
     got = gradcam_ref.explain(model, a, targets, layer="0").gradients
     assert torch.equal(got, expected) and bool((got == 0).any()) and bool((got != 0).any())
+
+
+@pytest.mark.parametrize("activation, selected", [(nn.ReLU6(), True), (nn.ReLU(), True), (nn.Identity(), True),
+                                                  (nn.Threshold(0.5, 0.0), True), (nn.SiLU(), False),
+                                                  (nn.LeakyReLU(), False)])
+def test_targets_through_selections_are_one_mask_times_the_seeds(activation, selected):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), activation, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 7)).double().eval()
+    a = torch.randn(3, 6, 4, 5, dtype=torch.float64) * 3
+    t = np.array([[1, 6], [0, 0], [5, 2]])
+    leaf = a.clone().requires_grad_(True)
+    scores = model[1:](leaf.clone())
+    edge, seeds = torch_backend._pooled_seeds(scores, leaf, t)
+    assert (torch_backend._selected(edge, leaf, seeds) is not None) == selected
+    expected = dense_reference(scores, leaf, t)
+    got = gradcam_ref.explain(model, a, t, layer="0").gradients
+    if selected or isinstance(activation, nn.LeakyReLU):
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
+
+
+def test_an_infinite_weight_takes_the_passes_and_gives_no_nan_where_the_mask_is_zero():
+    # 0 * inf would be NaN: channel 0 is cut by the ReLU everywhere, its weight for class 1 infinite.
+    model = nn.Sequential(nn.Identity(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4)).double()
+    with torch.no_grad():
+        model[4].weight[1, 0] = math.inf
+    a = torch.rand(1, 3, 2, 2, dtype=torch.float64) + 0.5
+    a[:, 0] = -1.0
+    t = np.array([[1, 2]])
+    leaf = a.clone().requires_grad_(True)
+    scores = model.eval()[1:](leaf.clone())
+    edge, seeds = torch_backend._pooled_seeds(scores, leaf, t)
+    assert torch_backend._selected(edge, leaf, seeds) is None
+    got = torch_backend._gradients(scores, leaf, t, "A")
+    assert torch.equal(got, dense_reference(scores, leaf, t)) and not bool(got.isnan().any())
+    assert bool((got[0, 0, 0] == 0).all())
