@@ -45,7 +45,8 @@ def class_indices(target: Target, scores: Array) -> np.ndarray:
             f"target must be None, an int, N ints, an (N, T) int array or a callable, got {target!r}"
         )
     if isinstance(target, (int, np.integer)):
-        _check_range(np.asarray([int(target)], dtype=object), c)  # any Python int, however large
+        if not 0 <= target < c:
+            _check_range(np.asarray([int(target)], dtype=object), c)  # any Python int, however large
         return np.full((n,), int(target), dtype=np.int64)
     indices = _as_index_array(target)
     if indices.ndim == 0:
@@ -129,14 +130,14 @@ def _as_index_array(target: Target) -> np.ndarray:
     them as they are.
     """
     try:
-        indices = to_numpy(target) if is_array(target) else np.asarray(target)
+        indices = target if type(target) is np.ndarray else to_numpy(target) if is_array(target) else np.asarray(target)
     except (TypeError, ValueError, OverflowError):
         raise TypeError(f"target must be ints, got {target!r}") from None
     if indices.size == 0:
         raise ValueError(
             f"target must be an int, N ints or an (N, T) int array, got an empty one (shape {indices.shape})"
         )
-    if indices.dtype == object and all(
+    if indices.dtype.kind == "O" and all(
         isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in indices.flat
     ):
         return indices  # ints too large for int64: out of range, which the caller reports

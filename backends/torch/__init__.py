@@ -566,7 +566,8 @@ def _selected(edge: Any, leaf: torch.Tensor, seeds: torch.Tensor) -> torch.Tenso
         node = below[0]
     if node.name() != "torch::autograd::AccumulateGrad" or node.variable is not leaf:
         return None
-    if not bool(torch.isfinite(seeds[(..., *([0] * (leaf.ndim - 2)))]).all()):  # (T, N, K): one per channel
+    first: tuple[Any, ...] = (..., *([0] * (leaf.ndim - 2)))  # (T, N, K): the one value of each channel
+    if not bool(torch.isfinite(seeds[first]).all()):
         return None
     ones = torch.ones((), dtype=seeds.dtype, device=seeds.device).expand(leaf.shape)
     run = torch.autograd.graph._engine_run_backward
@@ -727,7 +728,8 @@ def _warn_zero_gradients(
     (and target) with a non-zero weight at the cost of one small reduction; the gradients are
     searched only when some row of weights is all zero.
     """
-    if weights is not None and bool(weights.any(dim=-1).all()):
+    if weights is not None and bool(weights.any() if weights.numel() == weights.shape[-1] else
+                                    weights.any(dim=-1).all()):  # (one row: one reduction)
         return
     lead = int(gradients.ndim) - rank + 1  # 1 (N,) or 2 (N, T)
     # max and min per example (and target) both 0: reductions without a temporary of the
