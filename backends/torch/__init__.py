@@ -526,9 +526,9 @@ def _pooled_head(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray, 
     found = _pooled_seeds(scores, leaf, targets)
     if found is None:
         return None
-    edge, seeds = found
+    edge, seeds, selections = found
     if targets.ndim == 2:
-        selected = _selected(edge, leaf, seeds)
+        selected = _selected(edge, leaf, seeds) if selections else None
         if selected is not None:
             return selected.movedim(0, 1)
         with contextlib.suppress(RuntimeError):  # vmap cannot batch some op below: one pass a target
@@ -546,9 +546,23 @@ _SELECTIONS = frozenset({"CloneBackward0", "ReluBackward0", "HardtanhBackward0",
 or output alone (``where(mask, grad, 0)``): the identity, ReLU, ReLU6 and hardtanh, threshold."""
 
 
+def _selections_only(node: Any, leaf: torch.Tensor, limit: int = 16) -> bool:
+    """Whether the graph from ``node`` down to ``leaf`` is a chain of at most ``limit``
+    :data:`_SELECTIONS` (EfficientNet's ReLU6, ResNet's identity): a gradient handed in comes out
+    as a selection of its values, the same in any memory layout and for any seed."""
+    for _ in range(limit):
+        if node.name() not in _SELECTIONS:
+            break
+        below = [f for f, _ in node.next_functions if f is not None]
+        if len(below) != 1:
+            return False
+        node = below[0]
+    return node.name() == "torch::autograd::AccumulateGrad" and node.variable is leaf
+
+
 def _selected(edge: Any, leaf: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor | None:
-    r"""The ``(T, N, K, *S)`` gradients at ``leaf`` of T finite ``seeds`` at ``edge`` when only
-    :data:`_SELECTIONS` lie between (EfficientNet's ReLU6, ResNet's identity); else None.
+    r"""The ``(T, N, K, *S)`` gradients at ``leaf`` of T finite ``seeds`` at ``edge``, with only
+    :data:`_SELECTIONS` between (:func:`_selections_only`); None for seeds not all finite.
 
     Each such backward is :math:`g \mapsto J \odot g` with the same 0/1 mask :math:`J` for every
     seed, so one pass of a seed of ones gives :math:`J`, and the T gradients are :math:`J \odot s_t`:
@@ -556,16 +570,6 @@ def _selected(edge: Any, leaf: torch.Tensor, seeds: torch.Tensor) -> torch.Tenso
     those give it (a zero's sign aside). An infinite or NaN seed would make :math:`0 \cdot \infty`:
     those take the passes.
     """
-    node = edge.node
-    for _ in range(16):
-        if node.name() not in _SELECTIONS:
-            break
-        below = [f for f, _ in node.next_functions if f is not None]
-        if len(below) != 1:
-            return None
-        node = below[0]
-    if node.name() != "torch::autograd::AccumulateGrad" or node.variable is not leaf:
-        return None
     first: tuple[Any, ...] = (..., *([0] * (leaf.ndim - 2)))  # (T, N, K): the one value of each channel
     if not bool(torch.isfinite(seeds[first]).all()):
         return None
@@ -586,9 +590,11 @@ def _written(g: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
                                device=g.device).copy_(g)
 
 
-def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray) -> tuple[Any, torch.Tensor] | None:
-    r"""``(edge, seeds)``: :math:`\partial y_{n, c_n} / \partial X` ``(T, N, K, *S)`` and the edge into
-    the average it flows back from, when ``y = reshape(mean(X, spatial)) @ M (+ b)`` with ``X``
+def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor,
+                  targets: np.ndarray) -> tuple[Any, torch.Tensor, bool] | None:
+    r"""``(edge, seeds, selections)``: :math:`\partial y_{n, c_n} / \partial X` ``(T, N, K, *S)``, the
+    edge into the average it flows back from and whether only selections lie between ``X`` and
+    ``leaf`` (:func:`_selections_only`), when ``y = reshape(mean(X, spatial)) @ M (+ b)`` with ``X``
     ``(N, K, *S)`` computed from ``leaf`` (ResNet's, EfficientNet's, DenseNet's heads); else None.
 
     The chain rule through the linear layer, the reshapes and the average, taken by hand:
@@ -603,11 +609,15 @@ def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray)
     sparse seeds' caveat aside: a NaN or Inf in another class's column, see :func:`_sparse_seeded`).
     Why: torch's ``mean`` backward divides a broadcast view into a tensor of a mixed layout, and
     the elementwise backward below it (ReLU6's) then runs slow loops, ~0.2 ms on EfficientNet-Lite0's
-    ``(1, 1280, 7, 7)``, as much again at 10 targets per target. The seeds here are ``M[:, c] / Z``
-    ``(T, N, K, 1, ...)`` expanded over the positions, never written out: the backward below
-    reads one value per channel, and its result takes the layout of what it saved (``X``'s).
-    (Below ``X``, an elementwise backward whose vectorised loop rounds differently from its
-    scalar one, SiLU's, may then differ from the dense path in the last bit.)
+    ``(1, 1280, 7, 7)``, as much again at 10 targets per target. The seeds here are written out
+    contiguous (channels last when ``leaf`` is), except through selections only: there they are
+    ``M[:, c] / Z`` ``(T, N, K, 1, ...)`` expanded over the positions, never written (a selection
+    reads one value per channel and takes the layout of what it saved, ``X``'s). Not for other
+    backward formulas: SiLU's takes another vectorised loop for a broadcast gradient, whose
+    rounding differs (float32, near a zero of its derivative, by 15 ulp), and a custom
+    ``autograd.Function`` may write into the gradient it is handed (a whole channel, expanded).
+    (Even written out, SiLU's vectorised loop may differ from the dense path's scalar one in the
+    last bit.)
     """
     found = _linear_of_mean(scores, leaf)
     if found is None:
@@ -620,22 +630,13 @@ def _pooled_seeds(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray)
         rows = m.t().index_select(0, torch.from_numpy(np.ascontiguousarray(targets.T).reshape(-1)).to(m.device))
     t = 1 if targets.ndim == 1 else targets.shape[1]
     spread = (rows / math.prod(sizes[2:])).view(t, sizes[0], sizes[1], *([1] * (len(sizes) - 2))).expand(t, *sizes)
-    return edge, spread if _builtin_below(edge.node, leaf) else spread.contiguous()
-
-
-def _builtin_below(node: Any, leaf: torch.Tensor, limit: int = 32) -> bool:
-    """Whether the graph from ``node`` down holds only torch's own backward formulas (which never
-    write into the gradient they are handed) within ``limit`` nodes. A custom ``autograd.Function``
-    may write into it (``grad_output[x < 0] = 0``): into expanded seeds that would write every
-    position of a channel at once, so those get the seeds written out (:func:`_pooled_seeds`)."""
-    stack, seen = [node], 0
-    while stack:
-        node = stack.pop()
-        seen += 1
-        if seen > limit or isinstance(node, torch.autograd.function.BackwardCFunction):
-            return False
-        stack += [f for f, _ in node.next_functions if f is not None]
-    return True
+    selections = _selections_only(edge.node, leaf)
+    if selections:
+        return edge, spread, True
+    if leaf.ndim == len(sizes) and not leaf.is_contiguous() and leaf.movedim(1, -1).is_contiguous():
+        # channels last, like A (and so, most likely, X): (T, N, *S, K) written, then K moved
+        return edge, spread.movedim(2, -1).contiguous().movedim(-1, 2), False
+    return edge, spread.contiguous(), False
 
 
 def _linear_of_mean(y: torch.Tensor, leaf: torch.Tensor) -> tuple[Any, tuple[int, ...], torch.Tensor] | None:

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -39,6 +39,9 @@ class PooledHead(nn.Module):
             x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         elif self.pool == "mean(keepdim) + view":
             x = x.mean(dim=spatial, keepdim=True).view(x.shape[0], -1)
+        elif self.pool == "flatten + mean":  # (X, the average's input, is then the flattened view)
+            x = self.x = x.flatten(2)
+            x = x.mean(dim=-1)
         elif self.pool == "mean(negative dims)":
             x = x.mean(dim=tuple(d - x.ndim for d in spatial))
         elif self.pool == "mean(keepdim) + squeeze":
@@ -52,7 +55,7 @@ EXACT = {"identity", "relu", "relu6"}
 """Activations whose backward is a selection (the same value in any memory layout)."""
 
 POOLS = ("mean", "AdaptiveAvgPool + Flatten", "mean(keepdim) + view", "mean(negative dims)",
-         "mean(keepdim) + squeeze")
+         "mean(keepdim) + squeeze", "flatten + mean")
 
 
 def took_the_pooled_head(model: nn.Module, a: torch.Tensor) -> bool:
@@ -66,6 +69,8 @@ def took_the_pooled_head(model: nn.Module, a: torch.Tensor) -> bool:
        spatial=st.sampled_from([(1,), (3,), (2, 3), (1, 1), (7, 7), (2, 1, 3)]),
        seed=st.integers(0, 2**32 - 1), fill=st.lists(values, min_size=1, max_size=6),
        dtype=st.sampled_from([torch.float32, torch.float64]))
+@example(pool="flatten + mean", activation="tanh", bias=True, n=1, k=2, c=3, t=0, spatial=(2, 2), seed=0, fill=[1.0],
+         dtype=torch.float64)  # seeds written in X's shape (N, K, Z), not A's (N, K, 2, 2)
 def test_the_pooled_head_gives_the_dense_seeds_gradients_to_the_bit(pool, activation, bias, n, k, c, t, spatial,
                                                                     seed, fill, dtype):
     if pool == "AdaptiveAvgPool + Flatten" and len(spatial) != 2:
@@ -85,7 +90,7 @@ def test_the_pooled_head_gives_the_dense_seeds_gradients_to_the_bit(pool, activa
     columns = targets[:, None] if targets.ndim == 1 else targets
     at_x = torch.stack([torch.autograd.grad(scores, [model.x], torch.zeros_like(scores).scatter_(
         1, torch.as_tensor(columns[:, i:i + 1]), 1.0), retain_graph=True)[0] for i in range(columns.shape[1])])
-    edge, seeds = torch_backend._pooled_seeds(scores, leaf, targets)
+    edge, seeds, _ = torch_backend._pooled_seeds(scores, leaf, targets)
     assert torch.equal(seeds, at_x)  # (a view: one value per channel, expanded over the positions)
     # ... and so is the gradient at A where the ops below X round alike in any layout.
     expected = dense_reference(scores, leaf, targets)
@@ -259,7 +264,8 @@ def test_a_custom_function_that_writes_into_its_gradient_gets_written_seeds(targ
     t = np.asarray(targets)
     leaf = a.clone().requires_grad_(True)
     scores = model[1:](leaf.clone())
-    assert not torch_backend._builtin_below(torch_backend._linear_of_mean(scores, leaf)[0].node, leaf)
+    edge, seeds, selections = torch_backend._pooled_seeds(scores, leaf, t)
+    assert not selections and 0 not in seeds.stride()
     expected = dense_reference(scores, leaf, t)
     got = gradcam_ref.explain(model, a, targets, layer="0").gradients
     assert torch.equal(got, expected) and bool((got == 0).any()) and bool((got != 0).any())
@@ -276,8 +282,10 @@ def test_targets_through_selections_are_one_mask_times_the_seeds(activation, sel
     t = np.array([[1, 6], [0, 0], [5, 2]])
     leaf = a.clone().requires_grad_(True)
     scores = model[1:](leaf.clone())
-    edge, seeds = torch_backend._pooled_seeds(scores, leaf, t)
-    assert (torch_backend._selected(edge, leaf, seeds) is not None) == selected
+    edge, seeds, selections = torch_backend._pooled_seeds(scores, leaf, t)
+    assert selections == selected and (0 in seeds.stride()) == selected  # expanded through selections only
+    if selected:
+        assert torch_backend._selected(edge, leaf, seeds) is not None
     expected = dense_reference(scores, leaf, t)
     got = gradcam_ref.explain(model, a, t, layer="0").gradients
     if selected or isinstance(activation, nn.LeakyReLU):
@@ -296,8 +304,39 @@ def test_an_infinite_weight_takes_the_passes_and_gives_no_nan_where_the_mask_is_
     t = np.array([[1, 2]])
     leaf = a.clone().requires_grad_(True)
     scores = model.eval()[1:](leaf.clone())
-    edge, seeds = torch_backend._pooled_seeds(scores, leaf, t)
-    assert torch_backend._selected(edge, leaf, seeds) is None
+    edge, seeds, selections = torch_backend._pooled_seeds(scores, leaf, t)
+    assert selections and torch_backend._selected(edge, leaf, seeds) is None
     got = torch_backend._gradients(scores, leaf, t, "A")
     assert torch.equal(got, dense_reference(scores, leaf, t)) and not bool(got.isnan().any())
     assert bool((got[0, 0, 0] == 0).all())
+
+
+@pytest.mark.parametrize("name, layer, pooled", [("resnet18", "layer4", True), ("resnet18", "layer4.1.bn2", True),
+                                                 ("mobilenet_v3_small", "features.12", False),
+                                                 ("efficientnet_b0", "features.8", True)])
+@pytest.mark.parametrize("targets", [[3, 7], [[1, 5, 19], [0, 0, 7]]])
+def test_torchvision_heads_give_the_dense_seeds_gradients_to_the_bit(name, layer, pooled, targets):
+    # Real heads (ReLU, an in-place ReLU after the layer, SiLU + dropout; MobileNetV3's, which is
+    # not a linear layer of the average), float32 and channels last: the gradients are those of
+    # dense one-hot seeds; through a pooled head they come in A's layout (torch's own mean
+    # backward hands them on contiguous), else in torch's.
+    import torchvision  # a dependency of the torch extra
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=20).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    kept = {}
+
+    def hook(module, args, output):
+        kept["a"] = output
+        return output.clone()  # so that an in-place op after the layer leaves A alone
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    scores = model(x)
+    handle.remove()
+    t = np.asarray(targets)
+    expected = dense_reference(scores, kept["a"], t)
+    got = gradcam_ref.explain(model, x, targets, layer=layer).gradients
+    assert torch.equal(got, expected)
+    assert torch_backend._linear_of_mean(scores, kept["a"]) is None or pooled  # (kept["a"] is no leaf: a probe)
+    layout = kept["a"].stride() if pooled else dense_reference(scores, kept["a"], t.reshape(2, -1)[:, 0]).stride()
+    assert all((got if t.ndim == 1 else got[:, i]).stride() == layout for i in range(t.size // 2))
