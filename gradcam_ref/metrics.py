@@ -449,6 +449,8 @@ def _targets(targets: Any, n: int) -> np.ndarray:
         t = np.full(n, t)
     if t.shape != (n,) or t.dtype.kind not in "iu":
         raise ValueError(f"targets must be an int or N = {n} class indices, got {t.dtype} shape {t.shape}")
+    if t.min() < 0:  # NumPy would read -1 as the last class
+        raise ValueError(f"targets must be class indices >= 0, got {t.tolist()[:8]}")
     return t.astype(np.int64)
 
 
@@ -477,6 +479,9 @@ def _rescore(score: Score, batches: Iterator[np.ndarray], rows: np.ndarray, targ
                 raise ValueError(f"score must return (B, classes) for B = {chunk.shape[0]} inputs, got {raw.shape}")
             if not np.isfinite(raw).all():
                 raise ValueError("score returned NaN or Inf")
+            if done == 0 and targets.max() >= raw.shape[1]:
+                raise ValueError(f"targets must be class indices in [0, {raw.shape[1]}) (the classes score "
+                                 f"returns), got {targets.tolist()[:8]}")
             b = chunk.shape[0]
             if accuracy:
                 out[done:done + b] = np.argmax(raw, axis=1) == targets[rows[done:done + b]]
@@ -537,30 +542,32 @@ def _baseline(baseline: Any, x: np.ndarray, seed: int | None) -> np.ndarray:
         raise ValueError(f"baseline must broadcast to inputs {x.shape}, got shape {b.shape}") from None
 
 
-def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: np.ndarray, counts: np.ndarray,
+def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: Sequence[np.ndarray], counts: np.ndarray,
            targets: np.ndarray, *, insert: bool, softmax: bool, batch_size: int, progress: bool,
            what: str) -> np.ndarray:
-    """Scores ``(N, len(counts))``: the first ``counts[k]`` pixels of each order replaced (by the fill,
-    or for insertion by the input on top of the fill), every channel at once."""
+    """Scores ``(N, S)``: the first ``counts[k]`` (or, for ``(N, S)`` counts, ``counts[i, k]``) pixels
+    of example i's order replaced (by the fill, or for insertion by the input on top of the fill),
+    every channel at once."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n, c = x.shape[:2]
     start, source = (fill, x) if insert else (x, fill)
+    counts = np.broadcast_to(counts, (n, counts.shape[-1]))
 
     def images() -> Iterator[np.ndarray]:
         for i in range(n):
             current = start[i].reshape(c, -1).copy()
             new = source[i].reshape(c, -1)
             done = 0
-            for count in counts:
-                pixels = orders[i, done:count]
+            for count in counts[i]:
+                pixels = orders[i][done:count]
                 current[:, pixels] = new[:, pixels]
                 done = count
                 yield current.reshape(x.shape[1:]).copy()
 
-    rows = np.repeat(np.arange(n), len(counts))
+    rows = np.repeat(np.arange(n), counts.shape[1])
     values = _rescore(score, _chunks(images(), batch_size), rows, targets, softmax, rows.size, progress, what)
-    return values.reshape(n, len(counts))
+    return values.reshape(n, counts.shape[1])
 
 
 def _counts(pixels: int, steps: int) -> np.ndarray:
@@ -654,14 +661,12 @@ def region_perturbation(score: Score, inputs: Array, maps: Array, targets: Any, 
     sums = np.stack([np.bincount(patch, weights=mi.ravel(), minlength=rows * columns) for mi in m])
     ranked = np.argsort(-sums if order == "morf" else sums, axis=1, kind="stable")[:, :regions]
     # The pixels of the patches in their rank order; the counts at patch boundaries.
+    # Each example's own counts: its partial edge patches may come at other ranks than another's.
     members = np.argsort(patch, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(patch, minlength=rows * columns))])
-    orders = np.stack([np.concatenate([members[starts[r]:starts[r + 1]] for r in ranked_i]) for ranked_i in ranked])
+    orders = [np.concatenate([members[starts[r]:starts[r + 1]] for r in ranked_i]) for ranked_i in ranked]
     sizes = np.diff(starts)
-    if len(set(sizes[ranked].sum(axis=1).tolist())) > 1:  # partial patches differ between examples
-        raise ValueError("with partial edge patches, the perturbed regions must cover equal pixel "
-                         "counts in every example; use a patch_size dividing the map size")
-    counts = np.concatenate([[0], np.cumsum(sizes[ranked[0]])])
+    counts = np.concatenate([np.zeros((n, 1), dtype=np.int64), np.cumsum(sizes[ranked], axis=1)], axis=1)
     values = _curve(score, x, _baseline(baseline, x, seed), orders, counts, t, insert=False,
                     softmax=softmax, batch_size=batch_size, progress=progress, what=f"region perturbation {order}")
     return Curve(np.arange(regions + 1, dtype=np.float64), values)

@@ -83,6 +83,35 @@ def test_region_perturbation_by_hand():
     np.testing.assert_allclose(lerf.scores[0], [f0 - sum(p.sum() for p in order[:k]) for k in range(5)], atol=1e-12)
 
 
+def test_region_perturbation_partial_patches_by_hand():
+    """A 10 x 10 map in patches of 8: 64, 16, 16 and 4 pixels. Each example removes its own patches."""
+    x = np.ones((2, 1, 10, 10))
+    heat = np.zeros((2, 10, 10))
+    heat[0, :8, :8] = 1.0  # example 0: the 64-pixel patch first
+    heat[1, :8, 8:] = 5.0  # example 1: the 16-pixel patch (rows 0-7, columns 8-9) first
+    ones = lambda z: z.sum(axis=(1, 2, 3))[:, None]  # noqa: E731  the pixels still at 1
+    curve = metrics.region_perturbation(ones, x, heat, 0, patch_size=8, regions=2, baseline=0.0, softmax=False)
+    # Example 0: 64, then the 16-pixel patch at the bottom (ties in raster order: top-right first).
+    np.testing.assert_array_equal(curve.scores, [[100, 36, 20], [100, 84, 20]])
+
+
+@given(st.integers(3, 9), st.integers(3, 9), st.integers(2, 4), st.integers(1, 3), st.integers(0, 2**32 - 1))
+def test_region_perturbation_of_a_batch_is_each_example_alone(h, w, patch_size, n, seed):
+    """Partial edge patches rank differently in each example: a batch changes no example's curve."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 2, h, w))
+    heat = rng.random((n, h, w)) ** 4  # a few hot pixels: any patch may come first
+    weights = rng.standard_normal((3, 2, h, w))
+    score = lambda z: np.einsum("kchw,nchw->nk", weights, z)  # noqa: E731
+    regions = -(-h // patch_size) * -(-w // patch_size)
+    t = rng.integers(0, 3, n)
+    both = metrics.region_perturbation(score, x, heat, t, patch_size=patch_size, regions=regions, softmax=False)
+    for i in range(n):
+        alone = metrics.region_perturbation(score, x[i:i + 1], heat[i:i + 1], t[i:i + 1], patch_size=patch_size,
+                                            regions=regions, softmax=False)
+        np.testing.assert_array_equal(both.scores[i], alone.scores[0])
+
+
 def test_confidence_metrics_by_hand():
     x = RNG.standard_normal((3, 2, 4, 4))
     heat = RNG.random((3, 4, 4))
@@ -147,6 +176,10 @@ def test_bad_input_is_a_clear_error():
         metrics.deletion(linear, x[:1], heat, 0)
     with pytest.raises(ValueError, match=r"targets must be an int or N = 2 class indices"):
         metrics.deletion(linear, x, heat, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"targets must be class indices >= 0, got \[-1, 0\]"):
+        metrics.deletion(linear, x, heat, [-1, 0])  # not the last class
+    with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 3\) \(the classes score returns\)"):
+        metrics.average_drop(linear, x, heat, [0, 3])
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         metrics.deletion(linear, x, heat, 0, batch_size=0)
     with pytest.raises(ValueError, match=r"score must return \(B, classes\)"):
