@@ -97,15 +97,26 @@ def normalize(
     if method == "max":
         scale = xp.max(xp.abs(x), axis=axes, keepdims=True)
         check_finite(scale, "normalize", maps=x)
-        return _safe_divide(xp, x, scale)
+        eighth = _eighth_where_huge(xp, scale, scale)
+        return _safe_divide(xp, x * eighth, scale * eighth)
     low = xp.min(x, axis=axes, keepdims=True)
     high = xp.max(x, axis=axes, keepdims=True)
     check_finite(low * 0 + high * 0, "normalize", maps=x)  # NaN iff NaN or Inf in maps (inf * 0)
-    # A span wider than the dtype's largest number: those maps are scaled by 1/2 first (exact,
-    # so the result is the same number); the others keep every bit, subnormal spans included.
-    wide = ~xp.isfinite(high - low)
-    half = xp.where(wide, xp.full_like(low, 0.5), xp.ones_like(low))
-    return _safe_divide(xp, x * half - low * half, high * half - low * half)
+    eighth = _eighth_where_huge(xp, high - low, low)
+    return _safe_divide(xp, x * eighth - low * eighth, high * eighth - low * eighth)
+
+
+def _eighth_where_huge(xp, span: Array, like: Array) -> Array:
+    """1/8 for the maps whose ``span`` exceeds 1 / (the dtype's smallest normal number), 1 elsewhere.
+
+    Such a span may have overflowed (wider than the dtype's largest number), and its reciprocal
+    is subnormal, which XLA flushes to zero where it divides as ``x * (1 / span)``. An eighth of
+    any span fits below that bound; scaling by a power of two is exact, so every quotient the
+    dtype can hold is the same number. The other maps keep every bit, subnormal spans included.
+    """
+    bound = 1.0 / float(xp.finfo(like.dtype).smallest_normal)
+    huge = ~(span <= bound)  # also inf
+    return xp.where(huge, xp.full_like(like, 0.125), xp.ones_like(like))
 
 
 def _safe_divide(xp, numerator: Array, denominator: Array) -> Array:

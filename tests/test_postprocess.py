@@ -129,6 +129,33 @@ def test_normalize_is_finite_and_in_range_at_any_scale(seed, scale):
     assert np.isfinite(out).all() and np.abs(out).max() <= 1.0
 
 
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["float16", "float32", "float64"]),
+       st.sampled_from([0.3, 0.6, 0.99]), st.booleans())
+def test_normalize_huge_spans_alike_in_every_library(seed, dtype, fraction, signed):
+    """Spans past 1 / smallest normal: XLA divides as x * (1 / span), and that reciprocal is subnormal
+    (flushed to 0: all-zero maps before the fix). torch keeps the dtype and gives the plain quotient
+    wherever the span fits the dtype; JAX gives torch's numbers."""
+    import jax.numpy as jnp
+
+    top = float(np.finfo(dtype).max) * fraction
+    rng = np.random.default_rng(seed)
+    x = (rng.uniform(-1.0 if signed else 0.0, 1.0, (2, 3, 5)) * top).astype(dtype)
+    x[:, 0, 0] = top  # the span reaches the top (and with signed values may overflow)
+    low, high = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        span = high - low
+        plain = {"minmax": (x - low) / span, "max": x / np.abs(x).max(axis=(1, 2), keepdims=True)}
+    fits = np.isfinite(span)[:, 0, 0]
+    plain["minmax"] = plain["minmax"][fits]
+    for method in ("minmax", "max"):
+        reference = normalize(torch.from_numpy(x), method).numpy()
+        assert reference.dtype == x.dtype and np.isfinite(reference).all() and reference.max() == 1.0
+        np.testing.assert_array_equal(reference[fits] if method == "minmax" else reference, plain[method])
+        if dtype != "float64":  # JAX holds float64 only with jax_enable_x64
+            np.testing.assert_allclose(np.asarray(normalize(jnp.asarray(x), method)), reference,
+                                       rtol=float(np.finfo(dtype).eps), atol=0)
+
+
 def test_normalize_spans_the_given_axes_only():
     x = np.random.default_rng(2).random((2, 3, 4, 4))  # (N, T, h, w)
     out = normalize(x, axis=(-2, -1))
