@@ -111,8 +111,9 @@ def check_same_batch(activations: Array, scores: Array, inputs: Array, where: st
         )
 
 
-def check_target_scores(y: Array, n: int) -> None:
-    """A callable target's output must be one floating score per example, shape ``(N,)``."""
+def check_target_scores(y: Array, n: int, scores: Array | None = None) -> None:
+    """A callable target's output must be one floating score per example, shape ``(N,)``, and
+    (given ``scores``) an array of the scores' library: computed from them, it carries their graph."""
     shape = shape_of(y) if hasattr(y, "shape") else None
     floating = shape is not None and is_array(y) and \
         namespace(y).isdtype(y.dtype, "real floating")
@@ -120,6 +121,11 @@ def check_target_scores(y: Array, n: int) -> None:
         got = f"shape {shape} {y.dtype}" if shape is not None else type(y).__name__
         raise ValueError(
             f"a callable target must return one floating score per example, shape (N,) = ({n},), got {got}"
+        )
+    if scores is not None and namespace(y) is not namespace(scores):
+        raise TypeError(
+            f"a callable target must return an array of the scores' library ({type(scores).__module__}."
+            f"{type(scores).__name__}) computed from them, got {type(y).__module__}.{type(y).__name__}"
         )
 
 

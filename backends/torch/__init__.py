@@ -2,7 +2,8 @@ r"""The PyTorch backend: Grad-CAM of any ``nn.Module`` at any layer, for any dif
 
 How a call runs, and why it costs about one forward pass (the full account: docs/backends.md):
 
-1. The model runs under ``torch.no_grad()`` up to ``layer``: the part before it builds no graph.
+1. The model runs under ``torch.no_grad()`` up to ``layer``: the part before it builds no graph
+   (for ``at="input"`` it does: other modules may read that tensor too, and dy/dA sums their paths).
 2. A forward hook (a pre-hook for ``at="input"``) takes :math:`A`, makes it a leaf that requires
    grad, turns grad mode on for the rest of the pass and hands the model a copy (so in-place ops
    downstream leave :math:`A` alone; no backward hook, so pytorch #61519 cannot arise).
@@ -180,7 +181,8 @@ def _capture(
     # differentiable: this forward pass is the user's training step (GAIN), so the model is not
     # restored and training mode is expected; otherwise it is left exactly as it was.
     training = False if attached else _warn_if_training(*parts)
-    with _kept_as_it_was(parts, inputs.device) if training else contextlib.nullcontext(_nothing) as rewind:
+    with _kept_as_it_was(parts, inputs.device) if training else contextlib.nullcontext(_nothing) as rewind, \
+            contextlib.ExitStack() as undo:
         if isinstance(model, (tuple, list)):
             leaf, scores = _forward_split(features, head, inputs, bool(attached))
             where = "the output of features"
@@ -195,7 +197,7 @@ def _capture(
                     raise ValueError(f"call={call} but layer {name!r} ran {runs} time(s) in the forward pass")
                 index = runs + call
                 rewind()  # the counting pass drew random numbers: the pass that counts draws the same
-            leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached))
+            leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached), undo)
 
         _check_captured(leaf, scores, inputs, where)
         targets = resolve_targets(target, scores)
@@ -227,8 +229,10 @@ class _Probe:
     afterwards that there was no other.
     """
 
-    def __init__(self, index: int | None, at: str, name: str, attached: bool = False) -> None:
+    def __init__(self, index: int | None, at: str, name: str, attached: bool = False,
+                 undo: contextlib.ExitStack | None = None) -> None:
         self.attached = attached
+        self.undo = undo
         self.index = 0 if index is None else index
         self.at = at
         self.name = name
@@ -248,10 +252,31 @@ class _Probe:
                 f"(N, K, *spatial), got {kind}; pick a submodule that returns one"
             )
         # attached (differentiable=...): A stays in the graph of everything before the layer.
-        leaf = value if self.attached and value.requires_grad else value.detach().requires_grad_(True)
+        if self.at == "input" and not self.attached:
+            leaf = self._connected(value)
+        else:
+            leaf = value if self.attached and value.requires_grad else value.detach().requires_grad_(True)
         self.leaf, self.version = leaf, leaf._version
         torch.set_grad_enabled(True)  # the rest of the forward pass builds the graph
         return leaf.clone()  # a non-leaf copy: in-place ops downstream leave `leaf` alone
+
+    def _connected(self, value: torch.Tensor) -> torch.Tensor:
+        """A module's input as the tensor itself, so that dy/dA sums every path from it to the score.
+
+        Other modules may read the same tensor (a skip connection around the layer): a detached
+        copy handed to the layer alone would miss their paths. The pass runs with grad from the
+        start (:func:`_forward_hooked`), so A is in the graph when it depends on the inputs or
+        the weights; a tensor without history (one that depends on neither) is made to require
+        grad in place, and set back afterwards: modules that read it before the layer are then
+        not seen.
+        """
+        if value.requires_grad:
+            return value
+        if not value.is_leaf or self.undo is None:
+            return value.detach().requires_grad_(True)
+        value.requires_grad_(True)
+        self.undo.callback(value.requires_grad_, False)
+        return value
 
     def output_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         return self._take(output)
@@ -265,16 +290,26 @@ class _Probe:
 
 def _forward_hooked(
     model: nn.Module, module: nn.Module, name: str, at: str, index: int | None, inputs: torch.Tensor,
-    attached: bool = False,
+    attached: bool = False, undo: contextlib.ExitStack | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    probe = _Probe(index, at, name, attached)
+    """One forward pass taking A (see :class:`_Probe`); no graph before the layer, except for
+    ``attached`` and for ``at="input"``, whose tensor other modules may read too: there the
+    graph runs from inputs that require grad (a detached copy), so that every path is seen."""
+    probe = _Probe(index, at, name, attached, undo)
     if at == "output":
         handle = module.register_forward_hook(probe.output_hook)
     else:
         handle = module.register_forward_pre_hook(probe.input_hook)
+        if not attached and inputs.is_floating_point() and not inputs.requires_grad:
+            inputs = inputs.detach().requires_grad_(True)
+        elif not attached and undo is not None:  # integer inputs (token ids): through the weights
+            for parameter in model.parameters():
+                if parameter.is_floating_point() and not parameter.requires_grad:
+                    parameter.requires_grad_(True)
+                    undo.callback(parameter.requires_grad_, False)
     grad_mode = torch.is_grad_enabled()
     try:
-        torch.set_grad_enabled(attached)  # inference: no graph before the layer
+        torch.set_grad_enabled(attached or at == "input")  # inference: no graph before the layer
         scores = _run(model, inputs)
     finally:
         torch.set_grad_enabled(grad_mode)
@@ -400,7 +435,7 @@ def _gradients(
     n = int(scores.shape[0])
     if callable(targets):
         y = targets(scores)
-        check_target_scores(y, n)
+        check_target_scores(y, n, scores)
         return _grad(y, leaf, torch.ones_like(y), where, attached=attached)
     if attached is None:  # a linear head: its chain rule by hand, or gathered rows
         pooled = _pooled_head(scores, leaf, targets, where)
@@ -967,6 +1002,15 @@ def _reshape(
         if multi:
             g = g.reshape(*gradients.shape[:2], *g.shape[1:])
         return a, g
+    return _grid_of(activations, reshape), _tokens_to_grid(gradients, _grid(reshape))
+
+
+def _grid_of(
+    activations: torch.Tensor, reshape: Sequence[int] | Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Token activations ``(N, T, D)`` as ``(N, D, *grid)``: ``reshape``'s grid checked against them."""
+    if callable(reshape):
+        return reshape(activations)
     grid = _grid(reshape)
     if activations.ndim != 3:
         raise ValueError(
@@ -979,13 +1023,21 @@ def _reshape(
             f"reshape={grid} needs at least {math.prod(grid)} tokens, the layer has T = {tokens} "
             f"(activations {shape_of(activations)})"
         )
-    return _tokens_to_grid(activations, grid), _tokens_to_grid(gradients, grid)
+    return _tokens_to_grid(activations, grid)
 
 
 def _tokens_to_grid(x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     """``(..., T, D)`` -> ``(..., D, *grid)``: drop the first ``T - prod(grid)`` tokens."""
     kept = x[..., x.shape[-2] - math.prod(grid):, :]
     return kept.reshape(*x.shape[:-2], *grid, x.shape[-1]).movedim(-1, -1 - len(grid))
+
+
+def _grid_to_tokens(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`_tokens_to_grid` undone: ``(B, D, *grid)`` -> ``(B, T, D)``, the first ``T - prod(grid)``
+    tokens taken from ``tokens`` ``(1, T, D)`` (e.g. the class token, which the grid leaves out)."""
+    b, d = x.shape[:2]
+    flat = x.movedim(1, -1).reshape(b, -1, d)
+    return torch.cat([tokens[:, :tokens.shape[1] - flat.shape[1]].expand(b, -1, -1), flat], dim=1)
 
 
 # --- re-scoring perturbed copies (Score-CAM, Ablation-CAM) ----------------------------------------
@@ -1005,6 +1057,7 @@ def perturb(
     memory_format: str = "channels_last",
     fold_batch_norms: bool = True,
     fuse_convolutions: bool = True,
+    reshape: Sequence[int] | Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Perturbed:
     """Score perturbed copies of each example without autograd (the Protocol's ``perturb``).
 
@@ -1027,7 +1080,19 @@ def perturb(
     (:func:`_scoring.fuse`; models that ``torch.fx`` traces), checked the same way; a copy that
     fails the check, or whose fused pass raises on some batch, is dropped for the unfused one.
     ``memory_format="preserve"`` with ``fold_batch_norms=False`` runs the model as it is.
+
+    ``reshape`` (token layers, as in :func:`capture`): A is perturbed in its ``(N, D, *grid)``
+    form; for ``where="activations"`` the perturbed grid goes back to tokens (the tokens the grid
+    leaves out, e.g. the class token, as they were), so ``reshape`` must be the grid's sizes.
     """
+    if reshape is not None and not callable(reshape):
+        reshape = _grid(reshape)
+    if callable(reshape) and where == "activations":
+        raise ValueError(
+            "reshape must be the grid's sizes, e.g. (14, 14), not a callable, for a method that "
+            "perturbs the layer's activations (ablation-cam): they go back to tokens, and a callable "
+            "cannot be undone"
+        )
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor (N, ...), got {type(inputs).__name__}")
     check_where(where)
@@ -1039,42 +1104,54 @@ def perturb(
         raise TypeError(f"fuse_convolutions must be a bool, got {type(fuse_convolutions).__name__}")
     if at not in AT:
         raise ValueError(f"at must be one of {AT}, got {at!r}")
-    with torch.no_grad():
-        if isinstance(model, (tuple, list)):
-            features, head = _split_form(model, layer, at, call)
-            _warn_if_training(features, head)
-            a = _run(features, inputs)
-            scores = _run(head, a)
-            whole: Callable[[torch.Tensor], Any] = lambda v: head(features(v))  # noqa: E731
-            tail: Callable[[torch.Tensor], Any] | None = head
-            name, module = "features", None
-        else:
-            module, name = _resolve_layer(model, layer)
-            _warn_if_training(model)
-            a, scores = _forward_taken(model, module, name, at, call, inputs)
-            whole = model
-            tail = _tail(model, name) if where == "activations" and at == "output" and call is None else None
-        _check_captured(a, scores, inputs, f"the {at} of layer {name!r}")
-        check_feature_maps("activations", a)
-        rows = torch.full((*a.shape[:2], *scores.shape[1:]), torch.nan, dtype=scores.dtype, device=scores.device)
-        layout = torch.channels_last if (where == "inputs" and memory_format == "channels_last"
-                                         and inputs.ndim == 4 and inputs.device.type == "cpu") else None
-        if where == "inputs":
-            whole = _scoring_model(model, layout, fold_batch_norms, whole, inputs, scores,
-                                   fuse=fuse_convolutions and layout is not None)
-    with torch.inference_mode():
-        for i, _, spans in perturb_chunks(a, batch_size, count):
-            for start, stop in spans:
-                batch = make(inputs, a, i, start, stop)
-                if where == "inputs":
-                    out = _run(whole, batch)  # type: ignore[arg-type]
-                elif tail is not None:
-                    out = tail(batch)
-                else:
-                    repeated = inputs[i:i + 1].expand(stop - start, *inputs.shape[1:])
-                    out = _substituted(model, module, at, call, repeated, batch)  # type: ignore[arg-type]
-                rows[i, start:stop] = out
-    return Perturbed(a, scores, rows)
+    if isinstance(model, (tuple, list)):
+        parts: tuple[nn.Module, ...] = _split_form(model, layer, at, call)
+    else:
+        module, name = _resolve_layer(model, layer)
+        parts = (model,)
+    # In training mode the passes update batch norms' buffers and draw dropout masks: both set back.
+    training = _warn_if_training(*parts)
+    with _kept_as_it_was(parts, inputs.device) if training else contextlib.nullcontext():
+        with torch.no_grad():
+            if isinstance(model, (tuple, list)):
+                features, head = parts  # type: ignore[misc]
+                a = _run(features, inputs)
+                scores = _run(head, a)
+                whole: Callable[[torch.Tensor], Any] = lambda v: head(features(v))  # noqa: E731
+                tail: Callable[[torch.Tensor], Any] | None = head
+                name, module = "features", None
+            else:
+                a, scores = _forward_taken(model, module, name, at, call, inputs)
+                if at == "input" and where == "activations":
+                    _check_read_by_layer_only(model, module, name, call, inputs)
+                whole = model
+                tail = _tail(model, name) if where == "activations" and at == "output" and call is None else None
+            _check_captured(a, scores, inputs, f"the {at} of layer {name!r}")
+            tokens = a
+            if reshape is not None:
+                a = _grid_of(a, reshape)
+            check_feature_maps("activations", a)
+            rows = torch.full((*a.shape[:2], *scores.shape[1:]), torch.nan, dtype=scores.dtype, device=scores.device)
+            layout = torch.channels_last if (where == "inputs" and memory_format == "channels_last"
+                                             and inputs.ndim == 4 and inputs.device.type == "cpu") else None
+            if where == "inputs":
+                whole = _scoring_model(model, layout, fold_batch_norms, whole, inputs, scores,
+                                       fuse=fuse_convolutions and layout is not None)
+        with torch.inference_mode():
+            for i, _, spans in perturb_chunks(a, batch_size, count):
+                for start, stop in spans:
+                    batch = make(inputs, a, i, start, stop)
+                    if reshape is not None and where == "activations":
+                        batch = _grid_to_tokens(batch, tokens[i:i + 1])
+                    if where == "inputs":
+                        out = _run(whole, batch)  # type: ignore[arg-type]
+                    elif tail is not None:
+                        out = tail(batch)
+                    else:
+                        repeated = inputs[i:i + 1].expand(stop - start, *inputs.shape[1:])
+                        out = _substituted(model, module, at, call, repeated, batch)  # type: ignore[arg-type]
+                    rows[i, start:stop] = out
+        return Perturbed(a, scores, rows)
 
 
 def _scoring_model(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch.memory_format | None,
@@ -1159,6 +1236,56 @@ def _forward_taken(
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         raise TypeError(f"the {at} of layer {name!r} must be one floating-point tensor (N, K, *spatial)")
     return value, scores
+
+
+def _check_read_by_layer_only(model: nn.Module, module: nn.Module, name: str, call: int | None,
+                              inputs: torch.Tensor) -> None:
+    """Refuse to perturb a layer's input that other modules read too (a skip connection around it).
+
+    Substituting the perturbed A at the layer's input would leave the other readers the original
+    A: not the perturbation of A. One pass with grad from inputs that require grad (or, for
+    integer inputs, through the weights, as :func:`_forward_hooked` does) shows every reader: the
+    score's graph reaches A other than through the copy the layer was handed.
+    """
+    taken: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(m: nn.Module, args: tuple[Any, ...]) -> Any:
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            return None
+        given = args[0].clone()
+        taken.append((args[0], given))
+        return (given, *args[1:])
+
+    with contextlib.ExitStack() as undo:
+        if inputs.is_floating_point():
+            inputs = inputs.detach().requires_grad_(True)
+        else:
+            for parameter in model.parameters():
+                if parameter.is_floating_point() and not parameter.requires_grad:
+                    parameter.requires_grad_(True)
+                    undo.callback(parameter.requires_grad_, False)
+        handle = module.register_forward_pre_hook(keep)
+        undo.callback(handle.remove)
+        with torch.enable_grad():
+            scores = _run(model, inputs)
+        if not taken or not isinstance(scores, torch.Tensor) or scores.grad_fn is None:
+            return  # A without history: its other readers, if any, cannot be seen
+        a, given = taken[0 if call is None else call]
+        seen: set[Any] = set()
+        stack = [scores.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node is given.grad_fn:
+                continue
+            seen.add(node)
+            if node is a.grad_fn or getattr(node, "variable", None) is a:
+                raise ValueError(
+                    f"the input of layer {name!r} is also read by other modules (a skip connection "
+                    "around the layer), so replacing it at the layer does not perturb that tensor; "
+                    "take the output of the module that computes it (at='output'), or use at='input' "
+                    "with a gradient method"
+                )
+            stack += [next_node for next_node, _ in node.next_functions]
 
 
 def _substituted(model: nn.Module, module: nn.Module, at: str, call: int | None, inputs: torch.Tensor,

@@ -179,6 +179,10 @@ def test_callable_target_equals_autograd_reference():
         torch.testing.assert_close(got.activations, a, rtol=0, atol=0)
         torch.testing.assert_close(got.gradients, g, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got.maps, reference_map(a, g), rtol=1e-12, atol=1e-14)
+    # A NumPy score has no graph: named, not torch's "ones_like(): argument 'input' must be Tensor".
+    with pytest.raises(TypeError, match=r"callable target must return an array of the scores' library "
+                                        r"\(torch.Tensor\) computed from them, got numpy.ndarray"):
+        gradcam_ref.explain(model, x, lambda s: s.detach().numpy()[:, 0], layer="conv1")
 
 
 def test_single_logit_binary_head_and_counterfactual():

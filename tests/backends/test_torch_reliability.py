@@ -29,20 +29,26 @@ def inputs(n: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.as_tensor(np.random.default_rng(seed).standard_normal((n, 3, 8, 8)))
 
 
-@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize(("guided", "method"), [(False, "grad-cam"), (True, "grad-cam"), (False, "score-cam"),
+                                               (False, "ablation-cam")])
 @pytest.mark.parametrize("call", [None, -1])
-def test_training_mode_leaves_buffers_and_random_state_as_they_were(guided, call):
+def test_training_mode_leaves_buffers_and_random_state_as_they_were(guided, method, call):
+    """Gradient and perturbation methods alike (Score-CAM and Ablation-CAM updated the batch norm's
+    statistics and drew from the caller's generator before they ran inside the same guard)."""
     model = stochastic_net().train()
     x = inputs()
     before = model_state(model)
     rng = torch.get_rng_state()
-    with pytest.warns(gradcam_ref.TrainingModeWarning, match="training mode"):
-        first = gradcam_ref.explain(model, x, layer="relu", guided=guided, call=call)
+    options = {} if method == "grad-cam" else {"denominator": "abs"} if method == "ablation-cam" else {}
+    with pytest.warns(gradcam_ref.TrainingModeWarning, match="training mode"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradcam_ref.ZeroGradientWarning)
+        first = gradcam_ref.explain(model, x, layer="relu", guided=guided, call=call, method=method, **options)
     assert_same_state(before, model_state(model))  # num_batches_tracked and running statistics included
     assert int(model.bn.num_batches_tracked) == 0
     assert torch.equal(rng, torch.get_rng_state())  # the caller's random stream is untouched
-    with pytest.warns(gradcam_ref.TrainingModeWarning):
-        second = gradcam_ref.explain(model, x, layer="relu", guided=guided, call=call)
+    with pytest.warns(gradcam_ref.TrainingModeWarning), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradcam_ref.ZeroGradientWarning)
+        second = gradcam_ref.explain(model, x, layer="relu", guided=guided, call=call, method=method, **options)
     torch.testing.assert_close(second.maps, first.maps, rtol=0, atol=0)  # same dropout masks each call
     assert all(m.training for m in model.modules())
 
