@@ -182,7 +182,7 @@ def _capture(
     # restored and training mode is expected; otherwise it is left exactly as it was.
     training = False if attached else _warn_if_training(*parts)
     with _kept_as_it_was(parts, inputs.device) if training else contextlib.nullcontext(_nothing) as rewind, \
-            contextlib.ExitStack() as undo:
+            contextlib.ExitStack() if at == "input" else contextlib.nullcontext() as undo:
         if isinstance(model, (tuple, list)):
             leaf, scores = _forward_split(features, head, inputs, bool(attached))
             where = "the output of features"
