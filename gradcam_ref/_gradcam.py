@@ -200,9 +200,12 @@ def grad_cam_plus_plus(
         ``(N, T, K, *spatial)``.
       relu: apply the final ReLU.
       eps: added to the denominator of :math:`a_{ij}^{kc}` (pytorch-grad-cam: 1e-6; the paper: 0).
-      variant: ``"paper"`` (above) or ``"tf-keras-vis"`` (tf-keras-vis 0.8.7's
+      variant: ``"paper"`` (above), ``"tf-keras-vis"`` (tf-keras-vis 0.8.7's
         ``GradcamPlusPlus``: the factor :math:`\exp(y^c)` kept and each channel's
-        :math:`a^{kc}` divided by their spatial sum, :func:`tf_keras_vis_plus_plus_weights`).
+        :math:`a^{kc}` divided by their spatial sum, :func:`tf_keras_vis_plus_plus_weights`) or
+        ``"torchcam"`` (torchcam 0.5.0's ``GradCAMpp``: :math:`w_k^c = \sum_{ij} g_{ij}^2\,
+        \mathrm{ReLU}(g_{ij}) = \sum_{ij} \mathrm{ReLU}(g_{ij})^3`, since its in-place division
+        by the denominator acts on a copy: ``alpha[mask].div_``, boolean indexing copies).
       target_scores: :math:`y^c`, ``(N,)`` or ``(N, T)``: needed by ``"tf-keras-vis"`` only.
 
     Returns:
@@ -257,8 +260,8 @@ def plus_plus_weights(xp: Any, a: Array, g: Array, *, eps: float = 0.0, samples:
     return xp.sum(terms, axis=tuple(range(terms.ndim - len(spatial), terms.ndim)))
 
 
-PLUS_PLUS_VARIANTS = ("paper", "tf-keras-vis")
-"""The variants of Grad-CAM++'s weights: the paper's closed form, and tf-keras-vis 0.8.7's."""
+PLUS_PLUS_VARIANTS = ("paper", "tf-keras-vis", "torchcam")
+"""The variants of Grad-CAM++'s weights: the paper's closed form, tf-keras-vis 0.8.7's and torchcam 0.5.0's."""
 
 
 def _plus_plus_variant_weights(xp: Any, a: Array, g: Array, eps: float, variant: str,
@@ -274,8 +277,17 @@ def _plus_plus_variant_weights(xp: Any, a: Array, g: Array, eps: float, variant:
         arrays.check_finite(weights, "grad_cam_plus_plus", activations=a, gradients=g)
         return weights
     if eps:
-        raise ValueError(f"eps is for variant='paper' (pytorch-grad-cam's 1e-6); variant='tf-keras-vis' has none, "
+        raise ValueError(f"eps is for variant='paper' (pytorch-grad-cam's 1e-6); variant={variant!r} has none, "
                          f"got eps={eps!r}")
+    if variant == "torchcam":
+        if target_scores is not None:
+            raise ValueError("target_scores is for variant='tf-keras-vis' (its exp(y^c) factor); "
+                             "variant='torchcam' has none: pass target_scores=None")
+        spatial = tuple(range(g.ndim - (a.ndim - 2), g.ndim))
+        positive = _relu(xp, g)
+        weights = xp.sum(positive * positive * positive, axis=spatial)
+        arrays.check_finite(weights, "grad_cam_plus_plus", gradients=g)
+        return weights
     if target_scores is None:
         raise ValueError("variant='tf-keras-vis' multiplies the weights by exp(y^c): pass target_scores, "
                          "the target scores y^c of shape (N,) or (N, T)")

@@ -312,9 +312,12 @@ TORCHCAM = Convention(
     ),
     checked="against torchcam.methods.GradCAM on small CNNs and a random-init resnet18; "
             "XGradCAM, LayerCAM and ScoreCAM the same way",
-    methods={"grad-cam": {}, "xgrad-cam": {"eps": 1e-8}, "layercam": {}, "score-cam": {"variant": "torchcam"},
-             "smooth-grad-cam++": {"variant": "torchcam"}},
+    methods={"grad-cam": {}, "grad-cam++": {"variant": "torchcam"}, "xgrad-cam": {"eps": 1e-8}, "layercam": {},
+             "score-cam": {"variant": "torchcam"}, "smooth-grad-cam++": {"variant": "torchcam"}},
     method_differences={
+        "grad-cam++": ((4, "GradCAMpp divides its alpha in place through a boolean index, which copies, so "
+                           "the division is lost: its weights are sum ReLU(g)^3, not Eq. 19's "
+                           "(explain(..., variant='torchcam'))"),),
         "xgrad-cam": ((5, "XGradCAM adds 1e-8 to sum A in the weights' denominator"),),
         "layercam": ((9, "fuse_cams applies tanh(2 x) to every layer's normalised map, then takes "
                          "the elementwise maximum after bilinear resizing (fuse_maps rule 'layercam')"),),

@@ -149,7 +149,8 @@ def test_pytorch_grad_cam_gradcam_plus_plus():
 
 def test_torchcam_gradcampp_is_another_formula():
     """torchcam 0.5.0's GradCAMpp divides a copy (``alpha[mask].div_``: boolean indexing copies),
-    so its weights are sum_ij g^2 ReLU(g) = sum_ij ReLU(g)^3, not Eq. 19: checked, not matched."""
+    so its weights are sum_ij g^2 ReLU(g) = sum_ij ReLU(g)^3, not Eq. 19: ``variant="torchcam"``
+    and the torchcam convention reproduce it (run against the library itself)."""
     model, x, targets = peer_model()
     e, signed = our_plus_plus(model, x, targets, "relu2")
     with TorchcamGradCAMpp(model, target_layer="relu2") as extractor:
@@ -159,3 +160,10 @@ def test_torchcam_gradcampp_is_another_formula():
     np.testing.assert_allclose(theirs.numpy(), reference.numpy(), rtol=0, atol=1e-6)
     ours = postprocess(signed, "torchcam")
     assert np.abs(ours.numpy() - reference.numpy()).max() > 1e-2
+    variant = gradcam_ref.explain(model, x, targets, layer="relu2", method="grad-cam++", variant="torchcam")
+    torch.testing.assert_close(variant.weights, cubes, rtol=1e-12, atol=0)
+    paper = gradcam_ref.explain(model, x, targets, layer="relu2", method="grad-cam++")
+    for made in (variant, paper):  # the convention recomputes the weights of a paper explanation
+        np.testing.assert_allclose(made.heatmap(None, "torchcam").numpy(), reference.numpy(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="eps is for variant='paper'.*variant='torchcam' has none"):
+        grad_cam_plus_plus(e.activations, e.gradients, variant="torchcam", eps=1e-6)
