@@ -149,11 +149,13 @@ def check_gradients_match(activations: Array, gradients: Array) -> bool:
 
 
 def to_numpy(x: Array) -> np.ndarray:
-    """A NumPy view or copy of any supported array (torch tensors are detached, moved to host)."""
+    """A NumPy view or copy of any supported array (torch tensors are detached, moved to host;
+    bfloat16, which NumPy lacks, becomes float32, which holds every bfloat16 value exactly)."""
     if array_api_compat.is_numpy_array(x):
         return x
     if array_api_compat.is_torch_array(x):  # duck-typed: the core never imports torch
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # NumPy has no bfloat16
     return np.asarray(x)
 
 

@@ -802,18 +802,20 @@ def _eigen_map(xp: Any, x: Array, n_lead: int, centre: bool, sign: str, relu: bo
     o = xp.reshape(x, lead_shape + (k, math.prod(spatial)))
     o = xp.matrix_transpose(o)  # (..., Z, K)
     dtype = o.dtype
-    if dtype == xp.float32 and not array_api_compat.is_jax_array(o):
-        o = xp.astype(o, xp.float64)  # torch's float32 SVD is off by ~1e-5 of the map: do it wide
+    # torch's float32 SVD is off by ~1e-5 of the map, and it has none in float16 or bfloat16: do
+    # it in float64 (JAX: float32, its widest without jax_enable_x64; its own float32 is left as is).
+    wide = xp.float32 if array_api_compat.is_jax_array(o) else xp.float64
+    if xp.finfo(dtype).bits < xp.finfo(wide).bits:
+        o = xp.astype(o, wide)
     if centre:
         o = o - xp.mean(o, axis=-2, keepdims=True)
     _, _, vh = xp.linalg.svd(o, full_matrices=False)
     p = xp.squeeze(xp.matmul(o, xp.expand_dims(vh[..., 0, :], axis=-1)), axis=-1)  # (..., Z)
-    p = xp.astype(p, dtype)
-    if sign == "fixed":
+    if sign == "fixed":  # judged in the SVD's dtype, whose rounding it must see through
         p = p * _orientation(xp, p)
     elif sign == "numpy":
         p = p * _numpy_orientation(xp, x, n_lead, centre, p)
-    maps = xp.reshape(p, lead_shape + spatial)
+    maps = xp.reshape(xp.astype(p, dtype), lead_shape + spatial)
     check_finite(maps, "eigen_cam", activations=x)
     return _relu(xp, maps) if relu else maps
 

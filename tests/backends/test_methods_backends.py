@@ -262,3 +262,28 @@ def test_torchcam_smooth_grad_cam_plus_plus_is_reproduced_with_its_own_noise():
     with pytest.raises(ValueError, match="variant must be 'paper' or 'torchcam', got 'pgc'"):
         gradcam_ref.explain(case.model, case.inputs, case.targets, layer=case.layer,
                             method="smooth-grad-cam++", variant="pgc")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_method_runs_in_half_precision_close_to_float64(dtype):
+    """Every method on a float16 / bfloat16 model returns that dtype, near the float64 maps (torch has
+    no half-precision SVD, and NumPy no bfloat16: Eigen-CAM and Score-CAM raised their internals)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    eps = torch.finfo(dtype).eps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+        for method in gradcam_ref.METHODS:
+            options = {"seed": 0} if method == "smooth-grad-cam++" else {}
+            low = gradcam_ref.explain(net.to(dtype), x.to(dtype), [0, 1], layer="1", method=method, **options)
+            wide = gradcam_ref.explain(net.double(), x.double(), [0, 1], layer="1", method=method, **options)
+            assert low.maps.dtype == dtype and bool(torch.isfinite(low.maps).all()), method
+            if method in ("eigen-cam", "eigen-grad-cam"):  # the sign of v_1 may flip with A's rounding:
+                a, g = low.activations.double(), low.gradients.double()  # the same A (and G) in float64
+                wide = gradcam_ref.eigen_cam(a) if method == "eigen-cam" else gradcam_ref.eigen_grad_cam(a, g)
+            else:
+                wide = wide.maps
+            scale = float(wide.abs().max())
+            torch.testing.assert_close(low.maps.double(), wide, rtol=0, atol=64 * eps * scale, msg=method)
