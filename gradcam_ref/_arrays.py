@@ -130,6 +130,20 @@ def check_feature_maps(name: str, x: Array, layout: str = "(N, K, *spatial)") ->
         )
 
 
+def check_flag(name: str, value: Any) -> None:
+    """Refuse anything but True or False: a string such as ``"no"`` would read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """Refuse anything but a finite real number >= 0: a bool, a string, NaN and inf are named."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def check_gradients_match(activations: Array, gradients: Array) -> bool:
     """Check ``gradients`` against ``activations``; return True for the multi-target layout.
 

@@ -13,7 +13,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradcam_ref._arrays import Array, device_of, is_array, namespace, shape_of, to_numpy
+from gradcam_ref._arrays import (
+    Array,
+    check_flag,
+    check_nonnegative,
+    device_of,
+    is_array,
+    namespace,
+    shape_of,
+    to_numpy,
+)
 from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
 from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._methods import (
@@ -283,6 +292,7 @@ def explain(
     from gradcam_ref import backends
 
     check_method(method)
+    check_flag("guided", guided)
     chosen = backends.select(model, inputs, backend)
     if guided and not chosen.GUIDED:
         raise TypeError(f"guided=True: the {chosen.NAME} backend does not compute guided backpropagation")
@@ -333,8 +343,9 @@ def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer:
         raise ValueError(f"variant must be 'paper' or 'torchcam', got {variant!r}")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n!r}")
-    if not std >= 0:
-        raise ValueError(f"std must be >= 0, got {std!r}")
+    check_nonnegative("std", std)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
     if not is_array(inputs):
         inputs = np.asarray(inputs, dtype=np.float64)
     xp = namespace(inputs)

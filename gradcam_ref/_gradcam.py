@@ -269,6 +269,7 @@ def _plus_plus_variant_weights(xp: Any, a: Array, g: Array, eps: float, variant:
     """Grad-CAM++'s weights of ``variant`` (checked finite), for :func:`grad_cam_plus_plus` and ``method_fields``."""
     if variant not in PLUS_PLUS_VARIANTS:
         raise ValueError(f"variant must be one of {PLUS_PLUS_VARIANTS}, got {variant!r}")
+    arrays.check_nonnegative("eps", eps)
     if variant == "paper":
         if target_scores is not None:
             raise ValueError("target_scores is for variant='tf-keras-vis' (its exp(y^c) factor); "

@@ -28,7 +28,9 @@ from gradcam_ref._arrays import (
     as_float_arrays,
     check_feature_maps,
     check_finite,
+    check_flag,
     check_gradients_match,
+    check_nonnegative,
     device_of,
     namespace,
     quiet_numpy,
@@ -130,6 +132,7 @@ def xgrad_cam_weights(activations: Array, gradients: Array, *, eps: float = 0.0)
     multi = check_gradients_match(a, g)
     lead = 3 if multi else 2
     numerator = _spatial_sum(xp, g * (xp.expand_dims(a, axis=1) if multi else a), lead)
+    check_nonnegative("eps", eps)
     denominator = _spatial_sum(xp, a, 2) + eps
     if multi:
         denominator = xp.expand_dims(denominator, axis=1)
@@ -797,6 +800,7 @@ def _eigen_map(xp: Any, x: Array, n_lead: int, centre: bool, sign: str, relu: bo
     """Per leading index (``n_lead`` axes before K): the projection of the (Z, K) matrix on v_1."""
     if sign not in SIGNS:
         raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    check_flag("centre", centre)
     shape = shape_of(x)
     lead_shape, k, spatial = shape[:n_lead], shape[n_lead], shape[n_lead + 1:]
     o = xp.reshape(x, lead_shape + (k, math.prod(spatial)))

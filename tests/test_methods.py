@@ -5,6 +5,7 @@ Backends (NumPy oracle vs torch vs JAX) and the peers: tests/backends/test_metho
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -306,6 +307,26 @@ def test_unknown_method_and_option_errors_name_the_known_ones():
         gradcam_ref.explain(oracle, x, method="eigen-cam", sign="positive")
     with pytest.raises(ValueError, match="guided=True is for the gradient methods"):
         gradcam_ref.explain(oracle, x, method="ablation-cam", guided=True)
+
+
+@pytest.mark.parametrize(("options", "error", "message"), [
+    ({"method": "grad-cam++", "eps": float("nan")}, ValueError, "eps must be a finite number >= 0, got nan"),
+    ({"method": "xgrad-cam", "eps": float("nan")}, ValueError, "eps must be a finite number >= 0, got nan"),
+    ({"method": "xgrad-cam", "eps": -1e-7}, ValueError, "eps must be a finite number >= 0, got -1e-07"),
+    ({"method": "grad-cam++", "eps": "1e-6"}, TypeError, "eps must be a finite number >= 0, got '1e-6'"),
+    ({"method": "grad-cam++", "eps": True}, TypeError, "eps must be a finite number >= 0, got True"),
+    ({"method": "eigen-cam", "centre": "no"}, TypeError, "centre must be True or False, got 'no'"),
+    ({"method": "eigen-grad-cam", "centre": 1}, TypeError, "centre must be True or False, got 1"),
+    ({"guided": "no"}, TypeError, "guided must be True or False, got 'no'"),
+    ({"method": "smooth-grad-cam++", "std": float("inf")}, ValueError, "std must be a finite number >= 0, got inf"),
+    ({"method": "smooth-grad-cam++", "seed": "a"}, TypeError, "seed must be None or an int, got 'a'"),
+])
+def test_bad_method_options_are_named(options, error, message):
+    """Each refused before any work: a NaN eps used to blame the inputs ("overflowed ... use a wider
+    dtype"), a string centre or guided read as True, a string eps or seed reached NumPy's internals."""
+    oracle = Oracle.random(np.random.default_rng(0), in_channels=1, widths=[2], kernel_sizes=[2], num_classes=2)
+    with pytest.raises(error, match=re.escape(message) + "$"):
+        gradcam_ref.explain(oracle, np.ones((1, 1, 4, 4)), 0, **options)
 
 
 def test_heatmap_uses_each_librarys_variant_of_the_method():
