@@ -45,7 +45,8 @@ def upsample(maps: Array, size: int | Sequence[int]) -> Array:
     """
     xp, (x,) = as_float_arrays(maps=maps)
     shape = shape_of(x)
-    rank = len(size) if isinstance(size, (Sequence, np.ndarray)) and len(size) else max(len(shape) - 1, 1)
+    listed = isinstance(size, (Sequence, np.ndarray)) and not isinstance(size, str) and np.ndim(size) == 1
+    rank = len(size) if listed and len(size) else max(len(shape) - 1, 1)
     size = parse_size(size, rank)
     if len(shape) < len(size) + 1:
         raise ValueError(

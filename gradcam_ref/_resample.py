@@ -116,13 +116,16 @@ def parse_size(
 ) -> tuple[int, ...]:
     """``size`` as ``rank`` positive ints: an int (for every axis) or a sequence of ``rank`` ints.
 
-    Booleans are refused (``True`` is not a size); NumPy integers and 1-D arrays are accepted.
+    Booleans are refused (``True`` is not a size); NumPy integers, 0-d integer arrays and 1-D
+    arrays are accepted.
     Anything else is a ValueError naming ``size``, the expected and the actual value (and the
     maps' ``spatial`` shape when given; ``optional`` says that None was allowed too).
     """
     values: Any = None
     if isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)):
         values = (size,) * rank
+    elif isinstance(size, np.ndarray) and size.ndim == 0 and size.dtype.kind in "iu":
+        values = (size.item(),) * rank  # like the NumPy integer it holds
     elif isinstance(size, np.ndarray) and size.ndim == 1:
         values = size.tolist()
     elif isinstance(size, Sequence) and not isinstance(size, str):
@@ -132,7 +135,7 @@ def parse_size(
     ):
         where = "" if spatial is None else f" of the maps, whose spatial shape is {spatial}"
         raise ValueError(
-            f"size must be {'None, ' if optional else ''}a positive int or {rank} positive ints "
+            f"size must be {'None, ' if optional else ''}a positive int or {rank} positive int{'s' * (rank > 1)} "
             f"(one per spatial axis{where}), got {size!r}"
         )
     return tuple(int(s) for s in values)

@@ -67,6 +67,16 @@ Score = Callable[[np.ndarray], Any]
 # --- Checks ----------------------------------------------------------------------------------
 
 
+def _positive_int(name: str, value: Any, most: int | None = None) -> int:
+    """``value`` as an int in [1, ``most``]; a bool, a float or a string is refused by name."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if not 1 <= value <= (value if most is None else most):
+        bound = "" if most is None else f" and <= {most}"
+        raise ValueError(f"{name} must be an int >= 1{bound}, got {value!r}")
+    return int(value)
+
+
 def _maps(maps: Array, name: str = "maps", min_rank: int = 2) -> np.ndarray:
     m = np.asarray(to_numpy(maps))
     if m.dtype.kind not in "fiu":
@@ -149,7 +159,9 @@ def pointing_game(maps: Array, masks: Array, *, tolerance: float = 0.0, ties: st
     m = _maps(maps)
     s = _masks(masks, m.shape, empty)
     _check_ties(ties, ("share", "any", "all"))
-    if tolerance < 0:
+    if isinstance(tolerance, (bool, np.bool_)) or not isinstance(tolerance, (int, float, np.integer, np.floating)):
+        raise TypeError(f"tolerance must be a number of pixels >= 0, got {tolerance!r}")
+    if not tolerance >= 0:  # NaN too
         raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
     if tolerance > 0:
         from scipy import ndimage
@@ -255,8 +267,7 @@ def top_k_intersection(maps: Array, masks: Array, *, k: int = 1000, ties: str = 
     s = _masks(masks, m.shape, empty)
     _check_ties(ties, ("average", "stable"))
     size = int(np.prod(m.shape[1:]))
-    if not 1 <= k <= size:
-        raise ValueError(f"k must be in [1, {size}] (the pixels of a map), got {k}")
+    k = _positive_int("k (the pixels of a map)", k, size)
     n = m.shape[0]
     flat, inside = m.reshape(n, -1), s.reshape(n, -1)
     result = np.array([_top_hits(flat[i], inside[i], k, ties) / k for i in range(n)])
@@ -548,8 +559,7 @@ def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: Sequence[np.nd
     """Scores ``(N, S)``: the first ``counts[k]`` (or, for ``(N, S)`` counts, ``counts[i, k]``) pixels
     of example i's order replaced (by the fill, or for insertion by the input on top of the fill),
     every channel at once."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = _positive_int("batch_size", batch_size)
     n, c = x.shape[:2]
     start, source = (fill, x) if insert else (x, fill)
     counts = np.broadcast_to(counts, (n, counts.shape[-1]))
@@ -571,8 +581,7 @@ def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: Sequence[np.nd
 
 
 def _counts(pixels: int, steps: int) -> np.ndarray:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = _positive_int("steps", steps)
     step = -(-pixels // steps)
     return np.array([*range(0, pixels, step), pixels])
 
@@ -648,16 +657,14 @@ def region_perturbation(score: Score, inputs: Array, maps: Array, targets: Any, 
         raise ValueError(f"maps must have shape (N, H, W), got shape {m.shape}")
     if order not in ("morf", "lerf"):
         raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    if patch_size < 1:
-        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    patch_size = _positive_int("patch_size", patch_size)
     x = _inputs(inputs, m)
     t = _targets(targets, m.shape[0])
     n, h, w = m.shape
     rows, columns = -(-h // patch_size), -(-w // patch_size)
     patch = (np.arange(h)[:, None] // patch_size) * columns + np.arange(w)[None, :] // patch_size
     patch = patch.ravel()
-    if not 1 <= regions <= rows * columns:
-        raise ValueError(f"regions must be in [1, {rows * columns}] (the patches of a map), got {regions}")
+    regions = _positive_int("regions (the patches of a map)", regions, rows * columns)
     sums = np.stack([np.bincount(patch, weights=mi.ravel(), minlength=rows * columns) for mi in m])
     ranked = np.argsort(-sums if order == "morf" else sums, axis=1, kind="stable")[:, :regions]
     # The pixels of the patches in their rank order; the counts at patch boundaries.
@@ -682,7 +689,8 @@ def _confidence(score: Score, inputs: Array, maps: Array, targets: Any, softmax:
     t = _targets(targets, m.shape[0])
     both = np.concatenate([x, x * m[:, None]])
     rows = np.concatenate([np.arange(x.shape[0])] * 2)
-    values = _rescore(score, _chunks(iter(both), batch_size), rows, t, softmax, rows.size, False, "")
+    values = _rescore(score, _chunks(iter(both), _positive_int("batch_size", batch_size)), rows, t, softmax,
+                      rows.size, False, "")
     return values[:x.shape[0]], values[x.shape[0]:]
 
 
@@ -702,7 +710,10 @@ def average_drop(score: Score, inputs: Array, maps: Array, targets: Any, *, soft
     input and :math:`O_i` on :math:`x \odot L` (``maps`` in [0, 1] at the input's size). The paper's
     average drop (%) is ``100 * mean``. ``eps`` 0 by default (torchcam: 1e-7). Returns ``(N,)``."""
     y, o = _confidence(score, inputs, maps, targets, softmax, batch_size)
-    return np.maximum(y - o, 0.0) / (y + eps)
+    denominator = y + eps
+    zero = denominator == 0  # a score of 0 (softmax=False) with eps 0: the drop is undefined
+    drop = np.maximum(y - o, 0.0) / np.where(zero, 1.0, denominator)
+    return _undefined(drop, zero, "the score Y_i + eps is 0 (the drop divides by it)")
 
 
 def increase_in_confidence(score: Score, inputs: Array, maps: Array, targets: Any, *, softmax: bool = True,
@@ -827,7 +838,8 @@ def road(score: Score, inputs: Array, maps: Array, targets: Any, *,
                     yield x[i]
 
     rows = np.repeat(np.arange(n), p.size)
-    values = _rescore(score, _chunks(images(), batch_size), rows, t, softmax, rows.size, progress, "ROAD",
+    values = _rescore(score, _chunks(images(), _positive_int("batch_size", batch_size)), rows, t, softmax,
+                      rows.size, progress, "ROAD",
                       accuracy=measure == "accuracy")
     return Curve(p / 100, values.reshape(n, p.size))
 
@@ -878,8 +890,7 @@ Quantus 0.6's ``MPRT`` and ``RandomLogit`` do (``'quantus'``; see :func:`model_r
 def _check_convention(convention: str, batch_size: int) -> None:
     if convention not in SANITY_CONVENTIONS:
         raise ValueError(f"convention must be one of {SANITY_CONVENTIONS}, got {convention!r}")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _positive_int("batch_size", batch_size)
 
 
 def _quantus_maps(m: np.ndarray, absolute: bool, batch_size: int) -> np.ndarray:

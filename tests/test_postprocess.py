@@ -91,11 +91,19 @@ def test_upsample_keeps_torch_float32_on_its_device():
         (np.ones((2, 3)), (2.5,), r"size must be a positive int"),
         (np.ones((0, 3)), (4,), r"maps must not be empty"),
         (np.array([[np.nan, 1.0]]), (4,), r"maps contains NaN or Inf"),
+        (np.ones((1, 2, 3)), np.array(0), r"size must be a positive int or 2 positive ints .*got array\(0\)$"),
+        (np.ones((1, 2, 3)), "4", r"size must be a positive int or 2 positive ints .*got '4'$"),
+        (np.ones((1, 3)), "4", r"size must be a positive int or 1 positive int \(one per spatial axis\), got '4'$"),
     ],
 )
 def test_upsample_bad_input(maps, size, message):
     with pytest.raises(ValueError, match=message):
         upsample(maps, size)
+
+
+def test_upsample_takes_a_zero_dimensional_int_array_as_the_int_it_holds():
+    x = np.random.default_rng(3).random((2, 3, 5))
+    np.testing.assert_array_equal(upsample(x, np.array(7)), upsample(x, 7))  # was "len() of unsized object"
 
 
 # ---------------------------------------------------------------------------------------------

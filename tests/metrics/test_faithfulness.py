@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import gradcam_ref
 from gradcam_ref import metrics
 from gradcam_ref.backends import numpy_backend
 from gradcam_ref.verify import twins
@@ -126,6 +127,16 @@ def test_confidence_metrics_by_hand():
         metrics.average_drop(linear, x, heat * 2, t)
 
 
+def test_average_drop_of_a_zero_score_is_nan_with_a_warning():
+    """softmax=False with a score of 0: the drop divides by 0 (was NaN with NumPy's RuntimeWarning)."""
+    x = np.stack([np.ones((2, 4, 4)), 2 * np.ones((2, 4, 4))])
+    heat = np.full((2, 4, 4), 0.5)
+    shifted = lambda z: np.stack([z[:, 0, 0, 0] - 1, np.zeros(len(z))], 1)  # noqa: E731  Y = [0, 1], O = [-0.5, 0]
+    with pytest.warns(gradcam_ref.MetricWarning, match=r"the score Y_i \+ eps is 0 .* for examples \[0\]"):
+        drop = metrics.average_drop(shifted, x, heat, 0, softmax=False)
+    np.testing.assert_array_equal(drop, [np.nan, 1.0])  # example 1: max(1 - 0, 0) / 1
+
+
 def test_noisy_linear_imputation_solves_the_neighbour_equations():
     rng = np.random.default_rng(3)
     image = rng.standard_normal((3, 9, 11))
@@ -180,8 +191,17 @@ def test_bad_input_is_a_clear_error():
         metrics.deletion(linear, x, heat, [-1, 0])  # not the last class
     with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 3\) \(the classes score returns\)"):
         metrics.average_drop(linear, x, heat, [0, 3])
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         metrics.deletion(linear, x, heat, 0, batch_size=0)
+    for bad in (1.5, True):  # 1.5 put every input in one batch; True read as 1
+        with pytest.raises(TypeError, match=f"batch_size must be an int >= 1, got {bad}$"):
+            metrics.deletion(linear, x, heat, 0, batch_size=bad)
+        with pytest.raises(TypeError, match=f"batch_size must be an int >= 1, got {bad}$"):
+            metrics.average_drop(linear, x, heat, 0, batch_size=bad)
+    with pytest.raises(TypeError, match="steps must be an int >= 1, got True"):
+        metrics.deletion(linear, x, heat, 0, steps=True)
+    with pytest.raises(ValueError, match=r"regions \(the patches of a map\) must be an int >= 1 and <= 4, got 5"):
+        metrics.region_perturbation(linear, x, heat, 0, patch_size=2, regions=5)
     with pytest.raises(ValueError, match=r"score must return \(B, classes\)"):
         metrics.deletion(lambda z: linear(z)[:, 0], x, heat, 0)
     with pytest.raises(ValueError, match="baseline must be a number"):

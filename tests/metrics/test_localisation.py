@@ -116,6 +116,23 @@ def test_bad_input_is_a_clear_error(function):
         function(maps, masks * 0.5)
 
 
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda m, s: metrics.pointing_game(m, s, tolerance=float("nan")), ValueError,
+     "tolerance must be >= 0 pixels, got nan"),  # NaN read as 0
+    (lambda m, s: metrics.pointing_game(m, s, tolerance="1"), TypeError, "tolerance must be a number of pixels"),
+    (lambda m, s: metrics.top_k_intersection(m, s, k=2.5), TypeError,
+     r"k \(the pixels of a map\) must be an int >= 1, got 2.5"),  # NumPy's "Partition index must be integer"
+    (lambda m, s: metrics.top_k_intersection(m, s, k=True), TypeError, "must be an int >= 1, got True"),
+    (lambda m, s: metrics.top_k_intersection(m, s, k=17), ValueError,
+     r"k \(the pixels of a map\) must be an int >= 1 and <= 16, got 17"),
+])
+def test_bad_options_are_named(call, error, message):
+    maps, masks = np.random.default_rng(0).random((2, 4, 4)), np.ones((2, 4, 4), bool)
+    masks[:, 0, 0] = False
+    with pytest.raises(error, match=message):
+        call(maps, masks)
+
+
 def test_torch_and_jax_arrays_give_the_numpy_values():
     import jax.numpy as jnp
     import torch
