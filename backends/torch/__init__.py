@@ -201,7 +201,15 @@ def _capture(
 
         _check_captured(leaf, scores, inputs, where)
         targets = resolve_targets(target, scores)
-        gradients = _gradients(scores, leaf, targets, where, attached)
+        try:
+            gradients = _gradients(scores, leaf, targets, where, attached)
+        except RuntimeError as error:
+            if "use_reentrant" not in str(error):
+                raise
+            raise ValueError(
+                f"the model runs torch.utils.checkpoint(use_reentrant=True) between {where} and the "
+                "score, which torch.autograd.grad cannot differentiate: use use_reentrant=False"
+            ) from error
         if not attached:  # the graph's last reference: a retained graph (sparse seeds) goes now
             scores = scores.detach()
         activations = leaf if attached else leaf.detach()
@@ -498,7 +506,10 @@ def _grad(
 def _reached(g: torch.Tensor | None, where: str) -> torch.Tensor:
     """``g``, the gradient at ``where``; None (no autograd path from ``where`` to the score) is refused."""
     if g is None:
-        raise ValueError(f"the score does not depend on {where}: no autograd path from it to the score")
+        raise ValueError(
+            f"the score does not depend on {where}: no autograd path from it to the score (a layer run "
+            "inside torch.utils.checkpoint(use_reentrant=True) has none either: use use_reentrant=False)"
+        )
     return g
 
 

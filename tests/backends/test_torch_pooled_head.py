@@ -188,7 +188,7 @@ def test_a_score_that_does_not_depend_on_the_layer_is_refused_as_on_the_dense_pa
     scores = linear(torch.relu(other).mean(dim=(2, 3)))
     assert torch_backend._linear_of_mean(scores, leaf) is not None
     for targets in (np.array([2]), np.array([[2, 3]])):
-        with pytest.raises(ValueError, match="^the score does not depend on A: no autograd path from it to the score$"):
+        with pytest.raises(ValueError, match="^the score does not depend on A: no autograd path from it to the score "):
             torch_backend._gradients(linear(torch.relu(other).mean(dim=(2, 3))), leaf, targets, "A")
 
 

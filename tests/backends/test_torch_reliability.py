@@ -146,3 +146,41 @@ def test_backend_numpy_on_a_torch_model_is_a_type_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     with pytest.raises(TypeError, match=r"the numpy backend runs an Oracle network, got model of type Sequential"):
         gradcam_ref.explain(model, torch.randn(1, 3, 8, 8), layer="0", backend="numpy")
+
+
+class Checkpointed(nn.Module):
+    """stem -> block under torch.utils.checkpoint -> head."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.block, self.stem(x), use_reentrant=self.reentrant))
+
+
+def test_reentrant_checkpointing_is_named_and_the_other_kind_works():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    net = Checkpointed(reentrant=True).double().eval()
+    with pytest.raises(ValueError, match=r"no autograd path from it to the score \(a layer run inside "
+                                         r"torch.utils.checkpoint\(use_reentrant=True\)"):
+        gradcam_ref.explain(net, x, [0, 1], layer="block.1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "None of the inputs have requires_grad=True"
+        with pytest.raises(ValueError, match=r"^the model runs torch.utils.checkpoint\(use_reentrant=True\) between "
+                                             r"the output of layer 'stem' and the score"):
+            gradcam_ref.explain(net, x, [0, 1], layer="stem")
+    plain = Checkpointed(reentrant=False).double().eval()
+    plain.load_state_dict(net.state_dict())
+    for layer in ("block.1", "stem"):
+        got = gradcam_ref.explain(plain, x, [0, 1], layer=layer)
+        a = got.activations.clone().requires_grad_(True)
+        rest = (lambda v: plain.head(plain.block(v))) if layer == "stem" else plain.head
+        (g,) = torch.autograd.grad(rest(a)[[0, 1], [0, 1]].sum(), a)
+        torch.testing.assert_close(got.gradients, g, rtol=1e-12, atol=1e-15)
