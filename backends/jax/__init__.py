@@ -131,7 +131,7 @@ def explain(*args: Any, **kwargs: Any) -> Explanation:
 def score(model: Any, inputs: Any, *, params: Any = None) -> jax.Array:
     """The scores ``(N, classes)`` of ``model = (features, head)`` on ``inputs``, jitted (for re-scoring)."""
     seam, params, _ = jax_models.seam(model, None, params=params)
-    x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
+    x = _as_inputs(inputs)
     out = _scores(x, params, seam=seam)
     check_scores(out)
     _check_same_batch("the model's output", out, x)
@@ -153,9 +153,10 @@ def _run(
     stop = differentiable_mode(differentiable, guided) == "stop"
     seam, params, default_axis = jax_models.seam(model, layer, variables=variables, call=call, params=params)
     channel_axis = default_axis if channel_axis is None else channel_axis
-    x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
-    if x.ndim < 1:
-        raise ValueError(f"inputs must have a batch axis, shape (N, ...), got shape {shape_of(x)}")
+    x = _as_inputs(inputs)
+    guided = bool(guided)
+    if guided and not jnp.issubdtype(x.dtype, jnp.floating):  # JAX would pull back a float0 cotangent
+        raise TypeError(f"guided=True differentiates w.r.t. the inputs, which must be floating, got {x.dtype}")
     static = {"seam": seam, "channel_axis": channel_axis}
     # The forward pass's shapes, from an abstract trace (cached by jax.jit): A is checked inside it.
     a_struct, scores = _forward.eval_shape(x, params, **static)
@@ -171,7 +172,6 @@ def _run(
         check_scores(scores)
         _check_same_batch("the model's scores", scores, x)
         indices, targets_out = _class_indices(target, scores)
-    guided = bool(guided)
     if guided and channel_axis != 1 and x.ndim != a_struct.ndim:
         raise ValueError(
             f"guided=True with channel_axis={channel_axis}: the inputs are taken to have their channels "
@@ -429,7 +429,7 @@ def perturb(
     check_where(where)
     seam, params, default_axis = jax_models.seam(model, layer, variables=variables, call=call, params=params)
     channel_axis = default_axis if channel_axis is None else channel_axis
-    x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
+    x = _as_inputs(inputs)
     a_raw, scores = _forward(x, params, seam=seam, channel_axis=channel_axis)
     axis = _channel_axis(channel_axis, a_raw.ndim)
     a = jnp.moveaxis(a_raw, axis, 1)
@@ -466,6 +466,18 @@ _score_inputs = jax.jit(lambda params, batch, *, seam: seam.forward(params, batc
 
 
 _check_hashable = jax_models.check_hashable
+
+
+def _as_inputs(inputs: Any) -> jax.Array:
+    """``inputs`` as a JAX array (NumPy arrays converted), refused before any trace if not a non-empty batch.
+
+    An empty batch would reach the model, where a flatten head divides by N = 0 (an integer modulo
+    by zero inside the trace), as in torch and TensorFlow it is refused by name.
+    """
+    x = inputs if isinstance(inputs, jax.Array) else jnp.asarray(inputs)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"inputs must be a non-empty batch (N, ...), got shape {shape_of(x)}")
+    return x
 
 
 def _channel_axis(channel_axis: int, rank: int) -> int:

@@ -58,7 +58,7 @@ def seam(
         if layer is not None or call is not None:
             raise ValueError(
                 f"in the split form (features, head) the layer is the seam between them; layer and call "
-                f"must be None, got layer={layer!r}, call={call!r}"
+                f"must be None, got layer={shown(layer)}, call={shown(call)}"
             )
         features, head = model
         for name, fn in (("features", features), ("head", head)):
@@ -262,11 +262,31 @@ class _AtPath(_AtLayer):
         return f"layer {'.'.join(self.path)!r}"
 
 
-def _path(layer: Any, kind: str) -> tuple[str, ...]:
+def _path(layer: Any, kind: str, hint: str = "") -> tuple[str, ...]:
+    """``layer``'s parts; ``hint`` ends the message of a module object given instead (:func:`_named`)."""
     if not isinstance(layer, str) or not layer:
         raise TypeError(f"layer must be the dotted name of a submodule of the {kind} model (e.g. 'backbone.conv'), "
-                        f"got {layer!r}")
+                        f"got {shown(layer)}{hint}")
     return tuple(layer.split("."))
+
+
+def _named(layer: Any, model: Any, paths: Any) -> str:
+    """The hint for a module object given as ``layer``: its name in ``model`` (``paths``: name, node pairs)."""
+    found = next((name for name, node in paths if node is layer), None)
+    if found is None:
+        return f"; it is not a submodule of {type(model).__name__}"
+    return f"; this one is at {found!r}: pass layer={found!r}"
+
+
+def shown(value: Any) -> str:
+    """``value`` in a one-line message: its repr if that is one short line, else what it is.
+
+    A module's repr spans many lines (all its parameters, for NNX), an array's may.
+    """
+    text = repr(value)
+    if "\n" in text or len(text) > 80:
+        return f"a {type(value).__name__} {'module' if is_model(value) else 'object'}"
+    return text
 
 
 # Flax linen --------------------------------------------------------------------------------------
@@ -310,6 +330,9 @@ def _linen(model: Any, layer: Any, variables: Any, call: int | None) -> tuple[Li
     else:
         module = model
     if layer is not None and not isinstance(layer, str) and getattr(layer, "scope", None) is not None:
+        if not layer.path:
+            raise TypeError(f"layer, a bound {type(layer).__name__} module, is the root of its own binding, not a "
+                            f"submodule of {type(module).__name__}: pass its dotted path (as in module.path)")
         layer = ".".join(layer.path)  # a bound submodule
     if layer is None:
         raise ValueError(f"layer is required for a linen model: the dotted path of a submodule of "
@@ -392,7 +415,10 @@ def _nnx_names(model: Any) -> list[str]:
 def _nnx(model: Any, layer: Any, call: int | None) -> tuple[Nnx, Any, int]:
     from flax import nnx
 
-    path = _path(layer, "nnx")
+    hint = ""
+    if isinstance(layer, nnx.Module):  # the docs take names only; the hint names this one's
+        hint = _named(layer, model, ((".".join(map(str, p)), node) for p, node in nnx.iter_graph(model) if p))
+    path = _path(layer, "nnx", hint)
     _resolve(model, path, lambda: _nnx_names(model))
     training = sorted({type(node).__name__ for _, node in nnx.iter_graph(model)
                        if getattr(node, "use_running_average", None) is False
@@ -481,6 +507,10 @@ def _equinox(model: Any, layer: Any, call: int | None) -> tuple[Equinox, Any, in
         _resolve(model, path, lambda: _eqx_names(model))
         where: Callable[[Any], Any] = _Where(path)
         what = f"layer {layer!r}"
+    elif isinstance(layer, eqx.Module):  # callable, but a submodule, not a where function
+        hint = _named(layer, model, ((n, _Where(tuple(n.split(".")))(model)) for n in _eqx_names(model)))
+        raise TypeError(f"layer must be a dotted name (e.g. 'features.3') or a where function "
+                        f"(e.g. lambda m: m.features[3]), got {shown(layer)}{hint}")
     elif callable(layer):
         check_hashable("layer (a where function)", layer)
         try:
@@ -491,7 +521,7 @@ def _equinox(model: Any, layer: Any, call: int | None) -> tuple[Equinox, Any, in
             raise TypeError(f"layer, a where function, must pick a callable submodule, got a {type(node).__name__}")
         where, what = layer, f"the layer picked by {getattr(layer, '__name__', 'where')}"
     else:
-        raise TypeError(f"layer must be a dotted name (e.g. 'features.3') or a where function, got {layer!r}")
+        raise TypeError(f"layer must be a dotted name (e.g. 'features.3') or a where function, got {shown(layer)}")
     params, static = eqx.partition(model, eqx.is_array)
     check_hashable("the Equinox model's static part", static)
     return Equinox(static, where, call, what), params, CHANNELS_FIRST

@@ -409,7 +409,7 @@ def _identity_head(a):
     ((_features, _head), X, None, {"channel_axis": 4}, ValueError, r"1\.\.3 or -3\.\.-1, got 4"),
     ((lambda x: x[:1], _head), X, None, {}, ValueError, r"features\(inputs\) must keep the batch axis first"),
     (_features, X, None, {}, TypeError, r"model must be a pair \(features, head\) of callables"),
-    ((_features, _head), jnp.float32(1), None, {}, ValueError, r"inputs must have a batch axis"),
+    ((_features, _head), jnp.float32(1), None, {}, ValueError, r"inputs must be a non-empty batch \(N, \.\.\.\), got shape \(\)$"),
 ])
 def test_bad_input_gives_clear_errors(model, inputs, target, options, error, message):
     with pytest.raises(error, match=message):
@@ -420,3 +420,36 @@ def test_non_finite_activations_are_named_even_where_the_relu_would_hide_them():
     """GAP -> linear: dy/dA does not depend on A, so only the signed map sees the NaN."""
     with pytest.raises(ValueError, match=r"activations contains NaN or Inf \(1 of 96 values\)"):
         gradcam_ref.explain((_features, _head), X.at[0, 0, 0, 0].set(jnp.nan))
+
+
+def _flatten_head(a):  # (N, K, H, W) -> (N, 3): the reshape divides by N, as a Flax flatten head does
+    return a.reshape(a.shape[0], -1) @ jnp.ones((a.shape[1] * a.shape[2] * a.shape[3], 3))
+
+
+def test_an_empty_batch_is_refused_by_name_before_the_model_runs():
+    """N = 0 reached the model: a flatten head failed inside the trace with 'integer modulo by zero'
+    (ZeroDivisionError). It is refused first, in the words of the torch and TensorFlow backends;
+    also by score and perturb (Score-CAM, Ablation-CAM), which trace the model too."""
+    import flax.linen as nn
+
+    class Flatten(nn.Module):  # the sweep's model: ZeroDivisionError inside the trace
+        @nn.compact
+        def __call__(self, x):
+            a = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="conv")(x))
+            return nn.Dense(3, name="fc")(a.reshape(a.shape[0], -1))
+
+    linen = Flatten().bind(Flatten().init(jax.random.key(0), jnp.zeros((2, 8, 8, 3))))
+    with pytest.raises(ValueError) as raised:
+        gradcam_ref.explain(linen, jnp.zeros((0, 8, 8, 3)), layer="conv")
+    assert str(raised.value) == "inputs must be a non-empty batch (N, ...), got shape (0, 8, 8, 3)"
+    message = "inputs must be a non-empty batch (N, ...), got shape (0, 3, 4, 4)"
+    model, empty = (_features, _flatten_head), np.zeros((0, 3, 4, 4), np.float32)
+    calls = [lambda: jax_backend.explain(model, empty), lambda: jax_backend.capture(model, jnp.asarray(empty), 0),
+             lambda: jax_backend.explain(model, empty, guided=True), lambda: jax_backend.score(model, empty),
+             lambda: gradcam_ref.explain(model, jnp.asarray(empty), method="score-cam")]
+    for call in calls:
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value) == message
+    one = jax_backend.explain(model, np.ones((1, 3, 4, 4), np.float32))  # N = 1 runs
+    np.testing.assert_array_equal(one.maps, np.full((1, 4, 4), 3.0))  # A = 1, dy/dA = 1: alpha_k = 1, K = 3

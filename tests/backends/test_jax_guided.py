@@ -331,3 +331,31 @@ def test_efficientnet_lite0_jax_equals_torch():
     assert e.guided_backprop.shape == (1, 2, 3, 224, 224)
     assert rel_err(e.guided_backprop, ours.guided_backprop) < 1e-10
     assert rel_err(e.guided_grad_cam, ours.guided_grad_cam) < 1e-10
+
+
+def test_guided_with_integer_inputs_is_refused_by_name_up_front():
+    """uint8 images into a Flax model that promotes them: Grad-CAM runs (dy/dA needs no input
+    gradient), guided=True differentiates w.r.t. the inputs and is refused before anything is
+    traced, in the torch and TensorFlow backends' words (it was 'guided_backprop must have a real
+    numeric dtype, got [('float0', 'V')]', JAX's integer cotangent, from the core's check)."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            a = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="conv")(x))
+            return nn.Dense(3, name="fc")(a.mean(axis=(1, 2)))
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    model = Net().bind(Net().init(jax.random.key(0), jnp.zeros((2, 8, 8, 3))))
+    plain = gradcam_ref.explain(model, jnp.asarray(images), layer="conv")
+    as_float = gradcam_ref.explain(model, jnp.asarray(images, jnp.float32), layer="conv")
+    np.testing.assert_array_equal(plain.maps, as_float.maps)  # Flax promotes uint8 to float32
+    for inputs, dtype in ((images, "uint8"), (images.astype(np.int32), "int32"), (images > 127, "bool")):
+        with pytest.raises(TypeError) as raised:
+            gradcam_ref.explain(model, jnp.asarray(inputs), layer="conv", guided=True)
+        assert str(raised.value) == f"guided=True differentiates w.r.t. the inputs, which must be floating, got {dtype}"
+    split = (lambda x: jax.nn.relu(x.astype(jnp.float32) - 100.0), lambda a: a.mean(axis=(2, 3)))
+    with pytest.raises(TypeError, match=r"^guided=True differentiates w\.r\.t\. the inputs, which must be floating, "
+                                        r"got uint8$"):
+        jax_backend.capture(split, jnp.asarray(images.transpose(0, 3, 1, 2)), 0, guided=True)

@@ -480,3 +480,40 @@ def test_an_nnx_model_in_training_mode_is_refused_and_left_in_it():
     scale = 1 / np.sqrt(1 + model.norm.epsilon)  # running statistics of a new model: mean 0, var 1
     conv = np.asarray(model.conv(x))
     np.testing.assert_allclose(evaluated.activations, np.moveaxis(conv * scale, -1, 1), rtol=1e-5, atol=1e-6)
+
+
+NNX_NAMES = "layer must be the dotted name of a submodule of the nnx model (e.g. 'backbone.conv'), got "
+EQX_NAMES = ("layer must be a dotted name (e.g. 'features.3') or a where function (e.g. lambda m: m.features[3]), "
+             "got ")
+
+
+@pytest.mark.parametrize(("make", "pick", "message"), [
+    ("nnx", lambda m: m.body, NNX_NAMES + "a Sequential module; this one is at 'body': pass layer='body'"),
+    ("nnx", lambda m: m.body.layers[0],
+     NNX_NAMES + "a Conv module; this one is at 'body.layers.0': pass layer='body.layers.0'"),
+    ("nnx", lambda m: nnx.Linear(2, 2, rngs=nnx.Rngs(0)), NNX_NAMES + "a Linear module; it is not a submodule of NnxGap"),
+    ("equinox", lambda m: eqx.nn.Linear(2, 2, key=jax.random.key(0)),
+     EQX_NAMES + "a Linear module; it is not a submodule of EqxGap"),
+    ("equinox", lambda m: m.body[0], EQX_NAMES + "a Conv module; this one is at 'body.0': pass layer='body.0'"),
+    ("equinox", lambda m: m.fc, EQX_NAMES + "a Linear module; this one is at 'fc': pass layer='fc'"),
+    ("linen", lambda m: nn.Dense(3), "layer must be the dotted name of a submodule of the linen model "
+     "(e.g. 'backbone.conv'), got a Dense module"),
+    ("linen", lambda m: nn.Dense(3).bind({"params": {}}), "layer, a bound Dense module, is the root of its own "
+     "binding, not a submodule of LinenGap: pass its dotted path (as in module.path)"),
+    ("split", lambda m: m.fc, "in the split form (features, head) the layer is the seam between them; layer and "
+     "call must be None, got layer=a Linear module, call=None"),
+])
+def test_a_module_object_where_a_name_is_wanted_is_named_on_one_line(make, pick, message):
+    """NNX takes names only (an Equinox module is not a where function); the message named the module
+    by its repr, many lines of every parameter. Now its type, and its name when it is the model's."""
+    with jax.enable_x64(True):
+        model, _, _, _, channels_last = build("nnx" if make == "split" else make, P)
+        x = inputs(np.random.default_rng(0), {**P, "values": "normal"}, channels_last)
+        layer = pick(model)
+        if make == "split":
+            net = model
+            model = (lambda v: jnp.moveaxis(net.body(v), -1, 1), lambda a: net.head(jnp.moveaxis(a, 1, -1)))
+        with pytest.raises((TypeError, ValueError)) as raised:
+            gradcam_ref.explain(model, x, layer=layer)
+        assert "\n" in repr(layer)  # what the message embedded
+    assert str(raised.value) == message
