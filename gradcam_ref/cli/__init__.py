@@ -11,7 +11,8 @@
   [--engine local|dask|ray]``: a whole data set into a resumable zarr store (docs/scale.md).
 
 Input problems (an unreadable image, an unknown layer or label, weights that do not fit, a
-missing optional dependency, a model module, factory or forward pass that raises) end with exit
+missing optional dependency, a model module, factory or forward pass that raises, an output path
+that cannot be made: checked before any work, by ``_common.check_output``) end with exit
 status 2 and a one-line message, and leave nothing half-written: outputs are written to a staging
 folder and moved into place only when the whole run has succeeded; Ctrl-C (130) and SIGTERM (143)
 remove it too.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import importlib
 import importlib.resources
 import os
@@ -163,22 +164,71 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def check_output(option: str, value: str | os.PathLike[str], *, folder: bool) -> Path:
+    """``option``'s path, refused before any work if it cannot be written; the one check of every command.
+
+    ``folder``: the output is a folder (created with its missing parents, or an existing one
+    written into); otherwise a file, written atomically (a temporary file beside it, renamed).
+    Refused: a file (or anything but a folder) where a folder must be or above the path, a
+    folder where the file must be, a missing name too long for the file system, and a place
+    that takes no new entry (a read-only or virtual file system: an empty temporary folder is
+    made in the nearest existing folder and removed at once, since no permission bit tells
+    that, nor anything to root).
+
+    Raises:
+      UsageError: ``"{option} {value}: {why}"``, one line.
+    """
+    path = Path(value)
+    problem = _output_problem(path, folder)
+    if problem is not None:
+        raise UsageError(f"{option} {path}: {problem}")
+    return path
+
+
+def _output_problem(path: Path, folder: bool) -> str | None:
+    """Why ``path`` cannot be written (see :func:`check_output`), or None."""
+    chain = [path, *path.parents]
+    found = next((p for p in chain if os.path.lexists(p)), None)
+    if found is None:
+        return "cannot create it (no folder above it exists)"
+    if found == path:
+        if folder and not path.is_dir():
+            return "exists and is not a directory"
+        if not folder and path.is_dir():
+            return "is a directory, not a file"
+        base, missing = (path if folder else path.parent), []
+    else:
+        if not found.is_dir():
+            return f"{found} is a file, not a directory" if found.is_file() else f"{found} is not a directory"
+        base, missing = found, list(path.relative_to(found).parts)
+    try:
+        longest = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError):  # not known here
+        longest = None
+    if longest is not None and longest > 0 and any(len(os.fsencode(name)) > longest for name in missing):
+        return f"cannot create it ({os.strerror(errno.ENAMETOOLONG)})"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gradcam-ref-probe-", dir=base))
+    except OSError as error:
+        where = "cannot write into it" if base == path else "cannot create it"
+        return f"{where} ({error.strerror or error})"
+    return None
+
+
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A staging folder inside ``out``; its files move into ``out`` only if the block succeeds.
 
-    On failure the staging folder is removed, and so are ``out`` and the parents of it that
-    this call created: nothing is left behind.
+    ``out`` is checked by :func:`check_output` first (the commands check it before any work as
+    well). On failure the staging folder is removed, and so are ``out`` and the parents of it
+    that this call created: nothing is left behind.
     """
+    check_output("--out", out, folder=True)
     created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), out)
-        where = "exists and is not a directory" if blocker == out else f"{blocker} is a file, not a directory"
-        raise UsageError(f"--out {out}: {where}") from None
-    except OSError as error:
-        raise UsageError(f"--out {out}: cannot create it ({error.strerror})") from None
+    except OSError as error:  # since the check, something else got in the way
+        raise UsageError(f"--out {out}: cannot create it ({error.strerror or error})") from None
     stage = Path(tempfile.mkdtemp(prefix=".gradcam-ref-", dir=out))
     try:
         with terminate_as_exit():

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref.cli._common import UsageError, import_torch_cli, model_inputs
+from gradcam_ref.cli._common import UsageError, check_output, import_torch_cli, model_inputs
 from gradcam_ref.cli._options import MODEL_OPTIONS, add_shared, positive
 
 
@@ -165,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
     import gradcam_ref
     from gradcam_ref.dataset import Interrupted, StoreMismatch, UnreadableImage
 
+    out = check_output("--out", args.out, folder=True)
+    if out.exists() and not args.resume:
+        raise UsageError(_EXISTS.format(out=args.out))
     size, mean, std = model_inputs(args)
     torch_cli = import_torch_cli()
     loaded = torch_cli.load(args.model, weights=args.weights, layer=args.layer, call=args.call, device=args.device)
@@ -181,8 +184,10 @@ def run(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         print(stop.summary)
         return 128 + stop.signal
-    except FileExistsError as error:
-        raise UsageError(f"--out {args.out}: exists; add --resume to continue it, or choose another --out") from error
+    except FileExistsError as error:  # the store (made since the check), or something in the way of it
+        if out.exists() and not args.resume:
+            raise UsageError(_EXISTS.format(out=args.out)) from None
+        raise UsageError(f"--out {args.out}: cannot create it ({error.strerror or error})") from None
     except (StoreMismatch, UnreadableImage, ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
     print(summary)
@@ -193,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
     if scoring:
         print(_means(args.out, scoring["metrics"]))
     return 0
+
+
+_EXISTS = "--out {out}: exists; add --resume to continue it, or choose another --out"
 
 
 def _means(out: str, names: list[str]) -> str:

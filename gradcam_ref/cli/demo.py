@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradcam_ref.cli._common import (
+    check_output,
     class_names,
     guided_panel,
     heat_on,
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     """The real demo: EfficientNet-Lite0, four photos, top-5, figures, peaks, a counterfactual."""
     if args.oracle:
         return _demo_oracle(args)
+    out = check_output("--out", args.out, folder=True)
     start = time.perf_counter()
     import skimage.data
 
@@ -60,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"Eq. 1  alpha_k^c = (1/Z) sum_ij dy^c/dA^k_ij, Z = {z};  Eq. 2  L^c = ReLU(sum_k alpha_k^c A^k)")
     print(f"photos: scikit-image's {', '.join(f for _, f in DEMO_PHOTOS)}, each resized to "
           f"{size[0]} x {size[1]}; maps upsampled (half-pixel bilinear) onto the photo\n")
-    out = Path(args.out)
     written = []
     with staged_output(out) as stage:
 

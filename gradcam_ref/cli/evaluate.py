@@ -36,6 +36,7 @@ import numpy as np
 from gradcam_ref._methods import METHODS as _METHODS
 from gradcam_ref.cli._common import (
     UsageError,
+    check_output,
     class_names,
     import_torch_cli,
     load_image,
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from gradcam_ref.zoo import efficientnet_lite0 as zoo
 
     start = time.perf_counter()
+    if args.json:  # written after every metric ran: refused now if it cannot be
+        check_output("--json", args.json, folder=False)
+    if args.lesions:  # the model's cache
+        check_output("--out", args.out, folder=True)
     load = os.getloadavg()  # recorded in --json beside the elapsed time: on a shared machine it explains it
     methods = _METHODS if args.methods == "all" else _names(args.methods, METHODS, "--methods")
     faithfulness = _names(args.faithfulness, _evaluate.FAITHFULNESS, "--faithfulness") if args.faithfulness else ()
@@ -268,10 +273,21 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
+    """``document`` to ``path``, atomically: a temporary file beside it (a short name: ``path``'s own
+    may be as long as the file system allows), renamed; removed if anything fails."""
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".gradcam-ref-", suffix=".json.tmp",
                                      delete=False) as handle:
-        json.dump(document, handle, indent=1)
-    os.replace(handle.name, path)
+        try:
+            json.dump(document, handle, indent=1)
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+    try:
+        os.replace(handle.name, path)
+    except BaseException:
+        os.unlink(handle.name)
+        raise

@@ -11,6 +11,7 @@ import numpy as np
 
 from gradcam_ref.cli._common import (
     UsageError,
+    check_output,
     guided_panel,
     heat_on,
     import_torch_cli,
@@ -30,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gradcam_ref import viz
 
+    out = check_output("--out", args.out, folder=True)
     names = read_labels(args.labels)
     target = parse_target(args.target, names)
     paths = [Path(p) for p in args.images]
@@ -45,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
 
     stems = _unique_stems(paths)
     batches = [range(i, min(i + args.batch_size, len(paths))) for i in range(0, len(paths), args.batch_size)]
-    out = Path(args.out)
     with staged_output(out) as stage:
         bar = tqdm(batches, unit="batch", desc="gradcam-ref explain", disable=True if len(batches) < 2 else None,
                    file=sys.stderr)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from gradcam_ref.cli._common import UsageError
+from gradcam_ref.cli._common import UsageError, check_output
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,9 +24,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     if any(k > config.train for k in config.masks):
         raise UsageError(f"--masks {','.join(map(str, config.masks))}: at most --train {config.train} images")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+    out = check_output("--out", args.out, folder=True)
     start = time.perf_counter()
     print("GAIN (Li et al. 2018) on SYNTHETIC dermoscopy-like lesions with a planted ink/ruler cue; "
           "CPU, nothing downloaded")
