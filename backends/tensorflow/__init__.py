@@ -5,8 +5,9 @@ How a call runs (the full account, with examples: docs/backends.md):
 1. The part before the layer runs with no tape: a Keras model is split at ``layer`` into
    ``features = keras.Model(model.inputs, [A, *frontier])`` and ``head = keras.Model([A, *frontier],
    model.outputs)`` (``frontier``: tensors from before the layer that skip over it), built from
-   the model's own graph, kept for the last :data:`CACHED` (model, layer) pairs; nothing of the
-   model is changed.
+   the model's own graph (A: the output of the layer's one node in it; a nested model is a layer
+   like any other), kept for the last :data:`CACHED` (model, layer) pairs; nothing of the model is
+   changed.
 2. ``tf.GradientTape`` watches A only and records ``head``: :math:`\partial y^c/\partial A` is one
    backward pass from the score to the layer; no variable is watched. ``(N, T)`` targets are one
    pull-back of the T seeds of the ``(N, T)`` selected scores, vectorised (``tf.vectorized_map``,
@@ -23,12 +24,15 @@ The model is called with ``training=False``; ``guided=True`` runs one more pass 
 (:mod:`~gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``: the core's math
 runs on them (:mod:`gradcam_ref._tf_array_api`), Eq. 1-2 inside the compiled program. :func:`perturb`
 re-scores perturbed copies (Score-CAM: inputs through the model; Ablation-CAM: A through ``head``).
+Inputs are checked against the model's input shape and for NaN/Inf (in the program: compiled kernels
+may make a number of a NaN); a softmax output warns (:class:`ProbabilityScoresWarning`).
 """
 
 from __future__ import annotations
 
 import collections
 import difflib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +69,7 @@ NAME = "tensorflow"
 GUIDED = True
 DIFFERENTIABLE = False
 
-__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "perturb", "score"]
+__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "ProbabilityScoresWarning", "capture", "explain", "perturb", "score"]
 
 
 def capture(
@@ -83,7 +87,7 @@ def capture(
     Args:
       model: a functional or sequential ``keras.Model`` (built) returning ``(N, C)`` scores, or a
         ``(features, head)`` pair of TF callables with scores ``head(features(inputs))``.
-      inputs: one batch ``(N, ...)``: a ``tf.Tensor`` or a NumPy array.
+      inputs: one batch ``(N, ...)``: a ``tf.Tensor`` or a NumPy array, of the model's input shape, finite.
       target: None | int | N ints | int array ``(N, T)`` | callable ``scores -> (N,)`` (traced
         into the compiled program: pass the same function object to reuse it).
       layer: a layer name (or the ``keras.Layer``) of ``model``; None in the split form.
@@ -106,6 +110,7 @@ def _capture(model: Any, inputs: Any, target: Any, layer: Any, guided: bool, cha
     program and whether they are all finite (a boolean tensor)."""
     x = _as_inputs(inputs)
     program, where = _program_for(model, layer)
+    _check_input_shape(x, program)
     axis = _channel_axis(channel_axis)
     n = int(x.shape[0])
     if callable(target):
@@ -122,7 +127,14 @@ def _capture(model: Any, inputs: Any, target: Any, layer: Any, guided: bool, cha
                 raise
             checked = class_indices(np.abs(np.asarray(target)), proxy)  # negative: refused after the run
         kind, indices = ("multi" if checked.ndim == 2 else "single"), tf.convert_to_tensor(checked)
-    a, g, scores, chosen, y, cleared, fields, finite = program.get(kind, compiled, axis, with_fields)(x, indices)
+    if program.probabilities is not None and not callable(target):
+        warnings.warn(program.probabilities, ProbabilityScoresWarning, stacklevel=3)
+    if not compiled:  # eagerly the core inside the program would name the activations first
+        _check_finite_inputs(x)
+    run = program.get(kind, compiled, axis, with_fields, len(x.shape))
+    a, g, scores, chosen, y, cleared, fields, finite, x_finite = run(x, indices)
+    if x_finite is not None and not bool(x_finite):
+        _check_finite_inputs(x)
     _check_captured(a, scores, x, where)
     if callable(target):
         check_target_scores(_host_proxy(y), n)
@@ -178,13 +190,19 @@ class _Program:
 
     ``classifier``: ``(trunk, last, dense, pooled)`` when ``head`` ends in a linear
     ``keras.layers.Dense`` ``dense`` (``head = last(trunk(parts))``, ``last`` the model of that one
-    layer; ``pooled``: ``trunk`` is A's channels-last global average), else None.
+    layer; ``pooled``: ``trunk`` is A's channels-last global average), else None. The traced
+    functions are kept per rank of the inputs: a relaxed signature (``reduce_retracing``) then
+    never forgets the rank (a kernel traced for an unknown rank may abort the process).
     """
 
     def __init__(self, features: Callable, head: Callable, whole: Callable, where: str,
-                 classifier: tuple[Callable, Callable, Any, bool] | None = None) -> None:
+                 classifier: tuple[Callable, Callable, Any, bool] | None = None, *,
+                 expected: tuple[str, tuple[int | None, ...]] | None = None,
+                 probabilities: str | None = None) -> None:
         self.features, self.head, self.whole, self.where = features, head, whole, where
         self.classifier = classifier
+        self.expected = expected  # (model name, its input's shape) of a one-input Keras model
+        self.probabilities = probabilities  # the warning when the model's output is a softmax
         self._traced: dict[Any, Callable] = {}
         self._compiled: dict[Any, _Dispatch] = {}
         self.guided: dict[Any, Any] = {}  # the guided pass's traced functions, by target kind
@@ -204,13 +222,15 @@ class _Program:
             self._traced[key] = tf.function(run, reduce_retracing=True)
         return self._traced[key]
 
-    def get(self, kind: Any, compiled: bool, axis: int, with_fields: bool = False) -> Callable:
+    def get(self, kind: Any, compiled: bool, axis: int, with_fields: bool = False, rank: int = 0) -> Callable:
         def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
+            # compiled kernels may turn a NaN into a number (a fused ReLU): the inputs are checked here
+            x_finite = tf.reduce_all(tf.math.is_finite(x)) if x.dtype.is_floating else None
             pooled = axis == -1 and self.classifier is not None and self.classifier[3] and not callable(kind)
             a, g, scores, chosen, y = _forward_backward(self.features, self.head, x, indices, kind, self.where,
                                                         self.classifier, pooled)
             if g is None:
-                return a, g, scores, chosen, y, None, None, None
+                return a, g, scores, chosen, y, None, None, None, x_finite
             if pooled:  # g is already (N, K, *spatial) or (N, T, K, *spatial)
                 a = _channels_first(a, axis, 1)
             else:
@@ -224,11 +244,11 @@ class _Program:
                 finite = tf.reduce_all(tf.math.is_finite(fields.weights)) & tf.reduce_all(
                     tf.math.is_finite(fields.signed))
             cleared = None if fields is None else tf.reduce_any(tf.not_equal(fields.weights, 0), axis=-1)
-            return a, g, scores, chosen, y, cleared, fields, finite
+            return a, g, scores, chosen, y, cleared, fields, finite, x_finite
 
         if not compiled:
             return run
-        key = (("fn", id(kind), kind) if callable(kind) else kind, axis, with_fields)
+        key = (("fn", id(kind), kind) if callable(kind) else kind, axis, with_fields, rank)
         if key not in self._traced:
             # autograph off: the core's Python stays Python (its value checks see symbolic tensors and wait)
             self._traced[key] = tf.function(run, reduce_retracing=True, autograph=False)
@@ -436,14 +456,16 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
             "name (a subclassed or unbuilt model): build it (call it once, or give it a keras.Input), "
             "or pass the split form model=(features, head)"
         )
-    try:
-        a = layer.output
-    except (AttributeError, ValueError) as error:
+    # A is the output of the layer's node in *this* graph: ``layer.output`` is its first node's in any
+    # graph (a layer shared with another model), and a nested model's is its inner graph's tensor.
+    calls = [node for nodes in graph._nodes_by_depth.values() for node in nodes if node.operation is layer]
+    if len(calls) != 1:
         raise ValueError(
-            f"layer {layer.name!r} has no single output in {model.name!r} ({error}); a layer called "
-            "several times is ambiguous: pass the split form (features, head)"
-        ) from None
-    if isinstance(a, (list, tuple)):
+            f"layer {layer.name!r} is called {len(calls)} times in {model.name!r}; a layer called several "
+            "times is ambiguous: pass the split form (features, head)"
+        )
+    a = calls[0].outputs[0] if len(calls[0].outputs) == 1 else list(calls[0].outputs)
+    if isinstance(a, list):
         raise ValueError(f"layer {layer.name!r} returns {len(a)} tensors; Grad-CAM needs one (N, *spatial, K)")
     after: set[int] = {id(a)}
     frontier: list[Any] = []
@@ -490,7 +512,39 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
             return last(v, training=False)
 
         classifier = (run_trunk, run_last, dense.operation, _pools_a(producer, h, a, frontier))
-    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}", classifier)
+    expected = (model.name, tuple(model.inputs[0].shape)) if len(model.inputs) == 1 else None
+    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}", classifier,
+                    expected=expected, probabilities=_probabilities(model, producer, outputs))
+
+
+def _probabilities(model: keras.Model, producer: dict[int, Any], outputs: list[Any]) -> str | None:
+    """The warning for a model whose one output is a softmax (or log-softmax): the activation of
+    its last layer (a ``Dense``, an ``Activation``, a ``Softmax``), also inside nested models."""
+    if len(outputs) != 1:
+        return None
+    node, path = producer.get(id(outputs[0])), []
+    while node is not None and isinstance(node.operation, keras.Model):  # the nested model's own last layer
+        inner = getattr(node.operation, "_functional", None) or node.operation
+        if not hasattr(inner, "_nodes_by_depth") or len(node.operation.outputs) != 1:
+            return None
+        path.append(node.operation.name)
+        node = next((n for nodes in inner._nodes_by_depth.values() for n in nodes
+                     if any(t is node.operation.outputs[0] for t in n.outputs)), None)
+    if node is None:
+        return None
+    op = node.operation
+    softmaxes = {keras.activations.softmax: "softmax", keras.activations.log_softmax: "log_softmax",
+                 tf.nn.softmax: "softmax", tf.nn.log_softmax: "log_softmax"}
+    name = "softmax" if isinstance(op, keras.layers.Softmax) else softmaxes.get(getattr(op, "activation", None))
+    if name is None:
+        return None
+    where = "/".join([*path, op.name])
+    return (f"the scores of model {model.name!r} are the {name} of its last layer {where!r} "
+            f"({type(op).__name__}), so the maps explain {'log-' if name == 'log_softmax' else ''}probabilities, "
+            "not the pre-softmax logits Grad-CAM is defined on (a saturated class has near-zero gradients, "
+            "and every class's logit enters each score); explain a model without the final "
+            f"{name} (keras.applications: classifier_activation=None; the same weights load), or pass a "
+            "callable target to explain a function of these scores on purpose")
 
 
 def _pools_a(producer: dict[int, Any], h: Any, a: Any, frontier: list[Any]) -> bool:
@@ -529,10 +583,12 @@ def _linear_classifier(producer: dict[int, Any], outputs: list[Any], a: Any, aft
 
 def _resolve_layer(model: keras.Model, layer: Any) -> keras.Layer:
     """The layer that ``layer`` names (or is) in ``model``."""
-    layers = _all_layers(model)
     if isinstance(layer, keras.Layer):
         if any(candidate is layer for candidate in model.layers):
             return layer
+        nested = [path for path, candidate in _all_layers(model) if candidate is layer]
+        if nested:
+            raise ValueError(_nested_message(f"{layer.name!r} (a {type(layer).__name__})", nested[0], model))
         raise ValueError(f"layer is a {type(layer).__name__} ({layer.name!r}) that is not a layer of {model.name!r}")
     if layer is not None and not isinstance(layer, str):
         raise TypeError(f"layer must be a layer name (str) or a keras.Layer, got {type(layer).__name__}")
@@ -541,15 +597,17 @@ def _resolve_layer(model: keras.Model, layer: Any) -> keras.Layer:
         raise ValueError(f"layer is required: a layer name of {model.name!r} (e.g. {names[-3:]}) or the layer itself")
     if layer in names:
         return model.get_layer(layer)
-    nested = [path for path, _ in layers if path.split("/")[-1] == layer]
+    nested = [path for path, _ in _all_layers(model) if path.split("/")[-1] == layer]
     if nested:
-        raise ValueError(
-            f"layer {layer!r} is inside a nested model ({nested[0]}), not a layer of {model.name!r}: "
-            "pass that nested model itself (or the split form (features, head))"
-        )
+        raise ValueError(_nested_message(repr(layer), nested[0], model))
     close = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
     hint = f"did you mean {close}?" if close else f"its layers include {names[:5]} ... {names[-3:]}"
     raise ValueError(f"layer {layer!r} is not a layer of {model.name!r}; {hint}")
+
+
+def _nested_message(what: str, path: str, model: keras.Model) -> str:
+    return (f"layer {what} is inside a nested model ({path}), not a layer of {model.name!r}: pass that "
+            f"nested model itself (layer={path.split('/')[0]!r}) or the split form (features, head)")
 
 
 def _all_layers(model: keras.Model, prefix: str = "") -> list[tuple[str, keras.Layer]]:
@@ -627,6 +685,8 @@ def perturb(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     x = _as_inputs(inputs)
     program, where_name = _program_for(model, layer)
+    _check_input_shape(x, program)
+    _check_finite_inputs(x)
     axis = _channel_axis(channel_axis)
     parts = program.features(x)
     a, rest = (parts[0], list(parts[1:])) if isinstance(parts, (list, tuple)) else (parts, [])
@@ -677,6 +737,34 @@ def _as_inputs(inputs: Any) -> tf.Tensor:
     if inputs.shape.rank is None or inputs.shape.rank < 1 or inputs.shape[0] == 0:
         raise ValueError(f"inputs must be a non-empty batch (N, ...), got shape {shape_of(inputs)}")
     return inputs
+
+
+def _check_input_shape(x: tf.Tensor, program: _Program) -> None:
+    """Refuse inputs that the Keras model's input shape does not admit (a missing batch axis)."""
+    if program.expected is None:
+        return
+    name, expected = program.expected
+    shape = x.shape
+    if len(shape) == len(expected) and all(e is None or e == d for e, d in zip(expected, shape, strict=True)):
+        return
+    want = ", ".join(["N" if expected[0] is None else str(expected[0]), *map(str, expected[1:])])
+    raise ValueError(f"inputs must have shape ({want}), the input shape of model {name!r}, got shape {shape_of(x)}")
+
+
+def _check_finite_inputs(x: tf.Tensor) -> None:
+    """Refuse NaN or Inf inputs: TF's compiled kernels may make a number of a NaN (a fused ReLU)."""
+    if not x.dtype.is_floating:
+        return
+    bad = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(x), tf.int64)))
+    if bad:
+        raise ValueError(
+            f"inputs contains NaN or Inf ({bad} of {int(tf.size(x))} values); the tensorflow backend needs "
+            "finite inputs (its compiled kernels may turn a NaN into a number, and the maps would look valid)"
+        )
+
+
+class ProbabilityScoresWarning(UserWarning):
+    """The Keras model's output is a softmax: the maps explain probabilities, not logits."""
 
 
 def _check_captured(a: tf.Tensor, scores: tf.Tensor, x: tf.Tensor, where: str) -> None:

@@ -112,7 +112,10 @@ def guided_backprop(cache: dict[Any, Any], whole: Callable, x: tf.Tensor, target
     else:
         indices = tf.convert_to_tensor(np.asarray(targets, dtype=np.int64))
         kind = "multi" if indices.shape.rank == 2 else "single"
-    key = ("fn", id(kind), kind) if callable(kind) else kind
+    # one function per rank of the inputs (a signature relaxed to an unknown rank could abort in a
+    # kernel) and per T (the T gradients are unrolled: a relaxed T is unknown)
+    t = int(indices.shape[1]) if indices is not None and indices.shape.rank == 2 else None
+    key = (("fn", id(kind), kind) if callable(kind) else kind, x.shape.rank, t)
     if key not in cache:
         cache[key] = guided_gradients(whole, kind)
     fn, record = cache[key]

@@ -7,6 +7,7 @@ torchvision is imported first by tests/conftest.py (importing it after TensorFlo
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import keras  # noqa: E402
@@ -228,7 +229,7 @@ def test_the_compiled_program_is_traced_once_per_target_kind():
     for target in ([0, 1], [2, 3], [4, 4]):
         gradcam_ref.explain(model, x, target, layer="b")
     program, _ = tf_backend._program_for(model, "b")
-    assert program._traced[("single", -1, True)].experimental_get_tracing_count() == 1  # explain: the core inside
+    assert program._traced[("single", -1, True, 4)].experimental_get_tracing_count() == 1  # explain: the core inside
 
 
 def model_state(model):
@@ -390,7 +391,7 @@ def test_new_weights_are_read_by_the_cached_program():
     for key in ("scores", "gradients", "maps"):
         np.testing.assert_array_equal(getattr(again, key), getattr(expected, key), err_msg=key)
     program, _ = tf_backend._program_for(model, "b")
-    assert len(program._compiled[("single", -1, True)]._concrete) == 1
+    assert len(program._compiled[("single", -1, True, 4)]._concrete) == 1
 
 
 # --- bad input: the torch backend's messages ----------------------------------------------------
@@ -441,38 +442,233 @@ def test_bad_layers_models_and_inputs():
         gradcam_ref.explain(model, x, layer="b", channel_axis=2)
     with pytest.raises(ValueError, match=r"activations must have shape \(N, K, \*spatial\).*got shape \(2, 5\)"):
         gradcam_ref.explain(model, x, layer="fc")  # the output layer: (N, C) are no feature maps
-    outer = keras.Sequential([keras.Input((7, 7, 3), dtype="float64"), model])
-    with pytest.raises(ValueError, match=r"layer 'b' is inside a nested model \(residual/b\)"):
+    outer = keras.Sequential([keras.Input((7, 7, 3), dtype="float64"), model], name="outer")
+    nested = r"inside a nested model \(residual/b\), not a layer of 'outer': pass that nested model itself " \
+             r"\(layer='residual'\) or the split form \(features, head\)$"
+    with pytest.raises(ValueError, match=r"^layer 'b' is " + nested):
         gradcam_ref.explain(outer, x, layer="b")
+    with pytest.raises(ValueError, match=r"^layer 'b' \(a Conv2D\) is " + nested):  # the object: the same path
+        gradcam_ref.explain(outer, x, layer=model.get_layer("b"))
 
 
-def test_zero_gradients_warn():
+
+def test_inputs_of_another_shape_than_the_models_are_named_on_every_call():
+    """A missing batch axis (or another size) is refused with the model's input shape, also after
+    two batch sizes relaxed the compiled signature (which once read as_list() of an unknown shape)."""
     model = residual_net()
-    x = np.random.default_rng(9).standard_normal((2, 7, 7, 3)) * 100
-    x[1] = -1e6  # ReLU6 saturates at 0 or 6 everywhere for example 1
-    with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"exactly zero for example \[1\]"):
-        gradcam_ref.explain(model, x, layer="b")
+    rng = np.random.default_rng(18)
+    message = r"^inputs must have shape \(N, 7, 7, 3\), the input shape of model 'residual', got shape "
+    for _ in range(2):
+        with pytest.raises(ValueError, match=message + r"\(7, 7, 3\)$"):
+            gradcam_ref.explain(model, rng.standard_normal((7, 7, 3)), layer="b")
+        with pytest.raises(ValueError, match=message + r"\(1, 7, 7, 4\)$"):
+            gradcam_ref.explain(model, rng.standard_normal((1, 7, 7, 4)), layer="b")
+        with pytest.raises(ValueError, match=message + r"\(1, 7, 7, 4\)$"):  # Ablation-CAM's perturb too
+            gradcam_ref.explain(model, rng.standard_normal((1, 7, 7, 4)), layer="b", method="ablation-cam")
+        for n in (3, 2):  # two batch sizes: the signature's N is relaxed to None
+            gradcam_ref.explain(model, rng.standard_normal((n, 7, 7, 3)), layer="b")
 
 
-def test_zero_gradients_are_searched_where_the_weights_are_zero():
-    """A gradient whose spatial mean (Eq. 1) is 0 but whose values are not (+1 and -1) must not warn;
-    a score that does not depend on A warns for exactly its (example, target) pairs."""
-    pattern = tf.constant([1.0, -1.0], tf.float64)[None, :, None, None]  # (1, 2, 1, 1): mean 0
+def test_a_relaxed_signature_keeps_the_rank_of_the_inputs():
+    """Two batch sizes of rank-4 inputs, then rank-3 ones: the rank-3 call gets its own trace (a
+    signature relaxed to an unknown rank lost the gradient, and can abort a convolution kernel).
+    head = the spatial sum, target 0: dy/dA = 1 on channel 0, 0 on channel 1, so map = ReLU(A_0)."""
 
-    def head(a):  # (N, 2, 1, 1) channels-last -> class 0 cancels out in Eq. 1, class 1 ignores A
-        return tf.stack([tf.reduce_sum(a * pattern, axis=(1, 2, 3)), tf.zeros_like(a[:, 0, 0, 0])], axis=1)
+    def head(a):
+        return tf.reduce_sum(a, axis=tf.range(1, tf.rank(a) - 1))
 
-    x = tf.constant(np.random.default_rng(12).standard_normal((2, 2, 1, 1)))
+    features = tf.identity
+    rng = np.random.default_rng(19)
+    for shape in [(3, 4, 4, 2), (2, 4, 4, 2), (2, 5, 2), (3, 5, 2), (1, 6, 2)]:
+        x = rng.standard_normal(shape)
+        e = gradcam_ref.explain((features, head), tf.constant(x), 0).numpy()
+        np.testing.assert_array_equal(e.gradients, np.broadcast_to(np.array([1.0, 0.0]).reshape(
+            (1, 2) + (1,) * (len(shape) - 2)), e.gradients.shape))
+        np.testing.assert_array_equal(e.maps, np.maximum(x[..., 0], 0))
+
+
+def test_guided_backprop_takes_any_number_of_targets_in_turn():
+    """(N, T) targets with T = 2, 3, 1: each T its own trace (a relaxed T has no length to unroll);
+    every column equals the guided gradient of its target alone."""
+    model = residual_net()
+    x = np.random.default_rng(20).standard_normal((2, 7, 7, 3))
+    single = {c: gradcam_ref.explain(model, x, c, layer="b", guided=True).guided_backprop.numpy() for c in range(4)}
+    for targets in ([[0, 1], [1, 2]], [[0, 1, 2], [3, 2, 1]], [[3], [0]]):
+        e = gradcam_ref.explain(model, x, targets, layer="b", guided=True)
+        for n, row in enumerate(targets):
+            for t, c in enumerate(row):
+                np.testing.assert_array_equal(e.guided_backprop.numpy()[n, t], single[c][n])
+
+
+def nan_net():
+    """conv -> ReLU -> conv -> ReLU -> GAP -> dense, float32: TF's compiled graph fuses each
+    conv with its ReLU, and the fused kernel turns a NaN into 0."""
+    keras.utils.set_random_seed(21)
+    i = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(i)
+    a = keras.layers.Conv2D(5, 3, activation="relu", name="c2")(a)
+    return keras.Model(i, keras.layers.Dense(3, name="fc")(keras.layers.GlobalAveragePooling2D()(a)), name="nan")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_refused_on_both_paths(bad):
+    model = nan_net()
+    x = np.random.default_rng(21).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    x[1, 4, 4, 0] = bad
+    message = r"^inputs contains NaN or Inf \(1 of 384 values\); the tensorflow backend needs finite inputs"
     for compiled in (True, False):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", gradcam_ref.ZeroGradientWarning)
-            e = gradcam_ref.explain((tf.identity, head), x, 0, compiled=compiled).numpy()
-        np.testing.assert_array_equal(e.gradients, np.broadcast_to([[[[1.0], [-1.0]]]], (2, 1, 2, 1)))
-        np.testing.assert_array_equal(e.weights, np.zeros((2, 1)))
-        with pytest.warns(gradcam_ref.ZeroGradientWarning, match=r"\(example, target\) \[\(0, 1\), \(1, 1\)\]"):
-            multi = gradcam_ref.explain((tf.identity, head), x, [[0, 1], [0, 1]], compiled=compiled).numpy()
-        np.testing.assert_array_equal(multi.gradients[:, 1], np.zeros((2, 1, 2, 1)))
-        np.testing.assert_array_equal(multi.gradients[:, 0], e.gradients)
+        with pytest.raises(ValueError, match=message):
+            gradcam_ref.explain(model, x, [0, 1], layer="c2", compiled=compiled)
+        with pytest.raises(ValueError, match=message):
+            tf_backend.capture(model, x, [[0, 1], [2, 0]], layer="c2", compiled=compiled)
+        with pytest.raises(ValueError, match=message):
+            gradcam_ref.explain(model, x, [0, 1], layer="c2", method="score-cam", compiled=compiled)
+    finite = gradcam_ref.explain(model, x[:1], [0], layer="c2").numpy()  # the other example alone is fine
+    assert np.isfinite(finite.maps).all() and finite.maps.max() > 0
+
+
+# --- nested models: explained at the nested model's output ----------------------------------------
+
+
+nested_nets = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "depth": st.integers(1, 2), "wrap": st.sampled_from(["functional", "sequential"]),
+    "outer": st.sampled_from(["functional", "sequential"]), "stem": st.booleans(), "skip": st.booleans(),
+    "by_object": st.booleans(), "targets": st.sampled_from(["argmax", "per-example", "multi"]),
+})
+
+
+def nested_net(p):
+    """A functional conv -> ReLU backbone, wrapped ``depth - 1`` times in another model, used as one
+    layer of an outer model: [stem conv ->] backbone [-> + the stem's output (a skip over it)] -> GAP -> dense.
+    Returns the outer model, the backbone (as the outer model holds it) and the reference's parts."""
+    keras.utils.set_random_seed(p["seed"])
+    f64 = {"dtype": "float64"}
+    bi = keras.Input((6, 6, 3), **f64)
+    backbone = keras.Model(bi, keras.layers.Conv2D(3, 2, padding="same", activation="relu", name="conv", **f64)(bi),
+                           name="backbone0")
+    for d in range(1, p["depth"]):
+        if p["wrap"] == "sequential":
+            backbone = keras.Sequential([keras.Input((6, 6, 3), **f64), backbone], name=f"backbone{d}")
+        else:
+            wi = keras.Input((6, 6, 3), **f64)
+            backbone = keras.Model(wi, backbone(wi), name=f"backbone{d}")
+    stem = keras.layers.Conv2D(3, 1, name="stem", **f64) if p["stem"] else None
+    gap, fc = keras.layers.GlobalAveragePooling2D(**f64), keras.layers.Dense(4, name="fc", **f64)
+    skip = p["skip"] and p["outer"] == "functional"
+    if p["outer"] == "sequential":
+        model = keras.Sequential([keras.Input((6, 6, 3), **f64), *([stem] if stem else []), backbone, gap, fc],
+                                 name="outer")
+    else:
+        i = keras.Input((6, 6, 3), **f64)
+        s = stem(i) if stem else i
+        h = backbone(s)
+        model = keras.Model(i, fc(gap(keras.layers.Add(**f64)([h, s]) if skip else h)), name="outer")
+    return model, backbone, stem, skip, gap, fc
+
+
+@settings(max_examples=6, deadline=None)
+@given(nested_nets)
+def test_a_nested_model_is_explained_at_its_output(p):
+    """layer= a nested model (by name or as the object) is A = its output in the outer graph (its own
+    .output is its inner graph's tensor: the score 'did not depend on it'): every array equals the
+    split form (features, head) and a hand-written tf.GradientTape, maps by Eq. 1-2 by hand."""
+    model, backbone, stem, skip, gap, fc = nested_net(p)
+    rng = np.random.default_rng(p["seed"])
+    x = tf.constant(rng.standard_normal((2, 6, 6, 3)))
+    target = {"argmax": None, "per-example": rng.integers(0, 4, 2), "multi": rng.integers(0, 4, (2, 2))}[p["targets"]]
+    e = gradcam_ref.explain(model, x, target, layer=backbone if p["by_object"] else backbone.name).numpy()
+
+    def features(v):
+        return backbone(stem(v) if stem else v)
+
+    def head(a):
+        return fc(gap(a + stem(x) if stem else a + x)) if skip else fc(gap(a))
+
+    split = gradcam_ref.explain((features, head), x, target).numpy()
+    for key in ("scores", "activations", "gradients", "weights", "maps"):
+        assert rel_err(getattr(e, key), getattr(split, key)) < 1e-12, key
+    a = features(x)
+    columns = e.targets if e.targets.ndim == 2 else e.targets[:, None]
+    for t in range(columns.shape[1]):
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            y = tf.gather(head(a), columns[:, t], batch_dims=1)
+        g = np.moveaxis(tape.gradient(y, a).numpy(), -1, 1)  # (N, K, H, W)
+        alpha = g.mean(axis=(2, 3))
+        maps = np.maximum(np.einsum("nk,nkhw->nhw", alpha, np.moveaxis(a.numpy(), -1, 1)), 0)
+        got = (e.gradients, e.maps) if e.targets.ndim == 1 else (e.gradients[:, t], e.maps[:, t])
+        assert rel_err(got[0], g) < 1e-12
+        assert rel_err(got[1], maps) < 1e-12
+    np.testing.assert_allclose(e.scores, model(x, training=False).numpy(), rtol=1e-13)
+
+
+def test_a_nested_model_called_twice_is_refused_as_ambiguous():
+    keras.utils.set_random_seed(22)
+    bi = keras.Input((5, 5, 2))
+    shared = keras.Model(bi, keras.layers.Conv2D(3, 2, activation="relu")(bi), name="shared")
+    i = keras.Input((5, 5, 2))
+    twice = keras.Model(i, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Add()([shared(i), shared(keras.layers.Lambda(lambda v: -v)(i))]))), name="twice")
+    with pytest.raises(ValueError, match=r"^layer 'shared' is called 2 times in 'twice'; a layer called several "
+                                         r"times is ambiguous: pass the split form \(features, head\)$"):
+        gradcam_ref.explain(twice, np.zeros((1, 5, 5, 2), np.float32), layer="shared")
+
+
+# --- a model ending in a softmax: the maps explain its probabilities, with a warning ----------------
+
+
+def probability_net(last):
+    """conv -> ReLU (layer 'conv') -> GAP -> dense 'fc', float64, ending in a softmax written as
+    ``last`` ("nested": GAP and the dense are a model of their own, 'classifier'); and the same
+    weights without the softmax (the logits)."""
+    keras.utils.set_random_seed(23)
+    f64 = {"dtype": "float64"}
+
+    def classify(h, softmax):
+        y = keras.layers.Dense(4, activation="softmax" if softmax and last in ("dense", "nested") else None,
+                               name="fc", **f64)(keras.layers.GlobalAveragePooling2D(**f64)(h))
+        if softmax and last == "activation":
+            return keras.layers.Activation("softmax", name="probs", **f64)(y)
+        return keras.layers.Softmax(name="probs", **f64)(y) if softmax and last == "layer" else y
+
+    def build(softmax):
+        name = "probabilities" if softmax else "logits"
+        conv = keras.layers.Conv2D(3, 3, activation="relu", name="conv", **f64)
+        if last == "nested":
+            h = keras.Input((4, 4, 3), **f64)
+            classifier = keras.Model(h, classify(h, softmax), name="classifier")
+            return keras.Sequential([keras.Input((6, 6, 2), **f64), conv, classifier], name=name)
+        i = keras.Input((6, 6, 2), **f64)
+        return keras.Model(i, classify(conv(i), softmax), name=name)
+
+    probabilities, logits = build(True), build(False)
+    logits.set_weights(probabilities.get_weights())
+    return probabilities, logits
+
+
+@pytest.mark.parametrize("last, culprit", [("dense", "'fc' (Dense)"), ("activation", "'probs' (Activation)"),
+                                           ("layer", "'probs' (Softmax)"), ("nested", "'classifier/fc' (Dense)")])
+def test_a_softmax_output_warns_and_its_probabilities_are_explained(last, culprit):
+    """The scores are the model's own (no silent switch to logits), with a warning naming the layer;
+    the maps equal those of a callable target softmax(logits)[c] on the same weights without it."""
+    probabilities, logits = probability_net(last)
+    x = tf.constant(np.random.default_rng(23).standard_normal((2, 6, 6, 2)))
+    with pytest.warns(tf_backend.ProbabilityScoresWarning,
+                      match=rf"^the scores of model 'probabilities' are the softmax of its last layer {re.escape(culprit)}, so "
+                            r"the maps explain probabilities, not the pre-softmax logits .*classifier_activation=None"):
+        e = gradcam_ref.explain(probabilities, x, [[1, 3], [2, 0]], layer="conv").numpy()
+    np.testing.assert_allclose(e.scores.sum(axis=1), 1.0, rtol=1e-13)  # the model's own scores
+    np.testing.assert_allclose(e.scores, tf.nn.softmax(logits(x)).numpy(), rtol=1e-13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tf_backend.ProbabilityScoresWarning)  # neither warns
+        gradcam_ref.explain(logits, x, [1, 2], layer="conv")
+        gradcam_ref.explain(probabilities, x, lambda s: s[:, 1], layer="conv")
+        for t in range(2):
+            c = e.targets[:, t]
+            ref = gradcam_ref.explain(logits, x, lambda s, c=c: tf.gather(tf.nn.softmax(s), c, batch_dims=1),
+                                      layer="conv").numpy()
+            assert rel_err(e.gradients[:, t], ref.gradients) < 1e-12
+            assert rel_err(e.maps[:, t], ref.maps) < 1e-12
 
 
 # --- guided backpropagation ---------------------------------------------------------------------
