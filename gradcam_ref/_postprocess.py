@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
+from typing import cast
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def upsample(maps: Array, size: int | Sequence[int]) -> Array:
     xp, (x,) = as_float_arrays(maps=maps)
     shape = shape_of(x)
     listed = isinstance(size, (Sequence, np.ndarray)) and not isinstance(size, str) and np.ndim(size) == 1
-    rank = len(size) if listed and len(size) else max(len(shape) - 1, 1)
+    rank = len(cast(Sized, size)) if listed and len(cast(Sized, size)) else max(len(shape) - 1, 1)
     size = parse_size(size, rank)
     if len(shape) < len(size) + 1:
         raise ValueError(

@@ -553,7 +553,7 @@ def _baseline(baseline: Any, x: np.ndarray, seed: int | None) -> np.ndarray:
         raise ValueError(f"baseline must broadcast to inputs {x.shape}, got shape {b.shape}") from None
 
 
-def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: Sequence[np.ndarray], counts: np.ndarray,
+def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: Sequence[np.ndarray] | np.ndarray, counts: np.ndarray,
            targets: np.ndarray, *, insert: bool, softmax: bool, batch_size: int, progress: bool,
            what: str) -> np.ndarray:
     """Scores ``(N, S)``: the first ``counts[k]`` (or, for ``(N, S)`` counts, ``counts[i, k]``) pixels

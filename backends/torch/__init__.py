@@ -1115,6 +1115,7 @@ def perturb(
         raise TypeError(f"fuse_convolutions must be a bool, got {type(fuse_convolutions).__name__}")
     if at not in AT:
         raise ValueError(f"at must be one of {AT}, got {at!r}")
+    module: nn.Module | None = None
     if isinstance(model, (tuple, list)):
         parts: tuple[nn.Module, ...] = _split_form(model, layer, at, call)
     else:
@@ -1130,8 +1131,9 @@ def perturb(
                 scores = _run(head, a)
                 whole: Callable[[torch.Tensor], Any] = lambda v: head(features(v))  # noqa: E731
                 tail: Callable[[torch.Tensor], Any] | None = head
-                name, module = "features", None
+                name = "features"
             else:
+                assert module is not None  # resolved above for the single-module form
                 a, scores = _forward_taken(model, module, name, at, call, inputs)
                 if at == "input" and where == "activations":
                     _check_read_by_layer_only(model, module, name, call, inputs)
@@ -1283,7 +1285,7 @@ def _check_read_by_layer_only(model: nn.Module, module: nn.Module, name: str, ca
             return  # A without history: its other readers, if any, cannot be seen
         a, given = taken[0 if call is None else call]
         seen: set[Any] = set()
-        stack = [scores.grad_fn]
+        stack: list[Any] = [scores.grad_fn]
         while stack:
             node = stack.pop()
             if node is None or node in seen or node is given.grad_fn:
