@@ -39,6 +39,7 @@ from gradcam_ref._targets import (
 )
 from gradcam_ref._warnings import (
     NoGuidedReLUWarning,
+    ProbabilityScoresWarning,
     TrainingModeWarning,
     ZeroGradientWarning,
     warn_zero_gradients,
@@ -51,6 +52,7 @@ __all__ = [
     "GradCamFields",
     "NoGuidedReLUWarning",
     "Perturbed",
+    "ProbabilityScoresWarning",
     "Target",
     "TrainingModeWarning",
     "ZeroGradientWarning",

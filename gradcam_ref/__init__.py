@@ -33,6 +33,7 @@ from gradcam_ref._warnings import (
     MetricWarning,
     NoGuidedReLUWarning,
     NonPositiveScoreWarning,
+    ProbabilityScoresWarning,
     TrainingModeWarning,
     ZeroGradientWarning,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "MetricWarning",
     "NoGuidedReLUWarning",
     "NonPositiveScoreWarning",
+    "ProbabilityScoresWarning",
     "TrainingModeWarning",
     "ZeroGradientWarning",
     "ablated_activations",

@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 
 __all__ = [
-    "MetricWarning", "NoGuidedReLUWarning", "NonPositiveScoreWarning", "TrainingModeWarning", "ZeroGradientWarning",
+    "MetricWarning", "NoGuidedReLUWarning", "NonPositiveScoreWarning", "ProbabilityScoresWarning",
+    "TrainingModeWarning", "ZeroGradientWarning",
 ]
 
 
@@ -27,8 +28,15 @@ class TrainingModeWarning(UserWarning):
 class MetricWarning(UserWarning):
     """A metric is undefined for some examples (an all-zero or constant map, a mask covering
     everything): their value is NaN, and the message names them and says why."""
+
+
 class NonPositiveScoreWarning(UserWarning):
     """Ablation-CAM divides by the target score, which is negative here: its weights change sign."""
+
+
+class ProbabilityScoresWarning(UserWarning):
+    """The model's output is a softmax (or log-softmax): the maps explain probabilities, not the
+    pre-softmax logits that Grad-CAM's :math:`y^c` is (Selvaraju et al., Sec. 3)."""
 
 
 def warn_zero_gradients(zero: np.ndarray, where: str, stacklevel: int) -> None:

@@ -220,7 +220,7 @@ def test_tf_keras_vis_plus_plus_targets_exp_overflow_and_options():
         grad_cam_plus_plus(a, g, variant="tf-keras-vis")
     with pytest.raises(ValueError, match=r"eps is for variant='paper'"):
         grad_cam_plus_plus(a, g, variant="tf-keras-vis", target_scores=y, eps=1e-6)
-    with pytest.raises(ValueError, match=r"variant must be one of \('paper', 'tf-keras-vis'\), got 'official'"):
+    with pytest.raises(ValueError, match=r"variant must be one of \('paper', 'tf-keras-vis', 'torchcam'\), got 'official'"):
         grad_cam_plus_plus(a, g, variant="official")
 
 

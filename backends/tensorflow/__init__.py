@@ -45,6 +45,7 @@ from gradcam_ref.backends._contract import (
     Explanation,
     GradCamFields,
     Perturbed,
+    ProbabilityScoresWarning,
     arguments_of,
     check_feature_maps,
     check_finite,
@@ -69,7 +70,7 @@ NAME = "tensorflow"
 GUIDED = True
 DIFFERENTIABLE = False
 
-__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "ProbabilityScoresWarning", "capture", "explain", "perturb", "score"]
+__all__ = ["DIFFERENTIABLE", "GUIDED", "NAME", "capture", "explain", "perturb", "score"]
 
 
 def capture(
@@ -761,10 +762,6 @@ def _check_finite_inputs(x: tf.Tensor) -> None:
             f"inputs contains NaN or Inf ({bad} of {int(tf.size(x))} values); the tensorflow backend needs "
             "finite inputs (its compiled kernels may turn a NaN into a number, and the maps would look valid)"
         )
-
-
-class ProbabilityScoresWarning(UserWarning):
-    """The Keras model's output is a softmax: the maps explain probabilities, not logits."""
 
 
 def _check_captured(a: tf.Tensor, scores: tf.Tensor, x: tf.Tensor, where: str) -> None:

@@ -47,6 +47,7 @@ from gradcam_ref.backends._contract import (
     Explanation,
     NoGuidedReLUWarning,
     Perturbed,
+    ProbabilityScoresWarning,
     TrainingModeWarning,
     check_feature_maps,
     check_same_batch,
@@ -200,6 +201,8 @@ def _capture(
             leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached), undo)
 
         _check_captured(leaf, scores, inputs, where)
+        if not callable(target):
+            _warn_if_probabilities(scores, model)
         targets = resolve_targets(target, scores)
         try:
             gradients = _gradients(scores, leaf, targets, where, attached)
@@ -418,6 +421,25 @@ def _run(model: nn.Module, inputs: torch.Tensor) -> Any:
                 f"{shape_of(inputs)} ({inputs.dtype}, {inputs.device})"
             )
         raise
+
+
+_PROBABILITIES = {"SoftmaxBackward0": "softmax", "LogSoftmaxBackward0": "log_softmax"}
+"""The backward nodes of a softmax output (``nn.Softmax``, ``F.softmax``, ``Tensor.softmax``; log too)."""
+
+
+def _warn_if_probabilities(scores: torch.Tensor, model: Any) -> None:
+    """Warn :class:`ProbabilityScoresWarning` when the model's last operation is a softmax."""
+    name = _PROBABILITIES.get(type(scores.grad_fn).__name__)
+    if name is not None:
+        warnings.warn(
+            f"the scores of {type(model).__name__} are the {name} of its last layer, so the maps explain "
+            f"{'log-' if name == 'log_softmax' else ''}probabilities, not the pre-softmax logits Grad-CAM is "
+            "defined on (a saturated class has near-zero gradients, and every class's logit enters each score); "
+            f"explain the model without the final {name}, or pass a callable target to explain a function of "
+            "these scores on purpose",
+            ProbabilityScoresWarning,
+            stacklevel=6,  # gradcam_ref.explain's caller
+        )
 
 
 def _check_captured(leaf: torch.Tensor, scores: Any, inputs: torch.Tensor, where: str) -> None:

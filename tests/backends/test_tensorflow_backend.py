@@ -653,14 +653,14 @@ def test_a_softmax_output_warns_and_its_probabilities_are_explained(last, culpri
     the maps equal those of a callable target softmax(logits)[c] on the same weights without it."""
     probabilities, logits = probability_net(last)
     x = tf.constant(np.random.default_rng(23).standard_normal((2, 6, 6, 2)))
-    with pytest.warns(tf_backend.ProbabilityScoresWarning,
+    with pytest.warns(gradcam_ref.ProbabilityScoresWarning,
                       match=rf"^the scores of model 'probabilities' are the softmax of its last layer {re.escape(culprit)}, so "
                             r"the maps explain probabilities, not the pre-softmax logits .*classifier_activation=None"):
         e = gradcam_ref.explain(probabilities, x, [[1, 3], [2, 0]], layer="conv").numpy()
     np.testing.assert_allclose(e.scores.sum(axis=1), 1.0, rtol=1e-13)  # the model's own scores
     np.testing.assert_allclose(e.scores, tf.nn.softmax(logits(x)).numpy(), rtol=1e-13)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", tf_backend.ProbabilityScoresWarning)  # neither warns
+        warnings.simplefilter("error", gradcam_ref.ProbabilityScoresWarning)  # neither warns
         gradcam_ref.explain(logits, x, [1, 2], layer="conv")
         gradcam_ref.explain(probabilities, x, lambda s: s[:, 1], layer="conv")
         for t in range(2):

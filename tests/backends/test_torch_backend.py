@@ -788,3 +788,29 @@ def test_cuda_tensors_stay_on_the_device(multi):
         assert getattr(gpu, field).device.type == "cuda", field
         torch.testing.assert_close(getattr(gpu, field).cpu(), getattr(cpu, field), rtol=1e-10, atol=1e-12)
     assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("last", [nn.Softmax(dim=1), nn.LogSoftmax(dim=1), "functional"])
+def test_softmax_outputs_warn_and_are_explained_as_they_are(last):
+    """Grad-CAM's y^c is the pre-softmax logit: a model ending in a softmax warns (the maps are those of
+    its probabilities, as a callable target on the logits would give them); a callable target or a
+    logits model does not warn."""
+    torch.manual_seed(0)
+    logits = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(4, 3)).double().eval()
+
+    class Functional(nn.Module):
+        def forward(self, s: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.softmax(s, dim=1)
+
+    end = Functional() if last == "functional" else last
+    model = nn.Sequential(*logits, end).eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.warns(gradcam_ref.ProbabilityScoresWarning, match=r"the scores of Sequential are the (log_)?softmax"):
+        got = gradcam_ref.explain(model, x, [0, 2], layer="1")
+    same = gradcam_ref.explain(logits, x, lambda s: end(s)[[0, 1], [0, 2]], layer="1")
+    torch.testing.assert_close(got.maps, same.maps, rtol=1e-12, atol=1e-15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradcam_ref.ProbabilityScoresWarning)
+        gradcam_ref.explain(model, x, lambda s: s[:, 0], layer="1")
+        gradcam_ref.explain(logits, x, [0, 2], layer="1")
