@@ -122,7 +122,7 @@ class Backend(Protocol):
         ...
 
     def perturb(self, model: Any, inputs: Any, make: Any, *, layer: Any = None, where: str = "activations",
-                batch_size: int = 32, count: Any = None, **options: Any) -> Perturbed:
+                batch_size: int = 32, count: Any = None, scored: Any = None, **options: Any) -> Perturbed:
         """Score the model on perturbed copies of each example, ``batch_size`` at a time, without autograd.
 
         One plain forward pass gives the layer's activations A (channels first) and the scores.
@@ -135,7 +135,9 @@ class Backend(Protocol):
         ``Perturbed(A, scores (N, C), perturbed_scores (N, K, C))``; peak memory grows with
         ``batch_size``, not K. With ``count`` (a core function), example n needs only
         ``count(A, n) <= K`` copies: the chunks cover ``range(count(A, n))`` and the rows after it
-        are NaN. The model must be left exactly as it was.
+        are NaN. ``scored`` (a core function), when given, is called with the scores before any
+        copy is made: the core checks the targets there, not after K forward passes. The model must
+        be left exactly as it was.
         """
         ...
 

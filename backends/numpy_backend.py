@@ -278,7 +278,7 @@ def score(model: Oracle, inputs: Any) -> np.ndarray:
     return model.forward(np.asarray(inputs, dtype=np.float64))[1]
 def perturb(
     model: Oracle, inputs: Any, make: Any, *, layer: str | None = None, where: str = "activations",
-    batch_size: int = 32, count: Any = None,
+    batch_size: int = 32, count: Any = None, scored: Any = None,
 ) -> Perturbed:
     """The oracle scored on perturbed copies (see the Protocol's ``perturb``).
 
@@ -294,6 +294,8 @@ def perturb(
     outputs, scores = model.forward(x)
     a = outputs[layer]
     rows = np.full((*a.shape[:2], scores.shape[1]), np.nan)
+    if scored is not None:
+        scored(scores)
     for i, _, spans in perturb_chunks(a, batch_size, count):
         for start, stop in spans:
             batch = make(x, a, i, start, stop)

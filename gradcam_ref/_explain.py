@@ -412,13 +412,16 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
             return ablated_activations(a, n, range(start, stop), value=value, chunk=int(batch_size))
 
         where = "activations"
+    def scored(scores: Any) -> None:  # the targets checked before any perturbed copy is scored
+        resolve_targets(target, scores)
+
     if method == "score-cam":  # channels with identical activations have identical masks: one run each
         a, scores, rows = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size,
-                                         count=count, **options)
+                                         count=count, scored=scored, **options)
         rows = _spread(rows, [shared[n][1] for n in range(shape_of(a)[0])])
     else:
         a, scores, rows = chosen.perturb(model, inputs, make, layer=layer, where=where, batch_size=batch_size,
-                                         **options)
+                                         scored=scored, **options)
     targets = resolve_targets(target, scores)
     y = _target_scores(scores, targets)  # (N,) or (N, T)
     yk = _target_scores(rows, targets)  # (N, K) or (N, T, K)

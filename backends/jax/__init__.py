@@ -414,6 +414,7 @@ def perturb(
     call: int | None = None,
     variables: Any = None,
     params: Any = None,
+    scored: Callable[[Any], Any] | None = None,
 ) -> Perturbed:
     """Score perturbed copies of each example (the Protocol's ``perturb``), jitted per batch shape.
 
@@ -441,6 +442,8 @@ def perturb(
     x_first = jnp.moveaxis(x, axis, 1) if where == "inputs" else x
     index = seam.index(params, x[:1])
     n, k = int(a.shape[0]), int(a.shape[1])
+    if scored is not None:
+        scored(scores)
     rows = []
     for i, copies, spans in perturb_chunks(a, batch_size, count):
         for start, stop in spans:

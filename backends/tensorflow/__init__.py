@@ -665,6 +665,7 @@ def perturb(
     count: Callable[[Any, int], int] | None = None,
     channel_axis: int = -1,
     compiled: bool = True,
+    scored: Callable[[Any], Any] | None = None,
 ) -> Perturbed:
     """Score perturbed copies of each example without a tape (the Protocol's ``perturb``).
 
@@ -709,6 +710,8 @@ def perturb(
     x_first = _channels_first(x, axis, 1) if where == "inputs" else x
     score_batch = program.perturbed(where, compiled)
     n, k = (int(d) for d in activations.shape[:2])
+    if scored is not None:
+        scored(scores)
     rows = []
     for i, copies, spans in perturb_chunks(activations, batch_size, count):
         skipping = [tf.repeat(r[i:i + 1], batch_size, axis=0) for r in rest]

@@ -1091,6 +1091,7 @@ def perturb(
     fold_batch_norms: bool = True,
     fuse_convolutions: bool = True,
     reshape: Sequence[int] | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scored: Callable[[torch.Tensor], Any] | None = None,
 ) -> Perturbed:
     """Score perturbed copies of each example without autograd (the Protocol's ``perturb``).
 
@@ -1169,6 +1170,8 @@ def perturb(
             rows = torch.full((*a.shape[:2], *scores.shape[1:]), torch.nan, dtype=scores.dtype, device=scores.device)
             layout = torch.channels_last if (where == "inputs" and memory_format == "channels_last"
                                              and inputs.ndim == 4 and inputs.device.type == "cpu") else None
+            if scored is not None:
+                scored(scores)
             if where == "inputs":
                 whole = _scoring_model(model, layout, fold_batch_norms, whole, inputs, scores,
                                        fuse=fuse_convolutions and layout is not None)

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 import gradcam_ref
+from gradcam_ref.backends import jax as jax_backend
 from gradcam_ref.backends import torch as torch_backend
 from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.backends.numpy_backend import perturb as numpy_perturb
 from gradcam_ref.verify import peers
 from gradcam_ref.verify.twins import jax_oracle, torch_oracle
 
@@ -287,3 +289,41 @@ def test_every_method_runs_in_half_precision_close_to_float64(dtype):
                 wide = wide.maps
             scale = float(wide.abs().max())
             torch.testing.assert_close(low.maps.double(), wide, rtol=0, atol=64 * eps * scale, msg=method)
+
+
+class _Scored(Exception):
+    """Raised by the test's ``scored``: the backend handed over the scores."""
+
+
+def _never(*args):
+    raise AssertionError("a perturbed copy was made before the scores were handed to scored")
+
+
+def _scored(scores):
+    assert tuple(np.shape(np.asarray(scores))) == (2, 3)
+    raise _Scored
+
+
+def test_the_scores_reach_scored_before_any_perturbed_copy(oracle, jax_twins):
+    """The core checks the targets in ``scored``: a bad target fails before K forward passes (it
+    failed after them). Every backend but TensorFlow (tests/backends/test_tensorflow_methods.py)."""
+    net, x = oracle
+    split = jax_twins["relu1"]  # (features, head)
+    with jax.enable_x64(True):
+        runs = [
+            lambda where: numpy_perturb(net, x, _never, layer="relu1", where=where, scored=_scored),
+            lambda where: torch_backend.perturb(torch_oracle(net), torch.from_numpy(x), _never, layer="relu1",
+                                                where=where, scored=_scored),
+            lambda where: jax_backend.perturb(split, jnp.asarray(x), _never, where=where, scored=_scored),
+        ]
+        for run in runs:
+            for where in ("activations", "inputs"):
+                with pytest.raises(_Scored):
+                    run(where)
+    for method in ("score-cam", "ablation-cam"):
+        calls = [0]
+        model = torch_oracle(net)
+        model.register_forward_pre_hook(lambda m, args, calls=calls: calls.__setitem__(0, calls[0] + 1))
+        with pytest.raises(ValueError, match=r"target out of range: the scores have C = 3 classes"):
+            gradcam_ref.explain(model, torch.from_numpy(x), [0, 7], layer="relu1", method=method)
+        assert calls[0] == 1  # the plain forward pass only

@@ -196,6 +196,30 @@ def test_perturbation_leaves_the_model_as_it_was_and_batch_norm_in_inference():
     np.testing.assert_allclose(first.scores.numpy(), model(x, training=False).numpy(), rtol=1e-6)
 
 
+class _Scored(Exception):
+    """Raised by the test's ``scored``: the backend handed over the scores."""
+
+
+def test_the_scores_reach_scored_before_any_perturbed_copy(oracle):
+    """The core checks the targets in ``scored``, before any perturbed copy is made (the other
+    backends: tests/backends/test_methods_backends.py)."""
+    net, x, model = oracle
+
+    def never(*args):
+        raise AssertionError("a perturbed copy was made before the scores were handed to scored")
+
+    def scored(scores):
+        assert tuple(scores.shape) == (2, 3)
+        raise _Scored
+
+    for where in ("activations", "inputs"):
+        with pytest.raises(_Scored):
+            tf_backend.perturb(model, tf.constant(last(x)), never, layer="relu1", where=where, scored=scored)
+    for method in PERTURBATION:
+        with pytest.raises(ValueError, match=r"target out of range: the scores have C = 3 classes"):
+            gradcam_ref.explain(model, tf.constant(last(x)), [0, 7], layer="relu1", method=method)
+
+
 def test_bad_perturbation_input():
     model = residual_net()
     x = np.zeros((2, 7, 7, 3))
