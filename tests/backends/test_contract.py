@@ -130,8 +130,14 @@ def test_every_module_imports_alone():
 
 
 def test_warnings_and_conventions_are_public():
-    for name in ("NoGuidedReLUWarning", "ZeroGradientWarning", "TrainingModeWarning"):
-        assert issubclass(getattr(gradcam_ref, name), UserWarning)
+    from gradcam_ref import _warnings
+
+    reference = (Path(__file__).parents[2] / "docs" / "reference.md").read_text()
+    classes = [name for name in _warnings.__all__ if name.endswith("Warning")]
+    assert len(classes) >= 6
+    for name in classes:  # every warning class: importable from gradcam_ref, in the API reference
+        assert issubclass(getattr(gradcam_ref, name), UserWarning) and name in gradcam_ref.__all__
+        assert f"::: gradcam_ref.{name}\n" in reference, name
     assert {"paper", "pytorch-grad-cam", "captum", "torchcam", "tf-keras-vis"} <= set(gradcam_ref.conventions.CONVENTIONS)
     assert callable(gradcam_ref.conventions.postprocess) and callable(gradcam_ref.conventions.describe)
 

@@ -132,6 +132,17 @@ def test_help_everywhere(capsys, argv):
     assert capsys.readouterr().out.startswith("usage: gradcam-ref")
 
 
+def test_python_dash_m_runs_the_command():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "gradcam_ref.cli", "explain", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: gradcam-ref explain"), done.stderr
+    bad = subprocess.run([sys.executable, "-m", "gradcam_ref.cli", "explain"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") <= 2 and "error:" in bad.stderr
+
+
 @pytest.mark.parametrize("argv", [[], ["explain"], ["explain", "x.png", "--batch-size", "0"],
                                   ["explain", "x.png", "--alpha", "2"], ["explain", "x.png", "--size", "3x"]])
 def test_bad_arguments_exit_2_with_one_line(capsys, argv):
