@@ -537,7 +537,9 @@ def _probabilities(model: keras.Model, producer: dict[int, Any], outputs: list[A
     softmaxes = {keras.activations.softmax: "softmax", keras.activations.log_softmax: "log_softmax",
                  tf.nn.softmax: "softmax", tf.nn.log_softmax: "log_softmax"}
     name = "softmax" if isinstance(op, keras.layers.Softmax) else softmaxes.get(getattr(op, "activation", None))
-    if name is None:
+    rank = len(outputs[0].shape)
+    axes = getattr(op, "axis", -1) if isinstance(op, keras.layers.Softmax) else -1  # activations: the last
+    if name is None or rank < 2 or [a % rank for a in np.atleast_1d(axes)] != [rank - 1]:  # not over the classes
         return None
     where = "/".join([*path, op.name])
     return (f"the scores of model {model.name!r} are the {name} of its last layer {where!r} "

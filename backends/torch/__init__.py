@@ -311,13 +311,8 @@ def _forward_hooked(
         handle = module.register_forward_hook(probe.output_hook)
     else:
         handle = module.register_forward_pre_hook(probe.input_hook)
-        if not attached and inputs.is_floating_point() and not inputs.requires_grad:
-            inputs = inputs.detach().requires_grad_(True)
-        elif not attached and undo is not None:  # integer inputs (token ids): through the weights
-            for parameter in model.parameters():
-                if parameter.is_floating_point() and not parameter.requires_grad:
-                    parameter.requires_grad_(True)
-                    undo.callback(parameter.requires_grad_, False)
+        if not attached and undo is not None:
+            inputs = _in_the_graph(model, inputs, undo)
     grad_mode = torch.is_grad_enabled()
     try:
         torch.set_grad_enabled(attached or at == "input")  # inference: no graph before the layer
@@ -344,6 +339,23 @@ def _forward_hooked(
             "in-place operation (or the next one) as the layer"
         )
     return probe.leaf, scores
+
+
+def _in_the_graph(model: nn.Module, inputs: torch.Tensor, undo: contextlib.ExitStack) -> torch.Tensor:
+    """What the model runs on so that every tensor computed from its inputs or weights has history.
+
+    Floating inputs: a copy of a leaf that requires grad (a copy, so that an in-place op of the
+    model on its input, or inputs made under ``torch.inference_mode()``, work as they did).
+    Integer inputs (token ids): the model's floating weights are made to require grad, and set
+    back by ``undo``. The user's tensors are not changed.
+    """
+    if inputs.is_floating_point():
+        return inputs if inputs.requires_grad else inputs.detach().clone().requires_grad_(True).clone()
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and not parameter.requires_grad:
+            parameter.requires_grad_(True)
+            undo.callback(parameter.requires_grad_, False)
+    return inputs
 
 
 def _count_calls(model: nn.Module, module: nn.Module, at: str, inputs: torch.Tensor) -> int:
@@ -430,7 +442,9 @@ _PROBABILITIES = {"SoftmaxBackward0": "softmax", "LogSoftmaxBackward0": "log_sof
 def _warn_if_probabilities(scores: torch.Tensor, model: Any) -> None:
     """Warn :class:`ProbabilityScoresWarning` when the model's last operation is a softmax."""
     name = _PROBABILITIES.get(type(scores.grad_fn).__name__)
-    if name is not None:
+    dim = getattr(scores.grad_fn, "_saved_dim", -1) if name is not None else -1
+    dim = dim - 2**64 if dim >= 2**63 else dim  # torch reports -1 as an unsigned int
+    if name is not None and scores.ndim >= 2 and dim % scores.ndim == scores.ndim - 1:  # over the classes
         warnings.warn(
             f"the scores of {type(model).__name__} are the {name} of its last layer, so the maps explain "
             f"{'log-' if name == 'log_softmax' else ''}probabilities, not the pre-softmax logits Grad-CAM is "
@@ -1157,7 +1171,10 @@ def perturb(
                 name = "features"
             else:
                 assert module is not None  # resolved above for the single-module form
-                a, scores = _forward_taken(model, module, name, at, call, inputs)
+                # A copy of the inputs: each pass sees them as they are even if the model writes into
+                # its input in place. A negative call counts from the end: the hook counts from 0.
+                inputs = inputs.clone()
+                a, scores, call = _forward_taken(model, module, name, at, call, inputs)
                 if at == "input" and where == "activations":
                     _check_read_by_layer_only(model, module, name, call, inputs)
                 whole = model
@@ -1186,7 +1203,8 @@ def perturb(
                     elif tail is not None:
                         out = tail(batch)
                     else:
-                        repeated = inputs[i:i + 1].expand(stop - start, *inputs.shape[1:])
+                        # a copy: a model that changes its input in place must not write into the user's
+                        repeated = inputs[i:i + 1].expand(stop - start, *inputs.shape[1:]).clone()
                         out = _substituted(model, module, at, call, repeated, batch)  # type: ignore[arg-type]
                     rows[i, start:stop] = out
         return Perturbed(a, scores, rows)
@@ -1251,8 +1269,9 @@ def _scoring_model(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch
 
 def _forward_taken(
     model: nn.Module, module: nn.Module, name: str, at: str, call: int | None, inputs: torch.Tensor
-) -> tuple[torch.Tensor, Any]:
-    """One no-grad forward pass: the layer's ``at`` at call ``call`` (detached), and the scores."""
+) -> tuple[torch.Tensor, Any, int | None]:
+    """One no-grad forward pass: the layer's ``at`` at call ``call`` (detached), the scores, and
+    the call counted from 0 (None stays None)."""
     taken: list[torch.Tensor] = []
 
     def keep(value: Any) -> None:  # a copy now: an in-place op after the layer would change it
@@ -1270,10 +1289,12 @@ def _forward_taken(
         raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
     if call is None and len(taken) > 1:
         raise ValueError(f"layer {name!r} ran {len(taken)} times in one forward pass: pass call=i to pick one")
+    if call is not None and not -len(taken) <= call < len(taken):
+        raise ValueError(f"call={call} but layer {name!r} ran {len(taken)} time(s) in the forward pass")
     value = taken[0 if call is None else call]
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         raise TypeError(f"the {at} of layer {name!r} must be one floating-point tensor (N, K, *spatial)")
-    return value, scores
+    return value, scores, None if call is None else call % len(taken)
 
 
 def _check_read_by_layer_only(model: nn.Module, module: nn.Module, name: str, call: int | None,
@@ -1285,45 +1306,46 @@ def _check_read_by_layer_only(model: nn.Module, module: nn.Module, name: str, ca
     integer inputs, through the weights, as :func:`_forward_hooked` does) shows every reader: the
     score's graph reaches A other than through the copy the layer was handed.
     """
-    taken: list[tuple[torch.Tensor, torch.Tensor]] = []
+    taken: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # per call: (A, the layer's copy)
 
     def keep(m: nn.Module, args: tuple[Any, ...]) -> Any:
         if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            taken.append(None)
             return None
         given = args[0].clone()
         taken.append((args[0], given))
         return (given, *args[1:])
 
     with contextlib.ExitStack() as undo:
-        if inputs.is_floating_point():
-            inputs = inputs.detach().requires_grad_(True)
-        else:
-            for parameter in model.parameters():
-                if parameter.is_floating_point() and not parameter.requires_grad:
-                    parameter.requires_grad_(True)
-                    undo.callback(parameter.requires_grad_, False)
+        inputs = _in_the_graph(model, inputs, undo)
         handle = module.register_forward_pre_hook(keep)
         undo.callback(handle.remove)
         with torch.enable_grad():
             scores = _run(model, inputs)
-        if not taken or not isinstance(scores, torch.Tensor) or scores.grad_fn is None:
+        chosen = taken[0 if call is None else call] if taken else None
+        if chosen is None or not isinstance(scores, torch.Tensor) or scores.grad_fn is None:
             return  # A without history: its other readers, if any, cannot be seen
-        a, given = taken[0 if call is None else call]
+        a, given = chosen
+        # A is the edge (its node, its output number): a sibling output of the same node (the
+        # other half of a chunk or split) is another tensor. Leaf A: its AccumulateGrad node.
+        edge = (a.grad_fn, a.output_nr)
         seen: set[Any] = set()
         stack: list[Any] = [scores.grad_fn]
         while stack:
             node = stack.pop()
-            if node is None or node in seen or node is given.grad_fn:
+            if node is None or node in seen or node is given.grad_fn or node is a.grad_fn:
                 continue
             seen.add(node)
-            if node is a.grad_fn or getattr(node, "variable", None) is a:
-                raise ValueError(
-                    f"the input of layer {name!r} is also read by other modules (a skip connection "
-                    "around the layer), so replacing it at the layer does not perturb that tensor; "
-                    "take the output of the module that computes it (at='output'), or use at='input' "
-                    "with a gradient method"
-                )
-            stack += [next_node for next_node, _ in node.next_functions]
+            for next_node, number in node.next_functions:
+                if (next_node is not None and next_node is edge[0] and number == edge[1]) or \
+                        (a.grad_fn is None and getattr(next_node, "variable", None) is a):
+                    raise ValueError(
+                        f"the input of layer {name!r} is also read by other modules (a skip connection "
+                        "around the layer), so replacing it at the layer does not perturb that tensor; "
+                        "take the output of the module that computes it (at='output'), or use "
+                        "at='input' with a gradient method"
+                    )
+                stack.append(next_node)
 
 
 def _substituted(model: nn.Module, module: nn.Module, at: str, call: int | None, inputs: torch.Tensor,
@@ -1335,7 +1357,7 @@ def _substituted(model: nn.Module, module: nn.Module, at: str, call: int | None,
     def swap(value: Any) -> Any:
         this = calls[0]
         calls[0] += 1
-        return replacement if this == index or (index < 0 and this == -1) else value
+        return replacement if this == index else value
 
     if at == "output":
         handle = module.register_forward_hook(lambda m, args, out: swap(out))

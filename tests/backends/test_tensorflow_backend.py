@@ -671,6 +671,17 @@ def test_a_softmax_output_warns_and_its_probabilities_are_explained(last, culpri
             assert rel_err(e.maps[:, t], ref.maps) < 1e-12
 
 
+def test_a_softmax_over_the_batch_axis_does_not_warn():
+    """Softmax(axis=0) normalises over the examples, not the classes: not the probabilities of a class."""
+    i = keras.Input((6, 6, 2))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3, activation="relu", name="conv")(i))
+    model = keras.Model(i, keras.layers.Softmax(axis=0)(keras.layers.Dense(4)(h)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradcam_ref.ProbabilityScoresWarning)
+        gradcam_ref.explain(model, np.random.default_rng(2).random((2, 6, 6, 2), dtype=np.float32), [0, 1],
+                            layer="conv")
+
+
 # --- guided backpropagation ---------------------------------------------------------------------
 
 

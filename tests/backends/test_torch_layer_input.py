@@ -140,3 +140,94 @@ def test_a_callable_reshape_cannot_be_undone_for_ablation():
     with pytest.raises(ValueError, match=r"reshape must be the grid's sizes, e.g. \(14, 14\), not a callable"):
         gradcam_ref.explain(tokens, torch.randn(1, 3, 16, 12, dtype=torch.float64), 0, layer="act",
                             method="ablation-cam", reshape=lambda t: t)
+
+
+class Halves(nn.Module):
+    """ShuffleNet's split: ``x1, x2 = x.chunk(2, 1)``, ``branch`` reads ``x2`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.stem(x).chunk(2, dim=1)
+        return self.fc(torch.cat([x1, self.branch(x2)], dim=1).mean(dim=(2, 3)))
+
+
+class Shared(nn.Module):
+    """``f`` called twice: first on a constant buffer (no history), then on the stem's output,
+    in place by a ReLU on the model's own input first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.f = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("const", torch.ones(1, 4, 6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu_(x)  # in place, on the input
+        c = self.f(self.const)
+        return self.head((self.f(self.stem(x)) + c).mean(dim=(2, 3)))
+
+
+def _ablation_by_hand(run, a: torch.Tensor) -> torch.Tensor:
+    """Ablation-CAM's weights with denominator='abs': (y - y_k) / |y|, y_k with channel k of ``a`` at
+    0; ``run`` maps ``a`` to the explained scores (N,)."""
+    y = run(a)
+    rows = []
+    for k in range(a.shape[1]):
+        ablated = a.clone()
+        ablated[:, k] = 0
+        rows.append((y - run(ablated)) / y.abs())
+    return torch.stack(rows, dim=1)
+
+
+def test_the_regressions_the_review_found():
+    """A chunk's other half is another tensor (Ablation-CAM at its reader's input was refused);
+    calls whose input has no history count too (an IndexError); call=-1 ablates the last call (it
+    ablated nothing: zero weights); inputs made in inference mode and a model writing into its own
+    input in place (errors at the input of a layer after the graph started at the inputs)."""
+    torch.manual_seed(1)
+    halves = Halves().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    e = gradcam_ref.explain(halves, x, [0, 1], layer="branch", at="input", method="ablation-cam",
+                            denominator="abs")
+    with torch.no_grad():
+        x1, x2 = halves.stem(x).chunk(2, dim=1)
+        hand = _ablation_by_hand(
+            lambda a: halves.fc(torch.cat([x1, halves.branch(a)], dim=1).mean(dim=(2, 3)))[[0, 1], [0, 1]], x2)
+    torch.testing.assert_close(e.weights, hand, rtol=1e-10, atol=1e-14)
+
+    shared = Shared().double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    kept = x.clone()
+    last = gradcam_ref.explain(shared, x, 0, layer="f", at="input", call=-1, method="ablation-cam",
+                               denominator="abs")
+    second = gradcam_ref.explain(shared, x, 0, layer="f", at="input", call=1, method="ablation-cam",
+                                 denominator="abs")
+    assert torch.equal(x, kept)  # the model's in-place ReLU wrote into copies: every pass saw the same x
+    torch.testing.assert_close(last.weights, second.weights, rtol=0, atol=0)
+    with torch.no_grad():
+        a = shared.stem(torch.relu(x))
+        hand = _ablation_by_hand(
+            lambda v: shared.head((shared.f(v) + shared.f(shared.const)).mean(dim=(2, 3)))[:, 0], a)
+    torch.testing.assert_close(second.weights, hand, rtol=1e-10, atol=1e-14)
+    assert float(second.weights.abs().max()) > 0
+    with torch.inference_mode():
+        frozen = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    for method, options in (("grad-cam", {}), ("ablation-cam", {"denominator": "abs"})):
+        made = gradcam_ref.explain(shared, frozen, 0, layer="f", at="input", call=1, method=method, **options)
+        plain = gradcam_ref.explain(shared, frozen.clone(), 0, layer="f", at="input", call=1, method=method,
+                                    **options)
+        torch.testing.assert_close(made.maps, plain.maps, rtol=0, atol=0)
+
+
+def test_a_softmax_over_another_axis_does_not_warn():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+                          nn.Softmax(dim=0)).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradcam_ref.ProbabilityScoresWarning)
+        gradcam_ref.explain(model, torch.randn(2, 3, 6, 6, dtype=torch.float64), [0, 1], layer="1")
