@@ -21,6 +21,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 from gradcam_ref._arrays import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
 from gradcam_ref._postprocess import upsample
 
@@ -118,8 +120,8 @@ def guided_image(guided: Array, *, scale: float = DISPLAY_SCALE) -> Array:
     xp, (x,) = as_float_arrays(guided=guided)
     if x.ndim < 3 or 0 in shape_of(x):
         raise ValueError(f"guided must have shape (..., C, H, W) with no empty axis, got {shape_of(x)}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale!r}")
+    if not 0 < scale < math.inf:  # inf: a flat image would be inf * 0 = NaN
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     axes = (-3, -2, -1)
     mean = xp.mean(x, axis=axes, keepdims=True)
     std = xp.sqrt(xp.mean((x - mean) ** 2, axis=axes, keepdims=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from typing import Any
 
 import array_api_compat
@@ -107,11 +108,11 @@ def sigmoid(logits: Array) -> Array:
 
 
 def _check_parameters(sigma: float, omega: float) -> None:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0.0 < float(sigma) < 1.0:
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0.0 < float(sigma) < 1.0:
         raise ValueError(
             f"sigma (the mask threshold of Eq. 4, on maps normalised into [0, 1]) must be in (0, 1), got {sigma!r}"
         )
-    if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not 0.0 < float(omega) < math.inf:
+    if isinstance(omega, bool) or not isinstance(omega, numbers.Real) or not 0.0 < float(omega) < math.inf:
         raise ValueError(f"omega (the mask sharpness of Eq. 4) must be a finite number > 0, got {omega!r}")
 
 
@@ -234,7 +235,7 @@ def _multi_hot(xp: Any, labels: Array, shape: tuple[int, ...], like: Array) -> A
 
 def self_guided_loss(classification_loss: Array, mining_loss: Array, *, alpha: float = ALPHA) -> Array:
     r"""Eq. 6: :math:`L_{self} = L_{cl} + \alpha L_{am}` (the paper's :math:`\alpha = 1`)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < math.inf:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha < math.inf:
         raise ValueError(f"alpha (the weight of L_am) must be a finite number >= 0, got {alpha!r}")
     return classification_loss + float(alpha) * mining_loss
 
@@ -283,6 +284,6 @@ def gain_ext_loss(
 
     :math:`w_e` is the paper's second :math:`\omega`; it is named apart from the mask sharpness.
     """
-    if isinstance(w_e, bool) or not isinstance(w_e, (int, float)) or not 0.0 <= w_e < math.inf:
+    if isinstance(w_e, bool) or not isinstance(w_e, numbers.Real) or not 0.0 <= w_e < math.inf:
         raise ValueError(f"w_e (the weight of L_e) must be a finite number >= 0, got {w_e!r}")
     return self_guided_loss(classification_loss, mining_loss, alpha=alpha) + float(w_e) * supervision_loss

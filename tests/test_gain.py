@@ -33,6 +33,13 @@ def test_soft_mask_defaults_values_at_the_ends():
     assert t[1] == 0.5
 
 
+def test_numpy_scalars_are_numbers():
+    """np.float32(0.5) was refused as out of (0, 1): NumPy's scalars are numbers like Python's."""
+    maps = np.array([0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(gain.soft_mask(maps, sigma=np.float32(0.5), omega=np.int64(10)),
+                                  gain.soft_mask(maps, sigma=0.5, omega=10.0))
+
+
 def test_sigmoid_gradient_is_finite_for_huge_logits():
     z = torch.tensor([-1e4, -800.0, 0.0, 800.0, 1e4], dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(gain.sigmoid(z).sum(), z)

@@ -82,8 +82,9 @@ def test_bad_input():
         guided_image(np.ones((4, 4)))
     with pytest.raises(ValueError, match="guided contains NaN or Inf"):
         guided_image(np.full((1, 1, 2, 2), np.inf))
-    with pytest.raises(ValueError, match="scale must be positive, got 0"):
-        guided_image(g, scale=0)
+    for bad in (0, float("inf"), float("nan")):  # inf: a flat image came out NaN (inf * 0)
+        with pytest.raises(ValueError, match=f"scale must be a finite number > 0, got {bad}"):
+            guided_image(g, scale=bad)
 
 
 # --- the display helper ---------------------------------------------------------------------------

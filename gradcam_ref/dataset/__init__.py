@@ -303,7 +303,7 @@ def explain_dataset(
         "target": target,
         "batch_size": int(batch_size),
         "preprocess": load.describe() if hasattr(load, "describe") else {"load": _qualname(load)},
-        "options": {k: repr(v) for k, v in sorted(options.items())},
+        "options": {k: _job.array_digest(v) or repr(v) for k, v in sorted(options.items())},  # long arrays
         "dtype": dtype,
         "metrics": None if not metric_names and evaluate is None else {
             "names": list(metric_names), "options": metric_options_, "masks": _describe(masks),

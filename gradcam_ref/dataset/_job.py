@@ -364,7 +364,12 @@ def jax_sharded(batch: np.ndarray) -> Any:
 
 
 def fingerprint(model: Any) -> dict[str, Any]:
-    """What identifies a model in the store: its class, and a SHA-256 of a torch model's state."""
+    """What identifies a model in the store: its class, and a SHA-256 of its weights.
+
+    A torch model's ``state_dict``; otherwise every array the model holds (:func:`array_digest`):
+    the oracle's ``params``, a JAX ``(features, head)`` pair's closures and the globals they
+    read, a pytree module's leaves. Two models whose weights differ are told apart.
+    """
     import hashlib
 
     parts = tuple(model) if isinstance(model, (tuple, list)) else (model,)
@@ -372,20 +377,68 @@ def fingerprint(model: Any) -> dict[str, Any]:
              (p if inspect.isfunction(p) or isinstance(p, type) else type(p) for p in parts)]
     torch = sys.modules.get("torch")
     if torch is None or not all(isinstance(p, torch.nn.Module) for p in parts):
-        params = getattr(model, "params", None)
-        if params is None:
-            return {"class": names}
-        digest = hashlib.sha256()
-        for value in (params if isinstance(params, (list, tuple)) else [params]):
-            digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
-        return {"class": names, "sha256": digest.hexdigest()}
-    digest = hashlib.sha256()
+        digest = array_digest(parts)
+        return {"class": names} if digest is None else {"class": names, "sha256": digest}
+    sha = hashlib.sha256()
     for part in parts:
         for key, tensor in part.state_dict().items():
             t = tensor.detach().cpu().contiguous()
-            digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return {"class": names, "sha256": digest.hexdigest()}
+            sha.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {"class": names, "sha256": sha.hexdigest()}
+
+
+def array_digest(value: Any) -> str | None:
+    """A SHA-256 of every array ``value`` holds (dtype, shape and bytes, in a fixed order), or None
+    when it holds none: through lists, tuples and dicts, a function's closure, defaults and the
+    globals it reads, ``functools.partial``'s arguments, an object's ``params`` and a JAX pytree's
+    leaves (Flax, Equinox). ``repr`` would not do: NumPy and JAX shorten long arrays with ``...``.
+    """
+    import functools
+    import hashlib
+
+    sha, seen, found = hashlib.sha256(), set(), [False]
+
+    def visit(x: Any, depth: int) -> None:
+        if depth > 8 or id(x) in seen or isinstance(x, (str, bytes, int, float, bool, type(None), type)):
+            return
+        seen.add(id(x))
+        if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__array__"):
+            host = np.ascontiguousarray(np.asarray(x))
+            sha.update(f"{host.dtype}:{host.shape}".encode())
+            sha.update(host.tobytes())
+            found[0] = True
+        elif isinstance(x, dict):
+            for key in sorted(x, key=repr):
+                visit(x[key], depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                visit(item, depth + 1)
+        elif isinstance(x, functools.partial):
+            visit([x.func, x.args, x.keywords], depth + 1)
+        elif inspect.isfunction(x):
+            cells = [cell.cell_contents for cell in x.__closure__ or () if _filled(cell)]
+            read = inspect.getclosurevars(x).globals
+            visit([cells, x.__defaults__, {k: v for k, v in read.items() if not inspect.ismodule(v)}], depth + 1)
+        else:
+            params = getattr(x, "params", None)
+            if params is not None and not callable(params):
+                visit(params, depth + 1)
+            elif "jax" in sys.modules:
+                leaves = sys.modules["jax"].tree_util.tree_leaves(x)
+                if not (len(leaves) == 1 and leaves[0] is x):  # a pytree (Flax, Equinox): its leaves
+                    visit(leaves, depth + 1)
+
+    visit(value, 0)
+    return sha.hexdigest() if found[0] else None
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def versions() -> dict[str, str]:

@@ -369,3 +369,46 @@ def test_sigterm_and_ctrl_c_stop_after_the_current_unit(images, model, reference
     summary = gradcam_ref.explain_dataset(model, images, out=out, **KW)
     assert summary.skipped_units == len(done)
     assert_same_store(reference, zarr.open_group(out, mode="r"))
+
+
+def test_jax_pairs_and_array_options_are_told_apart_by_their_weights(images, tmp_path):
+    """A JAX ``(features, head)`` pair is fingerprinted by the arrays its functions close over and
+    read (the store recorded only their names: other weights resumed a store silently), and an array
+    option by its bytes (``repr`` shortens long arrays with '...': other params were accepted)."""
+    import jax
+    import jax.numpy as jnp
+
+    def pair(seed: int, scale: float = 1.0):
+        kernel = jax.random.normal(jax.random.key(seed), (4, 3, 3, 3)) * scale
+        weights = jax.random.normal(jax.random.key(seed + 1), (4, 5))
+
+        def features(x):
+            return jax.nn.relu(jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME"))
+
+        def head(a):
+            return a.mean(axis=(2, 3)) @ weights
+
+        return features, head
+
+    kw = {k: v for k, v in KW.items() if k != "layer"}
+    out = tmp_path / "jax.zarr"
+    gradcam_ref.explain_dataset(pair(0), images[:8], out=out, shard=(0, 2), **kw)
+    gradcam_ref.explain_dataset(pair(0), images[:8], out=out, shard=(1, 2), **kw)  # the same weights resume
+    with pytest.raises(StoreMismatch, match=r"was made with model=.*they differ in sha256"):
+        gradcam_ref.explain_dataset(pair(0, scale=2.0), images[:8], out=out, **kw)
+    assert _job_array_digest(pair(0)) == _job_array_digest(pair(0))
+
+    params = np.zeros(5000)  # repr: 'array([0., 0., 0., ..., 0., 0., 0.])' whatever the middle holds
+    other = params.copy()
+    other[2500] = 5.0
+    assert repr(params) == repr(other)
+    assert _job_array_digest(params) != _job_array_digest(other)
+    assert _job_array_digest({"w": jnp.ones(3)}) == _job_array_digest({"w": jnp.ones(3)})
+    assert _job_array_digest({"w": jnp.ones(3)}) != _job_array_digest({"w": jnp.ones(3, jnp.int32)})  # dtype
+    assert _job_array_digest(("no", 1, None)) is None  # nothing to hash: the class names alone
+
+
+def _job_array_digest(value):
+    from gradcam_ref.dataset import _job
+
+    return _job.array_digest(value)
