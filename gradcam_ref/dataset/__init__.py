@@ -216,7 +216,7 @@ def explain_dataset(
     ``scores`` (the explained classes' scores), ``top_classes``/``top_scores`` (the 5 best),
     ``errors`` ("" or why an image could not be read), ``paths``, and ``metrics/<name>`` when
     ``evaluate`` is given. ``attrs["gradcam_ref"]`` records the model (class and SHA-256 of its
-    state), layer, method, target, batch size, preprocessing, dtype and library versions.
+    weights: ``_job.fingerprint``), layer, method, target, batch size, preprocessing, dtype and library versions.
 
     Args:
       model: a torch ``nn.Module`` (or ``(features, head)`` pair), a JAX ``(features, head)``
