@@ -415,6 +415,7 @@ def perturb(
     variables: Any = None,
     params: Any = None,
     scored: Callable[[Any], Any] | None = None,
+    input_channel_axis: int | None = None,
 ) -> Perturbed:
     """Score perturbed copies of each example (the Protocol's ``perturb``), jitted per batch shape.
 
@@ -423,23 +424,41 @@ def perturb(
     (moved back to ``channel_axis``) and only the part after it runs (the split form's ``head``; a
     named layer's model under ``jax.vmap`` over the copies, which leaves the part before the layer
     unbatched: it runs once). ``where="inputs"``: the whole model on masked inputs, given to
-    ``make`` with their channels moved like A's. Every batch is padded to ``batch_size`` rows, so
+    ``make`` channels-first: their channels are on ``input_channel_axis``, by default where the
+    model's own layout puts A's (a Flax ``Conv``: last) or ``channel_axis``. A ``channel_axis``
+    given for A may not hold for the inputs (a split form may move A's channels alone): where
+    the inputs' spatial axes would then be smaller than A's, ``input_channel_axis`` is required
+    (else the wrong axes would be masked without an error). Every batch is padded to
+    ``batch_size`` rows, so
     one compiled program scores them all. ``count`` as in the Protocol (NaN rows after
     ``count(A, n)`` copies).
     """
     check_where(where)
     seam, params, default_axis = jax_models.seam(model, layer, variables=variables, call=call, params=params)
-    channel_axis = default_axis if channel_axis is None else channel_axis
+    given_axis, channel_axis = channel_axis, default_axis if channel_axis is None else channel_axis
     x = _as_inputs(inputs)
     a_raw, scores = _forward(x, params, seam=seam, channel_axis=channel_axis)
     axis = _channel_axis(channel_axis, a_raw.ndim)
     a = jnp.moveaxis(a_raw, axis, 1)
-    if where == "inputs" and axis != 1 and x.ndim != a_raw.ndim:
+    in_axis = axis
+    if where == "inputs" and input_channel_axis is not None:
+        in_axis = _channel_axis(input_channel_axis, x.ndim)
+    elif where == "inputs" and given_axis is not None and axis != _channel_axis(default_axis, a_raw.ndim):
+        # A's channel_axis taken for the inputs too: refused where their spatial axes would then be
+        # smaller than A's (channels-first inputs of a split form that moves A's channels alone).
+        spatial = tuple(int(d) for j, d in enumerate(x.shape) if j not in (0, axis % max(x.ndim, 1)))
+        if len(spatial) != a.ndim - 2 or any(d < s for d, s in zip(spatial, a.shape[2:], strict=False)):
+            raise ValueError(
+                f"score-cam masks the inputs: with channel_axis={given_axis} their spatial axes would be "
+                f"{spatial}, smaller than A's {tuple(a.shape[2:])}; pass input_channel_axis, where the "
+                "inputs' channels are (1 for (N, C, H, W) inputs, -1 for (N, H, W, C))"
+            )
+    if where == "inputs" and in_axis != 1 and x.ndim != a_raw.ndim:
         raise ValueError(
             f"where='inputs' with channel_axis={channel_axis}: the inputs are taken to have their channels "
             f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
         )
-    x_first = jnp.moveaxis(x, axis, 1) if where == "inputs" else x
+    x_first = jnp.moveaxis(x, in_axis, 1) if where == "inputs" else x
     index = seam.index(params, x[:1])
     n, k = int(a.shape[0]), int(a.shape[1])
     if scored is not None:
@@ -447,7 +466,7 @@ def perturb(
     rows = []
     for i, copies, spans in perturb_chunks(a, batch_size, count):
         for start, stop in spans:
-            batch = jnp.moveaxis(make(x_first, a, i, start, stop), 1, axis)
+            batch = jnp.moveaxis(make(x_first, a, i, start, stop), 1, in_axis if where == "inputs" else axis)
             padded = jnp.concatenate([batch, jnp.zeros((batch_size - (stop - start), *batch.shape[1:]), batch.dtype)])
             if where == "activations":
                 out = _score_replaced(params, x[i:i + 1], padded, seam=seam, index=index)

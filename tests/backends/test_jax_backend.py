@@ -453,3 +453,34 @@ def test_an_empty_batch_is_refused_by_name_before_the_model_runs():
         assert str(raised.value) == message
     one = jax_backend.explain(model, np.ones((1, 3, 4, 4), np.float32))  # N = 1 runs
     np.testing.assert_array_equal(one.maps, np.full((1, 4, 4), 3.0))  # A = 1, dy/dA = 1: alpha_k = 1, K = 3
+
+
+def test_score_cam_of_a_split_form_that_moves_a_channels_alone():
+    """channel_axis=-1 on a pair that moves A's channels last while the inputs stay (N, C, H, W):
+    Score-CAM took the inputs to be channels-last too and masked the wrong axes (maps off by 1.2,
+    no error). Now refused where the inputs' spatial axes would be smaller than A's, and exact
+    with input_channel_axis; channels-last inputs need none."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        w, f = jnp.asarray(rng.standard_normal((3, 2, 3, 3))), jnp.asarray(rng.standard_normal((2, 3)))
+        x = jnp.asarray(rng.standard_normal((2, 2, 8, 8)))
+
+        def features(v):
+            return jax.nn.relu(jax.lax.conv(v, w, (1, 1), "VALID"))
+
+        def head(a):
+            return a.mean(axis=(2, 3)) @ f.T
+
+        a_last = (lambda v: jnp.moveaxis(features(v), 1, -1), lambda a: head(jnp.moveaxis(a, -1, 1)))
+        both_last = (lambda v: jnp.moveaxis(features(jnp.moveaxis(v, -1, 1)), 1, -1),
+                     lambda a: head(jnp.moveaxis(a, -1, 1)))
+        kw = {"method": "score-cam"}
+        reference = gradcam_ref.explain((features, head), x, [0, 1], **kw).maps
+        with pytest.raises(ValueError, match=r"with channel_axis=-1 their spatial axes would be \(2, 8\), smaller "
+                                             r"than A's \(6, 6\); pass input_channel_axis"):
+            gradcam_ref.explain(a_last, x, [0, 1], channel_axis=-1, **kw)
+        first = gradcam_ref.explain(a_last, x, [0, 1], channel_axis=-1, input_channel_axis=1, **kw).maps
+        last = gradcam_ref.explain(both_last, jnp.moveaxis(x, 1, -1), [0, 1], channel_axis=-1, **kw).maps
+        assert float(jnp.abs(reference).max()) > 0
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(reference))
+        np.testing.assert_array_equal(np.asarray(last), np.asarray(reference))
