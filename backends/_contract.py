@@ -42,6 +42,7 @@ from gradcam_ref._warnings import (
     ProbabilityScoresWarning,
     TrainingModeWarning,
     ZeroGradientWarning,
+    probabilities_message,
     warn_zero_gradients,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "grad_cam_fields",
     "guided_grad_cam",
     "perturb_chunks",
+    "probabilities_message",
     "resolve_targets",
     "same_parameters",
     "shape_of",

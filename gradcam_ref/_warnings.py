@@ -39,6 +39,16 @@ class ProbabilityScoresWarning(UserWarning):
     pre-softmax logits that Grad-CAM's :math:`y^c` is (Selvaraju et al., Sec. 3)."""
 
 
+def probabilities_message(model: str, name: str, layer: str, fix: str) -> str:
+    """The :class:`ProbabilityScoresWarning` of every backend: ``model`` (how the backend names it)
+    ends in ``name`` (``"softmax"`` or ``"log_softmax"``) at ``layer`` ("" or " 'fc' (Dense)");
+    ``fix`` completes "explain ...", e.g. "the model without the final softmax"."""
+    return (f"the scores of {model} are the {name} of its last layer{layer}, so the maps explain "
+            f"{'log-' if name == 'log_softmax' else ''}probabilities, not the pre-softmax logits Grad-CAM is "
+            "defined on (a saturated class has near-zero gradients, and every class's logit enters each score); "
+            f"explain {fix}, or pass a callable target to explain a function of these scores on purpose")
+
+
 def warn_zero_gradients(zero: np.ndarray, where: str, stacklevel: int) -> None:
     """Warn :class:`ZeroGradientWarning` (one message for every backend) when ``zero`` has a True.
 

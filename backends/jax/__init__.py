@@ -442,7 +442,7 @@ def perturb(
     a = jnp.moveaxis(a_raw, axis, 1)
     in_axis = axis
     if where == "inputs" and input_channel_axis is not None:
-        in_axis = _channel_axis(input_channel_axis, x.ndim)
+        in_axis = _channel_axis(input_channel_axis, x.ndim, "input_channel_axis", "the inputs")
     elif where == "inputs" and given_axis is not None and axis != _channel_axis(default_axis, a_raw.ndim):
         # A's channel_axis taken for the inputs too: refused where their spatial axes would then be
         # smaller than A's (channels-first inputs of a split form that moves A's channels alone).
@@ -502,13 +502,13 @@ def _as_inputs(inputs: Any) -> jax.Array:
     return x
 
 
-def _channel_axis(channel_axis: int, rank: int) -> int:
+def _channel_axis(channel_axis: int, rank: int, name: str = "channel_axis", of: str = "the activations") -> int:
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
-        raise TypeError(f"channel_axis must be an int, got {channel_axis!r}")
+        raise TypeError(f"{name} must be an int, got {channel_axis!r}")
     axis = int(channel_axis) + rank if channel_axis < 0 else int(channel_axis)
     if not 1 <= axis < rank:
         raise ValueError(
-            f"channel_axis must name a non-batch axis of the activations (rank {rank}): "
+            f"{name} must name a non-batch axis of {of} (rank {rank}): "
             f"1..{rank - 1} or -{rank - 1}..-1, got {channel_axis}"
         )
     return axis

@@ -57,6 +57,7 @@ from gradcam_ref.backends._contract import (
     grad_cam_fields,
     guided_grad_cam,
     perturb_chunks,
+    probabilities_message,
     resolve_targets,
     same_parameters,
     shape_of,
@@ -542,12 +543,9 @@ def _probabilities(model: keras.Model, producer: dict[int, Any], outputs: list[A
     if name is None or rank < 2 or [a % rank for a in np.atleast_1d(axes)] != [rank - 1]:  # not over the classes
         return None
     where = "/".join([*path, op.name])
-    return (f"the scores of model {model.name!r} are the {name} of its last layer {where!r} "
-            f"({type(op).__name__}), so the maps explain {'log-' if name == 'log_softmax' else ''}probabilities, "
-            "not the pre-softmax logits Grad-CAM is defined on (a saturated class has near-zero gradients, "
-            "and every class's logit enters each score); explain a model without the final "
-            f"{name} (keras.applications: classifier_activation=None; the same weights load), or pass a "
-            "callable target to explain a function of these scores on purpose")
+    return probabilities_message(f"model {model.name!r}", name, f" {where!r} ({type(op).__name__})",
+                                 f"a model without the final {name} (keras.applications: "
+                                 "classifier_activation=None; the same weights load)")
 
 
 def _pools_a(producer: dict[int, Any], h: Any, a: Any, frontier: list[Any]) -> bool:

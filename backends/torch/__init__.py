@@ -56,6 +56,7 @@ from gradcam_ref.backends._contract import (
     differentiable_mode,
     grad_cam_fields,
     perturb_chunks,
+    probabilities_message,
     resolve_targets,
     same_parameters,
     shape_of,
@@ -446,11 +447,7 @@ def _warn_if_probabilities(scores: torch.Tensor, model: Any) -> None:
     dim = dim - 2**64 if dim >= 2**63 else dim  # torch reports -1 as an unsigned int
     if name is not None and scores.ndim >= 2 and dim % scores.ndim == scores.ndim - 1:  # over the classes
         warnings.warn(
-            f"the scores of {type(model).__name__} are the {name} of its last layer, so the maps explain "
-            f"{'log-' if name == 'log_softmax' else ''}probabilities, not the pre-softmax logits Grad-CAM is "
-            "defined on (a saturated class has near-zero gradients, and every class's logit enters each score); "
-            f"explain the model without the final {name}, or pass a callable target to explain a function of "
-            "these scores on purpose",
+            probabilities_message(type(model).__name__, name, "", f"the model without the final {name}"),
             ProbabilityScoresWarning,
             stacklevel=6,  # gradcam_ref.explain's caller
         )

@@ -484,3 +484,6 @@ def test_score_cam_of_a_split_form_that_moves_a_channels_alone():
         assert float(jnp.abs(reference).max()) > 0
         np.testing.assert_array_equal(np.asarray(first), np.asarray(reference))
         np.testing.assert_array_equal(np.asarray(last), np.asarray(reference))
+        with pytest.raises(ValueError, match=r"^input_channel_axis must name a non-batch axis of the inputs "
+                                             r"\(rank 4\): 1..3 or -3..-1, got 5$"):
+            gradcam_ref.explain(a_last, x, [0, 1], channel_axis=-1, input_channel_axis=5, **kw)
