@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref._arrays import Array, to_numpy
+from gradcam_ref._arrays import Array, check_flag, check_nonnegative, to_numpy
 from gradcam_ref._warnings import MetricWarning
 
 __all__ = [
@@ -77,6 +77,33 @@ def _positive_int(name: str, value: Any, most: int | None = None) -> int:
     return int(value)
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)`` on one line (an array's repr spans several)."""
+    return " ".join(repr(value).split())
+
+
+def _choice(name: str, value: Any, allowed: str, options: Sequence[str]) -> str:
+    """``value`` if it is one of the names ``options`` (written ``allowed`` in the message); an
+    array is refused by name too (``in`` would ask for its truth value)."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")
+    return value
+
+
+def _seed(name: str, value: Any, *, most: int | None = None, generator: bool = False) -> Any:
+    """A seed of ``numpy.random.default_rng``: an int >= 0 (below ``most``) or None; with
+    ``generator`` a ``numpy.random.Generator`` as well. A bool, a float or a string is refused by name."""
+    if value is None or (generator and isinstance(value, np.random.Generator)):
+        return value
+    bound = "" if most is None else f" and < {most}"
+    what = f"an int >= 0{bound} or None" + (" (or a numpy.random.Generator)" if generator else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be {what}, got {_shown(value)}")
+    if value < 0 or (most is not None and value >= most):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def _maps(maps: Array, name: str = "maps", min_rank: int = 2) -> np.ndarray:
     m = np.asarray(to_numpy(maps))
     if m.dtype.kind not in "fiu":
@@ -100,8 +127,7 @@ def _masks(masks: Array, shape: tuple[int, ...], empty: str = "raise", full_ok: 
         s = s.astype(bool)
     if s.shape != shape:
         raise ValueError(f"masks must have the shape of maps {shape} (N, *spatial), got shape {s.shape}")
-    if empty not in ("raise", "nan"):
-        raise ValueError(f"empty must be 'raise' or 'nan', got {empty!r}")
+    _choice("empty", empty, "'raise' or 'nan'", ("raise", "nan"))
     counts = s.reshape(shape[0], -1).sum(axis=1)
     bad = counts == 0 if full_ok else (counts == 0) | (counts == s[0].size)
     if bad.any() and empty == "raise":
@@ -124,8 +150,7 @@ def _undefined(values: np.ndarray, bad: np.ndarray, why: str) -> np.ndarray:
 
 
 def _check_ties(ties: str, allowed: Sequence[str]) -> None:
-    if ties not in allowed:
-        raise ValueError(f"ties must be one of {tuple(allowed)}, got {ties!r}")
+    _choice("ties", ties, f"one of {tuple(allowed)}", allowed)
 
 
 # --- Localisation ----------------------------------------------------------------------------
@@ -203,6 +228,7 @@ def relevance_mass(maps: Array, masks: Array, *, positive: bool = True, empty: s
     """
     m = _maps(maps)
     s = _masks(masks, m.shape, empty)
+    check_flag("positive", positive)
     n = m.shape[0]
     r = np.maximum(m, 0.0) if positive else m
     flat = r.reshape(n, -1)
@@ -321,11 +347,21 @@ def _mann_whitney_u2(positives: np.ndarray, negatives: np.ndarray) -> int:
 def boxes_to_masks(boxes: Array, shape: tuple[int, int]) -> np.ndarray:
     """Boolean masks ``(N, H, W)`` of boxes ``(N, 4)`` = ``(x0, y0, x1, y1)``, half-open pixel ranges
     ``[y0, y1) x [x0, x1)``."""
+    shape = _image_shape(shape)
     b = _boxes(boxes, shape)
     masks = np.zeros((b.shape[0], *shape), dtype=bool)
     for mask, (x0, y0, x1, y1) in zip(masks, b, strict=True):
         mask[y0:y1, x0:x1] = True
     return masks
+
+
+def _image_shape(shape: Any) -> tuple[int, int]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)) or np.ndim(shape) != 1 \
+            or any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) for s in shape):
+        raise TypeError(f"shape must be (H, W), two ints >= 1, got {_shown(shape)}")
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (H, W), two ints >= 1, got {_shown(shape)}")
+    return int(shape[0]), int(shape[1])
 
 
 def _boxes(boxes: Array, shape: tuple[int, int] | None = None, name: str = "boxes") -> np.ndarray:
@@ -376,10 +412,7 @@ def map_boxes(maps: Array, *, threshold: float = 0.15, connectivity: int = 2) ->
     m = _maps(maps)
     if m.ndim != 3:
         raise ValueError(f"maps must have shape (N, H, W), got shape {m.shape}")
-    if not 0 <= threshold < 1:
-        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    if connectivity not in (1, 2):
-        raise ValueError(f"connectivity must be 1 or 2, got {connectivity}")
+    _check_segments(threshold, connectivity)
     top = m.reshape(m.shape[0], -1).max(axis=1)
     if (top <= 0).any():
         raise ValueError(f"maps of examples {np.flatnonzero(top <= 0).tolist()} have no positive value: no box")
@@ -393,12 +426,24 @@ def map_boxes(maps: Array, *, threshold: float = 0.15, connectivity: int = 2) ->
     return boxes
 
 
+def _check_segments(threshold: Any, connectivity: Any) -> None:
+    """:func:`map_boxes`'s options: a threshold in [0, 1) and a connectivity of 1 or 2."""
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, float, np.integer, np.floating)):
+        raise TypeError(f"threshold must be a number in [0, 1), got {_shown(threshold)}")
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if isinstance(connectivity, (bool, np.bool_)) or not isinstance(connectivity, (int, np.integer)) \
+            or connectivity not in (1, 2):
+        raise ValueError(f"connectivity must be 1 or 2, got {_shown(connectivity)}")
+
+
 def weakly_supervised_localisation(maps: Array, boxes: Array, *, threshold: float = 0.15,
                                    connectivity: int = 2) -> np.ndarray:
     """IoU of the map's box (:func:`map_boxes`) with the ground-truth ``boxes`` ``(N, 4)``; the paper
     counts IoU >= 0.5 as localised (Selvaraju et al. 2017, Table 1). Returns ``(N,)`` float64; NaN
     (with a :class:`~gradcam_ref.MetricWarning`) for a map with no positive value, which has no box."""
     m = _maps(maps)
+    _check_segments(threshold, connectivity)
     b = _boxes(boxes, m.shape[1:3] if m.ndim == 3 else None)
     if b.shape[0] != m.shape[0]:
         raise ValueError(f"boxes must have one row per map: N = {m.shape[0]}, got {b.shape[0]}")
@@ -509,6 +554,7 @@ def _rescore(score: Score, batches: Iterator[np.ndarray], rows: np.ndarray, targ
 
 
 def _progress(total: int | None, progress: bool, what: str) -> Any:
+    check_flag("progress", progress)
     if not progress:
         return None
     from tqdm.auto import tqdm
@@ -546,7 +592,13 @@ def _baseline(baseline: Any, x: np.ndarray, seed: int | None) -> np.ndarray:
             return low + (high - low) * rng.random(x.shape)
         raise ValueError(f"baseline must be a number, an array or one of 'min', 'mean', 'blur', "
                          f"'uniform', got {baseline!r}")
-    b = np.asarray(to_numpy(baseline), dtype=np.float64)
+    b = np.asarray(to_numpy(baseline))
+    if b.dtype.kind not in "fiu":
+        raise TypeError(f"baseline must be a number, an array or one of 'min', 'mean', 'blur', "
+                        f"'uniform', got {_shown(baseline)}")
+    b = b.astype(np.float64, copy=False)
+    if not np.isfinite(b).all():
+        raise ValueError(f"baseline contains NaN or Inf ({int(np.count_nonzero(~np.isfinite(b)))} of {b.size} values)")
     try:
         return np.broadcast_to(b, x.shape)
     except ValueError:
@@ -591,6 +643,8 @@ def _pixel_curve(score: Score, inputs: Array, maps: Array, targets: Any, *, step
     m = _maps(maps)
     x = _inputs(inputs, m)
     t = _targets(targets, m.shape[0])
+    seed = _seed("seed", seed)
+    check_flag("softmax", softmax)
     orders = np.argsort(-m.reshape(m.shape[0], -1), axis=1, kind="stable")
     counts = _counts(orders.shape[1], steps)
     values = _curve(score, x, _baseline(baseline, x, seed), orders, counts, t, insert=insert,
@@ -655,12 +709,13 @@ def region_perturbation(score: Score, inputs: Array, maps: Array, targets: Any, 
     m = _maps(maps)
     if m.ndim != 3:
         raise ValueError(f"maps must have shape (N, H, W), got shape {m.shape}")
-    if order not in ("morf", "lerf"):
-        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    patch_size = _positive_int("patch_size", patch_size)
+    _choice("order", order, "'morf' or 'lerf'", ("morf", "lerf"))
+    n, h, w = m.shape
+    patch_size = min(_positive_int("patch_size", patch_size), max(h, w))  # a larger patch is the same one patch
+    seed = _seed("seed", seed)
+    check_flag("softmax", softmax)
     x = _inputs(inputs, m)
     t = _targets(targets, m.shape[0])
-    n, h, w = m.shape
     rows, columns = -(-h // patch_size), -(-w // patch_size)
     patch = (np.arange(h)[:, None] // patch_size) * columns + np.arange(w)[None, :] // patch_size
     patch = patch.ravel()
@@ -681,6 +736,7 @@ def region_perturbation(score: Score, inputs: Array, maps: Array, targets: Any, 
 
 def _confidence(score: Score, inputs: Array, maps: Array, targets: Any, softmax: bool,
                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    check_flag("softmax", softmax)
     m = _maps(maps)
     if m.min() < 0 or m.max() > 1:
         raise ValueError(f"maps must be in [0, 1] (normalise them first, e.g. gradcam_ref.normalize), "
@@ -708,7 +764,8 @@ def average_drop(score: Score, inputs: Array, maps: Array, targets: Any, *, soft
     r"""The per-example drop of Chattopadhay et al. ("Grad-CAM++", 2018, Eq. 20):
     :math:`\max(0, Y_i - O_i) / (Y_i + \epsilon)`, with :math:`Y_i` the class probability on the
     input and :math:`O_i` on :math:`x \odot L` (``maps`` in [0, 1] at the input's size). The paper's
-    average drop (%) is ``100 * mean``. ``eps`` 0 by default (torchcam: 1e-7). Returns ``(N,)``."""
+    average drop (%) is ``100 * mean``. ``eps`` >= 0, 0 by default (torchcam: 1e-7). Returns ``(N,)``."""
+    check_nonnegative("eps", eps)
     y, o = _confidence(score, inputs, maps, targets, softmax, batch_size)
     denominator = y + eps
     zero = denominator == 0  # a score of 0 (softmax=False) with eps 0: the drop is undefined
@@ -759,6 +816,10 @@ def noisy_linear_imputation(image: Array, removed: Array, *, noise: float = 0.01
     r = np.asarray(to_numpy(removed), dtype=bool)
     if x.ndim != 3 or r.shape != x.shape[1:]:
         raise ValueError(f"image must be (C, H, W) and removed (H, W) like it, got {x.shape} and {r.shape}")
+    if not np.isfinite(x).all():  # a NaN spreads to every pixel imputed from it
+        raise ValueError(f"image contains NaN or Inf ({int(np.count_nonzero(~np.isfinite(x)))} of {x.size} values)")
+    check_nonnegative("noise", noise)
+    rng = _seed("rng", rng, generator=True)
     if r.all():
         raise ValueError("removed covers every pixel: nothing to impute from (use a percentage < 100)")
     c, h, w = x.shape
@@ -813,10 +874,11 @@ def road(score: Score, inputs: Array, maps: Array, targets: Any, *,
     m = _maps(maps)
     if m.ndim != 3:
         raise ValueError(f"maps must have shape (N, H, W), got shape {m.shape}")
-    if order not in ("morf", "lerf"):
-        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    if measure not in ("accuracy", "score"):
-        raise ValueError(f"measure must be 'accuracy' or 'score', got {measure!r}")
+    _choice("order", order, "'morf' or 'lerf'", ("morf", "lerf"))
+    _choice("measure", measure, "'accuracy' or 'score'", ("accuracy", "score"))
+    check_flag("softmax", softmax)
+    check_nonnegative("noise", noise)
+    seed = _seed("seed", seed)
     p = np.asarray(percentages, dtype=np.float64)
     if p.ndim != 1 or p.size == 0 or (p < 0).any() or (p >= 100).any():
         raise ValueError(f"percentages must be a non-empty list of values in [0, 100), got {percentages}")
@@ -862,6 +924,7 @@ def similarity(maps: Array, others: Array, *, measure: str = "spearman") -> np.n
     Returns:
       ``(N,)`` float64.
     """
+    _choice("measure", measure, "'spearman', 'abs-spearman' or 'ssim'", ("spearman", "abs-spearman", "ssim"))
     a, b = _maps(maps), _maps(others, "others")
     if a.shape != b.shape:
         raise ValueError(f"others must have the shape of maps {a.shape}, got {b.shape}")
@@ -869,17 +932,15 @@ def similarity(maps: Array, others: Array, *, measure: str = "spearman") -> np.n
     if measure in ("spearman", "abs-spearman"):
         rho = _spearman(_centred_ranks(a), b)
         return np.abs(rho) if measure == "abs-spearman" else rho
-    if measure == "ssim":
-        from skimage.metrics import structural_similarity
+    from skimage.metrics import structural_similarity
 
-        if a.ndim != 3:
-            raise ValueError(f"SSIM needs 2-D maps (N, H, W), got shape {a.shape}")
-        values = np.empty(n)
-        for i in range(n):
-            span = max(a[i].max(), b[i].max()) - min(a[i].min(), b[i].min())
-            values[i] = 1.0 if span == 0 else structural_similarity(a[i], b[i], data_range=span)
-        return values
-    raise ValueError(f"measure must be 'spearman', 'abs-spearman' or 'ssim', got {measure!r}")
+    if a.ndim != 3:
+        raise ValueError(f"SSIM needs 2-D maps (N, H, W), got shape {a.shape}")
+    values = np.empty(n)
+    for i in range(n):
+        span = max(a[i].max(), b[i].max()) - min(a[i].min(), b[i].min())
+        values[i] = 1.0 if span == 0 else structural_similarity(a[i], b[i], data_range=span)
+    return values
 
 
 SANITY_CONVENTIONS = ("ours", "quantus")
@@ -888,9 +949,15 @@ Quantus 0.6's ``MPRT`` and ``RandomLogit`` do (``'quantus'``; see :func:`model_r
 
 
 def _check_convention(convention: str, batch_size: int) -> None:
-    if convention not in SANITY_CONVENTIONS:
-        raise ValueError(f"convention must be one of {SANITY_CONVENTIONS}, got {convention!r}")
+    _choice("convention", convention, f"one of {SANITY_CONVENTIONS}", SANITY_CONVENTIONS)
     _positive_int("batch_size", batch_size)
+
+
+def _check_classes(num_classes: Any) -> None:
+    if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"num_classes must be an int >= 2, got {_shown(num_classes)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes}")
 
 
 def _quantus_maps(m: np.ndarray, absolute: bool, batch_size: int) -> np.ndarray:
@@ -970,8 +1037,7 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
     ref = _maps(reference, "reference")
     if convention == "quantus":
         ref = _quantus_maps(ref, True, batch_size)
-    if measure not in ("spearman", "abs-spearman", "ssim"):
-        raise ValueError(f"measure must be 'spearman', 'abs-spearman' or 'ssim', got {measure!r}")
+    _choice("measure", measure, "'spearman', 'abs-spearman' or 'ssim'", ("spearman", "abs-spearman", "ssim"))
     if measure == "ssim" and convention == "ours" and ref.ndim != 3:
         raise ValueError(f"SSIM needs 2-D maps (N, H, W), got shape {ref.shape}")
     results = {}
@@ -1031,9 +1097,9 @@ def random_classes(targets: Any, num_classes: int, *, seed: int = 0, convention:
     Returns:
       ``(N,)`` int64.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_classes(num_classes)
     _check_convention(convention, batch_size)
+    seed = _seed("seed", seed, most=2**32 if convention == "quantus" else None)  # RandomState's bound
     given = np.asarray(to_numpy(targets))
     if given.ndim != 1:
         raise ValueError(f"targets must be (N,) class indices, got shape {given.shape}")
@@ -1066,8 +1132,7 @@ def random_logit(explain: Callable[[Any], Array], targets: Any, num_classes: int
     Returns:
       ``(N,)`` float64.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_classes(num_classes)
     _check_convention(convention, batch_size)
     ref = _maps(reference if reference is not None else explain(targets), "reference")
     other = random_classes(_targets(targets, ref.shape[0]), num_classes, seed=seed, convention=convention,

@@ -208,6 +208,72 @@ def test_bad_input_is_a_clear_error():
         metrics.insertion(linear, x, heat, 0, baseline="grey")
 
 
+NAN = float("nan")
+BAD_OPTIONS = [
+    # flags: a string read as True
+    *[(lambda x, h, f=f: f(linear, x, h, 0, softmax="no"), TypeError, "softmax must be True or False, got 'no'")
+      for f in (metrics.deletion, metrics.insertion, metrics.road, metrics.average_drop,
+                metrics.confidence_change, metrics.increase_in_confidence)],
+    (lambda x, h: metrics.region_perturbation(linear, x, h, 0, regions=1, softmax="no"), TypeError,
+     "softmax must be True or False, got 'no'"),
+    (lambda x, h: metrics.deletion(linear, x, h, 0, progress="no"), TypeError, "progress must be True or False"),
+    # numbers: NaN came out without a warning, None was a raw TypeError
+    (lambda x, h: metrics.average_drop(linear, x, h, 0, eps=NAN), ValueError, "eps must be a finite number >= 0, got nan"),
+    (lambda x, h: metrics.average_drop(linear, x, h, 0, eps=None), TypeError, "eps must be a finite number >= 0, got None"),
+    # a NaN baseline or noise was reported as "score returned NaN or Inf"
+    (lambda x, h: metrics.deletion(linear, x, h, 0, baseline=None), TypeError,
+     r"baseline must be a number, an array or one of 'min', 'mean', 'blur', 'uniform', got None"),
+    (lambda x, h: metrics.deletion(linear, x, h, 0, baseline=NAN), ValueError, r"baseline contains NaN or Inf \(1 of 1"),
+    (lambda x, h: metrics.insertion(linear, x, h, 0, baseline=np.full(x.shape, np.inf)), ValueError,
+     r"baseline contains NaN or Inf \(64 of 64"),
+    (lambda x, h: metrics.region_perturbation(linear, x, h, 0, regions=1, baseline=NAN), ValueError,
+     "baseline contains NaN"),
+    (lambda x, h: metrics.road(linear, x, h, 0, noise=NAN), ValueError, "noise must be a finite number >= 0, got nan"),
+    # seeds: NumPy's "expected non-negative integer"
+    (lambda x, h: metrics.road(linear, x, h, 0, seed=-1), ValueError, "seed must be an int >= 0 or None, got -1"),
+    (lambda x, h: metrics.deletion(linear, x, h, 0, baseline="uniform", seed=-1), ValueError,
+     "seed must be an int >= 0 or None, got -1"),
+    (lambda x, h: metrics.region_perturbation(linear, x, h, 0, seed=1.5), TypeError,
+     "seed must be an int >= 0 or None, got 1.5"),
+    # names given an array: NumPy's "truth value of an array ... is ambiguous"
+    (lambda x, h: metrics.region_perturbation(linear, x, h, 0, order=np.array(["morf", "lerf"])), ValueError,
+     r"order must be 'morf' or 'lerf', got array\(\['morf', 'lerf'\], dtype='<U4'\)$"),
+    (lambda x, h: metrics.road(linear, x, h, 0, order=np.array(["morf", "lerf"])), ValueError,
+     "order must be 'morf' or 'lerf', got array"),
+    (lambda x, h: metrics.road(linear, x, h, 0, measure=np.array(["score", "accuracy"])), ValueError,
+     "measure must be 'accuracy' or 'score', got array"),
+    # noisy linear imputation
+    (lambda x, h: metrics.noisy_linear_imputation(np.where(h[1] == 1, NAN, x[0]), h[1] < 0.75), ValueError,
+     r"image contains NaN or Inf \(2 of 32 values\)"),
+    (lambda x, h: metrics.noisy_linear_imputation(x[0], h[1] < 0.75, noise=NAN), ValueError,
+     "noise must be a finite number >= 0, got nan"),
+    (lambda x, h: metrics.noisy_linear_imputation(x[0], h[1] < 0.75, noise=-1.0), ValueError,
+     "noise must be a finite number >= 0, got -1.0"),
+    (lambda x, h: metrics.noisy_linear_imputation(x[0], h[1] < 0.75, rng=-1), ValueError,
+     r"rng must be an int >= 0 or None \(or a numpy.random.Generator\), got -1"),
+    (lambda x, h: metrics.noisy_linear_imputation(x[0], h[1] < 0.75, rng="a"), TypeError, "rng must be an int >= 0"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), BAD_OPTIONS)
+def test_bad_options_are_named(call, error, message):
+    x = RNG.standard_normal((2, 2, 4, 4))
+    heat = np.linspace(0, 1, 32).reshape(2, 4, 4)  # one pixel of example 1 is 1
+    with pytest.raises(error, match=message) as raised:
+        call(x, heat)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_patch_larger_than_the_image_is_one_patch():
+    """patch_size=2**70 overflowed NumPy's integer division; it is the one patch of patch_size=4."""
+    x, heat = RNG.standard_normal((2, 2, 4, 4)), RNG.random((2, 4, 4))
+    want = metrics.region_perturbation(linear, x, heat, [0, 1], patch_size=4, regions=1, softmax=False)
+    got = metrics.region_perturbation(linear, x, heat, [0, 1], patch_size=2**70, regions=1, softmax=False)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    np.testing.assert_allclose(want.scores[:, 1], linear(np.broadcast_to(x.min(axis=(1, 2, 3), keepdims=True),
+                                                                          x.shape))[[0, 1], [0, 1]], atol=1e-12)
+
+
 def test_backends_score_the_same_model_alike():
     """numpy oracle, its torch twin and its jax.lax twin give the same float64 curves through scorer()."""
     import jax

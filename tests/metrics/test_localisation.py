@@ -125,12 +125,35 @@ def test_bad_input_is_a_clear_error(function):
     (lambda m, s: metrics.top_k_intersection(m, s, k=True), TypeError, "must be an int >= 1, got True"),
     (lambda m, s: metrics.top_k_intersection(m, s, k=17), ValueError,
      r"k \(the pixels of a map\) must be an int >= 1 and <= 16, got 17"),
+    # a string read as True; an array where a name or number is expected (NumPy's "truth value ... ambiguous")
+    (lambda m, s: metrics.relevance_mass(m, s, positive="no"), TypeError, "positive must be True or False, got 'no'"),
+    (lambda m, s: metrics.pointing_game(m, s, ties=np.array(["any", "all"])), ValueError,
+     r"ties must be one of \('share', 'any', 'all'\), got array\(\['any', 'all'\], dtype='<U3'\)$"),
+    (lambda m, s: metrics.relevance_rank(m, s, empty=np.array(["nan", "raise"])), ValueError,
+     r"empty must be 'raise' or 'nan', got array\("),
+    (lambda m, s: metrics.map_boxes(m, threshold=None), TypeError, r"threshold must be a number in \[0, 1\), got None"),
+    (lambda m, s: metrics.map_boxes(m, threshold=np.array([0.1, 0.2])), TypeError,
+     r"threshold must be a number in \[0, 1\), got array\(\[0.1, 0.2\]\)"),
+    (lambda m, s: metrics.map_boxes(m, connectivity=True), ValueError, "connectivity must be 1 or 2, got True"),
+    (lambda m, s: metrics.map_boxes(m, connectivity=np.array([1, 2])), ValueError,
+     r"connectivity must be 1 or 2, got array\(\[1, 2\]\)"),
+    (lambda m, s: metrics.weakly_supervised_localisation(m, np.array([[0, 0, 2, 2]] * 2), threshold="0.2"),
+     TypeError, r"threshold must be a number in \[0, 1\), got '0.2'"),
+    (lambda m, s: metrics.boxes_to_masks(np.array([[0, 0, 2, 2]]), [6]), ValueError,
+     r"shape must be \(H, W\), two ints >= 1, got \[6\]"),  # IndexError
+    (lambda m, s: metrics.boxes_to_masks(np.array([[0, 0, 2, 2]]), None), TypeError,
+     r"shape must be \(H, W\), two ints >= 1, got None"),
+    (lambda m, s: metrics.boxes_to_masks(np.array([[0, 0, 2, 2]]), 7), TypeError,
+     r"shape must be \(H, W\), two ints >= 1, got 7"),
+    (lambda m, s: metrics.boxes_to_masks(np.array([[0, 0, 2, 2]]), (6, 0)), ValueError,
+     r"shape must be \(H, W\), two ints >= 1, got \(6, 0\)"),
 ])
 def test_bad_options_are_named(call, error, message):
     maps, masks = np.random.default_rng(0).random((2, 4, 4)), np.ones((2, 4, 4), bool)
     masks[:, 0, 0] = False
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         call(maps, masks)
+    assert "\n" not in str(raised.value)
 
 
 def test_torch_and_jax_arrays_give_the_numpy_values():

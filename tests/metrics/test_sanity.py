@@ -168,5 +168,26 @@ def test_random_logit():
     assert (other != targets).all()
     np.testing.assert_allclose(values, metrics.similarity(table[targets], table[other], measure="ssim"), atol=0)
     np.testing.assert_array_equal(values, metrics.random_logit(explain, targets, 10, seed=1))
-    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
         metrics.random_logit(explain, targets, 1)
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    (lambda t: metrics.random_classes(t, float("inf")), TypeError, "num_classes must be an int >= 2, got inf"),  # OverflowError
+    (lambda t: metrics.random_classes(t, None), TypeError, "num_classes must be an int >= 2, got None"),
+    (lambda t: metrics.random_classes(t, 1), ValueError, "num_classes must be an int >= 2, got 1"),
+    (lambda t: metrics.random_classes(t, np.array([3, 4])), TypeError, r"num_classes must be an int >= 2, got array"),
+    (lambda t: metrics.random_logit(lambda _: np.ones((2, 4, 4)), t, 2.5), TypeError,
+     "num_classes must be an int >= 2, got 2.5"),
+    (lambda t: metrics.random_classes(t, 3, seed=-1), ValueError, "seed must be an int >= 0 or None, got -1"),  # NumPy's
+    (lambda t: metrics.random_classes(t, 3, seed=2**32, convention="quantus"), ValueError,
+     "seed must be an int >= 0 and < 4294967296 or None, got 4294967296"),
+    (lambda t: metrics.random_classes(t, 3, convention=np.array(["ours", "quantus"])), ValueError,
+     r"convention must be one of \('ours', 'quantus'\), got array\(\['ours', 'quantus'\], dtype='<U7'\)$"),
+    (lambda t: metrics.similarity(np.ones((2, 4, 4)), np.ones((2, 4, 4)), measure=np.array(["ssim", "spearman"])),
+     ValueError, r"measure must be 'spearman', 'abs-spearman' or 'ssim', got array\("),
+])
+def test_bad_options_are_named(call, error, message):
+    with pytest.raises(error, match=message) as raised:
+        call(np.array([0, 1]))
+    assert "\n" not in str(raised.value)
