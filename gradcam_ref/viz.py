@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised by the CLI'
 
 from gradcam_ref._guided import guided_image
 from gradcam_ref._postprocess import upsample
+from gradcam_ref._resample import parse_size
 
 __all__ = [
     "DPI",
@@ -86,8 +87,8 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {reason}") from None
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an RGB image to ``size = (height, width)`` with Pillow's bicubic filter.
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an RGB image to ``size = (height, width)`` (an int: a square) with Pillow's bicubic filter.
 
     The aspect ratio is not kept: the whole image is fitted to ``size``, so a map computed on
     the resized image lies over the whole original when upsampled back to its shape.
@@ -96,20 +97,23 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
       ``(height, width, 3)`` uint8.
     """
     rgb = _as_rgb(image, "image")
-    height, width = (int(s) for s in size)
-    if height < 1 or width < 1:
-        raise ValueError(f"size must be (height, width) of positive ints, got {size}")
+    height, width = parse_size(size, 2)
     resized = Image.fromarray(_to_uint8(rgb)).resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(resized, dtype=np.uint8)
 
 
-def collage(images: list[np.ndarray], columns: int) -> np.ndarray:
-    """Images of one shape ``(h, w, 3)`` laid out row-major in a grid of ``columns`` columns.
+def collage(images: Sequence[np.ndarray], columns: int) -> np.ndarray:
+    """Images of one shape ``(h, w, 3)`` (a list) laid out row-major in a grid of ``columns`` columns.
 
     Missing cells of the last row are black. Returns ``(rows * h, columns * w, 3)`` uint8.
     """
-    if not images or columns < 1:
-        raise ValueError(f"collage needs at least one image and columns >= 1, got {len(images)} and {columns}")
+    if not isinstance(images, Sequence) or isinstance(images, str):
+        raise TypeError(f"images must be a list of images, got {type(images).__name__}")
+    if not _is_count(columns):
+        raise ValueError(f"columns must be an int >= 1, got {columns!r}" if np.ndim(columns) == 0
+                         else f"columns must be an int >= 1, got {type(columns).__name__}")
+    if not images:
+        raise ValueError("collage needs at least one image, got an empty list")
     tiles = [_to_uint8(_as_rgb(image, f"images[{i}]")) for i, image in enumerate(images)]
     shapes = {t.shape for t in tiles}
     if len(shapes) != 1:
@@ -169,18 +173,21 @@ def overlay(image: np.ndarray, heat: np.ndarray, *, cmap: str = "jet", alpha: fl
       ``(H, W, 3)`` float64 in [0, 1].
     """
     rgb = _as_float_rgb(image, "image")
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)):
+        raise TypeError(f"alpha must be a number in [0, 1], got {type(alpha).__name__}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     colored = colorize(fit_heat(heat, rgb.shape[:2]), cmap)
     return (1.0 - alpha) * rgb + alpha * colored
 
 
-def fit_heat(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``heat`` at ``size = (H, W)``: upsampled half-pixel bilinearly when its shape differs."""
+def fit_heat(heat: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """``heat`` at ``size = (H, W)`` (an int: a square): upsampled half-pixel bilinearly when its shape differs."""
     h = _check_heat(heat)
-    if h.shape == tuple(size):
+    target = parse_size(size, 2)
+    if h.shape == target:
         return h
-    return np.clip(upsample(h[None], tuple(size))[0], 0.0, 1.0)
+    return np.clip(upsample(h[None], target)[0], 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- the figure
@@ -192,6 +199,11 @@ def figure_size_px(panels: int, image_shape: tuple[int, ...]) -> tuple[int, int]
     Each panel is :data:`PANEL_PX` wide and as high as the image's aspect ratio asks, under a
     title band of :data:`TITLE_PX`.
     """
+    if not _is_count(panels):
+        raise ValueError(f"panels must be an int >= 1, got {panels!r}")
+    listed = isinstance(image_shape, (Sequence, np.ndarray)) and not isinstance(image_shape, str)
+    if not (listed and np.ndim(image_shape) == 1 and len(image_shape) >= 2 and all(map(_is_count, image_shape[:2]))):
+        raise ValueError(f"image_shape must be an image's shape (H, W[, C]) with H, W >= 1, got {image_shape!r}")
     height, width = int(image_shape[0]), int(image_shape[1])
     return panels * PANEL_PX, max(1, round(PANEL_PX * height / width)) + TITLE_PX
 
@@ -289,7 +301,14 @@ def _umask() -> int:
     return mask
 
 
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is an int >= 1 (a NumPy integer too; not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1
+
+
 def _colormap(cmap: str) -> Any:
+    if not isinstance(cmap, str):
+        raise TypeError(f"cmap must be a matplotlib colormap name (str), got {type(cmap).__name__}")
     try:
         return matplotlib.colormaps[cmap]
     except KeyError:

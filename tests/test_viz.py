@@ -76,6 +76,48 @@ def test_bad_arguments_are_refused():
         viz.overlay(np.zeros((2, 2, 3), dtype=np.int64), heat)
 
 
+IMAGE = np.zeros((4, 6, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(("call", "error", "message"), [
+    # sizes: "'int' object is not iterable", "not enough values to unpack", a float truncated
+    (lambda: viz.fit_heat(np.zeros((2, 2)), None), ValueError, r"size must be a positive int or 2 positive ints .*got None"),
+    (lambda: viz.fit_heat(np.zeros((2, 2)), (3.5, 2)), ValueError, r"size must be .*got \(3.5, 2\)"),
+    (lambda: viz.resize_image(IMAGE, [6]), ValueError, r"size must be a positive int or 2 positive ints .*got \[6\]"),
+    (lambda: viz.resize_image(IMAGE, True), ValueError, r"size must be .*got True"),
+    (lambda: viz.resize_image(IMAGE, ("a", "b")), ValueError, r"size must be .*got \('a', 'b'\)"),
+    # collage: columns=True was one column, None/'2'/1.5/[2] raw errors, an array "ambiguous"
+    (lambda: viz.collage([IMAGE], True), ValueError, "columns must be an int >= 1, got True"),
+    (lambda: viz.collage([IMAGE], None), ValueError, "columns must be an int >= 1, got None"),
+    (lambda: viz.collage([IMAGE], 1.5), ValueError, "columns must be an int >= 1, got 1.5"),
+    (lambda: viz.collage([IMAGE], np.array([1, 2])), ValueError, r"columns must be an int >= 1, got ndarray"),
+    (lambda: viz.collage(None, 2), TypeError, "images must be a list of images, got NoneType"),
+    (lambda: viz.collage(np.stack([IMAGE, IMAGE]), 2), TypeError, "images must be a list of images, got ndarray"),
+    (lambda: viz.collage([], 2), ValueError, "collage needs at least one image"),
+    # figure_size_px: image_shape=[1] was an IndexError, panels='a' a string of 320 'a's
+    (lambda: viz.figure_size_px(3, [1]), ValueError, r"image_shape must be an image's shape \(H, W\[, C\]\) .*got \[1\]"),
+    (lambda: viz.figure_size_px(3, (0, 4, 3)), ValueError, r"image_shape must be .*got \(0, 4, 3\)"),
+    (lambda: viz.figure_size_px("a", (4, 4)), ValueError, "panels must be an int >= 1, got 'a'"),
+    (lambda: viz.figure_size_px(0, (4, 4)), ValueError, "panels must be an int >= 1, got 0"),
+    # overlay: an array or None as alpha or cmap
+    (lambda: viz.overlay(IMAGE, np.zeros((2, 2)), alpha=np.array([0.2, 0.5])), TypeError,
+     "alpha must be a number in \\[0, 1\\], got ndarray"),
+    (lambda: viz.overlay(IMAGE, np.zeros((2, 2)), alpha=None), TypeError, "alpha must be a number in \\[0, 1\\], got NoneType"),
+    (lambda: viz.overlay(IMAGE, np.zeros((2, 2)), cmap=np.array(["jet"])), TypeError,
+     r"cmap must be a matplotlib colormap name \(str\), got ndarray"),
+])
+def test_bad_arguments_are_named(call, error, message):
+    with pytest.raises(error, match=message) as raised:
+        call()
+    assert "\n" not in str(raised.value)
+
+
+def test_sizes_take_numpy_ints_and_an_int_for_both_sides():
+    np.testing.assert_array_equal(viz.fit_heat(np.array([[0.0, 1.0]]), np.array([1, 4])), [[0.0, 0.25, 0.75, 1.0]])
+    assert viz.resize_image(IMAGE, 3).shape == (3, 3, 3)
+    assert viz.figure_size_px(np.int64(2), np.array([10, 20, 3])) == (2 * viz.PANEL_PX, viz.PANEL_PX // 2 + viz.TITLE_PX)
+
+
 def _pixel(png, x, y):
     with Image.open(png) as image:
         return np.asarray(image.convert("RGB"))[y, x].astype(int)
