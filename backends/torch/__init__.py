@@ -306,14 +306,17 @@ def _forward_hooked(
 ) -> tuple[torch.Tensor, Any]:
     """One forward pass taking A (see :class:`_Probe`); no graph before the layer, except for
     ``attached`` and for ``at="input"``, whose tensor other modules may read too: there the
-    graph runs from inputs that require grad (a detached copy), so that every path is seen."""
+    graph runs from inputs that require grad (a detached copy), so that every path is seen.
+    The model runs on a copy of ``inputs`` (a clone: differentiable, for ``attached``)."""
     probe = _Probe(index, at, name, attached, undo)
     if at == "output":
         handle = module.register_forward_hook(probe.output_hook)
     else:
         handle = module.register_forward_pre_hook(probe.input_hook)
-        if not attached and undo is not None:
-            inputs = _in_the_graph(model, inputs, undo)
+    if at == "input" and not attached and undo is not None:
+        inputs = _in_the_graph(model, inputs, undo)  # a copy
+    else:
+        inputs = inputs.clone()  # a model that writes into its input in place leaves the caller's alone
     grad_mode = torch.is_grad_enabled()
     try:
         torch.set_grad_enabled(attached or at == "input")  # inference: no graph before the layer
@@ -346,17 +349,18 @@ def _in_the_graph(model: nn.Module, inputs: torch.Tensor, undo: contextlib.ExitS
     """What the model runs on so that every tensor computed from its inputs or weights has history.
 
     Floating inputs: a copy of a leaf that requires grad (a copy, so that an in-place op of the
-    model on its input, or inputs made under ``torch.inference_mode()``, work as they did).
-    Integer inputs (token ids): the model's floating weights are made to require grad, and set
-    back by ``undo``. The user's tensors are not changed.
+    model on its input, or inputs made under ``torch.inference_mode()``, work as they did; a
+    differentiable copy of inputs that already require grad). Integer inputs (token ids): a copy,
+    and the model's floating weights are made to require grad, and set back by ``undo``. The
+    user's tensors are not changed.
     """
     if inputs.is_floating_point():
-        return inputs if inputs.requires_grad else inputs.detach().clone().requires_grad_(True).clone()
+        return inputs.clone() if inputs.requires_grad else inputs.detach().clone().requires_grad_(True).clone()
     for parameter in model.parameters():
         if parameter.is_floating_point() and not parameter.requires_grad:
             parameter.requires_grad_(True)
             undo.callback(parameter.requires_grad_, False)
-    return inputs
+    return inputs.clone()
 
 
 def _count_calls(model: nn.Module, module: nn.Module, at: str, inputs: torch.Tensor) -> int:
@@ -372,7 +376,7 @@ def _count_calls(model: nn.Module, module: nn.Module, at: str, inputs: torch.Ten
         handle = module.register_forward_pre_hook(count)
     try:
         with torch.no_grad():
-            _run(model, inputs)
+            _run(model, inputs.clone())  # a copy: the model may write into its input
     finally:
         handle.remove()
     return calls[0]
@@ -382,19 +386,21 @@ def score(model: nn.Module | tuple[nn.Module, nn.Module], inputs: Any) -> torch.
     """``model(inputs)`` under ``torch.no_grad()``: the scores ``(N, classes)``, for re-scoring.
 
     NumPy (or other) ``inputs`` become a tensor of the model's first floating parameter's dtype and
-    device (float32 on the CPU for a model without parameters); a tensor is used as it is. The
-    split form ``(features, head)`` runs ``head(features(inputs))``. Nothing of the model changes.
+    device (float32 on the CPU for a model without parameters); a tensor keeps its dtype and
+    device. The split form ``(features, head)`` runs ``head(features(inputs))``. The model runs on
+    a copy of the inputs; its buffers and torch's random state are kept as they were, as in
+    :func:`capture` (:func:`_warn_if_training`): nothing of the model or the inputs changes.
     """
     parts = tuple(model) if isinstance(model, (tuple, list)) else (model,)
     if not all(isinstance(m, nn.Module) for m in parts):
         raise TypeError(f"model must be an nn.Module or a pair of them, got {[type(m).__name__ for m in parts]}")
-    _warn_if_training(*parts)
+    keep = _warn_if_training(*parts)
     if not isinstance(inputs, torch.Tensor):
         floating = [p for m in parts for p in m.parameters() if p.is_floating_point()]
         dtype, device = (floating[0].dtype, floating[0].device) if floating else (torch.float32, "cpu")
         inputs = torch.as_tensor(np.asarray(inputs), dtype=dtype, device=device)
-    with torch.no_grad():
-        out = inputs
+    with _kept_as_it_was(parts, inputs.device) if keep else contextlib.nullcontext(), torch.no_grad():
+        out = inputs.clone()  # a copy: the model may write into its input (as_tensor shares NumPy's memory)
         for part in parts:
             out = _run(part, out)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != inputs.shape[0]:
@@ -407,7 +413,7 @@ def _forward_split(
     features: nn.Module, head: nn.Module, inputs: torch.Tensor, attached: bool = False
 ) -> tuple[torch.Tensor, Any]:
     with torch.set_grad_enabled(attached):
-        a = _run(features, inputs)
+        a = _run(features, inputs.clone())  # a copy: features may write into its input
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         kind = f"a {a.dtype} tensor" if isinstance(a, torch.Tensor) else type(a).__name__
         raise TypeError(f"features(inputs) must be one floating-point tensor (N, K, *spatial), got {kind}")
@@ -1161,17 +1167,16 @@ def perturb(
         with torch.no_grad():
             if isinstance(model, (tuple, list)):
                 features, head = parts  # type: ignore[misc]
-                a = _run(features, inputs)
+                a = _run(features, inputs.clone())  # a copy: features may write into its input
                 scores = _run(head, a)
                 whole: Callable[[torch.Tensor], Any] = lambda v: head(features(v))  # noqa: E731
                 tail: Callable[[torch.Tensor], Any] | None = head
                 name = "features"
             else:
                 assert module is not None  # resolved above for the single-module form
-                # A copy of the inputs: each pass sees them as they are even if the model writes into
-                # its input in place. A negative call counts from the end: the hook counts from 0.
-                inputs = inputs.clone()
-                a, scores, call = _forward_taken(model, module, name, at, call, inputs)
+                # Each pass runs on its own copy of the inputs: a model that writes into its input
+                # leaves them as they are. A negative call counts from the end: the hook counts from 0.
+                a, scores, call = _forward_taken(model, module, name, at, call, inputs.clone())
                 if at == "input" and where == "activations":
                     _check_read_by_layer_only(model, module, name, call, inputs)
                 whole = model
@@ -1252,7 +1257,7 @@ def _scoring_model(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch
             return through(copies, v)
 
     if folded or is_fused:
-        checked = run(inputs)
+        checked = run(inputs.clone())  # a copy: the model may write into its input
         tolerance = math.sqrt(torch.finfo(scores.dtype).eps) * float(scores.abs().max())
         if not (isinstance(checked, torch.Tensor) and checked.shape == scores.shape
                 and float((checked - scores).abs().max()) <= tolerance):

@@ -184,3 +184,79 @@ def test_reentrant_checkpointing_is_named_and_the_other_kind_works():
         rest = (lambda v: plain.head(plain.block(v))) if layer == "stem" else plain.head
         (g,) = torch.autograd.grad(rest(a)[[0, 1], [0, 1]].sum(), a)
         torch.testing.assert_close(got.gradients, g, rtol=1e-12, atol=1e-15)
+
+
+# --- state that explain, perturb and score leave as it was (fifth sweep) --------------------------
+
+
+def test_score_in_training_mode_leaves_buffers_and_random_state_as_they_were():
+    """score (metrics.scorer, evaluate) ran the model bare: batch norm's statistics moved and the
+    caller's generator advanced, although its TrainingModeWarning says both are restored."""
+    model = stochastic_net().train()
+    x = inputs()
+    before = model_state(model)
+    rng = torch.get_rng_state()
+    with pytest.warns(gradcam_ref.TrainingModeWarning):
+        first = torch_backend.score(model, x)
+    assert_same_state(before, model_state(model))
+    assert int(model.bn.num_batches_tracked) == 0
+    assert torch.equal(rng, torch.get_rng_state())
+    with pytest.warns(gradcam_ref.TrainingModeWarning):
+        second = torch_backend.score(model, x.numpy())
+    torch.testing.assert_close(second, first, rtol=0, atol=0)  # the same dropout mask each call
+
+
+class SubtractsInPlace(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(0.5)
+
+
+class Subtracts(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub(0.5)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"guided": True}, {"call": -1}, {"at": "input", "layer": "3"}, {"method": "grad-cam++"},
+    {"method": "smooth-grad-cam++", "n_samples": 3, "std": 0.1}, {"method": "score-cam"},
+    {"method": "score-cam", "memory_format": "preserve", "fold_batch_norms": False},
+    {"method": "ablation-cam", "denominator": "abs"},
+    {"split": True}, {"split": True, "method": "score-cam"},
+    {"split": True, "method": "ablation-cam", "denominator": "abs"},
+])
+def test_a_model_that_writes_into_its_input_sees_the_callers_inputs_and_leaves_them(options):
+    """The first pass ran on the caller's tensor: ``x.sub_`` changed it, and the guided pass, the
+    noisy copies of Smooth Grad-CAM++ and Score-CAM's masks were made from the changed inputs."""
+    options = dict(options)
+    torch.manual_seed(0)
+    body = [nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4, 3)]
+    in_place = nn.Sequential(SubtractsInPlace(), *body).double().eval()
+    out_of_place = nn.Sequential(Subtracts(), *body).double().eval()
+    if options.pop("split", False):
+        in_place = (in_place[:4], in_place[4:])  # type: ignore[assignment]
+        out_of_place = (out_of_place[:4], out_of_place[4:])  # type: ignore[assignment]
+    else:
+        options.setdefault("layer", "2")
+    x = inputs(2)
+    given = x.clone()
+    torch.manual_seed(1)
+    got = gradcam_ref.explain(in_place, given, target=0, **options)
+    torch.manual_seed(1)
+    want = gradcam_ref.explain(out_of_place, x.clone(), target=0, **options)
+    assert torch.equal(given, x)  # the caller's tensor as it was
+    torch.testing.assert_close(got.maps, want.maps, rtol=0, atol=0)
+    if options.get("guided"):
+        torch.testing.assert_close(got.guided_backprop, want.guided_backprop, rtol=0, atol=0)
+
+
+def test_score_leaves_the_callers_inputs_as_they_were():
+    """score ran the model on the caller's tensor (and on the memory of a NumPy array)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SubtractsInPlace(), nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).double().eval()
+    x = inputs(2)
+    given, array = x.clone(), x.numpy().copy()
+    got = torch_backend.score(model, given)
+    torch_backend.score(model, array)
+    assert torch.equal(given, x) and np.array_equal(array, x.numpy())
+    torch.testing.assert_close(got, model[1:](x - 0.5), rtol=0, atol=0)
