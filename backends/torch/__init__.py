@@ -41,6 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from gradcam_ref.backends._contract import (
     Capture,
@@ -914,26 +917,53 @@ name it (instance norm reads it in a helper). Other modules: see :func:`_depends
 def _depends_on_mode(module: nn.Module) -> bool:
     """Whether ``module``'s own forward pass may behave differently in training mode.
 
-    True for batch norm, dropout, RReLU and instance norm with running statistics, and for any
-    module whose ``forward`` reads ``training`` (``self.training``, ``F.dropout(x, p, self.training)``:
-    the name is in its bytecode); False for stateless modules such as ``nn.Flatten`` or ``nn.ReLU``
-    and for containers (their children are checked themselves).
+    True for batch norm, dropout, RReLU and instance norm with running statistics, for a module
+    under ``torch.nn.utils.spectral_norm`` (its forward pre-hook updates the power iteration's
+    buffers in training mode), and for any module whose ``forward`` reads ``training``
+    (``self.training``, ``F.dropout(x, p, self.training)``: the name is in its bytecode); False for
+    stateless modules such as ``nn.Flatten`` or ``nn.ReLU`` and for containers (their children are
+    checked themselves).
     """
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         return bool(module.track_running_stats)
     if isinstance(module, _MODE_DEPENDENT):
         return True
+    if any(isinstance(hook, SpectralNorm) for hook in module._forward_pre_hooks.values()):
+        return True
     code = getattr(type(module).forward, "__code__", None)
     return code is None or "training" in code.co_names
 
 
-def _warn_if_training(*models: nn.Module) -> bool:
-    """Warn, and return True, when a module whose result depends on its training flag is in training mode.
+_BUFFER_WRITERS = (ObserverBase, FakeQuantizeBase)
+"""Modules that write their buffers on every forward pass, in eval mode too: ``torch.ao`` observers
+(calibration statistics) and fake quantizers (their observer's scale and zero point)."""
 
-    A freshly built stateless module (``nn.Flatten()`` in the head of an eval-mode network, a new
-    ``nn.Sequential`` slice) is in training mode too, but that changes nothing: no warning.
+_WRITES_BUFFERS: dict[type, bool] = {}
+"""``issubclass(kind, _BUFFER_WRITERS)`` per module type (an ABC check costs a microsecond)."""
+
+
+def _writes_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` writes its buffers in eval mode too (:data:`_BUFFER_WRITERS`)."""
+    kind = type(module)
+    writes = _WRITES_BUFFERS.get(kind)
+    if writes is None:
+        if len(_WRITES_BUFFERS) >= 1024:  # fx makes a class per GraphModule: bounded
+            _WRITES_BUFFERS.clear()
+        writes = _WRITES_BUFFERS[kind] = issubclass(kind, _BUFFER_WRITERS)
+    return writes
+
+
+def _warn_if_training(*models: nn.Module) -> bool:
+    """Whether the call must keep the models' state (:func:`_kept_as_it_was`); warns when it is
+    because a module whose result depends on its training flag is in training mode.
+
+    True also, without a warning, for a model in eval mode with a module that writes its buffers
+    in any mode (:func:`_writes_buffers`). A freshly built stateless module (``nn.Flatten()`` in
+    the head of an eval-mode network, a new ``nn.Sequential`` slice) is in training mode too, but
+    that changes nothing: no warning, nothing kept.
     """
-    if any(_any_training(model) for model in models):
+    kept = [_kept_for(model) for model in models]
+    if "training" in kept:
         warnings.warn(
             "the model is in training mode: dropout and batch-norm make Grad-CAM maps random and "
             "mix examples; call model.eval() first (explain restores the buffers and the random "
@@ -942,7 +972,7 @@ def _warn_if_training(*models: nn.Module) -> bool:
             stacklevel=4,
         )
         return True
-    return False
+    return "writes" in kept
 
 
 def _nothing() -> None:
@@ -953,10 +983,12 @@ def _nothing() -> None:
 def _kept_as_it_was(models: tuple[nn.Module, ...], device: torch.device) -> Iterator[Callable[[], None]]:
     """Leave the models' buffers and torch's random state exactly as they were; yield ``rewind``.
 
-    For a model in training mode (in eval mode the caller skips it: nothing to do, nothing
-    copied): batch norm then updates its running statistics and ``num_batches_tracked`` on every
-    forward pass, and dropout draws from the global generator. The buffers are copied before and copied back
-    (into the same tensors) after; the generator of the inputs' device is forked, and
+    For a model in training mode, or with a module that writes its buffers in eval mode too (the
+    caller skips it otherwise: nothing to do, nothing copied; :func:`_warn_if_training`): batch
+    norm then updates its running statistics and ``num_batches_tracked`` on every forward pass,
+    observers their ranges, and dropout draws from the global generator. The buffers are copied
+    before and copied back (into the same tensors, resized back where a module resized one) after;
+    a buffer the model replaced is put back. The generator of the inputs' device is forked, and
     ``rewind()`` sets it back to its state at the start, so that every forward pass of one call
     (Grad-CAM, guided) draws the same dropout masks and two calls give the same maps.
     """
@@ -981,6 +1013,8 @@ def _kept_as_it_was(models: tuple[nn.Module, ...], device: torch.device) -> Iter
             with torch.no_grad():
                 for module, name, buffer, copy in saved:
                     module._buffers[name] = buffer
+                    if buffer.shape != copy.shape:  # e.g. a per-channel observer's first statistics
+                        buffer.resize_(copy.shape)
                     buffer.copy_(copy)
 
 
@@ -1014,28 +1048,34 @@ def _grid(reshape: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _any_training(model: nn.Module) -> bool:
-    """Whether a module of ``model`` whose result depends on the flag is in training mode.
+def _kept_for(model: nn.Module) -> str | None:
+    """Why ``model``'s state must be kept: ``"training"`` when a module whose result depends on the
+    flag is in training mode, else ``"writes"`` when a module writes its buffers in eval mode too
+    (:func:`_writes_buffers`), else None.
 
-    What ``any(m.training and _depends_on_mode(m) for m in model.modules())`` says, without
-    building every dotted name: a walk over ``_modules``, stopping at the first such module.
-    Only modules with children are remembered (each is expanded once, so shared containers and
-    cycles cost nothing more); a shared leaf may be looked at twice, which changes nothing. A
-    tenth of a millisecond on EfficientNet-Lite0's 185 modules right after its forward pass.
+    ``"training"`` is what ``any(m.training and _depends_on_mode(m) for m in model.modules())``
+    says, without building every dotted name: a walk over ``_modules``, stopping at the first
+    such module. Only modules with children are remembered (each is expanded once, so shared
+    containers and cycles cost nothing more); a shared leaf may be looked at twice, which changes
+    nothing. A tenth of a millisecond on EfficientNet-Lite0's 185 modules right after its forward
+    pass; only modules with buffers are looked up for ``"writes"``.
     """
     stack: list[nn.Module | None] = [model]
     expanded: set[int] = set()
+    writes = False
     while stack:
         module = stack.pop()
         if module is None:  # a child registered as None
             continue
         if module.training and _depends_on_mode(module):
-            return True
+            return "training"
+        if not writes and module._buffers and _writes_buffers(module):
+            writes = True
         children = module._modules
         if children and id(module) not in expanded:
             expanded.add(id(module))
             stack += children.values()
-    return False
+    return "writes" if writes else None
 
 
 def _reshape(

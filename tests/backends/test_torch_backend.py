@@ -430,7 +430,7 @@ def test_training_check_sees_what_a_walk_over_modules_sees(flags):
     assert len(modules) == len(flags)
     for module, flag in zip(modules, flags, strict=True):
         module.training = flag
-    assert gradcam_ref.backends.torch._any_training(model) is _reference_any_training(model)
+    assert (gradcam_ref.backends.torch._kept_for(model) == "training") is _reference_any_training(model)
 
 
 def test_training_check_ends_on_a_cycle_of_modules():
@@ -440,9 +440,9 @@ def test_training_check_ends_on_a_cycle_of_modules():
     for module in outer.modules():  # (outer.eval() itself would recurse forever on the cycle)
         module.training = False
     outer[0].add_module("back", outer)  # outer -> outer[0] -> outer
-    assert gradcam_ref.backends.torch._any_training(outer) is _reference_any_training(outer) is False
+    assert (gradcam_ref.backends.torch._kept_for(outer) == "training") is _reference_any_training(outer) is False
     dropout.train()
-    assert gradcam_ref.backends.torch._any_training(outer) is _reference_any_training(outer) is True
+    assert (gradcam_ref.backends.torch._kept_for(outer) == "training") is _reference_any_training(outer) is True
 
 
 def test_training_mode_of_stateless_modules_changes_nothing_and_does_not_warn():

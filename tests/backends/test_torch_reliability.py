@@ -260,3 +260,50 @@ def test_score_leaves_the_callers_inputs_as_they_were():
     torch_backend.score(model, array)
     assert torch.equal(given, x) and np.array_equal(array, x.numpy())
     torch.testing.assert_close(got, model[1:](x - 0.5), rtol=0, atol=0)
+
+
+def observed_net(observer: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(3, 4, 3), relu=nn.ReLU(), observer=observer, pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(), fc=nn.Linear(4, 3),
+    )).eval()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.ao.quantization.MinMaxObserver(),
+    lambda: torch.ao.quantization.PerChannelMinMaxObserver(ch_axis=1),  # empty buffers until it sees data
+    lambda: torch.ao.quantization.HistogramObserver(),
+    lambda: torch.ao.quantization.FakeQuantize(),
+])
+@pytest.mark.parametrize("calibrated", [True, False])
+@pytest.mark.parametrize("options", [{"guided": True}, {"call": -1}, {"method": "score-cam"},
+                                     {"method": "ablation-cam", "denominator": "abs"}])
+def test_modules_that_write_buffers_in_eval_mode_are_left_as_they_were(make, calibrated, options):
+    """torch.ao observers and fake quantizers update their statistics in eval mode too: the state
+    was kept only for a model in training mode, so explain moved a calibrated range (no warning)."""
+    model = observed_net(make())
+    if calibrated:
+        model(torch.rand(4, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8) * 10  # outside the calibrated range
+    before = model_state(model)
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an eval-mode model: no TrainingModeWarning
+        warnings.simplefilter("ignore", gradcam_ref.ZeroGradientWarning)
+        gradcam_ref.explain(model, x, target=0, layer="relu", **options)
+        torch_backend.score(model, x)
+    assert_same_state(before, model_state(model))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_old_style_spectral_norm_in_training_mode_is_kept_and_warned():
+    """torch.nn.utils.spectral_norm updates its power-iteration vectors (buffers) from a forward
+    pre-hook in training mode; the layer's own forward does not read the flag."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.utils.spectral_norm(nn.Linear(4, 3))).train()
+    before = model_state(model)
+    with pytest.warns(gradcam_ref.TrainingModeWarning):
+        gradcam_ref.explain(model, torch.randn(2, 3, 8, 8), target=0, layer="1")
+    assert_same_state(before, model_state(model))
