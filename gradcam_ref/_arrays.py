@@ -116,6 +116,38 @@ def _default_float(xp: Any, x: Array) -> Any:
     return info.default_dtypes(device=device_of(x))["real floating"]
 
 
+def widen_half(xp: Any, *arrays: Array) -> list[Array]:
+    """The arrays in float32 where their dtype is narrower (float16, bfloat16); else as they are.
+
+    The one place where the core widens half precision: reductions whose intermediates leave its
+    range (a sum of activations past float16's 65504, squares and cubes of gradients below 1e-4,
+    ``2 / g`` past 65504) are computed on the widened arrays and their (small) result cast back
+    with ``xp.astype(result, dtype)``. float32 holds every float16 and bfloat16 value exactly, and
+    its range every sum, square and cube of them that the core forms. Autograd follows the casts.
+    """
+    if xp.finfo(arrays[0].dtype).bits >= 32:
+        return list(arrays)
+    return [xp.astype(x, xp.float32) for x in arrays]
+
+
+def power_of_two_at_least(xp: Any, m: Array) -> Array:
+    r""":math:`2^e \ge m` elementwise (1 where m is 0): dividing by it is exact (no rounding).
+
+    The exponent is clipped to those of the normal numbers whose reciprocals are normal too (for
+    float64, :math:`2^{-1022}` to :math:`2^{1022}`): XLA divides as ``x * (1 / 2^e)`` and flushes a
+    subnormal reciprocal to zero. So ``|m / 2^e| <= 1``, except for m past :math:`2^{1022}`
+    (< 4). Scaling by a power of two commutes with rounding: a computation on ``x / 2^e`` gives the
+    same bits, times :math:`2^{-e}`, as on ``x`` wherever neither under- nor overflows.
+    """
+    info = xp.finfo(m.dtype)
+    safe = xp.where(m > 0, m, xp.ones_like(m))
+    e = xp.ceil(xp.log2(safe))
+    lowest = math.frexp(float(info.smallest_normal))[1] - 1  # -1022 for float64
+    e = xp.clip(e, float(lowest), float(-lowest))  # 2^e and 2^-e normal numbers
+    two = xp.asarray(2.0, dtype=m.dtype, device=device_of(m))
+    return two ** e
+
+
 def check_feature_maps(name: str, x: Array, layout: str = "(N, K, *spatial)") -> None:
     """Refuse arrays without a batch axis, a channel axis and at least one spatial axis."""
     shape = shape_of(x)

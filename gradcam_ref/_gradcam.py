@@ -239,8 +239,14 @@ def plus_plus_weights(xp: Any, a: Array, g: Array, *, eps: float = 0.0, samples:
     :math:`\bar{u^2}\,\mathrm{ReLU}(\bar u) / (2 \bar{u^2}/c + S_k \bar{u^3} + \epsilon/c^3)`: the
     same number, with no power of g that could overflow (``2 g^2 + S g^3`` does for float16
     gradients of about 40, float64 ones of 1e103) or underflow. A zero denominator becomes
-    infinite (term 0), which keeps autograd free of NaN. Returns ``(N, K)`` or ``(N, T, K)``.
+    infinite (term 0), which keeps autograd free of NaN. float16 and bfloat16 inputs are computed
+    in float32 (:func:`gradcam_ref._arrays.widen_half`) and the weights cast back: in half
+    precision :math:`2/c` overflows for gradients below 3e-5, :math:`c^3` underflows for gradients
+    below 4e-3 (making :math:`\epsilon/c^3` infinite for pytorch-grad-cam's 1e-6) and :math:`S_k`
+    passes 65504, each zeroing (or refusing) weights that float16 holds. Returns ``(N, K)`` or ``(N, T, K)``.
     """
+    dtype = g.dtype
+    a, g = arrays.widen_half(xp, a, g)
     spatial = tuple(range(2, a.ndim))
     sum_a = xp.sum(a, axis=spatial, keepdims=True)  # (N, K, 1, ...)
     arrays.check_finite(sum_a, "grad_cam_plus_plus (the sum of each activation map)", activations=a)
@@ -257,7 +263,8 @@ def plus_plus_weights(xp: Any, a: Array, g: Array, *, eps: float = 0.0, samples:
         denominator = denominator + eps / (c * c * c)
     safe = xp.where(denominator != 0, denominator, xp.full_like(denominator, math.inf))
     terms = d2 * _relu(xp, d1) / safe
-    return xp.sum(terms, axis=tuple(range(terms.ndim - len(spatial), terms.ndim)))
+    weights = xp.sum(terms, axis=tuple(range(terms.ndim - len(spatial), terms.ndim)))
+    return weights if weights.dtype == dtype else xp.astype(weights, dtype)
 
 
 PLUS_PLUS_VARIANTS = ("paper", "tf-keras-vis", "torchcam")
@@ -312,7 +319,12 @@ def tf_keras_vis_plus_plus_weights(activations: Array, gradients: Array, target_
     min-max), and it divides each channel's :math:`a^{kc}` by their spatial sum (a sum of 0 is
     left as it is): a per-channel factor that changes the map's shape. tf-keras-vis computes
     :math:`e^{y^c} g^p` for p = 1, 2, 3, whose :math:`e^{y^c}` cancels in :math:`a`; here
-    :math:`a` is formed without it, so no power of g can overflow.
+    :math:`a` is formed without it, so no power of g can overflow. Any per-channel factor of
+    :math:`a` cancels in the ratio too: :math:`S_k g` and the sums are formed on :math:`S_k`,
+    :math:`a` and :math:`g` divided by powers of two (exact: the same bits wherever nothing
+    over- or underflows), so that an :math:`S_k g` past the largest number leaves the weight, a
+    weighted mean of :math:`\mathrm{ReLU}(g)`, as it is (it came out 0). float16 and bfloat16
+    inputs are computed in float32 and the weights cast back.
 
     Args:
       activations: :math:`A`, ``(N, K, *spatial)``.
@@ -337,23 +349,38 @@ def tf_keras_vis_plus_plus_weights(activations: Array, gradients: Array, target_
         raise ValueError(f"target_scores must have shape {tuple(arrays.shape_of(g)[:lead - 1])} (one per map), "
                          f"got {tuple(arrays.shape_of(y))}")
     spatial = tuple(range(lead, g.ndim))
+    dtype = g.dtype
+    a, g, y = arrays.widen_half(xp, a, g, y)
     # g reaches the weights through 1 / (2 + S g), which sends an infinite g to 0: checked itself
     arrays.check_finite(g, "tf_keras_vis_plus_plus_weights", gradients=g)
     s = xp.sum(a, axis=tuple(range(2, a.ndim)), keepdims=True)  # (N, K, 1, ...)
     arrays.check_finite(s, "tf_keras_vis_plus_plus_weights (the sum of each activation map)", activations=a)
     if multi:
         s = xp.expand_dims(s, axis=1)
-    denominator = 2 + s * g
+    # (2 + S g) / t with t = 2^e >= |S| (at least 1): |S / t| < 4, so S g / t overflows only for |g| > max / 4
+    t = xp.maximum(arrays.power_of_two_at_least(xp, xp.abs(s)), xp.ones_like(s))
+    denominator = 2 / t + (s / t) * g
     defined = (g != 0) & (denominator != 0)
-    alpha = xp.where(defined, 1 / xp.where(defined, denominator, xp.ones_like(denominator)), xp.zeros_like(g))
+    # alpha = a t m with m = 2^e >= the smallest |2 + S g| / t: |alpha| < 2, so no sum below overflows
+    smallest = xp.min(xp.where(defined, xp.abs(denominator), xp.full_like(denominator, math.inf)),
+                      axis=spatial, keepdims=True)
+    m = arrays.power_of_two_at_least(xp, smallest)
+    alpha = xp.where(defined, m / xp.where(defined, denominator, xp.ones_like(denominator)), xp.zeros_like(g))
     total = xp.sum(alpha, axis=spatial)
-    total = xp.where(total != 0, total, xp.ones_like(total))
+    positive = _relu(xp, g)
+    p = arrays.power_of_two_at_least(xp, xp.max(positive, axis=spatial, keepdims=True))  # ReLU(g) / p < 4
+    numerator = xp.sum(alpha * (positive / p), axis=spatial)
+    zero = total == 0  # a sum of 0 is left as it is: the numerator without alpha's factor t m
+    unscaled = numerator / xp.reshape(m, arrays.shape_of(m)[:lead]) / xp.reshape(t, arrays.shape_of(t)[:lead])
+    mean = xp.where(zero, unscaled, numerator / xp.where(zero, xp.ones_like(total), total))
+    mean = xp.reshape(p, arrays.shape_of(total)) * mean
     scale = xp.exp(y)
     if arrays.all_finite(scale) is False and arrays.all_finite(y) is not False:
         raise ValueError(
             f"target_scores: exp(y^c) overflows {y.dtype} (largest score {float(xp.max(y)):.6g}); tf-keras-vis's "
             "GradcamPlusPlus returns NaN maps there")
-    weights = xp.expand_dims(scale, axis=-1) * xp.sum(alpha * _relu(xp, g), axis=spatial) / total
+    weights = xp.expand_dims(scale, axis=-1) * mean
+    weights = weights if weights.dtype == dtype else xp.astype(weights, dtype)
     arrays.check_finite(weights, "tf_keras_vis_plus_plus_weights", activations=a, gradients=g, target_scores=y)
     return weights
 

@@ -8,7 +8,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
@@ -16,6 +17,8 @@ from torchcam.methods import GradCAMpp as TorchcamGradCAMpp
 
 import gradcam_ref
 from gradcam_ref import cam, grad_cam_plus_plus
+from gradcam_ref._arrays import namespace
+from gradcam_ref._gradcam import plus_plus_weights
 from gradcam_ref.conventions import postprocess
 from tests.strategies import feature_maps, moderate_values
 
@@ -167,3 +170,40 @@ def test_torchcam_gradcampp_is_another_formula():
         np.testing.assert_allclose(made.heatmap(None, "torchcam").numpy(), reference.numpy(), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="eps is for variant='paper'.*variant='torchcam' has none"):
         grad_cam_plus_plus(e.activations, e.gradients, variant="torchcam", eps=1e-6)
+
+
+# --- half precision --------------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1e-5, 1e-4, 1e-3, 1e-2, 1.0]), st.sampled_from([0.0, 1e-6]),
+       st.sampled_from([torch.float16, torch.bfloat16]))
+def test_half_precision_weights_are_the_float32_weights_of_the_same_values(seed, size, eps, dtype):
+    """float16 gradients below 3e-5 made 2 d2 / c overflow, and c^3 underflowed under pytorch-grad-cam's
+    eps=1e-6 (below 4e-3): every term 0, an all-zero map. The weights are the float32 weights of the
+    same values, cast: Grad-CAM++ and Smooth Grad-CAM++ (whose maps then weigh A in half precision)."""
+    rng = np.random.default_rng(seed)
+    a = torch.tensor(rng.random((2, 3, 5, 5)), dtype=dtype)
+    g = torch.tensor(rng.standard_normal((2, 2, 3, 5, 5)) * size, dtype=dtype)  # (n=2 samples, N, K, ...)
+    xp = namespace(a)
+    want = cam(a, plus_plus_weights(xp, a.float(), g[0].float(), eps=eps).to(dtype))
+    got = grad_cam_plus_plus(a, g[0], eps=eps, relu=False)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert float(want.abs().max()) > 0
+    smooth = cam(a, plus_plus_weights(xp, a.float(), g.float(), samples=True).to(dtype))
+    torch.testing.assert_close(gradcam_ref.smooth_grad_cam_plus_plus(a, g, relu=False), smooth, rtol=0, atol=0)
+
+
+def test_half_precision_maps_are_near_the_float64_maps_of_the_same_values():
+    """The cases of the sweep: positive float16 gradients of 1e-5 (smooth too), and eps=1e-6 on 1e-3."""
+    torch.manual_seed(0)
+    a = torch.rand(1, 4, 7, 7).half()
+    for g, eps in (((torch.rand(1, 4, 7, 7) * 2e-5 + 5e-6).half(), 0.0), ((torch.randn(1, 4, 7, 7) * 1e-3).half(), 1e-6)):
+        wide = grad_cam_plus_plus(a.double(), g.double(), eps=eps)
+        assert float(wide.max()) > 0
+        torch.testing.assert_close(grad_cam_plus_plus(a, g, eps=eps).double(), wide, rtol=4e-3, atol=0)
+        if not eps:
+            twice = torch.stack([g, g])
+            torch.testing.assert_close(gradcam_ref.smooth_grad_cam_plus_plus(a, twice).double(),
+                                       gradcam_ref.smooth_grad_cam_plus_plus(a.double(), twice.double()),
+                                       rtol=4e-3, atol=0)

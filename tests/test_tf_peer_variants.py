@@ -310,3 +310,44 @@ def test_max_n_zeroes_the_weights_of_the_channels_left_out():
     assert dict(fast.options)["max_n"] == 2
     with pytest.raises(ValueError, match=r"max_n must be an int >= 1 \(channels kept per example\), got 0"):
         gradcam_ref.explain(oracle, x, [0, 1], method="score-cam", max_n=0)
+
+
+def tf_keras_vis_exact(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """sum(alpha ReLU(g)) / sum(alpha), alpha = 1 / (2 + S g) (0 where g = 0), in exact rational arithmetic (y = 0)."""
+    from fractions import Fraction
+
+    out = np.empty(a.shape[:2])
+    for n, k in np.ndindex(*a.shape[:2]):
+        s = sum(Fraction(float(v)) for v in a[n, k].flat)
+        alphas = [(1 / (2 + s * Fraction(float(v))), Fraction(max(float(v), 0.0))) for v in g[n, k].flat if v != 0]
+        total = sum(alpha for alpha, _ in alphas)
+        out[n, k] = float(sum(alpha * r for alpha, r in alphas) / total) if total else 0.0
+    return out
+
+
+@pytest.mark.parametrize(("s", "g"), [
+    (1e300, [1e10, 1e10]),  # S g = 2e310 at every position: every alpha was 0, and so the weight
+    (1e300, [1e10, 3e10, -5e9, 0.0]),
+    (1e308, [1.0, 2.0, 4.0, 1e-300]),  # the last position's alpha (about 1/2) dominates
+    (1e-310, [1.7e308, 1.7e308, 1.7e308, 1e-3]),  # alpha about 1/2: sum alpha ReLU(g) past the largest float
+])
+def test_tf_keras_vis_plus_plus_where_s_g_overflows(s, g):
+    g = np.array([[[g]]])
+    a = np.full(g.shape, s / g.size)
+    want = tf_keras_vis_exact(a, g)
+    assert want[0, 0] != 0
+    np.testing.assert_allclose(tf_keras_vis_plus_plus_weights(a, g, np.zeros(1)), want, rtol=1e-14)
+
+
+def test_tf_keras_vis_plus_plus_in_half_precision_is_the_float32_result_cast():
+    """float16: S = 4900, g about 30: S g past 65504 made every alpha 0 and the weight 0."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = torch.full((1, 1, 7, 7), 100.0, dtype=torch.float16)
+    g = torch.tensor(np.abs(rng.standard_normal((1, 1, 7, 7))) * 20 + 14, dtype=torch.float16)
+    y = torch.zeros(1, dtype=torch.float16)
+    got = tf_keras_vis_plus_plus_weights(a, g, y)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, tf_keras_vis_plus_plus_weights(a.float(), g.float(), y.float()).half(), rtol=0, atol=0)
+    np.testing.assert_allclose(got.double().numpy(), tf_keras_vis_exact(a.double().numpy(), g.double().numpy()), rtol=1e-3)
