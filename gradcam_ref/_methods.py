@@ -33,11 +33,14 @@ from gradcam_ref._arrays import (
     check_nonnegative,
     device_of,
     namespace,
+    power_of_two_at_least,
     quiet_numpy,
     shape_of,
     to_numpy,
+    widen_half,
 )
 from gradcam_ref._gradcam import _plus_plus_variant_weights, _relu, _weighted_sum, grad_cam_parts, plus_plus_weights
+from gradcam_ref._postprocess import _eighth_where_huge
 from gradcam_ref._resample import KERNELS, parse_size, resize
 
 GRADIENT_METHODS = ("grad-cam", "grad-cam++", "hirescam", "xgrad-cam", "layercam", "eigen-cam",
@@ -112,6 +115,12 @@ def xgrad_cam_weights(activations: Array, gradients: Array, *, eps: float = 0.0)
     ``eps=1e-7``, torchcam ``eps=1e-8`` (the weight is then :math:`\sum GA / \varepsilon`,
     which can be huge, for such channels).
 
+    The sums may pass the dtype's largest number although the ratio fits: float16 and bfloat16
+    inputs are summed in float32 (weights cast back), and where a float32 or float64 sum
+    overflows, the ratio is redone on :math:`A^k` and :math:`G^k` divided by powers of two at least
+    their largest magnitudes (exact; :math:`A`'s cancels in the ratio). That second pass runs only
+    then, so only a weight beyond the largest number raises.
+
     Args:
       activations: :math:`A`, ``(N, K, *spatial)``.
       gradients: :math:`G`, ``(N, K, *spatial)`` or ``(N, T, K, *spatial)``.
@@ -130,17 +139,35 @@ def xgrad_cam_weights(activations: Array, gradients: Array, *, eps: float = 0.0)
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
     check_feature_maps("activations", a)
     multi = check_gradients_match(a, g)
-    lead = 3 if multi else 2
-    numerator = _spatial_sum(xp, g * (xp.expand_dims(a, axis=1) if multi else a), lead)
     check_nonnegative("eps", eps)
+    dtype = a.dtype
+    a, g = widen_half(xp, a, g)
+    weights, denominator = _xgrad_ratio(xp, a, g, multi, eps)
+    # One read-back when all is well; else a sum overflowed (or the inputs hold NaN or Inf).
+    if all_finite(weights, denominator) is False:
+        pa = power_of_two_at_least(xp, xp.max(xp.abs(_flat(xp, a, 2)), axis=-1))  # (N, K)
+        pg = power_of_two_at_least(xp, xp.max(xp.abs(_flat(xp, g, g.ndim - a.ndim + 2)), axis=-1))
+        shape = (*shape_of(a)[:2], *(1,) * (a.ndim - 2))
+        ratio, _ = _xgrad_ratio(xp, a / xp.reshape(pa, shape), g / xp.reshape(pg, shape_of(pg) + shape[2:]), multi,
+                                eps / pa)
+        weights = pg * ratio
+        check_finite(weights, "xgrad_cam_weights", activations=a, gradients=g)
+    if weights.dtype != dtype:  # half precision: the float32 weights may exceed its range
+        weights = xp.astype(weights, dtype)
+        check_finite(weights, "xgrad_cam_weights", activations=a, gradients=g)
+    return weights
+
+
+def _xgrad_ratio(xp: Any, a: Array, g: Array, multi: bool, eps: Any) -> tuple[Array, Array]:
+    """``(sum G A / (sum A + eps), sum A + eps)`` of :func:`xgrad_cam_weights`, 0 where the denominator is 0."""
+    numerator = _spatial_sum(xp, g * (xp.expand_dims(a, axis=1) if multi else a), 3 if multi else 2)
     denominator = _spatial_sum(xp, a, 2) + eps
     if multi:
         denominator = xp.expand_dims(denominator, axis=1)
     nonzero = denominator != 0
     weights = xp.where(nonzero, numerator / xp.where(nonzero, denominator, xp.ones_like(denominator)),
                        xp.zeros_like(numerator))
-    check_finite(weights, "xgrad_cam_weights", activations=a, gradients=g)
-    return weights
+    return weights, denominator
 
 
 def xgrad_cam(activations: Array, gradients: Array, *, relu: bool = True, eps: float = 0.0) -> Array:
@@ -304,7 +331,7 @@ def fem(activations: Array, *, k: float = 2.0, relu: bool = True) -> Array:
     shape = shape_of(a)
     flat = xp.reshape(a, shape[:2] + (math.prod(shape[2:]),))  # (N, K, Z)
     top, bottom = xp.max(flat, axis=-1, keepdims=True), xp.min(flat, axis=-1, keepdims=True)
-    scale = _power_of_two_at_least(xp, xp.maximum(top, -bottom))
+    scale = power_of_two_at_least(xp, xp.maximum(top, -bottom))
     u = flat / scale  # exact: |u| <= 1
     mean = xp.mean(u, axis=-1, keepdims=True)
     std = xp.sqrt(xp.mean((u - mean) ** 2, axis=-1, keepdims=True))
@@ -313,17 +340,6 @@ def fem(activations: Array, *, k: float = 2.0, relu: bool = True) -> Array:
     maps = xp.reshape(signed, (shape[0],) + shape[2:])
     check_finite(maps, "fem", activations=a)
     return _relu(xp, maps) if relu else maps
-
-
-def _power_of_two_at_least(xp: Any, m: Array) -> Array:
-    r""":math:`2^e \ge m` elementwise (1 where m is 0): dividing by it is exact (no rounding)."""
-    info = xp.finfo(m.dtype)
-    safe = xp.where(m > 0, m, xp.ones_like(m))
-    e = xp.ceil(xp.log2(safe))
-    lowest, highest = math.frexp(float(info.smallest_normal))[1] - 1, math.frexp(float(info.max))[1] - 1
-    e = xp.clip(e, float(lowest), float(highest))  # powers of two that are normal numbers
-    two = xp.asarray(2.0, dtype=m.dtype, device=device_of(m))
-    return two ** e
 
 
 @quiet_numpy
@@ -370,6 +386,7 @@ def smooth_grad_cam_plus_plus(
     return _relu(xp, maps) if relu else maps
 
 
+@quiet_numpy
 def torchcam_smooth_weights(activations: Array, noisy_gradients: Array, *, eps: float = 1e-8) -> Array:
     r"""torchcam 0.5's ``SmoothGradCAMpp`` weights, read from its code (methods/gradient.py).
 
@@ -384,6 +401,9 @@ def torchcam_smooth_weights(activations: Array, noisy_gradients: Array, *, eps: 
     weights the *last* noisy forward's activations in the map (its forward hook keeps them).
     Its noise is ``torch.distributions.Normal(0, std).sample(x.shape)`` per sample, drawn from
     torch's global generator: seed torch, draw the same way, and pass the draws as ``noise``.
+    The formula is torchcam's, in the inputs' dtype: where its denominator is 0 (eps=0 and zero
+    gradients; or in float16, where 1e-8 and the powers of gradients below about 1e-3 underflow)
+    it divides 0 by 0, and a ValueError says which.
 
     Args:
       activations: :math:`A` of the clean input, ``(N, K, *spatial)``.
@@ -411,8 +431,20 @@ def torchcam_smooth_weights(activations: Array, noisy_gradients: Array, *, eps: 
     d3 = xp.mean(g * g * g, axis=0)
     aa = a if d3.ndim == a.ndim else xp.expand_dims(a, axis=1)  # (N, [1,] K, *spatial)
     pair = xp.sum(aa * d3, axis=tuple(i - 1 for i in spatial), keepdims=True)
-    alpha = d2 / (2 * d2 + pair + eps)
+    denominator = 2 * d2 + pair + eps
+    alpha = d2 / denominator
     weights = xp.sum(alpha * _relu(xp, g[-1]), axis=tuple(i - 1 for i in spatial))
+    if all_finite(weights) is False and bool(xp.any(denominator == 0)):  # the inputs are finite: 0 / 0
+        zeros = int(xp.sum(xp.astype(denominator == 0, xp.int64)))
+        if not eps:
+            cause = f"eps=0, and noisy_gradients (or their squares, in {g.dtype}) are 0 there: torchcam adds eps=1e-8"
+        elif float(xp.asarray(eps, dtype=g.dtype, device=device_of(g))) == 0:
+            cause = (f"eps={eps!r} and the powers of noisy_gradients underflow to 0 in {g.dtype}: "
+                     "compute in a wider dtype")
+        else:
+            cause = "sum A D^3 cancels 2 D^2 + eps there"
+        raise ValueError(f"torchcam_smooth_weights divides 0 by 0 at {zeros} position(s), where its denominator "
+                         f"2 D^2 + sum A D^3 + eps is 0: {cause}")
     check_finite(weights, "torchcam_smooth_weights", activations=a, noisy_gradients=g)
     return weights
 
@@ -555,7 +587,9 @@ def score_cam_weights(mask_scores: Array, *, baseline: Array | None = None) -> A
 
     The baseline score is one number per example, and a softmax does not change when one
     number is subtracted from all its entries: pytorch-grad-cam (no baseline) and torchcam (the
-    unmasked input as baseline) get the same weights. :math:`y^c \le 0` needs no care here.
+    unmasked input as baseline) get the same weights. So the baseline is checked (finite, one
+    per example) but never subtracted: :math:`y^c(X \odot M_k) - y^c(X_b)` would be rounded (or
+    overflow) before the softmax's own shift by the largest score. :math:`y^c \le 0` needs no care here.
     The authors' code differs: ``"official"`` weights are the class probabilities
     :math:`\operatorname{softmax}_c(f(X \odot M_k))_c` themselves (pass those as
     ``mask_scores`` and use :func:`gradcam_ref.cam`), and channels whose mask is flat get 0;
@@ -573,8 +607,16 @@ def score_cam_weights(mask_scores: Array, *, baseline: Array | None = None) -> A
     """
     xp, (s,) = as_float_arrays(mask_scores=mask_scores)
     _finite_and_nonempty("score_cam_weights", mask_scores=s)
-    if baseline is not None:
-        s = s - xp.expand_dims(as_float_arrays(baseline=baseline)[1][0], axis=-1)
+    if baseline is not None:  # it cancels in the softmax: checked, not subtracted
+        _, (b,) = as_float_arrays(baseline=baseline)
+        try:
+            fits = np.broadcast_shapes(shape_of(b), shape_of(s)[:-1]) == shape_of(s)[:-1]
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"baseline must have shape {shape_of(s)[:-1]} (one score per example), "
+                             f"got {shape_of(b)}")
+        _finite_and_nonempty("score_cam_weights", baseline=b)
     shifted = s - xp.max(s, axis=-1, keepdims=True)
     e = xp.exp(shifted)
     weights = e / xp.sum(e, axis=-1, keepdims=True)
@@ -656,7 +698,9 @@ def ablation_cam_weights(score: Array, ablated_scores: Array, *, denominator: st
     :math:`y^c < 0` the paper's formula flips every sign (a channel whose removal lowers the
     score gets a negative weight); when :math:`y^c = 0` it is undefined. ``denominator="score"``
     (the paper) raises for :math:`y^c = 0`; ``"abs"`` divides by :math:`|y^c|`, keeping "a drop
-    is evidence for c" for negative scores (and still raises for 0).
+    is evidence for c" for negative scores (and still raises for 0). A difference
+    :math:`y^c - y^c_k` past the dtype's largest number (scores near it, of opposite signs) is
+    taken on an eighth of both scores (exact), so only a weight beyond it raises.
 
     Args:
       score: :math:`y^c`, ``(N,)`` or ``(N, T)``.
@@ -681,7 +725,11 @@ def ablation_cam_weights(score: Array, ablated_scores: Array, *, denominator: st
             f"{int(xp.sum(xp.astype(zero, xp.int64)))} example(s): the weights are undefined there"
         )
     d = xp.abs(y) if denominator == "abs" else y
-    weights = (xp.expand_dims(y, axis=-1) - yk) / xp.expand_dims(d, axis=-1)
+    y, d = xp.expand_dims(y, axis=-1), xp.expand_dims(d, axis=-1)
+    # y - y_k may pass the largest number (by at most a factor 2) where the ratio fits: those
+    # weights are formed on an eighth of both (exact), the others as they are
+    eighth = _eighth_where_huge(xp, xp.abs(y - yk), yk)
+    weights = (y * eighth - yk * eighth) / (d * eighth)
     check_finite(weights, "ablation_cam_weights", score=score, ablated_scores=ablated_scores)
     return weights
 
@@ -770,9 +818,14 @@ def _finite_and_nonempty(what: str, **arrays: Array) -> None:
             check_finite(x, what, **{name: x})
 
 
-def _spatial_sum(xp: Any, x: Array, lead: int) -> Array:
+def _flat(xp: Any, x: Array, lead: int) -> Array:
+    """``x`` with every axis after the first ``lead`` ones merged into one."""
     shape = shape_of(x)
-    return xp.sum(xp.reshape(x, shape[:lead] + (math.prod(shape[lead:]),)), axis=-1)
+    return xp.reshape(x, shape[:lead] + (math.prod(shape[lead:]),))
+
+
+def _spatial_sum(xp: Any, x: Array, lead: int) -> Array:
+    return xp.sum(_flat(xp, x, lead), axis=-1)
 
 
 def _elementwise_sum(xp: Any, a: Array, g: Array, what: str) -> Array:

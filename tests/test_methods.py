@@ -396,3 +396,107 @@ def test_torchcam_smooth_weights_by_hand_and_for_target_columns():
     both = gradcam_ref.torchcam_smooth_weights(a, np.stack([g, 2 * g], axis=2))  # (n, N, T=2, K, ...)
     np.testing.assert_allclose(both[:, 0], [expected], rtol=1e-15)
     np.testing.assert_allclose(both[:, 1], gradcam_ref.torchcam_smooth_weights(a, 2 * g), rtol=1e-15)
+
+
+# --- sums past the largest number, half precision --------------------------------------------------
+
+eighths = st.integers(-64, 64).map(lambda i: i / 8)  # exact after any power-of-two scaling that stays normal
+
+
+@settings(max_examples=40, deadline=None)
+@given(hnp.arrays(np.float64, (2, 3, 2, 3), elements=eighths.map(abs)), hnp.arrays(np.float64, (2, 3, 2, 3), elements=eighths),
+       st.integers(1000, 1020), st.integers(-1000, 1020), st.booleans())
+def test_xgrad_cam_weights_of_scaled_inputs_are_the_weights_scaled(a, g, i, j, multi):
+    """sum A past the largest float64 (A near 1e308) raised 'overflowed' or gave a silent zero weight,
+    and so did sum G A; scaling A by 2^i cancels in the ratio and G's 2^j multiplies it: exactly."""
+    if multi:
+        g = np.stack([g, -g / 2], axis=1)  # (N, T=2, K, ...)
+    want = gradcam_ref.xgrad_cam_weights(a, g)
+    got = gradcam_ref.xgrad_cam_weights(a * 2.0**i, g * 2.0**j)
+    np.testing.assert_array_equal(got, want * 2.0**j)
+
+
+def test_xgrad_cam_weights_where_the_sums_overflow():
+    a, g = np.full((1, 1, 2, 2), 1e308), np.full((1, 1, 2, 2), 0.5)
+    np.testing.assert_array_equal(gradcam_ref.xgrad_cam_weights(a, g), [[0.5]])  # sum A and sum G A: 2e308 and 4e308
+    np.testing.assert_array_equal(gradcam_ref.xgrad_cam_weights(a, g * 2e-10, eps=1e-7), [[1e-10]])  # was 0, silently
+    np.testing.assert_array_equal(gradcam_ref.xgrad_cam_weights(np.full((1, 1, 1, 2), 1e200), np.full((1, 1, 1, 2), 3e200)),
+                                  [[3e200]])  # G A = 3e400: the products overflowed
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_xgrad_cam_in_half_precision_is_the_float32_result_cast(dtype):
+    """float16 activations summing past 65504 (500 over 14x14) made every weight num / inf = 0: an all-zero map."""
+    import torch
+
+    dtype = getattr(torch, dtype)
+    rng = np.random.default_rng(0)
+    a = torch.tensor(np.abs(rng.standard_normal((1, 2, 14, 14))) * 500, dtype=dtype)
+    g = torch.tensor(rng.standard_normal((1, 2, 14, 14)) * 1e-3, dtype=dtype)
+    weights = gradcam_ref.xgrad_cam_weights(a, g, eps=1e-7)
+    assert weights.dtype == dtype
+    torch.testing.assert_close(weights, gradcam_ref.xgrad_cam_weights(a.float(), g.float(), eps=1e-7).to(dtype),
+                               rtol=0, atol=0)
+    wide = gradcam_ref.xgrad_cam(a.double(), g.double(), relu=False)
+    torch.testing.assert_close(gradcam_ref.xgrad_cam(a, g, relu=False).double(), wide, rtol=0,
+                               atol=16 * torch.finfo(dtype).eps * float(wide.abs().max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float64, (2, 4), elements=st.floats(-30, 30)),
+       hnp.arrays(np.float64, (2,), elements=st.one_of(st.floats(-1e308, 1e308), st.sampled_from([1e17, -1e308, 1e308]))))
+def test_score_cam_weights_do_not_depend_on_the_baseline_even_in_rounding(s, b):
+    """The softmax cancels the baseline; s - b was rounded (or overflowed) first: s = [0, 1], b = 1e17 gave [.5, .5]."""
+    np.testing.assert_array_equal(gradcam_ref.score_cam_weights(s, baseline=b), gradcam_ref.score_cam_weights(s))
+
+
+def test_score_cam_weights_check_the_baseline():
+    np.testing.assert_allclose(gradcam_ref.score_cam_weights(np.array([[0.0, 1.0]]), baseline=np.array([1e17])),
+                               [[1 / (1 + np.e), np.e / (1 + np.e)]], rtol=1e-15)
+    np.testing.assert_array_equal(gradcam_ref.score_cam_weights(np.array([[1e308, 1e308]]), baseline=np.array([-1e308])),
+                                  [[0.5, 0.5]])
+    with pytest.raises(ValueError, match=r"baseline contains NaN or Inf \(1 of 1 values\)"):
+        gradcam_ref.score_cam_weights(np.zeros((1, 3)), baseline=np.array([np.nan]))
+    with pytest.raises(ValueError, match=r"baseline must have shape \(1,\) \(one score per example\), got \(2,\)"):
+        gradcam_ref.score_cam_weights(np.zeros((1, 3)), baseline=np.zeros(2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(eighths.filter(bool), hnp.arrays(np.float64, (3,), elements=eighths), st.integers(1000, 1020),
+       st.sampled_from(["score", "abs"]))
+def test_ablation_cam_weights_of_scores_near_the_largest_float(y, yk, k, denominator):
+    """y - y_k past the largest float (scores near 1e308 of opposite signs) raised 'overflowed' where the
+    ratio fits: scaling both by 2^k leaves the weights as they are, exactly."""
+    want = gradcam_ref.ablation_cam_weights(np.array([y]), yk[None], denominator=denominator)
+    got = gradcam_ref.ablation_cam_weights(np.array([y * 2.0**k]), yk[None] * 2.0**k, denominator=denominator)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(gradcam_ref.ablation_cam_weights(np.array([1e308]), np.array([[-1e308, 0.0]])),
+                                  [[2.0, 1.0]])
+
+
+def test_torchcam_smooth_weights_name_a_zero_denominator():
+    """torchcam's formula is kept; where it divides 0 by 0 the message said 'overflowed'."""
+    import torch
+
+    a, g = torch.ones(1, 2, 3, 3, dtype=torch.float16), torch.full((2, 1, 2, 3, 3), 1e-4, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"divides 0 by 0 at 18 position\(s\), .*: eps=1e-08 and the powers of "
+                                         r"noisy_gradients underflow to 0 in torch.float16: compute in a wider dtype"):
+        gradcam_ref.torchcam_smooth_weights(a, g)  # g^2 = 1e-8, g^3 and eps underflow in float16
+    assert torch.isfinite(gradcam_ref.torchcam_smooth_weights(a.float(), g.float())).all()
+    with pytest.raises(ValueError, match=r"divides 0 by 0 at 4 position\(s\), .*: eps=0, and noisy_gradients"):
+        gradcam_ref.torchcam_smooth_weights(np.ones((1, 1, 2, 2)), np.zeros((2, 1, 1, 2, 2)), eps=0.0)
+
+
+def test_power_of_two_scaling_under_jax_where_reciprocals_flush_to_zero():
+    """XLA divides as x * (1 / d) and flushes a subnormal 1 / d to zero: a scale of 2^1023 zeroed FEM's
+    activations past 4.5e307 (an all-zero map, silently), and would have zeroed XGrad-CAM's rescaled sums."""
+    import jax
+
+    a = np.zeros((1, 2, 1, 4))
+    a[0, 0], a[0, 1] = [0.0, 0.0, 0.0, 1.6e308], 1e308
+    with jax.enable_x64(True):
+        jnp = jax.numpy
+        np.testing.assert_array_equal(np.asarray(gradcam_ref.fem(jnp.asarray(a), k=1.0)), gradcam_ref.fem(a, k=1.0))
+        np.testing.assert_array_equal(gradcam_ref.fem(a, k=1.0), [[[1e308, 1e308, 1e308, 1e308 + 1.6e308 / 4]]])
+        weights = gradcam_ref.xgrad_cam_weights(jnp.full((1, 1, 2, 2), 1e308), jnp.full((1, 1, 2, 2), 0.5))
+        np.testing.assert_array_equal(np.asarray(weights), [[0.5]])
