@@ -23,7 +23,15 @@ from __future__ import annotations
 
 import math
 
-from gradcam_ref._arrays import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
+from gradcam_ref._arrays import (
+    Array,
+    as_float_arrays,
+    check_finite,
+    power_of_two_at_least,
+    quiet_numpy,
+    shape_of,
+    widen_half,
+)
 from gradcam_ref._postprocess import upsample
 
 DISPLAY_SCALE = 0.1
@@ -96,7 +104,14 @@ def guided_image(guided: Array, *, scale: float = DISPLAY_SCALE) -> Array:
     :math:`\mu = 0`; the sign of a channel shows as a colour. This is the normalisation of the
     Grad-CAM authors' Keras code and of pytorch-grad-cam's ``deprocess_image`` (which adds
     1e-5 to :math:`\sigma` and returns ``uint8``, ``255 * out`` truncated); here a flat image
-    (:math:`\sigma = 0`) becomes uniform 0.5.
+    (:math:`\sigma = 0`, every value equal) becomes uniform 0.5.
+
+    The output does not change when ``guided`` is scaled, and neither does its computation: the
+    image is divided by a power of two at least its largest magnitude and the deviations
+    :math:`x - \mu` by one at least theirs (exact), so that their squares neither overflow (float64
+    gradients past 1e154) nor underflow (float64 below 1e-162, float32 below 4e-23). float16
+    and bfloat16 images are computed in float32 (their squared deviations underflow below
+    2e-4) and the result cast back.
 
     Args:
       guided: ``(..., C, H, W)``, e.g. an Explanation's ``guided_backprop`` or
@@ -123,13 +138,18 @@ def guided_image(guided: Array, *, scale: float = DISPLAY_SCALE) -> Array:
     if not 0 < scale < math.inf:  # inf: a flat image would be inf * 0 = NaN
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     axes = (-3, -2, -1)
-    mean = xp.mean(x, axis=axes, keepdims=True)
-    std = xp.sqrt(xp.mean((x - mean) ** 2, axis=axes, keepdims=True))
+    dtype = x.dtype
+    (w,) = widen_half(xp, x)
+    top, bottom = xp.max(w, axis=axes, keepdims=True), xp.min(w, axis=axes, keepdims=True)
+    u = w / power_of_two_at_least(xp, xp.maximum(top, -bottom))  # |u| < 4: the mean cannot overflow
+    d = u - xp.mean(u, axis=axes, keepdims=True)
+    d = d / power_of_two_at_least(xp, xp.max(xp.abs(d), axis=axes, keepdims=True))  # the largest |d| in [1/2, 1]
+    std = xp.sqrt(xp.mean(d * d, axis=axes, keepdims=True))
     check_finite(std, "guided_image", guided=x)
-    positive = std > 0
-    z = xp.where(positive, (x - mean) / xp.where(positive, std, xp.ones_like(std)), xp.zeros_like(x))
+    spread = (std > 0) & (top > bottom)  # a flat image's mean may round off its value: d is then not 0
+    z = xp.where(spread, d / xp.where(spread, std, xp.ones_like(std)), xp.zeros_like(d))
     out = xp.clip(0.5 + scale * z, 0.0, 1.0)
-    return _channels_last(xp, out)
+    return _channels_last(xp, out if out.dtype == dtype else xp.astype(out, dtype))
 
 
 def _channels_last(xp, x: Array) -> Array:

@@ -23,7 +23,7 @@ from typing import Any
 import array_api_compat
 
 from gradcam_ref._arrays import Array, all_finite, as_float_arrays, quiet_numpy, shape_of, to_numpy
-from gradcam_ref._postprocess import upsample
+from gradcam_ref._postprocess import _eighth_where_huge, upsample
 
 __all__ = [
     "attention_mining_loss",
@@ -68,6 +68,8 @@ def normalize_maps(maps: Array, *, spatial_rank: int | None = None) -> Array:
     :math:`1/\mathrm{span}` at every pixel, as in every public GAIN implementation; letting it
     flow through the arg-min and arg-max pixels would route the whole loss through two pixels.
     A flat map (span 0, e.g. all zeros after the ReLU) becomes zeros with zero gradient, never NaN.
+    A span past the dtype's largest number (a signed float16 map over +-32752) is taken on an
+    eighth of the values, as in :func:`gradcam_ref.normalize`: the same numbers.
 
     Args:
       maps: Grad-CAM maps ``(N, *spatial)`` (or ``(N, T, *spatial)`` with ``spatial_rank``).
@@ -83,12 +85,14 @@ def normalize_maps(maps: Array, *, spatial_rank: int | None = None) -> Array:
     axes = tuple(range(x.ndim - rank, x.ndim))
     constant = stop_gradient(x)
     low = xp.min(constant, axis=axes, keepdims=True)
-    span = xp.max(constant, axis=axes, keepdims=True) - low
-    if all_finite(span) is False:
+    high = xp.max(constant, axis=axes, keepdims=True)
+    if all_finite(low * 0 + high * 0) is False:  # NaN iff NaN or Inf in maps (inf * 0); a span may overflow
         raise ValueError("maps contains NaN or Inf; normalize_maps needs finite maps")
+    eighth = _eighth_where_huge(xp, high - low, low)  # a span past the largest number: an eighth of it (exact)
+    span = high * eighth - low * eighth
     positive = span > 0
     safe = xp.where(positive, span, xp.ones_like(span))
-    return xp.where(positive, (x - low) / safe, xp.zeros_like(x))
+    return xp.where(positive, (x * eighth - low * eighth) / safe, xp.zeros_like(x))
 
 
 def sigmoid(logits: Array) -> Array:

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+import gradcam_ref
 from gradcam_ref import gain, upsample
+from tests.strategies import edgy_arrays
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
 
@@ -159,3 +161,19 @@ def test_normalize_maps_properties(maps):
             assert (np.diff(o.ravel()[order]) >= 0).all()  # monotone: the order of pixels is kept (ties may form)
         else:
             assert (o == 0).all()
+
+
+@given(edgy_arrays((2, 3)))
+@example(np.array([[-1e308, 1e308, 0.0], [1.0, 2.0, 3.0]]))
+def test_normalize_maps_are_the_core_normalize_even_for_spans_past_the_largest_float(maps):
+    """A span wider than the largest float64 ([-1e308, 1e308]) was refused as 'NaN or Inf'."""
+    np.testing.assert_array_equal(gain.normalize_maps(maps), gradcam_ref.normalize(maps))
+
+
+def test_normalize_maps_of_a_float16_span_past_65504():
+    maps = torch.tensor([[-4e4, 0.0, 4e4]], dtype=torch.float16, requires_grad=True)
+    out = gain.normalize_maps(maps)
+    assert out.dtype == torch.float16 and out.tolist() == [[0.0, 0.5, 1.0]]
+    out.sum().backward()  # d/dx of (x - min) / span with min and span held: 1 / 8e4 at each pixel
+    torch.testing.assert_close(maps.grad, torch.full((1, 3), 1 / 8e4, dtype=torch.float16))
+    np.testing.assert_array_equal(gain.normalize_maps(np.array([[-1e308, 1e308]])), [[0.0, 1.0]])

@@ -3,6 +3,9 @@ layouts, array libraries, bad input; pytorch-grad-cam's deprocess_image as a ref
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import gradcam_ref
 from gradcam_ref import guided_grad_cam, guided_image
@@ -164,3 +167,27 @@ def test_the_cli_figure_shows_guided_grad_cam_when_there_is_one():
     np.testing.assert_allclose(panel, gradcam_ref.upsample(e.guided_grad_cam[1], (12, 12)))
     assert panel.shape == (3, 12, 12) and np.abs(panel).max() > 0
     assert common.guided_panel(gradcam_ref.explain(model, x, [0, 2]), 1, (12, 12)) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(hnp.arrays(np.float64, (2, 2, 3, 3), elements=st.integers(-64, 64).map(lambda i: i / 8)), st.integers(-1018, 1017))
+def test_guided_image_of_a_scaled_image_is_the_same_image(x, k):
+    """The output is scale-invariant, and now so is its computation: the squared deviations underflowed
+    (float64 gradients near 1e-170: a flat 0.5 image) or overflowed (near 1e160: an error)."""
+    np.testing.assert_array_equal(guided_image(x * 2.0**k), guided_image(x))
+
+
+def test_guided_image_in_half_precision_and_of_tiny_float32_values_is_the_float32_image():
+    """float16 gradients near 1e-4 (and float32 ones near 1e-23) gave one flat 0.5 image."""
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8))
+    for dtype in (torch.float16, torch.bfloat16):
+        low = torch.tensor(x * 1e-4, dtype=dtype)
+        out = guided_image(low)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, guided_image(low.float()).to(dtype), rtol=0, atol=0)
+        assert len(torch.unique(out)) > 100
+    np.testing.assert_allclose(guided_image(torch.tensor(x * 1e-23, dtype=torch.float32)).double().numpy(),
+                               guided_image(x), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(guided_image(np.full((1, 3, 3, 3), 0.1)), 0.5)  # a flat image whose mean rounds
