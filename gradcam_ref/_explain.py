@@ -284,7 +284,10 @@ def explain(
       **options: the method's options (:data:`METHOD_OPTIONS`: ``eps``, ``centre``, ``sign``, ``k``,
         ``n_samples``/``std``/``seed``, ``variant``, ``value``/``denominator``, ``batch_size``,
         ``max_n``);
-        the rest are passed to the backend.
+        the rest are passed to the backend. Smooth Grad-CAM++'s ``seed`` draws the noise in the
+        inputs' own layout, so a channels-last model (Keras) gets other noise at each pixel than a
+        channels-first one with the same seed; to compare the two, pass the same draws as
+        ``noise`` (each moved to its model's layout).
 
     Returns:
       An :class:`Explanation` holding ``maps`` and every intermediate.
@@ -334,7 +337,8 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer: Any, capture: Capture,
                     ours: dict[str, Any], options: dict[str, Any]) -> Explanation:
     """Smooth Grad-CAM++: ``n_samples`` captures at ``inputs + N(0, std^2)`` noise (NumPy's
-    generator seeded by ``seed``, or the given ``noise`` draws), the clean capture's targets,
+    generator seeded by ``seed``, drawn in the inputs' own shape and layout, or the given ``noise``
+    draws), the clean capture's targets,
     then the core's reduction: the paper's, or torchcam's (``variant="torchcam"``: its weights,
     and the last noisy capture's activations in the map, as torchcam's hook keeps them)."""
     n, std, seed = ours.get("n_samples", 4), ours.get("std", 0.3), ours.get("seed", 0)
