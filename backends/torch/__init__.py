@@ -34,7 +34,6 @@ import itertools
 import math
 import sys
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -1411,40 +1410,29 @@ def _substituted(model: nn.Module, module: nn.Module, at: str, call: int | None,
         handle.remove()
 
 
-_TAILS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple[int, ...], Any]]] = weakref.WeakKeyDictionary()
-"""Traced tails per model and layer, with the ids of the model's modules when traced: a model
-whose modules were replaced since is traced again; a model that is deleted drops its entry."""
-
-
 def _tail(model: nn.Module, name: str) -> Callable[[torch.Tensor], Any] | None:
     """The part of ``model`` after submodule ``name``, as a ``torch.fx.GraphModule`` of its output.
 
     None when the model does not trace, the layer is called more than once, or the part after
-    it reads a value computed before it (e.g. a skip connection around the layer).
+    it reads a value computed before it (e.g. a skip connection around the layer). Traced on
+    every call (:func:`_scoring.traced`: the model is left as it was): a trace bakes in the
+    Python values the forward code read (``self.temperature``, a flag, the buffer objects), so a
+    tail kept from an earlier call would score the model as it was then. A trace costs 20-50 ms
+    (ResNet-18, MobileNetV3 on a CPU), a fraction of the ablation passes.
     """
     import torch.fx
-
-    structure = tuple(id(m) for m in model.modules())
-    cached = _TAILS.setdefault(model, {}).get(name)
-    if cached is not None and cached[0] == structure:
-        return cached[1]
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
             return qualified_name == name or super().is_leaf_module(m, qualified_name)
 
-    tail: Any = None
     try:
-        graph = _Tracer().trace(model)
+        graph = _scoring.traced(_Tracer(), model)
     except Exception:  # noqa: BLE001 - any model fx cannot trace: use the hooked fallback
-        graph = None
-    if graph is not None:
-        nodes = list(graph.nodes)
-        seams = [node for node in nodes if node.op == "call_module" and node.target == name]
-        if len(seams) == 1:
-            tail = _graph_after(model, nodes, seams[0])
-    _TAILS[model][name] = (structure, tail)
-    return tail
+        return None
+    nodes = list(graph.nodes)
+    seams = [node for node in nodes if node.op == "call_module" and node.target == name]
+    return _graph_after(model, nodes, seams[0]) if len(seams) == 1 else None
 
 
 def _graph_after(model: nn.Module, nodes: list[Any], seam: Any) -> Any:

@@ -72,10 +72,33 @@ def fold_weights(conv: _ConvNd, norm: _BatchNorm) -> tuple[torch.Tensor, torch.T
     return folded_w.to(weight.dtype), folded_b.to(weight.dtype)
 
 
+def traced(tracer: Any, model: nn.Module) -> Any:
+    """``tracer.trace(model)`` (a ``torch.fx.Graph``), the model left as it was.
+
+    Tracing runs the forward code of every module that is not a leaf on fx Proxies: what it
+    assigns to the module (``self.last = x``, ``self.calls += 1``) would stay there, a Proxy that
+    ``torch.save`` cannot pickle or a changed counter. Each module's attributes (``__dict__``) and
+    its registered parameters, buffers and submodules are put back as they were, also when the
+    trace raises. Not undone: changes inside objects the modules hold (``self.seen.append(x)``)
+    and outside the model (a hook writing into a dict of the caller's).
+    """
+    saved: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (a dict of the model, its entries)
+    for m in model.modules():
+        registries: tuple[dict[str, Any], ...] = (m.__dict__, m._parameters, m._buffers, m._modules)
+        saved += [(registry, dict(registry)) for registry in registries]
+    try:
+        return tracer.trace(model)
+    finally:
+        for registry, entries in saved:
+            registry.clear()
+            registry.update(entries)
+
+
 def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(convolution, batch norm)`` qualified names that :func:`fold` may fold in ``model``.
 
-    Empty when the model does not trace with ``torch.fx``.
+    Empty when the model does not trace with ``torch.fx`` (traced by :func:`traced`: the model
+    is left as it was).
     """
     import torch.fx
 
@@ -84,7 +107,7 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
             return isinstance(m, (*CONVOLUTIONS, _BatchNorm)) or super().is_leaf_module(m, qualified_name)
 
     try:
-        graph = _Tracer().trace(model)
+        graph = traced(_Tracer(), model)
     except Exception as error:  # noqa: BLE001 - any model fx cannot trace: no folding, nothing else changes
         _LOG.debug("scoring copy: %s does not trace with torch.fx (%s): batch norms not folded",
                    type(model).__name__, error)

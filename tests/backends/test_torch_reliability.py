@@ -206,6 +206,73 @@ def test_score_in_training_mode_leaves_buffers_and_random_state_as_they_were():
     torch.testing.assert_close(second, first, rtol=0, atol=0)  # the same dropout mask each call
 
 
+class Temperature(nn.Module):
+    """A head whose forward reads a plain attribute and a buffer: a torch.fx trace bakes both in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3).double()
+        self.temperature = 1.0
+        self.register_buffer("scale", torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.fc(a.mean(dim=(2, 3))) * self.scale / self.temperature
+
+
+def test_ablation_cam_sees_attributes_and_buffers_changed_between_calls():
+    """Ablation-CAM's traced tail was cached per model and layer: a changed attribute or a
+    reassigned buffer was ignored (weights of the old model, no error)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Temperature()).double().eval()
+    x = inputs(2)
+
+    def weights() -> torch.Tensor:
+        return gradcam_ref.explain(model, x, target=0, layer="1", method="ablation-cam").weights
+
+    def expected() -> torch.Tensor:  # the same model, written without the traced tail
+        fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Temperature()).double().eval()
+        fresh.load_state_dict(model.state_dict())
+        fresh[2].temperature = model[2].temperature
+        return gradcam_ref.explain(fresh, x, target=0, layer="1", method="ablation-cam").weights
+
+    weights()
+    model[2].temperature = 4.0
+    torch.testing.assert_close(weights(), expected(), rtol=0, atol=0)
+    model[2].scale = torch.tensor([5.0, -2.0, 3.0], dtype=torch.float64)  # a new buffer object
+    torch.testing.assert_close(weights(), expected(), rtol=0, atol=0)
+    assert not torch.equal(weights()[0], torch.zeros(4, dtype=torch.float64))
+
+
+class Keeps(nn.Module):
+    """Keeps its last input and counts its calls (a common way to read features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: torch.Tensor | None = None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.last = x
+        return x
+
+
+@pytest.mark.parametrize("method", ["ablation-cam", "score-cam"])
+def test_tracing_leaves_the_model_as_it_was(method):
+    """torch.fx ran the model's forward on Proxies and left them in it: an attribute holding an
+    fx Proxy (torch.save(model) then failed) and a call counter bumped by the trace."""
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), Keeps(), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    x = inputs(1)
+    gradcam_ref.explain(model, x, target=0, layer="2", method=method)
+    assert type(model[4].last) is torch.Tensor  # the input of the one real forward pass
+    assert model[4].calls == 1
+    torch.save(model, io.BytesIO())
+
+
 class SubtractsInPlace(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.sub_(0.5)

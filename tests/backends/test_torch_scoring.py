@@ -227,6 +227,38 @@ def test_a_model_that_does_not_trace_is_not_folded(caplog):
     assert _scoring.scoring_copy((Untraceable(),), layout=None, fold_batch_norms=True) is None
 
 
+class Records(nn.Module):
+    """Assigns to itself in forward: a Proxy, a counter, a new submodule; raises past a limit."""
+
+    def __init__(self, limit: int = 10) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.last: torch.Tensor | None = None
+        self.calls, self.limit = 0, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.last = x
+        self.extra = nn.ReLU()
+        if self.calls > self.limit:
+            raise RuntimeError("too many calls")
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("limit", [10, 0])
+def test_tracing_leaves_the_model_as_it_was_also_when_it_raises(limit):
+    """foldable_pairs traced the caller's model: its forward's assignments stayed (an fx Proxy in
+    ``last``, ``calls`` counted, a new submodule), and torch.save(model) failed on the Proxy."""
+    import io
+
+    model = Records(limit).eval()
+    before = dict(vars(model)), dict(model._modules)
+    assert _scoring.foldable_pairs(model) == ([("conv", "bn")] if limit else [])
+    assert model.last is None and model.calls == 0 and "extra" not in vars(model) | model._modules
+    assert (dict(vars(model)), dict(model._modules)) == before
+    torch.save(model, io.BytesIO())
+
+
 class BiasIgnored(nn.Conv2d):
     """A convolution subclass whose forward ignores its bias: folding would change its scores."""
 
