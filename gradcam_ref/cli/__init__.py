@@ -33,7 +33,7 @@ from gradcam_ref.cli import demo as demo_command
 from gradcam_ref.cli import explain as explain_command
 from gradcam_ref.cli import gain as gain_command
 from gradcam_ref.cli._common import UsageError
-from gradcam_ref.cli._options import MODEL_OPTIONS, add_shared, positive, positive_ints, unit
+from gradcam_ref.cli._options import MODEL_OPTIONS, add_shared, positive, positive_ints, seed, unit
 
 PROG = "gradcam-ref"
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="folder for the figures (default: out/demo)")
     demo.add_argument("--oracle", action="store_true",
                       help="instead, walk through Eq. 1 and Eq. 2 on the tiny NumPy oracle, printing every number")
-    demo.add_argument("--seed", type=int, default=3, help="seed of the oracle's random weights (with --oracle)")
+    demo.add_argument("--seed", type=seed, default=3, help="seed of the oracle's random weights (with --oracle)")
     demo.set_defaults(run=demo_command.run)
 
     command = commands.add_parser(
@@ -117,7 +117,7 @@ def _add_gain(commands: argparse._SubParsersAction) -> None:
         "and reused by a rerun with the same settings (an interrupted run resumes).",
     )
     gain.add_argument("--out", default="out/gain", help="output folder (default: out/gain)")
-    gain.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the batches (default 0)")
+    gain.add_argument("--seed", type=seed, default=0, help="seed of the data, the weights and the batches (default 0)")
     gain.add_argument("--train", type=positive, help="training images (default 640)")
     gain.add_argument("--test", type=positive, help="images per test set (default 200)")
     gain.add_argument("--epochs", type=positive, help="epochs (default 10)")

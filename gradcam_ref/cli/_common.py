@@ -10,6 +10,7 @@ import difflib
 import errno
 import importlib
 import importlib.resources
+import math
 import os
 import shutil
 import signal
@@ -32,19 +33,38 @@ class UsageError(Exception):
 def model_inputs(args: Any) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
     """``--size``, ``--mean``, ``--std`` of the shared model options (ImageNet's by default), checked.
 
+    The inputs are float32 ``(x - mean) / std`` for pixels x in [0, 1]: every value must be finite in float32,
+    std at least float32's smallest normal number (a subnormal std loses its precision), and the
+    standardised range must fit float32 (else the model sees Inf, reported as NaN activations).
+
     Raises:
-      UsageError: a mean or std that is not 1 or 3 numbers, or a std that is not positive.
+      UsageError: a mean or std that is not 1 or 3 finite numbers, a std below float32's smallest
+        normal number, or standardised values beyond float32's largest.
     """
     from gradcam_ref import zoo
 
     size = args.size or (zoo.IMAGENET_SIZE, zoo.IMAGENET_SIZE)
     mean, std = args.mean or zoo.IMAGENET_MEAN, args.std or zoo.IMAGENET_STD
+    smallest, biggest = float(np.finfo(np.float32).smallest_normal), float(np.finfo(np.float32).max)
     for option, values in (("--mean", mean), ("--std", std)):
-        if len(values) not in (1, 3) or (option == "--std" and min(values) <= 0):
+        if len(values) not in (1, 3) or not all(math.isfinite(v) and abs(v) <= biggest for v in values) \
+                or (option == "--std" and min(values) < smallest):
             raise UsageError(
-                f"{option} must be 1 or 3 comma-separated numbers (std > 0), got {','.join(f'{v:g}' for v in values)}"
+                f"{option} must be 1 or 3 comma-separated finite numbers (std >= {smallest:.3g}, "
+                f"float32's smallest normal number), got {_numbers(values)}"
             )
+    m, s = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    largest = float(np.max(np.maximum(np.abs(m), np.abs(1 - m)) / s))
+    if largest > biggest:
+        raise UsageError(
+            f"--mean {_numbers(mean)} and --std {_numbers(std)} standardise pixels in [0, 1] to up to "
+            f"{largest:.3g}, beyond float32's largest number {biggest:.2g}"
+        )
     return size, mean, std
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return ",".join(repr(v).removesuffix(".0") for v in values)
 
 
 def class_names() -> list[str]:

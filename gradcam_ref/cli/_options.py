@@ -21,14 +21,20 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+MAX_PIXELS = 8192 * 8192
+"""The largest model input ``--size`` takes, H * W: a batch of such inputs alone is gigabytes, and a
+size beyond it (a typo such as 100000) would be allocated until the process is killed."""
+
+
 def size(text: str) -> tuple[int, int]:
-    """``N`` or ``HxW``, positive ints: ``(H, W)``."""
+    """``N`` or ``HxW``, positive ints with H * W <= :data:`MAX_PIXELS`: ``(H, W)``."""
     try:
         parts = [int(v) for v in text.lower().split("x")]
     except ValueError:
         parts = []
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or HxW with positive ints, got {text!r}")
+    if len(parts) not in (1, 2) or min(parts) < 1 or parts[0] * parts[-1] > MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive ints, at most {MAX_PIXELS} pixels "
+                                         f"(8192 x 8192), got {text!r}")
     return (parts[0], parts[-1])
 
 
@@ -40,6 +46,17 @@ def unit(text: str) -> float:
         value = -1.0
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """An int >= 0 (NumPy's seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
     return value
 
 
@@ -77,14 +94,14 @@ SHARED: dict[str, dict[str, Any]] = {
     "--call": {"type": int, "metavar": "I",
                "help": "which call of a layer module that runs more than once per forward pass (-1: last)"},
     "--device": {"default": "cpu", "choices": ("cpu", "cuda"), "help": "where the model runs (default cpu)"},
-    "--size": {"type": size, "metavar": "N|HxW", "help": "model input size (default 224)"},
+    "--size": {"type": size, "metavar": "N|HxW", "help": "model input size (default 224; at most 8192 x 8192 pixels)"},
     "--mean": {"type": floats, "metavar": "R,G,B", "help": "per-channel mean (default ImageNet's)"},
     "--std": {"type": floats, "metavar": "R,G,B", "help": "per-channel std (default ImageNet's)"},
     # the rest
     "--target": {"default": "auto", "metavar": "auto|INT|LABEL",
                  "help": "class to explain: auto (each image's top class), an index or a class name"},
     "--batch-size": {"type": positive, "default": 16, "metavar": "N", "help": "images per forward pass (default 16)"},
-    "--seed": {"type": int, "default": 0, "help": "seed of the metrics' baselines and ROAD's noise (default 0)"},
+    "--seed": {"type": seed, "default": 0, "help": "seed of the metrics' baselines and ROAD's noise (default 0)"},
     "--quiet": {"action": "store_true", "help": "no progress bars"},
 }
 """The options of more than one command, with one meaning: flag -> ``add_argument``'s keywords."""

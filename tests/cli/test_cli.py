@@ -18,6 +18,7 @@ import gradcam_ref
 from gradcam_ref import cli, viz
 from gradcam_ref import zoo as imagenet
 from gradcam_ref.cli import _common as common
+from gradcam_ref.cli import _options as options
 from gradcam_ref.cli import demo
 from gradcam_ref.cli import explain as explain_command
 from gradcam_ref.zoo import efficientnet_lite0 as zoo
@@ -484,15 +485,50 @@ def test_explain_mean_and_std_are_used_and_checked(capsys, setup):
     want = expected_maps(setup["trained"], setup["images"][:1], mean=mean, std=std).maps[0]
     np.testing.assert_allclose(np.load(setup["out"] / "a.npy"), want, rtol=1e-5, atol=1e-5 * want.max())
     assert not np.allclose(want, expected_maps(setup["trained"], setup["images"][:1]).maps[0])
-    for option, value, fragment in (("--std", "0,1,1", "--std must be 1 or 3 comma-separated numbers (std > 0)"),
-                                    ("--std", "1,-1,1", "(std > 0)"),
-                                    ("--mean", "0.1,0.2", "--mean must be 1 or 3 comma-separated numbers")):
+    smallest = "std >= 1.18e-38, float32's smallest normal number"
+    for option, value, fragment in (("--std", "0,1,1", f"--std must be 1 or 3 comma-separated finite numbers ({smallest})"),
+                                    ("--std", "1,-1,1", smallest),
+                                    ("--mean", "0.1,0.2", "--mean must be 1 or 3 comma-separated finite numbers"),
+                                    # these ran, and failed with "activations contains NaN or Inf"
+                                    ("--std", "nan,1,1", smallest), ("--std", "inf", smallest),
+                                    ("--std", "1e-320,1,1", smallest), ("--mean", "inf,0,0", "finite numbers"),
+                                    ("--mean", "nan", "finite numbers"), ("--mean", "1e+39", "finite numbers")):
         status, _, err = run(capsys, *setup["base"], "--out", setup["tmp"] / "bad", option, value, setup["images"][0])
         assert_usage_error(status, err, fragment, f"got {value}")
     with pytest.raises(SystemExit) as exit_:
         cli.main([str(a) for a in [*setup["base"], "--mean", "a,b,c", setup["images"][0]]])
     assert exit_.value.code == 2 and "expected comma-separated numbers, got 'a,b,c'" in capsys.readouterr().err
     assert not (setup["tmp"] / "bad").exists()
+
+
+def test_explain_refuses_overflowing_standardisation(capsys, setup):
+    """(x - mean) / std of pixels x in [0, 1] beyond float32's range was "activations contains NaN or Inf"."""
+    status, _, err = run(capsys, *setup["base"], "--out", setup["tmp"] / "bad", "--mean", "1e38", "--std", "0.01",
+                         setup["images"][0])
+    assert_usage_error(status, err, "--mean 1e+38 and --std 0.01 standardise pixels in [0, 1] to up to 1e+40",
+                       "float32's largest number 3.4e+38")
+    assert not (setup["tmp"] / "bad").exists()
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    # --size 100000 allocated until the process was killed (no message); refused while parsing, before any work
+    (["explain", "x.png", "--size", "100000"], "argument --size: expected N or HxW with positive ints, "
+     "at most 67108864 pixels (8192 x 8192), got '100000'"),
+    (["explain", "x.png", "--size", "9000x8000"], "at most 67108864 pixels"),
+    (["evaluate", "--demo", "--size", "100000"], "argument --size"),
+    (["evaluate", "--demo", "--seed", "-1"], "argument --seed: expected an int >= 0, got '-1'"),  # NumPy's message
+    (["demo", "--oracle", "--seed", "-1"], "argument --seed: expected an int >= 0"),
+    (["gain", "--seed", "1.5"], "argument --seed: expected an int >= 0, got '1.5'"),
+])
+def test_absurd_sizes_and_negative_seeds_are_refused_while_parsing(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and fragment in err, err
+
+
+def test_size_takes_the_largest_allowed_input():
+    assert options.size("8192") == (8192, 8192) and options.size("16384x4096") == (16384, 4096)
 
 
 def test_demo_oracle_seed(capsys):
@@ -639,5 +675,5 @@ def test_every_model_command_checks_mean_and_std_before_loading_the_model(capsys
         argv[1:2] = ["--demo"]
     status, _, err = run(capsys, *argv)
     assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"gradcam-ref {command[0]}: error: --std must be 1 or 3 comma-separated numbers (std > 0)")
+    assert err.startswith(f"gradcam-ref {command[0]}: error: --std must be 1 or 3 comma-separated finite numbers")
     assert not (tmp_path / "out").exists()
