@@ -90,8 +90,8 @@ def normalize(
       array([[0., 1.],
              [0., 0.]])
     """
-    if method not in NORMALIZE_METHODS:
-        raise ValueError(f"method must be one of {NORMALIZE_METHODS}, got {method!r}")
+    if not isinstance(method, str) or method not in NORMALIZE_METHODS:
+        raise ValueError(f"method must be one of {NORMALIZE_METHODS}, got {' '.join(repr(method).split())}")
     xp, (x,) = as_float_arrays(maps=maps)
     if x.ndim < 2 or 0 in shape_of(x):
         raise ValueError(f"maps must have shape (N, *spatial) and no empty axis, got {shape_of(x)}")
@@ -128,8 +128,9 @@ def _safe_divide(xp, numerator: Array, denominator: Array) -> Array:
 
 
 def _as_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    if isinstance(axis, (bool, np.bool_)) or isinstance(axis, (str, bytes)):
-        raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}")
+    listed = isinstance(axis, Sequence) or (isinstance(axis, np.ndarray) and axis.ndim == 1)
+    if isinstance(axis, (bool, np.bool_, str, bytes)) or not (isinstance(axis, (int, np.integer)) or listed):
+        raise TypeError(f"axis must be an int or a sequence of ints, got {' '.join(repr(axis).split())}")
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     if any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in axes):
         raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}")
@@ -138,4 +139,6 @@ def _as_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
             f"axis must name spatial axes of maps (not the batch axis 0) in [-{ndim}, {ndim}), "
             f"got {axis}"
         )
+    if len({a % ndim for a in axes}) < len(axes):
+        raise ValueError(f"axis must name distinct spatial axes of maps, got {axis}")
     return tuple(sorted(a % ndim for a in axes))

@@ -476,8 +476,14 @@ def postprocess(
       array([[-1., -1.,  1.,  1.]])
     """
     chosen = get_convention(convention)
+    if method is not None and not isinstance(method, str):
+        raise TypeError(f"method must be None or a method name (str), got {' '.join(repr(method).split())}")
     xp, (x,) = as_float_arrays(signed_maps=signed_maps)
     shape = shape_of(x)
+    if len(shape) < 2:
+        raise ValueError(
+            f"signed_maps must have shape (N, *spatial) with at least one spatial axis, got shape {shape}"
+        )
     rank = len(shape) - 1 if spatial_rank is None else spatial_rank
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank < len(shape):
         raise ValueError(

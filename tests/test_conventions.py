@@ -194,6 +194,13 @@ def test_bad_spatial_rank_and_empty_maps_are_refused():
         postprocess(np.array([[0.0, np.nan]]), "captum", size=3)
     with pytest.raises(ValueError, match=r"kernel must be one of"):
         Resize("bicubic", by="PIL")
+    # a 0-d or 1-d array was blamed on spatial_rank ("an int in [1, -1] ... got None")
+    for bad in (np.array(1.0), np.ones(3)):
+        with pytest.raises(ValueError, match=rf"signed_maps must have shape \(N, \*spatial\) with at least one "
+                                             rf"spatial axis, got shape \({'3,' * bad.ndim}\)$"):
+            postprocess(bad, "paper")
+    with pytest.raises(TypeError, match=r"method must be None or a method name \(str\), got array\(\['grad-cam'\], dtype='<U8'\)$"):
+        postprocess(np.ones((1, 2, 2)), "paper", method=np.array(["grad-cam"]))  # "unhashable type"
 
 
 # --- the records ---------------------------------------------------------------------------------

@@ -172,6 +172,12 @@ def test_normalize_spans_the_given_axes_only():
             np.testing.assert_allclose(out[n, t], normalize(x[n, t][None])[0], rtol=1e-15)
 
 
+def test_normalize_takes_axes_as_a_numpy_array():
+    x = np.arange(12.0).reshape(1, 2, 2, 3)
+    np.testing.assert_array_equal(normalize(x, axis=np.array([2, 3])), normalize(x, axis=(2, 3)))
+    np.testing.assert_array_equal(normalize(x, axis=np.array([2, 3]))[0, 1], np.arange(6.0).reshape(2, 3) / 5)
+
+
 def test_normalize_keeps_torch():
     x = torch.rand(2, 5, 5, dtype=torch.float64)
     out = normalize(x)
@@ -188,8 +194,17 @@ def test_normalize_keeps_torch():
         ({"maps": np.array([[1.0, np.inf]]), "method": "max"}, ValueError, r"maps contains NaN or Inf"),
         ({"maps": np.ones((2, 3)), "axis": 0}, ValueError, r"axis must name spatial axes"),
         ({"maps": np.ones((2, 3)), "axis": 5}, ValueError, r"axis must name spatial axes"),
+        # NumPy's "'float' object is not iterable", "duplicate value in 'axis'", "truth value ... ambiguous"
+        ({"maps": np.ones((2, 3, 3)), "axis": 1.5}, TypeError, r"axis must be an int or a sequence of ints, got 1.5$"),
+        ({"maps": np.ones((2, 3, 3)), "axis": [1, 1]}, ValueError,
+         r"axis must name distinct spatial axes of maps, got \[1, 1\]"),
+        ({"maps": np.ones((2, 3, 3)), "axis": (1, -2)}, ValueError,
+         r"axis must name distinct spatial axes of maps, got \(1, -2\)"),
+        ({"maps": np.ones((2, 3)), "method": np.array(["minmax", "max"])}, ValueError,
+         r"method must be one of \('minmax', 'max'\), got array\(\['minmax', 'max'\], dtype='<U6'\)$"),
     ],
 )
 def test_normalize_bad_input(kwargs, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         normalize(**kwargs)
+    assert "\n" not in str(raised.value)
