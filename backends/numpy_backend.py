@@ -114,8 +114,7 @@ class Oracle:
 
     def forward_from(self, layer: str, a: np.ndarray) -> np.ndarray:
         """The scores y when ``layer``'s output is ``a``: only the layers after it run."""
-        if layer not in self.layers:
-            raise ValueError(f"layer must be one of {self.layers}, got {layer!r}")
+        _layer(self, layer)
         kind, i = layer[:4], int(layer[4:])
         x = np.maximum(a, 0.0) if kind == "conv" else a
         for weight, bias in self.convs[i + 1:]:
@@ -238,15 +237,8 @@ def capture(
         raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
     if callable(target):
         raise TypeError("the numpy backend has no autograd: target must be class indices, not a callable")
-    x = np.asarray(inputs, dtype=np.float64)
-    rank = model.convs[0][0].ndim - 2
-    if x.ndim != rank + 2:
-        raise ValueError(
-            f"inputs must have shape (N, C, *spatial) with {rank} spatial axes, got shape {shape_of(x)}"
-        )
-    layer = model.layers[-1] if layer is None else layer
-    if layer not in model.layers:
-        raise ValueError(f"layer must be one of {model.layers}, got {layer!r}")
+    x = _inputs(model, inputs)
+    layer = _layer(model, layer)
     outputs, scores = model.forward(x)
     targets = class_indices(target, scores)
     columns = targets if targets.ndim == 2 else targets[:, None]
@@ -259,6 +251,38 @@ def capture(
         guided_backprop = rows if targets.ndim == 2 else rows[:, 0]
     _warn_zero_gradients(gradients, outputs[layer].ndim, layer)
     return Capture(outputs[layer], gradients, scores, targets, guided_backprop)
+
+
+def _inputs(model: Oracle, inputs: Any) -> np.ndarray:
+    """``inputs`` as float64, refused unless ``(N, C, *spatial)`` with the oracle's spatial rank and
+    channels, no empty axis and every side at least the convolutions' receptive field (valid
+    convolutions shrink each side by kernel - 1). Complex inputs are refused, as the core does."""
+    x = np.asarray(inputs)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"inputs must have a real numeric dtype, got {x.dtype}")
+    shape = shape_of(x)
+    first = model.convs[0][0]
+    rank = first.ndim - 2
+    if len(shape) != rank + 2:
+        raise ValueError(f"inputs must have shape (N, C, *spatial) with {rank} spatial axes, got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"inputs must not be empty, got shape {shape}")
+    if shape[1] != first.shape[1]:
+        raise ValueError(f"inputs must have C = {first.shape[1]} channels (the first convolution's), got shape {shape}")
+    field = tuple(1 + sum(weight.shape[2 + axis] - 1 for weight, _ in model.convs) for axis in range(rank))
+    if any(side < least for side, least in zip(shape[2:], field, strict=True)):
+        raise ValueError(
+            f"inputs must have spatial sizes >= {field} (the convolutions' receptive field), got shape {shape}"
+        )
+    return x.astype(np.float64, copy=False)
+
+
+def _layer(model: Oracle, layer: Any) -> str:
+    """``layer`` (the last ReLU when None) if it is one of the oracle's layer names."""
+    layer = model.layers[-1] if layer is None else layer
+    if not isinstance(layer, str) or layer not in model.layers:
+        raise ValueError(f"layer must be one of {model.layers}, got {' '.join(repr(layer).split())}")
+    return layer
 
 
 def _warn_zero_gradients(gradients: np.ndarray, rank: int, layer: str) -> None:
@@ -275,7 +299,9 @@ def score(model: Oracle, inputs: Any) -> np.ndarray:
     """The oracle's scores ``(N, classes)`` on ``inputs`` (float64), for re-scoring."""
     if not isinstance(model, Oracle):
         raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
-    return model.forward(np.asarray(inputs, dtype=np.float64))[1]
+    return model.forward(_inputs(model, inputs))[1]
+
+
 def perturb(
     model: Oracle, inputs: Any, make: Any, *, layer: str | None = None, where: str = "activations",
     batch_size: int = 32, count: Any = None, scored: Any = None,
@@ -287,10 +313,8 @@ def perturb(
     if not isinstance(model, Oracle):
         raise TypeError(f"the numpy backend runs an Oracle network, got model of type {type(model).__name__}")
     check_where(where)
-    x = np.asarray(inputs, dtype=np.float64)
-    layer = model.layers[-1] if layer is None else layer
-    if layer not in model.layers:
-        raise ValueError(f"layer must be one of {model.layers}, got {layer!r}")
+    x = _inputs(model, inputs)
+    layer = _layer(model, layer)
     outputs, scores = model.forward(x)
     a = outputs[layer]
     rows = np.full((*a.shape[:2], scores.shape[1]), np.nan)

@@ -120,13 +120,41 @@ def test_default_target_is_the_argmax_and_default_layer_the_last_relu():
         ({"target": 5}, ValueError, r"target out of range: the scores have C = 2 classes.*got \[5\]"),
         ({"target": lambda s: s[:, 0]}, TypeError, r"numpy backend has no autograd"),
         ({"inputs": np.ones((2, 4, 4))}, ValueError, r"inputs must have shape \(N, C, \*spatial\) with 2 spatial axes"),
+        # "cannot reshape array of size 0", "window shape cannot be larger than input array shape"
+        ({"inputs": np.ones((0, 1, 4, 4))}, ValueError, r"inputs must not be empty, got shape \(0, 1, 4, 4\)$"),
+        ({"inputs": np.ones((2, 1, 4, 0))}, ValueError, r"inputs must not be empty, got shape \(2, 1, 4, 0\)$"),
+        ({"inputs": np.ones((2, 1, 4, 1))}, ValueError,
+         r"inputs must have spatial sizes >= \(3, 3\) \(the convolutions' receptive field\), got shape \(2, 1, 4, 1\)$"),
+        ({"inputs": np.ones((2, 3, 4, 4))}, ValueError, r"inputs must have C = 1 channels \(the first convolution's\), "
+         r"got shape \(2, 3, 4, 4\)$"),  # "shape-mismatch for sum"
+        # the imaginary part was dropped with NumPy's ComplexWarning only (the core refuses complex arrays)
+        ({"inputs": np.ones((2, 1, 4, 4), dtype=complex)}, TypeError, r"inputs must have a real numeric dtype, got complex128$"),
+        ({"inputs": np.full((2, 1, 4, 4), "a")}, TypeError, r"inputs must have a real numeric dtype, got <U1$"),
+        ({"layer": np.array(["conv0", "relu0"])}, ValueError,  # "truth value of an array ... is ambiguous"
+         r"layer must be one of \['conv0', 'relu0'\], got array\(\['conv0', 'relu0'\], dtype='<U5'\)$"),
     ],
 )
 def test_oracle_bad_input(kwargs, error, message):
-    model = Oracle.random(np.random.default_rng(0), in_channels=1, widths=[2], kernel_sizes=[2], num_classes=2)
+    model = Oracle.random(np.random.default_rng(0), in_channels=1, widths=[2], kernel_sizes=[3], num_classes=2)
     inputs = kwargs.pop("inputs", np.ones((2, 1, 4, 4)))
     with pytest.raises(error, match=message):
         gradcam_ref.explain(model, inputs, **kwargs)
+    if "target" not in kwargs:  # re-scoring and perturbing check their inputs alike
+        with pytest.raises(error, match=message):
+            numpy_backend.perturb(model, inputs, lambda x, a, i, start, stop: a[i:i + 1], **kwargs)
+        if "layer" not in kwargs:
+            with pytest.raises(error, match=message):
+                numpy_backend.score(model, inputs)
+
+
+def test_the_smallest_input_is_the_receptive_field():
+    model = Oracle.random(np.random.default_rng(0), in_channels=1, widths=[2, 2], kernel_sizes=[2, 3], num_classes=2)
+    x = np.random.default_rng(1).standard_normal((1, 1, 4, 5))
+    outputs, scores = model.forward(x)
+    assert outputs["relu1"].shape == (1, 2, 1, 2)
+    np.testing.assert_array_equal(numpy_backend.score(model, x), scores)
+    with pytest.raises(ValueError, match=r"spatial sizes >= \(4, 4\)"):
+        numpy_backend.score(model, x[..., :3, :])
 
 
 # --- guided backpropagation ------------------------------------------------------------------------
