@@ -235,7 +235,8 @@ PYTORCH_GRAD_CAM = Convention(
             "A after that operation changed it but dA from before it, so the map mixes two layers; "
             "this convention does not reproduce that (its map is then this convention applied to "
             "ReLU(A) with the layer's weights)"),
-        (9, "with several target layers it averages the per-layer normalised maps"),
+        (9, "with several target layers it averages the layers' maps after its first ReLU, min-max and "
+            "resize, then applies ReLU and min-max to the mean (docs/conventions.md has the recipe)"),
         (10, "targets are zipped with the batch: a target list shorter than the batch silently "
              "drops the remaining examples"),
         (12, "aug_smooth (test-time augmentation) and eigen_smooth (first SVD component, whose "
@@ -255,8 +256,9 @@ PYTORCH_GRAD_CAM = Convention(
                            "shrink towards 0)"),),
         "xgrad-cam": ((5, "XGradCAM adds 1e-7 to sum A in the weights' denominator: a channel whose "
                           "activations sum to 0 gets sum(GA) / 1e-7 instead of no weight"),),
-        "layercam": ((9, "several layers are fused by the mean of their normalised maps, without the "
-                         "paper's tanh scaling of shallow layers"),),
+        "layercam": ((9, "several layers are fused as its Grad-CAM fuses them (the mean of their "
+                         "once-normalised maps, normalised again), without the paper's tanh scaling "
+                         "of shallow layers"),),
         "eigen-cam": ((12, "EigenCAM centres the activations (a PCA, not the paper's SVD of A) and keeps "
                            "the SVD's arbitrary sign, so its final ReLU can erase the object; the "
                            "convention reproduces both (the sign is np.linalg.svd's in the activations' dtype)"),),
