@@ -307,7 +307,7 @@ def _shown(value: Any) -> str:
 
 def _is_count(value: Any) -> bool:
     """Whether ``value`` is an int >= 1 (a NumPy integer too; not a bool)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 1
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and bool(value >= 1)
 
 
 def _colormap(cmap: str) -> Any:
