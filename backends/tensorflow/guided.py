@@ -9,11 +9,13 @@ else keeps its ordinary gradient; the forward numbers are unchanged, and nothing
 modified (the tags live in the traced graph only).
 
 Recognised: whatever emits a ``Relu``/``Relu6`` op: ``tf.nn.relu``, ``tf.nn.relu6``, Keras'
-``activation="relu"``, ``keras.layers.ReLU()`` (``max_value=6``: ``Relu6``; another cap: ``Relu``
-then ``Minimum``, whose ordinary gradient gives the capped rule), ``keras.activations.relu``.
-Not recognised (ordinary derivative, and :class:`NoGuidedReLUWarning` when no ReLU at all is
-found): ReLUs written as ``tf.maximum(x, 0)`` or ``tf.clip_by_value``, leaky ReLUs, and ReLUs
-inside a nested ``tf.function`` (its ops live in another graph).
+``activation="relu"``, ``keras.layers.ReLU()`` (``max_value=6``: ``Relu6``; another cap b:
+``Relu`` then ``Minimum`` with the constant b, which passes g strictly below b only, as
+``Relu6`` does). Not recognised (ordinary derivative, and :class:`NoGuidedReLUWarning` when no
+ReLU at all is found): ReLUs written as ``tf.maximum(x, 0)`` or ``tf.clip_by_value``, leaky
+ReLUs (``LeakyRelu``, and Keras' ``ReLU(negative_slope=s)`` with a cap or a threshold: its
+``Relu`` ops, ``positive(z) - s * relu(-z)``, keep their ordinary derivative), and ReLUs inside a
+nested ``tf.function`` (its ops live in another graph).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
 
 from gradcam_ref.backends._contract import NoGuidedReLUWarning
 
@@ -32,6 +35,9 @@ __all__ = ["GUIDED_OPS", "guided_backprop", "guided_gradients"]
 
 GUIDED_OPS = {"Relu": "GradcamRefGuidedRelu", "Relu6": "GradcamRefGuidedRelu6"}
 """The op types guided, and the registered gradient each one gets."""
+
+CAP = "GradcamRefGuidedCap"
+"""The gradient of the ``Minimum`` that caps a guided ``Relu`` at a constant."""
 
 _LOOKALIKES = ("Maximum", "ClipByValue", "LeakyRelu")
 
@@ -57,8 +63,15 @@ def _register(name: str, gradient: Any) -> None:
         pass
 
 
+def _guided_cap(op: Any, g: tf.Tensor) -> tuple[tf.Tensor, None]:
+    """``Minimum(relu(z), b)``: g where ``relu(z) < b`` (the ordinary gradient also passes it at b)."""
+    y, b = op.inputs
+    return tf.where(y < b, g, tf.zeros_like(g)), None
+
+
 _register(GUIDED_OPS["Relu"], _guided_relu)
 _register(GUIDED_OPS["Relu6"], _guided_relu6)
+_register(CAP, _guided_cap)
 
 
 class _Record:
@@ -81,9 +94,18 @@ def guided_gradients(whole: Callable[[tf.Tensor], tf.Tensor], kind: Any) -> tupl
         graph = tf.compat.v1.get_default_graph()
         with graph.gradient_override_map(GUIDED_OPS):
             scores = whole(x)
-        types = [op.type for op in graph.get_operations()]
-        record.counts = collections.Counter(t for t in types if t in GUIDED_OPS)
-        record.lookalikes = collections.Counter(t for t in types if t in _LOOKALIKES)
+        operations = graph.get_operations()
+        leaky = _leaky_relus(operations)
+        for op in leaky:  # back to their own gradient
+            op._clear_attr("_gradient_op_type")
+        for op in operations:
+            if (op.type == "Minimum" and op.inputs[0].op.type == "Relu" and op.inputs[0].op not in leaky
+                    and _constant(op.inputs[1]) and op.inputs[1].shape.rank == 0):
+                op._set_attr("_gradient_op_type", attr_value_pb2.AttrValue(s=CAP.encode()))
+        record.counts = collections.Counter(op.type for op in operations if op.type in GUIDED_OPS and op not in leaky)
+        record.lookalikes = collections.Counter(op.type for op in operations if op.type in _LOOKALIKES)
+        record.lookalikes.update({f"{t} of a leaky ReLU": n for t, n in collections.Counter(
+            op.type for op in leaky).items()})
         if callable(kind):
             return _grad(kind(scores), x)
         if kind == "multi":
@@ -92,6 +114,38 @@ def guided_gradients(whole: Callable[[tf.Tensor], tf.Tensor], kind: Any) -> tupl
         return _grad(tf.gather(scores, indices, batch_dims=1), x)
 
     return tf.function(run, reduce_retracing=True), record
+
+
+def _constant(t: tf.Tensor) -> bool:
+    """Whether ``t`` is a constant of the graph, or its cast (Keras' cap in mixed precision)."""
+    return t.op.type == "Const" or (t.op.type == "Cast" and t.op.inputs[0].op.type == "Const")
+
+
+def _leaky_relus(operations: list[Any]) -> set[Any]:
+    """The ``Relu``/``Relu6`` ops of Keras' leaky ReLUs ``positive(z) - s * relu(-z [+ t])`` (its
+    ``ReLU(negative_slope=s)`` with a cap or a threshold): ``Sub(p, Mul(s, Relu(Neg(z) [+ t])))``,
+    and the ``Relu``/``Relu6`` of z that ``p`` comes from (through the cap's ``Minimum``/``Maximum``)."""
+    found = set()
+    for op in operations:
+        if op.type != "Sub" or op.inputs[1].op.type != "Mul":
+            continue
+        factors = [t.op for t in op.inputs[1].op.inputs]
+        negative = next((f for f in factors if f.type == "Relu"), None)
+        if negative is None or not any(f.type == "Const" for f in factors):
+            continue
+        inner = negative.inputs[0].op
+        if inner.type == "AddV2":  # -z + t
+            inner = next((t.op for t in inner.inputs if t.op.type == "Neg"), inner)
+        if inner.type != "Neg":
+            continue
+        z = inner.inputs[0]
+        found.add(negative)
+        positive = op.inputs[0].op
+        while positive.type in ("Minimum", "Maximum"):  # the cap
+            positive = positive.inputs[0].op
+        if positive.type in GUIDED_OPS and positive.inputs[0].name == z.name:
+            found.add(positive)
+    return found
 
 
 def _grad(y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:

@@ -730,6 +730,49 @@ def test_guided_backprop_equals_the_torch_backends_on_twins():
     assert rel_err(ours.guided_grad_cam, theirs.guided_grad_cam) < 1e-12
 
 
+def capped_relu_net(**relu):
+    """keras.layers.ReLU(**relu) on (N, L, 1) inputs, then a 1x1 conv 'conv' and a dense of ones."""
+    i = keras.Input((None, 1))
+    h = keras.layers.Conv1D(1, 1, use_bias=False, name="conv")(keras.layers.ReLU(**relu)(i))
+    model = keras.Model(i, keras.layers.Dense(1, use_bias=False)(keras.layers.GlobalAveragePooling1D()(h)))
+    model.get_layer("conv").set_weights([np.ones((1, 1, 1))])
+    model.layers[-1].set_weights([np.ones((1, 1))])
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
+def test_a_capped_relu_is_guided_strictly_below_its_cap_like_torchs(dtype):
+    """``ReLU(max_value=1)`` (Relu then Minimum): :math:`g [0 < z < b] [g > 0]`, none at z = b, where
+    the Minimum's own gradient passes; equal to the torch backend's ``Hardtanh(0, 1)``."""
+    x = np.array([[[0.5], [1.0], [1.5], [-1.0], [0.0]]], np.float32)
+    e = gradcam_ref.explain(capped_relu_net(max_value=1.0, dtype=dtype), x, 0, layer="conv", guided=True)
+    np.testing.assert_allclose(e.guided_backprop.numpy().ravel(), [0.2, 0, 0, 0, 0], rtol=1e-3, atol=0)
+    twin = torch.nn.Sequential(torch.nn.Hardtanh(0.0, 1.0), torch.nn.Conv1d(1, 1, 1, bias=False),
+                               torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(), torch.nn.Linear(1, 1, bias=False))
+    for p in twin.parameters():
+        torch.nn.init.ones_(p)
+    theirs = gradcam_ref.explain(twin.eval(), torch.from_numpy(x.transpose(0, 2, 1).copy()), 0, layer="1",
+                                 guided=True)
+    np.testing.assert_allclose(theirs.guided_backprop.detach().numpy().ravel(), [0.2, 0, 0, 0, 0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("relu", [{"negative_slope": 0.1, "max_value": 6.0}, {"negative_slope": 0.1, "max_value": 2.0},
+                                  {"negative_slope": 0.1, "threshold": 0.5}])
+def test_a_leaky_keras_relu_keeps_its_ordinary_derivative(relu):
+    """``ReLU(negative_slope=...)`` with a cap or a threshold is ``positive(z) - s relu(-z)`` in Relu
+    ops: a leaky ReLU, whose ordinary derivative the guided pass keeps (its Relu ops are not guided)."""
+    model = capped_relu_net(**relu)
+    x = tf.constant([[[-2.0], [-1.0], [0.25], [1.0], [3.0], [7.0]]])
+    with pytest.warns(gradcam_ref.NoGuidedReLUWarning, match="leaky"):
+        e = gradcam_ref.explain(model, x, 0, layer="conv", guided=True)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x)[:, 0]
+    ordinary = tape.gradient(y, x).numpy().ravel()
+    np.testing.assert_allclose(ordinary[0], 0.1 / 6, rtol=1e-6)  # the leak's slope, over 6 positions
+    np.testing.assert_array_equal(e.guided_backprop.numpy().ravel(), ordinary)
+
+
 def test_no_relu_warns_and_gives_the_plain_gradient():
     rng = np.random.default_rng(11)
     w = tf.constant(rng.standard_normal((2, 2, 1, 3)))
