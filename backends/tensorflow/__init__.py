@@ -3,11 +3,11 @@ r"""The TensorFlow backend: Grad-CAM of Keras 3 models at a named layer, and of 
 How a call runs (the full account, with examples: docs/backends.md):
 
 1. The part before the layer runs with no tape: a Keras model is split at ``layer`` into
-   ``features = keras.Model(model.inputs, [A, *frontier])`` and ``head = keras.Model([A, *frontier],
-   model.outputs)`` (``frontier``: tensors from before the layer that skip over it), built from
-   the model's own graph (A: the output of the layer's one node in it; a nested model is a layer
-   like any other), kept for the last :data:`CACHED` (model, layer) pairs; nothing of the model is
-   changed.
+   ``features = keras.Model(model.inputs, [A, *frontier])`` and ``head``, the model's own nodes
+   from ``[A, *frontier]`` to its outputs (``frontier``: tensors from before the layer that skip
+   over it; A: the output of the layer's one node in the model's graph; a nested model is a layer
+   like any other), kept for the last :data:`CACHED` (model, layer) pairs and built again when a
+   layer's ``activation`` is set anew; nothing of the model is changed (no Keras node added).
 2. ``tf.GradientTape`` watches A only and records ``head``: :math:`\partial y^c/\partial A` is one
    backward pass from the score to the layer; no variable is watched. ``(N, T)`` targets are one
    pull-back of the T seeds of the ``(N, T)`` selected scores, vectorised (``tf.vectorized_map``,
@@ -191,23 +191,35 @@ class _Program:
     """``features``/``head`` of one (model, layer) and the traced functions per target kind.
 
     ``classifier``: ``(trunk, last, dense, pooled)`` when ``head`` ends in a linear
-    ``keras.layers.Dense`` ``dense`` (``head = last(trunk(parts))``, ``last`` the model of that one
-    layer; ``pooled``: ``trunk`` is A's channels-last global average), else None. The traced
+    ``keras.layers.Dense`` ``dense`` (``head = last(trunk(parts))``, ``last`` that one layer's
+    call; ``pooled``: ``trunk`` is A's channels-last global average), else None. The traced
     functions are kept per rank of the inputs: a relaxed signature (``reduce_retracing``) then
     never forgets the rank (a kernel traced for an unknown rank may abort the process).
+
+    ``watched``: the Keras layers with an ``activation`` (those of the model, nested ones
+    included): the traced functions, ``classifier`` and ``probabilities`` hold the activations
+    they had, and :meth:`edited` tells when one was set anew (keras.io's ``layer.activation =
+    None``), for :func:`_program_for` to build the program again.
     """
 
     def __init__(self, features: Callable, head: Callable, whole: Callable, where: str,
                  classifier: tuple[Callable, Callable, Any, bool] | None = None, *,
                  expected: tuple[str, tuple[int | None, ...]] | None = None,
-                 probabilities: str | None = None) -> None:
+                 input_dtype: tf.DType | None = None,
+                 probabilities: str | None = None, watched: tuple[Any, ...] = ()) -> None:
         self.features, self.head, self.whole, self.where = features, head, whole, where
         self.classifier = classifier
         self.expected = expected  # (model name, its input's shape) of a one-input Keras model
+        self.input_dtype = input_dtype  # the dtype a one-input Keras model casts its inputs to
         self.probabilities = probabilities  # the warning when the model's output is a softmax
-        self._traced: dict[Any, Callable] = {}
-        self._compiled: dict[Any, _Dispatch] = {}
-        self.guided: dict[Any, Any] = {}  # the guided pass's traced functions, by target kind
+        self.watched, self._activations = watched, _activations(watched)
+        self._perturbed: dict[Any, Callable] = {}
+        self._compiled = _Traced()  # by target kind (callable targets: the last TARGET_FUNCTIONS)
+        self.guided = _Traced()  # the guided pass's traced functions, likewise
+
+    def edited(self) -> bool:
+        """Whether a watched layer's ``activation`` is another object than when this was built."""
+        return _activations(self.watched) != self._activations
 
     def perturbed(self, where: str, compiled: bool) -> Callable:
         """``batch, skipping -> scores``: ``head([batch, *skipping])`` or the whole model on ``batch``."""
@@ -219,10 +231,9 @@ class _Program:
 
         if not compiled:
             return run
-        key = ("perturb", where)
-        if key not in self._traced:
-            self._traced[key] = tf.function(run, reduce_retracing=True)
-        return self._traced[key]
+        if where not in self._perturbed:
+            self._perturbed[where] = tf.function(run, reduce_retracing=True)
+        return self._perturbed[where]
 
     def get(self, kind: Any, compiled: bool, axis: int, with_fields: bool = False, rank: int = 0) -> Callable:
         def run(x: tf.Tensor, indices: tf.Tensor | None) -> tuple[Any, ...]:
@@ -251,11 +262,40 @@ class _Program:
         if not compiled:
             return run
         key = (("fn", id(kind), kind) if callable(kind) else kind, axis, with_fields, rank)
-        if key not in self._traced:
+        if key not in self._compiled:
             # autograph off: the core's Python stays Python (its value checks see symbolic tensors and wait)
-            self._traced[key] = tf.function(run, reduce_retracing=True, autograph=False)
-            self._compiled[key] = _Dispatch(self._traced[key])
+            self._compiled[key] = _Dispatch(tf.function(run, reduce_retracing=True, autograph=False))
         return self._compiled[key]
+
+
+TARGET_FUNCTIONS = 16
+"""How many callable targets (function objects) each program keeps traced functions for (as JAX's)."""
+
+
+class _Traced(collections.OrderedDict):
+    """Traced functions by key; those of callable targets (keys ``(("fn", id, f), ...)``) are the last
+    :data:`TARGET_FUNCTIONS` used: a new lambda per call (per image, per class) would otherwise keep
+    one traced function each (about 13 MB for MobileNetV2) for as long as the program."""
+
+    @staticmethod
+    def _of_function(key: Any) -> bool:
+        return isinstance(key[0], tuple) and key[0][0] == "fn"
+
+    def __getitem__(self, key: Any) -> Any:
+        value = super().__getitem__(key)
+        if self._of_function(key):
+            self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        if self._of_function(key):
+            for old in [k for k in self if self._of_function(k)][:-TARGET_FUNCTIONS]:
+                del self[old]
+
+
+def _activations(layers: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(layer.activation for layer in layers)
 
 
 class _Dispatch:
@@ -407,7 +447,8 @@ def _host_proxy(y: Any) -> Any:
 
 _PROGRAMS: collections.OrderedDict[tuple[Any, ...], tuple[Any, _Program]] = collections.OrderedDict()
 """The last :data:`CACHED` programs, by (id of the model or of features, layer name or id of head),
-each with the object it was built for (held, so that its id cannot be reused while cached)."""
+each with the object it was built for (held, so that its id cannot be reused while cached); one
+whose layers' activations were set anew since (:meth:`_Program.edited`) is built again."""
 
 CACHED = 8
 """How many (model, layer) programs stay traced; the oldest is dropped first."""
@@ -421,7 +462,7 @@ def _program_for(model: Any, layer: Any) -> tuple[_Program, str]:
     else:
         if isinstance(layer, str):  # the cached program of a name already resolved: no walk over the layers
             cached = _PROGRAMS.get(("layer", id(model), layer))
-            if cached is not None and cached[0] is model:
+            if cached is not None and cached[0] is model and not cached[1].edited():
                 _PROGRAMS.move_to_end(("layer", id(model), layer))
                 return cached[1], cached[1].where
         if not isinstance(model, keras.Model):
@@ -432,7 +473,7 @@ def _program_for(model: Any, layer: Any) -> tuple[_Program, str]:
         resolved = _resolve_layer(model, layer)
         key, owner = ("layer", id(model), resolved.name), model
     cached = _PROGRAMS.get(key)
-    if cached is not None:
+    if cached is not None and not cached[1].edited():
         _PROGRAMS.move_to_end(key)
         return cached[1], cached[1].where
     if isinstance(model, (tuple, list)):
@@ -440,7 +481,9 @@ def _program_for(model: Any, layer: Any) -> tuple[_Program, str]:
         def whole(v: Any, features: Callable = features, head: Callable = head) -> Any:
             return head(features(v))
 
-        program = _Program(features, head, whole, "the output of features")
+        watched = _with_activation([layer for part in owner if isinstance(part, keras.Layer)
+                                    for layer in (part, *(found for _, found in _all_layers(part)))])
+        program = _Program(features, head, whole, "the output of features", watched=watched)
     else:
         program = _split_keras(model, resolved)
     _PROGRAMS[key] = (owner, program)
@@ -481,42 +524,67 @@ def _split_keras(model: keras.Model, layer: keras.Layer) -> _Program:
     if not all(id(t) in after for t in outputs):
         raise ValueError(f"the score does not depend on the output of layer {layer.name!r}: "
                          "no autograd path from it to the score")
+    # the model's inputs are its own Input tensors: this Model adds no node to the layers
     features = keras.Model(model.inputs, [a, *frontier] if frontier else a, name=f"{model.name}_to_{layer.name}")
-    if len(outputs) == 1 and outputs[0] is a:  # the layer is the output: the head is the identity
-        head: Callable = lambda parts, training=False: parts  # noqa: E731
-    else:
-        head = keras.Model([a, *frontier] if frontier else a, outputs[0] if len(outputs) == 1 else outputs,
-                           name=f"{model.name}_from_{layer.name}")
+    producer = {id(t): n for nodes in graph._nodes_by_depth.values() for n in nodes for t in n.outputs}
+    sources = [a, *frontier]
+    head = _graph_part(graph, producer, sources, outputs)
 
     def run_features(x: Any) -> Any:
         return features(x, training=False)
-
-    def run_head(parts: Any) -> Any:
-        return head(parts, training=False)
 
     def whole(x: Any) -> Any:
         return model(x, training=False)
 
     classifier = None
-    producer = {id(t): n for nodes in graph._nodes_by_depth.values() for n in nodes for t in n.outputs}
     dense = _linear_classifier(producer, outputs, a, after)
     if dense is not None:
         h = dense.input_tensors[0]
-        trunk: Callable = (lambda parts, training=False: parts) if h is a else keras.Model(  # noqa: E731
-            [a, *frontier] if frontier else a, h, name=f"{model.name}_from_{layer.name}_to_{dense.operation.name}")
-
-        last = keras.Model(h, outputs[0], name=f"{model.name}_{dense.operation.name}")
-
-        def run_trunk(parts: Any) -> Any:
-            return trunk(parts, training=False)
-
-        def run_last(v: Any) -> Any:
-            return last(v, training=False)
-
-        classifier = (run_trunk, run_last, dense.operation, _pools_a(producer, h, a, frontier))
+        classifier = (_graph_part(graph, producer, sources, [h]), _graph_part(graph, producer, [h], outputs),
+                      dense.operation, _pools_a(producer, h, a, frontier))
     expected = (model.name, tuple(model.inputs[0].shape)) if len(model.inputs) == 1 else None
-    return _Program(run_features, run_head, whole, f"the output of layer {layer.name!r}", classifier,
-                    expected=expected, probabilities=_probabilities(model, producer, outputs))
+    input_dtype = tf.as_dtype(model.inputs[0].dtype) if len(model.inputs) == 1 else None
+    return _Program(run_features, head, whole, f"the output of layer {layer.name!r}", classifier,
+                    expected=expected, input_dtype=input_dtype, probabilities=_probabilities(model, producer, outputs),
+                    watched=_with_activation([found for _, found in _all_layers(model)]))
+
+
+def _with_activation(layers: list[keras.Layer]) -> tuple[keras.Layer, ...]:
+    """The layers (each once) whose ``call`` reads an ``activation`` attribute."""
+    unique = {id(layer): layer for layer in layers if hasattr(layer, "activation")}
+    return tuple(unique.values())
+
+
+def _graph_part(graph: Any, producer: dict[int, Any], sources: list[Any], outputs: list[Any]) -> Callable:
+    """``parts -> outputs``: the nodes of ``graph`` between the tensors ``sources`` and ``outputs``,
+    run on ``parts`` (one tensor per source, or the one tensor) as Keras' Functional runs its
+    graph (each node's call filled in with the values, ``training=False``), and no more.
+
+    A ``keras.Model`` of these intermediate tensors would run the same, but Keras 3 clones their
+    nodes onto the user's layers at each such build: the layers' ``_inbound_nodes`` would grow
+    at every explain (``producer``: the node that outputs each tensor of the graph, by ``id``)."""
+    stop, needed, pending = {id(t) for t in sources}, set(), list(outputs)
+    while pending:  # back from the outputs to the sources
+        tensor = pending.pop()
+        node = None if id(tensor) in stop else producer.get(id(tensor))
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            pending += node.input_tensors
+    nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True)
+             for node in graph._nodes_by_depth[depth] if id(node) in needed]
+
+    def run(parts: Any) -> Any:
+        values = {id(t): v for t, v in zip(sources, parts if len(sources) > 1 else [parts], strict=True)}
+        with tf.name_scope("gradcam_ref"):  # as a model's: a layer's name may not begin a root scope ('_avg_pool')
+            for node in nodes:
+                args, kwargs = node.arguments.fill_in(values)
+                if "training" in getattr(node.operation, "_call_context_args", ()):
+                    kwargs["training"] = False
+                outputs_of_node = keras.tree.flatten(node.operation(*args, **kwargs))
+                values.update(zip(map(id, node.outputs), outputs_of_node, strict=False))  # as Keras pairs them
+        return values[id(outputs[0])] if len(outputs) == 1 else [values[id(t)] for t in outputs]
+
+    return run
 
 
 def _probabilities(model: keras.Model, producer: dict[int, Any], outputs: list[Any]) -> str | None:
@@ -576,7 +644,8 @@ def _linear_classifier(producer: dict[int, Any], outputs: list[Any], a: Any, aft
     if node is None or type(node.operation) is not keras.layers.Dense or len(node.input_tensors) != 1:
         return None
     dense = node.operation
-    if (getattr(dense, "quantization_mode", None) is not None or dense.activation is not keras.activations.linear
+    if (getattr(dense, "quantization_mode", None) is not None
+            or dense.activation not in (None, keras.activations.linear)
             or id(node.input_tensors[0]) not in after or len(node.input_tensors[0].shape) != 2):
         return None
     return node
@@ -611,9 +680,9 @@ def _nested_message(what: str, path: str, model: keras.Model) -> str:
             f"nested model itself (layer={path.split('/')[0]!r}) or the split form (features, head)")
 
 
-def _all_layers(model: keras.Model, prefix: str = "") -> list[tuple[str, keras.Layer]]:
+def _all_layers(model: keras.Layer, prefix: str = "") -> list[tuple[str, keras.Layer]]:
     found = []
-    for layer in model.layers:
+    for layer in getattr(model, "layers", ()):
         path = f"{prefix}{layer.name}"
         found.append((path, layer))
         if isinstance(layer, keras.Model):
@@ -679,6 +748,9 @@ def perturb(
     ``make`` (a core function, running on the tensors through :mod:`gradcam_ref._tf_array_api`)
     gets A channels-first ``(N, K, *spatial)`` and, with ``channel_axis=-1``, the inputs with their
     channels moved like A's (as ``guided=True`` takes them); its batches are moved back. With
+    ``where="inputs"`` both come in the dtype the model casts its inputs to (a Keras model's
+    floating Input dtype, else the inputs' if floating, else A's): float64 NumPy inputs, uint8
+    images and a mixed-precision A meet the masks in one dtype. With
     ``count``, example n gets ``count(A, n)`` copies and NaN rows after them (the Protocol's). Returns
     ``Perturbed`` of tensors: A (channels-first), the scores and ``(N, K, C)`` perturbed scores.
     """
@@ -707,7 +779,10 @@ def perturb(
             f"where='inputs' with channel_axis={channel_axis}: the inputs are taken to have their channels "
             f"on that axis too, so they must have the rank of the activations; got inputs {shape_of(x)}"
         )
-    x_first = _channels_first(x, axis, 1) if where == "inputs" else x
+    x_first, masked = x, activations
+    if where == "inputs":  # the core multiplies them: one dtype, the inputs' as the model takes them
+        dtype = _model_input_dtype(x, a, program)
+        x_first, masked = tf.cast(_channels_first(x, axis, 1), dtype), tf.cast(activations, dtype)
     score_batch = program.perturbed(where, compiled)
     n, k = (int(d) for d in activations.shape[:2])
     if scored is not None:
@@ -716,7 +791,7 @@ def perturb(
     for i, copies, spans in perturb_chunks(activations, batch_size, count):
         skipping = [tf.repeat(r[i:i + 1], batch_size, axis=0) for r in rest]
         for start, stop in spans:
-            batch = make(x_first, activations, i, start, stop)
+            batch = make(x_first, masked, i, start, stop)
             if not isinstance(batch, tf.Tensor) or int(batch.shape[0]) != stop - start:
                 raise ValueError(f"make must return a tensor of {stop - start} perturbed copies, got "
                                  f"{type(batch).__name__} {shape_of(batch)}")
@@ -741,6 +816,15 @@ def _as_inputs(inputs: Any) -> tf.Tensor:
     if inputs.shape.rank is None or inputs.shape.rank < 1 or inputs.shape[0] == 0:
         raise ValueError(f"inputs must be a non-empty batch (N, ...), got shape {shape_of(inputs)}")
     return inputs
+
+
+def _model_input_dtype(x: tf.Tensor, a: tf.Tensor, program: _Program) -> tf.DType:
+    """The floating dtype the model takes ``x`` in: its Keras Input's (to which Keras casts), else
+    that of ``x``, else (integer inputs to a split form) that of A."""
+    for dtype in (program.input_dtype, x.dtype):
+        if dtype is not None and dtype.is_floating:
+            return dtype
+    return a.dtype
 
 
 def _check_input_shape(x: tf.Tensor, program: _Program) -> None:

@@ -172,6 +172,25 @@ def test_callable_target_differentiates_any_score():
     assert rel_err(e.gradients, np.moveaxis(g, -1, 1)) < 1e-13
 
 
+def test_callable_targets_keep_a_bounded_number_of_traced_functions(monkeypatch):
+    """One traced function per target function object (a new lambda per image would otherwise keep
+    one each, about 13 MB on MobileNetV2): the last TARGET_FUNCTIONS are kept, the oldest dropped."""
+    monkeypatch.setattr(tf_backend, "TARGET_FUNCTIONS", 2)
+    model = residual_net()
+    x = np.random.default_rng(26).standard_normal((2, 7, 7, 3))
+    targets = [lambda s, c=c: s[:, c] for c in range(3)]
+    for c, target in enumerate(targets):
+        e = gradcam_ref.explain(model, x, target, layer="b", guided=True).numpy()
+        ref = gradcam_ref.explain(model, x, [c, c], layer="b", guided=True).numpy()
+        assert rel_err(e.maps, ref.maps) < 1e-13 and rel_err(e.guided_backprop, ref.guided_backprop) < 1e-13
+    program, _ = tf_backend._program_for(model, "b")
+    for table in (program._compiled, program.guided):
+        assert [key[0][2] for key in table if key[0][0] == "fn"] == targets[1:]
+    traced = program._compiled[next(key for key in program._compiled if key[0][0] == "fn")].function
+    gradcam_ref.explain(model, x, targets[1], layer="b")
+    assert traced.experimental_get_tracing_count() == 1  # a kept one is not traced again
+
+
 def test_split_form_of_tf_callables_and_channel_axis():
     """(features, head) of plain TF functions; a channels-first A with channel_axis=1."""
     rng = np.random.default_rng(3)
@@ -229,7 +248,7 @@ def test_the_compiled_program_is_traced_once_per_target_kind():
     for target in ([0, 1], [2, 3], [4, 4]):
         gradcam_ref.explain(model, x, target, layer="b")
     program, _ = tf_backend._program_for(model, "b")
-    assert program._traced[("single", -1, True, 4)].experimental_get_tracing_count() == 1  # explain: the core inside
+    assert program._compiled[("single", -1, True, 4)].function.experimental_get_tracing_count() == 1  # explain: the core inside
 
 
 def model_state(model):
@@ -259,6 +278,45 @@ def test_the_model_is_left_as_it_was_and_batch_norm_stays_in_inference():
     assert before[1:] == after[1:]
     np.testing.assert_allclose(first.maps, second.maps, rtol=1e-6)  # dropout off: deterministic
     np.testing.assert_allclose(first.scores, model(x, training=False).numpy(), rtol=1e-6)
+
+
+def node_counts(model):
+    """The Keras nodes (calls in some graph) that each layer of ``model``, nested ones included, records."""
+    return [(path, len(layer._inbound_nodes), len(layer._outbound_nodes))
+            for path, layer in tf_backend._all_layers(model)]
+
+
+def test_no_keras_node_is_added_to_the_models_layers():
+    """Keras 3 clones the nodes of a model built on intermediate tensors onto the layers: the head
+    runs through the model's own nodes instead, and the layers record no more calls than before
+    (a sweep over layers would grow them quadratically)."""
+    model, (probabilities, _) = residual_net(), probability_net("nested")
+    x = np.random.default_rng(25).standard_normal((2, 7, 7, 3))
+    before = node_counts(model), node_counts(probabilities)
+    for layer in ("a", "r", "b", "add", "r6"):
+        maps = [gradcam_ref.explain(model, x, [1, 2], layer=layer, compiled=compiled, guided=layer == "b").maps
+                for compiled in (True, False)]
+        assert rel_err(*maps) < 1e-13
+    gradcam_ref.explain(model, x, [1, 2], layer="b", method="score-cam")
+    gradcam_ref.explain(model, x, [1, 2], layer="b", method="ablation-cam")
+    with pytest.warns(gradcam_ref.ProbabilityScoresWarning):
+        gradcam_ref.explain(probabilities, x[:, :6, :6, :2], [1, 2], layer="conv")
+    assert (node_counts(model), node_counts(probabilities)) == before
+
+
+def test_layers_named_with_a_leading_underscore_run_in_the_head():
+    """The head runs the model's nodes inside a name scope, as the model's call does: a layer's name
+    such as EfficientNet-Lite0's '_avg_pooling' is not a valid root scope in a traced function."""
+    keras.utils.set_random_seed(27)
+    i = keras.Input((5, 5, 2), dtype="float64")
+    h = keras.layers.Conv2D(3, 2, activation="relu", dtype="float64", name="conv")(i)
+    h = keras.layers.Conv2D(3, 1, dtype="float64", name="_conv")(h)
+    model = keras.Model(i, keras.layers.Dense(4, dtype="float64", name="_fc")(
+        keras.layers.GlobalAveragePooling2D(dtype="float64", name="_avg_pooling")(h)))
+    x = np.random.default_rng(27).standard_normal((2, 5, 5, 2))
+    compiled, eager = (gradcam_ref.explain(model, x, [1, 2], layer="conv", compiled=c).numpy() for c in (True, False))
+    assert rel_err(compiled.maps, eager.maps) < 1e-13
+    np.testing.assert_allclose(compiled.scores, model(x).numpy(), rtol=1e-13)
 
 
 # --- the last Dense's kernel column, the concrete-function dispatch ------------------------------
@@ -669,6 +727,36 @@ def test_a_softmax_output_warns_and_its_probabilities_are_explained(last, culpri
                                       layer="conv").numpy()
             assert rel_err(e.gradients[:, t], ref.gradients) < 1e-12
             assert rel_err(e.maps[:, t], ref.maps) < 1e-12
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("last", ["dense", "nested"])
+def test_an_activation_set_after_a_call_is_read_by_the_next(last, compiled):
+    """keras.io's idiom ``layer.activation = None`` after a call (the softmax warning's advice), and back:
+    each call explains the model as it is then (the cached program, the linear Dense's shortcut and the
+    warning are rebuilt), equal to a fresh model with the same weights."""
+    probabilities, logits = probability_net(last)
+    fc = probabilities.get_layer("classifier").get_layer("fc") if last == "nested" else probabilities.get_layer("fc")
+    x = tf.constant(np.random.default_rng(24).standard_normal((2, 6, 6, 2)))
+
+    def run(model):
+        return gradcam_ref.explain(model, x, [[1, 3], [2, 0]], layer="conv", compiled=compiled).numpy()
+
+    with pytest.warns(gradcam_ref.ProbabilityScoresWarning):
+        expected_probabilities = run(probabilities)
+    fc.activation = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradcam_ref.ProbabilityScoresWarning)
+        got, expected = run(probabilities), run(logits)
+    if last == "dense":  # now a linear Dense: its kernel's columns are the seeds
+        assert tf_backend._program_for(probabilities, "conv")[0].classifier is not None
+    for key in ("scores", "gradients", "maps"):
+        assert rel_err(getattr(got, key), getattr(expected, key)) < 1e-13, key
+    fc.activation = keras.activations.softmax  # back: no linear shortcut, the warning again
+    with pytest.warns(gradcam_ref.ProbabilityScoresWarning):
+        got = run(probabilities)
+    for key in ("scores", "gradients", "maps"):
+        assert rel_err(getattr(got, key), getattr(expected_probabilities, key)) < 1e-13, key
 
 
 def test_a_softmax_over_the_batch_axis_does_not_warn():

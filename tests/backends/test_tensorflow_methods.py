@@ -220,6 +220,42 @@ def test_the_scores_reach_scored_before_any_perturbed_copy(oracle):
             gradcam_ref.explain(model, tf.constant(last(x)), [0, 7], layer="relu1", method=method)
 
 
+def dtype_net(policy="float32"):
+    """Rescaling -> conv 'conv' -> GAP -> float32 dense, built under the Keras dtype ``policy``."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(32)
+        i = keras.Input((6, 6, 2))
+        h = keras.layers.Conv2D(3, 3, activation="relu", name="conv")(keras.layers.Rescaling(1 / 64)(i))
+        return keras.Model(i, keras.layers.Dense(4, dtype="float32")(keras.layers.GlobalAveragePooling2D()(h)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("method", PERTURBATION)
+def test_perturbation_takes_inputs_of_another_dtype_than_the_layers(method):
+    """Inputs are cast as Keras casts them (to its Input's dtype) before the core masks them: float64
+    NumPy inputs and uint8 images on a float32 model give the maps of float32 inputs; a mixed_float16
+    model (float16 A, float32 inputs) those of its float32 twin within float16's precision."""
+    x = np.random.default_rng(32).integers(0, 256, (2, 6, 6, 2))
+    model = dtype_net()
+
+    def run(model, inputs):
+        return gradcam_ref.explain(model, inputs, [1, 2], layer="conv", method=method).numpy()
+
+    expected = run(model, x.astype(np.float32))
+    for inputs in (x.astype(np.float64), x.astype(np.uint8)):
+        got = run(model, inputs)
+        np.testing.assert_array_equal(got.maps, expected.maps)
+        np.testing.assert_array_equal(got.weights, expected.weights)
+    mixed = dtype_net("mixed_float16")
+    mixed.set_weights(model.get_weights())
+    raw = gradcam_ref.explain(mixed, x.astype(np.float32), [1, 2], layer="conv", method=method)
+    assert raw.activations.dtype == tf.float16
+    got = raw.numpy()
+    np.testing.assert_allclose(got.maps, expected.maps, rtol=0, atol=1e-2 * np.abs(expected.maps).max())
+
+
 def test_bad_perturbation_input():
     model = residual_net()
     x = np.zeros((2, 7, 7, 3))
@@ -317,7 +353,7 @@ def test_relaxed_shapes_fall_back_to_the_core_outside_the_program(oracle):
         assert isinstance(e.maps, tf.Tensor) and e.maps.dtype == tf.float64
         np.testing.assert_allclose(e.maps.numpy(), ref.maps, rtol=0, atol=TOL * np.abs(ref.maps).max())
     program, _ = tf_backend._program_for(model, "relu1")
-    traced = program._traced[("single", -1, True, 4)]  # (kind, channel axis, fields, rank of x)
+    traced = program._compiled[("single", -1, True, 4)].function  # (kind, channel axis, fields, rank of x)
     assert traced.experimental_get_tracing_count() == 2  # one exact trace, then one with N relaxed
 
 
