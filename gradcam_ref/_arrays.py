@@ -10,6 +10,7 @@ device and autograd graph. Nothing here imports a framework.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
@@ -88,11 +89,7 @@ def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
                     f"{name} must be an array, got {type(value).__name__}: {error}"
                 ) from None
         arrays[name] = value
-    try:
-        xp = namespace(*arrays.values())
-    except TypeError:
-        kinds = ", ".join(f"{name}: {type(v).__module__}.{type(v).__name__}" for name, v in arrays.items())
-        raise TypeError(f"arrays must all come from one library, got {kinds}") from None
+    xp = same_library(**arrays)
 
     converted = []
     for name, value in arrays.items():
@@ -109,6 +106,15 @@ def as_float_arrays(**named: Any) -> tuple[Any, list[Array]]:
             raise TypeError(f"{name} must have a real numeric dtype, got {dtype}")
     common = xp.result_type(*(x.dtype for x in converted))
     return xp, [x if x.dtype == common else xp.astype(x, common) for x in converted]
+
+
+def same_library(**named: Array) -> Any:
+    """The arrays' shared namespace; a TypeError naming each argument's library where they differ."""
+    try:
+        return namespace(*named.values())
+    except TypeError:
+        kinds = ", ".join(f"{name}: {type(v).__module__}.{type(v).__name__}" for name, v in named.items())
+        raise TypeError(f"arrays must all come from one library, got {kinds}") from None
 
 
 def _default_float(xp: Any, x: Array) -> Any:
@@ -162,35 +168,89 @@ def check_feature_maps(name: str, x: Array, layout: str = "(N, K, *spatial)") ->
         )
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` on one line (an array's repr spans several): for error messages."""
+    return " ".join(repr(value).split())
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the names ``choices``; else a one-line ValueError naming ``name``.
+
+    The type is checked first: ``array in choices`` would ask for the array's truth value.
+    Two choices read ``'a' or 'b'``; more, ``one of`` the sequence as given (a tuple or a list).
+    """
+    if not isinstance(value, str) or value not in choices:
+        expected = " or ".join(map(repr, choices)) if len(choices) == 2 else f"one of {choices!r}"
+        raise ValueError(f"{name} must be {expected}, got {shown(value)}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Refuse anything but a finite real number > 0: a bool, a string, None, NaN and inf are named."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a finite number > 0, got {shown(value)}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, note: str = "") -> int:
+    """``value`` as an int in [low, high) (no upper bound for None); a TypeError for a bool, a float
+    or anything else that is not an int, a ValueError out of range. ``note`` follows the range."""
+    expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be {expected}{note}, got {shown(value)}")
+    if value < low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be {expected}{note}, got {value!r}")
+    return int(value)
+
+
+def check_spatial_rank(spatial_rank: Any, shape: tuple[int, ...], name: str) -> int:
+    """The number of trailing spatial axes of array ``name`` of ``shape``: ``spatial_rank``, an int in
+    [1, ndim - 1] (a batch axis first), or every axis but the first when it is None."""
+    if spatial_rank is None and len(shape) >= 2:
+        return len(shape) - 1
+    if isinstance(spatial_rank, (bool, np.bool_)) or not isinstance(spatial_rank, (int, np.integer)) \
+            or not 1 <= spatial_rank < len(shape):
+        raise ValueError(f"spatial_rank must be an int in [1, {len(shape) - 1}] for {name} of shape {shape} "
+                         f"(a batch axis first), got {shown(spatial_rank)}")
+    return int(spatial_rank)
+
+
 def check_flag(name: str, value: Any) -> None:
     """Refuse anything but True or False: a string such as ``"no"`` would read as True."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {shown(value)}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
     """Refuse anything but a finite real number >= 0: a bool, a string, NaN and inf are named."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise TypeError(f"{name} must be a finite number >= 0, got {shown(value)}")
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def check_gradients_match(activations: Array, gradients: Array) -> bool:
+def check_gradients_match(activations: Array, gradients: Array, name: str = "gradients",
+                          samples: bool = False) -> bool:
     """Check ``gradients`` against ``activations``; return True for the multi-target layout.
 
     ``gradients`` is either ``(N, K, *spatial)`` like ``activations`` (one target per example)
-    or ``(N, T, K, *spatial)`` (T targets per example, sharing one set of activations).
+    or ``(N, T, K, *spatial)`` (T targets per example, sharing one set of activations); with
+    ``samples``, either after a leading axis of n >= 1 samples. Errors name the array ``name``.
     """
     a, g = shape_of(activations), shape_of(gradients)
-    if g == a:
-        return False
-    if len(g) == len(a) + 1 and g[:1] + g[2:] == a and g[1] >= 1:
-        return True
-    multi = (a[0], "T") + a[1:]
+    n = g[:1] if samples else ()
+    if len(g) > len(n) and all(s >= 1 for s in n):
+        g = g[len(n):]
+        if g == a:
+            return False
+        if len(g) == len(a) + 1 and g[:1] + g[2:] == a and g[1] >= 1:
+            return True
+    lead = ("n",) if samples else ()
     raise ValueError(
-        f"gradients must have the shape of activations {a} "
-        f"or the multi-target shape (N, T, K, *spatial) = {multi}, got shape {g}"
+        f"{name} must have the shape of activations {a}{' after a leading axis of n >= 1 samples' * samples} "
+        f"or the multi-target shape ({'n, ' * samples}N, T, K, *spatial) = {lead + (a[0], 'T') + a[1:]}, "
+        f"got shape {shape_of(gradients)}"
     )
 
 

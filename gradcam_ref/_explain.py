@@ -15,17 +15,20 @@ import numpy as np
 
 from gradcam_ref._arrays import (
     Array,
+    check_choice,
     check_flag,
     check_nonnegative,
     device_of,
     is_array,
     namespace,
     shape_of,
+    shown,
     to_numpy,
 )
 from gradcam_ref._gradcam import cam, grad_cam_parts, relu_map
 from gradcam_ref._guided import guided_grad_cam
 from gradcam_ref._methods import (
+    ABLATION_DENOMINATORS,
     ABLATION_VALUES,
     SCORE_CAM_VARIANTS,
     _smooth_weights,
@@ -49,10 +52,10 @@ def differentiable_mode(differentiable: Any, guided: bool = False) -> str | None
     """``differentiable`` checked: None for False, else ``"stop"`` or ``"full"``."""
     if differentiable is False:
         return None
-    if isinstance(differentiable, bool) or differentiable not in ("stop", "full"):
+    if not isinstance(differentiable, str) or differentiable not in ("stop", "full"):
         raise ValueError(
             f"differentiable must be one of {DIFFERENTIABLE_MODES} (True is ambiguous: say which "
-            f"gradient mode), got {differentiable!r}"
+            f"gradient mode), got {shown(differentiable)}"
         )
     if guided:
         raise ValueError(f"guided=True cannot be combined with differentiable={differentiable!r}")
@@ -343,21 +346,26 @@ def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer:
     and the last noisy capture's activations in the map, as torchcam's hook keeps them)."""
     n, std, seed = ours.get("n_samples", 4), ours.get("std", 0.3), ours.get("seed", 0)
     variant, given = ours.get("variant", "paper"), ours.get("noise")
-    if variant not in ("paper", "torchcam"):
-        raise ValueError(f"variant must be 'paper' or 'torchcam', got {variant!r}")
+    check_choice("variant", variant, ("paper", "torchcam"))
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n!r}")
+        raise ValueError(f"n_samples must be an int >= 1, got {shown(n)}")
     check_nonnegative("std", std)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed must be None or an int, got {seed!r}")
+        raise TypeError(f"seed must be None or an int >= 0, got {shown(seed)}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
     if not is_array(inputs):
         inputs = np.asarray(inputs, dtype=np.float64)
     xp = namespace(inputs)
     if given is not None:
+        expected = f"noise must be n >= 1 draws of the inputs' shape {shape_of(inputs)}"
+        if isinstance(given, str) or not hasattr(given, "__iter__"):
+            raise TypeError(f"{expected}, got {shown(given)}")
         given = list(given)
-        if not given or any(tuple(shape_of(d)) != tuple(shape_of(inputs)) for d in given):
-            raise ValueError(f"noise must be n >= 1 draws of the inputs' shape {tuple(shape_of(inputs))}, got "
-                             f"shapes {[tuple(shape_of(d)) for d in given]}")
+        if not all(hasattr(d, "shape") and hasattr(d, "dtype") for d in given):
+            raise TypeError(f"{expected}, got items of types {sorted({type(d).__name__ for d in given})}")
+        if not given or any(shape_of(d) != shape_of(inputs) for d in given):
+            raise ValueError(f"{expected}, got shapes {[shape_of(d) for d in given]}")
         n = len(given)
     rng = np.random.default_rng(seed)
     targets = target if capture.targets is None else capture.targets
@@ -387,9 +395,7 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if method == "score-cam":
-        variant = ours.get("variant", "paper")
-        if variant not in SCORE_CAM_VARIANTS:
-            raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
+        variant = check_choice("variant", ours.get("variant", "paper"), SCORE_CAM_VARIANTS)
         max_n = ours.get("max_n")
         if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or max_n < 1):
             raise ValueError(f"max_n must be an int >= 1 (channels kept per example), got {max_n!r}")
@@ -408,9 +414,8 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
 
         where = "inputs"
     else:
-        value = ours.get("value", "zero")
-        if value not in ABLATION_VALUES:
-            raise ValueError(f"value must be one of {ABLATION_VALUES}, got {value!r}")
+        value = check_choice("value", ours.get("value", "zero"), ABLATION_VALUES)
+        check_choice("denominator", ours.get("denominator", "score"), ABLATION_DENOMINATORS)
 
         def make(x: Any, a: Any, n: int, start: int, stop: int) -> Any:
             return ablated_activations(a, n, range(start, stop), value=value, chunk=int(batch_size))

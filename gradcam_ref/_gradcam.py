@@ -129,6 +129,7 @@ def grad_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Arra
       >>> grad_cam(a, g)
       array([[[0., 2.]]])
     """
+    arrays.check_flag("relu", relu)
     _, maps = grad_cam_parts(activations, gradients)
     return relu_map(maps) if relu else maps
 
@@ -218,6 +219,7 @@ def grad_cam_plus_plus(
       >>> grad_cam_plus_plus(a, g)
       array([[[0.25, 0.25]]])
     """
+    arrays.check_flag("relu", relu)
     xp, (a, g) = arrays.as_float_arrays(activations=activations, gradients=gradients)
     arrays.check_feature_maps("activations", a)
     arrays.check_gradients_match(a, g)
@@ -274,8 +276,7 @@ PLUS_PLUS_VARIANTS = ("paper", "tf-keras-vis", "torchcam")
 def _plus_plus_variant_weights(xp: Any, a: Array, g: Array, eps: float, variant: str,
                                target_scores: Array | None) -> Array:
     """Grad-CAM++'s weights of ``variant`` (checked finite), for :func:`grad_cam_plus_plus` and ``method_fields``."""
-    if variant not in PLUS_PLUS_VARIANTS:
-        raise ValueError(f"variant must be one of {PLUS_PLUS_VARIANTS}, got {variant!r}")
+    arrays.check_choice("variant", variant, PLUS_PLUS_VARIANTS)
     arrays.check_nonnegative("eps", eps)
     if variant == "paper":
         if target_scores is not None:

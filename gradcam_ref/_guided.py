@@ -21,12 +21,11 @@ References:
 
 from __future__ import annotations
 
-import math
-
 from gradcam_ref._arrays import (
     Array,
     as_float_arrays,
     check_finite,
+    check_positive,
     power_of_two_at_least,
     quiet_numpy,
     shape_of,
@@ -135,8 +134,7 @@ def guided_image(guided: Array, *, scale: float = DISPLAY_SCALE) -> Array:
     xp, (x,) = as_float_arrays(guided=guided)
     if x.ndim < 3 or 0 in shape_of(x):
         raise ValueError(f"guided must have shape (..., C, H, W) with no empty axis, got {shape_of(x)}")
-    if not 0 < scale < math.inf:  # inf: a flat image would be inf * 0 = NaN
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    check_positive("scale", scale)  # inf: a flat image would be inf * 0 = NaN
     axes = (-3, -2, -1)
     dtype = x.dtype
     (w,) = widen_half(xp, x)

@@ -26,16 +26,22 @@ from gradcam_ref._arrays import (
     Array,
     all_finite,
     as_float_arrays,
+    check_choice,
     check_feature_maps,
     check_finite,
     check_flag,
     check_gradients_match,
+    check_int,
     check_nonnegative,
+    check_positive,
+    check_spatial_rank,
     device_of,
     namespace,
     power_of_two_at_least,
     quiet_numpy,
+    same_library,
     shape_of,
+    shown,
     to_numpy,
     widen_half,
 )
@@ -56,12 +62,12 @@ METHODS = GRADIENT_METHODS + PERTURBATION_METHODS
 
 FUSION_RULES = ("mean", "max", "layercam")
 
+_METHOD_LIST = list(METHODS)  # as the error lists them
+
 
 def check_method(method: str) -> str:
     """``method`` if it is a known name; else a ValueError listing the known ones."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    return method
+    return check_choice("method", method, _METHOD_LIST)
 
 
 # --- gradient methods -----------------------------------------------------------------------
@@ -95,6 +101,7 @@ def hires_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Arr
       >>> hires_cam(a, g, relu=False)  # [1*2 + 3*(-1), 2*0 + 0*5]
       array([[[-1.,  0.]]])
     """
+    check_flag("relu", relu)
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
     maps = _elementwise_sum(xp, a, g, "hires_cam")
     return _relu(xp, maps) if relu else maps
@@ -182,6 +189,7 @@ def xgrad_cam(activations: Array, gradients: Array, *, relu: bool = True, eps: f
       >>> xgrad_cam(a, np.array([[[[2.0, 6.0]]]]))
       array([[[ 5., 15.]]])
     """
+    check_flag("relu", relu)
     weights = xgrad_cam_weights(activations, gradients, eps=eps)
     xp, (a,) = as_float_arrays(activations=activations)
     maps = _weighted_sum(xp, a, weights)
@@ -206,6 +214,7 @@ def layer_cam(activations: Array, gradients: Array, *, relu: bool = True) -> Arr
       >>> layer_cam(a, g)  # [1*2 + 0, 0 + 1*4]
       array([[[2., 4.]]])
     """
+    check_flag("relu", relu)
     xp, (a, g) = as_float_arrays(activations=activations, gradients=gradients)
     _finite_and_nonempty("layer_cam", activations=a, gradients=g)
     maps = _elementwise_sum(xp, a, _relu(xp, g), "layer_cam")
@@ -323,6 +332,7 @@ def fem(activations: Array, *, k: float = 2.0, relu: bool = True) -> Array:
       >>> fem(a, k=1.0)  # mu = [1, 1], sigma = [sqrt(3), 0]: B = [[0, 0, 0, 1], [1, 1, 1, 1]]
       array([[[1., 1., 1., 2.]]])
     """
+    check_flag("relu", relu)
     xp, (a,) = as_float_arrays(activations=activations)
     _finite_and_nonempty("fem", activations=a)
     check_feature_maps("activations", a)
@@ -375,11 +385,10 @@ def smooth_grad_cam_plus_plus(
       >>> smooth_grad_cam_plus_plus(a, g)  # = grad_cam_plus_plus(a, g[0])
       array([[[0.25, 0.25]]])
     """
-    xp, (a, g) = as_float_arrays(activations=activations, gradients=noisy_gradients)
+    check_flag("relu", relu)
+    xp, (a, g) = as_float_arrays(activations=activations, noisy_gradients=noisy_gradients)
     check_feature_maps("activations", a)
-    if g.ndim < 1 or shape_of(g)[0] < 1:
-        raise ValueError(f"noisy_gradients must have a leading axis of n >= 1 samples, got shape {shape_of(g)}")
-    check_gradients_match(a, g[0])
+    check_gradients_match(a, g, "noisy_gradients", samples=True)
     weights = _smooth_weights(xp, a, g)
     check_finite(weights, "smooth_grad_cam_plus_plus", activations=a, noisy_gradients=g)
     maps = _weighted_sum(xp, a, weights)
@@ -420,12 +429,11 @@ def torchcam_smooth_weights(activations: Array, noisy_gradients: Array, *, eps: 
       >>> torchcam_smooth_weights(a, g, eps=0.0)  # 1 / (2 + 1) * 1 + 0
       array([[0.33333333]])
     """
-    xp, (a, g) = as_float_arrays(activations=activations, gradients=noisy_gradients)
+    check_nonnegative("eps", eps)
+    xp, (a, g) = as_float_arrays(activations=activations, noisy_gradients=noisy_gradients)
     _finite_and_nonempty("torchcam_smooth_weights", activations=a, noisy_gradients=g)
     check_feature_maps("activations", a)
-    if g.ndim < 1 or shape_of(g)[0] < 1:
-        raise ValueError(f"noisy_gradients must have a leading axis of n >= 1 samples, got shape {shape_of(g)}")
-    check_gradients_match(a, g[0])
+    check_gradients_match(a, g, "noisy_gradients", samples=True)
     spatial = tuple(range(g.ndim - (a.ndim - 2), g.ndim))
     d2 = xp.mean(g * g, axis=0)
     d3 = xp.mean(g * g * g, axis=0)
@@ -463,19 +471,31 @@ def layercam_scale(maps: Array, *, gamma: float = 2.0, spatial_rank: int | None 
 
     .. math::
 
-        \hat L = \tanh\Big(\frac{\gamma\, L}{\max L}\Big)
+        \hat L = \tanh\Big(\frac{\gamma\, L}{\max L}\Big) \text{ where } \max L > 0, \qquad
+        \hat L = 0 \text{ where } \max L \le 0
 
-    A map whose maximum is 0 stays 0. torchcam applies :math:`\tanh(\gamma L)` to maps it has
-    already min-max normalised (the same when :math:`\min L = 0`).
+    LayerCAM's maps are ReLU'd, so :math:`\max L \le 0` means an all-zero map, which stays 0; a
+    map with no positive value (a signed one) becomes 0 too, where the ratio would flip its sign.
+    torchcam applies :math:`\tanh(\gamma L)` to maps it has already min-max normalised (the same
+    when :math:`\min L = 0`).
+
+    Args:
+      maps: :math:`L`, ``(N, *spatial)`` (or ``(N, T, *spatial)`` with ``spatial_rank``).
+      gamma: :math:`\gamma`, a finite number > 0 (the paper's 2).
+      spatial_rank: the number of trailing axes one map spans, in [1, ndim - 1]; default every axis
+        but the first.
 
     Example:
       >>> import numpy as np
       >>> layercam_scale(np.array([[0.0, 1.0, 2.0]]), gamma=2.0).round(4)
       array([[0.    , 0.7616, 0.964 ]])
     """
+    check_positive("gamma", gamma)
     xp, (m,) = as_float_arrays(maps=maps)
     _finite_and_nonempty("layercam_scale", maps=m)
-    rank = m.ndim - 1 if spatial_rank is None else spatial_rank
+    if m.ndim < 2:
+        raise ValueError(f"maps must have shape (N, *spatial), got shape {shape_of(m)}")
+    rank = check_spatial_rank(spatial_rank, shape_of(m), "maps")
     axes = tuple(range(m.ndim - rank, m.ndim))
     top = xp.max(m, axis=axes, keepdims=True)
     positive = top > 0
@@ -503,8 +523,9 @@ def fuse_maps(maps: Sequence[Array], rule: str = "mean", *, size: Sequence[int] 
       >>> fuse_maps([np.array([[0.0, 1.0]]), np.array([[2.0, 2.0, 0.0, 0.0]])], "max")
       array([[2.  , 2.  , 0.75, 1.  ]])
     """
-    if rule not in FUSION_RULES:
-        raise ValueError(f"rule must be one of {FUSION_RULES}, got {rule!r}")
+    check_choice("rule", rule, FUSION_RULES)
+    if rule == "layercam":
+        check_positive("gamma", gamma)
     if not isinstance(maps, (list, tuple)) or not maps:
         raise ValueError(f"maps must be a non-empty list of (N, *spatial) maps, got {type(maps).__name__}")
     named = {f"maps[{i}]": m for i, m in enumerate(maps)}
@@ -562,13 +583,16 @@ def score_cam_masks(activations: Array, size: Sequence[int], *, variant: str = "
       >>> score_cam_masks(np.array([[[0.0, 2.0]]]), (4,))  # upsampled [0, .5, 1.5, 2] / 2
       array([[[0.  , 0.25, 0.75, 1.  ]]])
     """
-    if variant not in SCORE_CAM_VARIANTS:
-        raise ValueError(f"variant must be one of {SCORE_CAM_VARIANTS}, got {variant!r}")
+    check_choice("variant", variant, SCORE_CAM_VARIANTS)
     xp, (a,) = as_float_arrays(activations=activations)
     _finite_and_nonempty("score_cam_masks", activations=a)
     check_feature_maps("activations", a)
     rank = a.ndim - 2
-    size = parse_size(size, rank)
+    try:
+        size = parse_size(size, rank)
+    except ValueError as error:
+        raise ValueError(f"{error}, for activations of shape {shape_of(a)} (N, K and {rank} spatial "
+                         f"{'axis' if rank == 1 else 'axes'})") from None
     axes = tuple(range(2, a.ndim))
     if variant == "torchcam":
         return resize(xp, _minmax(xp, a, axes, 1e-8), size, "linear-half-pixel")
@@ -606,9 +630,13 @@ def score_cam_weights(mask_scores: Array, *, baseline: Array | None = None) -> A
       array([[0.25, 0.75]])
     """
     xp, (s,) = as_float_arrays(mask_scores=mask_scores)
+    if baseline is not None:  # its own dtype: it is checked, never computed with
+        _, (b,) = as_float_arrays(baseline=baseline)
+        same_library(mask_scores=s, baseline=b)
+    if s.ndim not in (2, 3):
+        raise ValueError(f"mask_scores must have shape (N, K) or (N, T, K), got shape {shape_of(s)}")
     _finite_and_nonempty("score_cam_weights", mask_scores=s)
     if baseline is not None:  # it cancels in the softmax: checked, not subtracted
-        _, (b,) = as_float_arrays(baseline=baseline)
         try:
             fits = np.broadcast_shapes(shape_of(b), shape_of(s)[:-1]) == shape_of(s)[:-1]
         except ValueError:
@@ -625,6 +653,7 @@ def score_cam_weights(mask_scores: Array, *, baseline: Array | None = None) -> A
 
 
 ABLATION_VALUES = ("zero", "pytorch-grad-cam")
+ABLATION_DENOMINATORS = ("score", "abs")
 
 
 def ablated_activations(activations: Array, example: int, channels: Sequence[int], *,
@@ -640,6 +669,14 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
       of ``chunk`` (its AblationLayer re-reads the minimum after each row it edits): the
       float32 sequence :math:`v_0 = m - 10^7`, :math:`v_i = v_{i-1} - 10^7`.
 
+    Args:
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      example: the example's index, an int in [0, N).
+      channels: the channels to ablate, a sequence of ints (one row each; a channel outside
+        ``range(K)`` ablates nothing).
+      value: ``"zero"`` or ``"pytorch-grad-cam"``, see above.
+      chunk: pytorch-grad-cam's batch size, an int >= 1 (read by ``"pytorch-grad-cam"`` only).
+
     Example:
       >>> import numpy as np
       >>> a = np.array([[[[1.0, 2.0]], [[3.0, 0.0]]]])  # N=1, K=2
@@ -648,37 +685,45 @@ def ablated_activations(activations: Array, example: int, channels: Sequence[int
       <BLANKLINE>
               [[0., 0.]]]])
     """
-    if value not in ABLATION_VALUES:
-        raise ValueError(f"value must be one of {ABLATION_VALUES}, got {value!r}")
+    check_choice("value", value, ABLATION_VALUES)
+    check_int("chunk", chunk, 1)
     xp, (a,) = as_float_arrays(activations=activations)
     _finite_and_nonempty("ablated_activations", activations=a)
+    check_feature_maps("activations", a)
+    example = check_int("example", example, 0, shape_of(a)[0], f" (an example of activations {shape_of(a)})")
+    try:
+        index = np.asarray(list(channels))
+    except TypeError:
+        index = np.asarray(None)
+    if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
+        raise TypeError(f"channels must be a sequence of ints (channel indices), got {shown(channels)}")
+    index = index.astype(np.int64)
     row = a[example]
     k = shape_of(row)[0]
     device = device_of(a)
+    rows = len(index)
     if value == "zero":
-        fill = xp.zeros((len(channels),) + (1,) * row.ndim, dtype=a.dtype, device=device)
+        fill = xp.zeros((rows,) + (1,) * row.ndim, dtype=a.dtype, device=device)
     else:
         m = float(to_numpy(xp.min(row)))
-        fill_np = np.zeros(len(channels), dtype=np.float64)
-        if m != 0:
-            place = np.asarray(list(channels)) % chunk
+        fill_np = np.zeros(rows, dtype=np.float64)
+        if m != 0 and rows:
+            place = index % chunk
             v = np.float32(m)
             seq = []
-            for _ in range(chunk):
+            for _ in range(int(place.max()) + 1):  # v_0 .. v_i for the largest place i used
                 v = np.float32(v - np.float32(1e7))
                 seq.append(float(v))
             fill_np = np.asarray(seq)[place]
         fill = xp.reshape(xp.asarray(fill_np, dtype=a.dtype, device=device_of(a)),
-                          (len(channels),) + (1,) * row.ndim)
-    rows = len(channels)
+                          (rows,) + (1,) * row.ndim)
     if not (array_api_compat.is_numpy_array(a) or array_api_compat.is_torch_array(a)):  # immutable (JAX, TF)
-        index = xp.asarray(list(channels), device=device)
-        onehot = xp.expand_dims(index, axis=1) == xp.expand_dims(xp.arange(k, device=device), axis=0)
+        onehot = xp.expand_dims(xp.asarray(index, device=device), axis=1) == \
+            xp.expand_dims(xp.arange(k, device=device), axis=0)
         onehot = xp.reshape(onehot, (rows, k) + (1,) * (row.ndim - 1))  # (R, K, 1, ...), bool
         return xp.where(onehot, fill, xp.expand_dims(row, axis=0))  # (R, K, *spatial)
     # mutable arrays: R plain copies of the row (a memory copy), then one channel written per copy
     out = xp.asarray(xp.broadcast_to(xp.expand_dims(row, axis=0), (rows, *shape_of(row))), copy=True)
-    index = np.asarray(list(channels), dtype=np.int64)
     kept = np.flatnonzero((index >= 0) & (index < k))  # a channel outside range(K) ablates nothing
     values = xp.reshape(fill, (rows,) + (1,) * (row.ndim - 1))
     at = xp.asarray(kept, device=device)
@@ -712,8 +757,7 @@ def ablation_cam_weights(score: Array, ablated_scores: Array, *, denominator: st
       >>> ablation_cam_weights(np.array([2.0]), np.array([[1.0, 3.0]]))
       array([[ 0.5, -0.5]])
     """
-    if denominator not in ("score", "abs"):
-        raise ValueError(f"denominator must be 'score' or 'abs', got {denominator!r}")
+    check_choice("denominator", denominator, ABLATION_DENOMINATORS)
     xp, (y, yk) = as_float_arrays(score=score, ablated_scores=ablated_scores)
     if shape_of(yk)[:-1] != shape_of(y):
         raise ValueError(f"ablated_scores must have shape score.shape + (K,) = {shape_of(y)} + (K,), "
@@ -851,9 +895,9 @@ SIGNS = ("fixed", "svd", "numpy")
 
 def _eigen_map(xp: Any, x: Array, n_lead: int, centre: bool, sign: str, relu: bool) -> Array:
     """Per leading index (``n_lead`` axes before K): the projection of the (Z, K) matrix on v_1."""
-    if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    check_choice("sign", sign, SIGNS)
     check_flag("centre", centre)
+    check_flag("relu", relu)
     shape = shape_of(x)
     lead_shape, k, spatial = shape[:n_lead], shape[n_lead], shape[n_lead + 1:]
     o = xp.reshape(x, lead_shape + (k, math.prod(spatial)))

@@ -316,3 +316,80 @@ def test_a_bool_is_never_a_size_or_an_axis(v):
         gradcam_ref.normalize(np.full((1, 2), v), axis=True)
     with pytest.raises((TypeError, ValueError), match=r"size must be .*, got \(True, True\)"):
         gradcam_ref.upsample(np.full((1, 2, 2), v), (True, True))
+
+
+# --- every public function's options: checked by type before use, refused on one line by name -----
+
+SIGNED_A, SIGNED_G = np.random.default_rng(0).standard_normal((2, 1, 3, 3, 3))  # every signed map has both signs
+FLAGS = {  # relu=: a string such as "no" read as True, None and 0 as False
+    "grad_cam": lambda v: gradcam_ref.grad_cam(SIGNED_A, SIGNED_G, relu=v),
+    "grad_cam_plus_plus": lambda v: gradcam_ref.grad_cam_plus_plus(SIGNED_A, SIGNED_G, relu=v),
+    "hires_cam": lambda v: gradcam_ref.hires_cam(SIGNED_A, SIGNED_G, relu=v),
+    "xgrad_cam": lambda v: gradcam_ref.xgrad_cam(SIGNED_A, SIGNED_G, relu=v),
+    "layer_cam": lambda v: gradcam_ref.layer_cam(SIGNED_A, SIGNED_G, relu=v),
+    "eigen_cam": lambda v: gradcam_ref.eigen_cam(SIGNED_A, relu=v),
+    "eigen_grad_cam": lambda v: gradcam_ref.eigen_grad_cam(SIGNED_A, SIGNED_G, relu=v),
+    "fem": lambda v: gradcam_ref.fem(SIGNED_A, k=0.0, relu=v),
+    "smooth_grad_cam_plus_plus": lambda v: gradcam_ref.smooth_grad_cam_plus_plus(SIGNED_A, SIGNED_G[None], relu=v),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAGS))
+@pytest.mark.parametrize("bad", ["no", None, 0, 1.0, np.array([True])], ids=["str", "None", "0", "1.0", "array"])
+def test_relu_is_a_flag(name, bad):
+    signed = FLAGS[name](False)
+    assert signed.min() < 0 < signed.max()  # the ReLU matters here
+    np.testing.assert_array_equal(FLAGS[name](True), np.maximum(signed, 0.0))
+    np.testing.assert_array_equal(FLAGS[name](np.True_), FLAGS[name](True))  # NumPy's bools are flags
+    with pytest.raises(TypeError) as error:
+        FLAGS[name](bad)
+    assert str(error.value) == f"relu must be True or False, got {' '.join(repr(bad).split())}"
+
+
+CHOICES = {  # (function, option): a call with that option
+    ("grad_cam_plus_plus", "variant"): lambda v: gradcam_ref.grad_cam_plus_plus(FEATURES, FEATURES, variant=v),
+    ("eigen_cam", "sign"): lambda v: gradcam_ref.eigen_cam(FEATURES, sign=v),
+    ("eigen_grad_cam", "sign"): lambda v: gradcam_ref.eigen_grad_cam(FEATURES, FEATURES, sign=v),
+    ("fuse_maps", "rule"): lambda v: gradcam_ref.fuse_maps([MAPS], v),
+    ("score_cam_masks", "variant"): lambda v: gradcam_ref.score_cam_masks(FEATURES, (4, 4), variant=v),
+    ("ablated_activations", "value"): lambda v: gradcam_ref.ablated_activations(FEATURES, 0, [0], value=v),
+    ("ablation_cam_weights", "denominator"): lambda v: gradcam_ref.ablation_cam_weights(np.ones(1), MAPS[0],
+                                                                                       denominator=v),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES), ids="-".join)
+@pytest.mark.parametrize("bad", [np.array(["paper", "zero"]), None, 2, "unknown"], ids=["array", "None", "int", "name"])
+def test_names_are_checked_by_type_before_membership(key, bad):
+    """An array among the names asked for its truth value ('ambiguous'), None reached comparisons."""
+    with pytest.raises(ValueError) as error:
+        CHOICES[key](bad)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{key[1]} must be ")
+    assert message.endswith(f"got {' '.join(repr(bad).split())}"), message
+
+
+NUMBERS = {  # (function, option, least): a call with that option, and > 0 or >= 0
+    ("layercam_scale", "gamma", "> 0"): lambda v: gradcam_ref.layercam_scale(MAPS, gamma=v),
+    ("fuse_maps", "gamma", "> 0"): lambda v: gradcam_ref.fuse_maps([MAPS], "layercam", gamma=v),
+    ("guided_image", "scale", "> 0"): lambda v: gradcam_ref.guided_image(FEATURES, scale=v),
+    ("torchcam_smooth_weights", "eps", ">= 0"): lambda v: gradcam_ref.torchcam_smooth_weights(FEATURES, FEATURES[None],
+                                                                                             eps=v),
+    ("grad_cam_plus_plus", "eps", ">= 0"): lambda v: gradcam_ref.grad_cam_plus_plus(FEATURES, FEATURES, eps=v),
+    ("xgrad_cam_weights", "eps", ">= 0"): lambda v: gradcam_ref.xgrad_cam_weights(FEATURES, FEATURES, eps=v),
+}
+
+
+@pytest.mark.parametrize("key", sorted(NUMBERS), ids=lambda key: "-".join(key[:2]))
+@pytest.mark.parametrize("bad", [None, "2", True, np.array([1.0]), float("nan"), float("inf"), -1e-8, 0],
+                         ids=["None", "str", "bool", "array", "nan", "inf", "negative", "zero"])
+def test_numbers_are_finite_and_in_range(key, bad):
+    """gamma=NaN gave NaN maps and gamma=0 zeros; eps=inf zero weights, eps=-1e-8 was taken."""
+    name, option, least = key
+    if type(bad) is int and bad == 0 and least == ">= 0":
+        assert np.isfinite(NUMBERS[key](0)).all()
+        return
+    with pytest.raises((TypeError, ValueError)) as error:
+        NUMBERS[key](bad)
+    assert str(error.value) == f"{option} must be a finite number {least}, got {' '.join(repr(bad).split())}"
+    assert isinstance(error.value, TypeError) == (not isinstance(bad, float | int) or isinstance(bad, bool))

@@ -1,5 +1,7 @@
 """explain and Explanation: backend selection, and what an Explanation holds."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,52 @@ def test_public_namespace_is_small_and_explicit():
          "ProbabilityScoresWarning"]
     )
     assert all(hasattr(gradcam_ref, name) for name in gradcam_ref.__all__)
+
+
+@pytest.mark.parametrize(("options", "error", "message"), [
+    ({"noise": [1.0, 2.0]}, TypeError,  # was AttributeError 'float' object has no attribute 'shape'
+     "noise must be n >= 1 draws of the inputs' shape (2, 2, 5, 5), got items of types ['float']"),
+    ({"noise": "abc"}, TypeError, "noise must be n >= 1 draws of the inputs' shape (2, 2, 5, 5), "
+                                  "got 'abc'"),
+    ({"noise": 0.5}, TypeError, "noise must be n >= 1 draws of the inputs' shape (2, 2, 5, 5), got 0.5"),
+    ({"noise": []}, ValueError, "noise must be n >= 1 draws of the inputs' shape (2, 2, 5, 5), "
+                                "got shapes []"),
+    ({"seed": -1}, ValueError, "seed must be None or an int >= 0, got -1"),  # was NumPy's 'expected non-negative'
+    ({"seed": 1.5}, TypeError, "seed must be None or an int >= 0, got 1.5"),
+    ({"variant": np.array(["paper"])}, ValueError, "variant must be 'paper' or 'torchcam', got array(['paper'], "
+                                                   "dtype='<U5')"),
+])
+def test_smooth_options_are_named(options, error, message):
+    model, x = _oracle()
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        gradcam_ref.explain(model, x, [1, 3], method="smooth-grad-cam++", **options)
+
+
+def test_smooth_noise_given_as_draws_is_the_seeded_noise():
+    model, x = _oracle()
+    draws = 0.3 * np.random.default_rng(5).standard_normal((2, *x.shape))
+    seeded = gradcam_ref.explain(model, x, [1, 3], method="smooth-grad-cam++", seed=5, n_samples=2)
+    given = gradcam_ref.explain(model, x, [1, 3], method="smooth-grad-cam++", noise=draws)  # an array of n draws
+    np.testing.assert_array_equal(given.maps, seeded.maps)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"method": "score-cam", "variant": np.array(["paper", "official"])},
+     "variant must be one of ('paper', 'pytorch-grad-cam', 'torchcam', 'official', 'tf-keras-vis'), "
+     "got array(['paper', 'official'], dtype='<U8')"),
+    ({"method": "ablation-cam", "value": np.array(["zero"])},
+     "value must be 'zero' or 'pytorch-grad-cam', got array(['zero'], dtype='<U4')"),
+    ({"method": "ablation-cam", "denominator": "absolute"}, "denominator must be 'score' or 'abs', got 'absolute'"),
+    ({"method": np.array(["grad-cam"])}, "method must be one of ['grad-cam', 'grad-cam++', 'hirescam', 'xgrad-cam', "
+     "'layercam', 'eigen-cam', 'eigen-grad-cam', 'smooth-grad-cam++', 'fem', 'score-cam', 'ablation-cam'], "
+     "got array(['grad-cam'], dtype='<U8')"),
+    ({"differentiable": np.array(["stop"])}, "differentiable must be one of (False, 'stop', 'full') (True is "
+     "ambiguous: say which gradient mode), got array(['stop'], dtype='<U4')"),
+])
+def test_names_given_an_array_are_one_line_errors(options, message, monkeypatch):
+    """Each said 'The truth value of an array with more than one element is ambiguous' (or took a 1-element one).
+    Refused before any model run: a wrong denominator was refused after every ablated copy was scored."""
+    model, x = _oracle()
+    monkeypatch.setattr(numpy_backend, "perturb", lambda *args, **kwargs: pytest.fail("the model ran"))
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        gradcam_ref.explain(model, x, [1, 3], **options)

@@ -1,6 +1,8 @@
 """Guided Grad-CAM's arithmetic and the display helper: goldens, torch's upsampling as a reference,
 layouts, array libraries, bad input; pytorch-grad-cam's deprocess_image as a reference."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -87,6 +89,9 @@ def test_bad_input():
         guided_image(np.full((1, 1, 2, 2), np.inf))
     for bad in (0, float("inf"), float("nan")):  # inf: a flat image came out NaN (inf * 0)
         with pytest.raises(ValueError, match=f"scale must be a finite number > 0, got {bad}"):
+            guided_image(g, scale=bad)
+    for bad in (None, "0.1", True, np.array([0.1])):  # None: "'<' not supported between int and NoneType"
+        with pytest.raises(TypeError, match=rf"^scale must be a finite number > 0, got {re.escape(repr(bad))}$"):
             guided_image(g, scale=bad)
 
 

@@ -319,7 +319,7 @@ def test_unknown_method_and_option_errors_name_the_known_ones():
     ({"method": "eigen-grad-cam", "centre": 1}, TypeError, "centre must be True or False, got 1"),
     ({"guided": "no"}, TypeError, "guided must be True or False, got 'no'"),
     ({"method": "smooth-grad-cam++", "std": float("inf")}, ValueError, "std must be a finite number >= 0, got inf"),
-    ({"method": "smooth-grad-cam++", "seed": "a"}, TypeError, "seed must be None or an int, got 'a'"),
+    ({"method": "smooth-grad-cam++", "seed": "a"}, TypeError, "seed must be None or an int >= 0, got 'a'"),
 ])
 def test_bad_method_options_are_named(options, error, message):
     """Each refused before any work: a NaN eps used to blame the inputs ("overflowed ... use a wider
@@ -500,3 +500,83 @@ def test_power_of_two_scaling_under_jax_where_reciprocals_flush_to_zero():
         np.testing.assert_array_equal(gradcam_ref.fem(a, k=1.0), [[[1e308, 1e308, 1e308, 1e308 + 1.6e308 / 4]]])
         weights = gradcam_ref.xgrad_cam_weights(jnp.full((1, 1, 2, 2), 1e308), jnp.full((1, 1, 2, 2), 0.5))
         np.testing.assert_array_equal(np.asarray(weights), [[0.5]])
+
+
+# --- arguments checked by type and range before use (an adversarial sweep's findings) ------------
+
+
+def test_score_cam_weights_need_one_library_and_an_n_by_k_shape():
+    import torch
+
+    s = np.array([[0.0, 1.0, 2.0]])
+    want = np.exp(s - 2.0) / np.exp(s - 2.0).sum()
+    torch.testing.assert_close(gradcam_ref.score_cam_weights(torch.tensor(s), baseline=torch.tensor([5.0])),
+                               torch.tensor(want), rtol=1e-15, atol=0)
+    with pytest.raises(TypeError, match=r"^arrays must all come from one library, got mask_scores: torch.Tensor, "
+                                        r"baseline: numpy.ndarray$"):
+        gradcam_ref.score_cam_weights(torch.tensor(s), baseline=np.array([0.0]))  # was a raw torch error
+    for bad in (np.array(1.0), np.array([0.0, 1.0]), np.zeros((1, 2, 2, 2))):  # 0-d gave 1.0, (K,) a softmax
+        with pytest.raises(ValueError, match=rf"^mask_scores must have shape \(N, K\) or \(N, T, K\), got shape "
+                                             rf"{re.escape(str(bad.shape))}$"):
+            gradcam_ref.score_cam_weights(bad)
+
+
+def test_ablated_activations_check_example_channels_and_chunk():
+    import jax.numpy as jnp
+
+    np.testing.assert_array_equal(gradcam_ref.ablated_activations(A, np.int64(0), np.array([1])),
+                                  gradcam_ref.ablated_activations(A, 0, [1]))
+    two = np.concatenate([A, A + 1.0])
+    np.testing.assert_array_equal(gradcam_ref.ablated_activations(two, 1, range(2))[0, 1], two[1, 1])
+    assert gradcam_ref.ablated_activations(A, 0, []).shape == (0, 2, 2, 2)
+    for bad, error in ((None, TypeError), (True, TypeError), (1.0, TypeError), (1, ValueError), (-1, ValueError)):
+        for library in (np.asarray, jnp.asarray):  # JAX clamped example=5 to the last one, NumPy raised IndexError
+            with pytest.raises(error, match=r"^example must be an int in \[0, 1\) \(an example of activations "
+                                            rf"\(1, 2, 2, 2\)\), got {re.escape(repr(bad))}$"):
+                gradcam_ref.ablated_activations(library(A), bad, [0])
+    for bad in (None, "ab", [0.5], [True], [[0]]):  # None: 'no len()'; floats were truncated
+        with pytest.raises(TypeError, match=rf"^channels must be a sequence of ints \(channel indices\), got "
+                                            rf"{re.escape(repr(bad))}$"):
+            gradcam_ref.ablated_activations(A, 0, bad)
+    for bad, error in ((0, ValueError), (-1, ValueError), ("a", TypeError), (2.0, TypeError)):  # 0: IndexError
+        with pytest.raises(error, match=rf"^chunk must be an int >= 1, got {re.escape(repr(bad))}$"):
+            gradcam_ref.ablated_activations(A - 1.0, 0, [0], value="pytorch-grad-cam", chunk=bad)
+
+
+def test_layercam_scale_spatial_rank_and_maps_without_positive_values():
+    m = np.array([[[0.0, 1.0], [2.0, 4.0]]])  # (N, T, s) = (1, 2, 2)
+    np.testing.assert_allclose(gradcam_ref.layercam_scale(m, spatial_rank=1), np.tanh(2 * m / [[[1.0], [4.0]]]))
+    np.testing.assert_allclose(gradcam_ref.layercam_scale(m, spatial_rank=np.int64(2)), np.tanh(2 * m / 4.0))
+    for bad in (-1, 0, 3, 10**30, 1.0, True, "1"):  # -1 and 0 scaled by the wrong maximum, 5: 'duplicate value'
+        with pytest.raises(ValueError, match=r"^spatial_rank must be an int in \[1, 2\] for maps of shape \(1, 2, 2\) "
+                                             rf"\(a batch axis first\), got {re.escape(repr(bad))}$"):
+            gradcam_ref.layercam_scale(m, spatial_rank=bad)
+    # the equation of the docstring: tanh(gamma L / max L) where max L > 0 (negative values kept), else 0
+    signed = np.array([[-2.0, 1.0, 4.0], [-3.0, -1.0, -2.0]])
+    np.testing.assert_allclose(gradcam_ref.layercam_scale(signed), [np.tanh(2 * signed[0] / 4.0), [0.0, 0.0, 0.0]])
+
+
+def test_noisy_gradients_are_named_as_such():
+    a, g = np.ones((1, 2, 2, 3)), np.ones((3, 1, 2, 2, 3))
+    for call in (gradcam_ref.smooth_grad_cam_plus_plus, gradcam_ref.torchcam_smooth_weights):
+        with pytest.raises(ValueError, match=r"^noisy_gradients must have the shape of activations \(1, 2, 2, 3\) "
+                                             r"after a leading axis of n >= 1 samples or the multi-target shape "
+                                             r"\(n, N, T, K, \*spatial\) = \('n', 1, 'T', 2, 2, 3\), "
+                                             r"got shape \(3, 1, 1, 2, 3\)$"):
+            call(a, g[:, :, :1])
+        with pytest.raises(TypeError, match=r"^noisy_gradients must have a real numeric dtype, got complex128$"):
+            call(a, g.astype(complex))
+    with pytest.raises(ValueError, match=r"^noisy_gradients must have the shape .* got shape \(0, 1, 2, 2, 3\)$"):
+        gradcam_ref.smooth_grad_cam_plus_plus(a, g[:0])
+    # the multi-target layout still passes: (n, N, T, K, *spatial)
+    np.testing.assert_array_equal(gradcam_ref.smooth_grad_cam_plus_plus(a, g[:, :, None])[:, 0],
+                                  gradcam_ref.smooth_grad_cam_plus_plus(a, g))
+
+
+def test_score_cam_masks_size_error_names_the_activations():
+    a = np.ones((2, 2, 3))  # N=2, K=2, one spatial axis of 3: size (4, 6) is one value too many
+    with pytest.raises(ValueError, match=r"^size must be a positive int or 1 positive int \(one per spatial axis\), "
+                                         r"got \(4, 6\), for activations of shape \(2, 2, 3\) \(N, K and 1 spatial "
+                                         r"axis\)$"):
+        gradcam_ref.score_cam_masks(a, (4, 6))
+    assert gradcam_ref.score_cam_masks(a, (6,)).shape == (2, 2, 6)
