@@ -21,8 +21,20 @@ import numbers
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
-from gradcam_ref._arrays import Array, all_finite, as_float_arrays, quiet_numpy, shape_of, to_numpy
+from gradcam_ref._arrays import (
+    Array,
+    all_finite,
+    as_float_arrays,
+    check_finite,
+    check_spatial_rank,
+    is_array,
+    quiet_numpy,
+    same_library,
+    shape_of,
+    to_numpy,
+)
 from gradcam_ref._postprocess import _eighth_where_huge, upsample
 
 __all__ = [
@@ -79,9 +91,9 @@ def normalize_maps(maps: Array, *, spatial_rank: int | None = None) -> Array:
       The normalised maps, same shape and library.
     """
     xp, (x,) = as_float_arrays(maps=maps)
-    rank = x.ndim - 1 if spatial_rank is None else int(spatial_rank)
-    if x.ndim < 2 or not 1 <= rank < x.ndim or 0 in shape_of(x):
+    if x.ndim < 2 or 0 in shape_of(x):
         raise ValueError(f"maps must have shape (N, *spatial) and no empty axis, got {shape_of(x)}")
+    rank = check_spatial_rank(spatial_rank, shape_of(x), "maps")
     axes = tuple(range(x.ndim - rank, x.ndim))
     constant = stop_gradient(x)
     low = xp.min(constant, axis=axes, keepdims=True)
@@ -102,13 +114,19 @@ def sigmoid(logits: Array) -> Array:
     logits of a binary or multi-label head. Evaluated as :math:`1 / (1 + e^{-z})` for
     :math:`z \ge 0` and :math:`e^{z} / (1 + e^{z})` for :math:`z < 0`, each branch fed only its
     own half of the inputs, so no exponential overflows and autograd sees no ``inf * 0``.
+    :math:`\pm\infty` give 1 and 0; a NaN logit is refused (when values can be read).
     """
     xp, (z,) = as_float_arrays(logits=logits)
     positive = z >= 0
     zero = xp.zeros_like(z)
     e_neg = xp.exp(-xp.where(positive, z, zero))  # exp(-z) for z >= 0, in (0, 1]
     e_pos = xp.exp(xp.where(positive, zero, z))  # exp(z) for z < 0, in (0, 1)
-    return xp.where(positive, 1.0 / (1.0 + e_neg), e_pos / (1.0 + e_pos))
+    out = xp.where(positive, 1.0 / (1.0 + e_neg), e_pos / (1.0 + e_pos))
+    if all_finite(out) is False:  # only NaN logits give NaN (NaN >= 0 is False: e_pos is NaN)
+        nan = int(np.isnan(to_numpy(stop_gradient(z))).sum())
+        raise ValueError(f"logits contains NaN ({nan} of {math.prod(shape_of(z))} values); sigmoid needs "
+                         "numbers (+-inf give 1 and 0)")
+    return out
 
 
 def _check_parameters(sigma: float, omega: float) -> None:
@@ -176,13 +194,17 @@ def masked_image(images: Array, maps: Array, *, sigma: float = SIGMA, omega: flo
     _check_parameters(sigma, omega)
     xp, (i, a) = as_float_arrays(images=images, maps=maps)
     si, sa = shape_of(i), shape_of(a)
-    if len(si) < 3 or len(sa) != len(si) - 1 or sa[0] != si[0]:
+    if len(si) < 3 or 0 in si:
+        raise ValueError(f"images must have shape (N, C, *S) with no empty axis, got {si}")
+    if len(sa) != len(si) - 1 or sa[0] != si[0] or 0 in sa:
         raise ValueError(
             f"maps must have shape (N, *s) for images (N, C, *S) = {si}: one map per image, "
-            f"as many spatial axes, got maps of shape {sa}"
+            f"as many spatial axes, no empty one, got maps of shape {sa}"
         )
     mask = soft_mask(upsample(a, si[2:]), sigma=sigma, omega=omega)
-    return i - mask[:, None, ...] * i
+    erased = i - mask[:, None, ...] * i
+    check_finite(erased, "masked_image", images=i)  # the mask is in (0, 1): only NaN or Inf pixels spread
+    return erased
 
 
 def attention_mining_loss(scores: Array, labels: Array) -> Array:
@@ -213,7 +235,8 @@ def attention_mining_loss(scores: Array, labels: Array) -> Array:
 
 def _multi_hot(xp: Any, labels: Array, shape: tuple[int, ...], like: Array) -> Array:
     n, c = shape
-    if array_api_compat.is_array_api_obj(labels):
+    if is_array(labels):
+        same_library(scores=like, labels=labels)
         ls = shape_of(labels)
     else:
         labels = xp.asarray(labels)
@@ -263,8 +286,11 @@ def external_supervision_loss(maps: Array, masks: Array, present: Array | None =
     """
     xp, (a, h) = as_float_arrays(maps=maps, masks=masks)
     sa, sh = shape_of(a), shape_of(h)
-    if len(sa) < 2 or len(sh) != len(sa) or sh[0] != sa[0]:
-        raise ValueError(f"masks must have shape (N, *S) with N and rank of maps {sa}, got masks of shape {sh}")
+    if len(sa) < 2 or 0 in sa:
+        raise ValueError(f"maps must have shape (N, *s) with no empty axis, got {sa}")
+    if len(sh) != len(sa) or sh[0] != sa[0] or 0 in sh:
+        raise ValueError(f"masks must have shape (N, *S) with N and rank of maps {sa} and no empty axis, "
+                         f"got masks of shape {sh}")
     _check_unit_range("masks", h, "")
     _check_unit_range("maps", a, " (normalise them first: gradcam_ref.gain.normalize_maps)")
     per_pixel = (upsample(a, sh[1:]) - h) ** 2
@@ -272,6 +298,7 @@ def external_supervision_loss(maps: Array, masks: Array, present: Array | None =
     if present is None:
         return xp.mean(per_example)
     _, (p,) = as_float_arrays(present=present)
+    same_library(maps=a, present=p)
     if shape_of(p) != (sa[0],):
         raise ValueError(f"present must have shape (N,) = ({sa[0]},), got {shape_of(p)}")
     _check_unit_range("present", p, "")

@@ -177,3 +177,62 @@ def test_normalize_maps_of_a_float16_span_past_65504():
     out.sum().backward()  # d/dx of (x - min) / span with min and span held: 1 / 8e4 at each pixel
     torch.testing.assert_close(maps.grad, torch.full((1, 3), 1 / 8e4, dtype=torch.float16))
     np.testing.assert_array_equal(gain.normalize_maps(np.array([[-1e308, 1e308]])), [[0.0, 1.0]])
+
+
+def test_nan_pixels_and_logits_are_refused():
+    """One NaN pixel made a NaN erased image, a NaN logit a NaN score; +-inf logits are scores 1 and 0."""
+    images, maps = np.ones((1, 2, 2, 2)), np.full((1, 2, 2), 0.5)
+    np.testing.assert_allclose(gain.masked_image(images, maps), 1.0 - scipy.special.expit(0.0), rtol=1e-15)
+    images[0, 1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^images contains NaN or Inf \(1 of 8 values\); masked_image needs finite "
+                                         r"images$"):
+        gain.masked_image(images, maps)
+    np.testing.assert_array_equal(gain.sigmoid(np.array([-np.inf, 0.0, np.inf])), [0.0, 0.5, 1.0])
+    for library in (np.asarray, torch.as_tensor):
+        with pytest.raises(ValueError, match=r"^logits contains NaN \(1 of 2 values\); sigmoid needs numbers"):
+            gain.sigmoid(library(np.array([np.nan, 0.0])))
+
+
+def test_labels_and_present_flags_come_from_the_scores_library():
+    """torch scores with NumPy labels: 'ndarray has no attribute to' (and the reverse: 'no attribute astype')."""
+    scores, multi = torch.tensor([[0.2, 0.9], [0.4, 0.1]], dtype=torch.float64), [[1.0, 0.0], [1.0, 1.0]]
+    want = (0.2 + (0.4 + 0.1) / 2) / 2
+    assert float(gain.attention_mining_loss(scores, torch.tensor(multi))) == pytest.approx(want, rel=1e-15)
+    assert float(gain.attention_mining_loss(scores, multi)) == pytest.approx(want, rel=1e-15)  # a list is taken
+    for s, labels, names in ((scores, np.array(multi), "scores: torch.Tensor, labels: numpy.ndarray"),
+                             (scores.numpy(), torch.tensor(multi), "scores: numpy.ndarray, labels: torch.Tensor"),
+                             (scores, np.array([0, 1]), "scores: torch.Tensor, labels: numpy.ndarray")):
+        with pytest.raises(TypeError, match=rf"^arrays must all come from one library, got {names}$"):
+            gain.attention_mining_loss(s, labels)
+    maps, masks = torch.full((2, 2, 2), 0.5, dtype=torch.float64), torch.zeros((2, 4, 4), dtype=torch.float64)
+    loss = gain.external_supervision_loss(maps, masks, torch.tensor([1.0, 0.0]))
+    assert float(loss) == 0.25
+    with pytest.raises(TypeError, match=r"^arrays must all come from one library, got maps: torch.Tensor, "
+                                        r"present: numpy.ndarray$"):
+        gain.external_supervision_loss(maps, masks, np.array([1.0, 0.0]))
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: gain.external_supervision_loss(np.ones((2, 6, 6)), np.ones((2, 6, 0))),
+     r"masks must have shape \(N, \*S\) with N and rank of maps \(2, 6, 6\) and no empty axis, got masks of shape "
+     r"\(2, 6, 0\)"),
+    (lambda: gain.external_supervision_loss(np.ones((2, 0, 6)), np.ones((2, 6, 6))),
+     r"maps must have shape \(N, \*s\) with no empty axis, got \(2, 0, 6\)"),
+    (lambda: gain.masked_image(np.ones((2, 3, 6, 0)), np.full((2, 6, 6), 0.5)),
+     r"images must have shape \(N, C, \*S\) with no empty axis, got \(2, 3, 6, 0\)"),
+    (lambda: gain.masked_image(np.ones((2, 3, 6, 6)), np.ones((2, 6, 0))),
+     r"maps must have shape \(N, \*s\) for images .* no empty one, got maps of shape \(2, 6, 0\)"),
+    (lambda: gain.normalize_maps(np.ones((2, 6, 6)), spatial_rank=-1),
+     r"spatial_rank must be an int in \[1, 2\] for maps of shape \(2, 6, 6\) \(a batch axis first\), got -1"),
+    (lambda: gain.normalize_maps(np.ones((2, 6, 6)), spatial_rank=float("inf")),
+     r"spatial_rank must be an int in \[1, 2\] .* got inf"),
+])
+def test_empty_axes_and_spatial_rank_are_named(call, message):
+    """They said 'size must be a positive int...' (of upsample) or 'maps must have shape' (for spatial_rank)."""
+    with pytest.raises(ValueError, match="^" + message + "$"):
+        call()
+
+
+def test_normalize_maps_spatial_rank_one():
+    maps = np.array([[[0.0, 2.0, 4.0], [1.0, 1.0, 3.0]]])  # (N, T, s): each row its own map
+    np.testing.assert_array_equal(gain.normalize_maps(maps, spatial_rank=1), [[[0.0, 0.5, 1.0], [0.0, 0.0, 1.0]]])
