@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pytorch_grad_cam import GradCAMPlusPlus as PgcGradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -178,6 +178,7 @@ def test_torchcam_gradcampp_is_another_formula():
 @settings(max_examples=20, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([1e-5, 1e-4, 1e-3, 1e-2, 1.0]), st.sampled_from([0.0, 1e-6]),
        st.sampled_from([torch.float16, torch.bfloat16]))
+@example(seed=200, size=1e-5, eps=1e-6, dtype=torch.float16)  # float32 weights of 2e-8: float16's are 0
 def test_half_precision_weights_are_the_float32_weights_of_the_same_values(seed, size, eps, dtype):
     """float16 gradients below 3e-5 made 2 d2 / c overflow, and c^3 underflowed under pytorch-grad-cam's
     eps=1e-6 (below 4e-3): every term 0, an all-zero map. The weights are the float32 weights of the
@@ -186,10 +187,12 @@ def test_half_precision_weights_are_the_float32_weights_of_the_same_values(seed,
     a = torch.tensor(rng.random((2, 3, 5, 5)), dtype=dtype)
     g = torch.tensor(rng.standard_normal((2, 2, 3, 5, 5)) * size, dtype=dtype)  # (n=2 samples, N, K, ...)
     xp = namespace(a)
-    want = cam(a, plus_plus_weights(xp, a.float(), g[0].float(), eps=eps).to(dtype))
+    wide = plus_plus_weights(xp, a.float(), g[0].float(), eps=eps)
+    want = cam(a, wide.to(dtype))
     got = grad_cam_plus_plus(a, g[0], eps=eps, relu=False)
     assert got.dtype == dtype and torch.equal(got, want)
-    assert float(want.abs().max()) > 0
+    if float(wide.abs().max()) >= torch.finfo(dtype).smallest_normal:  # else the weights round to 0 (seed=200)
+        assert float(want.abs().max()) > 0
     smooth = cam(a, plus_plus_weights(xp, a.float(), g.float(), samples=True).to(dtype))
     torch.testing.assert_close(gradcam_ref.smooth_grad_cam_plus_plus(a, g, relu=False), smooth, rtol=0, atol=0)
 
