@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref._arrays import Array, check_flag, check_nonnegative, to_numpy
+from gradcam_ref._arrays import Array, check_choice, check_flag, check_nonnegative, shown, to_numpy
 from gradcam_ref._warnings import MetricWarning
 
 __all__ = [
@@ -77,19 +77,6 @@ def _positive_int(name: str, value: Any, most: int | None = None) -> int:
     return int(value)
 
 
-def _shown(value: Any) -> str:
-    """``repr(value)`` on one line (an array's repr spans several)."""
-    return " ".join(repr(value).split())
-
-
-def _choice(name: str, value: Any, allowed: str, options: Sequence[str]) -> str:
-    """``value`` if it is one of the names ``options`` (written ``allowed`` in the message); an
-    array is refused by name too (``in`` would ask for its truth value)."""
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be {allowed}, got {_shown(value)}")
-    return value
-
-
 def _seed(name: str, value: Any, *, most: int | None = None, generator: bool = False) -> Any:
     """A seed of ``numpy.random.default_rng``: an int >= 0 (below ``most``) or None; with
     ``generator`` a ``numpy.random.Generator`` as well. A bool, a float or a string is refused by name."""
@@ -98,7 +85,7 @@ def _seed(name: str, value: Any, *, most: int | None = None, generator: bool = F
     bound = "" if most is None else f" and < {most}"
     what = f"an int >= 0{bound} or None" + (" (or a numpy.random.Generator)" if generator else "")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be {what}, got {_shown(value)}")
+        raise TypeError(f"{name} must be {what}, got {shown(value)}")
     if value < 0 or (most is not None and value >= most):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
@@ -127,7 +114,7 @@ def _masks(masks: Array, shape: tuple[int, ...], empty: str = "raise", full_ok: 
         s = s.astype(bool)
     if s.shape != shape:
         raise ValueError(f"masks must have the shape of maps {shape} (N, *spatial), got shape {s.shape}")
-    _choice("empty", empty, "'raise' or 'nan'", ("raise", "nan"))
+    check_choice("empty", empty, ("raise", "nan"))
     counts = s.reshape(shape[0], -1).sum(axis=1)
     bad = counts == 0 if full_ok else (counts == 0) | (counts == s[0].size)
     if bad.any() and empty == "raise":
@@ -150,7 +137,7 @@ def _undefined(values: np.ndarray, bad: np.ndarray, why: str) -> np.ndarray:
 
 
 def _check_ties(ties: str, allowed: Sequence[str]) -> None:
-    _choice("ties", ties, f"one of {tuple(allowed)}", allowed)
+    check_choice("ties", ties, allowed)
 
 
 # --- Localisation ----------------------------------------------------------------------------
@@ -358,9 +345,9 @@ def boxes_to_masks(boxes: Array, shape: tuple[int, int]) -> np.ndarray:
 def _image_shape(shape: Any) -> tuple[int, int]:
     if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)) or np.ndim(shape) != 1 \
             or any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) for s in shape):
-        raise TypeError(f"shape must be (H, W), two ints >= 1, got {_shown(shape)}")
+        raise TypeError(f"shape must be (H, W), two ints >= 1, got {shown(shape)}")
     if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"shape must be (H, W), two ints >= 1, got {_shown(shape)}")
+        raise ValueError(f"shape must be (H, W), two ints >= 1, got {shown(shape)}")
     return int(shape[0]), int(shape[1])
 
 
@@ -429,12 +416,12 @@ def map_boxes(maps: Array, *, threshold: float = 0.15, connectivity: int = 2) ->
 def _check_segments(threshold: Any, connectivity: Any) -> None:
     """:func:`map_boxes`'s options: a threshold in [0, 1) and a connectivity of 1 or 2."""
     if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (int, float, np.integer, np.floating)):
-        raise TypeError(f"threshold must be a number in [0, 1), got {_shown(threshold)}")
+        raise TypeError(f"threshold must be a number in [0, 1), got {shown(threshold)}")
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     if isinstance(connectivity, (bool, np.bool_)) or not isinstance(connectivity, (int, np.integer)) \
             or connectivity not in (1, 2):
-        raise ValueError(f"connectivity must be 1 or 2, got {_shown(connectivity)}")
+        raise ValueError(f"connectivity must be 1 or 2, got {shown(connectivity)}")
 
 
 def weakly_supervised_localisation(maps: Array, boxes: Array, *, threshold: float = 0.15,
@@ -595,7 +582,7 @@ def _baseline(baseline: Any, x: np.ndarray, seed: int | None) -> np.ndarray:
     b = np.asarray(to_numpy(baseline))
     if b.dtype.kind not in "fiu":
         raise TypeError(f"baseline must be a number, an array or one of 'min', 'mean', 'blur', "
-                        f"'uniform', got {_shown(baseline)}")
+                        f"'uniform', got {shown(baseline)}")
     b = b.astype(np.float64, copy=False)
     if not np.isfinite(b).all():
         raise ValueError(f"baseline contains NaN or Inf ({int(np.count_nonzero(~np.isfinite(b)))} of {b.size} values)")
@@ -709,7 +696,7 @@ def region_perturbation(score: Score, inputs: Array, maps: Array, targets: Any, 
     m = _maps(maps)
     if m.ndim != 3:
         raise ValueError(f"maps must have shape (N, H, W), got shape {m.shape}")
-    _choice("order", order, "'morf' or 'lerf'", ("morf", "lerf"))
+    check_choice("order", order, ("morf", "lerf"))
     n, h, w = m.shape
     patch_size = min(_positive_int("patch_size", patch_size), max(h, w))  # a larger patch is the same one patch
     seed = _seed("seed", seed)
@@ -874,8 +861,8 @@ def road(score: Score, inputs: Array, maps: Array, targets: Any, *,
     m = _maps(maps)
     if m.ndim != 3:
         raise ValueError(f"maps must have shape (N, H, W), got shape {m.shape}")
-    _choice("order", order, "'morf' or 'lerf'", ("morf", "lerf"))
-    _choice("measure", measure, "'accuracy' or 'score'", ("accuracy", "score"))
+    check_choice("order", order, ("morf", "lerf"))
+    check_choice("measure", measure, ("accuracy", "score"))
     check_flag("softmax", softmax)
     check_nonnegative("noise", noise)
     seed = _seed("seed", seed)
@@ -924,7 +911,7 @@ def similarity(maps: Array, others: Array, *, measure: str = "spearman") -> np.n
     Returns:
       ``(N,)`` float64.
     """
-    _choice("measure", measure, "'spearman', 'abs-spearman' or 'ssim'", ("spearman", "abs-spearman", "ssim"))
+    check_choice("measure", measure, ("spearman", "abs-spearman", "ssim"))
     a, b = _maps(maps), _maps(others, "others")
     if a.shape != b.shape:
         raise ValueError(f"others must have the shape of maps {a.shape}, got {b.shape}")
@@ -949,13 +936,13 @@ Quantus 0.6's ``MPRT`` and ``RandomLogit`` do (``'quantus'``; see :func:`model_r
 
 
 def _check_convention(convention: str, batch_size: int) -> None:
-    _choice("convention", convention, f"one of {SANITY_CONVENTIONS}", SANITY_CONVENTIONS)
+    check_choice("convention", convention, SANITY_CONVENTIONS)
     _positive_int("batch_size", batch_size)
 
 
 def _check_classes(num_classes: Any) -> None:
     if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)):
-        raise TypeError(f"num_classes must be an int >= 2, got {_shown(num_classes)}")
+        raise TypeError(f"num_classes must be an int >= 2, got {shown(num_classes)}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes}")
 
@@ -1037,7 +1024,7 @@ def model_randomisation(explain: Callable[[Any], Array], models: Iterable[tuple[
     ref = _maps(reference, "reference")
     if convention == "quantus":
         ref = _quantus_maps(ref, True, batch_size)
-    _choice("measure", measure, "'spearman', 'abs-spearman' or 'ssim'", ("spearman", "abs-spearman", "ssim"))
+    check_choice("measure", measure, ("spearman", "abs-spearman", "ssim"))
     if measure == "ssim" and convention == "ours" and ref.ndim != 3:
         raise ValueError(f"SSIM needs 2-D maps (N, H, W), got shape {ref.shape}")
     results = {}

@@ -38,6 +38,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised by the CLI'
         name=error.name,
     ) from error
 
+from gradcam_ref._arrays import shown
 from gradcam_ref._guided import guided_image
 from gradcam_ref._postprocess import upsample
 from gradcam_ref._resample import parse_size
@@ -110,7 +111,7 @@ def collage(images: Sequence[np.ndarray], columns: int) -> np.ndarray:
     if not isinstance(images, Sequence) or isinstance(images, str):
         raise TypeError(f"images must be a list of images, got {type(images).__name__}")
     if not _is_count(columns):
-        raise ValueError(f"columns must be an int >= 1, got {_shown(columns)}")
+        raise ValueError(f"columns must be an int >= 1, got {shown(columns)}")
     if not images:
         raise ValueError("collage needs at least one image, got an empty list")
     tiles = [_to_uint8(_as_rgb(image, f"images[{i}]")) for i, image in enumerate(images)]
@@ -173,7 +174,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, *, cmap: str = "jet", alpha: fl
     """
     rgb = _as_float_rgb(image, "image")
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-        raise TypeError(f"alpha must be a number in [0, 1], got {_shown(alpha)}")
+        raise TypeError(f"alpha must be a number in [0, 1], got {shown(alpha)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     colored = colorize(fit_heat(heat, rgb.shape[:2]), cmap)
@@ -199,10 +200,10 @@ def figure_size_px(panels: int, image_shape: tuple[int, ...]) -> tuple[int, int]
     title band of :data:`TITLE_PX`.
     """
     if not _is_count(panels):
-        raise ValueError(f"panels must be an int >= 1, got {_shown(panels)}")
+        raise ValueError(f"panels must be an int >= 1, got {shown(panels)}")
     listed = isinstance(image_shape, (Sequence, np.ndarray)) and not isinstance(image_shape, str)
     if not (listed and np.ndim(image_shape) == 1 and len(image_shape) >= 2 and all(map(_is_count, image_shape[:2]))):
-        raise ValueError(f"image_shape must be an image's shape (H, W[, C]) with H, W >= 1, got {_shown(image_shape)}")
+        raise ValueError(f"image_shape must be an image's shape (H, W[, C]) with H, W >= 1, got {shown(image_shape)}")
     height, width = int(image_shape[0]), int(image_shape[1])
     return panels * PANEL_PX, max(1, round(PANEL_PX * height / width)) + TITLE_PX
 
@@ -300,11 +301,6 @@ def _umask() -> int:
     return mask
 
 
-def _shown(value: Any) -> str:
-    """``repr(value)`` on one line (an array's repr spans several)."""
-    return " ".join(repr(value).split())
-
-
 def _is_count(value: Any) -> bool:
     """Whether ``value`` is an int >= 1 (a NumPy integer too; not a bool)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and bool(value >= 1)
@@ -312,7 +308,7 @@ def _is_count(value: Any) -> bool:
 
 def _colormap(cmap: str) -> Any:
     if not isinstance(cmap, str):
-        raise TypeError(f"cmap must be a matplotlib colormap name (str), got {_shown(cmap)}")
+        raise TypeError(f"cmap must be a matplotlib colormap name (str), got {shown(cmap)}")
     try:
         return matplotlib.colormaps[cmap]
     except KeyError:

@@ -110,7 +110,7 @@ def test_random_classes_of_quantus_by_hand():
         assert (drawn != 2).all() and set(drawn.tolist()) == {0, 1, 3, 4}
     with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 5\)"):
         metrics.random_classes(np.array([5]), 5)
-    with pytest.raises(ValueError, match="convention must be one of"):
+    with pytest.raises(ValueError, match="convention must be 'ours' or 'quantus'"):
         metrics.random_classes(targets, 5, convention="Quantus")
 
 
@@ -183,5 +183,5 @@ def test_quantus_scheme_layers_and_bad_names():
         next(randomise.randomised(net, scheme="Quantus"))
     with pytest.raises(ValueError, match=r"layer '1' has no reset_parameters to randomise"):
         next(randomise.randomised(net, names=["1"], scheme="quantus"))
-    with pytest.raises(ValueError, match="convention must be one of"):
+    with pytest.raises(ValueError, match="convention must be 'ours' or 'quantus'"):
         metrics.model_randomisation(lambda m: np.ones((1, 8, 8)), [], reference=np.ones((1, 8, 8)), convention="q")
