@@ -25,9 +25,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from gradcam_ref._arrays import Array, as_float_arrays, check_finite, quiet_numpy, shape_of
+from gradcam_ref._arrays import Array, as_float_arrays, check_finite, check_spatial_rank, quiet_numpy, shape_of
 from gradcam_ref._postprocess import normalize
 from gradcam_ref._resample import KERNELS, parse_size, resize
 
@@ -486,12 +484,7 @@ def postprocess(
         raise ValueError(
             f"signed_maps must have shape (N, *spatial) with at least one spatial axis, got shape {shape}"
         )
-    rank = len(shape) - 1 if spatial_rank is None else spatial_rank
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank < len(shape):
-        raise ValueError(
-            f"spatial_rank must be an int in [1, {len(shape) - 1}] for signed_maps of shape {shape} "
-            f"(a batch axis first), got {spatial_rank!r}"
-        )
+    rank = check_spatial_rank(spatial_rank, shape, "signed_maps")
     if 0 in shape:
         raise ValueError(f"signed_maps must not be empty, got shape {shape}")
     spatial = shape[len(shape) - rank:]
@@ -527,7 +520,8 @@ def method_signed_map(explanation: Any, convention: str | Convention) -> Array:
     if method not in c.methods:
         having = sorted(name for name, conv in CONVENTIONS.items() if method in conv.methods)
         raise ValueError(
-            f"{c.library} does not implement {method!r}: convention must be one of {having} for it")
+            f"{c.library} has no {method!r} that this convention reproduces: convention must be one of "
+            f"{having} for it")
     wanted = c.methods[method]
     given = dict(explanation.options)
     if method in GRADIENT_METHODS and method != "smooth-grad-cam++":

@@ -153,7 +153,7 @@ def test_fem_through_explain_and_the_xplique_convention_keeps_negative_values():
     assert (xplique < 0).any()
     paper = e.heatmap((9, 8), "paper")
     assert paper.min() == 0.0 and paper.max() == 1.0
-    with pytest.raises(ValueError, match=r"does not implement 'fem': convention must be one of \['paper', 'xplique'\]"):
+    with pytest.raises(ValueError, match=r"has no 'fem' that this convention reproduces: convention must be one of \['paper', 'xplique'\]"):
         e.heatmap((9, 8), "pytorch-grad-cam")
     assert "fem:\n    its steps: resize to the requested size: bicubic" in describe("xplique")
 
