@@ -60,7 +60,7 @@ PERTURBATION_METHODS = ("score-cam", "ablation-cam")
 METHODS = GRADIENT_METHODS + PERTURBATION_METHODS
 """Every method name :func:`gradcam_ref.explain` accepts."""
 
-FUSION_RULES = ("mean", "max", "layercam")
+FUSION_RULES = ("mean", "max", "layercam", "torchcam")
 
 _METHOD_LIST = list(METHODS)  # as the error lists them
 
@@ -509,14 +509,19 @@ def fuse_maps(maps: Sequence[Array], rule: str = "mean", *, size: Sequence[int] 
     r"""Fuse the maps of several layers into one, after resizing them to ``size``.
 
     Each map ``(N, *spatial_l)`` is resized (bilinear, half-pixel centres) to ``size`` (default:
-    the largest of each axis; for ``"layercam"`` after its scaling, as torchcam does), then:
+    the largest of each axis; for ``"layercam"`` and ``"torchcam"`` after their scaling, as
+    torchcam does), then:
 
-    - ``"mean"``: :math:`\frac1L \sum_l L_l` (pytorch-grad-cam's rule; it min-max normalises
-      each layer's map first, see :mod:`gradcam_ref.conventions`);
+    - ``"mean"``: :math:`\frac1L \sum_l L_l` (pytorch-grad-cam normalises the mean again, and
+      each layer's map before it: docs/conventions.md has its recipe);
     - ``"max"``: the elementwise maximum :math:`\max_l L_l`;
     - ``"layercam"``: :math:`\max_l \tanh(\gamma L_l / \max L_l)` (:func:`layercam_scale` on
-      every map, then the maximum: torchcam's ``LayerCAM.fuse_cams``; the paper scales only the
-      shallow layers, so pass those through :func:`layercam_scale` yourself and use ``"max"``).
+      every map, then the maximum; the paper scales only the shallow layers, so pass those
+      through :func:`layercam_scale` yourself and use ``"max"``);
+    - ``"torchcam"``: :math:`\max_l \tanh(\gamma L_l)`, torchcam's ``LayerCAM.fuse_cams``, for
+      maps post-processed with the torchcam convention (``heatmap(None, "torchcam")``). It is
+      ``"layercam"`` where each map's maximum is 1; torchcam's min-max leaves a maximum below 1
+      when the map's span is not large next to its epsilon :math:`10^{-8}`.
 
     Example:
       >>> import numpy as np
@@ -524,7 +529,7 @@ def fuse_maps(maps: Sequence[Array], rule: str = "mean", *, size: Sequence[int] 
       array([[2.  , 2.  , 0.75, 1.  ]])
     """
     check_choice("rule", rule, FUSION_RULES)
-    if rule == "layercam":
+    if rule in ("layercam", "torchcam"):
         check_positive("gamma", gamma)
     if not isinstance(maps, (list, tuple)) or not maps:
         raise ValueError(f"maps must be a non-empty list of (N, *spatial) maps, got {type(maps).__name__}")
@@ -536,8 +541,8 @@ def fuse_maps(maps: Sequence[Array], rule: str = "mean", *, size: Sequence[int] 
     rank = arrays[0].ndim - 1
     target = (tuple(max(shape_of(m)[1 + i] for m in arrays) for i in range(rank)) if size is None
               else parse_size(size, rank))
-    resized = [resize(xp, layercam_scale(m, gamma=gamma) if rule == "layercam" else m, target, KERNELS[0])
-               for m in arrays]
+    scale = {"layercam": lambda m: layercam_scale(m, gamma=gamma), "torchcam": lambda m: xp.tanh(gamma * m)}
+    resized = [resize(xp, scale[rule](m) if rule in scale else m, target, KERNELS[0]) for m in arrays]
     stacked = xp.stack(resized, axis=0)
     return xp.mean(stacked, axis=0) if rule == "mean" else xp.max(stacked, axis=0)
 

@@ -320,7 +320,7 @@ TORCHCAM = Convention(
                            "(explain(..., variant='torchcam'))"),),
         "xgrad-cam": ((5, "XGradCAM adds 1e-8 to sum A in the weights' denominator"),),
         "layercam": ((9, "fuse_cams applies tanh(2 x) to every layer's normalised map, then takes "
-                         "the elementwise maximum after bilinear resizing (fuse_maps rule 'layercam')"),),
+                         "the elementwise maximum after bilinear resizing (fuse_maps rule 'torchcam')"),),
         "score-cam": ((6, "ScoreCAM min-max normalises A (eps 1e-8) at the layer's resolution, then "
                           "upsamples (half-pixel); the unmasked input's score is subtracted, which "
                           "the softmax over channels cannot see; chunks of 32 masked inputs"),),

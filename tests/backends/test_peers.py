@@ -180,3 +180,25 @@ def test_pytorch_grad_cam_with_several_layers(method, peer):
     assert_matches(postprocess(np.mean(per_layer, axis=0), pgc), reference)
     naive = gradcam_ref.fuse_maps([postprocess(torch.as_tensor(m), pgc).numpy() for m in per_layer], "mean")
     assert np.abs(naive - reference).max() > 1e-3  # what the old recipe gave: not pytorch-grad-cam's map
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-8])
+def test_torchcam_layercam_fuses_several_layers(scale):
+    """fuse_maps(rule="torchcam") is torchcam's LayerCAM.fuse_cams, also on maps so small that its
+    min-max epsilon (1e-8) leaves their maximum below 1, where rule "layercam" rescales them."""
+    import torchcam.methods
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double().eval()
+    with torch.no_grad():
+        net[6].weight.mul_(scale)
+        net[6].bias.mul_(scale)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    targets, layers = [1, 3], ["1", "3"]
+    with torchcam.methods.LayerCAM(net, target_layer=layers, input_shape=(3, 12, 12)) as extractor:
+        reference = extractor.fuse_cams(extractor(class_idx=targets, scores=net(x)))
+    maps = [gradcam_ref.explain(net, x, targets, layer=n, method="layercam").heatmap(None, "torchcam") for n in layers]
+    assert_matches(gradcam_ref.fuse_maps(maps, "torchcam"), reference)
+    rescaled = gradcam_ref.fuse_maps(maps, "layercam").numpy()
+    assert (np.abs(rescaled - reference.numpy()).max() > 0.5) == (scale < 1e-6)
