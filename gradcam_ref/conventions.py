@@ -267,7 +267,11 @@ PYTORCH_GRAD_CAM = Convention(
         "ablation-cam": ((5, "AblationCAM sets a channel to 0 only when the example's smallest "
                              "activation is 0; otherwise to min - 1e7, lowered by another 1e7 for "
                              "each row of its batch of 32 (its AblationLayer re-reads the minimum), "
-                             "and it reruns the whole network for every ablation"),),
+                             "and it reruns the whole network for every ablation"),
+                         (8, "on a ViT its AblationLayerVit ablates the channel in every token, the "
+                             "class token included; explain(reshape=grid) ablates the grid's tokens "
+                             "and leaves the class token as it was, so on a ViT the maps differ (up "
+                             "to the whole range); this convention does not reproduce that"),),
     },
 )
 
