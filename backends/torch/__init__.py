@@ -194,14 +194,12 @@ def _capture(
             where = f"the {at} of layer {name!r}"
             index = call
             if call is not None and call < 0:
-                runs = _count_calls(model, module, at, inputs)
-                if runs == 0:
-                    raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
+                runs = _count_calls(model, module, name, at, inputs)
                 if runs + call < 0:
                     raise ValueError(f"call={call} but layer {name!r} ran {runs} time(s) in the forward pass")
                 index = runs + call
                 rewind()  # the counting pass drew random numbers: the pass that counts draws the same
-            leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached), undo)
+            leaf, scores = _forward_hooked(model, module, name, at, index, inputs, bool(attached), undo, rewind)
 
         _check_captured(leaf, scores, inputs, where)
         if not callable(target):
@@ -234,6 +232,10 @@ def _capture(
 
 
 # --- the forward pass ---------------------------------------------------------------------------
+
+
+def _nothing() -> None:
+    """``rewind`` of a model in eval mode: nothing to set back."""
 
 
 class _Probe:
@@ -304,33 +306,32 @@ class _Probe:
 
 def _forward_hooked(
     model: nn.Module, module: nn.Module, name: str, at: str, index: int | None, inputs: torch.Tensor,
-    attached: bool = False, undo: contextlib.ExitStack | None = None,
+    attached: bool = False, undo: contextlib.ExitStack | None = None, rewind: Callable[[], None] = _nothing,
 ) -> tuple[torch.Tensor, Any]:
     """One forward pass taking A (see :class:`_Probe`); no graph before the layer, except for
     ``attached`` and for ``at="input"``, whose tensor other modules may read too: there the
     graph runs from inputs that require grad (a detached copy), so that every path is seen.
     The model runs on a copy of ``inputs`` (a clone: differentiable, for ``attached``)."""
-    probe = _Probe(index, at, name, attached, undo)
-    if at == "output":
-        handle = module.register_forward_hook(probe.output_hook)
-    else:
-        handle = module.register_forward_pre_hook(probe.input_hook)
-    if at == "input" and not attached and undo is not None:
-        inputs = _in_the_graph(model, inputs, undo)  # a copy
-    else:
-        inputs = inputs.clone()  # a model that writes into its input in place leaves the caller's alone
-    grad_mode = torch.is_grad_enabled()
-    try:
-        torch.set_grad_enabled(attached or at == "input")  # inference: no graph before the layer
-        scores = _run(model, inputs)
-    finally:
-        torch.set_grad_enabled(grad_mode)
-        handle.remove()
-    if probe.calls == 0:
-        raise ValueError(
-            f"layer {name!r} never ran in the forward pass of {type(model).__name__}: "
-            "pick a module that the forward pass calls"
-        )
+
+    def once() -> tuple[_Probe, Any]:
+        probe = _Probe(index, at, name, attached, undo)
+        if at == "output":
+            handle = module.register_forward_hook(probe.output_hook)
+        else:
+            handle = module.register_forward_pre_hook(probe.input_hook)
+        if at == "input" and not attached and undo is not None:
+            copy = _in_the_graph(model, inputs, undo)
+        else:
+            copy = inputs.clone()  # a model that writes into its input in place leaves the caller's alone
+        grad_mode = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(attached or at == "input")  # inference: no graph before the layer
+            return probe, _run(model, copy)
+        finally:
+            torch.set_grad_enabled(grad_mode)
+            handle.remove()
+
+    probe, scores = _hooks_seen(model, name, once, lambda result: result[0].calls > 0, rewind)
     if index is None and probe.calls > 1:
         raise ValueError(
             f"layer {name!r} ran {probe.calls} times in one forward pass (a shared module), so its "
@@ -365,23 +366,57 @@ def _in_the_graph(model: nn.Module, inputs: torch.Tensor, undo: contextlib.ExitS
     return inputs.clone()
 
 
-def _count_calls(model: nn.Module, module: nn.Module, at: str, inputs: torch.Tensor) -> int:
-    """How many times ``module`` runs in one forward pass (an inference pass, no graph)."""
-    calls = [0]
+def _count_calls(model: nn.Module, module: nn.Module, name: str, at: str, inputs: torch.Tensor) -> int:
+    """How many times ``module`` runs in one forward pass (an inference pass, no graph); at least once."""
 
-    def count(*_: Any) -> None:
-        calls[0] += 1
+    def once() -> int:
+        calls = [0]
 
-    if at == "output":
-        handle = module.register_forward_hook(count)
-    else:
-        handle = module.register_forward_pre_hook(count)
-    try:
-        with torch.no_grad():
-            _run(model, inputs.clone())  # a copy: the model may write into its input
-    finally:
-        handle.remove()
-    return calls[0]
+        def count(*_: Any) -> None:
+            calls[0] += 1
+
+        if at == "output":
+            handle = module.register_forward_hook(count)
+        else:
+            handle = module.register_forward_pre_hook(count)
+        try:
+            with torch.no_grad():
+                _run(model, inputs.clone())  # a copy: the model may write into its input
+        finally:
+            handle.remove()
+        return calls[0]
+
+    return int(_hooks_seen(model, name, once, lambda calls: calls > 0))
+
+
+def _hooks_seen(model: nn.Module, name: str, run: Callable[[], Any], ran: Callable[[Any], bool],
+                rewind: Callable[[], None] = _nothing) -> Any:
+    """``run()``, a forward pass with a hook on layer ``name``, where ``ran`` says the hook ran.
+
+    Where it did not and ``model`` holds a module compiled by ``torch.compile``: Dynamo reuses a
+    graph compiled without hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by
+    default), so a hook registered after the model's first call (under ``torch.no_grad()``, say)
+    is skipped, and guarding hooks afterwards does not recompile it. The pass runs once more, from
+    the same random state (``rewind``), with the compiled modules run eagerly
+    (``torch.compiler.set_stance("force_eager")``: their own Python code, the uncompiled model's
+    values; their compiled graphs are left as they are). Where the hook still did not run: a ValueError.
+    """
+    result = run()
+    if ran(result):
+        return result
+    dynamo = sys.modules.get("torch._dynamo")
+    compiled = dynamo is not None and any(isinstance(m, dynamo.eval_frame.OptimizedModule) for m in model.modules())
+    if compiled:
+        rewind()
+        with torch.compiler.set_stance("force_eager"):
+            result = run()
+        if ran(result):
+            return result
+    raise ValueError(
+        f"layer {name!r} never ran in the forward pass of {type(model).__name__}: pick a module that the "
+        "forward pass calls" + (" (it did not run with the model's torch.compile'd modules run eagerly either)"
+                                if compiled else "")
+    )
 
 
 def score(model: nn.Module | tuple[nn.Module, nn.Module], inputs: Any) -> torch.Tensor:
@@ -974,10 +1009,6 @@ def _warn_if_training(*models: nn.Module) -> bool:
     return "writes" in kept
 
 
-def _nothing() -> None:
-    """``rewind`` of a model in eval mode: nothing to set back."""
-
-
 @contextlib.contextmanager
 def _kept_as_it_was(models: tuple[nn.Module, ...], device: torch.device) -> Iterator[Callable[[], None]]:
     """Leave the models' buffers and torch's random state exactly as they were; yield ``rewind``.
@@ -1202,7 +1233,7 @@ def perturb(
         parts = (model,)
     # In training mode the passes update batch norms' buffers and draw dropout masks: both set back.
     training = _warn_if_training(*parts)
-    with _kept_as_it_was(parts, inputs.device) if training else contextlib.nullcontext():
+    with _kept_as_it_was(parts, inputs.device) if training else contextlib.nullcontext(_nothing) as rewind:
         with torch.no_grad():
             if isinstance(model, (tuple, list)):
                 features, head = parts  # type: ignore[misc]
@@ -1215,7 +1246,7 @@ def perturb(
                 assert module is not None  # resolved above for the single-module form
                 # Each pass runs on its own copy of the inputs: a model that writes into its input
                 # leaves them as they are. A negative call counts from the end: the hook counts from 0.
-                a, scores, call = _forward_taken(model, module, name, at, call, inputs.clone())
+                a, scores, call = _forward_taken(model, module, name, at, call, inputs, rewind)
                 if at == "input" and where == "activations":
                     _check_read_by_layer_only(model, module, name, call, inputs)
                 whole = model
@@ -1309,7 +1340,8 @@ def _scoring_model(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch
 
 
 def _forward_taken(
-    model: nn.Module, module: nn.Module, name: str, at: str, call: int | None, inputs: torch.Tensor
+    model: nn.Module, module: nn.Module, name: str, at: str, call: int | None, inputs: torch.Tensor,
+    rewind: Callable[[], None] = _nothing,
 ) -> tuple[torch.Tensor, Any, int | None]:
     """One no-grad forward pass: the layer's ``at`` at call ``call`` (detached), the scores, and
     the call counted from 0 (None stays None)."""
@@ -1318,16 +1350,18 @@ def _forward_taken(
     def keep(value: Any) -> None:  # a copy now: an in-place op after the layer would change it
         taken.append(value.detach().clone() if isinstance(value, torch.Tensor) else value)
 
-    if at == "output":
-        handle = module.register_forward_hook(lambda m, args, out: keep(out))
-    else:
-        handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
-    try:
-        scores = _run(model, inputs)
-    finally:
-        handle.remove()
-    if not taken:
-        raise ValueError(f"layer {name!r} never ran in the forward pass of {type(model).__name__}")
+    def once() -> Any:
+        taken.clear()
+        if at == "output":
+            handle = module.register_forward_hook(lambda m, args, out: keep(out))
+        else:
+            handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
+        try:
+            return _run(model, inputs.clone())  # a copy: the model may write into its input
+        finally:
+            handle.remove()
+
+    scores = _hooks_seen(model, name, once, lambda _: bool(taken), rewind)
     if call is None and len(taken) > 1:
         raise ValueError(f"layer {name!r} ran {len(taken)} times in one forward pass: pass call=i to pick one")
     if call is not None and not -len(taken) <= call < len(taken):

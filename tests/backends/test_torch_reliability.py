@@ -374,3 +374,46 @@ def test_old_style_spectral_norm_in_training_mode_is_kept_and_warned():
     with pytest.warns(gradcam_ref.TrainingModeWarning):
         gradcam_ref.explain(model, torch.randn(2, 3, 8, 8), target=0, layer="1")
     assert_same_state(before, model_state(model))
+
+
+def compiled_parts(backend: str) -> tuple[nn.Sequential, nn.Module]:
+    """A plain conv net and a model whose first five modules are that net's, torch.compile'd."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 6)).eval()
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.compile(net[:5], backend=backend)
+            self.head = net[5:]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x))
+
+    return net, Wrap()
+
+
+def test_compiled_model_first_run_under_no_grad_is_explained_as_uncompiled() -> None:
+    # Dynamo reused the graph compiled under no_grad without hooks: "layer never ran". Rerun eagerly.
+    torch._dynamo.reset()
+    net, model = compiled_parts("eager")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        model(x)
+    targets = [1, 4, 2]
+    for layer, plain in [("features._orig_mod.3", "3"), ("features._orig_mod.1", "1")]:
+        got = gradcam_ref.explain(model, x, targets, layer=layer)
+        want = gradcam_ref.explain(net, x, targets, layer=plain)
+        np.testing.assert_array_equal(got.maps.numpy(), want.maps.numpy())
+        last = gradcam_ref.explain(model, x, targets, layer=layer, call=-1)  # the counting pass too
+        np.testing.assert_array_equal(last.maps.numpy(), want.maps.numpy())
+    got = gradcam_ref.explain(model, x, targets, layer="features._orig_mod.3", method="score-cam")
+    want = gradcam_ref.explain(net, x, targets, layer="3", method="score-cam")
+    np.testing.assert_array_equal(got.maps.numpy(), want.maps.numpy())
+    with torch.no_grad():  # the user's compiled inference is as it was
+        assert not model(x).requires_grad and not torch.is_grad_enabled()
+    model.spare = nn.ReLU()  # a module that the forward pass does not call
+    with pytest.raises(ValueError, match=r"^layer 'spare' never ran .*torch.compile'd modules run eagerly"):
+        gradcam_ref.explain(model, x, targets, layer="spare")
+
