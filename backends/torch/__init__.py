@@ -560,10 +560,13 @@ def _grad(
         with torch.enable_grad():  # explain may be called under torch.no_grad()
             outputs, grad_outputs = (y * seed).sum(), None
     try:
-        (g,) = torch.autograd.grad(
-            outputs, [leaf], grad_outputs=grad_outputs, retain_graph=retain, create_graph=create,
-            allow_unused=True, is_grads_batched=batched,
-        )
+        if batched and attached is None:
+            (g,) = _batched_grad(y, leaf, seed)
+        else:
+            (g,) = torch.autograd.grad(
+                outputs, [leaf], grad_outputs=grad_outputs, retain_graph=retain, create_graph=create,
+                allow_unused=True, is_grads_batched=batched,
+            )
     except RuntimeError:
         if not batched:
             raise
@@ -654,13 +657,28 @@ def _pooled_head(scores: torch.Tensor, leaf: torch.Tensor, targets: np.ndarray, 
         if selected is not None:
             return selected.movedim(0, 1)
         with contextlib.suppress(RuntimeError):  # vmap cannot batch some op below: one pass a target
-            (g,) = torch.autograd.grad((edge,), [leaf], grad_outputs=(seeds,), retain_graph=True,
-                                       allow_unused=True, is_grads_batched=True)
+            (g,) = _batched_grad(edge, leaf, seeds)
             return _written(_reached(g, where), leaf).movedim(0, 1)
     run = torch.autograd.graph._engine_run_backward
-    rows = [_written(_reached(run((edge,), (seed,), True, False, (leaf,), True, accumulate_grad=False)[0], where),
-                     leaf) for seed in seeds]
+    rows = [_written(_reached(run((edge,), (seed,), i + 1 < len(seeds), False, (leaf,), True,
+                                  accumulate_grad=False)[0], where), leaf) for i, seed in enumerate(seeds)]
     return rows[0] if targets.ndim == 1 else torch.stack(rows, dim=1)
+
+
+def _batched_grad(y: torch.Tensor, leaf: torch.Tensor, seeds: torch.Tensor, create: bool = False) -> tuple[Any, ...]:
+    """``torch.autograd.grad`` of ``y`` w.r.t. ``leaf`` for a batch of ``seeds``, vmap-batched, the graph
+    retained (the caller's fallback, one pass a seed, needs it where vmap fails). A module compiled
+    by ``torch.compile`` through AOTAutograd (aot_eager, inductor) may donate its saved buffers to
+    its backward, which then refuses a retained graph ("donated buffers"): that pass is run once
+    more without retaining, the only pass there is then."""
+    try:
+        return torch.autograd.grad((y,), [leaf], grad_outputs=(seeds,), retain_graph=True, create_graph=create,
+                                   allow_unused=True, is_grads_batched=True)
+    except RuntimeError as error:
+        if "donated buffers" not in str(error):
+            raise
+    return torch.autograd.grad((y,), [leaf], grad_outputs=(seeds,), retain_graph=False, create_graph=create,
+                               allow_unused=True, is_grads_batched=True)
 
 
 _SELECTIONS = frozenset({"CloneBackward0", "ReluBackward0", "HardtanhBackward0", "ThresholdBackward0"})

@@ -417,3 +417,17 @@ def test_compiled_model_first_run_under_no_grad_is_explained_as_uncompiled() -> 
     with pytest.raises(ValueError, match=r"^layer 'spare' never ran .*torch.compile'd modules run eagerly"):
         gradcam_ref.explain(model, x, targets, layer="spare")
 
+
+def test_guided_through_aot_compiled_module_with_donated_buffers() -> None:
+    # AOTAutograd's backward donates its saved buffers and refuses retain_graph=True; the pooled
+    # head's last (here only) backward pass retained it: a raw RuntimeError. (N, T) targets: the same.
+    torch._dynamo.reset()
+    net, model = compiled_parts("aot_eager")
+    x = torch.randn(3, 3, 16, 16)
+    model(x)
+    for targets in ([1, 4, 2], np.array([[1, 0], [4, 5], [2, 2]])):
+        gradcam_ref.explain(model, x, targets, layer="features._orig_mod.4", method="score-cam")
+        got = gradcam_ref.explain(model, x, targets, layer="features", guided=True)
+        want = gradcam_ref.explain(net, x, targets, layer="4", guided=True)
+        np.testing.assert_array_equal(got.maps.numpy(), want.maps.numpy())
+        np.testing.assert_array_equal(got.guided_backprop.numpy(), want.guided_backprop.numpy())
