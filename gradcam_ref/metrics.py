@@ -136,10 +136,6 @@ def _undefined(values: np.ndarray, bad: np.ndarray, why: str) -> np.ndarray:
     return values
 
 
-def _check_ties(ties: str, allowed: Sequence[str]) -> None:
-    check_choice("ties", ties, allowed)
-
-
 # --- Localisation ----------------------------------------------------------------------------
 
 
@@ -170,7 +166,7 @@ def pointing_game(maps: Array, masks: Array, *, tolerance: float = 0.0, ties: st
     """
     m = _maps(maps)
     s = _masks(masks, m.shape, empty)
-    _check_ties(ties, ("share", "any", "all"))
+    check_choice("ties", ties, ("share", "any", "all"))
     if isinstance(tolerance, (bool, np.bool_)) or not isinstance(tolerance, (int, float, np.integer, np.floating)):
         raise TypeError(f"tolerance must be a number of pixels >= 0, got {tolerance!r}")
     if not tolerance >= 0:  # NaN too
@@ -256,7 +252,7 @@ def relevance_rank(maps: Array, masks: Array, *, ties: str = "average", empty: s
     """
     m = _maps(maps)
     s = _masks(masks, m.shape, empty)
-    _check_ties(ties, ("average", "stable"))
+    check_choice("ties", ties, ("average", "stable"))
     n = m.shape[0]
     flat, inside = m.reshape(n, -1), s.reshape(n, -1)
     result = np.full(n, np.nan)
@@ -278,7 +274,7 @@ def top_k_intersection(maps: Array, masks: Array, *, k: int = 1000, ties: str = 
     """
     m = _maps(maps)
     s = _masks(masks, m.shape, empty)
-    _check_ties(ties, ("average", "stable"))
+    check_choice("ties", ties, ("average", "stable"))
     size = int(np.prod(m.shape[1:]))
     k = _positive_int("k (the pixels of a map)", k, size)
     n = m.shape[0]
