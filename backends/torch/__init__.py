@@ -698,14 +698,16 @@ def _batched_grad(y: torch.Tensor, leaf: torch.Tensor, seeds: torch.Tensor, crea
     by ``torch.compile`` through AOTAutograd (aot_eager, inductor) may donate its saved buffers to
     its backward, which then refuses a retained graph ("donated buffers"): that pass is run once
     more without retaining, the only pass there is then."""
-    try:
-        return torch.autograd.grad((y,), [leaf], grad_outputs=(seeds,), retain_graph=True, create_graph=create,
+    def grad(retain: bool) -> tuple[Any, ...]:
+        return torch.autograd.grad((y,), [leaf], grad_outputs=(seeds,), retain_graph=retain, create_graph=create,
                                    allow_unused=True, is_grads_batched=True)
+
+    try:
+        return grad(retain=True)
     except RuntimeError as error:
         if "donated buffers" not in str(error):
             raise
-    return torch.autograd.grad((y,), [leaf], grad_outputs=(seeds,), retain_graph=False, create_graph=create,
-                               allow_unused=True, is_grads_batched=True)
+    return grad(retain=False)
 
 
 _SELECTIONS = frozenset({"CloneBackward0", "LazyCloneBackward0", "ReluBackward0", "HardtanhBackward0",
