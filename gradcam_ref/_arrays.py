@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import array_api_compat
 import numpy as np
@@ -193,12 +193,31 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def check_int(name: str, value: Any, low: int, high: int | None = None, note: str = "") -> int:
+@overload
+def check_int(name: str, value: Any, low: int, high: int | None = None, note: str = "", *,
+              none: Literal[False] = False, type_error: type[Exception] = TypeError) -> int: ...
+
+
+@overload
+def check_int(name: str, value: Any, low: int, high: int | None = None, note: str = "", *,
+              none: bool, type_error: type[Exception] = TypeError) -> int | None: ...
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, note: str = "", *,
+              none: bool = False, type_error: type[Exception] = TypeError) -> int | None:
     """``value`` as an int in [low, high) (no upper bound for None); a TypeError for a bool, a float
-    or anything else that is not an int, a ValueError out of range. ``note`` follows the range."""
+    or anything else that is not an int, a ValueError out of range. ``note`` follows the range.
+
+    With ``none``, None is accepted too (and returned), and the messages say so. ``type_error`` is
+    the exception for a value that is not an int, where an argument has always raised another
+    (ValueError) for every refused value.
+    """
+    if value is None and none:
+        return None
     expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
+    expected += " or None" * none
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be {expected}{note}, got {shown(value)}")
+        raise type_error(f"{name} must be {expected}{note}, got {shown(value)}")
     if value < low or (high is not None and value >= high):
         raise ValueError(f"{name} must be {expected}{note}, got {value!r}")
     return int(value)
