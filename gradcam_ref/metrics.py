@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gradcam_ref._arrays import Array, check_choice, check_flag, check_nonnegative, shown, to_numpy
+from gradcam_ref._arrays import Array, check_choice, check_flag, check_int, check_nonnegative, shown, to_numpy
 from gradcam_ref._warnings import MetricWarning
 
 __all__ = [
@@ -65,30 +65,6 @@ Score = Callable[[np.ndarray], Any]
 
 
 # --- Checks ----------------------------------------------------------------------------------
-
-
-def _positive_int(name: str, value: Any, most: int | None = None) -> int:
-    """``value`` as an int in [1, ``most``]; a bool, a float or a string is refused by name."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if not 1 <= value <= (value if most is None else most):
-        bound = "" if most is None else f" and <= {most}"
-        raise ValueError(f"{name} must be an int >= 1{bound}, got {value!r}")
-    return int(value)
-
-
-def _seed(name: str, value: Any, *, most: int | None = None, generator: bool = False) -> Any:
-    """A seed of ``numpy.random.default_rng``: an int >= 0 (below ``most``) or None; with
-    ``generator`` a ``numpy.random.Generator`` as well. A bool, a float or a string is refused by name."""
-    if value is None or (generator and isinstance(value, np.random.Generator)):
-        return value
-    bound = "" if most is None else f" and < {most}"
-    what = f"an int >= 0{bound} or None" + (" (or a numpy.random.Generator)" if generator else "")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be {what}, got {shown(value)}")
-    if value < 0 or (most is not None and value >= most):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
 
 
 def _maps(maps: Array, name: str = "maps", min_rank: int = 2) -> np.ndarray:
@@ -276,7 +252,7 @@ def top_k_intersection(maps: Array, masks: Array, *, k: int = 1000, ties: str = 
     s = _masks(masks, m.shape, empty)
     check_choice("ties", ties, ("average", "stable"))
     size = int(np.prod(m.shape[1:]))
-    k = _positive_int("k (the pixels of a map)", k, size)
+    k = check_int("k (the pixels of a map)", k, 1, size + 1)
     n = m.shape[0]
     flat, inside = m.reshape(n, -1), s.reshape(n, -1)
     result = np.array([_top_hits(flat[i], inside[i], k, ties) / k for i in range(n)])
@@ -594,7 +570,7 @@ def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: Sequence[np.nd
     """Scores ``(N, S)``: the first ``counts[k]`` (or, for ``(N, S)`` counts, ``counts[i, k]``) pixels
     of example i's order replaced (by the fill, or for insertion by the input on top of the fill),
     every channel at once."""
-    batch_size = _positive_int("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size, 1)
     n, c = x.shape[:2]
     start, source = (fill, x) if insert else (x, fill)
     counts = np.broadcast_to(counts, (n, counts.shape[-1]))
@@ -616,7 +592,7 @@ def _curve(score: Score, x: np.ndarray, fill: np.ndarray, orders: Sequence[np.nd
 
 
 def _counts(pixels: int, steps: int) -> np.ndarray:
-    steps = _positive_int("steps", steps)
+    steps = check_int("steps", steps, 1)
     step = -(-pixels // steps)
     return np.array([*range(0, pixels, step), pixels])
 
@@ -626,7 +602,7 @@ def _pixel_curve(score: Score, inputs: Array, maps: Array, targets: Any, *, step
     m = _maps(maps)
     x = _inputs(inputs, m)
     t = _targets(targets, m.shape[0])
-    seed = _seed("seed", seed)
+    seed = check_int("seed", seed, 0, none=True)
     check_flag("softmax", softmax)
     orders = np.argsort(-m.reshape(m.shape[0], -1), axis=1, kind="stable")
     counts = _counts(orders.shape[1], steps)
@@ -694,15 +670,15 @@ def region_perturbation(score: Score, inputs: Array, maps: Array, targets: Any, 
         raise ValueError(f"maps must have shape (N, H, W), got shape {m.shape}")
     check_choice("order", order, ("morf", "lerf"))
     n, h, w = m.shape
-    patch_size = min(_positive_int("patch_size", patch_size), max(h, w))  # a larger patch is the same one patch
-    seed = _seed("seed", seed)
+    patch_size = min(check_int("patch_size", patch_size, 1), max(h, w))  # a larger patch is the same one patch
+    seed = check_int("seed", seed, 0, none=True)
     check_flag("softmax", softmax)
     x = _inputs(inputs, m)
     t = _targets(targets, m.shape[0])
     rows, columns = -(-h // patch_size), -(-w // patch_size)
     patch = (np.arange(h)[:, None] // patch_size) * columns + np.arange(w)[None, :] // patch_size
     patch = patch.ravel()
-    regions = _positive_int("regions (the patches of a map)", regions, rows * columns)
+    regions = check_int("regions (the patches of a map)", regions, 1, rows * columns + 1)
     sums = np.stack([np.bincount(patch, weights=mi.ravel(), minlength=rows * columns) for mi in m])
     ranked = np.argsort(-sums if order == "morf" else sums, axis=1, kind="stable")[:, :regions]
     # The pixels of the patches in their rank order; the counts at patch boundaries.
@@ -728,7 +704,7 @@ def _confidence(score: Score, inputs: Array, maps: Array, targets: Any, softmax:
     t = _targets(targets, m.shape[0])
     both = np.concatenate([x, x * m[:, None]])
     rows = np.concatenate([np.arange(x.shape[0])] * 2)
-    values = _rescore(score, _chunks(iter(both), _positive_int("batch_size", batch_size)), rows, t, softmax,
+    values = _rescore(score, _chunks(iter(both), check_int("batch_size", batch_size, 1)), rows, t, softmax,
                       rows.size, False, "")
     return values[:x.shape[0]], values[x.shape[0]:]
 
@@ -802,7 +778,8 @@ def noisy_linear_imputation(image: Array, removed: Array, *, noise: float = 0.01
     if not np.isfinite(x).all():  # a NaN spreads to every pixel imputed from it
         raise ValueError(f"image contains NaN or Inf ({int(np.count_nonzero(~np.isfinite(x)))} of {x.size} values)")
     check_nonnegative("noise", noise)
-    rng = _seed("rng", rng, generator=True)
+    if not isinstance(rng, np.random.Generator):
+        rng = check_int("rng", rng, 0, none=True, note=" (or a numpy.random.Generator)")
     if r.all():
         raise ValueError("removed covers every pixel: nothing to impute from (use a percentage < 100)")
     c, h, w = x.shape
@@ -861,7 +838,7 @@ def road(score: Score, inputs: Array, maps: Array, targets: Any, *,
     check_choice("measure", measure, ("accuracy", "score"))
     check_flag("softmax", softmax)
     check_nonnegative("noise", noise)
-    seed = _seed("seed", seed)
+    check_int("seed", seed, 0, none=True)
     p = np.asarray(percentages, dtype=np.float64)
     if p.ndim != 1 or p.size == 0 or (p < 0).any() or (p >= 100).any():
         raise ValueError(f"percentages must be a non-empty list of values in [0, 100), got {percentages}")
@@ -883,7 +860,7 @@ def road(score: Score, inputs: Array, maps: Array, targets: Any, *,
                     yield x[i]
 
     rows = np.repeat(np.arange(n), p.size)
-    values = _rescore(score, _chunks(images(), _positive_int("batch_size", batch_size)), rows, t, softmax,
+    values = _rescore(score, _chunks(images(), check_int("batch_size", batch_size, 1)), rows, t, softmax,
                       rows.size, progress, "ROAD",
                       accuracy=measure == "accuracy")
     return Curve(p / 100, values.reshape(n, p.size))
@@ -933,14 +910,7 @@ Quantus 0.6's ``MPRT`` and ``RandomLogit`` do (``'quantus'``; see :func:`model_r
 
 def _check_convention(convention: str, batch_size: int) -> None:
     check_choice("convention", convention, SANITY_CONVENTIONS)
-    _positive_int("batch_size", batch_size)
-
-
-def _check_classes(num_classes: Any) -> None:
-    if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)):
-        raise TypeError(f"num_classes must be an int >= 2, got {shown(num_classes)}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes}")
+    check_int("batch_size", batch_size, 1)
 
 
 def _quantus_maps(m: np.ndarray, absolute: bool, batch_size: int) -> np.ndarray:
@@ -1080,9 +1050,9 @@ def random_classes(targets: Any, num_classes: int, *, seed: int = 0, convention:
     Returns:
       ``(N,)`` int64.
     """
-    _check_classes(num_classes)
+    check_int("num_classes", num_classes, 2)
     _check_convention(convention, batch_size)
-    seed = _seed("seed", seed, most=2**32 if convention == "quantus" else None)  # RandomState's bound
+    check_int("seed", seed, 0, 2**32 if convention == "quantus" else None, none=True)  # RandomState's bound
     given = np.asarray(to_numpy(targets))
     if given.ndim != 1:
         raise ValueError(f"targets must be (N,) class indices, got shape {given.shape}")
@@ -1115,7 +1085,7 @@ def random_logit(explain: Callable[[Any], Array], targets: Any, num_classes: int
     Returns:
       ``(N,)`` float64.
     """
-    _check_classes(num_classes)
+    check_int("num_classes", num_classes, 2)
     _check_convention(convention, batch_size)
     ref = _maps(reference if reference is not None else explain(targets), "reference")
     other = random_classes(_targets(targets, ref.shape[0]), num_classes, seed=seed, convention=convention,

@@ -200,7 +200,7 @@ def test_bad_input_is_a_clear_error():
             metrics.average_drop(linear, x, heat, 0, batch_size=bad)
     with pytest.raises(TypeError, match="steps must be an int >= 1, got True"):
         metrics.deletion(linear, x, heat, 0, steps=True)
-    with pytest.raises(ValueError, match=r"regions \(the patches of a map\) must be an int >= 1 and <= 4, got 5"):
+    with pytest.raises(ValueError, match=r"regions \(the patches of a map\) must be an int in \[1, 5\), got 5"):
         metrics.region_perturbation(linear, x, heat, 0, patch_size=2, regions=5)
     with pytest.raises(ValueError, match=r"score must return \(B, classes\)"):
         metrics.deletion(lambda z: linear(z)[:, 0], x, heat, 0)

@@ -121,10 +121,11 @@ def test_bad_input_is_a_clear_error(function):
      "tolerance must be >= 0 pixels, got nan"),  # NaN read as 0
     (lambda m, s: metrics.pointing_game(m, s, tolerance="1"), TypeError, "tolerance must be a number of pixels"),
     (lambda m, s: metrics.top_k_intersection(m, s, k=2.5), TypeError,
-     r"k \(the pixels of a map\) must be an int >= 1, got 2.5"),  # NumPy's "Partition index must be integer"
-    (lambda m, s: metrics.top_k_intersection(m, s, k=True), TypeError, "must be an int >= 1, got True"),
+     r"k \(the pixels of a map\) must be an int in \[1, 17\), got 2.5"),  # NumPy's "Partition index must be integer"
+    (lambda m, s: metrics.top_k_intersection(m, s, k=True), TypeError,
+     r"k \(the pixels of a map\) must be an int in \[1, 17\), got True"),
     (lambda m, s: metrics.top_k_intersection(m, s, k=17), ValueError,
-     r"k \(the pixels of a map\) must be an int >= 1 and <= 16, got 17"),
+     r"k \(the pixels of a map\) must be an int in \[1, 17\), got 17"),
     # a string read as True; an array where a name or number is expected (NumPy's "truth value ... ambiguous")
     (lambda m, s: metrics.relevance_mass(m, s, positive="no"), TypeError, "positive must be True or False, got 'no'"),
     (lambda m, s: metrics.pointing_game(m, s, ties=np.array(["any", "all"])), ValueError,

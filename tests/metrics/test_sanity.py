@@ -181,7 +181,7 @@ def test_random_logit():
      "num_classes must be an int >= 2, got 2.5"),
     (lambda t: metrics.random_classes(t, 3, seed=-1), ValueError, "seed must be an int >= 0 or None, got -1"),  # NumPy's
     (lambda t: metrics.random_classes(t, 3, seed=2**32, convention="quantus"), ValueError,
-     "seed must be an int >= 0 and < 4294967296 or None, got 4294967296"),
+     r"seed must be an int in \[0, 4294967296\) or None, got 4294967296"),
     (lambda t: metrics.random_classes(t, 3, convention=np.array(["ours", "quantus"])), ValueError,
      r"convention must be 'ours' or 'quantus', got array\(\['ours', 'quantus'\], dtype='<U7'\)$"),
     (lambda t: metrics.similarity(np.ones((2, 4, 4)), np.ones((2, 4, 4)), measure=np.array(["ssim", "spearman"])),
