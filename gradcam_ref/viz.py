@@ -38,7 +38,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised by the CLI'
         name=error.name,
     ) from error
 
-from gradcam_ref._arrays import shown
+from gradcam_ref._arrays import check_int, shown
 from gradcam_ref._guided import guided_image
 from gradcam_ref._postprocess import upsample
 from gradcam_ref._resample import parse_size
@@ -110,8 +110,7 @@ def collage(images: Sequence[np.ndarray], columns: int) -> np.ndarray:
     """
     if not isinstance(images, Sequence) or isinstance(images, str):
         raise TypeError(f"images must be a list of images, got {type(images).__name__}")
-    if not _is_count(columns):
-        raise ValueError(f"columns must be an int >= 1, got {shown(columns)}")
+    columns = check_int("columns", columns, 1, type_error=ValueError)
     if not images:
         raise ValueError("collage needs at least one image, got an empty list")
     tiles = [_to_uint8(_as_rgb(image, f"images[{i}]")) for i, image in enumerate(images)]
@@ -199,12 +198,12 @@ def figure_size_px(panels: int, image_shape: tuple[int, ...]) -> tuple[int, int]
     Each panel is :data:`PANEL_PX` wide and as high as the image's aspect ratio asks, under a
     title band of :data:`TITLE_PX`.
     """
-    if not _is_count(panels):
-        raise ValueError(f"panels must be an int >= 1, got {shown(panels)}")
+    panels = check_int("panels", panels, 1, type_error=ValueError)
     listed = isinstance(image_shape, (Sequence, np.ndarray)) and not isinstance(image_shape, str)
-    if not (listed and np.ndim(image_shape) == 1 and len(image_shape) >= 2 and all(map(_is_count, image_shape[:2]))):
+    if not (listed and np.ndim(image_shape) == 1 and len(image_shape) >= 2):
         raise ValueError(f"image_shape must be an image's shape (H, W[, C]) with H, W >= 1, got {shown(image_shape)}")
-    height, width = int(image_shape[0]), int(image_shape[1])
+    height, width = (check_int(f"image_shape[{i}]", image_shape[i], 1, note=f" (the image's {side})",
+                               type_error=ValueError) for i, side in enumerate(("height", "width")))
     return panels * PANEL_PX, max(1, round(PANEL_PX * height / width)) + TITLE_PX
 
 
@@ -299,11 +298,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _is_count(value: Any) -> bool:
-    """Whether ``value`` is an int >= 1 (a NumPy integer too; not a bool)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and bool(value >= 1)
 
 
 def _colormap(cmap: str) -> Any:

@@ -96,7 +96,8 @@ IMAGE = np.zeros((4, 6, 3), dtype=np.uint8)
     (lambda: viz.collage([], 2), ValueError, "collage needs at least one image"),
     # figure_size_px: image_shape=[1] was an IndexError, panels='a' a string of 320 'a's
     (lambda: viz.figure_size_px(3, [1]), ValueError, r"image_shape must be an image's shape \(H, W\[, C\]\) .*got \[1\]"),
-    (lambda: viz.figure_size_px(3, (0, 4, 3)), ValueError, r"image_shape must be .*got \(0, 4, 3\)"),
+    (lambda: viz.figure_size_px(3, (0, 4, 3)), ValueError, r"image_shape\[0\] must be an int >= 1 \(the image's height\), got 0$"),
+    (lambda: viz.figure_size_px(3, (4, 2.5)), ValueError, r"image_shape\[1\] must be an int >= 1 \(the image's width\), got 2.5$"),
     (lambda: viz.figure_size_px("a", (4, 4)), ValueError, "panels must be an int >= 1, got 'a'"),
     (lambda: viz.figure_size_px(0, (4, 4)), ValueError, "panels must be an int >= 1, got 0"),
     # overlay: an array or None as alpha or cmap
