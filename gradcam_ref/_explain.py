@@ -17,6 +17,7 @@ from gradcam_ref._arrays import (
     Array,
     check_choice,
     check_flag,
+    check_int,
     check_nonnegative,
     device_of,
     is_array,
@@ -347,13 +348,9 @@ def _explain_smooth(chosen: Any, model: Any, inputs: Any, target: Target, layer:
     n, std, seed = ours.get("n_samples", 4), ours.get("std", 0.3), ours.get("seed", 0)
     variant, given = ours.get("variant", "paper"), ours.get("noise")
     check_choice("variant", variant, ("paper", "torchcam"))
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {shown(n)}")
+    n = check_int("n_samples", n, 1, type_error=ValueError)
     check_nonnegative("std", std)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed must be None or an int >= 0, got {shown(seed)}")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+    seed = check_int("seed", seed, 0, none=True)
     if not is_array(inputs):
         inputs = np.asarray(inputs, dtype=np.float64)
     xp = namespace(inputs)
@@ -392,13 +389,10 @@ def _explain_perturbation(chosen: Any, model: Any, inputs: Any, target: Target, 
     # Score-CAM's copies are whole inputs: 8 per forward pass is the fastest per image on a CPU
     # (docs/benchmarks.md); Ablation-CAM's are activations through the end of the model only.
     batch_size = ours.pop("batch_size", 8 if method == "score-cam" else 32)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1, type_error=ValueError)
     if method == "score-cam":
         variant = check_choice("variant", ours.get("variant", "paper"), SCORE_CAM_VARIANTS)
-        max_n = ours.get("max_n")
-        if max_n is not None and (isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or max_n < 1):
-            raise ValueError(f"max_n must be an int >= 1 (channels kept per example), got {max_n!r}")
+        check_int("max_n", ours.get("max_n"), 1, note=" (channels kept per example)", none=True, type_error=ValueError)
 
         shared: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # example -> (distinct channels, position of each)
 
@@ -476,8 +470,7 @@ def faster_score_cam_channels(activations: Any, max_n: int, *, like: Any) -> Any
     then the union over the *batch*: every example's map uses the channels any example chose.
     """
     k = shape_of(activations)[1]
-    if isinstance(max_n, bool) or not isinstance(max_n, (int, np.integer)) or not 1 <= max_n <= k:
-        raise ValueError(f"max_n must be an int in [1, {k}] (the layer's channels), got {max_n!r}")
+    max_n = check_int("max_n", max_n, 1, k + 1, " (the layer's channels)", type_error=ValueError)
     host = np.asarray(to_numpy(activations), dtype=np.float64)
     spread = host.reshape(host.shape[0], k, -1).std(axis=-1)  # (N, K)
     chosen = np.argsort(-spread, axis=1, kind="stable")[:, :max_n]

@@ -71,8 +71,12 @@ def test_public_namespace_is_small_and_explicit():
     ({"noise": 0.5}, TypeError, "noise must be n >= 1 draws of the inputs' shape (2, 2, 5, 5), got 0.5"),
     ({"noise": []}, ValueError, "noise must be n >= 1 draws of the inputs' shape (2, 2, 5, 5), "
                                 "got shapes []"),
-    ({"seed": -1}, ValueError, "seed must be None or an int >= 0, got -1"),  # was NumPy's 'expected non-negative'
-    ({"seed": 1.5}, TypeError, "seed must be None or an int >= 0, got 1.5"),
+    ({"seed": -1}, ValueError, "seed must be an int >= 0 or None, got -1"),  # was NumPy's 'expected non-negative'
+    ({"seed": 1.5}, TypeError, "seed must be an int >= 0 or None, got 1.5"),
+    ({"seed": True}, TypeError, "seed must be an int >= 0 or None, got True"),
+    ({"n_samples": 0}, ValueError, "n_samples must be an int >= 1, got 0"),
+    ({"n_samples": 2.0}, ValueError, "n_samples must be an int >= 1, got 2.0"),  # ValueError for any refused value
+    ({"n_samples": None}, ValueError, "n_samples must be an int >= 1, got None"),
     ({"variant": np.array(["paper"])}, ValueError, "variant must be 'paper' or 'torchcam', got array(['paper'], "
                                                    "dtype='<U5')"),
 ])
@@ -80,6 +84,20 @@ def test_smooth_options_are_named(options, error, message):
     model, x = _oracle()
     with pytest.raises(error, match="^" + re.escape(message) + "$"):
         gradcam_ref.explain(model, x, [1, 3], method="smooth-grad-cam++", **options)
+
+
+@pytest.mark.parametrize(("method", "options", "message"), [
+    ("score-cam", {"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ("ablation-cam", {"batch_size": 1.5}, "batch_size must be an int >= 1, got 1.5"),
+    ("score-cam", {"batch_size": True}, "batch_size must be an int >= 1, got True"),
+    ("score-cam", {"max_n": 0}, "max_n must be an int >= 1 or None (channels kept per example), got 0"),
+    ("score-cam", {"max_n": "2"}, "max_n must be an int >= 1 or None (channels kept per example), got '2'"),
+])
+def test_perturbation_counts_are_named(method, options, message):
+    """ValueError for every refused value, a wrong type included, as these options always raised."""
+    model, x = _oracle()
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        gradcam_ref.explain(model, x, [1, 3], method=method, **options)
 
 
 def test_smooth_noise_given_as_draws_is_the_seeded_noise():

@@ -319,7 +319,7 @@ def test_unknown_method_and_option_errors_name_the_known_ones():
     ({"method": "eigen-grad-cam", "centre": 1}, TypeError, "centre must be True or False, got 1"),
     ({"guided": "no"}, TypeError, "guided must be True or False, got 'no'"),
     ({"method": "smooth-grad-cam++", "std": float("inf")}, ValueError, "std must be a finite number >= 0, got inf"),
-    ({"method": "smooth-grad-cam++", "seed": "a"}, TypeError, "seed must be None or an int >= 0, got 'a'"),
+    ({"method": "smooth-grad-cam++", "seed": "a"}, TypeError, "seed must be an int >= 0 or None, got 'a'"),
 ])
 def test_bad_method_options_are_named(options, error, message):
     """Each refused before any work: a NaN eps used to blame the inputs ("overflowed ... use a wider
