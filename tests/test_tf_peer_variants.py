@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.ndimage
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gradcam_ref
@@ -186,9 +186,26 @@ def test_tf_keras_vis_plus_plus_golden_by_hand():
     np.testing.assert_allclose(grad_cam_plus_plus(a, g, relu=False), [[[0.25, 0.25]]], rtol=1e-15)
 
 
+def tf_keras_vis_conditioning(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``(N, K)``: how much the weights amplify rounding. ``alpha = 1 / (2 + S g)`` where ``g != 0``
+    cancels near ``g = -2/S`` (by ``(2 + |S g|) / |2 + S g|``), and the alphas' sum cancels where
+    they differ in sign (by ``sum |alpha| / |sum alpha|``)."""
+    sg = a.sum(axis=(2, 3), keepdims=True) * g
+    nonzero = g != 0
+    denominator = np.where(nonzero, 2 + sg, 1.0)
+    alphas = np.where(nonzero, 1 / denominator, 0.0)
+    near_pole = np.where(nonzero, (2 + np.abs(sg)) / np.abs(denominator), 1.0).max(axis=(2, 3))
+    total = np.abs(alphas.sum(axis=(2, 3)))
+    signs = np.where(total > 0, np.abs(alphas).sum(axis=(2, 3)) / np.where(total > 0, total, 1.0), 1.0)
+    return near_pole * signs
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.booleans())
+@example(2953, False)  # g = -0.2132 with S = 9.39: 2 + S g = 1.3e-4, both ways off the exact value by 1e-12
 def test_tf_keras_vis_plus_plus_equals_its_lines(seed, with_zeros):
+    """Equal to the lines within rounding amplified by the conditioning (1e-12 at best): near a pole of
+    alpha neither is exact (mpmath, seed 2953: ours 6e-13, the lines 3e-12 from the true weight)."""
     rng = np.random.default_rng(seed)
     a = np.maximum(rng.standard_normal((2, 3, 4, 3)), 0)
     g = rng.standard_normal((2, 3, 4, 3)) * 0.1
@@ -196,8 +213,9 @@ def test_tf_keras_vis_plus_plus_equals_its_lines(seed, with_zeros):
         g[g < 0] = 0.0
         g[0, 1] = 0.0
     y = rng.standard_normal(2) * 3
-    np.testing.assert_allclose(tf_keras_vis_plus_plus_weights(a, g, y), tf_keras_vis_steps(a, g, y),
-                               rtol=1e-12, atol=1e-300)
+    got, want = tf_keras_vis_plus_plus_weights(a, g, y), tf_keras_vis_steps(a, g, y)
+    tolerance = 1e-12 * tf_keras_vis_conditioning(a, g) * np.abs(want) + 1e-300
+    assert np.all(np.abs(got - want) <= tolerance), (got, want, tolerance)
 
 
 def test_tf_keras_vis_plus_plus_targets_exp_overflow_and_options():
