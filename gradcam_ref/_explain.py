@@ -15,6 +15,7 @@ import numpy as np
 
 from gradcam_ref._arrays import (
     Array,
+    as_float_arrays,
     check_choice,
     check_flag,
     check_int,
@@ -22,6 +23,7 @@ from gradcam_ref._arrays import (
     device_of,
     is_array,
     namespace,
+    same_library,
     shape_of,
     shown,
     to_numpy,
@@ -36,6 +38,7 @@ from gradcam_ref._methods import (
     ablated_activations,
     ablation_cam_weights,
     check_method,
+    given_weights_fields,
     method_fields,
     score_cam_masks,
     score_cam_weights,
@@ -127,11 +130,15 @@ class Explanation:
 
     Attributes:
       maps: :math:`L^c = \\mathrm{ReLU}(\\sum_k \\alpha_k^c A^k)` at the layer's resolution,
-        ``(N, *spatial)``, or ``(N, T, *spatial)`` for ``(N, T)`` targets.
+        ``(N, *spatial)``, or ``(N, T, *spatial)`` for ``(N, T)`` targets; in the activations' dtype for
+        every method (a float16 layer under a float32 head gives float16 maps: half precision is computed
+        in float32 and cast back, :func:`gradcam_ref._arrays.widen_half`).
       activations: :math:`A`, ``(N, K, *spatial)``.
       gradients: :math:`\\partial y^c / \\partial A`, the shape of ``activations`` or
         ``(N, T, K, *spatial)``.
-      weights: :math:`\\alpha^c` (Eq. 1), ``(N, K)`` or ``(N, T, K)``.
+      weights: :math:`\\alpha^c` (Eq. 1), ``(N, K)`` or ``(N, T, K)``, in the activations' dtype like the
+        maps: Score-CAM's and Ablation-CAM's, computed from the scores (float32 under a float32 head), are
+        cast to it (:func:`gradcam_ref._methods.given_weights_fields`).
       scores: the model's output for ``inputs``, e.g. ``(N, C)`` logits.
       targets: the explained classes, int64 NumPy ``(N,)`` or ``(N, T)``; None when the
         target was a callable.
@@ -181,7 +188,8 @@ class Explanation:
         ``method`` the core's :func:`gradcam_ref._methods.method_fields` computes the weights and
         the signed map from the capture's ``(A, G)`` with ``options``; methods that need more
         than one capture (Score-CAM, Ablation-CAM, Smooth Grad-CAM++) pass their ``weights``
-        (and, without channel weights, ``signed``) computed by :func:`explain`.
+        (and, without channel weights, ``signed``) computed by :func:`explain`; those weights and their
+        map come back in the activations' dtype (:func:`gradcam_ref._methods.given_weights_fields`).
         """
         check_method(method)
         if method == "grad-cam" and not options and weights is None:
@@ -197,8 +205,11 @@ class Explanation:
                 guided_backprop=capture.guided_backprop,
                 guided_grad_cam=fields.guided_grad_cam,
             )
-        if weights is not None:
-            signed = cam(capture.activations, weights)
+        if weights is not None:  # in the activations' dtype, as the gradient methods' (given_weights_fields)
+            xp, (a,) = as_float_arrays(activations=capture.activations)
+            _, (w,) = as_float_arrays(weights=weights)
+            same_library(activations=a, class_weights=w)
+            weights, signed = given_weights_fields(xp, a, w)
         elif signed is None:
             y = method_target_scores(method, options, capture.scores, capture.targets)
             weights, signed = method_fields(method, capture.activations, capture.gradients, target_scores=y,

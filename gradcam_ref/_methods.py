@@ -793,6 +793,59 @@ class MethodFields(NamedTuple):
     signed: Array
 
 
+@quiet_numpy
+def given_weights_fields(xp: Any, activations: Array, weights: Array) -> MethodFields:
+    r"""The weights and the signed map :math:`\sum_k w^c_k A^k` of weights computed apart from :math:`A`,
+    both in the activations' dtype.
+
+    Score-CAM's and Ablation-CAM's weights come from the model's scores, whose dtype may be wider than the
+    layer's: a Keras model under ``mixed_float16`` with its float32 head (as Keras recommends), a half-precision
+    torch model ending in ``.float()``. They follow the rule of the gradient methods, whose weights come from
+    :math:`G`, in :math:`A`'s dtype: half precision is computed in float32 and cast back to the activations'
+    dtype. So the weights are cast to the activations' dtype (Smooth Grad-CAM++'s are in it already), and the
+    map is formed from those weights; where the dtype is half precision (float16, bfloat16), as the weighted
+    sum of :func:`gradcam_ref._arrays.widen_half`'s float32 arrays, cast back once (a partial sum may pass
+    float16's 65504 where the map does not). A weight or a map past the dtype's largest number raises. Without
+    the cast, array promotion made these maps float32 where every other method's are float16.
+    Activations and weights of one dtype of 32 bits or more are computed as :func:`gradcam_ref.cam` computes
+    them, bit for bit, the weights returned as given; weights wider than float32 activations (float64 scores)
+    are cast to float32 too.
+
+    Args:
+      xp: the arrays' namespace (:func:`gradcam_ref._arrays.as_float_arrays`'s, which makes NumPy float64).
+      activations: :math:`A`, ``(N, K, *spatial)``.
+      weights: :math:`w^c`, ``(N, K)`` or ``(N, T, K)``, an array of ``xp`` of any floating dtype.
+
+    Returns:
+      ``(weights, signed)`` in the activations' dtype: ``(N, K)`` or ``(N, T, K)``, and the map before the
+      ReLU, ``(N, *spatial)`` or ``(N, T, *spatial)``.
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.array([[[[60000.0]], [[60000.0]], [[-60000.0]]]], np.float16)  # N=1, K=3, 1x1
+      >>> w, signed = given_weights_fields(np, a, np.array([[1.0, 0.5, 1.0]], np.float32))
+      >>> w.dtype, signed.dtype, float(signed[0, 0, 0])  # 60000 + 30000 - 60000: 90000 is past float16's range
+      (dtype('float16'), dtype('float16'), 30000.0)
+    """
+    a, w = activations, weights
+    check_feature_maps("activations", a)
+    n, k = shape_of(a)[:2]
+    if w.ndim not in (2, 3) or shape_of(w)[0] != n or shape_of(w)[-1] != k or 0 in shape_of(w):
+        raise ValueError(f"weights must have shape (N, K) = ({n}, {k}) or (N, T, K) = ({n}, T, {k}) to match "
+                         f"activations {shape_of(a)}, got shape {shape_of(w)}")
+    dtype = a.dtype
+    if w.dtype != dtype:
+        w = xp.astype(w, dtype)
+        check_finite(w, "the weights cast to the activations' dtype", weights=weights)
+    if xp.finfo(dtype).bits >= 32:
+        signed = _weighted_sum(xp, a, w)
+    else:
+        wide_a, wide_w = widen_half(xp, a, w)
+        signed = xp.astype(_weighted_sum(xp, wide_a, wide_w), dtype)
+    check_finite(signed, "cam", activations=a, class_weights=w)
+    return MethodFields(w, signed)
+
+
 def method_fields(method: str, activations: Array, gradients: Array | None, *,
                   target_scores: Array | None = None, **options: Any) -> MethodFields:
     """The weights and the map before the final ReLU of a gradient method, from ``(A, G)``.

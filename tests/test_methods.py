@@ -502,6 +502,87 @@ def test_power_of_two_scaling_under_jax_where_reciprocals_flush_to_zero():
         np.testing.assert_array_equal(np.asarray(weights), [[0.5]])
 
 
+# --- Score-CAM and Ablation-CAM in half precision: the activations' dtype --------------------------
+
+
+def spy_on_score_weights(monkeypatch):
+    """Record the weights ``explain`` computes from the scores for Score-CAM (its paper variant) and
+    Ablation-CAM, before the core casts them to the activations' dtype: ``{method: weights}``."""
+    import gradcam_ref._explain as explain_module
+
+    seen = {}
+
+    def spy(method, wrapped):
+        def recorded(*args, **kwargs):
+            seen[method] = wrapped(*args, **kwargs)
+            return seen[method]
+        return recorded
+
+    for method, name in (("score-cam", "score_cam_weights"), ("ablation-cam", "ablation_cam_weights")):
+        monkeypatch.setattr(explain_module, name, spy(method, getattr(explain_module, name)))
+    return seen
+
+
+def assert_the_float32_map_cast(maps, weights, activations, weights32, cast, u):
+    r"""Score-CAM's and Ablation-CAM's half-precision ``maps`` and ``weights`` against their float32 computation.
+
+    All as float64 NumPy: ``activations`` (half) ``(N, K, *S)``, ``weights32`` the float32 weights the scores
+    gave ``(N, K)``; ``cast`` rounds float64 values to the half dtype, whose unit roundoff is ``u`` (float16
+    2^-11, bfloat16 2^-8). The weights are the float32 ones cast, exactly. The reference map is
+    :math:`\mathrm{ReLU}(\sum_k w_k A^k)` of the float32 weights, formed exactly (each product of a half and
+    a float32 number is exact in float64) and cast once. The maps are formed from the cast weights (so that
+    ``signed`` is the weighted sum of ``Explanation.weights``, as for the gradient methods): each weight's
+    rounding moves its term by at most u of it (below float16's smallest normal, 6.1e-5, by an absolute
+    2^-25 times :math:`|A^k|`), the float32 sum adds at most K 2^-24 of :math:`\sum_k |w_k A^k|`, and the
+    two final roundings u of the value each (2^-25 below the smallest normal): so
+    :math:`|maps - cast(ref)| \le (3u + K\, 2^{-24}) \sum_k |w_k A^k| + 2^{-25} (\sum_k |A^k| + 2)`.
+    A float16 sum (no widening) would be off by far more where a partial sum passes 65504, or inf.
+    """
+    np.testing.assert_array_equal(weights, cast(weights32))
+    k = activations.shape[1]
+    exact = np.einsum("nk,nk...->n...", weights32, activations)
+    size = np.einsum("nk,nk...->n...", np.abs(weights32), np.abs(activations))
+    tol = (3 * u + k * 2.0 ** -24) * size + 2.0 ** -25 * (np.abs(activations).sum(axis=1) + 2)
+    error = np.abs(maps - cast(np.maximum(exact, 0.0)))
+    assert np.all(error <= tol), (error.max(), error[error > tol], tol[error > tol])
+
+
+def test_given_weights_fields_keep_the_activations_dtype_and_sum_in_float32():
+    """Weights computed elsewhere (Score-CAM's and Ablation-CAM's from float32 scores) meet float16 activations:
+    the weights are cast to float16 and the map is summed in float32, cast back, as the gradient methods' are;
+    before, the map came back in float32 (array promotion). Partial sums past 65504 (60000 + 60000 - 60000)
+    do not overflow. Equal dtypes of 32 bits or more are computed as cam() computes them, bit for bit."""
+    from gradcam_ref._methods import given_weights_fields
+
+    a = np.array([[[[60000.0, 1.0, 0.5]], [[60000.0, 2.0, 0.25]], [[-60000.0, 3.0, 0.0]]]], np.float16)
+    w = np.array([[1.0, 1.0 / 3.0, 1.0]], np.float32)  # 1/3 is not a float16 number
+    weights, signed = given_weights_fields(np, a, w)
+    assert weights.dtype == np.float16 and signed.dtype == np.float16
+    np.testing.assert_array_equal(weights, w.astype(np.float16))
+    wide = np.einsum("nk,nk...->n...", weights.astype(np.float32), a.astype(np.float32))
+    np.testing.assert_array_equal(signed, wide.astype(np.float16))  # the float32 sum, cast once
+    assert float(signed[0, 0, 0]) == 20000.0  # 60000 (1 + 0.33325 - 1): a float16 partial sum of 80000 is inf
+    assert_the_float32_map_cast(np.maximum(signed, 0).astype(np.float64), weights.astype(np.float64),
+                                a.astype(np.float64), w.astype(np.float64),
+                                lambda v: np.asarray(v).astype(np.float16).astype(np.float64), 2.0 ** -11)
+    with pytest.raises(ValueError, match=r"overflowed: .*\(float16\); compute in a wider dtype"):
+        given_weights_fields(np, a, np.array([[1.0, 70000.0, 1.0]], np.float32))  # a weight past 65504
+    with pytest.raises(ValueError, match=r"overflowed: .*\(float16\); compute in a wider dtype"):
+        given_weights_fields(np, a, np.array([[1.0, 1.0, -1.0]], np.float32))  # a map of 180000
+    import torch
+
+    rng = np.random.default_rng(1)
+    a, w = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 2, 3))
+    weights, signed = given_weights_fields(np, a, w)  # as before: cam(), with the weights as given
+    assert weights is w
+    np.testing.assert_array_equal(signed, gradcam_ref.cam(a, w))
+    for dtype in (torch.float32, torch.float64):  # (NumPy float32 is float64 in the core)
+        ta, tw = torch.tensor(a, dtype=dtype), torch.tensor(w, dtype=dtype)
+        weights, signed = given_weights_fields(gradcam_ref._arrays.namespace(ta), ta, tw)
+        assert weights is tw and signed.dtype == dtype
+        assert torch.equal(signed, gradcam_ref.cam(ta, tw))
+
+
 # --- arguments checked by type and range before use (an adversarial sweep's findings) ------------
 
 

@@ -19,6 +19,7 @@ from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.backends.numpy_backend import perturb as numpy_perturb
 from gradcam_ref.verify import peers
 from gradcam_ref.verify.twins import jax_oracle, torch_oracle
+from tests.test_methods import assert_the_float32_map_cast, spy_on_score_weights
 
 TOL = 1e-10
 
@@ -289,6 +290,40 @@ def test_every_method_runs_in_half_precision_close_to_float64(dtype):
                 wide = wide.maps
             scale = float(wide.abs().max())
             torch.testing.assert_close(low.maps.double(), wide, rtol=0, atol=64 * eps * scale, msg=method)
+
+
+class _Float(nn.Module):
+    """``x.float()``: a half-precision model whose scores are float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_method_maps_in_the_activations_dtype_with_float32_scores(dtype, monkeypatch):
+    """A half-precision model ending in ``.float()``: A is half, the scores float32. Every method's maps,
+    signed maps and weights come back in A's dtype; Score-CAM's and Ablation-CAM's weights (from the float32
+    scores) made their maps float32, and are now cast to A's dtype, the maps being the float32 computation
+    cast (tests/test_methods.py: assert_the_float32_map_cast states the tolerance and why)."""
+    spied = spy_on_score_weights(monkeypatch)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 3), _Float()).to(dtype).eval()
+    x = torch.randn(2, 3, 10, 10).to(dtype)
+    u = torch.finfo(dtype).eps / 2
+    for method in gradcam_ref.METHODS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+            e = gradcam_ref.explain(net, x, [0, 1], layer="3", method=method)
+        assert e.scores.dtype == torch.float32 and e.activations.dtype == dtype
+        for name in ("maps", "signed", "weights"):
+            value = getattr(e, name)
+            assert value is None or value.dtype == dtype, (method, name, value.dtype)
+        if method in ("score-cam", "ablation-cam"):
+            got = e.numpy()
+            assert np.abs(got.maps).max() > 0, method
+            assert_the_float32_map_cast(got.maps, got.weights, got.activations, spied[method].double().numpy(),
+                                        lambda v: torch.from_numpy(np.asarray(v)).to(dtype).double().numpy(), u)
 
 
 class _Scored(Exception):

@@ -25,6 +25,7 @@ from gradcam_ref.backends import tensorflow as tf_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.verify.twins import keras_oracle, torch_oracle
 from tests.backends.test_tensorflow_backend import batch_norm_model, model_state, residual_net
+from tests.test_methods import assert_the_float32_map_cast, spy_on_score_weights
 
 TOL = 1e-10
 PERTURBATION = ("score-cam", "ablation-cam")
@@ -254,6 +255,46 @@ def test_perturbation_takes_inputs_of_another_dtype_than_the_layers(method):
     assert raw.activations.dtype == tf.float16
     got = raw.numpy()
     np.testing.assert_allclose(got.maps, expected.maps, rtol=0, atol=1e-2 * np.abs(expected.maps).max())
+
+
+@pytest.fixture
+def mixed_float16():
+    """Keras's global policy mixed_float16 for the test, float32 (the default) again after it."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_every_method_maps_in_the_activations_dtype_under_mixed_float16(mixed_float16, monkeypatch):
+    """Under mixed_float16 the layer's A is float16, and every method's maps, signed maps and weights come
+    back in float16, with a float32 Dense head (as Keras recommends: float32 scores) or a float16 one.
+    Score-CAM's and Ablation-CAM's weights come from the scores: they were float32 with a float32 head and
+    made those maps float32 (array promotion); now they are cast to float16 and the maps are the float32
+    computation cast (tests/test_methods.py: assert_the_float32_map_cast states the tolerance and why)."""
+    spied = spy_on_score_weights(monkeypatch)
+    x = np.random.default_rng(32).integers(0, 256, (2, 6, 6, 2)).astype(np.float32)
+    for head in ("float32", None):  # None: the policy's, float16 scores
+        keras.utils.set_random_seed(32)
+        i = keras.Input((6, 6, 2))
+        h = keras.layers.Conv2D(3, 3, activation="relu", name="conv")(keras.layers.Rescaling(1 / 64)(i))
+        model = keras.Model(i, keras.layers.Dense(4, dtype=head)(keras.layers.GlobalAveragePooling2D()(h)))
+        for method in gradcam_ref.METHODS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", gradcam_ref.NonPositiveScoreWarning)
+                e = gradcam_ref.explain(model, x, [1, 2], layer="conv", method=method)
+            assert e.scores.dtype == (tf.float32 if head else tf.float16)
+            assert e.activations.dtype == tf.float16
+            for name in ("maps", "signed", "weights"):
+                value = getattr(e, name)
+                assert value is None or value.dtype == tf.float16, (head, method, name, value.dtype)
+            if method in PERTURBATION:
+                got = e.numpy()
+                assert np.abs(got.maps).max() > 0, method
+                assert_the_float32_map_cast(got.maps, got.weights, got.activations,
+                                            np.asarray(spied[method].numpy(), np.float64),
+                                            lambda v: np.asarray(v).astype(np.float16).astype(np.float64), 2.0 ** -11)
 
 
 def test_bad_perturbation_input():
