@@ -274,7 +274,7 @@ class _Probe:
             leaf = value if self.attached and value.requires_grad else value.detach().requires_grad_(True)
         self.leaf, self.version = leaf, leaf._version
         torch.set_grad_enabled(True)  # the rest of the forward pass builds the graph
-        return _copy(leaf)  # a non-leaf copy: in-place ops downstream leave `leaf` alone
+        return leaf.clone()  # a non-leaf copy: in-place ops downstream leave `leaf` alone
 
     def _connected(self, value: torch.Tensor) -> torch.Tensor:
         """A module's input as the tensor itself, so that dy/dA sums every path from it to the score.
@@ -322,7 +322,7 @@ def _forward_hooked(
         if at == "input" and not attached and undo is not None:
             copy = _in_the_graph(model, inputs, undo)
         else:
-            copy = _copy(inputs)  # a model that writes into its input in place leaves the caller's alone
+            copy = inputs.clone()  # a model that writes into its input in place leaves the caller's alone
         grad_mode = torch.is_grad_enabled()
         try:
             torch.set_grad_enabled(attached or at == "input")  # inference: no graph before the layer
@@ -348,33 +348,6 @@ def _forward_hooked(
     return probe.leaf, scores
 
 
-_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
-
-
-def _copy(x: torch.Tensor) -> torch.Tensor:
-    """``x.clone()``: a copy that the model may write into, leaving ``x`` as it was; differentiable.
-
-    Copy on write where torch offers it (``torch._lazy_clone``, private): on the CPU, for a dense
-    tensor whose memory torch allocated, the copy shares ``x``'s memory until either is written,
-    so a model that only reads its input (or the layer's output) makes no copy at all, and one
-    that writes into it copies it then. Elsewhere (other devices, memory from NumPy, DLPack or
-    shared memory, overlapping or gapped strides, subclasses) a clone, as before.
-    """
-    if (_LAZY_CLONE is not None and type(x) is torch.Tensor and x.device.type == "cpu"
-            and x.layout == torch.strided and _dense(x)):
-        try:
-            return _LAZY_CLONE(x)
-        except RuntimeError:  # memory torch did not allocate: no copy on write
-            pass
-    return x.clone()
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """Whether ``x`` is contiguous in one of torch's memory formats (its clone keeps its strides)."""
-    return (x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
-            or (x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
-
-
 def _in_the_graph(model: nn.Module, inputs: torch.Tensor, undo: contextlib.ExitStack) -> torch.Tensor:
     """What the model runs on so that every tensor computed from its inputs or weights has history.
 
@@ -385,12 +358,12 @@ def _in_the_graph(model: nn.Module, inputs: torch.Tensor, undo: contextlib.ExitS
     user's tensors are not changed.
     """
     if inputs.is_floating_point():
-        return _copy(inputs) if inputs.requires_grad else _copy(_copy(inputs.detach()).requires_grad_(True))
+        return inputs.clone() if inputs.requires_grad else inputs.detach().clone().requires_grad_(True).clone()
     for parameter in model.parameters():
         if parameter.is_floating_point() and not parameter.requires_grad:
             parameter.requires_grad_(True)
             undo.callback(parameter.requires_grad_, False)
-    return _copy(inputs)
+    return inputs.clone()
 
 
 def _count_calls(model: nn.Module, module: nn.Module, name: str, at: str, inputs: torch.Tensor) -> int:
@@ -408,7 +381,7 @@ def _count_calls(model: nn.Module, module: nn.Module, name: str, at: str, inputs
             handle = module.register_forward_pre_hook(count)
         try:
             with torch.no_grad():
-                _run(model, _copy(inputs))  # a copy: the model may write into its input
+                _run(model, inputs.clone())  # a copy: the model may write into its input
         finally:
             handle.remove()
         return calls[0]
@@ -464,7 +437,7 @@ def score(model: nn.Module | tuple[nn.Module, nn.Module], inputs: Any) -> torch.
         dtype, device = (floating[0].dtype, floating[0].device) if floating else (torch.float32, "cpu")
         inputs = torch.as_tensor(np.asarray(inputs), dtype=dtype, device=device)
     with _kept_as_it_was(parts, inputs.device) if keep else contextlib.nullcontext(), torch.no_grad():
-        out = _copy(inputs)  # a copy: the model may write into its input (as_tensor shares NumPy's memory)
+        out = inputs.clone()  # a copy: the model may write into its input (as_tensor shares NumPy's memory)
         for part in parts:
             out = _run(part, out)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != inputs.shape[0]:
@@ -477,13 +450,13 @@ def _forward_split(
     features: nn.Module, head: nn.Module, inputs: torch.Tensor, attached: bool = False
 ) -> tuple[torch.Tensor, Any]:
     with torch.set_grad_enabled(attached):
-        a = _run(features, _copy(inputs))  # a copy: features may write into its input
+        a = _run(features, inputs.clone())  # a copy: features may write into its input
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         kind = f"a {a.dtype} tensor" if isinstance(a, torch.Tensor) else type(a).__name__
         raise TypeError(f"features(inputs) must be one floating-point tensor (N, K, *spatial), got {kind}")
     leaf = a if attached and a.requires_grad else a.detach().requires_grad_(True)
     with torch.enable_grad():
-        scores = _run(head, _copy(leaf))
+        scores = _run(head, leaf.clone())
     return leaf, scores
 
 
@@ -710,11 +683,9 @@ def _batched_grad(y: torch.Tensor, leaf: torch.Tensor, seeds: torch.Tensor, crea
     return grad(retain=False)
 
 
-_SELECTIONS = frozenset({"CloneBackward0", "LazyCloneBackward0", "ReluBackward0", "HardtanhBackward0",
-                         "ThresholdBackward0"})
+_SELECTIONS = frozenset({"CloneBackward0", "ReluBackward0", "HardtanhBackward0", "ThresholdBackward0"})
 """Backward nodes that hand each position its incoming gradient or 0, by a mask of their saved input
-or output alone (``where(mask, grad, 0)``): the identity (a copy, :func:`_copy`), ReLU, ReLU6 and
-hardtanh, threshold."""
+or output alone (``where(mask, grad, 0)``): the identity, ReLU, ReLU6 and hardtanh, threshold."""
 
 
 def _selections_only(node: Any, leaf: torch.Tensor, limit: int = 16) -> bool:
@@ -928,9 +899,9 @@ def _guided_backprop(
     mode = GuidedReLUs()
     with torch.enable_grad(), mode:
         if isinstance(model, (tuple, list)):
-            scores = _run(model[1], _run(model[0], _copy(x)))
+            scores = _run(model[1], _run(model[0], x.clone()))
         else:
-            scores = _run(model, _copy(x))  # a copy: in-place ops on it leave x (and inputs) alone
+            scores = _run(model, x.clone())  # a copy: in-place ops on it leave x (and inputs) alone
     if not mode.counts:
         warnings.warn(
             "guided=True but the model called no ReLU that the guided pass recognises (see the "
@@ -1286,7 +1257,7 @@ def perturb(
         with torch.no_grad():
             if isinstance(model, (tuple, list)):
                 features, head = parts  # type: ignore[misc]
-                a = _run(features, _copy(inputs))  # a copy: features may write into its input
+                a = _run(features, inputs.clone())  # a copy: features may write into its input
                 scores = _run(head, a)
                 whole: Callable[[torch.Tensor], Any] = lambda v: head(features(v))  # noqa: E731
                 tail: Callable[[torch.Tensor], Any] | None = head
@@ -1376,7 +1347,7 @@ def _scoring_model(model: nn.Module | tuple[nn.Module, nn.Module], layout: torch
             return through(copies, v)
 
     if folded or is_fused:
-        checked = run(_copy(inputs))  # a copy: the model may write into its input
+        checked = run(inputs.clone())  # a copy: the model may write into its input
         tolerance = math.sqrt(torch.finfo(scores.dtype).eps) * float(scores.abs().max())
         if not (isinstance(checked, torch.Tensor) and checked.shape == scores.shape
                 and float((checked - scores).abs().max()) <= tolerance):
@@ -1406,7 +1377,7 @@ def _forward_taken(
         else:
             handle = module.register_forward_pre_hook(lambda m, args: keep(args[0]))
         try:
-            return _run(model, _copy(inputs))  # a copy: the model may write into its input
+            return _run(model, inputs.clone())  # a copy: the model may write into its input
         finally:
             handle.remove()
 
