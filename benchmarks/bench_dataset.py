@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import report
+
 RECOMMENDED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
                       "MALLOC_TOP_PAD_": str(256 << 20)}
 """glibc settings measured here (docs/scale.md): big blocks from the heap, kept, grown in large steps."""
@@ -459,10 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         args.mode = args.child
         print(json.dumps(child(args)))
         return 0
+    if args.json:
+        report.writable(args.json)
     rows = run(tuple(args.parts.split(",")), args.images, args.batch, args.rounds,
                log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     if args.json:
-        Path(args.json).write_text(json.dumps({"load_average": os.getloadavg(), "rows": rows}, indent=1) + "\n")
+        report.save(args.json, {"load_average": os.getloadavg(), "rows": rows})
     for row in rows:
         print(f"{row['what']}: {_times(row['ratio'])} ({row['detail']})")
     return 0

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks import models
+from benchmarks import models, report
 from benchmarks.timing import tiered_ratios
 
 PGC_CLASSES = {"grad-cam": "GradCAM", "grad-cam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
@@ -148,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--no-peers", action="store_true", help="ours only (no pytorch-grad-cam)")
     args = parser.parse_args(argv)
+    if args.json:
+        report.writable(args.json)
     names = tuple(m for m in args.methods.split(",") if m)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -173,9 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if not (r.get("model") == args.model and r.get("method") in names)]
         except FileNotFoundError:
             kept = []
-        with open(args.json + ".tmp", "w") as f:  # never a half-written file
-            json.dump(kept + [r for r in rows if r["method"] != "forward"], f, indent=1, default=float)
-        os.replace(args.json + ".tmp", args.json)
+        report.save(args.json, kept + [r for r in rows if r["method"] != "forward"])
     return 0
 
 

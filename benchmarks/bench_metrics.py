@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import report
 from benchmarks.timing import paired_ratios
 from gradcam_ref import metrics
 
@@ -280,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.bench_metrics [--kinds localisation] [--full] [--json FILE]``: the rows'
     table, then the localisation goal in wall and CPU time with the load average."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
     parser.add_argument("--full", action="store_true", help="the full run's rounds (default: --quick's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows here")
     args = parser.parse_args(argv)
+    if args.json:
+        report.writable(args.json)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
@@ -297,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngoal: localisation <= {LOCALISATION_GOAL_MS:g} ms per 224 x 224 map (NumPy, one thread)")
         print(localisation_goals_text(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+        report.save(args.json, {"rows": rows})
     return 0
 
 

@@ -52,6 +52,39 @@ def load(path: str = RESULTS) -> dict:
         return json.load(f)
 
 
+def writable(path: str) -> str:
+    """``path``, its folder created now: a runner checks where it will write before a long run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"--json: expected a file in a folder that can be made, got {path!r} ({error.strerror})") \
+            from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise SystemExit(f"--json: expected a file path in a writable folder, got {path!r}")
+    return path
+
+
+def save(path: str, document: object) -> None:
+    """``document`` as JSON to ``path``, atomically: written beside it, then renamed (complete or
+    absent, never half-written); its folder is created."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=".results-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            json.dump(document, f, indent=1, default=float)
+            f.write("\n")
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 def goals(result: dict) -> list[dict]:
     """Our method's ratio in each configuration against the issue's goal for it."""
     out = []

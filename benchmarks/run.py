@@ -36,7 +36,6 @@ every ratio in scheduler noise. ``--threads 2`` (or more) for a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -264,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
+    if args.json:
+        report.writable(args.json)  # now, not after minutes of measuring
     set_threads(args.threads)
     warnings.filterwarnings("ignore")  # peers' deprecation chatter would bury the figures
 
@@ -279,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=float)
-            f.write("\n")
+        report.save(args.json, result)
     return 0
 
 

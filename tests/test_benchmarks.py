@@ -286,6 +286,31 @@ def test_family_command_replaces_only_its_methods_rows(tmp_path, capsys):
     assert "tiny score-cam" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_family.main(["--methods", "score-kam"])
+def test_results_are_written_whole_into_a_new_folder_or_not_at_all(tmp_path):
+    """``report.save``: the folder is made, the file is complete (it loads back equal) or absent
+    (a row that cannot be written leaves neither it nor a temporary file); ``report.writable``
+    refuses a folder as the file, so that a run fails at its start, not after minutes."""
+    path = tmp_path / "new" / "deeper" / "results.json"
+    document = {"rows": [{"ratio": 1.25, "seconds": np.float64(0.5)}], "notes": []}
+    assert report.writable(str(path)) == str(path) and path.parent.is_dir() and not path.exists()
+    report.save(str(path), document)
+    assert report.load(str(path)) == {"rows": [{"ratio": 1.25, "seconds": 0.5}], "notes": []}
+    with pytest.raises(TypeError):
+        report.save(str(path), {"rows": [{"ratio": object()}]})
+    assert report.load(str(path))["rows"][0]["ratio"] == 1.25  # the earlier file, untouched
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+    with pytest.raises(SystemExit, match="--json: expected a file path in a writable folder, got"):
+        report.writable(str(tmp_path))
+
+
+def test_the_full_run_checks_its_json_path_before_measuring(tmp_path, monkeypatch):
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "run", lambda **kw: pytest.fail("measured before checking --json"))
+    with pytest.raises(SystemExit, match="--json"):
+        run.main(["--suites", "core", "--json", str(tmp_path)])
+
+
 def tiny_keras_model():
     import keras
 
