@@ -31,6 +31,7 @@ import numpy as np
 from gradcam_ref.dataset import _job, _store
 from gradcam_ref.dataset._job import UnreadableImage
 from gradcam_ref.dataset._store import StoreMismatch
+from gradcam_ref.zoo import IMAGENET_MEAN, IMAGENET_SIZE, IMAGENET_STD
 
 __all__ = ["DatasetSummary", "Interrupted", "Preprocess", "StoreMismatch", "UnreadableImage", "explain_dataset",
            "list_images", "parse_shard"]
@@ -49,9 +50,9 @@ class Preprocess:
     The same steps as ``gradcam-ref explain``, so a map of the store equals the command's.
     """
 
-    size: tuple[int, int] = (224, 224)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    size: tuple[int, int] = (IMAGENET_SIZE, IMAGENET_SIZE)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def __call__(self, path: str) -> np.ndarray:
         from PIL import Image
@@ -188,9 +189,9 @@ def explain_dataset(
     resume: bool = True,
     shard: tuple[int, int] | str | None = None,
     num_workers: int | None = None,
-    size: int | tuple[int, int] = 224,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    size: int | tuple[int, int] = IMAGENET_SIZE,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     load: Callable[[str], np.ndarray] | None = None,
     dtype: str | None = None,
     on_error: str = "record",
