@@ -1,6 +1,6 @@
 """The backend contract: what a backend is, and the only core functions it may call.
 
-A backend is a module (``numpy_backend``, ``torch``, ``jax``) that satisfies :class:`Backend`:
+A backend is a module (one per name in ``gradcam_ref.backends.BACKENDS``) that satisfies :class:`Backend`:
 it runs a model and hands the core a :class:`~gradcam_ref.Capture` (activations, gradients,
 scores, targets, optionally guided backpropagation). ``gradcam_ref.explain`` talks to every
 backend through this Protocol and nothing else; the core does the math
@@ -66,6 +66,7 @@ __all__ = [
     "check_where",
     "class_indices",
     "differentiable_mode",
+    "explaining",
     "grad_cam_fields",
     "guided_grad_cam",
     "perturb_chunks",

@@ -270,12 +270,13 @@ def explain(
 ) -> Explanation:
     """Grad-CAM (or another CAM ``method``) of ``model`` on ``inputs`` at ``layer``, for ``target``.
 
-    The backend (``"numpy"``, ``"torch"`` or ``"jax"``) is picked from the types of ``model``
-    and ``inputs`` without importing any framework the caller has not imported; ``backend``
-    forces one. The backend runs the model and captures the layer's activations :math:`A`, the
-    gradients :math:`\\partial y^c / \\partial A` and the scores; the core then computes
-    :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see :func:`gradcam_ref.grad_cam`. A backend
-    that compiles whole programs (JAX) runs the same core functions inside its program.
+    The backend (a name in ``gradcam_ref.backends.BACKENDS``: numpy, torch, jax, tensorflow) is
+    picked from the types of ``model`` and ``inputs`` without importing any framework the caller
+    has not imported; ``backend`` forces one. The backend runs the model and captures the layer's
+    activations :math:`A`, the gradients :math:`\\partial y^c / \\partial A` and the scores; the
+    core then computes :math:`\\alpha^c` (Eq. 1) and the map (Eq. 2), see
+    :func:`gradcam_ref.grad_cam`. A backend that compiles whole programs (JAX, TensorFlow) runs
+    the same core functions inside its program.
 
     Args:
       model: a model of a backend's kind: a ``backends.numpy_backend.Oracle``, a torch

@@ -1,31 +1,19 @@
 r"""The TensorFlow backend: Grad-CAM of Keras 3 models at a named layer, and of TF callables ``(features, head)``.
 
-How a call runs (the full account, with examples: docs/backends.md):
-
-1. The part before the layer runs with no tape: a Keras model is split at ``layer`` into
-   ``features = keras.Model(model.inputs, [A, *frontier])`` and ``head``, the model's own nodes
-   from ``[A, *frontier]`` to its outputs (``frontier``: tensors from before the layer that skip
-   over it; A: the output of the layer's one node in the model's graph; a nested model is a layer
-   like any other), kept for the last :data:`CACHED` (model, layer) pairs and built again when a
-   layer's ``activation`` is set anew; nothing of the model is changed (no Keras node added).
-2. ``tf.GradientTape`` watches A only and records ``head``: :math:`\partial y^c/\partial A` is one
-   backward pass from the score to the layer; no variable is watched. ``(N, T)`` targets are one
-   pull-back of the T seeds of the ``(N, T)`` selected scores, vectorised (``tf.vectorized_map``,
-   pfor: the head's backward runs once on T rows), not T passes. A head ending in a linear
-   ``Dense`` starts the pull-back at its input with the kernel's columns :math:`W_{:,c}` (after a
-   global average of A, spread as :math:`W_{kc}/Z` with no tape): :func:`_forward_backward`.
-3. Steps 1-2 run as one ``tf.function`` (``compiled=True``, the default), traced once per
-   (model, layer, target kind, input signature) and called through its concrete function
-   (:class:`_Dispatch`); ``compiled=False`` runs them eagerly.
-4. Keras is channels-last: A is ``(N, *spatial, K)`` and is moved to channels-first
-   ``(N, K, *spatial)`` for the core (``channel_axis=-1``; pass 1 for a channels-first model).
+The design (the full account, with examples: docs/backends.md, "TensorFlow and Keras"): the
+model is split at ``layer`` from its own graph (nothing of it changed; the last :data:`CACHED`
+(model, layer) pairs kept); the part before the layer runs with no tape; ``tf.GradientTape``
+watches A only and records the head; ``(N, T)`` targets are one vectorised pull-back, started at
+the kernel's columns when the output is a linear ``Dense`` (:func:`_forward_backward`). Both run
+as one ``tf.function`` (``compiled=True``), called through its concrete function
+(:class:`_Dispatch`), with the core's Eq. 1-2 inside (:mod:`gradcam_ref._tf_array_api`). Keras
+is channels-last: A comes back channels-first, ``(N, K, *spatial)`` (``channel_axis=-1``).
 
 The model is called with ``training=False``; ``guided=True`` runs one more pass with guided ReLUs
-(:mod:`~gradcam_ref.backends.tensorflow.guided`). Arrays come back as ``tf.Tensor``: the core's math
-runs on them (:mod:`gradcam_ref._tf_array_api`), Eq. 1-2 inside the compiled program. :func:`perturb`
-re-scores perturbed copies (Score-CAM: inputs through the model; Ablation-CAM: A through ``head``).
-Inputs are checked against the model's input shape and for NaN/Inf (in the program: compiled kernels
-may make a number of a NaN); a softmax output warns (:class:`ProbabilityScoresWarning`).
+(:mod:`~gradcam_ref.backends.tensorflow.guided`); :func:`perturb` re-scores perturbed copies
+(Score-CAM: inputs through the model; Ablation-CAM: A through ``head``). Inputs are checked
+against the model's input shape and for NaN/Inf; a softmax output warns
+(:class:`ProbabilityScoresWarning`).
 """
 
 from __future__ import annotations

@@ -1,31 +1,23 @@
 """``gradcam-ref verify``: every golden through every installed backend, every peer against its convention.
 
-Three groups of checks, each a :class:`Check` (``check``, ``reference``, ``max_abs_diff``,
-``tolerance``, ``passed``):
+Four groups of checks, each a :class:`Check` (``check``, ``reference``, ``max_abs_diff``,
+``tolerance``, ``passed``); docs/verification.md explains them:
 
 1. ``golden <name> [<backend>] <entry>``: the golden's network run by each installed backend
-   (``numpy`` runs the oracle networks; ``torch`` runs them rebuilt as ``nn.Sequential``; ``jax``
-   runs them rebuilt in ``jax.lax``, split at the layer; torch and JAX also run the
-   EfficientNet-Lite0 cases), compared entry by entry (scores, activations, gradients, maps)
-   with tolerance ``rtol * max|expected|`` (``rtol`` is stored in the golden); and
-   ``golden <name> torch vs jax <entry>``: the torch and JAX backends' results on the same
-   float64 weights, compared directly within :data:`TORCH_JAX_RTOL`.
+   (the oracle networks' torch and JAX twins: :mod:`gradcam_ref.verify.twins`), entry by entry
+   within ``rtol * max|expected|`` (``rtol`` is stored in the golden); ``golden <name> torch vs
+   jax <entry>``: the two backends on the same float64 weights, within :data:`TORCH_JAX_RTOL`.
 2. ``golden <name> heatmap <convention>``: the conventions applied to the golden's stored
    activations and weights, against its stored heatmaps.
 3. ``<peer> <method> on <model>``: each CAM method of pytorch-grad-cam and torchcam
-   (:data:`METHOD_PEERS`) against ``explain(method=...)`` under the library's convention
-   (Score-CAM and Ablation-CAM on every model, or with ``perturbation="small"`` on the small
-   CNNs only).
-4. ``<peer> <model>``: each installed peer library (captum, pytorch-grad-cam, torchcam) run on a
-   few torch models, against ``Explanation.heatmap(convention=<peer>)`` of the same model,
-   layer, input and targets, with tolerance ``1e-5 * max|peer's map|``; tf-keras-vis and xplique
-   run on Keras twins the same way.
+   (:data:`METHOD_PEERS`) against ``explain(method=...)`` under the library's convention.
+4. ``<peer> <model>``: each installed peer (captum, pytorch-grad-cam, torchcam; tf-keras-vis and
+   xplique on Keras twins) against ``Explanation.heatmap(convention=<peer>)``, within
+   ``1e-5 * max|peer's map|``.
 
-The TensorFlow half (the tensorflow backend's goldens, torch vs tensorflow, tf-keras-vis, xplique)
-runs in its own interpreter (:mod:`gradcam_ref.verify.tf_peers`): importing torchvision after
-TensorFlow crashes a process, so this one never imports TensorFlow.
-
-What could not run (a backend or peer not installed) is listed in :func:`run`'s notes.
+The TensorFlow half runs in its own interpreter (:mod:`gradcam_ref.verify.tf_peers`): importing
+torchvision after TensorFlow crashes a process, so this one never imports TensorFlow. What could
+not run (a backend or peer not installed) is listed in :func:`run`'s notes.
 """
 
 from __future__ import annotations

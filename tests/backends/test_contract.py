@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import gradcam_ref
 from gradcam_ref import backends
+from gradcam_ref.backends import _contract
 from gradcam_ref.backends._contract import Backend, arguments_of, check_where, perturb_chunks, same_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,11 +84,25 @@ def test_backends_use_the_core_only_through_the_contract():
         for node in ast.walk(ast.parse(path.read_text())):  # function-level imports count too
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradcam_ref"):
                 imports.add(node.module)
+                if node.module == "gradcam_ref.backends._contract":  # the contract lists what it offers
+                    unlisted = {a.name for a in node.names} - set(_contract.__all__)
+                    assert not unlisted, f"{name} imports {sorted(unlisted)}, not in backends._contract.__all__"
             elif isinstance(node, ast.Import):
                 imports |= {a.name for a in node.names if a.name.startswith("gradcam_ref")}
         private = {m for m in imports if not m.startswith("gradcam_ref.backends") and m != "gradcam_ref"}
         assert not private, f"{name} imports {sorted(private)}: core functions come from backends._contract"
         assert not any(m.startswith("gradcam_ref.cli") for m in imports)
+
+
+def test_module_docstrings_state_the_design_briefly():
+    """Every module says what it holds in at most 25 lines; long explanations live in docs/."""
+    long = {}
+    for name, path in _modules().items():
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+        assert doc, f"{name} has no module docstring"
+        if len(doc.splitlines()) > 25:
+            long[name] = len(doc.splitlines())
+    assert not long, f"module docstrings over 25 lines: {long}"
 
 
 def test_no_import_loops_between_modules():
