@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--parts", default=",".join(PARTS))
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=report.writable)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--list", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="efficientnet-lite0", help=argparse.SUPPRESS)
@@ -461,8 +461,6 @@ def main(argv: list[str] | None = None) -> int:
         args.mode = args.child
         print(json.dumps(child(args)))
         return 0
-    if args.json:
-        report.writable(args.json)
     rows = run(tuple(args.parts.split(",")), args.images, args.batch, args.rounds,
                log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
     if args.json:

@@ -145,11 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet18", choices=(*models.MODELS, "tiny"))
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each method against the forward pass")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=report.writable)
     parser.add_argument("--no-peers", action="store_true", help="ours only (no pytorch-grad-cam)")
     args = parser.parse_args(argv)
-    if args.json:
-        report.writable(args.json)
     names = tuple(m for m in args.methods.split(",") if m)
     unknown = [m for m in names if m not in METHODS]
     if unknown:

@@ -285,10 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {KINDS}")
     parser.add_argument("--full", action="store_true", help="the full run's rounds (default: --quick's)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows here")
+    parser.add_argument("--json", metavar="FILE", type=report.writable, help="also write the rows here")
     args = parser.parse_args(argv)
-    if args.json:
-        report.writable(args.json)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:

@@ -53,15 +53,16 @@ def load(path: str = RESULTS) -> dict:
 
 
 def writable(path: str) -> str:
-    """``path``, its folder created now: a runner checks where it will write before a long run."""
+    """``path``, its folder made now: the ``type=`` of a runner's ``--json``, so that a path that
+    cannot be written fails at the start of a run, not after minutes of measuring."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
-        raise SystemExit(f"--json: expected a file in a folder that can be made, got {path!r} ({error.strerror})") \
-            from None
+        raise argparse.ArgumentTypeError(f"expected a file in a folder that can be made, got {path!r} "
+                                         f"({error.strerror})") from None
     if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise SystemExit(f"--json: expected a file path in a writable folder, got {path!r}")
+        raise argparse.ArgumentTypeError(f"expected a file path in a writable folder, got {path!r}")
     return path
 
 

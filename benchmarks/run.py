@@ -254,7 +254,8 @@ def _has(module: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer models and rounds (under 2 minutes)")
-    parser.add_argument("--json", metavar="FILE", help="write the machine, the plan and the rows as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", type=report.writable,
+                        help="write the machine, the plan and the rows as JSON to FILE")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads of torch and BLAS in every process (1: see THREADS below)")
     parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
@@ -263,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
-    if args.json:
-        report.writable(args.json)  # now, not after minutes of measuring
     set_threads(args.threads)
     warnings.filterwarnings("ignore")  # peers' deprecation chatter would bury the figures
 
