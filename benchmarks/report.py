@@ -53,37 +53,23 @@ def load(path: str = RESULTS) -> dict:
 
 
 def writable(path: str) -> str:
-    """``path``, its folder made now: the ``type=`` of a runner's ``--json``, so that a path that
-    cannot be written fails at the start of a run, not after minutes of measuring."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """``path`` if a file can be written there (``gradcam-ref``'s own check: nothing is made yet),
+    the ``type=`` of a runner's ``--json``, so that a bad path fails at the start of a run, not
+    after minutes of measuring."""
+    from gradcam_ref.cli._common import UsageError, check_output
+
     try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise argparse.ArgumentTypeError(f"expected a file in a folder that can be made, got {path!r} "
-                                         f"({error.strerror})") from None
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise argparse.ArgumentTypeError(f"expected a file path in a writable folder, got {path!r}")
+        check_output("--json", path, folder=False)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--json ")) from None
     return path
 
 
 def save(path: str, document: object) -> None:
-    """``document`` as JSON to ``path``, atomically: written beside it, then renamed (complete or
-    absent, never half-written); its folder is created."""
-    import tempfile
+    """``document`` as JSON to ``path``, complete or absent (``gradcam_ref._files.write_json``)."""
+    from gradcam_ref._files import write_json
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=".results-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(descriptor, "w") as f:
-            json.dump(document, f, indent=1, default=float)
-            f.write("\n")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_json(path, document, default=float)
 
 
 def goals(result: dict) -> list[dict]:

@@ -8,17 +8,15 @@ sanity needs an ``explain`` and randomised models. The result is an :class:`Eval
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradcam_ref import metrics
+from gradcam_ref._files import write_json
 
 __all__ = ["FAITHFULNESS", "LOCALISATION", "Evaluation", "evaluate"]
 
@@ -76,18 +74,8 @@ class Evaluation:
                 "values": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in self.values.items()}}
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_json` to ``path`` atomically: a temporary file in the same folder, then renamed."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp",
-                                         delete=False) as handle:
-            json.dump(self.to_json(), handle, indent=1)
-            temporary = handle.name
-        try:
-            os.replace(temporary, target)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        """Write :meth:`to_json` to ``path`` atomically (complete or absent); its folder is made."""
+        write_json(path, self.to_json())
 
 
 def evaluate(maps: Any, *, masks: Any = None, boxes: Any = None, score: Callable[[np.ndarray], Any] | None = None,

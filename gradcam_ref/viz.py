@@ -18,11 +18,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +36,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised by the CLI'
     ) from error
 
 from gradcam_ref._arrays import check_int, shown
+from gradcam_ref._files import atomic_path
 from gradcam_ref._guided import guided_image
 from gradcam_ref._postprocess import upsample
 from gradcam_ref._resample import parse_size
@@ -133,7 +131,7 @@ def save_image(image: np.ndarray, path: str | os.PathLike[str]) -> None:
     name and renamed into place.
     """
     rgb = _to_uint8(_as_rgb(image, "image"))
-    with _atomic_path(path) as temporary:
+    with atomic_path(path) as temporary:
         Image.fromarray(rgb).save(temporary, format="PNG")
 
 
@@ -271,33 +269,11 @@ def figure(
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
     """Save ``fig`` as a PNG at :data:`DPI`, atomically (complete or absent, never half-written)."""
-    with _atomic_path(path) as temporary:
+    with atomic_path(path) as temporary:
         fig.savefig(temporary, format="png", dpi=DPI)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
-    """A temporary path next to ``path``, renamed to ``path`` on success, removed on failure."""
-    target = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(descriptor)
-    try:
-        yield temporary
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _colormap(cmap: str) -> Any:

@@ -287,20 +287,23 @@ def test_family_command_replaces_only_its_methods_rows(tmp_path, capsys):
     assert "tiny score-cam" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_family.main(["--methods", "score-kam"])
+
+
 def test_results_are_written_whole_into_a_new_folder_or_not_at_all(tmp_path):
     """``report.save``: the folder is made, the file is complete (it loads back equal) or absent
     (a row that cannot be written leaves neither it nor a temporary file); ``report.writable``
-    refuses a folder as the file, so that a run fails at its start, not after minutes."""
+    accepts a path whose folders can be made (making nothing yet) and refuses a folder as the
+    file, so that a run fails at its start, not after minutes."""
     path = tmp_path / "new" / "deeper" / "results.json"
     document = {"rows": [{"ratio": 1.25, "seconds": np.float64(0.5)}], "notes": []}
-    assert report.writable(str(path)) == str(path) and path.parent.is_dir() and not path.exists()
+    assert report.writable(str(path)) == str(path) and not path.parent.parent.exists()
     report.save(str(path), document)
     assert report.load(str(path)) == {"rows": [{"ratio": 1.25, "seconds": 0.5}], "notes": []}
     with pytest.raises(TypeError):
         report.save(str(path), {"rows": [{"ratio": object()}]})
     assert report.load(str(path))["rows"][0]["ratio"] == 1.25  # the earlier file, untouched
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
-    with pytest.raises(argparse.ArgumentTypeError, match="expected a file path in a writable folder, got"):
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory, not a file"):
         report.writable(str(tmp_path))
 
 
@@ -310,7 +313,7 @@ def test_the_full_run_checks_its_json_path_before_measuring(tmp_path, monkeypatc
     monkeypatch.setattr(run, "run", lambda **kw: pytest.fail("measured before checking --json"))
     with pytest.raises(SystemExit):
         run.main(["--suites", "core", "--json", str(tmp_path)])
-    assert f"argument --json: expected a file path in a writable folder, got '{tmp_path}'" in capsys.readouterr().err
+    assert f"argument --json: {tmp_path}: is a directory, not a file" in capsys.readouterr().err
 
 
 def tiny_keras_model():

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from gradcam_ref._files import write_json
 from gradcam_ref._methods import METHODS as _METHODS
 from gradcam_ref.cli._common import (
     UsageError,
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                                  for lb, c, b in zip(labels, targets, boxes, strict=True)],
                     "methods": {m: r.to_json() for m, r in results.items()},
                     "model": args.model, **_timing(start, load)}
-        _write_json(Path(args.json), document)
+        write_json(args.json, document)
         print(f"\nwrote {args.json}")
     return 0
 
@@ -165,7 +166,7 @@ def _lesions(args: argparse.Namespace, methods: tuple[str, ...], faithfulness: t
                                  "has_cue": data.has_cue.tolist()},
                     "methods": {m: r.to_json() for m, r in results.items()},
                     "model": "GAIN experiment, plain mode", **_timing(start, load)}
-        _write_json(Path(args.json), document)
+        write_json(args.json, document)
         print(f"\nwrote {args.json}")
     return 0
 
@@ -270,24 +271,3 @@ def _table(results: dict[str, Any]) -> str:
                      better))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    """``document`` to ``path``, atomically: a temporary file beside it (a short name: ``path``'s own
-    may be as long as the file system allows), renamed; removed if anything fails."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".gradcam-ref-", suffix=".json.tmp",
-                                     delete=False) as handle:
-        try:
-            json.dump(document, handle, indent=1)
-        except BaseException:
-            handle.close()
-            os.unlink(handle.name)
-            raise
-    try:
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise

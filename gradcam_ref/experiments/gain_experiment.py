@@ -22,13 +22,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gradcam_ref._files import atomic_path
 from gradcam_ref.experiments.lesions import SPLITS, SYNTHETIC_NOTE, LesionSet, lesion_splits
 
 __all__ = ["Config", "TrainingDiverged", "evaluate", "modes", "run", "table", "train"]
@@ -298,14 +298,8 @@ def run(config: Config, out: Path, *, progress: bool = True, log: Callable[[str]
 
 
 def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "wb") as f:  # a file: savez adds no ".npz"
+        np.savez(f, **arrays)  # type: ignore[arg-type]
 
 
 def _figure(data: LesionSet, label: int, models: dict[str, dict[str, np.ndarray]], path: Path) -> None:

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from gradcam_ref import cli
+from gradcam_ref._files import write_json
 from gradcam_ref.cli import _common as common
 from gradcam_ref.cli import dataset as dataset_command
 from gradcam_ref.cli import demo as demo_command
-from gradcam_ref.cli import evaluate as evaluate_command
 
 NO_MODEL = "no_such_module_for_gradcam_ref_tests:factory"  # loading it would be the error: it must not come
 
@@ -126,9 +126,9 @@ def test_the_json_is_written_atomically_whatever_its_name(tmp_path):
     """The temporary file beside it has a short name of its own (it was ``.{name}.XXXXXXXX.tmp``: a
     name the file system allows left no room for it), and it is removed if writing fails."""
     long = tmp_path / ("r" * 250 + ".json")
-    evaluate_command._write_json(long, {"a": [1, 2]})
+    write_json(long, {"a": [1, 2]})
     assert json.loads(long.read_text()) == {"a": [1, 2]}
     with pytest.raises(TypeError, match="not JSON serializable"):
-        evaluate_command._write_json(long, {"a": object()})
+        write_json(long, {"a": object()})
     assert json.loads(long.read_text()) == {"a": [1, 2]}  # the old file, whole
     assert os.listdir(tmp_path) == [long.name]  # and no temporary file left
