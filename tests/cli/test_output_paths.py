@@ -128,6 +128,9 @@ def test_the_json_is_written_atomically_whatever_its_name(tmp_path):
     long = tmp_path / ("r" * 250 + ".json")
     write_json(long, {"a": [1, 2]})
     assert json.loads(long.read_text()) == {"a": [1, 2]}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (long.stat().st_mode & 0o777) == 0o666 & ~mask  # not the temporary file's private 0600
     with pytest.raises(TypeError, match="not JSON serializable"):
         write_json(long, {"a": object()})
     assert json.loads(long.read_text()) == {"a": [1, 2]}  # the old file, whole
