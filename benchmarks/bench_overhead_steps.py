@@ -37,16 +37,25 @@ from benchmarks.bench_overhead import CLASSES, SIZE, K, _targets, autograd_alone
 
 STEPS = (
     ("backend detection", "gradcam_ref.backends", "select"),
+    ("layer, training-mode check", "gradcam_ref.backends.torch._forward", "resolve_layer", "check_has_data"),
+    ("layer, training-mode check", "gradcam_ref.backends.torch._state", "warn_if_training"),
+    ("forward pass with the hook", "gradcam_ref.backends.torch._forward", "hooked"),
+    ("output checks, targets", "gradcam_ref.backends.torch._forward", "check_captured"),
+    ("output checks, targets", "gradcam_ref.backends.torch", "resolve_targets"),
+    ("seeds and backward pass", "gradcam_ref.backends.torch._backward", "gradients"),
+    ("core: Eq. 1, Eq. 2, checks, ReLU", "gradcam_ref.backends.torch", "grad_cam_fields"),
+    ("zero-gradient check", "gradcam_ref.backends.torch._backward", "warn_if_zero_gradients"),
+    ("Explanation", "gradcam_ref.backends.torch", "Explanation.from_capture"),
+    # the same functions in a base from before the torch backend was split into modules
     ("layer, training-mode check", "gradcam_ref.backends.torch", "_resolve_layer", "_warn_if_training",
      "_check_has_data"),
     ("forward pass with the hook", "gradcam_ref.backends.torch", "_forward_hooked"),
-    ("output checks, targets", "gradcam_ref.backends.torch", "_check_captured", "resolve_targets"),
+    ("output checks, targets", "gradcam_ref.backends.torch", "_check_captured"),
     ("seeds and backward pass", "gradcam_ref.backends.torch", "_gradients"),
-    ("core: Eq. 1, Eq. 2, checks, ReLU", "gradcam_ref.backends.torch", "grad_cam_fields"),
     ("zero-gradient check", "gradcam_ref.backends.torch", "_warn_zero_gradients"),
-    ("Explanation", "gradcam_ref.backends.torch", "Explanation.from_capture"),
 )
-"""(step, module, functions...): the functions each step times (module names of this tree)."""
+"""(step, module, functions...): the functions each step times (module names of this tree; a step may
+span several modules, one row each)."""
 
 
 def base_copy(checkout: Path, folder: Path) -> str:
@@ -66,7 +75,10 @@ def timed_steps(package: str, spent: dict[str, float]) -> Iterator[None]:
     undo: list[Callable[[], None]] = []
     try:
         for step, module_name, *names in STEPS:
-            module = importlib.import_module(module_name.replace("gradcam_ref", package, 1))
+            try:
+                module = importlib.import_module(module_name.replace("gradcam_ref", package, 1))
+            except ModuleNotFoundError:  # not in this version
+                continue
             for name in names:
                 owner, attr = module, name
                 if "." in name:

@@ -443,8 +443,10 @@ def test_overhead_steps_time_each_step_and_restore_the_functions(capsys):
     """bench_overhead_steps on the all-head model, this tree against a copy of itself as the base."""
     import gradcam_ref.backends.torch as torch_backend
     from benchmarks import bench_overhead_steps
+    from gradcam_ref.backends.torch import _backward, _forward
 
-    before = {name: getattr(torch_backend, name) for name in ("_forward_hooked", "_gradients", "grad_cam_fields")}
+    before = {(module, name): getattr(module, name)
+              for module, name in ((_forward, "hooked"), (_backward, "gradients"), (torch_backend, "grad_cam_fields"))}
     from_capture = torch_backend.Explanation.__dict__["from_capture"]
     select, threads = gradcam_ref.backends.select, torch.get_num_threads()
     try:
@@ -458,7 +460,7 @@ def test_overhead_steps_time_each_step_and_restore_the_functions(capsys):
     for step, *_ in bench_overhead_steps.STEPS:
         values = rows[step].strip(" |").split(" | ")[1:]
         assert len(values) == 2 and all(float(v) >= 0 for v in values), rows[step]
-    assert {name: getattr(torch_backend, name) for name in before} == before
+    assert {(module, name): getattr(module, name) for module, name in before} == before
     assert torch_backend.Explanation.__dict__["from_capture"] is from_capture
     assert gradcam_ref.backends.select is select
     assert not any(m.startswith("gradcam_ref_base") for m in sys.modules)

@@ -17,6 +17,7 @@ from gradcam_ref.backends import jax as jax_backend
 from gradcam_ref.backends import torch as torch_backend
 from gradcam_ref.backends.numpy_backend import Oracle
 from gradcam_ref.backends.numpy_backend import perturb as numpy_perturb
+from gradcam_ref.backends.torch import _perturb
 from gradcam_ref.verify import peers
 from gradcam_ref.verify.twins import jax_oracle, torch_oracle
 from tests.test_methods import assert_the_float32_map_cast, spy_on_score_weights
@@ -99,7 +100,7 @@ def test_ablation_cam_runs_only_the_part_after_the_layer(oracle):
 def test_a_skip_around_the_layer_falls_back_to_a_substituting_hook_with_the_same_numbers():
     torch.manual_seed(0)
     model = Skip().eval()
-    assert torch_backend._tail(model, "layer") is None  # the tail reads h, computed before the layer
+    assert _perturb._tail(model, "layer") is None  # the tail reads h, computed before the layer
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
     e = gradcam_ref.explain(model, x, [0, 2], layer="layer", method="ablation-cam", denominator="abs", batch_size=3)
     with torch.no_grad():  # by hand: the layer's output with channel k zeroed, the rest as in forward

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradcam_ref
-import gradcam_ref.backends.torch as torch_backend
 from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.backends.torch import _backward, _state
 from gradcam_ref.verify.twins import torch_oracle
 from tests.backends.torch_nets import assert_same_state, model_state, one_thread  # noqa: F401  (autouse)
 
@@ -415,7 +415,7 @@ def test_capture_alone_warns_for_zero_gradients():
 
 
 def _reference_any_training(model: nn.Module) -> bool:
-    depends = gradcam_ref.backends.torch._depends_on_mode
+    depends = _state._depends_on_mode
     return any(m.training and depends(m) for m in model.modules())
 
 
@@ -430,7 +430,7 @@ def test_training_check_sees_what_a_walk_over_modules_sees(flags):
     assert len(modules) == len(flags)
     for module, flag in zip(modules, flags, strict=True):
         module.training = flag
-    assert (gradcam_ref.backends.torch._kept_for(model) == "training") is _reference_any_training(model)
+    assert (_state._kept_for(model) == "training") is _reference_any_training(model)
 
 
 def test_training_check_ends_on_a_cycle_of_modules():
@@ -440,9 +440,9 @@ def test_training_check_ends_on_a_cycle_of_modules():
     for module in outer.modules():  # (outer.eval() itself would recurse forever on the cycle)
         module.training = False
     outer[0].add_module("back", outer)  # outer -> outer[0] -> outer
-    assert (gradcam_ref.backends.torch._kept_for(outer) == "training") is _reference_any_training(outer) is False
+    assert (_state._kept_for(outer) == "training") is _reference_any_training(outer) is False
     dropout.train()
-    assert (gradcam_ref.backends.torch._kept_for(outer) == "training") is _reference_any_training(outer) is True
+    assert (_state._kept_for(outer) == "training") is _reference_any_training(outer) is True
 
 
 def test_training_mode_of_stateless_modules_changes_nothing_and_does_not_warn():
@@ -702,7 +702,7 @@ def test_matches_captum_layer_gradcam(head, layer, at):
 
 
 def test_multi_target_fallback_when_vmap_fails(monkeypatch):
-    monkeypatch.setattr(torch_backend, "_SPARSE_SEEDED", frozenset())  # the dense seeds' batched pass
+    monkeypatch.setattr(_backward, "_SPARSE_SEEDED", frozenset())  # the dense seeds' batched pass
     _, model = small_net(22, head="gap-mlp")
     x = inputs_for(22)
     targets = [[0, 1], [2, 3], [4, 0]]

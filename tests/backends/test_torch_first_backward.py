@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gradcam_ref.backends.torch as torch_backend
+from gradcam_ref.backends.torch import _backward
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,8 +36,8 @@ def test_the_scalar_form_equals_grad_outputs_to_the_bit(n, k, c, seed, fill, dty
     one_hot = torch.zeros_like(scores).scatter_(1, torch.as_tensor(targets[:, None]), 1.0)
     (expected,) = torch.autograd.grad(scores, [a], grad_outputs=one_hot, retain_graph=True)
     for imported in (False, True):  # the scalar form, then grad_outputs (once symbolic shapes are imported)
-        with mock.patch.object(torch_backend, "_symbolic_shapes_imported", lambda imported=imported: imported):
-            got = torch_backend._gradients(scores, a, targets, "A", attached="stop")  # "stop": keep the graph
+        with mock.patch.object(_backward, "_symbolic_shapes_imported", lambda imported=imported: imported):
+            got = _backward.gradients(scores, a, targets, "A", attached="stop")  # "stop": keep the graph
         assert got.dtype == expected.dtype and torch.equal(got, expected)
         assert np.array_equal(got.numpy().view(np.uint8), expected.numpy().view(np.uint8))  # -0.0 too
 

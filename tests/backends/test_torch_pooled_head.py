@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradcam_ref
-import gradcam_ref.backends.torch as torch_backend
+from gradcam_ref.backends.torch import _backward
 from tests.backends.test_torch_sparse_seeds import dense_reference, values
 from tests.backends.torch_nets import assert_same_state, model_state, one_thread  # noqa: F401  (autouse)
 
@@ -60,7 +60,7 @@ POOLS = ("mean", "AdaptiveAvgPool + Flatten", "mean(keepdim) + view", "mean(nega
 
 def took_the_pooled_head(model: nn.Module, a: torch.Tensor) -> bool:
     leaf = a.clone().requires_grad_(True)
-    return torch_backend._linear_of_mean(model(leaf.clone()), leaf) is not None
+    return _backward._linear_of_mean(model(leaf.clone()), leaf) is not None
 
 
 @settings(max_examples=60, deadline=None)
@@ -90,11 +90,11 @@ def test_the_pooled_head_gives_the_dense_seeds_gradients_to_the_bit(pool, activa
     columns = targets[:, None] if targets.ndim == 1 else targets
     at_x = torch.stack([torch.autograd.grad(scores, [model.x], torch.zeros_like(scores).scatter_(
         1, torch.as_tensor(columns[:, i:i + 1]), 1.0), retain_graph=True)[0] for i in range(columns.shape[1])])
-    edge, seeds, _ = torch_backend._pooled_seeds(scores, leaf, targets)
+    edge, seeds, _ = _backward._pooled_seeds(scores, leaf, targets)
     assert torch.equal(seeds, at_x)  # (a view: one value per channel, expanded over the positions)
     # ... and so is the gradient at A where the ops below X round alike in any layout.
     expected = dense_reference(scores, leaf, targets)
-    got = torch_backend._gradients(scores, leaf, targets, "A")
+    got = _backward.gradients(scores, leaf, targets, "A")
     assert got.layout == torch.strided and got.dtype == expected.dtype and got.shape == expected.shape
     if activation in EXACT:
         assert torch.equal(got, expected)  # to the bit (a zero's sign may differ: -0.0 == 0.0)
@@ -148,7 +148,7 @@ def test_other_heads_are_left_to_the_engine_and_agree_with_the_dense_seeds(kind)
         expected = dense_reference(scores, leaf, targets)
         torch.manual_seed(1)
         leaf = a.clone().requires_grad_(True)
-        got = torch_backend._gradients(model(leaf.clone()), leaf, targets, "A")
+        got = _backward.gradients(model(leaf.clone()), leaf, targets, "A")
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -173,12 +173,12 @@ def test_targets_that_vmap_cannot_batch_go_one_pass_each():
     targets = np.array([[5, 0, 2], [1, 1, 4]])
     leaf = a.clone().requires_grad_(True)
     scores = linear(_NoVmap.apply(leaf.clone()).mean(dim=(2, 3)))
-    assert torch_backend._linear_of_mean(scores, leaf) is not None
+    assert _backward._linear_of_mean(scores, leaf) is not None
     with pytest.raises(RuntimeError):  # what the pooled head's batched pass meets first
         torch.autograd.grad(scores, [leaf], torch.ones((3, *scores.shape), dtype=scores.dtype),
                             retain_graph=True, is_grads_batched=True)
     expected = dense_reference(scores, leaf, targets)
-    assert torch.equal(torch_backend._gradients(scores, leaf, targets, "A"), expected)
+    assert torch.equal(_backward.gradients(scores, leaf, targets, "A"), expected)
 
 
 def test_a_score_that_does_not_depend_on_the_layer_is_refused_as_on_the_dense_path():
@@ -186,10 +186,10 @@ def test_a_score_that_does_not_depend_on_the_layer_is_refused_as_on_the_dense_pa
     leaf = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     other = torch.randn(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     scores = linear(torch.relu(other).mean(dim=(2, 3)))
-    assert torch_backend._linear_of_mean(scores, leaf) is not None
+    assert _backward._linear_of_mean(scores, leaf) is not None
     for targets in (np.array([2]), np.array([[2, 3]])):
         with pytest.raises(ValueError, match="^the score does not depend on A: no autograd path from it to the score "):
-            torch_backend._gradients(linear(torch.relu(other).mean(dim=(2, 3))), leaf, targets, "A")
+            _backward.gradients(linear(torch.relu(other).mean(dim=(2, 3))), leaf, targets, "A")
 
 
 def test_explain_on_efficientnet_style_head_leaves_the_model_as_it_was_and_agrees_with_the_dense_path(monkeypatch):
@@ -199,14 +199,14 @@ def test_explain_on_efficientnet_style_head_leaves_the_model_as_it_was_and_agree
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     before = model_state(model)
     calls = []
-    original = torch_backend._pooled_head
-    monkeypatch.setattr(torch_backend, "_pooled_head", lambda *args: calls.append(1) or original(*args))
+    original = _backward._pooled_head
+    monkeypatch.setattr(_backward, "_pooled_head", lambda *args: calls.append(1) or original(*args))
     for layer in ("1", "0"):  # below the head: a ReLU6, or a batch norm and a ReLU6
         for targets in ([3, 7], [[3, 9, 0], [7, 7, 1]]):
             pooled = gradcam_ref.explain(model, x, targets, layer=layer)
             assert_same_state(before, model_state(model))
             with monkeypatch.context() as dense:
-                dense.setattr(torch_backend, "_SPARSE_SEEDED", frozenset())
+                dense.setattr(_backward, "_SPARSE_SEEDED", frozenset())
                 reference = gradcam_ref.explain(model, x, targets, layer=layer)
             for name in ("gradients", "weights", "maps"):
                 assert torch.equal(getattr(pooled, name), getattr(reference, name)), name
@@ -225,7 +225,7 @@ def test_a_channels_last_model_gets_channels_last_gradients_equal_to_the_dense_o
     scores = model[1:](leaf.clone())
     t = np.asarray(targets)
     expected = dense_reference(scores, leaf, t)
-    got = torch_backend._gradients(scores, leaf, t, "A")
+    got = _backward.gradients(scores, leaf, t, "A")
     assert torch.equal(got, expected)
     # written out (the expanded seeds, handed through by an identity, are copied), in A's layout
     assert all((got[:, i] if t.ndim == 2 else got).is_contiguous(memory_format=torch.channels_last)
@@ -264,7 +264,7 @@ def test_a_custom_function_that_writes_into_its_gradient_gets_written_seeds(targ
     t = np.asarray(targets)
     leaf = a.clone().requires_grad_(True)
     scores = model[1:](leaf.clone())
-    edge, seeds, selections = torch_backend._pooled_seeds(scores, leaf, t)
+    edge, seeds, selections = _backward._pooled_seeds(scores, leaf, t)
     assert not selections and 0 not in seeds.stride()
     expected = dense_reference(scores, leaf, t)
     got = gradcam_ref.explain(model, a, targets, layer="0").gradients
@@ -282,10 +282,10 @@ def test_targets_through_selections_are_one_mask_times_the_seeds(activation, sel
     t = np.array([[1, 6], [0, 0], [5, 2]])
     leaf = a.clone().requires_grad_(True)
     scores = model[1:](leaf.clone())
-    edge, seeds, selections = torch_backend._pooled_seeds(scores, leaf, t)
+    edge, seeds, selections = _backward._pooled_seeds(scores, leaf, t)
     assert selections == selected and (0 in seeds.stride()) == selected  # expanded through selections only
     if selected:
-        assert torch_backend._selected(edge, leaf, seeds) is not None
+        assert _backward._selected(edge, leaf, seeds) is not None
     expected = dense_reference(scores, leaf, t)
     got = gradcam_ref.explain(model, a, t, layer="0").gradients
     if selected or isinstance(activation, nn.LeakyReLU):
@@ -304,9 +304,9 @@ def test_an_infinite_weight_takes_the_passes_and_gives_no_nan_where_the_mask_is_
     t = np.array([[1, 2]])
     leaf = a.clone().requires_grad_(True)
     scores = model.eval()[1:](leaf.clone())
-    edge, seeds, selections = torch_backend._pooled_seeds(scores, leaf, t)
-    assert selections and torch_backend._selected(edge, leaf, seeds) is None
-    got = torch_backend._gradients(scores, leaf, t, "A")
+    edge, seeds, selections = _backward._pooled_seeds(scores, leaf, t)
+    assert selections and _backward._selected(edge, leaf, seeds) is None
+    got = _backward.gradients(scores, leaf, t, "A")
     assert torch.equal(got, dense_reference(scores, leaf, t)) and not bool(got.isnan().any())
     assert bool((got[0, 0, 0] == 0).all())
 
@@ -347,6 +347,6 @@ def test_torchvision_heads_give_the_dense_seeds_gradients_to_the_bit(name, layer
         assert torch.equal(got, batched.movedim(0, 1))
         bound = 64 * torch.finfo(got.dtype).eps * float(expected.abs().max())  # a 1024-term dot product, reordered
         torch.testing.assert_close(got, expected, rtol=0, atol=bound)
-    assert torch_backend._linear_of_mean(scores, kept["a"]) is None or pooled  # (kept["a"] is no leaf: a probe)
+    assert _backward._linear_of_mean(scores, kept["a"]) is None or pooled  # (kept["a"] is no leaf: a probe)
     layout = kept["a"].stride() if pooled else dense_reference(scores, kept["a"], t.reshape(2, -1)[:, 0]).stride()
     assert all((got if t.ndim == 1 else got[:, i]).stride() == layout for i in range(t.size // 2))

@@ -13,6 +13,7 @@ from torch import nn
 
 import gradcam_ref
 from gradcam_ref.backends import torch as torch_backend
+from gradcam_ref.backends.torch import _state
 from tests.backends.torch_nets import assert_same_state, model_state
 
 
@@ -99,7 +100,7 @@ class ReadsTraining(nn.Module):
     (nn.AlphaDropout(0.1), True), (ReadsTraining(), True), (nn.MultiheadAttention(4, 2, dropout=0.1), True),
 ])
 def test_training_mode_warning_only_where_the_flag_changes_the_result(module, warns):
-    assert torch_backend._depends_on_mode(module) is warns
+    assert _state._depends_on_mode(module) is warns
 
 
 def test_a_fresh_stateless_head_on_an_eval_network_does_not_warn():

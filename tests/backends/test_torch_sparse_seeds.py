@@ -16,6 +16,7 @@ from torch import nn
 
 import gradcam_ref
 import gradcam_ref.backends.torch as torch_backend
+from gradcam_ref.backends.torch import _backward
 from tests.backends.torch_nets import assert_same_state, model_state, one_thread  # noqa: F401  (autouse)
 
 values = st.one_of(st.just(0.0), st.just(-0.0), st.just(1e-300), st.just(-1e300), st.just(1e30),
@@ -74,8 +75,8 @@ def test_sparse_seeds_give_the_dense_seeds_gradients(kind, n, k, c, t, seed, fil
     leaf = a.requires_grad_(True)
     scores = model(leaf.clone())
     expected = dense_reference(scores, leaf, targets)
-    assert (scores.grad_fn.name() in torch_backend._SPARSE_SEEDED) == (kind in SPARSE)
-    got = torch_backend._gradients(scores, leaf, targets, "A")  # inference: frees the graph
+    assert (scores.grad_fn.name() in _backward._SPARSE_SEEDED) == (kind in SPARSE)
+    got = _backward.gradients(scores, leaf, targets, "A")  # inference: frees the graph
     assert got.layout == torch.strided and got.dtype == expected.dtype and got.shape == expected.shape
     assert torch.equal(got, expected)  # values to the bit (a zero's sign may differ: -0.0 == 0.0)
 
@@ -86,7 +87,7 @@ def test_the_sparse_path_is_taken_for_a_linear_head_and_not_for_others():
     calls = []
 
     def spy(name):
-        original = getattr(torch_backend, name)
+        original = getattr(_backward, name)
 
         def call(*args):
             found = original(*args)
@@ -98,7 +99,7 @@ def test_the_sparse_path_is_taken_for_a_linear_head_and_not_for_others():
     a = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:
         for name in ("_pooled_head", "_sparse_seeded"):
-            patch.setattr(torch_backend, name, spy(name))
+            patch.setattr(_backward, name, spy(name))
         for kind in KINDS:
             calls.append(kind)
             model = Last(kind, 3, 5, torch.float64).eval()
@@ -150,9 +151,9 @@ def test_a_failed_sparse_pass_falls_back_to_the_dense_seeds_on_an_intact_graph(m
     name = scores.grad_fn.name()
     targets = np.array([3, 5]) if t == 0 else np.array([[3, 0, 5], [1, 1, 2]])
     expected = dense_reference(scores, leaf, targets)
-    monkeypatch.setattr(torch_backend, "_SPARSE_SEEDED", torch_backend._SPARSE_SEEDED | {name})
-    assert torch_backend._sparse_seeded(scores, leaf, targets[None] if t == 0 else targets.T) is None
-    got = torch_backend._gradients(scores, leaf, targets, "A")  # the graph was retained: no error
+    monkeypatch.setattr(_backward, "_SPARSE_SEEDED", _backward._SPARSE_SEEDED | {name})
+    assert _backward._sparse_seeded(scores, leaf, targets[None] if t == 0 else targets.T) is None
+    got = _backward.gradients(scores, leaf, targets, "A")  # the graph was retained: no error
     assert got.layout == torch.strided and torch.equal(got, expected)
 
 
@@ -160,10 +161,10 @@ def test_without_the_engine_entry_point_the_dense_seeds_are_used(monkeypatch):
     monkeypatch.delattr(torch.autograd.graph, "_engine_run_backward")
     leaf = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     scores = nn.Linear(4, 3, dtype=torch.float64)(leaf.clone())
-    assert torch_backend._sparse_seeded(scores, leaf, np.array([[0, 2]])) is None
+    assert _backward._sparse_seeded(scores, leaf, np.array([[0, 2]])) is None
     targets = np.array([0, 2])
     expected = dense_reference(scores, leaf, targets)
-    assert torch.equal(torch_backend._gradients(scores, leaf, targets, "A"), expected)
+    assert torch.equal(_backward.gradients(scores, leaf, targets, "A"), expected)
 
 
 def head(c: int, dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -202,7 +203,7 @@ def test_non_finite_weights_in_the_target_row_reach_the_gradients_as_with_dense_
     scores = model[1:](leaf.clone())
     targets = np.array([2])
     expected = dense_reference(scores, leaf, targets)
-    got = torch_backend._gradients(scores, leaf, targets, "A")
+    got = _backward.gradients(scores, leaf, targets, "A")
     assert torch.equal(torch.isnan(got), torch.isnan(expected))
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(expected))
     relu_open = a[0, 1] > 0  # the ReLU's backward passes inf where A > 0, an exact 0 elsewhere
@@ -217,7 +218,7 @@ def test_the_model_is_left_as_it_was_and_explain_agrees_with_the_dense_path(monk
     before = model_state(model)
     sparse = gradcam_ref.explain(model, a, [[1, 6], [0, 0], [5, 2]], layer="0", guided=True)
     assert_same_state(before, model_state(model))
-    monkeypatch.setattr(torch_backend, "_SPARSE_SEEDED", frozenset())
+    monkeypatch.setattr(_backward, "_SPARSE_SEEDED", frozenset())
     dense = gradcam_ref.explain(model, a, [[1, 6], [0, 0], [5, 2]], layer="0", guided=True)
     for name in ("gradients", "weights", "maps", "guided_backprop", "guided_grad_cam"):  # guided: to the inputs
         assert torch.equal(getattr(sparse, name), getattr(dense, name)), name
@@ -262,7 +263,7 @@ def test_t_targets_take_single_sparse_passes_only_when_no_product_lies_below_the
     are taken for pooling and elementwise ops only; a convolution there keeps the batched pass
     (1 target: one sparse pass either way). The gradients agree with the dense seeds' either way."""
     calls = []
-    original = torch_backend._sparse_seeded
+    original = _backward._sparse_seeded
 
     def spy(*args):
         calls.append(args[2].shape[0])
@@ -276,7 +277,7 @@ def test_t_targets_take_single_sparse_passes_only_when_no_product_lies_below_the
                          nn.Linear(4, 5)).double().eval()
     a = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch_backend, "_sparse_seeded", spy)
+        patch.setattr(_backward, "_sparse_seeded", spy)
         for model, targets, taken in ((light, [[1, 4], [0, 2]], [2]), (deep, [[1, 4], [0, 2]], []),
                                       (deep, [1, 3], [1])):
             calls.clear()
