@@ -38,6 +38,30 @@ import numpy as np
 
 from benchmarks.timing import paired_ratios
 
+ALLOCATOR_STATS = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
+"""TensorFlow keeps statistics of its CPU allocator only for its BFC allocator, or oneDNN's, which it
+turns on by default only on CPUs with AVX-512: elsewhere ``get_memory_info("CPU:0")`` raises
+"Allocator stats not available". :func:`keep_allocator_stats` asks for the BFC allocator."""
+
+
+def keep_allocator_stats() -> None:
+    """Set :data:`ALLOCATOR_STATS` in the environment (where unset) before TensorFlow starts, so that
+    :func:`allocator_peak_mib` can read its statistics on any CPU; the runners' fresh interpreters
+    inherit it. Raises RuntimeError once TensorFlow has started without them."""
+    for name, value in ALLOCATOR_STATS.items():
+        os.environ.setdefault(name, value)
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        try:
+            tf.config.experimental.get_memory_info("CPU:0")
+        except ValueError as error:
+            raise RuntimeError(
+                f"TensorFlow was imported before benchmarks.bench_tensorflow.keep_allocator_stats() "
+                f"and keeps no CPU allocator statistics ({error}): set {ALLOCATOR_STATS} before importing it"
+            ) from error
+
+
 FORWARD = "compiled forward"
 EXPLAIN = "gradcam_ref.explain"
 LAYER = "head"
@@ -88,6 +112,7 @@ def run(quick: bool = False, rounds: int | None = None, configs: list[tuple[int,
         model: Any = None, name: str = "efficientnet_lite0", peers: bool = True) -> list[dict]:
     """Rows for each ``(batch, targets per image)`` (default (1, 1), (8, 1), (1, 10); quick: no batch 8);
     ``peers=False``: the forward and ``explain`` only (more rounds in the same time)."""
+    keep_allocator_stats()
     import tensorflow as tf
 
     rounds = rounds if rounds is not None else (5 if quick else 15)
@@ -172,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", nargs=3, metavar=("METHOD", "BATCH", "TARGETS"),
                         help="print one method's allocator peak (MiB) on EfficientNet-Lite0, and exit")
     args = parser.parse_args(argv)
+    keep_allocator_stats()
     import warnings
 
     import tensorflow as tf
