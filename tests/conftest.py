@@ -1,4 +1,4 @@
-"""Shared test setup: hypothesis profiles, torchvision imported before TensorFlow, TF's allocator statistics.
+"""Shared test setup: hypothesis profiles, and torchvision imported before TensorFlow.
 
 ``HYPOTHESIS_PROFILE=dev`` (default) and ``ci`` keep the suite fast; ``long`` is for a soak run:
 ``HYPOTHESIS_PROFILE=long make test``.
@@ -9,16 +9,11 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-from benchmarks.bench_tensorflow import keep_allocator_stats
-
 # Import order: torchvision before TensorFlow. The other order crashes the interpreter (torch
 # 2.14.1, torchvision 0.29.1, tensorflow 2.21.0), so that a session collecting a TensorFlow test
 # module before a torchvision one would die without a traceback (docs/backends.md).
 if importlib.util.find_spec("torchvision") is not None:
     import torchvision  # noqa: F401
-
-# TensorFlow's CPU allocator statistics (the TF benchmark's memory rows) exist only if asked for before it starts.
-keep_allocator_stats()
 
 settings.register_profile("dev", max_examples=25, deadline=None)
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,

@@ -332,8 +332,16 @@ def test_tensorflow_rows_of_a_tiny_model_and_the_peers_explain_what_we_do():
     layer, same targets; T targets as the image repeated)."""
     from benchmarks import bench_tensorflow
 
+    # In a fresh interpreter, as the runner runs it: TensorFlow keeps CPU allocator statistics
+    # only if asked for before it starts (bench_tensorflow.keep_allocator_stats), and this
+    # process's TensorFlow runs with its default allocator, as users' does.
+    code = ("import json; from benchmarks import bench_tensorflow; bench_tensorflow.keep_allocator_stats(); "
+            "from tests.test_benchmarks import tiny_keras_model; rows = bench_tensorflow.run(rounds=2, configs=[(2, 1), (1, 3)], model=tiny_keras_model(), name='tiny'); "
+            "print(json.dumps(rows, default=float))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
     model = tiny_keras_model()
-    rows = bench_tensorflow.run(rounds=2, configs=[(2, 1), (1, 3)], model=model, name="tiny")
     methods_run = [r["method"] for r in rows if r["batch"] == 2]
     assert methods_run == [bench_tensorflow.FORWARD, bench_tensorflow.EXPLAIN, "tf-keras-vis Gradcam",
                            "xplique GradCAM"]
@@ -350,6 +358,26 @@ def test_tensorflow_rows_of_a_tiny_model_and_the_peers_explain_what_we_do():
         theirs = theirs[..., 0] if theirs.ndim == 4 else theirs
         expected = ours.heatmap((10, 10), convention)[0]
         assert np.abs(theirs - expected).max() <= 1e-5 * np.abs(expected).max(), method
+def test_allocator_statistics_are_asked_for_before_tensorflow_starts(monkeypatch):
+    """Once TensorFlow runs without CPU allocator statistics (its default allocator, oneDNN off), asking
+    for them is a clear error, not a ValueError from the middle of a run; with them, nothing to say."""
+    import tensorflow as tf
+
+    from benchmarks import bench_tensorflow
+
+    monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", "unset")  # restored (to unset) after the test
+    monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC")
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except ValueError:
+        with pytest.raises(RuntimeError, match=r"TensorFlow was imported before .*keep_allocator_stats.*"
+                                               r"TF_CPU_ALLOCATOR_USE_BFC"):
+            bench_tensorflow.keep_allocator_stats()
+    else:  # this machine's TensorFlow keeps them already (oneDNN's allocator, on with AVX-512)
+        bench_tensorflow.keep_allocator_stats()
+    assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "true"  # for the fresh interpreters it starts
+
+
 def test_tf_family_rows_of_a_tiny_model_compare_the_same_maps():
     """bench_tf_family's pairs return the same map on both sides (ours under the library's convention)."""
     from benchmarks import bench_tf_family
