@@ -23,6 +23,7 @@ from gradcam_ref._methods import _smooth_weights
 from gradcam_ref.backends import numpy_backend
 from gradcam_ref.backends import tensorflow as tf_backend
 from gradcam_ref.backends.numpy_backend import Oracle
+from gradcam_ref.backends.tensorflow import _split
 from gradcam_ref.verify.twins import keras_oracle, torch_oracle
 from tests.backends.test_tensorflow_backend import batch_norm_model, model_state, residual_net
 from tests.test_methods import assert_the_float32_map_cast, spy_on_score_weights
@@ -393,7 +394,7 @@ def test_relaxed_shapes_fall_back_to_the_core_outside_the_program(oracle):
         ref = gradcam_ref.explain(net, x[:n], [1] * n, layer="relu1")
         assert isinstance(e.maps, tf.Tensor) and e.maps.dtype == tf.float64
         np.testing.assert_allclose(e.maps.numpy(), ref.maps, rtol=0, atol=TOL * np.abs(ref.maps).max())
-    program, _ = tf_backend._program_for(model, "relu1")
+    program, _ = _split.program_for(model, "relu1")
     traced = program._compiled[("single", -1, True, 4)].function  # (kind, channel axis, fields, rank of x)
     assert traced.experimental_get_tracing_count() == 2  # one exact trace, then one with N relaxed
 
