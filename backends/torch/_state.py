@@ -19,9 +19,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 from torch.nn.utils.spectral_norm import SpectralNorm
 
-from gradcam_ref.backends._contract import (
-    TrainingModeWarning,
-)
+from gradcam_ref.backends._contract import TrainingModeWarning
 
 
 def nothing() -> None:

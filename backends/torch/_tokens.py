@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradcam_ref.backends._contract import (
-    shape_of,
-)
+from gradcam_ref.backends._contract import shape_of
 
 
 def grid_sizes(reshape: Any) -> tuple[int, ...]:
