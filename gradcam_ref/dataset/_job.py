@@ -397,12 +397,15 @@ def array_digest(value: Any) -> str | None:
     import functools
     import hashlib
 
-    sha, seen, found = hashlib.sha256(), set(), [False]
+    # seen holds the objects, not only their ids: the lists made below live only while visited, and
+    # a freed one's id is soon another's (a pair's head would be skipped as its features' list)
+    seen: dict[int, Any] = {}
+    sha, found = hashlib.sha256(), [False]
 
     def visit(x: Any, depth: int) -> None:
         if depth > 8 or id(x) in seen or isinstance(x, (str, bytes, int, float, bool, type(None), type)):
             return
-        seen.add(id(x))
+        seen[id(x)] = x
         if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__array__"):
             host = np.ascontiguousarray(np.asarray(x))
             sha.update(f"{host.dtype}:{host.shape}".encode())

@@ -397,6 +397,11 @@ def test_jax_pairs_and_array_options_are_told_apart_by_their_weights(images, tmp
     with pytest.raises(StoreMismatch, match=r"was made with model=.*they differ in sha256"):
         gradcam_ref.explain_dataset(pair(0, scale=2.0), images[:8], out=out, **kw)
     assert _job_array_digest(pair(0)) == _job_array_digest(pair(0))
+    # every function's arrays count, the head's too (the features' closure list, freed, once lent
+    # its id to the head's, which was then skipped as seen)
+    features, head = pair(0)
+    assert _job_array_digest((features, head)) != _job_array_digest((features, pair(1)[1]))
+    assert _job_array_digest((features, head)) != _job_array_digest((pair(1)[0], head))
 
     params = np.zeros(5000)  # repr: 'array([0., 0., 0., ..., 0., 0., 0.])' whatever the middle holds
     other = params.copy()
