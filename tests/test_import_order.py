@@ -32,10 +32,11 @@ def test_tensorflow_then_the_torch_peers_does_not_crash():
 
 
 def test_verify_runs_the_tensorflow_half_in_a_fresh_interpreter():
-    """The parent process of verify never imports TensorFlow (so it may import torchvision freely)."""
+    """The parent process of verify never imports TensorFlow (so it may import torchvision freely);
+    Score-CAM and Ablation-CAM on the small cases, as the ``report`` fixture of tests/verify runs them."""
     script = ("import sys\nfrom gradcam_ref.verify import tf_peers\n"
               "tf_peers.run_isolated = lambda directory=None, timeout=0, perturbation='all': ([], [])\n"
-              "import gradcam_ref.verify as v\nv.peer_checks = lambda: ([], [])\nv.run()\n"
+              "import gradcam_ref.verify as v\nv.peer_checks = lambda: ([], [])\nv.run(perturbation='small')\n"
               "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]

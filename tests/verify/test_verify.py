@@ -103,9 +103,7 @@ def test_every_golden_runs_on_every_installed_backend_and_every_peer_on_several_
         assert len(on) == (2 if peer.perturbation else 3), (peer.convention, peer.method)
 
 
-def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, capsys, monkeypatch,
-                                                     tensorflow_in_process):
-    monkeypatch.setattr(verify, "peer_checks", lambda: ([], []))  # the goldens alone, for speed
+def test_a_perturbed_golden_fails_exactly_its_checks(tmp_path, oracle_goldens, capsys, goldens_only):
     for path in oracle_goldens.iterdir():
         shutil.copy(path, tmp_path)
     with np.load(tmp_path / "random_gap_2d.npz") as data:
@@ -132,16 +130,27 @@ def test_a_convention_that_no_longer_matches_its_peer_fails(monkeypatch):
     assert failed == {c.check for c in checks if c.check.startswith("captum on ")} and len(failed) == 2
 
 
-def test_table_output_and_exit_status(oracle_goldens, capsys, monkeypatch, tensorflow_in_process):
+@pytest.fixture
+def goldens_only(monkeypatch, tensorflow_in_process):
+    """verify's golden checks alone: the peers' checks run in the ``report`` fixture and in
+    tests/cli/test_cli.py's full run (each full run of them costs minutes here)."""
     monkeypatch.setattr(verify, "peer_checks", lambda: ([], []))
+    monkeypatch.setattr(verify, "method_peer_checks", lambda perturbation="all": ([], []))
+
+
+def test_table_output_and_exit_status(oracle_goldens, capsys, monkeypatch, goldens_only):
     assert main(["verify", "--goldens", str(oracle_goldens)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["check", "reference", "max_abs_diff", "tolerance", "result"]
     assert out[-1] == f"{len(out) - 2} of {len(out) - 2} checks passed"
-    bad = verify.Check("bad", "ref", 2.0, 1.0)
+    good, bad = verify.Check("good", "ref", 0.5, 1.0), verify.Check("bad", "ref", 2.0, 1.0)
+    monkeypatch.setattr(verify, "golden_checks", lambda directory=None: ([good], []))
     monkeypatch.setattr(verify, "peer_checks", lambda: ([bad], []))
+    monkeypatch.setattr(tf_peers, "run_isolated", lambda directory=None, timeout=0, perturbation="all": ([], []))
     assert main(["verify", "--goldens", str(oracle_goldens)]) == 1
-    assert capsys.readouterr().out.splitlines()[-1].endswith(", 1 FAILED")
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[1:] == [["good", "ref", "0.5", "1", "pass"], ["bad", "ref", "2", "1", "FAIL"],
+                        "1 of 2 checks passed, 1 FAILED".split()]
 
 
 def test_no_finite_difference_is_null_and_fails():
