@@ -16,12 +16,13 @@ last ReLU6, the layer ``"head"`` (A is ``(N, 7, 7, 1280)``). Methods, per (batch
 
 The peers take one target per example: T targets for one image are the image repeated T times.
 Memory: TensorFlow's own allocator statistics on the CPU (``tf.config.experimental.get_memory_info``,
-which TF 2.21 keeps for ``CPU:0``): after two warm-up calls, the bytes held are read, the peak is
-reset (``reset_memory_stats``), one call runs, and its working memory is the peak minus the bytes
-held before (what the call allocated at its worst, its outputs included), as a ratio to the
-forward's. The resident set cannot say it: TensorFlow keeps freed buffers for reuse, so a warm
-call's resident set hardly grows (:func:`allocator_peak_mib`). Each method is measured alone in a
-fresh interpreter (``--memory METHOD BATCH TARGETS``), so that no other method's leftovers count.
+kept for ``CPU:0`` by its BFC allocator, which the runner asks for: :func:`keep_allocator_stats`):
+after two warm-up calls, the bytes held are read, the peak is reset (``reset_memory_stats``), one
+call runs, and its working memory is the peak minus the bytes held before (what the call allocated
+at its worst, its outputs included), as a ratio to the forward's. The resident set cannot say it:
+TensorFlow keeps freed buffers for reuse, so a warm call's resident set hardly grows
+(:func:`allocator_peak_mib`). Each method is measured alone in a fresh interpreter (``--memory
+METHOD BATCH TARGETS``), so that no other method's leftovers count.
 """
 
 from __future__ import annotations
