@@ -59,7 +59,8 @@ def keep_allocator_stats() -> None:
         except ValueError as error:
             raise RuntimeError(
                 f"TensorFlow was imported before benchmarks.bench_tensorflow.keep_allocator_stats() "
-                f"and keeps no CPU allocator statistics ({error}): set {ALLOCATOR_STATS} before importing it"
+                f"and keeps no CPU allocator statistics ({error}): set "
+                f"{' '.join(f'{k}={v}' for k, v in ALLOCATOR_STATS.items())} before importing it"
             ) from error
 
 

@@ -335,8 +335,9 @@ def test_tensorflow_rows_of_a_tiny_model_and_the_peers_explain_what_we_do():
     # In a fresh interpreter, as the runner runs it: TensorFlow keeps CPU allocator statistics
     # only if asked for before it starts (bench_tensorflow.keep_allocator_stats), and this
     # process's TensorFlow runs with its default allocator, as users' does.
-    code = ("import json; from benchmarks import bench_tensorflow; bench_tensorflow.keep_allocator_stats(); "
-            "from tests.test_benchmarks import tiny_keras_model; rows = bench_tensorflow.run(rounds=2, configs=[(2, 1), (1, 3)], model=tiny_keras_model(), name='tiny'); "
+    code = ("import json\nfrom benchmarks import bench_tensorflow\nbench_tensorflow.keep_allocator_stats()\n"
+            "from tests.test_benchmarks import tiny_keras_model\n"
+            "rows = bench_tensorflow.run(rounds=2, configs=[(2, 1), (1, 3)], model=tiny_keras_model(), name='tiny')\n"
             "print(json.dumps(rows, default=float))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -358,6 +359,8 @@ def test_tensorflow_rows_of_a_tiny_model_and_the_peers_explain_what_we_do():
         theirs = theirs[..., 0] if theirs.ndim == 4 else theirs
         expected = ours.heatmap((10, 10), convention)[0]
         assert np.abs(theirs - expected).max() <= 1e-5 * np.abs(expected).max(), method
+
+
 def test_allocator_statistics_are_asked_for_before_tensorflow_starts(monkeypatch):
     """Once TensorFlow runs without CPU allocator statistics (its default allocator, oneDNN off), asking
     for them is a clear error, not a ValueError from the middle of a run; with them, nothing to say."""
